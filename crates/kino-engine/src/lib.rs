@@ -1,0 +1,13 @@
+//! Kino's tensor side: the Wan models (transformer, VAE), the UMT5 text encoder, schedulers and
+//! the text-to-video pipeline, each mirroring its reference class in diffusers/transformers.
+//! Knows nothing of files beyond model folders, HTTP or video containers.
+
+pub mod device;
+pub mod error;
+pub mod loading;
+pub mod umt5;
+pub mod schedulers;
+pub mod testing;
+pub mod wan;
+
+pub use error::{Error, Result};

@@ -1,0 +1,351 @@
+//! Loading diffusers model folders: `model_index.json`, per-component `config.json`, and single or
+//! sharded `*.safetensors` weights (f32, bf16 or f16 on disk, converted to the dtype asked for).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, LoadError, Result};
+
+/// Weight file names diffusers and transformers write, in the order we look for them.
+const SINGLE_NAMES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
+const INDEX_NAMES: [&str; 2] = [
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+];
+
+/// Reads and parses a JSON file, naming the file in every error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile {
+                path: path.to_path_buf(),
+                hint: "a diffusers component folder has a config.json next to its weights".into(),
+            }
+        } else {
+            Error::BadFile {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        }
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("invalid JSON for this component: {e}"),
+    })
+}
+
+/// Reads `DIR/config.json` into `T`, checking `_class_name` against the supported classes.
+pub fn read_config<T: DeserializeOwned>(dir: &Path, supported: &[&str]) -> Result<T> {
+    check_dir(dir)?;
+    let path = dir.join("config.json");
+    let raw: serde_json::Value = read_json(&path)?;
+    if let Some(class) = raw.get("_class_name").and_then(|v| v.as_str()) {
+        if !supported.is_empty() && !supported.contains(&class) {
+            return Err(Error::UnsupportedClass {
+                path,
+                found: class.to_string(),
+                supported: supported.join(", "),
+            });
+        }
+    }
+    serde_json::from_value(raw).map_err(|e| Error::BadFile {
+        path,
+        message: format!("config does not fit this component: {e}"),
+    })
+}
+
+fn check_dir(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            hint: "expected a folder in diffusers layout (config.json + *.safetensors)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The safetensors files of a component folder: the shards named by an `*.index.json`, or one
+/// single file.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    check_dir(dir)?;
+    for index in INDEX_NAMES {
+        let path = dir.join(index);
+        if path.exists() {
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let idx: Index = read_json(&path)?;
+            let files: BTreeSet<&String> = idx.weight_map.values().collect();
+            let mut out = Vec::new();
+            for f in files {
+                let p = dir.join(f);
+                if !p.exists() {
+                    return Err(Error::MissingFile {
+                        path: p,
+                        hint: format!("{} lists this shard; download it again", path.display()),
+                    });
+                }
+                out.push(p);
+            }
+            if out.is_empty() {
+                return Err(Error::BadFile {
+                    path,
+                    message: "the index names no weight files".into(),
+                });
+            }
+            return Ok(out);
+        }
+    }
+    for name in SINGLE_NAMES {
+        let p = dir.join(name);
+        if p.exists() {
+            return Ok(vec![p]);
+        }
+    }
+    let mut any: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::BadFile {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    any.sort();
+    if any.is_empty() {
+        return Err(Error::MissingFile {
+            path: dir.join(SINGLE_NAMES[0]),
+            hint: format!(
+                "no *.safetensors weights in {}; expected {} or {} (or shards with an index.json)",
+                dir.display(),
+                SINGLE_NAMES[0],
+                SINGLE_NAMES[1]
+            ),
+        });
+    }
+    Ok(any)
+}
+
+/// Memory-mapped weights of one component folder, with errors that name the tensor and shapes.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<candle_core::safetensors::MmapedSafetensors>,
+    location: PathBuf,
+    last_error: Arc<Mutex<Option<LoadError>>>,
+}
+
+impl Weights {
+    /// Maps every safetensors file of `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let files = weight_files(dir)?;
+        for f in &files {
+            check_safetensors(f)?;
+        }
+        // SAFETY: the files are mapped read-only; like every mmap user we assume nobody
+        // truncates them while the model runs.
+        let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::BadFile {
+                path: files[0].clone(),
+                message: format!("not a valid safetensors file: {e}"),
+            })?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            location: dir.to_path_buf(),
+            last_error: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// A `VarBuilder` over these weights that converts to `dtype` on `device`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(self.clone());
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+
+    /// Names of all tensors (for diagnostics and tests).
+    pub fn names(&self) -> Vec<String> {
+        self.inner.tensors().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Converts an error raised while building a model from these weights into our typed error.
+    pub fn map_err(&self, e: candle_core::Error) -> Error {
+        if let Some(le) = self.last_error.lock().ok().and_then(|mut g| g.take()) {
+            return le.into();
+        }
+        Error::Candle(e)
+    }
+
+    fn record(&self, e: LoadError) -> candle_core::Error {
+        let msg = e.to_string();
+        if let Ok(mut g) = self.last_error.lock() {
+            if g.is_none() {
+                *g = Some(e);
+            }
+        }
+        candle_core::Error::Msg(msg)
+    }
+}
+
+/// Reads a safetensors header and checks it is sound and that the data section fits the file,
+/// so a truncated download is reported as such and not as a crash later.
+fn check_safetensors(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |message: String| Error::BadFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("file is too short to be safetensors; download it again".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 || 8 + n > len {
+        return Err(bad(
+            "corrupt safetensors header (truncated or not a safetensors file); download it again"
+                .into(),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("corrupt safetensors header ({e}); download it again")))?;
+    let mut max_end = 0u64;
+    if let Some(obj) = v.as_object() {
+        for (k, t) in obj {
+            if k == "__metadata__" {
+                continue;
+            }
+            if let Some(end) = t
+                .get("data_offsets")
+                .and_then(|o| o.get(1))
+                .and_then(|e| e.as_u64())
+            {
+                max_end = max_end.max(end);
+            }
+        }
+    }
+    if 8 + n + max_end > len {
+        return Err(bad(format!(
+            "file is truncated: its header needs {} bytes but the file has {len}; download it again",
+            8 + n + max_end
+        )));
+    }
+    Ok(())
+}
+
+impl SimpleBackend for Weights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(self.record(LoadError::Shape {
+                name: name.to_string(),
+                location: self.location.clone(),
+                expected: s.dims().to_vec(),
+                found: t.dims().to_vec(),
+            }));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if self.inner.get(name).is_err() {
+            return Err(self.record(LoadError::Missing {
+                name: name.to_string(),
+                location: self.location.clone(),
+            }));
+        }
+        self.inner.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.get(name).is_ok()
+    }
+}
+
+/// `model_index.json` of a whole pipeline folder.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    pub class_name: String,
+    /// Component name → (library, class), e.g. `transformer` → (`diffusers`, `WanTransformer3DModel`).
+    pub components: BTreeMap<String, Option<(String, String)>>,
+    /// Other keys (e.g. `expand_timesteps`, `boundary_ratio`).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Pipeline classes we can run.
+pub const SUPPORTED_PIPELINES: [&str; 1] = ["WanPipeline"];
+
+impl ModelIndex {
+    /// Reads `DIR/model_index.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        check_dir(dir)?;
+        let path = dir.join("model_index.json");
+        if !path.exists() {
+            return Err(Error::MissingFile {
+                path,
+                hint: format!(
+                    "{} is not a model folder: a diffusers model has model_index.json and the folders transformer/, vae/, text_encoder/, tokenizer/, scheduler/",
+                    dir.display()
+                ),
+            });
+        }
+        let raw: serde_json::Map<String, serde_json::Value> = read_json(&path)?;
+        let class_name = raw
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if !SUPPORTED_PIPELINES.contains(&class_name.as_str()) {
+            return Err(Error::UnsupportedClass {
+                path,
+                found: class_name,
+                supported: SUPPORTED_PIPELINES.join(", "),
+            });
+        }
+        let mut components = BTreeMap::new();
+        let mut extra = serde_json::Map::new();
+        for (k, v) in raw {
+            if k.starts_with('_') {
+                continue;
+            }
+            match v.as_array().map(|a| a.as_slice()) {
+                Some([lib, class]) => {
+                    let pair = match (lib.as_str(), class.as_str()) {
+                        (Some(l), Some(c)) => Some((l.to_string(), c.to_string())),
+                        _ => None,
+                    };
+                    components.insert(k, pair);
+                }
+                _ => {
+                    extra.insert(k, v);
+                }
+            }
+        }
+        Ok(Self {
+            class_name,
+            components,
+            extra,
+        })
+    }
+
+    /// Whether the pipeline uses per-token timesteps (Wan2.2 TI2V's `expand_timesteps`).
+    pub fn expand_timesteps(&self) -> bool {
+        self.extra
+            .get("expand_timesteps")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+}

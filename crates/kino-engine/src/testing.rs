@@ -1,0 +1,35 @@
+//! Helpers for parity tests: relative error and the fixture folder.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+
+/// ‖out − ref‖ / ‖ref‖ over all elements, computed in f64.
+pub fn rel_error(out: &Tensor, reference: &Tensor) -> crate::Result<f64> {
+    if out.dims() != reference.dims() {
+        return Err(crate::Error::InvalidRequest(format!(
+            "shape {:?} does not match the reference shape {:?}",
+            out.dims(),
+            reference.dims()
+        )));
+    }
+    let a = out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = reference
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    if den == 0.0 {
+        return Ok(if num == 0.0 { 0.0 } else { f64::INFINITY });
+    }
+    Ok((num / den).sqrt())
+}
+
+/// `fixtures/data` at the repository root.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data")
+}

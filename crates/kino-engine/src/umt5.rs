@@ -1,0 +1,1 @@
+//! Text encoder (see its module doc).

@@ -1,0 +1,2 @@
+pub mod transformer;
+pub mod vae;

@@ -1,0 +1,1 @@
+//! Kino media (being written).
