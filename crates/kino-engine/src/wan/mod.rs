@@ -1,2 +1,6 @@
+//! The Wan family: transformer, VAE, prompt encoding and the text-to-video pipeline.
+
+pub mod pipeline;
+pub mod text_encoder;
 pub mod transformer;
 pub mod vae;

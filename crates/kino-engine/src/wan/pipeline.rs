@@ -1,0 +1,1 @@
+//! WanPipeline (being written).

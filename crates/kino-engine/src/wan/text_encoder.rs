@@ -1,0 +1,1 @@
+//! Prompt encoding (being written).
