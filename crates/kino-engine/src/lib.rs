@@ -5,6 +5,8 @@
 pub mod device;
 pub mod error;
 pub mod loading;
+pub mod parity;
+pub mod progress;
 pub mod umt5;
 pub mod schedulers;
 pub mod testing;

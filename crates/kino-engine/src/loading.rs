@@ -349,3 +349,64 @@ impl ModelIndex {
             .unwrap_or(false)
     }
 }
+
+/// A weight source that makes random values of whatever shape a model asks for: for benchmarks at
+/// full size without any download. Matrices get uniform values with variance 1/fan_in, biases small
+/// values, norm gains values near 1. Cheap to generate (xorshift), deterministic for a seed.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl RandomWeights {
+    /// A `VarBuilder` making random weights in `dtype` on `device`.
+    pub fn var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights { seed });
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let n = s.elem_count();
+        let dims = s.dims();
+        let mut h = self.seed ^ 0x9e37_79b9_7f4a_7c15;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let mut x = h | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // uniform in [-1, 1)
+            ((x >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        };
+        let data: Vec<f32> = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let a = (3.0 / fan_in.max(1) as f32).sqrt();
+            (0..n).map(|_| next() * a).collect()
+        } else if name.ends_with("bias") || name.contains("scale_shift_table") {
+            (0..n).map(|_| next() * 0.05).collect()
+        } else {
+            (0..n).map(|_| 1.0 + next() * 0.1).collect()
+        };
+        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random weights need a shape for `{name}`"
+        )))
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}

@@ -1,0 +1,46 @@
+"""The PyTorch side of `kino bench`: times one component of diffusers at full size with random
+weights, on the CPU in f32, and prints one JSON line {"seconds", "peak_rss_bytes"}.
+
+usage: python reference.py transformer|vae THREADS
+"""
+
+import json
+import resource
+import sys
+import time
+
+import torch
+
+what, threads = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+
+with torch.no_grad():
+    if what == "transformer":
+        from diffusers import WanTransformer3DModel
+
+        # Wan2.1-T2V-1.3B transformer/config.json
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+        ).eval()
+        x = torch.randn(1, 16, 5, 32, 32)
+        t = torch.tensor([500.0])
+        ctx = torch.randn(1, 512, 4096)
+        start = time.perf_counter()
+        model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
+        seconds = time.perf_counter() - start
+    elif what == "vae":
+        from diffusers import AutoencoderKLWan
+
+        model = AutoencoderKLWan().eval()  # Wan2.1 VAE config (the class defaults)
+        z = torch.randn(1, 16, 5, 32, 32)
+        start = time.perf_counter()
+        model.decode(z, return_dict=False)
+        seconds = time.perf_counter() - start
+    else:
+        raise SystemExit(f"unknown component {what}")
+
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))

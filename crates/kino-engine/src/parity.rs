@@ -1,0 +1,253 @@
+//! `kino parity`: runs one component on tensors from a safetensors file, exactly as
+//! `DESIGN.md` § Faithfulness specifies, so anyone can compare any component with the reference.
+//!
+//! | component | model folder | inputs | outputs |
+//! |---|---|---|---|
+//! | `text-encoder` | `text_encoder/` | `input_ids`, `attention_mask` | `last_hidden_state` |
+//! | `transformer` | `transformer/` | `hidden_states`, `timestep`, `encoder_hidden_states` | `sample` |
+//! | `vae-encode` | `vae/` | `sample` | `mean`, `logvar` |
+//! | `vae-decode` | `vae/` | `z` | `sample` |
+//! | `pipeline` | whole model | `latents`, `prompt_embeds`, `negative_prompt_embeds` | `latents` |
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::umt5::UMT5EncoderModel;
+use crate::wan::pipeline::{PipelineOptions, WanPipeline};
+use crate::wan::transformer::WanTransformer3DModel;
+use crate::wan::vae::AutoencoderKLWan;
+use crate::{Error, Result};
+
+/// A component `kino parity` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    TextEncoder,
+    Transformer,
+    VaeEncode,
+    VaeDecode,
+    Pipeline,
+}
+
+impl Component {
+    pub const ALL: [Component; 5] = [
+        Component::TextEncoder,
+        Component::Transformer,
+        Component::VaeEncode,
+        Component::VaeDecode,
+        Component::Pipeline,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "text-encoder",
+            Component::Transformer => "transformer",
+            Component::VaeEncode => "vae-encode",
+            Component::VaeDecode => "vae-decode",
+            Component::Pipeline => "pipeline",
+        }
+    }
+
+    /// Input tensor names, in the DESIGN.md order.
+    pub fn inputs(self) -> &'static [&'static str] {
+        match self {
+            Component::TextEncoder => &["input_ids", "attention_mask"],
+            Component::Transformer => &["hidden_states", "timestep", "encoder_hidden_states"],
+            Component::VaeEncode => &["sample"],
+            Component::VaeDecode => &["z"],
+            Component::Pipeline => &["latents", "prompt_embeds", "negative_prompt_embeds"],
+        }
+    }
+}
+
+impl FromStr for Component {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Component::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "unknown component `{s}`; choose one of: {}",
+                    Component::ALL.map(|c| c.name()).join(", ")
+                ))
+            })
+    }
+}
+
+/// Options of the `pipeline` component.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParityOptions {
+    /// Denoising steps (default 3).
+    pub steps: Option<usize>,
+    /// Guidance scale (default 5.0).
+    pub guidance: Option<f64>,
+}
+
+fn take<'a>(
+    inputs: &'a HashMap<String, Tensor>,
+    component: Component,
+    name: &str,
+) -> Result<&'a Tensor> {
+    inputs.get(name).ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "the input file has no tensor `{name}`; `{}` needs: {}",
+            component.name(),
+            component.inputs().join(", ")
+        ))
+    })
+}
+
+/// Runs `component` from the folder `model` on `inputs`, in f32 on `device`.
+pub fn run(
+    component: Component,
+    model: &Path,
+    inputs: &HashMap<String, Tensor>,
+    options: ParityOptions,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let dtype = DType::F32;
+    let mut out = HashMap::new();
+    match component {
+        Component::TextEncoder => {
+            let ids = take(inputs, component, "input_ids")?;
+            let mask = take(inputs, component, "attention_mask")?;
+            let m = UMT5EncoderModel::load(model, dtype, device)?;
+            let h = m.forward(&ids.to_device(device)?, &mask.to_device(device)?)?;
+            out.insert("last_hidden_state".to_string(), h.to_dtype(DType::F32)?);
+        }
+        Component::Transformer => {
+            let x = take(inputs, component, "hidden_states")?.to_device(device)?;
+            let t = take(inputs, component, "timestep")?.to_device(device)?;
+            let ctx = take(inputs, component, "encoder_hidden_states")?.to_device(device)?;
+            let m = WanTransformer3DModel::load(model, dtype, device)?;
+            let y = m.forward(&x.to_dtype(dtype)?, &t.to_dtype(DType::F32)?, &ctx.to_dtype(dtype)?)?;
+            out.insert("sample".to_string(), y.to_dtype(DType::F32)?);
+        }
+        Component::VaeEncode => {
+            let x = take(inputs, component, "sample")?.to_device(device)?;
+            let m = AutoencoderKLWan::load(model, dtype, device)?;
+            let (mean, logvar) = m.encode(&x.to_dtype(dtype)?)?;
+            out.insert("mean".to_string(), mean.to_dtype(DType::F32)?);
+            out.insert("logvar".to_string(), logvar.to_dtype(DType::F32)?);
+        }
+        Component::VaeDecode => {
+            let z = take(inputs, component, "z")?.to_device(device)?;
+            let m = AutoencoderKLWan::load(model, dtype, device)?;
+            let y = m.decode(&z.to_dtype(dtype)?)?;
+            out.insert("sample".to_string(), y.to_dtype(DType::F32)?);
+        }
+        Component::Pipeline => {
+            let latents = take(inputs, component, "latents")?;
+            let pe = take(inputs, component, "prompt_embeds")?;
+            let guidance = options.guidance.unwrap_or(5.0);
+            let ne = if guidance > 1.0 {
+                Some(take(inputs, component, "negative_prompt_embeds")?)
+            } else {
+                inputs.get("negative_prompt_embeds")
+            };
+            let mut opts = PipelineOptions::for_device(device.clone());
+            opts.dtype = dtype;
+            let mut p = WanPipeline::open(model, opts)?;
+            let steps = options.steps.unwrap_or(3);
+            let mut ignore = crate::progress::ignore;
+            let y = p.denoise(latents, pe, ne, steps, guidance, &mut ignore)?;
+            out.insert("latents".to_string(), y.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a safetensors file of inputs (on the CPU).
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "give a safetensors file with the component's input tensors".into(),
+        });
+    }
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file: {e}"),
+    })
+}
+
+/// Writes output tensors to a safetensors file.
+pub fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("cannot write the output: {e}"),
+    })
+}
+
+/// One run of a fixture's `case.json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FixtureRun {
+    pub component: String,
+    pub model: String,
+    pub input: String,
+    pub expected: String,
+    pub tolerance: f64,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+}
+
+/// A fixture's `case.json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FixtureCase {
+    pub runs: Vec<FixtureRun>,
+}
+
+/// Runs every parity-component run of every fixture case under `root` through [`run`] and returns
+/// `(case, component, output name, relative error, tolerance)` per output.
+pub fn check_fixtures(root: &Path) -> Result<Vec<(String, String, String, f64, f64)>> {
+    let mut results = Vec::new();
+    let mut cases: Vec<_> = std::fs::read_dir(root)
+        .map_err(|e| Error::BadFile {
+            path: root.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("case.json").exists())
+        .collect();
+    cases.sort();
+    for case in cases {
+        let c: FixtureCase = crate::loading::read_json(&case.join("case.json"))?;
+        let name = case
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        for r in c.runs {
+            let Ok(component) = r.component.parse::<Component>() else {
+                continue; // not a parity-CLI component (checked by the module's own tests)
+            };
+            let inputs = read_tensors(&case.join(&r.input))?;
+            let expected = read_tensors(&case.join(&r.expected))?;
+            let out = run(
+                component,
+                &case.join(&r.model),
+                &inputs,
+                ParityOptions {
+                    steps: r.steps,
+                    guidance: r.guidance,
+                },
+                &Device::Cpu,
+            )?;
+            for (k, v) in &out {
+                let Some(e) = expected.get(k) else {
+                    return Err(Error::InvalidRequest(format!(
+                        "{}: expected file lacks `{k}`",
+                        case.display()
+                    )));
+                };
+                let err = crate::testing::rel_error(v, e)?;
+                results.push((name.clone(), r.component.clone(), k.clone(), err, r.tolerance));
+            }
+        }
+    }
+    Ok(results)
+}

@@ -1,0 +1,202 @@
+//! `kino bench transformer|vae`: one Wan2.1-1.3B transformer forward (latent 16×5×32×32 = 1,280
+//! video tokens, 512 text tokens) or one Wan2.1 VAE decode (17 frames at 256×256), f32 on the CPU,
+//! with random weights, against PyTorch + diffusers on the same shapes in the same run. Each side
+//! runs in its own process so that peak memory is its own. Prints a table with the ratios.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use kino_engine::loading::RandomWeights;
+use kino_engine::wan::{transformer, vae};
+
+const REFERENCE_PY: &str = include_str!("../../../../bench/cpu/reference.py");
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// `transformer`, `vae` or `all`.
+    #[arg(default_value = "all")]
+    what: String,
+    /// CPU threads for both sides.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Python with torch and diffusers for the reference side (default: $KINO_PYTHON or python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Only time Kino.
+    #[arg(long)]
+    no_reference: bool,
+    /// Internal: run one side in this process and print JSON.
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Clone, Copy)]
+struct Measure {
+    seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let what: Vec<&str> = match a.what.as_str() {
+        "all" => vec!["transformer", "vae"],
+        "transformer" => vec!["transformer"],
+        "vae" => vec!["vae"],
+        other => bail!("unknown benchmark `{other}`; choose transformer, vae or all"),
+    };
+    if a.child {
+        let m = measure_kino(what[0])?;
+        println!("{}", serde_json::to_string(&m)?);
+        return Ok(());
+    }
+    let python = a
+        .python
+        .clone()
+        .or_else(|| std::env::var_os("KINO_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let mut rows = Vec::new();
+    for w in what {
+        eprintln!("{w}: timing Kino ({} threads)…", a.threads);
+        let exe = std::env::current_exe().context("cannot find the kino executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["bench", w, "--child"]);
+        let kino = run_child(cmd, a.threads).with_context(|| format!("Kino {w} benchmark"))?;
+        let reference = if a.no_reference {
+            None
+        } else {
+            eprintln!("{w}: timing PyTorch ({} threads)…", a.threads);
+            let script = std::env::temp_dir().join(format!("kino-bench-{}.py", std::process::id()));
+            std::fs::write(&script, REFERENCE_PY)?;
+            let mut cmd = Command::new(&python);
+            cmd.arg(&script).arg(w).arg(a.threads.to_string());
+            let r = run_child(cmd, a.threads).with_context(|| {
+                format!(
+                    "PyTorch {w} benchmark with {} (install the reference with `pip install -r fixtures/requirements.txt`, or pass --no-reference)",
+                    python.display()
+                )
+            });
+            let _ = std::fs::remove_file(&script);
+            Some(r?)
+        };
+        rows.push((w, kino, reference));
+    }
+    println!(
+        "{:<12} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
+        "component", "PyTorch s", "Kino s", "ratio", "PyTorch GB", "Kino GB", "ratio"
+    );
+    let gb = |b: u64| b as f64 / 1e9;
+    for (w, k, r) in rows {
+        match r {
+            Some(r) => println!(
+                "{:<12} {:>12.2} {:>12.2} {:>8.3} {:>12.2} {:>12.2} {:>8.3}",
+                w,
+                r.seconds,
+                k.seconds,
+                k.seconds / r.seconds,
+                gb(r.peak_rss_bytes),
+                gb(k.peak_rss_bytes),
+                k.peak_rss_bytes as f64 / r.peak_rss_bytes as f64
+            ),
+            None => println!(
+                "{:<12} {:>12} {:>12.2} {:>8} {:>12} {:>12.2} {:>8}",
+                w,
+                "-",
+                k.seconds,
+                "-",
+                "-",
+                gb(k.peak_rss_bytes),
+                "-"
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {
+    let t = threads.to_string();
+    let out = cmd
+        .env("RAYON_NUM_THREADS", &t)
+        .env("OMP_NUM_THREADS", &t)
+        .env("MKL_NUM_THREADS", &t)
+        .output()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "it failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no result line in its output")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn randn(shape: &[usize], seed: u64) -> anyhow::Result<Tensor> {
+    let vb = RandomWeights::var_builder(seed, DType::F32, &Device::Cpu);
+    // A "norm-like" 1-D name would give values near 1; ask for a 2-D tensor and reshape.
+    let n: usize = shape.iter().product();
+    Ok(vb.get((n, 1), "input")?.reshape(shape)?)
+}
+
+fn measure_kino(what: &str) -> anyhow::Result<Measure> {
+    let dev = Device::Cpu;
+    let vb = RandomWeights::var_builder(0, DType::F32, &dev);
+    match what {
+        "transformer" => {
+            let cfg: transformer::Config = serde_json::from_value(serde_json::json!({
+                "_class_name": "WanTransformer3DModel",
+                "patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128,
+                "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
+                "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": true,
+                "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024
+            }))?;
+            let model = transformer::WanTransformer3DModel::new(&cfg, vb)?;
+            let x = randn(&[1, 16, 5, 32, 32], 1)?;
+            let t = Tensor::new(&[500f32], &dev)?;
+            let ctx = randn(&[1, 512, 4096], 2)?;
+            let start = Instant::now();
+            let y = model.forward(&x, &t, &ctx)?;
+            let seconds = start.elapsed().as_secs_f64();
+            anyhow::ensure!(y.dims() == [1, 16, 5, 32, 32], "unexpected output shape");
+            Ok(Measure {
+                seconds,
+                peak_rss_bytes: peak_rss(),
+            })
+        }
+        "vae" => {
+            let cfg: vae::Config =
+                serde_json::from_value(serde_json::json!({"_class_name": "AutoencoderKLWan"}))?;
+            let model = vae::AutoencoderKLWan::new(&cfg, vb)?;
+            let z = randn(&[1, 16, 5, 32, 32], 3)?;
+            let start = Instant::now();
+            let y = model.decode(&z)?;
+            let seconds = start.elapsed().as_secs_f64();
+            anyhow::ensure!(y.dims() == [1, 3, 17, 256, 256], "unexpected output shape");
+            Ok(Measure {
+                seconds,
+                peak_rss_bytes: peak_rss(),
+            })
+        }
+        other => bail!("unknown benchmark `{other}`"),
+    }
+}
