@@ -7,6 +7,7 @@ pub mod error;
 pub mod loading;
 pub mod parity;
 pub mod progress;
+pub mod registry;
 pub mod umt5;
 pub mod schedulers;
 pub mod testing;

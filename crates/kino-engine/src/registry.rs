@@ -1,0 +1,147 @@
+//! Known models: short aliases mapped to Hugging Face hub repositories, and where their folders
+//! live locally. A local folder path works everywhere an alias does.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// A model Kino knows by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KnownModel {
+    pub alias: &'static str,
+    /// Hub repository in diffusers layout.
+    pub repo: &'static str,
+    pub description: &'static str,
+    /// Approximate download size in GB.
+    pub size_gb: f64,
+}
+
+/// The models Kino knows.
+pub const KNOWN_MODELS: [KnownModel; 2] = [
+    KnownModel {
+        alias: "wan2.1-t2v-1.3b",
+        repo: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        description: "Wan2.1 text-to-video 1.3B: 832×480, 81 frames at 16 fps",
+        size_gb: 29.0,
+    },
+    KnownModel {
+        alias: "wan2.2-ti2v-5b",
+        repo: "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        description: "Wan2.2 text/image-to-video 5B: 1280×704, 121 frames at 24 fps",
+        size_gb: 34.0,
+    },
+];
+
+/// Looks up an alias (case-insensitive).
+pub fn find(alias: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.alias.eq_ignore_ascii_case(alias))
+}
+
+/// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hub_cache() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache/huggingface/hub")
+}
+
+/// `models--Org--Name` folder of a repository in the hub cache.
+pub fn repo_cache_dir(repo: &str) -> PathBuf {
+    hub_cache().join(format!("models--{}", repo.replace('/', "--")))
+}
+
+/// The local snapshot of a known model, if it has been downloaded completely enough to have a
+/// `model_index.json`.
+pub fn local_snapshot(model: &KnownModel) -> Option<PathBuf> {
+    let dir = repo_cache_dir(model.repo);
+    let rev = std::fs::read_to_string(dir.join("refs/main")).ok();
+    let snapshots = dir.join("snapshots");
+    if let Some(rev) = rev {
+        let p = snapshots.join(rev.trim());
+        if p.join("model_index.json").exists() {
+            return Some(p);
+        }
+    }
+    let entries = std::fs::read_dir(&snapshots).ok()?;
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.join("model_index.json").exists())
+}
+
+/// How to put a model folder in place by hand (for machines without network access).
+pub fn manual_install_hint(model: &KnownModel) -> String {
+    format!(
+        "on a machine with network access run `kino pull {alias}` (or `huggingface-cli download {repo}`), then copy the folder here and pass its path with --model /path/to/{name}; any folder in diffusers layout works",
+        alias = model.alias,
+        repo = model.repo,
+        name = model.repo.rsplit('/').next().unwrap_or(model.repo)
+    )
+}
+
+/// Resolves `--model`: an existing folder, or a known alias that has been pulled.
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(m) = find(model) {
+        return local_snapshot(m).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "model `{}` is not downloaded yet: run `kino pull {}` ({:.0} GB); without network access, {}",
+                m.alias,
+                m.alias,
+                m.size_gb,
+                manual_install_hint(m)
+            ))
+        });
+    }
+    let looks_like_path = model.contains('/') || model.contains('\\') || model.starts_with('.');
+    if looks_like_path {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            hint: "no such model folder".into(),
+        });
+    }
+    Err(Error::InvalidRequest(format!(
+        "unknown model `{model}`; known models: {}; or give the path of a model folder",
+        KNOWN_MODELS.map(|m| m.alias).join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_alias_lists_known_ones() {
+        let e = resolve("sora-3").unwrap_err().to_string();
+        assert!(e.contains("unknown model `sora-3`"), "{e}");
+        assert!(e.contains("wan2.1-t2v-1.3b") && e.contains("wan2.2-ti2v-5b"), "{e}");
+    }
+
+    #[test]
+    fn missing_path_names_it() {
+        let e = resolve("./no/such/folder").unwrap_err().to_string();
+        assert!(e.contains("no/such/folder"), "{e}");
+    }
+
+    #[test]
+    fn known_alias_not_pulled_says_how() {
+        std::env::set_var("HF_HUB_CACHE", "/nonexistent-kino-test-cache");
+        let e = resolve("wan2.1-t2v-1.3b").unwrap_err().to_string();
+        assert!(e.contains("kino pull wan2.1-t2v-1.3b"), "{e}");
+        assert!(e.contains("--model"), "{e}");
+    }
+
+    #[test]
+    fn existing_folder_resolves_to_itself() {
+        let dir = crate::testing::fixtures_dir();
+        assert_eq!(resolve(dir.to_str().unwrap()).unwrap(), dir);
+    }
+}
