@@ -20,6 +20,10 @@ enum Command {
     Parity(commands::parity::Args),
     /// Time one transformer forward or VAE decode against PyTorch on the same machine.
     Bench(commands::bench::Args),
+    /// List the models Kino knows and whether each is here.
+    Models(commands::models::ModelsArgs),
+    /// Download a model into the Hugging Face cache.
+    Pull(commands::models::PullArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Parity(a) => commands::parity::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Models(a) => commands::models::list(a),
+        Command::Pull(a) => commands::models::pull(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
