@@ -216,7 +216,11 @@ pub fn relative_position_bucket(
     max_distance: usize,
 ) -> usize {
     let num_buckets = num_buckets / 2;
-    let mut bucket = if relative_position > 0 { num_buckets } else { 0 };
+    let mut bucket = if relative_position > 0 {
+        num_buckets
+    } else {
+        0
+    };
     let n = relative_position.unsigned_abs() as usize;
     let max_exact = num_buckets / 2;
     if n < max_exact {
@@ -311,14 +315,12 @@ impl Attention {
         let k = heads(self.k.forward(x)?)?;
         let v = heads(self.v.forward(x)?)?;
         // compute_bias: position_bias [1, H, L, L].
-        let position_bias = self
-            .bias_t
-            .index_select(buckets, 1)?
-            .reshape((1, self.n_heads, l, l))?;
+        let position_bias =
+            self.bias_t
+                .index_select(buckets, 1)?
+                .reshape((1, self.n_heads, l, l))?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = scores
-            .broadcast_add(&position_bias)?
-            .broadcast_add(mask)?;
+        let scores = scores.broadcast_add(&position_bias)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
@@ -579,9 +581,9 @@ fn int_values(t: &Tensor, what: &str) -> Result<Vec<i64>> {
 /// whose `model_type` is `umt5`.
 fn check_class(dir: &Path, cfg: &Config) -> Result<()> {
     let ok = match (&cfg.architectures, cfg.model_type.as_deref()) {
-        (Some(archs), _) if !archs.is_empty() => {
-            archs.iter().any(|a| SUPPORTED_CLASSES.contains(&a.as_str()))
-        }
+        (Some(archs), _) if !archs.is_empty() => archs
+            .iter()
+            .any(|a| SUPPORTED_CLASSES.contains(&a.as_str())),
         (_, Some(mt)) => mt == "umt5",
         _ => true,
     };
@@ -650,6 +652,23 @@ mod tests {
     }
 
     #[test]
+    fn f16_keeps_wo_in_f32() -> Result<()> {
+        let dir = case().join("text_encoder");
+        let model = UMT5EncoderModel::load(&dir, DType::F16, &Device::Cpu)?;
+        assert_eq!(model.blocks[0].ff.wo.weight().dtype(), DType::F32);
+        assert_eq!(model.blocks[0].ff.wi_0.weight().dtype(), DType::F16);
+        let input = candle_core::safetensors::load(case().join("input.safetensors"), &Device::Cpu)?;
+        let expected =
+            candle_core::safetensors::load(case().join("expected.safetensors"), &Device::Cpu)?;
+        let out = model.forward(&input["input_ids"], &input["attention_mask"])?;
+        assert_eq!(out.dtype(), DType::F16);
+        let err = rel_error(&out, &expected["last_hidden_state"])?;
+        println!("text-encoder f16 rel error {err:e}");
+        assert!(err <= 1e-2, "f16 rel error {err}");
+        Ok(())
+    }
+
+    #[test]
     fn position_buckets_match_reference() -> Result<()> {
         let t = candle_core::safetensors::load(case().join("buckets.safetensors"), &Device::Cpu)?;
         let rel = t["relative_position"].to_vec1::<i64>()?;
@@ -673,7 +692,10 @@ mod tests {
         let (nb, md) = (32, 128);
         let b = |r| relative_position_bucket(r, nb, md) as u32;
         // query q, key k → relative position k - q.
-        assert_eq!(idx, vec![b(0), b(1), b(2), b(-1), b(0), b(1), b(-2), b(-1), b(0)]);
+        assert_eq!(
+            idx,
+            vec![b(0), b(1), b(2), b(-1), b(0), b(1), b(-2), b(-1), b(0)]
+        );
         Ok(())
     }
 
@@ -684,11 +706,27 @@ mod tests {
         let ids = Tensor::new(&[[3i64, 4, 1]], &dev)?;
         let mask = Tensor::new(&[[1i64, 1, 1]], &dev)?;
         let cases = [
-            (Tensor::new(&[3i64, 4, 1], &dev)?, mask.clone(), "[batch, length]"),
-            (ids.clone(), Tensor::new(&[[1i64, 1]], &dev)?, "attention_mask has shape"),
+            (
+                Tensor::new(&[3i64, 4, 1], &dev)?,
+                mask.clone(),
+                "[batch, length]",
+            ),
+            (
+                ids.clone(),
+                Tensor::new(&[[1i64, 1]], &dev)?,
+                "attention_mask has shape",
+            ),
             (ids.to_dtype(DType::F32)?, mask.clone(), "integer tensor"),
-            (Tensor::new(&[[3i64, 100_000, 1]], &dev)?, mask.clone(), "outside the vocabulary"),
-            (Tensor::new(&[[3i64, -1, 1]], &dev)?, mask.clone(), "outside the vocabulary"),
+            (
+                Tensor::new(&[[3i64, 100_000, 1]], &dev)?,
+                mask.clone(),
+                "outside the vocabulary",
+            ),
+            (
+                Tensor::new(&[[3i64, -1, 1]], &dev)?,
+                mask.clone(),
+                "outside the vocabulary",
+            ),
         ];
         for (ids, mask, want) in cases {
             match model.forward(&ids, &mask) {
@@ -778,7 +816,8 @@ mod tests {
 
     #[test]
     fn config_activation_and_sizes() -> Result<()> {
-        let cfg: Config = serde_json::from_str("{}").map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let cfg: Config =
+            serde_json::from_str("{}").map_err(|e| Error::InvalidRequest(e.to_string()))?;
         assert_eq!(cfg.activation()?, (Activation::GeluTanh, true));
         let mut c = cfg.clone();
         c.feed_forward_proj = "relu".into();
