@@ -303,8 +303,14 @@ impl Attention {
         })
     }
 
-    /// `x` [B, L, D]; `buckets` u32 [L·L] (row = query); `mask` f32 [B, 1, 1, L] additive.
-    fn forward(&self, x: &Tensor, buckets: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x` [B, L, D]; `buckets` u32 [L·L] (row = query); `mask` f32 [B, 1, 1, L] additive (0 or
+    /// the f32 minimum), `None` when nothing is padded.
+    fn forward(
+        &self,
+        x: &Tensor,
+        buckets: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let heads = |t: Tensor| {
             t.reshape((b, l, self.n_heads, self.d_kv))?
@@ -320,7 +326,10 @@ impl Attention {
                 .index_select(buckets, 1)?
                 .reshape((1, self.n_heads, l, l))?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(&position_bias)?.broadcast_add(mask)?;
+        let mut scores = scores.broadcast_add(&position_bias)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
@@ -395,7 +404,12 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, buckets: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        buckets: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let a = self
             .attn
             .forward(&self.attn_norm.forward(x)?, buckets, mask)?;
@@ -515,11 +529,17 @@ impl UMT5EncoderModel {
             }
             ids_u32.push(id as u32);
         }
-        let mask: Vec<f32> = int_values(attention_mask, "attention_mask")?
-            .into_iter()
-            .map(|m| if m != 0 { 0.0 } else { f32::MIN })
-            .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, 1, l), &self.device)?;
+        let mask = int_values(attention_mask, "attention_mask")?;
+        // No padding: no mask to add (the usual case for one prompt, see wan::text_encoder).
+        let mask = if mask.iter().all(|&m| m != 0) {
+            None
+        } else {
+            let additive: Vec<f32> = mask
+                .into_iter()
+                .map(|m| if m != 0 { 0.0 } else { f32::MIN })
+                .collect();
+            Some(Tensor::from_vec(additive, (b, 1, 1, l), &self.device)?)
+        };
         let buckets = self.bucket_indices(l)?;
         let ids = Tensor::from_vec(ids_u32, b * l, &self.device)?;
         let mut x = self
@@ -527,7 +547,7 @@ impl UMT5EncoderModel {
             .forward(&ids)?
             .reshape((b, l, self.cfg.d_model))?;
         for block in &self.blocks {
-            x = block.forward(&x, &buckets, &mask)?;
+            x = block.forward(&x, &buckets, mask.as_ref())?;
         }
         Ok(self.final_layer_norm.forward(&x)?)
     }

@@ -564,6 +564,14 @@ mod tests {
         let err = rel_error(&out, &expected["prompt_embeds"])?;
         println!("prompt-embeds rel error {err:e}");
         assert!(err <= tol, "rel error {err}");
+        // One prompt alone (no padding, so no attention mask) gives its row of the batch.
+        for i in [0usize, 3] {
+            let one = enc.encode(&strings(&r["prompts"])[i..i + 1], max_len)?;
+            let want = expected["prompt_embeds"].narrow(0, i, 1)?;
+            let err = rel_error(&one, &want)?;
+            println!("prompt-embeds prompt {i} alone rel error {err:e}");
+            assert!(err <= tol, "prompt {i} alone: rel error {err}");
+        }
         // The zero padding is exact.
         let want = expected["prompt_embeds"].to_vec3::<f32>()?;
         let got = out.to_vec3::<f32>()?;
