@@ -460,7 +460,10 @@ impl UMT5EncoderModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg: Config = read_config(dir, &[])?;
         check_class(dir, &cfg)?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| Error::BadFile {
+            path: dir.join("config.json"),
+            message: e.to_string(),
+        })?;
         let w = Weights::open(dir)?;
         let vb = w.var_builder(dtype, device);
         Self::new(&cfg, vb).map_err(|e| w.map_err(e))
