@@ -196,10 +196,10 @@ pub struct FixtureRun {
     pub guidance: Option<f64>,
 }
 
-/// A fixture's `case.json`.
+/// A fixture's `case.json`. Runs of other (non-CLI) checks have their own fields and are kept raw.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct FixtureCase {
-    pub runs: Vec<FixtureRun>,
+    pub runs: Vec<serde_json::Value>,
 }
 
 /// Runs every parity-component run of every fixture case under `root` through [`run`] and returns
@@ -221,10 +221,15 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<(String, String, String, f64, f
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        for r in c.runs {
-            let Ok(component) = r.component.parse::<Component>() else {
+        for raw in c.runs {
+            let component = raw.get("component").and_then(|v| v.as_str()).unwrap_or("");
+            let Ok(component) = component.parse::<Component>() else {
                 continue; // not a parity-CLI component (checked by the module's own tests)
             };
+            let r: FixtureRun = serde_json::from_value(raw).map_err(|e| Error::BadFile {
+                path: case.join("case.json"),
+                message: format!("bad run: {e}"),
+            })?;
             let inputs = read_tensors(&case.join(&r.input))?;
             let expected = read_tensors(&case.join(&r.expected))?;
             let out = run(

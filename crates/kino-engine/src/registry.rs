@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// A model Kino knows by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct KnownModel {
     pub alias: &'static str,
     /// Hub repository in diffusers layout.

@@ -208,7 +208,7 @@ impl WanPipeline {
 
     /// Width and height must be multiples of this (VAE spatial factor × transformer patch).
     pub fn size_multiple(&self) -> (usize, usize) {
-        let s = self.vae_config.scale_factor_spatial;
+        let s = self.vae_config.spatial_compression();
         (
             s * self.transformer_config.patch_size[1],
             s * self.transformer_config.patch_size[2],
@@ -217,7 +217,7 @@ impl WanPipeline {
 
     /// Frame counts are `temporal · k + 1`.
     pub fn frame_step(&self) -> usize {
-        self.vae_config.scale_factor_temporal
+        self.vae_config.temporal_compression()
     }
 
     /// Fills in defaults and checks every rule; errors name the nearest valid values.
@@ -285,7 +285,7 @@ impl WanPipeline {
 
     /// Latent shape `[1, z, F', H', W']` for a resolved request.
     pub fn latent_shape(&self, r: &ResolvedRequest) -> [usize; 5] {
-        let s = self.vae_config.scale_factor_spatial;
+        let s = self.vae_config.spatial_compression();
         [
             1,
             self.transformer_config.in_channels,
