@@ -31,7 +31,8 @@ const QP_MODE_TARGET_BPS: u32 = 50_000_000;
 /// How hard to compress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Quality {
-    /// Constant quantiser 0–51 (lower is better and bigger). The default,
+    /// Constant quantiser 12–51 (lower is better and bigger; OpenH264 goes no lower than
+    /// 12). The default,
     /// [`Quality::DEFAULT_QP`], keeps typical generated content above 38 dB PSNR.
     Qp(u8),
     /// Target bits per second (OpenH264's bitrate rate control).
@@ -39,8 +40,10 @@ pub enum Quality {
 }
 
 impl Quality {
+    /// The lowest quantiser OpenH264's rate control uses.
+    pub const MIN_QP: u8 = 12;
     /// The default constant quantiser.
-    pub const DEFAULT_QP: u8 = 22;
+    pub const DEFAULT_QP: u8 = 18;
 }
 
 impl Default for Quality {
@@ -119,6 +122,11 @@ fn nal_type(nal: &[u8]) -> u8 {
     nal.first().map_or(0, |b| b & 0x1f)
 }
 
+/// OpenH264's own logging goes to stderr when `KINO_H264_DEBUG` is set.
+fn debug_log() -> bool {
+    std::env::var_os("KINO_H264_DEBUG").is_some()
+}
+
 fn encoder_config(opts: &H264Options, fps: Fps, keyframe_interval: u32) -> Result<EncoderConfig> {
     let (p, t, m) = opts.color.codes();
     let vui = VuiConfig::bt709()
@@ -147,13 +155,14 @@ fn encoder_config(opts: &H264Options, fps: Fps, keyframe_interval: u32) -> Resul
         .intra_frame_period(IntraFramePeriod::from_num_frames(keyframe_interval))
         .max_frame_rate(FrameRate::from_hz(fps.as_f64() as f32))
         .num_threads(1)
-        .debug(std::env::var_os("KINO_H264_DEBUG").is_some())
+        .debug(debug_log())
         .vui(vui);
     Ok(match opts.quality {
         Quality::Qp(qp) => {
-            if qp > 51 {
+            if !(Quality::MIN_QP..=51).contains(&qp) {
                 return Err(MediaError::InvalidOption(format!(
-                    "H.264 quantiser {qp} is out of range; use 0 (best) to 51 (smallest), default {}",
+                    "H.264 quantiser {qp} is out of range; use {} (best) to 51 (smallest), default {}",
+                    Quality::MIN_QP,
                     Quality::DEFAULT_QP
                 )));
             }
@@ -271,6 +280,21 @@ fn encode_segment(
     let codec_err = |e: openh264::Error| MediaError::Codec(format!("encoder error: {e}"));
     let mut enc =
         Encoder::with_api_config(OpenH264API::from_source(), config).map_err(codec_err)?;
+    // The wrapper sets the log level only after initialising, which happens on the first
+    // frame, so parameter warnings would reach stderr. Set it now.
+    let mut level: std::os::raw::c_int = if debug_log() {
+        openh264_sys2::WELS_LOG_DETAIL as std::os::raw::c_int
+    } else {
+        openh264_sys2::WELS_LOG_QUIET as std::os::raw::c_int
+    };
+    // SAFETY: the encoder pointer is valid for the life of `enc`; OpenH264 accepts the trace
+    // level option before initialisation and only reads the int behind the pointer.
+    unsafe {
+        enc.raw_api().set_option(
+            openh264_sys2::ENCODER_OPTION_TRACE_LEVEL,
+            (&raw mut level).cast(),
+        );
+    }
     let mut sps: Option<Vec<u8>> = None;
     let mut pps: Option<Vec<u8>> = None;
     let mut units = Vec::with_capacity(frames.len());

@@ -34,7 +34,7 @@ pub(crate) const KINO_META_NAME: &str = "generation";
 /// Settings for writing MP4.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Mp4Options {
-    /// Quality (constant QP, default 22) or a target bitrate.
+    /// Quality: a constant QP (default [`Quality::DEFAULT_QP`]) or a target bitrate.
     pub quality: Quality,
     /// Encoder threads (parallel segments); 0 = one per core.
     pub threads: usize,
