@@ -29,7 +29,10 @@ fn main() {
         .max(1);
     let t0 = Instant::now();
     let video = common::synthetic_video(w, h, n, fps);
-    eprintln!("made {n} frames {w}x{h} in {:.2} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "made {n} frames {w}x{h} in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     println!("kino-media encode benchmark: {n} frames {w}x{h} @ {fps} fps, {cores} cores, best of {repeat}");
     println!("| qp | threads | encode s | frames/s | MiB | Mbit/s | PSNR dB (own decode) |");

@@ -89,6 +89,51 @@ fn image_err(e: image::ImageError) -> MediaError {
     }
 }
 
+/// Decoders fill in missing image data silently in some cases; a file cut short must be an
+/// error, so check for the end markers first.
+fn check_complete(bytes: &[u8], format: Option<image::ImageFormat>) -> Result<()> {
+    let find = |needle: &[u8]| bytes.windows(needle.len()).rposition(|w| w == needle);
+    match format {
+        Some(image::ImageFormat::Jpeg) => {
+            // The end-of-image marker must follow the last start-of-scan.
+            let sos = find(&[0xff, 0xda]).unwrap_or(0);
+            if !bytes[sos..].windows(2).any(|w| w == [0xff, 0xd9]) {
+                return Err(MediaError::corrupt(
+                    "JPEG",
+                    "the image data ends without an end-of-image marker",
+                ));
+            }
+        }
+        Some(image::ImageFormat::Png) => {
+            // An IEND chunk (type and CRC) after the last IDAT.
+            let idat = find(b"IDAT").unwrap_or(0);
+            let complete = bytes[idat..]
+                .windows(4)
+                .position(|w| w == b"IEND")
+                .is_some_and(|p| idat + p + 8 <= bytes.len());
+            if !complete {
+                return Err(MediaError::corrupt(
+                    "PNG",
+                    "the file ends before its IEND chunk",
+                ));
+            }
+        }
+        Some(image::ImageFormat::WebP) => {
+            let riff = bytes
+                .get(4..8)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            if riff.is_none_or(|n| n.saturating_add(8) > bytes.len()) {
+                return Err(MediaError::corrupt(
+                    "WebP",
+                    "the file is shorter than its RIFF header says",
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Decodes PNG, JPEG or WebP bytes (format sniffed from the content) into an RGB frame;
 /// alpha is dropped and 16-bit samples are reduced to 8.
 pub fn decode_image(bytes: &[u8]) -> Result<Frame> {
@@ -108,6 +153,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<Frame> {
             ))
         }
     }
+    check_complete(bytes, reader.format())?;
     reader.limits(limits());
     let img = reader.decode().map_err(image_err)?.to_rgb8();
     let (w, h) = img.dimensions();

@@ -118,12 +118,18 @@ fn mp4_is_read_by_ffmpeg_and_by_us() {
     // The two decoders agree (same colour matrix and range).
     let agree = psnr_video(&decoded, ours.frames()).unwrap();
     println!("PSNR own decode vs ffmpeg decode: {agree:.2} dB");
-    assert!(agree >= 42.0, "own and ffmpeg decodes differ: {agree:.2} dB");
+    assert!(
+        agree >= 42.0,
+        "own and ffmpeg decodes differ: {agree:.2} dB"
+    );
 
     assert_eq!(read_metadata(&path).unwrap(), Some(params()));
     let info = probe(&path).unwrap();
     assert_eq!(info.format, MediaFormat::Mp4);
-    assert_eq!((info.width, info.height, info.frame_count), (w, h, u64::from(n)));
+    assert_eq!(
+        (info.width, info.height, info.frame_count),
+        (w, h, u64::from(n))
+    );
     assert_eq!(info.fps, Some(Fps::integer(16).unwrap()));
     assert_eq!(info.duration_secs, Some(2.0625));
     assert_eq!(info.metadata, Some(params()));
@@ -148,18 +154,22 @@ fn ntsc_rate_has_exact_timestamps_and_keyframes() {
     assert_eq!(s["r_frame_rate"], "24000/1001");
     assert_eq!(s["nb_read_frames"], "50");
     assert_eq!(s["duration"], "2.085417"); // 50 * 1001 / 24000 = 2.0854166…
-    // Key frames where we asked for them, and only there.
+                                           // Key frames where we asked for them, and only there.
     let ffprobe = common::require_tool("ffprobe", "ffmpeg");
-    let out = common::run(Command::new(ffprobe).args([
-        "-v",
-        "error",
-        "-select_streams",
-        "v:0",
-        "-show_entries",
-        "packet=pts,flags",
-        "-of",
-        "csv=p=0",
-    ]).arg(&path));
+    let out = common::run(
+        Command::new(ffprobe)
+            .args([
+                "-v",
+                "error",
+                "-select_streams",
+                "v:0",
+                "-show_entries",
+                "packet=pts,flags",
+                "-of",
+                "csv=p=0",
+            ])
+            .arg(&path),
+    );
     let text = String::from_utf8(out).unwrap();
     let packets: Vec<(i64, bool)> = text
         .lines()
@@ -187,28 +197,50 @@ fn reads_mp4_written_by_ffmpeg() {
     let (w, h, n) = (320, 176, 20);
     let video = common::synthetic_video(w, h, n, 10);
     let dir = common::temp_dir("x264");
-    let raw: Vec<u8> = video.frames().iter().flat_map(|f| f.data().to_vec()).collect();
+    let raw: Vec<u8> = video
+        .frames()
+        .iter()
+        .flat_map(|f| f.data().to_vec())
+        .collect();
     let rawpath = dir.join("in.rgb");
     std::fs::write(&rawpath, raw).unwrap();
     let path = dir.join("x264.mp4");
     let ffmpeg = common::require_tool("ffmpeg", "ffmpeg");
     common::run(
         Command::new(ffmpeg)
-            .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s"])
+            .args([
+                "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+            ])
             .arg(format!("{w}x{h}"))
             .args(["-r", "10", "-i"])
             .arg(&rawpath)
             .args([
-                "-c:v", "libx264", "-profile:v", "baseline", "-pix_fmt", "yuv420p", "-crf", "12",
-                "-vf", "scale=out_color_matrix=bt709:out_range=tv",
-                "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709",
+                "-c:v",
+                "libx264",
+                "-profile:v",
+                "baseline",
+                "-pix_fmt",
+                "yuv420p",
+                "-crf",
+                "12",
+                "-vf",
+                "scale=out_color_matrix=bt709:out_range=tv",
+                "-colorspace",
+                "bt709",
+                "-color_primaries",
+                "bt709",
+                "-color_trc",
+                "bt709",
             ])
             .arg(&path),
     );
     let boxes: Vec<String> = top_boxes(&path).into_iter().map(|(k, _)| k).collect();
     let moov = boxes.iter().position(|b| b == "moov").unwrap();
     let mdat = boxes.iter().position(|b| b == "mdat").unwrap();
-    assert!(mdat < moov, "expected ffmpeg's default layout (moov last): {boxes:?}");
+    assert!(
+        mdat < moov,
+        "expected ffmpeg's default layout (moov last): {boxes:?}"
+    );
     let back = read_mp4(&path).expect("read x264 mp4");
     assert_eq!(back.len(), n as usize);
     assert_eq!(back.fps(), Fps::integer(10).unwrap());

@@ -86,7 +86,9 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
 
 /// Runs a command and returns stdout, panicking with stderr on failure.
 pub fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}",
@@ -99,7 +101,17 @@ pub fn run(cmd: &mut Command) -> Vec<u8> {
 /// `ffprobe -show_streams -show_format -count_frames` as JSON.
 pub fn ffprobe(path: &Path) -> serde_json::Value {
     let ffprobe = require_tool("ffprobe", "ffmpeg");
-    let out = run(Command::new(ffprobe).args(["-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json"]).arg(path));
+    let out = run(Command::new(ffprobe)
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+        ])
+        .arg(path));
     serde_json::from_slice(&out).expect("ffprobe JSON")
 }
 
@@ -107,7 +119,12 @@ pub fn ffprobe(path: &Path) -> serde_json::Value {
 /// swscale's accurate path (exact rounding, interpolated chroma) and the matrix the file
 /// signals.
 pub fn ffmpeg_decode_rgb(path: &Path, w: u32, h: u32) -> Vec<Frame> {
-    ffmpeg_decode_rgb_with(path, w, h, &["-sws_flags", "accurate_rnd+full_chroma_int+bicubic"])
+    ffmpeg_decode_rgb_with(
+        path,
+        w,
+        h,
+        &["-sws_flags", "accurate_rnd+full_chroma_int+bicubic"],
+    )
 }
 
 /// Decodes a file with ffmpeg to RGB24 frames with extra input/output options.
@@ -117,9 +134,21 @@ pub fn ffmpeg_decode_rgb_with(path: &Path, w: u32, h: u32, extra: &[&str]) -> Ve
         .args(["-v", "error", "-i"])
         .arg(path)
         .args(extra)
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-vsync", "passthrough", "-"]));
+        .args([
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-vsync",
+            "passthrough",
+            "-",
+        ]));
     let size = (w * h * 3) as usize;
-    assert_eq!(out.len() % size, 0, "ffmpeg output is not whole {w}x{h} frames");
+    assert_eq!(
+        out.len() % size,
+        0,
+        "ffmpeg output is not whole {w}x{h} frames"
+    );
     out.chunks_exact(size)
         .map(|c| Frame::new(w, h, c.to_vec()).expect("frame"))
         .collect()
