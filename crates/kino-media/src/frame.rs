@@ -168,13 +168,13 @@ impl Frame {
 
 /// Fails with an actionable message unless both sides are even.
 pub(crate) fn check_even(width: u32, height: u32) -> Result<()> {
-    if width % 2 != 0 {
+    if !width.is_multiple_of(2) {
         return Err(MediaError::InvalidSize(format!(
             "width {width} is odd; H.264 yuv420p needs even sizes, try {}",
             even_suggestion(width)
         )));
     }
-    if height % 2 != 0 {
+    if !height.is_multiple_of(2) {
         return Err(MediaError::InvalidSize(format!(
             "height {height} is odd; H.264 yuv420p needs even sizes, try {}",
             even_suggestion(height)

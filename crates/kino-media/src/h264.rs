@@ -23,6 +23,8 @@ use crate::frame::{check_even, Fps, Frame};
 /// Largest picture OpenH264 encodes (level 5.2).
 const MAX_LONG_SIDE: u32 = 3840;
 const MAX_SHORT_SIDE: u32 = 2160;
+/// Smallest side OpenH264 encodes.
+const MIN_SIDE: u32 = 16;
 
 /// The rate-control target in constant-QP mode: high enough that the QP clamp decides, low
 /// enough to pass OpenH264's per-level bitrate validation.
@@ -188,6 +190,12 @@ fn encoder_config(opts: &H264Options, fps: Fps, keyframe_interval: u32) -> Resul
 /// Checks that frames can be encoded as H.264 4:2:0.
 pub(crate) fn check_encodable(width: u32, height: u32) -> Result<()> {
     check_even(width, height)?;
+    if width < MIN_SIDE || height < MIN_SIDE {
+        return Err(MediaError::InvalidSize(format!(
+            "{width}x{height} is smaller than the H.264 encoder takes; each side must be at least \
+             {MIN_SIDE}"
+        )));
+    }
     let (long, short) = (width.max(height), width.min(height));
     if long > MAX_LONG_SIDE || short > MAX_SHORT_SIDE {
         return Err(MediaError::InvalidSize(format!(

@@ -282,8 +282,8 @@ pub fn resize(frame: &Frame, width: u32, height: u32) -> Result<Frame> {
     Frame::new(width, height, out.into_raw())
 }
 
-/// Thumbnail settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Thumbnail settings (default: the middle frame, full size, JPEG quality 85).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ThumbnailOptions {
     /// Which frame; `None` = the middle one.
     pub frame: Option<usize>,
@@ -291,16 +291,6 @@ pub struct ThumbnailOptions {
     pub max_side: Option<u32>,
     /// Output format.
     pub format: ImageFormat,
-}
-
-impl Default for ThumbnailOptions {
-    fn default() -> Self {
-        ThumbnailOptions {
-            frame: None,
-            max_side: None,
-            format: ImageFormat::default(),
-        }
-    }
 }
 
 /// Encodes one frame of a video as a thumbnail image.

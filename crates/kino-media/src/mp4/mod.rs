@@ -248,3 +248,64 @@ pub(crate) fn with_path(e: MediaError, path: &Path) -> MediaError {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn video(w: u32, h: u32, n: u32) -> Video {
+        let frames = (0..n)
+            .map(|t| {
+                Frame::from_fn(w, h, |x, y| {
+                    [(x * 200 / w + t) as u8, (y * 150 / h + 40) as u8, 128]
+                })
+                .unwrap()
+            })
+            .collect();
+        Video::new(frames, Fps::integer(12).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn roundtrip_odd_shapes_and_lengths() {
+        let e = encode_mp4(&video(2, 2, 1), &Mp4Options::default()).unwrap_err();
+        assert!(e.to_string().contains("at least 16"), "{e}");
+        for (w, h, n) in [(16, 16, 1), (18, 16, 3), (34, 16, 9), (64, 48, 17)] {
+            let v = video(w, h, n);
+            let bytes = encode_mp4(&v, &Mp4Options::default()).unwrap();
+            let back = decode_mp4(&bytes).unwrap();
+            assert_eq!(back.len(), n as usize, "{w}x{h}x{n}");
+            assert_eq!((back.width(), back.height()), (w, h));
+            assert_eq!(back.fps(), v.fps());
+            let p = crate::psnr_video(v.frames(), back.frames()).unwrap();
+            assert!(p > 30.0, "{w}x{h}x{n}: {p:.2}");
+            let movie = read_movie(&mut Cursor::new(&bytes)).unwrap();
+            let kinds: Vec<&str> = movie.top.iter().map(|b| b.kind.as_str()).collect();
+            assert_eq!(kinds, ["ftyp", "moov", "mdat"]);
+        }
+    }
+
+    #[test]
+    fn timing_is_exact() {
+        assert_eq!(mux::timing(Fps::integer(16).unwrap()), (16_000, 1_000));
+        assert_eq!(
+            mux::timing(Fps::new(24_000, 1001).unwrap()),
+            (24_000_000, 1_001_000)
+        );
+    }
+
+    #[test]
+    fn metadata_roundtrip_in_memory() {
+        let v = video(16, 16, 2);
+        let meta = serde_json::json!({"prompt": "p", "seed": 1, "nested": {"a": [1.5, null]}});
+        let opts = Mp4Options {
+            metadata: Some(meta.clone()),
+            ..Default::default()
+        };
+        let bytes = encode_mp4(&v, &opts).unwrap();
+        let movie = read_movie(&mut Cursor::new(&bytes)).unwrap();
+        assert_eq!(movie_metadata(&movie), Some(meta));
+        let plain = encode_mp4(&v, &Mp4Options::default()).unwrap();
+        let movie = read_movie(&mut Cursor::new(&plain)).unwrap();
+        assert_eq!(movie_metadata(&movie), None);
+    }
+}

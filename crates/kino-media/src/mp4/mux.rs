@@ -335,7 +335,7 @@ fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
     w.u32(chunks as u32);
     let mut offset = mdat_data_offset;
     for (i, u) in stream.units.iter().enumerate() {
-        if i as u64 % per_chunk == 0 {
+        if (i as u64).is_multiple_of(per_chunk) {
             if co64 {
                 w.u64(offset);
             } else {

@@ -43,7 +43,7 @@ pub fn synthetic_frame(w: u32, h: u32, t: u32) -> Frame {
             shift += 50.0;
         }
         if x >= sx && x < sx + sq && y >= sy && y < sy + sq {
-            let on = ((x - sx) / cell + (y - sy) / cell) % 2 == 0;
+            let on = ((x - sx) / cell + (y - sy) / cell).is_multiple_of(2);
             shift += if on { 55.0 } else { -55.0 };
         }
         for c in &mut rgb {
@@ -51,7 +51,7 @@ pub fn synthetic_frame(w: u32, h: u32, t: u32) -> Frame {
         }
         let (dx, dy) = (xf - cx, yf - cy);
         if dx * dx + dy * dy <= r * r {
-            rgb = [230.0, 190.0, 30.0];
+            rgb = [40.0, 200.0, 60.0];
         }
         [
             rgb[0].clamp(0.0, 255.0) as u8,
