@@ -2,7 +2,7 @@
 //! settings (and a few other quantisers), timed, with PSNR of our own decode against the
 //! source. Run with `cargo bench -p kino-media --bench encode`.
 //!
-//! Environment: `KINO_BENCH_QPS=20,22,26` (quantisers, default 22 and a few around it),
+//! Environment: `KINO_BENCH_QPS=18,22,26` (quantisers; the default QP first),
 //! `KINO_BENCH_THREADS=0` (0 = all cores), `KINO_BENCH_REPEAT=3` (best of N).
 
 #[path = "../tests/common/mod.rs"]
@@ -28,7 +28,7 @@ fn main() {
     let qps: Vec<u8> = std::env::var("KINO_BENCH_QPS")
         .ok()
         .map(|s| s.split(',').filter_map(|q| q.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![Quality::DEFAULT_QP, 18, 26]);
+        .unwrap_or_else(|| vec![Quality::DEFAULT_QP, 22, 26]);
     let threads: usize = std::env::var("KINO_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
