@@ -248,5 +248,28 @@ fn reads_mp4_written_by_ffmpeg() {
     println!("PSNR own decode of x264 file: {p:.2} dB");
     assert!(p >= 38.0, "{p:.2}");
     assert_eq!(read_metadata(&path).unwrap(), None);
+
+    // x264's default High profile with B-frames: probed, but decoding says what to do.
+    let hi = dir.join("x264-high.mp4");
+    let ffmpeg = common::require_tool("ffmpeg", "ffmpeg");
+    common::run(
+        Command::new(ffmpeg)
+            .args([
+                "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+            ])
+            .arg(format!("{w}x{h}"))
+            .args(["-r", "10", "-i"])
+            .arg(&rawpath)
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-bf", "2"])
+            .arg(&hi),
+    );
+    let info = probe(&hi).unwrap();
+    assert_eq!(
+        (info.width, info.height, info.frame_count),
+        (w, h, u64::from(n))
+    );
+    let e = read_mp4(&hi).unwrap_err();
+    assert!(matches!(e, kino_media::MediaError::Unsupported(_)), "{e:?}");
+    assert!(e.to_string().contains("B-frames"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
