@@ -1,1 +1,43 @@
-//! Kino media (being written).
+//! Kino's frames side: RGB frames in, video files out, and back.
+//!
+//! Knows nothing of tensors. A [`Frame`] is an RGB24 buffer with a width and a height; a
+//! [`Video`] is frames of one size plus an exact frame rate ([`Fps`]).
+//!
+//! - MP4/H.264 ([`write_mp4`], [`encode_mp4`], [`read_mp4`], [`decode_mp4`],
+//!   [`read_metadata`]): Constrained Baseline H.264 4:2:0 8-bit from OpenH264 (built from
+//!   source, no ffmpeg), in an MP4 written by our own muxer with `moov` before `mdat`,
+//!   BT.709 limited range signalled in both the VUI and a `colr` box, and the generation
+//!   parameters as JSON in `udta`.
+//! - Animated GIF ([`write_gif`]), PNG frame folders ([`write_png_frames`]), thumbnails
+//!   ([`write_thumbnail`]) and spritesheets ([`write_spritesheet`]).
+//! - Still images in ([`read_image`], [`decode_image`]) and [`probe`] for any of these
+//!   formats.
+//!
+//! Every error is a [`MediaError`] that says what was wrong and what to do.
+
+mod color;
+mod error;
+mod frame;
+mod gif;
+mod h264;
+mod meta;
+mod mp4;
+mod probe;
+mod still;
+mod util;
+
+pub use color::ColorSpace;
+pub use error::{MediaError, Result};
+pub use frame::{psnr, psnr_video, Fps, Frame, Video, MAX_SIDE};
+pub use gif::{encode_gif, write_gif, GifOptions};
+pub use h264::Quality;
+pub use meta::GenerationParams;
+pub use mp4::{
+    decode_mp4, encode_mp4, mp4_boxes, read_metadata, read_mp4, write_mp4, Mp4Options, TopBox,
+};
+pub use probe::{probe, MediaFormat, MediaInfo};
+pub use still::{
+    decode_image, encode_image, evenly_spaced, fit_frame, png_frame_name, read_image, resize,
+    spritesheet, thumbnail, write_image, write_png_frames, write_spritesheet, write_thumbnail,
+    ImageFormat, SpritesheetLayout, SpritesheetOptions, ThumbnailOptions,
+};
