@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Make a video from a prompt.
+    Generate(Box<commands::generate::Args>),
+    /// Show a video's format, size, frames, fps and the parameters it was made with.
+    Info(commands::info::Args),
     /// Run one model component on tensors from a file (for checking against the reference).
     Parity(commands::parity::Args),
     /// Time one transformer forward or VAE decode against PyTorch on the same machine.
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(a) => commands::generate::run(*a),
+        Command::Info(a) => commands::info::run(a),
         Command::Parity(a) => commands::parity::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Models(a) => commands::models::list(a),

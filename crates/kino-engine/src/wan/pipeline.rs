@@ -667,7 +667,7 @@ fn random_seed() -> u64 {
             .map(|d| d.as_nanos())
             .unwrap_or(0),
     );
-    h.finish() >> 1
+    h.finish() % 4_294_967_296
 }
 
 fn file_bytes(dir: &Path) -> u64 {

@@ -1,3 +1,5 @@
 pub mod bench;
+pub mod generate;
+pub mod info;
 pub mod models;
 pub mod parity;
