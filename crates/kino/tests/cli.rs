@@ -1,0 +1,235 @@
+//! End-to-end tests of the `kino` binary on tiny random-weight model folders.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kino() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kino"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A private copy of a tiny random-weight Wan model folder (so a test may break it).
+fn tiny_model(tmp: &Path, which: &str) -> PathBuf {
+    let dst = tmp.join(which);
+    copy_dir(&repo().join("fixtures/data").join(which).join("model"), &dst);
+    dst
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.env_remove("KINO_MODEL").output().expect("kino runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn ffprobe_json(path: &Path) -> serde_json::Value {
+    let o = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-print_format", "json", "-show_streams", "-show_format"])
+        .arg(path)
+        .output()
+        .expect("ffprobe is installed (Debian package ffmpeg; .ci/run installs it)");
+    assert!(o.status.success(), "ffprobe failed: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn generate_writes_a_valid_mp4_with_its_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan21");
+    let out = tmp.path().join("clip.mp4");
+    let o = run(kino()
+        .args(["generate", "a red circle moving right", "--size", "96x64", "--frames", "9", "--steps", "3", "--seed", "7", "--fps", "8", "--json", "-o"])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["frames"], 9);
+    assert_eq!(summary["seed"], 7);
+
+    let p = ffprobe_json(&out);
+    let s = &p["streams"][0];
+    assert_eq!(s["codec_name"], "h264");
+    assert_eq!(s["pix_fmt"], "yuv420p");
+    assert_eq!(s["width"], 96);
+    assert_eq!(s["height"], 64);
+    assert_eq!(s["nb_read_frames"], "9");
+    let dur: f64 = p["format"]["duration"].as_str().unwrap().parse().unwrap();
+    assert!((dur - 9.0 / 8.0).abs() < 1e-3, "duration {dur}");
+
+    let o = run(kino().args(["info", "--json"]).arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["frames"], 9);
+    assert_eq!(info["width"], 96);
+    let g = &info["generation"];
+    assert_eq!(g["prompt"], "a red circle moving right");
+    assert_eq!(g["seed"], 7);
+    assert_eq!(g["steps"], 3);
+    assert_eq!(g["frames"], 9);
+
+    // Same seed, same settings: the same video.
+    let out2 = tmp.path().join("clip2.mp4");
+    let o = run(kino()
+        .args(["generate", "a red circle moving right", "--size", "96x64", "--frames", "9", "--steps", "3", "--seed", "7", "--fps", "8", "-o"])
+        .arg(&out2)
+        .arg("--model")
+        .arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = kino_media::read_mp4(&out).unwrap();
+    let b = kino_media::read_mp4(&out2).unwrap();
+    assert!(a.frames().iter().zip(b.frames()).all(|(x, y)| x.data() == y.data()));
+
+    // Never overwrite silently.
+    let o = run(kino().args(["generate", "again", "-o"]).arg(&out).arg("--model").arg(&model));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+}
+
+#[test]
+fn generate_gif_and_png_folder_and_wan22() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan22");
+    let gif = tmp.path().join("clip.gif");
+    let o = run(kino().args(["generate", "blue square", "--steps", "2", "-o"]).arg(&gif).arg("--model").arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = ffprobe_json(&gif);
+    assert_eq!(p["streams"][0]["codec_name"], "gif");
+    assert_eq!(p["streams"][0]["width"], 192);
+    assert_eq!(p["streams"][0]["nb_read_frames"], "17");
+
+    let dir = tmp.path().join("frames");
+    let o = run(kino().args(["generate", "blue square", "--steps", "2", "--frames", "5", "-o"]).arg(&dir).arg("--model").arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pngs = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
+    assert_eq!(pngs, 5);
+    assert!(dir.join("params.json").exists());
+}
+
+#[test]
+fn bad_requests_get_one_clear_error_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan21");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--size", "100x64"], "width 100 is not a multiple of 16, which this model needs; try 96 or 112"),
+        (&["--size", "96x0"], "zero side"),
+        (&["--size", "96"], "WIDTHxHEIGHT"),
+        (&["--frames", "10"], "10 frames is not a valid frame count: this model makes 4·k + 1 frames; try 9 or 13"),
+        (&["--steps", "0"], "0 steps is out of range"),
+        (&["--guidance=-1"], "guidance scale -1 must be"),
+        (&["-o", "/nonexistent-dir/x.mp4"], "folder /nonexistent-dir does not exist"),
+        (&["-o", "clip.avi"], "cannot write `.avi` files"),
+    ];
+    for (args, want) in cases {
+        let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat"]).args(*args).arg("--model").arg(&model));
+        assert!(!o.status.success(), "{args:?} should fail");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{args:?}: expected `{want}` in: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+    }
+    let o = run(kino().args(["generate", "a cat", "--model", "sora-3"]));
+    let e = stderr(&o);
+    assert!(e.contains("unknown model `sora-3`") && e.contains("wan2.1-t2v-1.3b"), "{e}");
+    let o = run(kino().args(["generate", "   "]));
+    assert!(stderr(&o).contains("the prompt is empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn broken_model_folders_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Not a model folder.
+    let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat", "--model"]).arg(tmp.path()));
+    let e = stderr(&o);
+    assert!(e.contains("model_index.json") && e.contains("is not a model folder"), "{e}");
+
+    // A truncated weight file.
+    let model = tiny_model(tmp.path(), "pipeline-wan21");
+    let w = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat", "--model"]).arg(&model));
+    let e = stderr(&o);
+    assert!(e.contains("truncated") && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+
+    // A missing VAE weight file.
+    let model = tiny_model(&tmp.path().join("b"), "pipeline-wan21");
+    std::fs::remove_file(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat", "--model"]).arg(&model));
+    let e = stderr(&o);
+    assert!(e.contains("missing file") && e.contains("vae"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn parity_cli_reproduces_a_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = repo().join("fixtures/data/transformer-wan22");
+    let out = tmp.path().join("out.safetensors");
+    let o = run(kino()
+        .args(["parity", "transformer", "--model"])
+        .arg(case.join("transformer"))
+        .arg("--input")
+        .arg(case.join("input.safetensors"))
+        .arg("--output")
+        .arg(&out)
+        .arg("--expected")
+        .arg(case.join("expected.safetensors")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let err: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sample: relative error "))
+        .expect("error line")
+        .parse()
+        .unwrap();
+    assert!(err <= 1e-4, "{err}");
+    assert!(out.exists());
+
+    let o = run(kino().args(["parity", "unet", "--model", ".", "--input", "x", "--output", "y"]));
+    assert!(stderr(&o).contains("unknown component `unet`"), "{}", stderr(&o));
+    let o = run(kino()
+        .args(["parity", "vae-decode", "--model"])
+        .arg(case.join("transformer"))
+        .arg("--input")
+        .arg(case.join("input.safetensors"))
+        .arg("--output")
+        .arg(&out));
+    assert!(stderr(&o).contains("has no tensor `z`"), "{}", stderr(&o));
+}
+
+#[test]
+fn info_on_a_corrupt_file_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("broken.mp4");
+    std::fs::write(&f, b"\0\0\0\x18ftypisom garbage garbage").unwrap();
+    let o = run(kino().arg("info").arg(&f));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.starts_with("error:") && !e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn models_lists_the_known_aliases() {
+    let o = run(kino().args(["models"]).env("HF_HUB_CACHE", "/nonexistent"));
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("wan2.1-t2v-1.3b") && s.contains("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), "{s}");
+    assert!(s.contains("wan2.2-ti2v-5b") && s.contains("Wan-AI/Wan2.2-TI2V-5B-Diffusers"), "{s}");
+}
