@@ -187,6 +187,14 @@ pub enum ResampleMode {
     Downsample3d,
 }
 
+/// The Conv2d of a [`WanResample`]: stride 1 after upsampling (run like a causal conv with
+/// one temporal tap), stride 2 for downsampling (candle's conv2d).
+#[derive(Debug, Clone)]
+enum ResampleConv {
+    Up(WanCausalConv3d),
+    Down(Conv2d),
+}
+
 /// `WanResample`: spatial ×2 up (nearest + conv) or down (zero-pad right/bottom + stride-2
 /// conv), with a causal time conv for the 3D modes (temporal ×2 up by channel split, or ×2
 /// down with a stride-2 (3,1,1) conv).
@@ -194,7 +202,7 @@ pub enum ResampleMode {
 pub struct WanResample {
     mode: ResampleMode,
     /// `resample.1` (the Conv2d inside the reference's `nn.Sequential`).
-    conv: Conv2d,
+    conv: ResampleConv,
     time_conv: Option<WanCausalConv3d>,
 }
 
@@ -209,11 +217,13 @@ impl WanResample {
         let up_out = upsample_out_dim.unwrap_or(dim / 2);
         let (conv, time_conv) = match mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                let cfg = Conv2dConfig {
-                    padding: 1,
-                    ..Default::default()
-                };
-                let conv = candle_nn::conv2d(dim, up_out, 3, cfg, vb.pp("resample").pp(1))?;
+                let conv = ResampleConv::Up(WanCausalConv3d::conv2d(
+                    dim,
+                    up_out,
+                    3,
+                    1,
+                    vb.pp("resample").pp(1),
+                )?);
                 let tc = if mode == ResampleMode::Upsample3d {
                     Some(WanCausalConv3d::new(
                         dim,
@@ -233,7 +243,13 @@ impl WanResample {
                     stride: 2,
                     ..Default::default()
                 };
-                let conv = candle_nn::conv2d(dim, dim, 3, cfg, vb.pp("resample").pp(1))?;
+                let conv = ResampleConv::Down(candle_nn::conv2d(
+                    dim,
+                    dim,
+                    3,
+                    cfg,
+                    vb.pp("resample").pp(1),
+                )?);
                 let tc = if mode == ResampleMode::Downsample3d {
                     Some(WanCausalConv3d::new(
                         dim,
@@ -282,14 +298,14 @@ impl WanResample {
                 }
             }
         }
-        x = match self.mode {
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
+        x = match &self.conv {
+            ResampleConv::Up(conv) => {
                 let (_, _, h, w) = x.dims4()?;
-                self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+                conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?, None)?
             }
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
+            ResampleConv::Down(conv) => {
                 let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-                self.conv.forward(&padded)?
+                conv.forward(&padded)?
             }
         };
         if let (ResampleMode::Downsample3d, Some(tc)) = (self.mode, &self.time_conv) {

@@ -2,15 +2,17 @@
 //! (`feat_cache` / `feat_idx`, `CACHE_T`).
 //!
 //! Layout: inside the VAE every video is held per sample as `[T, C, H, W]` (frames first), so a
-//! frame is one contiguous `[C, H, W]` block. candle has no conv3d; a causal 3D convolution with
-//! a `kt × kh × kw` kernel is computed per output frame as ONE conv2d whose input is the window
-//! of `kt` consecutive frames seen as `kt·C` channels (a zero-copy view of `[T, C, H, W]`), with
-//! the weight stored once as `[out, kt·in, kh, kw]` (the reference `[out, in, kt, kh, kw]` with
-//! `kt` moved before `in`). Zero frames of the causal padding are not materialised: their taps
-//! are simply left out of the sum.
+//! frame is one contiguous `[C, H, W]` block. candle has no conv3d. On the CPU in f32 the
+//! causal conv runs as an implicit GEMM over the kernel taps ([`super::cpu_conv`]). Elsewhere
+//! each output frame is ONE candle conv2d whose input is the window of `kt` consecutive frames
+//! seen as `kt·C` channels (a zero-copy view of `[T, C, H, W]`), with the weight stored as
+//! `[out, kt·in, kh, kw]`. In both, taps that fall on the zero frames of the causal padding are
+//! left out of the sum instead of multiplying zeros.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::cpu_conv;
 
 /// Number of frames a causal conv keeps from the previous chunk (reference `CACHE_T`).
 pub const CACHE_T: usize = 2;
@@ -84,14 +86,22 @@ pub fn next_cache(x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// How the conv runs: the CPU f32 implicit-GEMM kernel, or candle's conv2d elsewhere.
+#[derive(Debug, Clone)]
+enum Kernel {
+    /// Tap-major weights `[kt·ks·ks, out, in]` and the bias, for [`super::cpu_conv`].
+    Cpu { taps: Tensor, bias: Vec<f32> },
+    /// `[out, kt·in, ks, ks]` (taps `k` outermost in the channel dim: channel `k·in + c`) and
+    /// the bias `[1, out, 1, 1]`.
+    Generic { weight: Tensor, bias: Tensor },
+}
+
 /// `WanCausalConv3d`: a Conv3d whose temporal padding (`2·padding_t`) is all in front, with the
-/// cached frames of the previous chunk taking the place of that padding.
+/// cached frames of the previous chunk taking the place of that padding. Also used for the
+/// stride-1 `nn.Conv2d`s of the VAE (one temporal tap, frames as the batch).
 #[derive(Debug, Clone)]
 pub struct WanCausalConv3d {
-    /// `[out, kt·in, kh, kw]` (taps `k` outermost in the channel dim: channel `k·in + c`).
-    weight: Tensor,
-    /// `[1, out, 1, 1]`.
-    bias: Tensor,
+    kernel: Kernel,
     in_c: usize,
     out_c: usize,
     kt: usize,
@@ -116,14 +126,54 @@ impl WanCausalConv3d {
     ) -> Result<Self> {
         let (kt, ks) = kernel;
         let w = vb.get((out_c, in_c, kt, ks, ks), "weight")?;
-        let bias = vb.get(out_c, "bias")?.reshape((1, out_c, 1, 1))?;
-        let weight =
-            w.permute((0, 2, 1, 3, 4))?
-                .contiguous()?
-                .reshape((out_c, kt * in_c, ks, ks))?;
+        let bias = vb.get(out_c, "bias")?;
+        Self::from_weights(w, bias, stride, padding)
+    }
+
+    /// A stride-1 `nn.Conv2d(in, out, ks, padding=pad)` (weight `[out, in, ks, ks]`), run on
+    /// every frame of `[T, C, H, W]`.
+    pub fn conv2d(
+        in_c: usize,
+        out_c: usize,
+        ks: usize,
+        pad: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let w = vb.get((out_c, in_c, ks, ks), "weight")?.unsqueeze(2)?;
+        let bias = vb.get(out_c, "bias")?;
+        Self::from_weights(w, bias, (1, 1), (0, pad))
+    }
+
+    fn from_weights(
+        w: Tensor,
+        bias: Tensor,
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        let (out_c, in_c, kt, ks, _) = w.dims5()?;
+        let cpu = w.device().is_cpu() && w.dtype() == DType::F32 && stride.1 == 1;
+        let kernel = if cpu {
+            Kernel::Cpu {
+                taps: w.permute((2, 3, 4, 0, 1))?.contiguous()?.reshape((
+                    kt * ks * ks,
+                    out_c,
+                    in_c,
+                ))?,
+                bias: bias.to_vec1::<f32>()?,
+            }
+        } else {
+            Kernel::Generic {
+                weight: w.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((
+                    out_c,
+                    kt * in_c,
+                    ks,
+                    ks,
+                ))?,
+                bias: bias.reshape((1, out_c, 1, 1))?,
+            }
+        };
         Ok(Self {
-            weight,
-            bias,
+            kernel,
             in_c,
             out_c,
             kt,
@@ -151,29 +201,24 @@ impl WanCausalConv3d {
 
     /// `forward(x, cache_x)` on `x: [T, C, H, W]`, giving `[T', out, H', W']`.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        let (_, c, h, w) = x.dims4()?;
+        let (_, c, _, _) = x.dims4()?;
         if c != self.in_c {
             candle_core::bail!("causal conv expects {} channels, got {c}", self.in_c)
         }
         // Reference: if a cache is given and there is temporal padding, cat the cache in front
-        // and pad only what is left (a negative pad crops).
-        let mut zeros = self.pad_t;
-        let xs = match cache {
+        // and pad only what is left (a negative pad crops the front).
+        let (cache, zeros) = match cache {
             Some(cache) if self.pad_t > 0 => {
                 let n = cache.dim(0)?;
-                let xs = Tensor::cat(&[cache, x], 0)?;
                 if n > self.pad_t {
-                    zeros = 0;
-                    let skip = n - self.pad_t;
-                    xs.narrow(0, skip, xs.dim(0)? - skip)?
+                    (Some(cache.narrow(0, n - self.pad_t, self.pad_t)?), 0)
                 } else {
-                    zeros = self.pad_t - n;
-                    xs
+                    (Some(cache.clone()), self.pad_t - n)
                 }
             }
-            _ => x.clone(),
+            _ => (None, self.pad_t),
         };
-        let frames = xs.dim(0)?;
+        let frames = x.dim(0)? + cache.as_ref().map_or(Ok(0), |c| c.dim(0))?;
         if zeros + frames < self.kt {
             candle_core::bail!(
                 "causal conv with {} temporal taps got only {} frames",
@@ -181,20 +226,73 @@ impl WanCausalConv3d {
                 zeros + frames
             )
         }
-        let t_out = (zeros + frames - self.kt) / self.stride_t + 1;
+        match &self.kernel {
+            Kernel::Cpu { taps, bias } => self.forward_cpu(taps, bias, x, cache.as_ref(), zeros),
+            Kernel::Generic { weight, bias } => {
+                let xs = match &cache {
+                    Some(c) => Tensor::cat(&[c, x], 0)?,
+                    None => x.clone(),
+                };
+                self.forward_generic(weight, bias, &xs, zeros)
+            }
+        }
+    }
 
+    fn forward_cpu(
+        &self,
+        taps: &Tensor,
+        bias: &[f32],
+        x: &Tensor,
+        cache: Option<&Tensor>,
+        zeros: usize,
+    ) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        let x = x.contiguous()?;
+        let cache = cache.map(|t| t.contiguous()).transpose()?;
+        let (xg, xl) = x.storage_and_layout();
+        let xd = cpu_conv::cpu_f32(&xg, xl)?;
+        let cache_guard = cache.as_ref().map(|t| t.storage_and_layout());
+        let fsize = c * h * w;
+        let mut frames: Vec<&[f32]> = Vec::new();
+        if let Some((cg, cl)) = &cache_guard {
+            frames.extend(cpu_conv::cpu_f32(cg, cl)?.chunks(fsize));
+        }
+        frames.extend(xd.chunks(fsize));
+        let (tg, tl) = taps.storage_and_layout();
+        let g = cpu_conv::Geom {
+            c,
+            h,
+            w,
+            co: self.out_c,
+            kt: self.kt,
+            ks: self.ks,
+            pad: self.pad_s,
+            stride_t: self.stride_t,
+        };
+        cpu_conv::causal_conv(&frames, zeros, g, cpu_conv::cpu_f32(&tg, tl)?, bias)
+    }
+
+    /// candle conv2d per output frame over the window of `kt` frames seen as `kt·C` channels.
+    fn forward_generic(
+        &self,
+        weight: &Tensor,
+        bias: &Tensor,
+        xs: &Tensor,
+        zeros: usize,
+    ) -> Result<Tensor> {
+        let (frames, c, h, w) = xs.dims4()?;
+        let t_out = (zeros + frames - self.kt) / self.stride_t + 1;
         if self.kt == 1 {
             // Pointwise in time: all frames are one conv2d batch.
             let xs = if self.stride_t > 1 {
                 let idx: Vec<u32> = (0..t_out).map(|t| (t * self.stride_t) as u32).collect();
                 xs.index_select(&Tensor::new(idx.as_slice(), xs.device())?, 0)?
             } else {
-                xs
+                xs.clone()
             };
-            let y = xs.conv2d(&self.weight, self.pad_s, self.stride_s, 1, 1)?;
-            return y.broadcast_add(&self.bias);
+            let y = xs.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?;
+            return y.broadcast_add(bias);
         }
-
         let xs = xs.contiguous()?;
         let mut outs = Vec::with_capacity(t_out);
         for t in 0..t_out {
@@ -205,10 +303,9 @@ impl WanCausalConv3d {
             let r0 = w0 + k0 - zeros;
             let win = xs.narrow(0, r0, m)?.reshape((1, m * c, h, w))?;
             let y = if k0 == 0 {
-                win.conv2d(&self.weight, self.pad_s, self.stride_s, 1, 1)?
+                win.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?
             } else {
-                let wk = self
-                    .weight
+                let wk = weight
                     .narrow(1, k0 * self.in_c, m * self.in_c)?
                     .contiguous()?;
                 win.conv2d(&wk, self.pad_s, self.stride_s, 1, 1)?
@@ -221,7 +318,7 @@ impl WanCausalConv3d {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        y.broadcast_add(&self.bias)
+        y.broadcast_add(bias)
     }
 
     /// The cached-conv pattern of the reference (`WanResidualBlock`, `conv_in`, `conv_out`):
@@ -236,11 +333,6 @@ impl WanCausalConv3d {
         drop(prev);
         cache.put(Slot::Frames(next));
         Ok(y)
-    }
-
-    /// Dtype of the weights.
-    pub fn dtype(&self) -> DType {
-        self.weight.dtype()
     }
 
     /// Kernel size `(kt, ks)`.

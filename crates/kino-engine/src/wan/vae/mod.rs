@@ -18,6 +18,7 @@
 
 pub mod blocks;
 pub mod conv;
+pub mod cpu_conv;
 pub mod decoder;
 pub mod encoder;
 

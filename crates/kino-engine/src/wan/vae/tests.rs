@@ -41,6 +41,12 @@ fn check(name: &str, out: &Tensor, expected: &Tensor, tol: f64) {
 
 /// Runs the fixture run `component` of `case` through the public API.
 fn run_case(case: &str, component: &str) {
+    run_case_dtype(case, component, DType::F32)
+}
+
+/// [`run_case`] with the model in `dtype` (f64 and f16 take candle's conv2d path instead of
+/// the CPU f32 kernel).
+fn run_case_dtype(case: &str, component: &str, dtype: DType) {
     let (dir, c) = load_case(case);
     let run = c
         .runs
@@ -48,26 +54,21 @@ fn run_case(case: &str, component: &str) {
         .find(|r| r.component == component)
         .unwrap_or_else(|| panic!("{case} has no {component} run"));
     let dev = Device::Cpu;
-    let mut vae = AutoencoderKLWan::load(&dir.join(&run.model), DType::F32, &dev).unwrap();
+    let mut vae = AutoencoderKLWan::load(&dir.join(&run.model), dtype, &dev).unwrap();
     vae.set_tiling(run.tiling);
     let input = candle_core::safetensors::load(dir.join(&run.input), &dev).unwrap();
     let expected = candle_core::safetensors::load(dir.join(&run.expected), &dev).unwrap();
-    let name = format!("{case}/{component}");
+    let name = format!("{case}/{component} {dtype:?}");
+    let tol = if dtype == DType::F16 {
+        1e-2
+    } else {
+        run.tolerance
+    };
     match component {
         "vae-encode" | "vae-encode-tiled" => {
             let (mean, logvar) = vae.encode(&input["sample"]).unwrap();
-            check(
-                &format!("{name} mean"),
-                &mean,
-                &expected["mean"],
-                run.tolerance,
-            );
-            check(
-                &format!("{name} logvar"),
-                &logvar,
-                &expected["logvar"],
-                run.tolerance,
-            );
+            check(&format!("{name} mean"), &mean, &expected["mean"], tol);
+            check(&format!("{name} logvar"), &logvar, &expected["logvar"], tol);
             if run.tiling.is_some() {
                 vae.set_tiling(None);
                 let (plain, _) = vae.encode(&input["sample"]).unwrap();
@@ -84,7 +85,7 @@ fn run_case(case: &str, component: &str) {
                     Ok(())
                 })
                 .unwrap();
-            check(&name, &out, &expected["sample"], run.tolerance);
+            check(&name, &out, &expected["sample"], tol);
             let total = calls.last().map(|c| c.1).unwrap_or(0);
             assert!(total >= input["z"].dim(2).unwrap());
             assert_eq!(calls.len(), total, "progress called once per frame");
@@ -135,6 +136,19 @@ fn wan22_decode() {
 #[test]
 fn wan22_decode_tiled() {
     run_case("vae-wan22", "vae-decode-tiled");
+}
+
+#[test]
+fn generic_conv_path_f64() {
+    run_case_dtype("vae-wan21", "vae-decode", DType::F64);
+    run_case_dtype("vae-wan21", "vae-encode", DType::F64);
+    run_case_dtype("vae-wan22", "vae-decode", DType::F64);
+    run_case_dtype("vae-wan22", "vae-encode", DType::F64);
+}
+
+#[test]
+fn f16_runs_close() {
+    run_case_dtype("vae-wan22", "vae-decode", DType::F16);
 }
 
 fn wan21() -> AutoencoderKLWan {
