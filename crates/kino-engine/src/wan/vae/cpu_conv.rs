@@ -51,6 +51,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Runs the causal conv over `zeros` zero frames followed by the real `frames` (each
 /// `[C, H, W]`), with tap weights `taps` `[kt·ks·ks, Co, C]` and `bias` `[Co]`.
 /// Returns `[T_out, Co, H_out, W_out]`.
@@ -123,7 +130,6 @@ pub fn causal_conv(
     (0..t_out * tiles_per_frame)
         .into_par_iter()
         .for_each(|task| {
-            let out_ptr = out_ptr;
             let t = task / tiles_per_frame;
             let y0 = (task % tiles_per_frame) * rows;
             let nrows = rows.min(h_out - y0);
@@ -178,7 +184,7 @@ pub fn causal_conv(
                     // SAFETY: (t, o, y0 + r) is written by this task only, and the
                     // row lies inside `out` (t < t_out, o < co, y0 + r < h_out).
                     unsafe {
-                        let dst = std::slice::from_raw_parts_mut(out_ptr.0.add(d), w_out);
+                        let dst = std::slice::from_raw_parts_mut(out_ptr.get().add(d), w_out);
                         for (dv, sv) in dst.iter_mut().zip(s) {
                             *dv = sv + b;
                         }
