@@ -1,13 +1,13 @@
 //! `WanCausalConv3d` (diffusers `autoencoder_kl_wan.py`) and the causal feature cache
 //! (`feat_cache` / `feat_idx`, `CACHE_T`).
 //!
-//! Layout: inside the VAE every video is held per sample as `[T, C, H, W]` (frames first), so a
-//! frame is one contiguous `[C, H, W]` block. candle has no conv3d. On the CPU in f32 the
-//! causal conv runs as an implicit GEMM over the kernel taps ([`super::cpu_conv`]). Elsewhere
-//! each output frame is ONE candle conv2d whose input is the window of `kt` consecutive frames
-//! seen as `kt·C` channels (a zero-copy view of `[T, C, H, W]`), with the weight stored as
-//! `[out, kt·in, kh, kw]`. In both, taps that fall on the zero frames of the causal padding are
-//! left out of the sum instead of multiplying zeros.
+//! Layout: inside the VAE every video is held per sample channels-last as `[T, H, W, C]`, so a
+//! frame is one contiguous `[H, W, C]` block and the RMS norm is over the last dim. candle has
+//! no conv3d. On the CPU in f32 the causal conv runs in [`super::cpu_conv`] (a direct AVX-512
+//! kernel or an implicit GEMM). Elsewhere each output frame is ONE candle conv2d (NCHW) whose
+//! input is the window of `kt` consecutive frames seen as `kt·C` channels, with the weight
+//! stored as `[out, kt·in, kh, kw]`. In both, taps that fall on the zero frames of the causal
+//! padding are left out of the sum instead of multiplying zeros.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -61,14 +61,15 @@ impl FeatCache {
     }
 }
 
-/// The last `n` frames of `x` (`x[:, :, -n:]`), copied when that is only part of `x` so the
-/// cache does not keep the whole activation alive.
+/// The last `n` frames of `x` (`x[:, :, -n:]`), copied into their own storage when that is only
+/// part of `x`, so the cache does not keep the whole activation alive (`Tensor::copy` would
+/// clone the whole storage, and a contiguous view shares it).
 pub fn last_frames(x: &Tensor, n: usize) -> Result<Tensor> {
     let t = x.dim(0)?;
     if t <= n {
         Ok(x.clone())
     } else {
-        x.narrow(0, t - n, n)?.copy()
+        x.narrow(0, t - n, n)?.force_contiguous()
     }
 }
 
@@ -89,7 +90,7 @@ pub fn next_cache(x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
 /// How the conv runs: the CPU f32 implicit-GEMM kernel, or candle's conv2d elsewhere.
 #[derive(Debug, Clone)]
 enum Kernel {
-    /// Tap-major weights `[kt·ks·ks, out, in]` and the bias, for [`super::cpu_conv`].
+    /// Weights `[kt, ks, ks, in, out]` and the bias, for [`super::cpu_conv`].
     Cpu { taps: Tensor, bias: Vec<f32> },
     /// `[out, kt·in, ks, ks]` (taps `k` outermost in the channel dim: channel `k·in + c`) and
     /// the bias `[1, out, 1, 1]`.
@@ -131,7 +132,7 @@ impl WanCausalConv3d {
     }
 
     /// A stride-1 `nn.Conv2d(in, out, ks, padding=pad)` (weight `[out, in, ks, ks]`), run on
-    /// every frame of `[T, C, H, W]`.
+    /// every frame of `[T, H, W, C]`.
     pub fn conv2d(
         in_c: usize,
         out_c: usize,
@@ -154,11 +155,7 @@ impl WanCausalConv3d {
         let cpu = w.device().is_cpu() && w.dtype() == DType::F32 && stride.1 == 1;
         let kernel = if cpu {
             Kernel::Cpu {
-                taps: w.permute((2, 3, 4, 0, 1))?.contiguous()?.reshape((
-                    kt * ks * ks,
-                    out_c,
-                    in_c,
-                ))?,
+                taps: w.permute((2, 3, 4, 1, 0))?.contiguous()?,
                 bias: bias.to_vec1::<f32>()?,
             }
         } else {
@@ -199,9 +196,19 @@ impl WanCausalConv3d {
         self.out_c
     }
 
-    /// `forward(x, cache_x)` on `x: [T, C, H, W]`, giving `[T', out, H', W']`.
+    /// `forward(x, cache_x)` on `x: [T, H, W, C]`, giving `[T', H', W', out]`.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        let (_, c, _, _) = x.dims4()?;
+        self.forward_res(x, cache, None)
+    }
+
+    /// [`Self::forward`] plus `residual` (same shape as the output), fused on the CPU.
+    pub fn forward_res(
+        &self,
+        x: &Tensor,
+        cache: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, _, _, c) = x.dims4()?;
         if c != self.in_c {
             candle_core::bail!("causal conv expects {} channels, got {c}", self.in_c)
         }
@@ -227,13 +234,19 @@ impl WanCausalConv3d {
             )
         }
         match &self.kernel {
-            Kernel::Cpu { taps, bias } => self.forward_cpu(taps, bias, x, cache.as_ref(), zeros),
+            Kernel::Cpu { taps, bias } => {
+                self.forward_cpu(taps, bias, x, cache.as_ref(), zeros, residual)
+            }
             Kernel::Generic { weight, bias } => {
                 let xs = match &cache {
                     Some(c) => Tensor::cat(&[c, x], 0)?,
                     None => x.clone(),
                 };
-                self.forward_generic(weight, bias, &xs, zeros)
+                let y = self.forward_generic(weight, bias, &xs, zeros)?;
+                match residual {
+                    Some(r) => y + r,
+                    None => Ok(y),
+                }
             }
         }
     }
@@ -245,19 +258,26 @@ impl WanCausalConv3d {
         x: &Tensor,
         cache: Option<&Tensor>,
         zeros: usize,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (_, c, h, w) = x.dims4()?;
+        let (_, h, w, c) = x.dims4()?;
         let x = x.contiguous()?;
         let cache = cache.map(|t| t.contiguous()).transpose()?;
+        let residual = residual.map(|t| t.contiguous()).transpose()?;
         let (xg, xl) = x.storage_and_layout();
         let xd = cpu_conv::cpu_f32(&xg, xl)?;
         let cache_guard = cache.as_ref().map(|t| t.storage_and_layout());
-        let fsize = c * h * w;
+        let res_guard = residual.as_ref().map(|t| t.storage_and_layout());
+        let fsize = h * w * c;
         let mut frames: Vec<&[f32]> = Vec::new();
         if let Some((cg, cl)) = &cache_guard {
             frames.extend(cpu_conv::cpu_f32(cg, cl)?.chunks(fsize));
         }
         frames.extend(xd.chunks(fsize));
+        let res = match &res_guard {
+            Some((rg, rl)) => Some(cpu_conv::cpu_f32(rg, rl)?),
+            None => None,
+        };
         let (tg, tl) = taps.storage_and_layout();
         let g = cpu_conv::Geom {
             c,
@@ -269,10 +289,11 @@ impl WanCausalConv3d {
             pad: self.pad_s,
             stride_t: self.stride_t,
         };
-        cpu_conv::causal_conv(&frames, zeros, g, cpu_conv::cpu_f32(&tg, tl)?, bias)
+        cpu_conv::causal_conv(&frames, zeros, g, cpu_conv::cpu_f32(&tg, tl)?, bias, res)
     }
 
-    /// candle conv2d per output frame over the window of `kt` frames seen as `kt·C` channels.
+    /// candle conv2d (NCHW) per output frame over the window of `kt` frames seen as `kt·C`
+    /// channels; `xs` and the result are channels-last.
     fn forward_generic(
         &self,
         weight: &Tensor,
@@ -280,56 +301,61 @@ impl WanCausalConv3d {
         xs: &Tensor,
         zeros: usize,
     ) -> Result<Tensor> {
+        let xs = xs.permute((0, 3, 1, 2))?.contiguous()?;
         let (frames, c, h, w) = xs.dims4()?;
         let t_out = (zeros + frames - self.kt) / self.stride_t + 1;
-        if self.kt == 1 {
+        let y = if self.kt == 1 {
             // Pointwise in time: all frames are one conv2d batch.
             let xs = if self.stride_t > 1 {
                 let idx: Vec<u32> = (0..t_out).map(|t| (t * self.stride_t) as u32).collect();
                 xs.index_select(&Tensor::new(idx.as_slice(), xs.device())?, 0)?
             } else {
-                xs.clone()
+                xs
             };
-            let y = xs.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?;
-            return y.broadcast_add(bias);
-        }
-        let xs = xs.contiguous()?;
-        let mut outs = Vec::with_capacity(t_out);
-        for t in 0..t_out {
-            let w0 = t * self.stride_t;
-            // Taps that fall on the zero padding contribute nothing: leave them out.
-            let k0 = zeros.saturating_sub(w0);
-            let m = self.kt - k0;
-            let r0 = w0 + k0 - zeros;
-            let win = xs.narrow(0, r0, m)?.reshape((1, m * c, h, w))?;
-            let y = if k0 == 0 {
-                win.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?
-            } else {
-                let wk = weight
-                    .narrow(1, k0 * self.in_c, m * self.in_c)?
-                    .contiguous()?;
-                win.conv2d(&wk, self.pad_s, self.stride_s, 1, 1)?
-            };
-            outs.push(y);
-        }
-        let y = if outs.len() == 1 {
-            outs.pop()
-                .ok_or_else(|| candle_core::Error::Msg("no output".into()))?
+            xs.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?
         } else {
+            let mut outs = Vec::with_capacity(t_out);
+            for t in 0..t_out {
+                let w0 = t * self.stride_t;
+                // Taps that fall on the zero padding contribute nothing: leave them out.
+                let k0 = zeros.saturating_sub(w0);
+                let m = self.kt - k0;
+                let r0 = w0 + k0 - zeros;
+                let win = xs.narrow(0, r0, m)?.reshape((1, m * c, h, w))?;
+                let y = if k0 == 0 {
+                    win.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?
+                } else {
+                    let wk = weight
+                        .narrow(1, k0 * self.in_c, m * self.in_c)?
+                        .contiguous()?;
+                    win.conv2d(&wk, self.pad_s, self.stride_s, 1, 1)?
+                };
+                outs.push(y);
+            }
             Tensor::cat(&outs, 0)?
         };
-        y.broadcast_add(bias)
+        y.broadcast_add(bias)?.permute((0, 2, 3, 1))?.contiguous()
     }
 
     /// The cached-conv pattern of the reference (`WanResidualBlock`, `conv_in`, `conv_out`):
     /// compute the next cache from `x`, run the conv with the previous cache, store the new one.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
+        self.forward_cached_res(x, cache, None)
+    }
+
+    /// [`Self::forward_cached`] plus a fused residual.
+    pub fn forward_cached_res(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatCache,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let prev = match cache.take() {
             Some(Slot::Frames(t)) => Some(t),
             Some(Slot::Rep) | None => None,
         };
         let next = next_cache(x, prev.as_ref())?;
-        let y = self.forward(x, prev.as_ref())?;
+        let y = self.forward_res(x, prev.as_ref(), residual)?;
         drop(prev);
         cache.put(Slot::Frames(next));
         Ok(y)
