@@ -5,8 +5,8 @@
 //! Every `forward` takes one sample channels-last as `[T, H, W, C]` (see [`super::conv`]), so
 //! the reference's `permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)` around 2D ops is free here.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
 
 use super::conv::{last_frames, FeatCache, Slot, WanCausalConv3d, CACHE_T};
 use super::cpu_conv;
@@ -221,22 +221,15 @@ pub enum ResampleMode {
     Downsample3d,
 }
 
-/// The Conv2d of a [`WanResample`]: stride 1 after upsampling (run like a causal conv with
-/// one temporal tap), stride 2 for downsampling (candle's conv2d).
-#[derive(Debug, Clone)]
-enum ResampleConv {
-    Up(WanCausalConv3d),
-    Down(Conv2d),
-}
-
 /// `WanResample`: spatial ×2 up (nearest + conv) or down (zero-pad right/bottom + stride-2
 /// conv), with a causal time conv for the 3D modes (temporal ×2 up by channel split, or ×2
 /// down with a stride-2 (3,1,1) conv).
 #[derive(Debug, Clone)]
 pub struct WanResample {
     mode: ResampleMode,
-    /// `resample.1` (the Conv2d inside the reference's `nn.Sequential`).
-    conv: ResampleConv,
+    /// `resample.1`, the Conv2d inside the reference's `nn.Sequential` (run like a causal conv
+    /// with one temporal tap; for downsampling it includes the `ZeroPad2d((0, 1, 0, 1))`).
+    conv: WanCausalConv3d,
     time_conv: Option<WanCausalConv3d>,
 }
 
@@ -251,13 +244,7 @@ impl WanResample {
         let up_out = upsample_out_dim.unwrap_or(dim / 2);
         let (conv, time_conv) = match mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                let conv = ResampleConv::Up(WanCausalConv3d::conv2d(
-                    dim,
-                    up_out,
-                    3,
-                    1,
-                    vb.pp("resample").pp(1),
-                )?);
+                let conv = WanCausalConv3d::conv2d(dim, up_out, 3, 1, vb.pp("resample").pp(1))?;
                 let tc = if mode == ResampleMode::Upsample3d {
                     Some(WanCausalConv3d::new(
                         dim,
@@ -273,17 +260,7 @@ impl WanResample {
                 (conv, tc)
             }
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                let cfg = Conv2dConfig {
-                    stride: 2,
-                    ..Default::default()
-                };
-                let conv = ResampleConv::Down(candle_nn::conv2d(
-                    dim,
-                    dim,
-                    3,
-                    cfg,
-                    vb.pp("resample").pp(1),
-                )?);
+                let conv = WanCausalConv3d::conv2d_down(dim, dim, vb.pp("resample").pp(1))?;
                 let tc = if mode == ResampleMode::Downsample3d {
                     Some(WanCausalConv3d::new(
                         dim,
@@ -336,8 +313,8 @@ impl WanResample {
                 }
             }
         }
-        x = match &self.conv {
-            ResampleConv::Up(conv) => {
+        x = match self.mode {
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
                 // nearest-exact ×2 (each pixel repeated 2×2).
                 let (t, h, w, c) = x.dims4()?;
                 let up = x
@@ -345,16 +322,10 @@ impl WanResample {
                     .broadcast_as((t, h, 2, w, 2, c))?
                     .contiguous()?
                     .reshape((t, 2 * h, 2 * w, c))?;
-                conv.forward(&up, None)?
+                self.conv.forward(&up, None)?
             }
-            ResampleConv::Down(conv) => {
-                // ZeroPad2d((0, 1, 0, 1)) then the stride-2 conv, in NCHW for candle.
-                let padded = x
-                    .pad_with_zeros(1, 0, 1)?
-                    .pad_with_zeros(2, 0, 1)?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?;
-                conv.forward(&padded)?.permute((0, 2, 3, 1))?.contiguous()?
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
+                self.conv.forward(&x, None)?
             }
         };
         if let (ResampleMode::Downsample3d, Some(tc)) = (self.mode, &self.time_conv) {

@@ -111,7 +111,8 @@ pub struct WanCausalConv3d {
     stride_s: usize,
     /// Frames of causal padding in front (`2·padding_t`).
     pad_t: usize,
-    pad_s: usize,
+    /// Spatial zero padding `[top, bottom, left, right]`.
+    pad_s: [usize; 4],
 }
 
 impl WanCausalConv3d {
@@ -128,7 +129,7 @@ impl WanCausalConv3d {
         let (kt, ks) = kernel;
         let w = vb.get((out_c, in_c, kt, ks, ks), "weight")?;
         let bias = vb.get(out_c, "bias")?;
-        Self::from_weights(w, bias, stride, padding)
+        Self::from_weights(w, bias, stride, padding.0, [padding.1; 4])
     }
 
     /// A stride-1 `nn.Conv2d(in, out, ks, padding=pad)` (weight `[out, in, ks, ks]`), run on
@@ -142,17 +143,26 @@ impl WanCausalConv3d {
     ) -> Result<Self> {
         let w = vb.get((out_c, in_c, ks, ks), "weight")?.unsqueeze(2)?;
         let bias = vb.get(out_c, "bias")?;
-        Self::from_weights(w, bias, (1, 1), (0, pad))
+        Self::from_weights(w, bias, (1, 1), 0, [pad; 4])
+    }
+
+    /// The downsampling `nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(in, out, 3,
+    /// stride=2))` of `WanResample` as one conv (weight `[out, in, 3, 3]`).
+    pub fn conv2d_down(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get((out_c, in_c, 3, 3), "weight")?.unsqueeze(2)?;
+        let bias = vb.get(out_c, "bias")?;
+        Self::from_weights(w, bias, (1, 2), 0, [0, 1, 0, 1])
     }
 
     fn from_weights(
         w: Tensor,
         bias: Tensor,
         stride: (usize, usize),
-        padding: (usize, usize),
+        pad_t: usize,
+        pad_s: [usize; 4],
     ) -> Result<Self> {
         let (out_c, in_c, kt, ks, _) = w.dims5()?;
-        let cpu = w.device().is_cpu() && w.dtype() == DType::F32 && stride.1 == 1;
+        let cpu = w.device().is_cpu() && w.dtype() == DType::F32;
         let kernel = if cpu {
             Kernel::Cpu {
                 taps: w.permute((2, 3, 4, 1, 0))?.contiguous()?,
@@ -177,8 +187,8 @@ impl WanCausalConv3d {
             ks,
             stride_t: stride.0,
             stride_s: stride.1,
-            pad_t: 2 * padding.0,
-            pad_s: padding.1,
+            pad_t: 2 * pad_t,
+            pad_s,
         })
     }
 
@@ -288,6 +298,7 @@ impl WanCausalConv3d {
             ks: self.ks,
             pad: self.pad_s,
             stride_t: self.stride_t,
+            stride_s: self.stride_s,
         };
         cpu_conv::causal_conv(&frames, zeros, g, cpu_conv::cpu_f32(&tg, tl)?, bias, res)
     }
@@ -301,7 +312,14 @@ impl WanCausalConv3d {
         xs: &Tensor,
         zeros: usize,
     ) -> Result<Tensor> {
+        let [pt, pb, pl, pr] = self.pad_s;
         let xs = xs.permute((0, 3, 1, 2))?.contiguous()?;
+        // Symmetric padding goes to conv2d, anything else is applied first.
+        let (xs, pad) = if pt == pb && pl == pr && pt == pl {
+            (xs, pt)
+        } else {
+            (xs.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?, 0)
+        };
         let (frames, c, h, w) = xs.dims4()?;
         let t_out = (zeros + frames - self.kt) / self.stride_t + 1;
         let y = if self.kt == 1 {
@@ -312,7 +330,7 @@ impl WanCausalConv3d {
             } else {
                 xs
             };
-            xs.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?
+            xs.conv2d(weight, pad, self.stride_s, 1, 1)?
         } else {
             let mut outs = Vec::with_capacity(t_out);
             for t in 0..t_out {
@@ -323,12 +341,12 @@ impl WanCausalConv3d {
                 let r0 = w0 + k0 - zeros;
                 let win = xs.narrow(0, r0, m)?.reshape((1, m * c, h, w))?;
                 let y = if k0 == 0 {
-                    win.conv2d(weight, self.pad_s, self.stride_s, 1, 1)?
+                    win.conv2d(weight, pad, self.stride_s, 1, 1)?
                 } else {
                     let wk = weight
                         .narrow(1, k0 * self.in_c, m * self.in_c)?
                         .contiguous()?;
-                    win.conv2d(&wk, self.pad_s, self.stride_s, 1, 1)?
+                    win.conv2d(&wk, pad, self.stride_s, 1, 1)?
                 };
                 outs.push(y);
             }

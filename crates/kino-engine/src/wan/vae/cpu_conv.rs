@@ -28,9 +28,11 @@ pub struct Geom {
     /// Temporal taps and spatial kernel size (square).
     pub kt: usize,
     pub ks: usize,
-    /// Spatial zero padding (each side).
-    pub pad: usize,
+    /// Spatial zero padding `[top, bottom, left, right]`.
+    pub pad: [usize; 4],
     pub stride_t: usize,
+    /// Spatial stride (same for rows and columns).
+    pub stride_s: usize,
 }
 
 /// The f32 data of a contiguous CPU tensor.
@@ -95,9 +97,18 @@ pub fn causal_conv(
         ks,
         pad,
         stride_t,
+        stride_s,
     } = g;
-    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-    if hp < ks || wp < ks || zeros + frames.len() < kt || stride_t == 0 || c == 0 || co == 0 {
+    let [pt, pb, pl, pr] = pad;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    if hp < ks
+        || wp < ks
+        || zeros + frames.len() < kt
+        || stride_t == 0
+        || stride_s == 0
+        || c == 0
+        || co == 0
+    {
         candle_core::bail!("cpu conv: input too small for the kernel")
     }
     if taps.len() != kt * ks * ks * c * co || bias.len() != co {
@@ -106,7 +117,7 @@ pub fn causal_conv(
     if frames.iter().any(|f| f.len() != h * w * c) {
         candle_core::bail!("cpu conv: frame size does not match the geometry")
     }
-    let (h_out, w_out) = (hp + 1 - ks, wp + 1 - ks);
+    let (h_out, w_out) = ((hp - ks) / stride_s + 1, (wp - ks) / stride_s + 1);
     let t_out = (zeros + frames.len() - kt) / stride_t + 1;
     let out_len = t_out * h_out * w_out * co;
     if residual.is_some_and(|r| r.len() != out_len) {
@@ -135,20 +146,21 @@ pub fn causal_conv(
             let nrows = rows.min(h_out - y0);
             let w0 = t * stride_t;
             let k0 = zeros.saturating_sub(w0).min(kt);
-            // Scratch band: [kt - k0][band rows][wp][c], zero outside the input.
-            let band = nrows + ks - 1;
+            // Scratch band: [kt - k0][band rows][wp][c], zero outside the input. Output row
+            // y0 + r reads band rows r·stride + dy.
+            let band = (nrows - 1) * stride_s + ks;
             let fstride = band * wp * c;
             let mut scratch = vec![0f32; (kt - k0) * fstride];
             for a in k0..kt {
                 let fr = frames[w0 + a - zeros];
                 let dst = &mut scratch[(a - k0) * fstride..][..fstride];
                 for r in 0..band {
-                    let yi = (y0 + r) as isize - pad as isize;
+                    let yi = (y0 * stride_s + r) as isize - pt as isize;
                     if yi < 0 || yi >= h as isize {
                         continue;
                     }
                     let yi = yi as usize;
-                    dst[(r * wp + pad) * c..][..w * c].copy_from_slice(&fr[yi * w * c..][..w * c]);
+                    dst[(r * wp + pl) * c..][..w * c].copy_from_slice(&fr[yi * w * c..][..w * c]);
                 }
             }
             let out_base = t * h_out * w_out * co;
@@ -203,17 +215,25 @@ struct TaskCtx<'a> {
 /// One output row by implicit GEMM: for each (temporal tap, kernel row) one `gemm` with
 /// `K = ks·C` (the `dx` taps and channels are contiguous in a channels-last row).
 fn gemm_row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
-    let Geom { c, co, kt, ks, .. } = ctx.g;
+    let Geom {
+        c,
+        co,
+        kt,
+        ks,
+        stride_s,
+        ..
+    } = ctx.g;
     let (wp, w_out) = (ctx.wp, ctx.w_out);
     let n = w_out;
     let mut tile = vec![0f32; n * co];
     let mut first = true;
     for a in ctx.k0..kt {
         for dy in 0..ks {
-            let x = &ctx.scratch[((a - ctx.k0) * ctx.band + r + dy) * wp * c..][..wp * c];
+            let row = ((a - ctx.k0) * ctx.band + r * stride_s + dy) * wp * c;
+            let x = &ctx.scratch[row..][..wp * c];
             let wt = &ctx.taps[(a * ks + dy) * ks * c * co..][..ks * c * co];
-            // dst[o, p] at p·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, p] at p·c + kk.
-            // Last rhs element: (n − 1)·c + ks·c − 1 = (w_out + ks − 1)·c − 1 = wp·c − 1.
+            // dst[o, p] at p·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, p] at p·s·c + kk.
+            // Last rhs element: ((n − 1)·s + ks)·c − 1 ≤ wp·c − 1.
             // SAFETY: all three operands stay inside the slices above.
             unsafe {
                 gemm::gemm(
@@ -228,7 +248,7 @@ fn gemm_row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
                     co as isize,
                     1,
                     x.as_ptr(),
-                    c as isize,
+                    (stride_s * c) as isize,
                     1,
                     1.0f32,
                     1.0f32,
@@ -268,9 +288,10 @@ mod avx512 {
     use super::{Geom, TaskCtx, MAX_TAPS};
 
     /// Per-tap input pointers (at pixel 0 of the row band, channel 0) and weight pointers
-    /// (at input channel 0, output channel 0).
+    /// (at input channel 0, output channel 0); `ps` is the input stride between output pixels.
     struct Taps {
         n: usize,
+        ps: usize,
         x: [*const f32; MAX_TAPS],
         w: [*const f32; MAX_TAPS],
     }
@@ -296,13 +317,13 @@ mod avx512 {
             ) {
                 $( let mut $a = _mm512_setzero_ps(); let mut $b = _mm512_setzero_ps(); )*
                 for t in 0..taps.n {
-                    let mut xp = taps.x[t].wrapping_add(x0.wrapping_mul(c));
+                    let mut xp = taps.x[t].wrapping_add(x0.wrapping_mul(taps.ps));
                     let mut wp = taps.w[t].wrapping_add(o0);
                     for _ in 0..c {
                         let w0 = _mm512_loadu_ps(wp);
                         let w1 = _mm512_loadu_ps(wp.wrapping_add(16));
                         $(
-                            let v = _mm512_set1_ps(*xp.wrapping_add(c.wrapping_mul($j)));
+                            let v = _mm512_set1_ps(*xp.wrapping_add(taps.ps.wrapping_mul($j)));
                             $a = _mm512_fmadd_ps(v, w0, $a);
                             $b = _mm512_fmadd_ps(v, w1, $b);
                         )*
@@ -344,12 +365,12 @@ mod avx512 {
             ) {
                 $( let mut $a = _mm512_setzero_ps(); )*
                 for t in 0..taps.n {
-                    let mut xp = taps.x[t].wrapping_add(x0.wrapping_mul(c));
+                    let mut xp = taps.x[t].wrapping_add(x0.wrapping_mul(taps.ps));
                     let mut wp = taps.w[t].wrapping_add(o0);
                     for _ in 0..c {
                         let w0 = _mm512_loadu_ps(wp);
                         $(
-                            let v = _mm512_set1_ps(*xp.wrapping_add(c.wrapping_mul($j)));
+                            let v = _mm512_set1_ps(*xp.wrapping_add(taps.ps.wrapping_mul($j)));
                             $a = _mm512_fmadd_ps(v, w0, $a);
                         )*
                         xp = xp.wrapping_add(1);
@@ -388,12 +409,13 @@ mod avx512 {
         let (mut a6, mut a7, mut a8, mut a9, mut a10, mut a11) = (z, z, z, z, z, z);
         let (mut b0, mut b1, mut b2, mut b3, mut b4, mut b5) = (z, z, z, z, z, z);
         let (mut b6, mut b7, mut b8, mut b9, mut b10, mut b11) = (z, z, z, z, z, z);
-        let cs = c * 4;
+        let ps = taps.ps;
+        let cs = ps * 4;
         for t in 0..taps.n {
-            let p0 = taps.x[t].wrapping_add(x0 * c);
+            let p0 = taps.x[t].wrapping_add(x0 * ps);
             let wp = taps.w[t].wrapping_add(o0);
-            // Pixel j of 12 sits at p0 + j·cs bytes: bases p0, p0 + 4cs, p0 + 8cs, each with
-            // offsets 0, cs, 2cs, 3cs.
+            // Pixel j of 12 sits at p0 + j·cs bytes (cs = 4·ps): bases p0, p0 + 4cs, p0 + 8cs,
+            // each with offsets 0, cs, 2cs, 3cs.
             std::arch::asm!(
                 "2:",
                 "vmovups {w0}, zmmword ptr [{wp}]",
@@ -441,8 +463,8 @@ mod avx512 {
                 "dec {n}",
                 "jnz 2b",
                 p0 = inout(reg) p0 => _,
-                p1 = inout(reg) p0.wrapping_add(4 * c) => _,
-                p2 = inout(reg) p0.wrapping_add(8 * c) => _,
+                p1 = inout(reg) p0.wrapping_add(4 * ps) => _,
+                p2 = inout(reg) p0.wrapping_add(8 * ps) => _,
                 wp = inout(reg) wp => _,
                 n = inout(reg) c => _,
                 cs = in(reg) cs,
@@ -538,17 +560,25 @@ mod avx512 {
     /// AVX-512F must be available; `ctx` must describe the scratch band and weights.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
-        let Geom { c, co, kt, ks, .. } = ctx.g;
+        let Geom {
+            c,
+            co,
+            kt,
+            ks,
+            stride_s,
+            ..
+        } = ctx.g;
         let (wp, w_out) = (ctx.wp, ctx.w_out);
         let mut taps = Taps {
             n: 0,
+            ps: stride_s * c,
             x: [std::ptr::null(); MAX_TAPS],
             w: [std::ptr::null(); MAX_TAPS],
         };
         for a in ctx.k0..kt {
             for dy in 0..ks {
                 for dx in 0..ks {
-                    let xo = (((a - ctx.k0) * ctx.band + r + dy) * wp + dx) * c;
+                    let xo = (((a - ctx.k0) * ctx.band + r * stride_s + dy) * wp + dx) * c;
                     let wo = ((a * ks + dy) * ks + dx) * c * co;
                     taps.x[taps.n] = ctx.scratch.as_ptr().add(xo);
                     taps.w[taps.n] = ctx.taps.as_ptr().add(wo);

@@ -198,6 +198,53 @@ fn cpu_conv_matches_generic() {
         let err = rel_error(&fused, &(fast + &res).unwrap()).unwrap();
         assert!(err < 1e-6, "case {i} residual: {err}");
     }
+    // The stride-2 downsampling conv with its (0, 1, 0, 1) zero padding.
+    for (i, &(c, co, h, w)) in [
+        (8, 32, 8, 30),
+        (16, 48, 9, 13),
+        (5, 12, 4, 6),
+        (16, 16, 3, 3),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let wt = Tensor::randn(0f32, 0.3, (co, c, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, co, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, h, w, c), &dev).unwrap();
+        let build = |dtype: DType| {
+            let t = HashMap::from([
+                ("weight".to_string(), wt.clone()),
+                ("bias".to_string(), b.clone()),
+            ]);
+            let vb = VarBuilder::from_tensors(t, dtype, &dev);
+            WanCausalConv3d::conv2d_down(c, co, vb).unwrap()
+        };
+        let fast = build(DType::F32).forward(&x, None).unwrap();
+        let slow = build(DType::F64)
+            .forward(&x.to_dtype(DType::F64).unwrap(), None)
+            .unwrap();
+        // Reference: ZeroPad2d((0, 1, 0, 1)) then a stride-2 conv, in NCHW.
+        let nchw = x.permute((0, 3, 1, 2)).unwrap();
+        let padded = nchw
+            .pad_with_zeros(2, 0, 1)
+            .unwrap()
+            .pad_with_zeros(3, 0, 1)
+            .unwrap();
+        let reference = padded
+            .conv2d(&wt, 0, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let err = rel_error(&fast, &reference).unwrap();
+        let err64 = rel_error(&slow, &reference.to_dtype(DType::F64).unwrap()).unwrap();
+        println!(
+            "down case {i}: out {:?} rel error {err:.2e} / f64 path {err64:.2e}",
+            fast.dims()
+        );
+        assert!(err < 1e-5 && err64 < 1e-5, "down case {i}: {err} {err64}");
+    }
 }
 
 fn wan21() -> AutoencoderKLWan {
