@@ -87,7 +87,7 @@ pub fn next_cache(x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// How the conv runs: the CPU f32 implicit-GEMM kernel, or candle's conv2d elsewhere.
+/// How the conv runs: the CPU f32 kernels of [`super::cpu_conv`], or candle's conv2d elsewhere.
 #[derive(Debug, Clone)]
 enum Kernel {
     /// Weights `[kt, ks, ks, in, out]` and the bias, for [`super::cpu_conv`].
@@ -99,7 +99,7 @@ enum Kernel {
 
 /// `WanCausalConv3d`: a Conv3d whose temporal padding (`2·padding_t`) is all in front, with the
 /// cached frames of the previous chunk taking the place of that padding. Also used for the
-/// stride-1 `nn.Conv2d`s of the VAE (one temporal tap, frames as the batch).
+/// `nn.Conv2d`s of `WanResample` (one temporal tap, frames as the batch).
 #[derive(Debug, Clone)]
 pub struct WanCausalConv3d {
     kernel: Kernel,
