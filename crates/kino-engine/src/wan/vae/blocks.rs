@@ -2,20 +2,23 @@
 //! `WanRMS_norm`, `WanResidualBlock`, `WanAttentionBlock`, `WanMidBlock`, `WanResample`,
 //! `AvgDown3D`, `DupUp3D`, `WanResidualDownBlock`, `WanResidualUpBlock`, `WanUpBlock`.
 //!
-//! Every `forward` takes one sample as `[T, C, H, W]` (see [`super::conv`]), so the reference's
-//! `permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)` around 2D ops is free here.
+//! Every `forward` takes one sample channels-last as `[T, H, W, C]` (see [`super::conv`]), so
+//! the reference's `permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)` around 2D ops is free here.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
 
 use super::conv::{last_frames, FeatCache, Slot, WanCausalConv3d, CACHE_T};
+use super::cpu_conv;
 
 /// `WanRMS_norm`: `F.normalize(x, dim=channels) * dim**0.5 * gamma` (no bias in the VAE).
 /// The normalisation runs in f32 for half-precision inputs, as in the reference.
 #[derive(Debug, Clone)]
 pub struct WanRmsNorm {
-    /// `gamma · sqrt(dim)`, shaped `[dim, 1, 1]` to broadcast over `[T, C, H, W]`.
+    /// `gamma · sqrt(dim)`, shaped `[dim]` to broadcast over `[T, H, W, C]`.
     gamma: Tensor,
+    /// The same as f32 values, for the fused CPU kernel.
+    gamma_cpu: Option<Vec<f32>>,
 }
 
 impl WanRmsNorm {
@@ -24,10 +27,15 @@ impl WanRmsNorm {
         let gamma = if images {
             vb.get((dim, 1, 1), "gamma")?
         } else {
-            vb.get((dim, 1, 1, 1), "gamma")?.reshape((dim, 1, 1))?
+            vb.get((dim, 1, 1, 1), "gamma")?
         };
-        let gamma = (gamma * (dim as f64).sqrt())?;
-        Ok(Self { gamma })
+        let gamma = (gamma.reshape(dim)? * (dim as f64).sqrt())?;
+        let gamma_cpu = if gamma.device().is_cpu() && gamma.dtype() == DType::F32 {
+            Some(gamma.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        Ok(Self { gamma, gamma_cpu })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -38,9 +46,19 @@ impl WanRmsNorm {
             x.to_dtype(DType::F32)?
         };
         // F.normalize: x / max(||x||_2, 1e-12) over the channel dim.
-        let norm = xf.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?;
+        let norm = xf.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
         let normalized = xf.broadcast_div(&norm)?.to_dtype(dtype)?;
         normalized.broadcast_mul(&self.gamma)
+    }
+
+    /// `silu(norm(x))`, fused into one pass on the CPU in f32.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.gamma_cpu {
+            Some(g) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                cpu_conv::rms_norm_silu(&x.contiguous()?, g)
+            }
+            _ => self.forward(x)?.silu(),
+        }
     }
 }
 
@@ -80,11 +98,12 @@ impl WanResidualBlock {
             Some(c) => c.forward(x, None)?,
             None => x.clone(),
         };
-        let x = self.norm1.forward(x)?.silu()?;
-        let x = self.conv1.forward_cached(&x, cache)?;
-        let x = self.norm2.forward(&x)?.silu()?;
-        let x = self.conv2.forward_cached(&x, cache)?;
-        x + h
+        // Each step replaces `y`, so every intermediate is freed as soon as it is used.
+        let mut y = self.norm1.forward_silu(x)?;
+        y = self.conv1.forward_cached(&y, cache)?;
+        y = self.norm2.forward_silu(&y)?;
+        // `conv2(y) + h`, the residual added as the conv output is stored.
+        self.conv2.forward_cached_res(&y, cache, Some(&h))
     }
 }
 
@@ -97,55 +116,70 @@ const ATTN_SCORE_ELEMS: usize = 1 << 26;
 #[derive(Debug, Clone)]
 pub struct WanAttentionBlock {
     norm: WanRmsNorm,
-    to_qkv: Conv2d,
-    proj: Conv2d,
+    /// 1×1 convs as linear maps: `[in, out]` weights (transposed) and `[out]` biases.
+    qkv_w: Tensor,
+    qkv_b: Tensor,
+    proj_w: Tensor,
+    proj_b: Tensor,
     dim: usize,
 }
 
 impl WanAttentionBlock {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig::default();
+        let lin = |out: usize, name: &str| -> Result<(Tensor, Tensor)> {
+            let w = vb.pp(name).get((out, dim, 1, 1), "weight")?;
+            let b = vb.pp(name).get(out, "bias")?;
+            Ok((w.reshape((out, dim))?.t()?.contiguous()?, b))
+        };
+        let (qkv_w, qkv_b) = lin(dim * 3, "to_qkv")?;
+        let (proj_w, proj_b) = lin(dim, "proj")?;
         Ok(Self {
             norm: WanRmsNorm::new(dim, true, vb.pp("norm"))?,
-            to_qkv: candle_nn::conv2d(dim, dim * 3, 1, cfg, vb.pp("to_qkv"))?,
-            proj: candle_nn::conv2d(dim, dim, 1, cfg, vb.pp("proj"))?,
+            qkv_w,
+            qkv_b,
+            proj_w,
+            proj_b,
             dim,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, c, h, w) = x.dims4()?;
+        let (t, h, w, c) = x.dims4()?;
         let hw = h * w;
-        let qkv = self
-            .to_qkv
-            .forward(&self.norm.forward(x)?)?
-            .reshape((t, 3 * c, hw))?;
-        // Channel-major q, k, v: [T, C, HW].
-        let q = qkv.narrow(1, 0, c)?;
-        let k = qkv.narrow(1, c, c)?.contiguous()?;
-        let v = qkv.narrow(1, 2 * c, c)?.contiguous()?;
+        let xn = self.norm.forward(x)?.reshape((t * hw, c))?;
+        let qkv = xn
+            .matmul(&self.qkv_w)?
+            .broadcast_add(&self.qkv_b)?
+            .reshape((t, hw, 3 * c))?;
+        // [T, HW, C] each (rows strided by 3C).
+        let q = qkv.narrow(2, 0, c)?;
+        let k = qkv.narrow(2, c, c)?.contiguous()?;
+        let v = qkv.narrow(2, 2 * c, c)?.contiguous()?;
+        let kt = k.t()?;
         let scale = 1.0 / (self.dim as f64).sqrt();
         let rows = (ATTN_SCORE_ELEMS / (t * hw).max(1)).clamp(1, hw);
         let mut outs = Vec::new();
         let mut start = 0;
         while start < hw {
             let n = rows.min(hw - start);
-            // [T, n, C] · [T, C, HW] → scores [T, n, HW]
-            let qi = q.narrow(2, start, n)?.transpose(1, 2)?.contiguous()?;
-            let scores = (qi.matmul(&k)? * scale)?;
+            let qi = q.narrow(1, start, n)?.contiguous()?;
+            let scores = (qi.matmul(&kt)? * scale)?;
             let attn = candle_nn::ops::softmax_last_dim(&scores)?;
             drop(scores);
-            // [T, C, HW] · [T, HW, n] → [T, C, n]
-            outs.push(v.matmul(&attn.t()?)?);
+            outs.push(attn.matmul(&v)?);
             start += n;
         }
         let o = if outs.len() == 1 {
             outs.remove(0)
         } else {
-            Tensor::cat(&outs, 2)?
+            Tensor::cat(&outs, 1)?
         };
-        let o = o.reshape((t, c, h, w))?;
-        self.proj.forward(&o)? + x
+        let o = o
+            .reshape((t * hw, c))?
+            .matmul(&self.proj_w)?
+            .broadcast_add(&self.proj_b)?
+            .reshape((t, h, w, c))?;
+        o + x
     }
 }
 
@@ -193,8 +227,9 @@ pub enum ResampleMode {
 #[derive(Debug, Clone)]
 pub struct WanResample {
     mode: ResampleMode,
-    /// `resample.1` (the Conv2d inside the reference's `nn.Sequential`).
-    conv: Conv2d,
+    /// `resample.1`, the Conv2d inside the reference's `nn.Sequential` (run like a causal conv
+    /// with one temporal tap; for downsampling it includes the `ZeroPad2d((0, 1, 0, 1))`).
+    conv: WanCausalConv3d,
     time_conv: Option<WanCausalConv3d>,
 }
 
@@ -209,11 +244,7 @@ impl WanResample {
         let up_out = upsample_out_dim.unwrap_or(dim / 2);
         let (conv, time_conv) = match mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                let cfg = Conv2dConfig {
-                    padding: 1,
-                    ..Default::default()
-                };
-                let conv = candle_nn::conv2d(dim, up_out, 3, cfg, vb.pp("resample").pp(1))?;
+                let conv = WanCausalConv3d::conv2d(dim, up_out, 3, 1, vb.pp("resample").pp(1))?;
                 let tc = if mode == ResampleMode::Upsample3d {
                     Some(WanCausalConv3d::new(
                         dim,
@@ -229,11 +260,7 @@ impl WanResample {
                 (conv, tc)
             }
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                let cfg = Conv2dConfig {
-                    stride: 2,
-                    ..Default::default()
-                };
-                let conv = candle_nn::conv2d(dim, dim, 3, cfg, vb.pp("resample").pp(1))?;
+                let conv = WanCausalConv3d::conv2d_down(dim, dim, vb.pp("resample").pp(1))?;
                 let tc = if mode == ResampleMode::Downsample3d {
                     Some(WanCausalConv3d::new(
                         dim,
@@ -276,20 +303,29 @@ impl WanResample {
                     };
                     drop(prev);
                     cache.put(Slot::Frames(cache_x));
-                    // [T, 2C, H, W] with channels (j, c) → frames 2t + j: a free reshape.
-                    let (t, c2, h, w) = y.dims4()?;
-                    x = y.reshape((t * 2, c2 / 2, h, w))?;
+                    // [T, H, W, 2C] with channels (j, c) → frames 2t + j.
+                    let (t, h, w, c2) = y.dims4()?;
+                    x = y
+                        .reshape((t, h, w, 2, c2 / 2))?
+                        .permute((0, 3, 1, 2, 4))?
+                        .contiguous()?
+                        .reshape((t * 2, h, w, c2 / 2))?;
                 }
             }
         }
         x = match self.mode {
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                let (_, _, h, w) = x.dims4()?;
-                self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+                // nearest-exact ×2 (each pixel repeated 2×2).
+                let (t, h, w, c) = x.dims4()?;
+                let up = x
+                    .reshape((t, h, 1, w, 1, c))?
+                    .broadcast_as((t, h, 2, w, 2, c))?
+                    .contiguous()?
+                    .reshape((t, 2 * h, 2 * w, c))?;
+                self.conv.forward(&up, None)?
             }
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-                self.conv.forward(&padded)?
+                self.conv.forward(&x, None)?
             }
         };
         if let (ResampleMode::Downsample3d, Some(tc)) = (self.mode, &self.time_conv) {
@@ -338,7 +374,7 @@ impl AvgDown3D {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, c, h, w) = x.dims4()?;
+        let (t, h, w, c) = x.dims4()?;
         let (ft, fs) = (self.factor_t, self.factor_s);
         let pad = (ft - t % ft) % ft;
         let x = if pad > 0 {
@@ -347,13 +383,14 @@ impl AvgDown3D {
             x.clone()
         };
         let t2 = (t + pad) / ft;
-        // Reference channel order (c, ft, fs_h, fs_w): [T', ft, C, H', fs, W', fs] → [T', C, ft, fs, fs, H', W'].
+        // Reference channel order (c, ft, fs_h, fs_w):
+        // [T', ft, H', fs, W', fs, C] → [T', H', W', C, ft, fs, fs].
         let x = x
-            .reshape(vec![t2, ft, c, h / fs, fs, w / fs, fs])?
-            .permute(vec![0, 2, 1, 4, 6, 3, 5])?
+            .reshape(vec![t2, ft, h / fs, fs, w / fs, fs, c])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5])?
             .contiguous()?
-            .reshape((t2, self.out_c, self.group, h / fs, w / fs))?;
-        x.mean(2)
+            .reshape((t2, h / fs, w / fs, self.out_c, self.group))?;
+        x.mean(4)
     }
 }
 
@@ -384,18 +421,17 @@ impl DupUp3D {
     }
 
     pub fn forward(&self, x: &Tensor, first_chunk: bool) -> Result<Tensor> {
-        let (t, c, h, w) = x.dims4()?;
+        let (t, h, w, c) = x.dims4()?;
         let (ft, fs) = (self.factor_t, self.factor_s);
-        // repeat_interleave over channels: [T, C, r, H, W].
+        // repeat_interleave over channels: [T, H, W, C, r], then channels (out, ft, fs, fs)
+        // → [T, ft, H, fs, W, fs, out].
         let x = x
-            .unsqueeze(2)?
-            .broadcast_as((t, c, self.repeats, h, w))?
+            .unsqueeze(4)?
+            .broadcast_as((t, h, w, c, self.repeats))?
+            .reshape(vec![t, h, w, self.out_c, ft, fs, fs])?
+            .permute(vec![0, 4, 1, 5, 2, 6, 3])?
             .contiguous()?
-            .reshape(vec![t, self.out_c, ft, fs, fs, h, w])?
-            // → [T, ft, out, H, fs, W, fs]
-            .permute(vec![0, 2, 1, 5, 3, 6, 4])?
-            .contiguous()?
-            .reshape((t * ft, self.out_c, h * fs, w * fs))?;
+            .reshape((t * ft, h * fs, w * fs, self.out_c))?;
         if first_chunk && ft > 1 {
             x.narrow(0, ft - 1, t * ft - (ft - 1))
         } else {

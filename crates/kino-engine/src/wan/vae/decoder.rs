@@ -87,17 +87,18 @@ impl WanDecoder3d {
         })
     }
 
-    /// One latent chunk `[T, Z, H, W]` (one frame in practice) with the feature cache.
+    /// One latent chunk `[T, H, W, Z]` (one frame in practice) with the feature cache.
     pub fn forward(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Result<Tensor> {
-        let x = self.conv_in.forward_cached(x, cache)?;
-        let mut x = self.mid_block.forward(&x, cache)?;
+        // `x` is reassigned (not shadowed) so each intermediate is freed once used.
+        let mut x = self.conv_in.forward_cached(x, cache)?;
+        x = self.mid_block.forward(&x, cache)?;
         for up in &self.up_blocks {
             x = match up {
                 UpLayer::Up(u) => u.forward(&x, cache)?,
                 UpLayer::ResidualUp(u) => u.forward(&x, cache, first_chunk)?,
             };
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }

@@ -100,7 +100,7 @@ impl WanEncoder3d {
         })
     }
 
-    /// One chunk `[T, C, H, W]` with the feature cache of the previous chunks.
+    /// One chunk `[T, H, W, C]` with the feature cache of the previous chunks.
     pub fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Result<Tensor> {
         let mut x = self.conv_in.forward_cached(x, cache)?;
         for layer in &self.down_blocks {
@@ -110,8 +110,8 @@ impl WanEncoder3d {
                 DownLayer::ResidualDown(r) => r.forward(&x, cache)?,
             };
         }
-        let x = self.mid_block.forward(&x, cache)?;
-        let x = self.norm_out.forward(&x)?.silu()?;
+        x = self.mid_block.forward(&x, cache)?;
+        x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward_cached(&x, cache)
     }
 }

@@ -13,11 +13,12 @@
 //! frames through the causal feature cache (`_encode`); decode runs one latent frame at a time
 //! (`_decode`, `first_chunk` for frame 0), so memory does not grow with the frame count beyond
 //! the output itself; `tiled_decode` / `tiled_encode` with `blend_v` / `blend_h` when tiling is
-//! set. Internally every sample is held as `[T, C, H, W]`; inputs and outputs use the
-//! reference layout `[B, C, F, H, W]`.
+//! set. Internally every sample is held channels-last as `[T, H, W, C]`; inputs and outputs
+//! use the reference layout `[B, C, F, H, W]`.
 
 pub mod blocks;
 pub mod conv;
+pub mod cpu_conv;
 pub mod decoder;
 pub mod encoder;
 
@@ -389,33 +390,46 @@ impl AutoencoderKLWan {
 
     // ---------------------------------------------------------------- layout helpers
 
-    /// One sample `[C, F, H, W]` → patchified frames `[F, C·p², H/p, W/p]` (reference
-    /// `patchify`: channel `(c·p + pw)·p + ph`).
+    /// One sample `[C, F, H, W]` → patchified channels-last frames `[F, H/p, W/p, C·p²]`
+    /// (reference `patchify`: channel `(c·p + pw)·p + ph`).
     fn sample_to_frames(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.config.patch();
         let (c, f, h, w) = x.dims4()?;
         if p == 1 {
-            return x.permute((1, 0, 2, 3))?.contiguous();
+            return x.permute((1, 2, 3, 0))?.contiguous();
         }
+        // [C, F, h, ph, w, pw] → [F, h, w, C, pw, ph]
         x.reshape(vec![c, f, h / p, p, w / p, p])?
-            .permute(vec![1, 0, 5, 3, 2, 4])?
+            .permute(vec![1, 2, 4, 0, 5, 3])?
             .contiguous()?
-            .reshape((f, c * p * p, h / p, w / p))
+            .reshape((f, h / p, w / p, c * p * p))
     }
 
-    /// Patchified frames `[T, C·p², h, w]` → one sample `[C, T, h·p, w·p]` (reference
-    /// `unpatchify`).
+    /// Patchified channels-last frames `[T, h, w, C·p²]` → one sample `[C, T, h·p, w·p]`
+    /// (reference `unpatchify`).
     fn frames_to_sample(&self, y: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.config.patch();
-        let (t, cp, h, w) = y.dims4()?;
+        let (t, h, w, cp) = y.dims4()?;
         if p == 1 {
-            return y.permute((1, 0, 2, 3))?.contiguous();
+            return y.permute((3, 0, 1, 2))?.contiguous();
         }
         let c = cp / (p * p);
-        y.reshape(vec![t, c, p, p, h, w])?
-            .permute(vec![1, 0, 4, 3, 5, 2])?
+        // [T, h, w, C, pw, ph] → [C, T, h, ph, w, pw]
+        y.reshape(vec![t, h, w, c, p, p])?
+            .permute(vec![3, 0, 1, 5, 2, 4])?
             .contiguous()?
             .reshape((c, t, h * p, w * p))
+    }
+
+    /// Channels-last frames `[T, h, w, C]` → `[C, T, h, w]`.
+    fn frames_to_cthw(y: &Tensor) -> candle_core::Result<Tensor> {
+        y.permute((3, 0, 1, 2))
+    }
+
+    /// One latent sample `[Z, F, h, w]` → `post_quant_conv` on channels-last `[F, h, w, Z]`.
+    fn latent_frames(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let x = z.permute((1, 2, 3, 0))?.contiguous()?;
+        self.post_quant_conv.forward(&x, None)
     }
 
     /// Reference `unpatchify` on `[B, C·p², F, H, W]`.
@@ -511,7 +525,7 @@ impl AutoencoderKLWan {
                 for b in 0..x.dim(0)? {
                     let frames = self.sample_to_frames(&x.get(b)?)?;
                     let enc = self.encode_frames(&frames)?;
-                    per_b.push(enc.permute((1, 0, 2, 3))?);
+                    per_b.push(Self::frames_to_cthw(&enc)?);
                 }
                 Tensor::stack(&per_b, 0)?
             }
@@ -522,8 +536,8 @@ impl AutoencoderKLWan {
         Ok((mean, logvar))
     }
 
-    /// `_encode` on one sample's patchified frames `[F, C, H, W]`: the first frame, then
-    /// chunks of 4 with the feature cache, then `quant_conv`. Gives `[F', 2z, h, w]`.
+    /// `_encode` on one sample's patchified frames `[F, H, W, C]`: the first frame, then
+    /// chunks of 4 with the feature cache, then `quant_conv`. Gives `[F', h, w, 2z]`.
     fn encode_frames(&self, frames: &Tensor) -> candle_core::Result<Tensor> {
         let f = frames.dim(0)?;
         let mut cache = FeatCache::new();
@@ -554,7 +568,7 @@ impl AutoencoderKLWan {
         let frames: Vec<Tensor> = (0..x.dim(0)?)
             .map(|b| self.sample_to_frames(&x.get(b)?))
             .collect::<candle_core::Result<_>>()?;
-        let (f, _, height, width) = frames[0].dims4()?;
+        let (f, height, width, _) = frames[0].dims4()?;
         let latent_h = height / enc_sc;
         let latent_w = width / enc_sc;
         let tl_min_h = t.tile_sample_min_height / enc_sc;
@@ -579,7 +593,7 @@ impl AutoencoderKLWan {
                 let tw = span(width, j, t.tile_sample_min_width);
                 let mut per_b = Vec::new();
                 for fr in &frames {
-                    let tile = fr.narrow(2, i, th)?.narrow(3, j, tw)?;
+                    let tile = fr.narrow(1, i, th)?.narrow(2, j, tw)?;
                     let mut cache = FeatCache::new();
                     let mut outs = Vec::new();
                     for (start, len) in encode_chunks(f) {
@@ -588,7 +602,7 @@ impl AutoencoderKLWan {
                         let e = self.encoder.forward(&chunk, &mut cache)?;
                         outs.push(self.quant_conv.forward(&e, None)?);
                     }
-                    per_b.push(Tensor::cat(&outs, 0)?.permute((1, 0, 2, 3))?);
+                    per_b.push(Self::frames_to_cthw(&Tensor::cat(&outs, 0)?)?);
                 }
                 let mut tile = Tensor::stack(&per_b, 0)?;
                 if let Some(above) = prev_row.get(jj) {
@@ -646,10 +660,7 @@ impl AutoencoderKLWan {
             &self.device,
         )?;
         let xs: Vec<Tensor> = (0..b)
-            .map(|i| {
-                let x = z.get(i)?.permute((1, 0, 2, 3))?.contiguous()?;
-                self.post_quant_conv.forward(&x, None)
-            })
+            .map(|i| self.latent_frames(&z.get(i)?))
             .collect::<candle_core::Result<_>>()?;
         let mut caches: Vec<FeatCache> = (0..b).map(|_| FeatCache::new()).collect();
         let mut offset = 0;
@@ -676,10 +687,7 @@ impl AutoencoderKLWan {
     fn decode_tile(&self, z: &Tensor, on_frame: &mut dyn FnMut() -> Result<()>) -> Result<Tensor> {
         let (b, _, f, _, _) = z.dims5()?;
         let xs: Vec<Tensor> = (0..b)
-            .map(|i| {
-                let x = z.get(i)?.permute((1, 0, 2, 3))?.contiguous()?;
-                self.post_quant_conv.forward(&x, None)
-            })
+            .map(|i| self.latent_frames(&z.get(i)?))
             .collect::<candle_core::Result<_>>()?;
         let mut caches: Vec<FeatCache> = (0..b).map(|_| FeatCache::new()).collect();
         let mut frames: Vec<Vec<Tensor>> = (0..b).map(|_| Vec::with_capacity(f)).collect();
@@ -693,7 +701,7 @@ impl AutoencoderKLWan {
         drop(caches);
         let per_b = frames
             .iter()
-            .map(|fr| Tensor::cat(fr, 0)?.permute((1, 0, 2, 3)))
+            .map(|fr| Self::frames_to_cthw(&Tensor::cat(fr, 0)?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&per_b, 0)?)
     }

@@ -41,6 +41,12 @@ fn check(name: &str, out: &Tensor, expected: &Tensor, tol: f64) {
 
 /// Runs the fixture run `component` of `case` through the public API.
 fn run_case(case: &str, component: &str) {
+    run_case_dtype(case, component, DType::F32)
+}
+
+/// [`run_case`] with the model in `dtype` (f64 and f16 take candle's conv2d path instead of
+/// the CPU f32 kernel).
+fn run_case_dtype(case: &str, component: &str, dtype: DType) {
     let (dir, c) = load_case(case);
     let run = c
         .runs
@@ -48,26 +54,21 @@ fn run_case(case: &str, component: &str) {
         .find(|r| r.component == component)
         .unwrap_or_else(|| panic!("{case} has no {component} run"));
     let dev = Device::Cpu;
-    let mut vae = AutoencoderKLWan::load(&dir.join(&run.model), DType::F32, &dev).unwrap();
+    let mut vae = AutoencoderKLWan::load(&dir.join(&run.model), dtype, &dev).unwrap();
     vae.set_tiling(run.tiling);
     let input = candle_core::safetensors::load(dir.join(&run.input), &dev).unwrap();
     let expected = candle_core::safetensors::load(dir.join(&run.expected), &dev).unwrap();
-    let name = format!("{case}/{component}");
+    let name = format!("{case}/{component} {dtype:?}");
+    let tol = if dtype == DType::F16 {
+        1e-2
+    } else {
+        run.tolerance
+    };
     match component {
         "vae-encode" | "vae-encode-tiled" => {
             let (mean, logvar) = vae.encode(&input["sample"]).unwrap();
-            check(
-                &format!("{name} mean"),
-                &mean,
-                &expected["mean"],
-                run.tolerance,
-            );
-            check(
-                &format!("{name} logvar"),
-                &logvar,
-                &expected["logvar"],
-                run.tolerance,
-            );
+            check(&format!("{name} mean"), &mean, &expected["mean"], tol);
+            check(&format!("{name} logvar"), &logvar, &expected["logvar"], tol);
             if run.tiling.is_some() {
                 vae.set_tiling(None);
                 let (plain, _) = vae.encode(&input["sample"]).unwrap();
@@ -84,7 +85,7 @@ fn run_case(case: &str, component: &str) {
                     Ok(())
                 })
                 .unwrap();
-            check(&name, &out, &expected["sample"], run.tolerance);
+            check(&name, &out, &expected["sample"], tol);
             let total = calls.last().map(|c| c.1).unwrap_or(0);
             assert!(total >= input["z"].dim(2).unwrap());
             assert_eq!(calls.len(), total, "progress called once per frame");
@@ -135,6 +136,115 @@ fn wan22_decode() {
 #[test]
 fn wan22_decode_tiled() {
     run_case("vae-wan22", "vae-decode-tiled");
+}
+
+#[test]
+fn generic_conv_path_f64() {
+    run_case_dtype("vae-wan21", "vae-decode", DType::F64);
+    run_case_dtype("vae-wan21", "vae-encode", DType::F64);
+    run_case_dtype("vae-wan22", "vae-decode", DType::F64);
+    run_case_dtype("vae-wan22", "vae-encode", DType::F64);
+}
+
+#[test]
+fn f16_runs_close() {
+    run_case_dtype("vae-wan22", "vae-decode", DType::F16);
+}
+
+/// The CPU f32 conv kernels (AVX-512 blocks of 12/4/1 pixels × 32/16 channels, and the GEMM
+/// fallback for other channel counts) against candle's conv2d path in f64, with caches, zero
+/// frames, temporal stride and a fused residual.
+#[test]
+fn cpu_conv_matches_generic() {
+    use super::conv::WanCausalConv3d;
+    use candle_nn::VarBuilder;
+    let dev = Device::Cpu;
+    // (c, co, h, w, kt, ks, stride_t, pad_t, pad_s, frames, cache frames)
+    let cases = [
+        (8, 48, 5, 13, 3, 3, 1, 1, 1, 3, 2),
+        (16, 32, 4, 7, 3, 3, 1, 1, 1, 1, 1),
+        (5, 16, 3, 3, 3, 3, 1, 1, 1, 2, 0),
+        (6, 12, 4, 14, 3, 3, 1, 1, 1, 2, 2),
+        (16, 16, 6, 25, 3, 1, 2, 0, 0, 5, 0),
+        (24, 64, 3, 12, 1, 1, 1, 0, 0, 2, 0),
+        (7, 32, 9, 30, 1, 3, 1, 0, 1, 2, 0),
+    ];
+    for (i, &(c, co, h, w, kt, ks, st, pt, ps, nf, nc)) in cases.iter().enumerate() {
+        let wt = Tensor::randn(0f32, 0.3, (co, c, kt, ks, ks), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, co, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (nf, h, w, c), &dev).unwrap();
+        let cache = Tensor::randn(0f32, 1.0, (nc, h, w, c), &dev).unwrap();
+        let cache = (nc > 0).then_some(&cache);
+        let build = |dtype: DType| {
+            let t = HashMap::from([
+                ("weight".to_string(), wt.clone()),
+                ("bias".to_string(), b.clone()),
+            ]);
+            let vb = VarBuilder::from_tensors(t, dtype, &dev);
+            WanCausalConv3d::new(c, co, (kt, ks), (st, 1), (pt, ps), vb).unwrap()
+        };
+        let fast = build(DType::F32).forward(&x, cache).unwrap();
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let c64 = cache.map(|t| t.to_dtype(DType::F64).unwrap());
+        let slow = build(DType::F64).forward(&x64, c64.as_ref()).unwrap();
+        let err = rel_error(&fast, &slow).unwrap();
+        println!("conv case {i}: out {:?} rel error {err:.2e}", fast.dims());
+        assert!(err < 1e-5, "case {i}: {err}");
+        // Fused residual.
+        let res = Tensor::randn(0f32, 1.0, fast.dims(), &dev).unwrap();
+        let fused = build(DType::F32)
+            .forward_res(&x, cache, Some(&res))
+            .unwrap();
+        let err = rel_error(&fused, &(fast + &res).unwrap()).unwrap();
+        assert!(err < 1e-6, "case {i} residual: {err}");
+    }
+    // The stride-2 downsampling conv with its (0, 1, 0, 1) zero padding.
+    for (i, &(c, co, h, w)) in [
+        (8, 32, 8, 30),
+        (16, 48, 9, 13),
+        (5, 12, 4, 6),
+        (16, 16, 3, 3),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let wt = Tensor::randn(0f32, 0.3, (co, c, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, co, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, h, w, c), &dev).unwrap();
+        let build = |dtype: DType| {
+            let t = HashMap::from([
+                ("weight".to_string(), wt.clone()),
+                ("bias".to_string(), b.clone()),
+            ]);
+            let vb = VarBuilder::from_tensors(t, dtype, &dev);
+            WanCausalConv3d::conv2d_down(c, co, vb).unwrap()
+        };
+        let fast = build(DType::F32).forward(&x, None).unwrap();
+        let slow = build(DType::F64)
+            .forward(&x.to_dtype(DType::F64).unwrap(), None)
+            .unwrap();
+        // Reference: ZeroPad2d((0, 1, 0, 1)) then a stride-2 conv, in NCHW.
+        let nchw = x.permute((0, 3, 1, 2)).unwrap();
+        let padded = nchw
+            .pad_with_zeros(2, 0, 1)
+            .unwrap()
+            .pad_with_zeros(3, 0, 1)
+            .unwrap();
+        let reference = padded
+            .conv2d(&wt, 0, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let err = rel_error(&fast, &reference).unwrap();
+        let err64 = rel_error(&slow, &reference.to_dtype(DType::F64).unwrap()).unwrap();
+        println!(
+            "down case {i}: out {:?} rel error {err:.2e} / f64 path {err64:.2e}",
+            fast.dims()
+        );
+        assert!(err < 1e-5 && err64 < 1e-5, "down case {i}: {err} {err64}");
+    }
 }
 
 fn wan21() -> AutoencoderKLWan {
@@ -289,4 +399,51 @@ fn bad_config_is_typed() {
         "{r:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Full-size decode benchmark (one run): `python fixtures/gen_vae.py --bench-setup DIR`, then
+/// `KINO_VAE_BENCH_DIR=DIR /usr/bin/time -v <test binary> bench_full_decode --ignored
+/// --nocapture`. Compares with `DIR/torch_sample.safetensors` when `--bench-run` made it.
+/// `KINO_VAE_BENCH_FRAMES=N` decodes only the first N latent frames.
+#[test]
+#[ignore]
+fn bench_full_decode() {
+    let Ok(dir) = std::env::var("KINO_VAE_BENCH_DIR") else {
+        panic!("set KINO_VAE_BENCH_DIR (see the doc comment)");
+    };
+    let dir = PathBuf::from(dir);
+    let dev = Device::Cpu;
+    let mem = || {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        s.lines()
+            .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let vae = AutoencoderKLWan::load(&dir.join("vae"), DType::F32, &dev).unwrap();
+    println!("after load: {}", mem());
+    let mut z =
+        candle_core::safetensors::load(dir.join("z.safetensors"), &dev).unwrap()["z"].clone();
+    if let Ok(n) = std::env::var("KINO_VAE_BENCH_FRAMES") {
+        z = z.narrow(2, 0, n.parse().unwrap()).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    let out = vae.decode(&z).unwrap();
+    let dt = t0.elapsed().as_secs_f64();
+    println!("after decode: {}", mem());
+    println!(
+        "kino decode {:?} -> {:?}: {dt:.2} s ({} rayon threads)",
+        z.dims(),
+        out.dims(),
+        rayon::current_num_threads()
+    );
+    if let Ok(t) = candle_core::safetensors::load(dir.join("torch_sample.safetensors"), &dev) {
+        if t["sample"].dims() == out.dims() {
+            println!(
+                "rel error vs torch: {:.3e}",
+                rel_error(&out, &t["sample"]).unwrap()
+            );
+        }
+    }
 }
