@@ -410,3 +410,144 @@ impl SimpleBackend for RandomWeights {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::wan::transformer::WanTransformer3DModel;
+
+    fn fixture(case: &str) -> PathBuf {
+        crate::testing::fixtures_dir().join(case)
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kino-loading-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Runs the wan2.1 transformer fixture from `dir` and returns its output.
+    fn run_transformer(dir: &Path) -> Result<Tensor> {
+        let case = fixture("transformer-wan21");
+        let inputs = candle_core::safetensors::load(case.join("input.safetensors"), &Device::Cpu)?;
+        let m = WanTransformer3DModel::load(dir, DType::F32, &Device::Cpu)?;
+        m.forward(
+            &inputs["hidden_states"],
+            &inputs["timestep"],
+            &inputs["encoder_hidden_states"],
+        )
+    }
+
+    #[test]
+    fn sharded_weights_with_an_index_load_like_a_single_file() {
+        let src = fixture("transformer-wan21/transformer");
+        let single = run_transformer(&src).unwrap();
+        let tensors =
+            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let dir = tmpdir("sharded");
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let mut names: Vec<_> = tensors.keys().cloned().collect();
+        names.sort();
+        let (a, b) = names.split_at(names.len() / 2);
+        let mut map = serde_json::Map::new();
+        for (i, part) in [a, b].iter().enumerate() {
+            let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+            let shard: HashMap<String, Tensor> =
+                part.iter().map(|n| (n.clone(), tensors[n].clone())).collect();
+            candle_core::safetensors::save(&shard, dir.join(&file)).unwrap();
+            for n in *part {
+                map.insert(n.clone(), serde_json::Value::String(file.clone()));
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.join("diffusion_pytorch_model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        assert_eq!(weight_files(&dir).unwrap().len(), 2);
+        let sharded = run_transformer(&dir).unwrap();
+        assert_eq!(crate::testing::rel_error(&sharded, &single).unwrap(), 0.0);
+
+        // A shard the index names but that is missing is reported by name.
+        std::fs::remove_file(dir.join("diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
+        let e = run_transformer(&dir).unwrap_err().to_string();
+        assert!(e.contains("diffusion_pytorch_model-00002-of-00002.safetensors"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn half_precision_weights_are_converted_to_the_compute_dtype() {
+        let src = fixture("transformer-wan21/transformer");
+        let f32_out = run_transformer(&src).unwrap();
+        let tensors =
+            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
+                .unwrap();
+        for (dt, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
+            let dir = tmpdir(&format!("{dt:?}"));
+            std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+            let half: HashMap<String, Tensor> = tensors
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap()))
+                .collect();
+            candle_core::safetensors::save(&half, dir.join("diffusion_pytorch_model.safetensors"))
+                .unwrap();
+            let w = Weights::open(&dir).unwrap();
+            let vb = w.var_builder(DType::F32, &Device::Cpu);
+            let t = vb.get_unchecked("proj_out.weight").unwrap();
+            assert_eq!(t.dtype(), DType::F32);
+            let out = run_transformer(&dir).unwrap();
+            let err = crate::testing::rel_error(&out, &f32_out).unwrap();
+            // Only the rounding of the weights differs.
+            assert!(err > 0.0 && err < tol, "{dt:?}: {err}");
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[test]
+    fn missing_and_misshapen_tensors_are_named() {
+        let src = fixture("transformer-wan21/transformer");
+        let mut tensors =
+            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let dir = tmpdir("missing");
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let removed = tensors.remove("blocks.1.attn2.to_k.weight").unwrap();
+        candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        match run_transformer(&dir) {
+            Err(Error::MissingTensor { name, .. }) => assert_eq!(name, "blocks.1.attn2.to_k.weight"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("loaded without a tensor"),
+        }
+        tensors.insert(
+            "blocks.1.attn2.to_k.weight".into(),
+            removed.narrow(0, 0, removed.dim(0).unwrap() - 1).unwrap(),
+        );
+        candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        let e = run_transformer(&dir).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{msg}");
+        assert!(msg.contains("blocks.1.attn2.to_k.weight"), "{msg}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn not_a_model_folder_and_garbage_files_are_explained() {
+        let dir = tmpdir("garbage");
+        let e = weight_files(&dir).unwrap_err().to_string();
+        assert!(e.contains("no *.safetensors weights"), "{e}");
+        std::fs::write(dir.join("model.safetensors"), b"this is not safetensors at all").unwrap();
+        let e = Weights::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("corrupt safetensors header") || e.contains("truncated"), "{e}");
+        let e = ModelIndex::read(&dir).unwrap_err().to_string();
+        assert!(e.contains("is not a model folder"), "{e}");
+        std::fs::write(dir.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
+        let e = ModelIndex::read(&dir).unwrap_err().to_string();
+        assert!(e.contains("StableDiffusionPipeline") && e.contains("WanPipeline"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

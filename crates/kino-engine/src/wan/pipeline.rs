@@ -692,3 +692,152 @@ pub fn available_memory() -> Option<u64> {
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(case: &str) -> WanPipeline {
+        let dir = crate::testing::fixtures_dir().join(case).join("model");
+        WanPipeline::open(&dir, PipelineOptions::for_device(Device::Cpu)).unwrap()
+    }
+
+    fn req(prompt: &str) -> GenerateRequest {
+        GenerateRequest {
+            prompt: prompt.into(),
+            seed: Some(1),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rules_are_checked_with_the_nearest_valid_values() {
+        let p = open("pipeline-wan22");
+        assert_eq!(p.size_multiple(), (32, 32));
+        let e = p
+            .resolve(&GenerateRequest {
+                width: Some(200),
+                ..req("x")
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("width 200 is not a multiple of 32") && e.contains("try 192 or 224"), "{e}");
+        let e = p
+            .resolve(&GenerateRequest {
+                num_frames: Some(0),
+                ..req("x")
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("try 1 or 5"), "{e}");
+        let r = p.resolve(&req("x")).unwrap();
+        assert_eq!((r.width, r.height, r.num_frames, r.fps), (192, 128, 17, 8));
+        assert_eq!(r.negative_prompt, DEFAULT_NEGATIVE_PROMPT);
+        assert_eq!(r.shift, 5.0);
+        let r = p
+            .resolve(&GenerateRequest {
+                negative_prompt: Some(String::new()),
+                shift: Some(2.0),
+                ..req("x")
+            })
+            .unwrap();
+        assert_eq!((r.negative_prompt.as_str(), r.shift), ("", 2.0));
+        assert_eq!(p.latent_shape(&r), [1, 12, 5, 8, 12]);
+    }
+
+    #[test]
+    fn runs_that_cannot_fit_are_refused_before_starting() {
+        let mut p = open("pipeline-wan21");
+        let big = GenerateRequest {
+            width: Some(4096),
+            height: Some(4096),
+            num_frames: Some(1001),
+            ..req("x")
+        };
+        let r = p.resolve(&big).unwrap();
+        let est = p.estimate_memory(&r).unwrap();
+        assert!(est.peak > 100 << 30, "{est:?}");
+        let mut events = 0;
+        let mut count = |_: &ProgressEvent| -> Result<()> {
+            events += 1;
+            Ok(())
+        };
+        match p.generate(&big, &mut count) {
+            Err(Error::OutOfMemory(m)) => assert!(m.contains("GiB") && m.contains("smaller size"), "{m}"),
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("a 4096² run fitted?"),
+        }
+        assert_eq!(events, 0, "refused before any work");
+    }
+
+    #[test]
+    fn generate_reports_progress_is_deterministic_and_can_be_cancelled() {
+        let mut p = open("pipeline-wan21");
+        let r = GenerateRequest {
+            width: Some(32),
+            height: Some(32),
+            num_frames: Some(5),
+            num_inference_steps: Some(3),
+            ..req("a red circle")
+        };
+        let mut events = Vec::new();
+        let mut record = |e: &ProgressEvent| -> Result<()> {
+            events.push((e.stage, e.step, e.total));
+            Ok(())
+        };
+        let a = p.generate(&r, &mut record).unwrap();
+        assert_eq!(a.frames.len(), 5);
+        assert_eq!(a.frames[0].len(), 32 * 32 * 3);
+        let denoise: Vec<_> = events.iter().filter(|e| e.0 == Stage::Denoise).collect();
+        assert_eq!(denoise.len(), 4);
+        assert_eq!(*denoise[3], (Stage::Denoise, 3, 3));
+        assert!(events.iter().any(|e| e.0 == Stage::DecodeVae && e.1 == e.2));
+        // Low-memory mode freed everything.
+        assert!(p.text_encoder.is_none() && p.transformer.is_none());
+        let b = p.generate(&r, &mut crate::progress::ignore).unwrap();
+        assert_eq!(a.frames, b.frames);
+        assert_eq!(crate::testing::rel_error(&a.latents, &b.latents).unwrap(), 0.0);
+        let c = p
+            .generate(
+                &GenerateRequest {
+                    seed: Some(2),
+                    ..r.clone()
+                },
+                &mut crate::progress::ignore,
+            )
+            .unwrap();
+        assert!(crate::testing::rel_error(&c.latents, &a.latents).unwrap() > 0.1);
+
+        let mut stop = |e: &ProgressEvent| -> Result<()> {
+            if e.stage == Stage::Denoise && e.step == 1 {
+                Err(Error::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+        assert!(matches!(p.generate(&r, &mut stop), Err(Error::Cancelled)));
+    }
+
+    #[test]
+    fn guidance_off_runs_one_forward_per_step() {
+        let mut p = open("pipeline-wan21");
+        let r = GenerateRequest {
+            width: Some(32),
+            height: Some(32),
+            num_frames: Some(1),
+            num_inference_steps: Some(2),
+            guidance_scale: Some(1.0),
+            ..req("x")
+        };
+        let mut encodes = 0;
+        let mut count = |e: &ProgressEvent| -> Result<()> {
+            if e.stage == Stage::EncodePrompt {
+                encodes = e.total;
+            }
+            Ok(())
+        };
+        let out = p.generate(&r, &mut count).unwrap();
+        assert_eq!(encodes, 1, "no negative prompt without guidance");
+        assert_eq!(out.frames.len(), 1);
+    }
+}
