@@ -117,6 +117,8 @@ pub struct PipelineOptions {
     pub low_memory: bool,
     /// Refuse runs whose estimated memory exceeds what is available.
     pub check_memory: bool,
+    /// Decode the VAE in overlapping spatial tiles (less memory for large frames).
+    pub vae_tiling: Option<vae::TilingConfig>,
 }
 
 impl PipelineOptions {
@@ -129,6 +131,7 @@ impl PipelineOptions {
             vae_dtype: DType::F32,
             low_memory: true,
             check_memory: true,
+            vae_tiling: None,
         }
     }
 }
@@ -537,11 +540,9 @@ impl WanPipeline {
             let t0 = Instant::now();
             emit(progress, Stage::LoadVae, 0, 1, t0)?;
             let dir = component_dir(&self.root, &self.index, "vae")?;
-            self.vae = Some(AutoencoderKLWan::load(
-                &dir,
-                self.options.vae_dtype,
-                &self.options.device,
-            )?);
+            let mut vae = AutoencoderKLWan::load(&dir, self.options.vae_dtype, &self.options.device)?;
+            vae.set_tiling(self.options.vae_tiling.clone());
+            self.vae = Some(vae);
             emit(progress, Stage::LoadVae, 1, 1, t0)?;
         }
         let vae = self

@@ -64,6 +64,9 @@ pub struct Args {
     /// Keep every model loaded for the whole run (faster with plenty of memory).
     #[arg(long)]
     no_low_memory: bool,
+    /// Decode the video in overlapping 256-pixel tiles (less memory for large frames).
+    #[arg(long)]
+    vae_tiling: bool,
     /// Print a machine-readable summary (JSON) on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -299,6 +302,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let mut opts = PipelineOptions::for_device(dev);
     opts.low_memory = !a.no_low_memory;
+    if a.vae_tiling {
+        opts.vae_tiling = Some(Default::default());
+    }
     let mut pipeline = WanPipeline::open(&model_dir, opts)
         .with_context(|| format!("opening model {}", model_dir.display()))?;
     let defaults = pipeline.defaults().clone();
