@@ -233,3 +233,35 @@ fn models_lists_the_known_aliases() {
     assert!(s.contains("wan2.1-t2v-1.3b") && s.contains("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), "{s}");
     assert!(s.contains("wan2.2-ti2v-5b") && s.contains("Wan-AI/Wan2.2-TI2V-5B-Diffusers"), "{s}");
 }
+
+#[test]
+fn pull_without_network_fails_at_once_and_says_what_to_do() {
+    let start = std::time::Instant::now();
+    let o = run(kino()
+        .args(["pull", "wan2.1-t2v-1.3b"])
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HUB_CACHE", "/nonexistent"));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("cannot reach 127.0.0.1:9"), "{e}");
+    assert!(e.contains("--model /path/to/Wan2.1-T2V-1.3B-Diffusers"), "{e}");
+    assert!(start.elapsed().as_secs() < 10);
+    let o = run(kino().args(["pull", "wan9"]));
+    assert!(stderr(&o).contains("unknown model `wan9`"), "{}", stderr(&o));
+}
+
+#[test]
+fn vae_tiling_decodes_large_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan21");
+    let out = tmp.path().join("wide.mp4");
+    let o = run(kino()
+        .args(["generate", "wide", "--size", "320x272", "--frames", "5", "--steps", "1", "--vae-tiling", "-o"])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = ffprobe_json(&out);
+    assert_eq!(p["streams"][0]["width"], 320);
+    assert_eq!(p["streams"][0]["height"], 272);
+}
