@@ -8,9 +8,9 @@ pub mod loading;
 pub mod parity;
 pub mod progress;
 pub mod registry;
-pub mod umt5;
 pub mod schedulers;
 pub mod testing;
+pub mod umt5;
 pub mod wan;
 
 pub use error::{Error, Result};

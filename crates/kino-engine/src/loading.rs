@@ -149,10 +149,12 @@ impl Weights {
         }
         // SAFETY: the files are mapped read-only; like every mmap user we assume nobody
         // truncates them while the model runs.
-        let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .map_err(|e| Error::BadFile {
-                path: files[0].clone(),
-                message: format!("not a valid safetensors file: {e}"),
+        let inner =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                Error::BadFile {
+                    path: files[0].clone(),
+                    message: format!("not a valid safetensors file: {e}"),
+                }
             })?;
         Ok(Self {
             inner: Arc::new(inner),
@@ -213,8 +215,11 @@ fn check_safetensors(path: &Path) -> Result<()> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("corrupt safetensors header ({e}); download it again")))?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        bad(format!(
+            "corrupt safetensors header ({e}); download it again"
+        ))
+    })?;
     let mut max_end = 0u64;
     if let Some(obj) = v.as_object() {
         for (k, t) in obj {
@@ -445,9 +450,11 @@ mod tests {
     fn sharded_weights_with_an_index_load_like_a_single_file() {
         let src = fixture("transformer-wan21/transformer");
         let single = run_transformer(&src).unwrap();
-        let tensors =
-            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            src.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let dir = tmpdir("sharded");
         std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
         let mut names: Vec<_> = tensors.keys().cloned().collect();
@@ -456,8 +463,10 @@ mod tests {
         let mut map = serde_json::Map::new();
         for (i, part) in [a, b].iter().enumerate() {
             let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
-            let shard: HashMap<String, Tensor> =
-                part.iter().map(|n| (n.clone(), tensors[n].clone())).collect();
+            let shard: HashMap<String, Tensor> = part
+                .iter()
+                .map(|n| (n.clone(), tensors[n].clone()))
+                .collect();
             candle_core::safetensors::save(&shard, dir.join(&file)).unwrap();
             for n in *part {
                 map.insert(n.clone(), serde_json::Value::String(file.clone()));
@@ -474,9 +483,13 @@ mod tests {
         assert_eq!(crate::testing::rel_error(&sharded, &single).unwrap(), 0.0);
 
         // A shard the index names but that is missing is reported by name.
-        std::fs::remove_file(dir.join("diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
+        std::fs::remove_file(dir.join("diffusion_pytorch_model-00002-of-00002.safetensors"))
+            .unwrap();
         let e = run_transformer(&dir).unwrap_err().to_string();
-        assert!(e.contains("diffusion_pytorch_model-00002-of-00002.safetensors"), "{e}");
+        assert!(
+            e.contains("diffusion_pytorch_model-00002-of-00002.safetensors"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -484,9 +497,11 @@ mod tests {
     fn half_precision_weights_are_converted_to_the_compute_dtype() {
         let src = fixture("transformer-wan21/transformer");
         let f32_out = run_transformer(&src).unwrap();
-        let tensors =
-            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            src.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         for (dt, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
             let dir = tmpdir(&format!("{dt:?}"));
             std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
@@ -511,15 +526,20 @@ mod tests {
     #[test]
     fn missing_and_misshapen_tensors_are_named() {
         let src = fixture("transformer-wan21/transformer");
-        let mut tensors =
-            candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
-                .unwrap();
+        let mut tensors = candle_core::safetensors::load(
+            src.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let dir = tmpdir("missing");
         std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
         let removed = tensors.remove("blocks.1.attn2.to_k.weight").unwrap();
-        candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
         match run_transformer(&dir) {
-            Err(Error::MissingTensor { name, .. }) => assert_eq!(name, "blocks.1.attn2.to_k.weight"),
+            Err(Error::MissingTensor { name, .. }) => {
+                assert_eq!(name, "blocks.1.attn2.to_k.weight")
+            }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("loaded without a tensor"),
         }
@@ -527,7 +547,8 @@ mod tests {
             "blocks.1.attn2.to_k.weight".into(),
             removed.narrow(0, 0, removed.dim(0).unwrap() - 1).unwrap(),
         );
-        candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        candle_core::safetensors::save(&tensors, dir.join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
         let e = run_transformer(&dir).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, Error::ShapeMismatch { .. }), "{msg}");
@@ -540,14 +561,28 @@ mod tests {
         let dir = tmpdir("garbage");
         let e = weight_files(&dir).unwrap_err().to_string();
         assert!(e.contains("no *.safetensors weights"), "{e}");
-        std::fs::write(dir.join("model.safetensors"), b"this is not safetensors at all").unwrap();
+        std::fs::write(
+            dir.join("model.safetensors"),
+            b"this is not safetensors at all",
+        )
+        .unwrap();
         let e = Weights::open(&dir).err().unwrap().to_string();
-        assert!(e.contains("corrupt safetensors header") || e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("corrupt safetensors header") || e.contains("truncated"),
+            "{e}"
+        );
         let e = ModelIndex::read(&dir).unwrap_err().to_string();
         assert!(e.contains("is not a model folder"), "{e}");
-        std::fs::write(dir.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
+        std::fs::write(
+            dir.join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionPipeline"}"#,
+        )
+        .unwrap();
         let e = ModelIndex::read(&dir).unwrap_err().to_string();
-        assert!(e.contains("StableDiffusionPipeline") && e.contains("WanPipeline"), "{e}");
+        assert!(
+            e.contains("StableDiffusionPipeline") && e.contains("WanPipeline"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -123,7 +123,11 @@ pub fn run(
             let t = take(inputs, component, "timestep")?.to_device(device)?;
             let ctx = take(inputs, component, "encoder_hidden_states")?.to_device(device)?;
             let m = WanTransformer3DModel::load(model, dtype, device)?;
-            let y = m.forward(&x.to_dtype(dtype)?, &t.to_dtype(DType::F32)?, &ctx.to_dtype(dtype)?)?;
+            let y = m.forward(
+                &x.to_dtype(dtype)?,
+                &t.to_dtype(DType::F32)?,
+                &ctx.to_dtype(dtype)?,
+            )?;
             out.insert("sample".to_string(), y.to_dtype(DType::F32)?);
         }
         Component::VaeEncode => {
@@ -202,9 +206,27 @@ pub struct FixtureCase {
     pub runs: Vec<serde_json::Value>,
 }
 
+/// One output of one fixture run, compared with the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FixtureResult {
+    pub case: String,
+    pub component: String,
+    pub output: String,
+    /// ‖out − ref‖ / ‖ref‖
+    pub rel_error: f64,
+    pub tolerance: f64,
+}
+
+impl FixtureResult {
+    /// Within tolerance (NaN is not).
+    pub fn passed(&self) -> bool {
+        self.rel_error <= self.tolerance
+    }
+}
+
 /// Runs every parity-component run of every fixture case under `root` through [`run`] and returns
-/// `(case, component, output name, relative error, tolerance)` per output.
-pub fn check_fixtures(root: &Path) -> Result<Vec<(String, String, String, f64, f64)>> {
+/// one result per output tensor.
+pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
     let mut results = Vec::new();
     let mut cases: Vec<_> = std::fs::read_dir(root)
         .map_err(|e| Error::BadFile {
@@ -250,7 +272,13 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<(String, String, String, f64, f
                     )));
                 };
                 let err = crate::testing::rel_error(v, e)?;
-                results.push((name.clone(), r.component.clone(), k.clone(), err, r.tolerance));
+                results.push(FixtureResult {
+                    case: name.clone(),
+                    component: r.component.clone(),
+                    output: k.clone(),
+                    rel_error: err,
+                    tolerance: r.tolerance,
+                });
             }
         }
     }

@@ -47,7 +47,9 @@ pub fn hub_cache() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache/huggingface/hub")
 }
 
@@ -122,7 +124,10 @@ mod tests {
     fn unknown_alias_lists_known_ones() {
         let e = resolve("sora-3").unwrap_err().to_string();
         assert!(e.contains("unknown model `sora-3`"), "{e}");
-        assert!(e.contains("wan2.1-t2v-1.3b") && e.contains("wan2.2-ti2v-5b"), "{e}");
+        assert!(
+            e.contains("wan2.1-t2v-1.3b") && e.contains("wan2.2-ti2v-5b"),
+            "{e}"
+        );
     }
 
     #[test]

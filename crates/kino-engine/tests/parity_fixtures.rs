@@ -7,21 +7,34 @@ use kino_engine::testing::fixtures_dir;
 #[test]
 fn every_fixture_matches_the_reference() {
     let results = check_fixtures(&fixtures_dir()).expect("fixtures run");
-    for (case, component, output, err, tol) in &results {
-        println!("{case:<24} {component:<14} {output:<18} {err:.3e} (≤ {tol:.0e})");
+    for r in &results {
+        println!(
+            "{:<24} {:<14} {:<18} {:.3e} (≤ {:.0e})",
+            r.case, r.component, r.output, r.rel_error, r.tolerance
+        );
     }
-    let failures: Vec<_> = results.iter().filter(|r| !(r.3 <= r.4)).collect();
+    let failures: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
     assert!(failures.is_empty(), "outside tolerance: {failures:?}");
     // Every parity component is covered by at least one fixture, and the components of both Wan
     // variants are there.
     for c in Component::ALL {
         assert!(
-            results.iter().any(|r| r.1 == c.name()),
+            results.iter().any(|r| r.component == c.name()),
             "no fixture exercises `{}`",
             c.name()
         );
     }
-    for case in ["transformer-wan21", "transformer-wan22", "vae-wan21", "vae-wan22", "pipeline-wan21", "pipeline-wan22"] {
-        assert!(results.iter().any(|r| r.0 == case), "fixture case {case} missing");
+    for case in [
+        "transformer-wan21",
+        "transformer-wan22",
+        "vae-wan21",
+        "vae-wan22",
+        "pipeline-wan21",
+        "pipeline-wan22",
+    ] {
+        assert!(
+            results.iter().any(|r| r.case == case),
+            "fixture case {case} missing"
+        );
     }
 }

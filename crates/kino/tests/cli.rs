@@ -27,7 +27,10 @@ fn copy_dir(from: &Path, to: &Path) {
 /// A private copy of a tiny random-weight Wan model folder (so a test may break it).
 fn tiny_model(tmp: &Path, which: &str) -> PathBuf {
     let dst = tmp.join(which);
-    copy_dir(&repo().join("fixtures/data").join(which).join("model"), &dst);
+    copy_dir(
+        &repo().join("fixtures/data").join(which).join("model"),
+        &dst,
+    );
     dst
 }
 
@@ -41,7 +44,15 @@ fn stderr(o: &Output) -> String {
 
 fn ffprobe_json(path: &Path) -> serde_json::Value {
     let o = Command::new("ffprobe")
-        .args(["-v", "error", "-count_frames", "-print_format", "json", "-show_streams", "-show_format"])
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-print_format",
+            "json",
+            "-show_streams",
+            "-show_format",
+        ])
         .arg(path)
         .output()
         .expect("ffprobe is installed (Debian package ffmpeg; .ci/run installs it)");
@@ -55,7 +66,22 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let out = tmp.path().join("clip.mp4");
     let o = run(kino()
-        .args(["generate", "a red circle moving right", "--size", "96x64", "--frames", "9", "--steps", "3", "--seed", "7", "--fps", "8", "--json", "-o"])
+        .args([
+            "generate",
+            "a red circle moving right",
+            "--size",
+            "96x64",
+            "--frames",
+            "9",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--fps",
+            "8",
+            "--json",
+            "-o",
+        ])
         .arg(&out)
         .arg("--model")
         .arg(&model));
@@ -88,17 +114,39 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
     // Same seed, same settings: the same video.
     let out2 = tmp.path().join("clip2.mp4");
     let o = run(kino()
-        .args(["generate", "a red circle moving right", "--size", "96x64", "--frames", "9", "--steps", "3", "--seed", "7", "--fps", "8", "-o"])
+        .args([
+            "generate",
+            "a red circle moving right",
+            "--size",
+            "96x64",
+            "--frames",
+            "9",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--fps",
+            "8",
+            "-o",
+        ])
         .arg(&out2)
         .arg("--model")
         .arg(&model));
     assert!(o.status.success(), "{}", stderr(&o));
     let a = kino_media::read_mp4(&out).unwrap();
     let b = kino_media::read_mp4(&out2).unwrap();
-    assert!(a.frames().iter().zip(b.frames()).all(|(x, y)| x.data() == y.data()));
+    assert!(a
+        .frames()
+        .iter()
+        .zip(b.frames())
+        .all(|(x, y)| x.data() == y.data()));
 
     // Never overwrite silently.
-    let o = run(kino().args(["generate", "again", "-o"]).arg(&out).arg("--model").arg(&model));
+    let o = run(kino()
+        .args(["generate", "again", "-o"])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
 }
@@ -108,7 +156,11 @@ fn generate_gif_and_png_folder_and_wan22() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), "pipeline-wan22");
     let gif = tmp.path().join("clip.gif");
-    let o = run(kino().args(["generate", "blue square", "--steps", "2", "-o"]).arg(&gif).arg("--model").arg(&model));
+    let o = run(kino()
+        .args(["generate", "blue square", "--steps", "2", "-o"])
+        .arg(&gif)
+        .arg("--model")
+        .arg(&model));
     assert!(o.status.success(), "{}", stderr(&o));
     let p = ffprobe_json(&gif);
     assert_eq!(p["streams"][0]["codec_name"], "gif");
@@ -116,9 +168,30 @@ fn generate_gif_and_png_folder_and_wan22() {
     assert_eq!(p["streams"][0]["nb_read_frames"], "17");
 
     let dir = tmp.path().join("frames");
-    let o = run(kino().args(["generate", "blue square", "--steps", "2", "--frames", "5", "-o"]).arg(&dir).arg("--model").arg(&model));
+    let o = run(kino()
+        .args([
+            "generate",
+            "blue square",
+            "--steps",
+            "2",
+            "--frames",
+            "5",
+            "-o",
+        ])
+        .arg(&dir)
+        .arg("--model")
+        .arg(&model));
     assert!(o.status.success(), "{}", stderr(&o));
-    let pngs = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
+    let pngs = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
     assert_eq!(pngs, 5);
     assert!(dir.join("params.json").exists());
 }
@@ -128,17 +201,31 @@ fn bad_requests_get_one_clear_error_each() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let cases: &[(&[&str], &str)] = &[
-        (&["--size", "100x64"], "width 100 is not a multiple of 16, which this model needs; try 96 or 112"),
+        (
+            &["--size", "100x64"],
+            "width 100 is not a multiple of 16, which this model needs; try 96 or 112",
+        ),
         (&["--size", "96x0"], "zero side"),
         (&["--size", "96"], "WIDTHxHEIGHT"),
-        (&["--frames", "10"], "10 frames is not a valid frame count: this model makes 4·k + 1 frames; try 9 or 13"),
+        (
+            &["--frames", "10"],
+            "10 frames is not a valid frame count: this model makes 4·k + 1 frames; try 9 or 13",
+        ),
         (&["--steps", "0"], "0 steps is out of range"),
         (&["--guidance=-1"], "guidance scale -1 must be"),
-        (&["-o", "/nonexistent-dir/x.mp4"], "folder /nonexistent-dir does not exist"),
+        (
+            &["-o", "/nonexistent-dir/x.mp4"],
+            "folder /nonexistent-dir does not exist",
+        ),
         (&["-o", "clip.avi"], "cannot write `.avi` files"),
     ];
     for (args, want) in cases {
-        let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat"]).args(*args).arg("--model").arg(&model));
+        let o = run(kino()
+            .current_dir(tmp.path())
+            .args(["generate", "a cat"])
+            .args(*args)
+            .arg("--model")
+            .arg(&model));
         assert!(!o.status.success(), "{args:?} should fail");
         let e = stderr(&o);
         assert!(e.contains(want), "{args:?}: expected `{want}` in: {e}");
@@ -146,7 +233,10 @@ fn bad_requests_get_one_clear_error_each() {
     }
     let o = run(kino().args(["generate", "a cat", "--model", "sora-3"]));
     let e = stderr(&o);
-    assert!(e.contains("unknown model `sora-3`") && e.contains("wan2.1-t2v-1.3b"), "{e}");
+    assert!(
+        e.contains("unknown model `sora-3`") && e.contains("wan2.1-t2v-1.3b"),
+        "{e}"
+    );
     let o = run(kino().args(["generate", "   "]));
     assert!(stderr(&o).contains("the prompt is empty"), "{}", stderr(&o));
 }
@@ -155,23 +245,38 @@ fn bad_requests_get_one_clear_error_each() {
 fn broken_model_folders_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     // Not a model folder.
-    let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat", "--model"]).arg(tmp.path()));
+    let o = run(kino()
+        .current_dir(tmp.path())
+        .args(["generate", "a cat", "--model"])
+        .arg(tmp.path()));
     let e = stderr(&o);
-    assert!(e.contains("model_index.json") && e.contains("is not a model folder"), "{e}");
+    assert!(
+        e.contains("model_index.json") && e.contains("is not a model folder"),
+        "{e}"
+    );
 
     // A truncated weight file.
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let w = model.join("transformer/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
-    let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat", "--model"]).arg(&model));
+    let o = run(kino()
+        .current_dir(tmp.path())
+        .args(["generate", "a cat", "--model"])
+        .arg(&model));
     let e = stderr(&o);
-    assert!(e.contains("truncated") && e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
 
     // A missing VAE weight file.
     let model = tiny_model(&tmp.path().join("b"), "pipeline-wan21");
     std::fs::remove_file(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-    let o = run(kino().current_dir(tmp.path()).args(["generate", "a cat", "--model"]).arg(&model));
+    let o = run(kino()
+        .current_dir(tmp.path())
+        .args(["generate", "a cat", "--model"])
+        .arg(&model));
     let e = stderr(&o);
     assert!(e.contains("missing file") && e.contains("vae"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
@@ -202,8 +307,14 @@ fn parity_cli_reproduces_a_fixture() {
     assert!(err <= 1e-4, "{err}");
     assert!(out.exists());
 
-    let o = run(kino().args(["parity", "unet", "--model", ".", "--input", "x", "--output", "y"]));
-    assert!(stderr(&o).contains("unknown component `unet`"), "{}", stderr(&o));
+    let o = run(kino().args([
+        "parity", "unet", "--model", ".", "--input", "x", "--output", "y",
+    ]));
+    assert!(
+        stderr(&o).contains("unknown component `unet`"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(kino()
         .args(["parity", "vae-decode", "--model"])
         .arg(case.join("transformer"))
@@ -230,8 +341,14 @@ fn models_lists_the_known_aliases() {
     let o = run(kino().args(["models"]).env("HF_HUB_CACHE", "/nonexistent"));
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("wan2.1-t2v-1.3b") && s.contains("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), "{s}");
-    assert!(s.contains("wan2.2-ti2v-5b") && s.contains("Wan-AI/Wan2.2-TI2V-5B-Diffusers"), "{s}");
+    assert!(
+        s.contains("wan2.1-t2v-1.3b") && s.contains("Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+        "{s}"
+    );
+    assert!(
+        s.contains("wan2.2-ti2v-5b") && s.contains("Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -244,10 +361,17 @@ fn pull_without_network_fails_at_once_and_says_what_to_do() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("cannot reach 127.0.0.1:9"), "{e}");
-    assert!(e.contains("--model /path/to/Wan2.1-T2V-1.3B-Diffusers"), "{e}");
+    assert!(
+        e.contains("--model /path/to/Wan2.1-T2V-1.3B-Diffusers"),
+        "{e}"
+    );
     assert!(start.elapsed().as_secs() < 10);
     let o = run(kino().args(["pull", "wan9"]));
-    assert!(stderr(&o).contains("unknown model `wan9`"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown model `wan9`"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -256,7 +380,18 @@ fn vae_tiling_decodes_large_frames() {
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let out = tmp.path().join("wide.mp4");
     let o = run(kino()
-        .args(["generate", "wide", "--size", "320x272", "--frames", "5", "--steps", "1", "--vae-tiling", "-o"])
+        .args([
+            "generate",
+            "wide",
+            "--size",
+            "320x272",
+            "--frames",
+            "5",
+            "--steps",
+            "1",
+            "--vae-tiling",
+            "-o",
+        ])
         .arg(&out)
         .arg("--model")
         .arg(&model));

@@ -239,7 +239,7 @@ impl WanPipeline {
         check_multiple("width", width, mw)?;
         check_multiple("height", height, mh)?;
         let step = self.frame_step();
-        if num_frames == 0 || (num_frames - 1) % step != 0 {
+        if num_frames == 0 || !(num_frames - 1).is_multiple_of(step) {
             let lower = if num_frames == 0 {
                 1
             } else {
@@ -339,7 +339,11 @@ impl WanPipeline {
     }
 
     /// Runs the whole pipeline: prompt → frames.
-    pub fn generate(&mut self, req: &GenerateRequest, progress: Progress) -> Result<GenerateOutput> {
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        progress: Progress,
+    ) -> Result<GenerateOutput> {
         let r = self.resolve(req)?;
         if self.options.check_memory && self.options.device.is_cpu() {
             let est = self.estimate_memory(&r)?;
@@ -357,8 +361,11 @@ impl WanPipeline {
             }
         }
         let do_cfg = r.guidance_scale > 1.0;
-        let (prompt_embeds, negative_embeds) =
-            self.encode_prompt(&r.prompt, do_cfg.then_some(r.negative_prompt.as_str()), progress)?;
+        let (prompt_embeds, negative_embeds) = self.encode_prompt(
+            &r.prompt,
+            do_cfg.then_some(r.negative_prompt.as_str()),
+            progress,
+        )?;
         let latents = self.prepare_latents(&r)?;
         self.scheduler.set_shift(r.shift);
         let latents = self.denoise(
@@ -478,7 +485,7 @@ impl WanPipeline {
             )));
         }
         let (ph, pw) = (c.patch_size[1], c.patch_size[2]);
-        if dims[3] % ph != 0 || dims[4] % pw != 0 {
+        if !dims[3].is_multiple_of(ph) || !dims[4].is_multiple_of(pw) {
             return Err(Error::InvalidRequest(format!(
                 "latent height and width {}×{} must be multiples of the patch size {ph}×{pw}",
                 dims[3], dims[4]
@@ -540,8 +547,9 @@ impl WanPipeline {
             let t0 = Instant::now();
             emit(progress, Stage::LoadVae, 0, 1, t0)?;
             let dir = component_dir(&self.root, &self.index, "vae")?;
-            let mut vae = AutoencoderKLWan::load(&dir, self.options.vae_dtype, &self.options.device)?;
-            vae.set_tiling(self.options.vae_tiling.clone());
+            let mut vae =
+                AutoencoderKLWan::load(&dir, self.options.vae_dtype, &self.options.device)?;
+            vae.set_tiling(self.options.vae_tiling);
             self.vae = Some(vae);
             emit(progress, Stage::LoadVae, 1, 1, t0)?;
         }
@@ -644,7 +652,7 @@ fn read_defaults(root: &Path, index: &ModelIndex, vae: &vae::Config) -> Result<M
 }
 
 fn check_multiple(what: &str, value: usize, m: usize) -> Result<()> {
-    if value == 0 || value % m != 0 {
+    if value == 0 || !value.is_multiple_of(m) {
         let lower = value / m * m;
         let upper = lower + m;
         let hint = if lower == 0 {
@@ -722,7 +730,10 @@ mod tests {
             })
             .unwrap_err()
             .to_string();
-        assert!(e.contains("width 200 is not a multiple of 32") && e.contains("try 192 or 224"), "{e}");
+        assert!(
+            e.contains("width 200 is not a multiple of 32") && e.contains("try 192 or 224"),
+            "{e}"
+        );
         let e = p
             .resolve(&GenerateRequest {
                 num_frames: Some(0),
@@ -764,7 +775,9 @@ mod tests {
             Ok(())
         };
         match p.generate(&big, &mut count) {
-            Err(Error::OutOfMemory(m)) => assert!(m.contains("GiB") && m.contains("smaller size"), "{m}"),
+            Err(Error::OutOfMemory(m)) => {
+                assert!(m.contains("GiB") && m.contains("smaller size"), "{m}")
+            }
             Err(e) => panic!("unexpected {e}"),
             Ok(_) => panic!("a 4096² run fitted?"),
         }
@@ -797,7 +810,10 @@ mod tests {
         assert!(p.text_encoder.is_none() && p.transformer.is_none());
         let b = p.generate(&r, &mut crate::progress::ignore).unwrap();
         assert_eq!(a.frames, b.frames);
-        assert_eq!(crate::testing::rel_error(&a.latents, &b.latents).unwrap(), 0.0);
+        assert_eq!(
+            crate::testing::rel_error(&a.latents, &b.latents).unwrap(),
+            0.0
+        );
         let c = p
             .generate(
                 &GenerateRequest {

@@ -290,7 +290,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .or_else(|| std::env::var("KINO_MODEL").ok())
         .unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let size = a.size.as_deref().map(parse_size).transpose()?;
-    let output = a.output.clone().unwrap_or_else(|| default_output(&a.prompt));
+    let output = a
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&a.prompt));
     let format = format_of(&output)?;
     check_writable(&output, format, a.overwrite)?;
 
@@ -310,7 +313,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let defaults = pipeline.defaults().clone();
     let fps = a.fps.unwrap_or(defaults.fps);
     if fps == 0 || fps > 240 {
-        bail!("--fps {fps} is out of range; use 1 to 240 (the model's default is {})", defaults.fps);
+        bail!(
+            "--fps {fps} is out of range; use 1 to 240 (the model's default is {})",
+            defaults.fps
+        );
     }
     let step = pipeline.frame_step();
     let num_frames = match (a.frames, a.seconds) {
@@ -466,7 +472,10 @@ mod tests {
 
     #[test]
     fn slug_is_a_safe_file_name() {
-        assert_eq!(slug("A corgi, surfing at sunset!"), "a-corgi-surfing-at-sunset");
+        assert_eq!(
+            slug("A corgi, surfing at sunset!"),
+            "a-corgi-surfing-at-sunset"
+        );
         assert_eq!(slug("  ///  "), "video");
         assert!(slug(&"word ".repeat(40)).len() <= 60);
     }

@@ -31,10 +31,16 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{:<18} {:<36} {:<10} description", "alias", "repository", "local");
+    println!(
+        "{:<18} {:<36} {:<10} description",
+        "alias", "repository", "local"
+    );
     for (m, p) in &rows {
         let local = if p.is_some() { "yes" } else { "no" };
-        println!("{:<18} {:<36} {:<10} {}", m.alias, m.repo, local, m.description);
+        println!(
+            "{:<18} {:<36} {:<10} {}",
+            m.alias, m.repo, local, m.description
+        );
     }
     println!(
         "\nModels are kept in the Hugging Face cache ({}). Any folder in diffusers layout also works: --model /path/to/folder",
@@ -98,13 +104,23 @@ pub fn pull(a: PullArgs) -> anyhow::Result<()> {
         .info()
         .with_context(|| format!("cannot list the files of {}", m.repo))?;
     let n = info.siblings.len();
-    eprintln!("downloading {} ({n} files, about {:.0} GB) into {}", m.repo, m.size_gb, registry::hub_cache().display());
+    eprintln!(
+        "downloading {} ({n} files, about {:.0} GB) into {}",
+        m.repo,
+        m.size_gb,
+        registry::hub_cache().display()
+    );
     for (i, s) in info.siblings.iter().enumerate() {
         eprintln!("[{}/{n}] {}", i + 1, s.rfilename);
-        repo.get(&s.rfilename)
-            .with_context(|| format!("downloading {}; run the same command again to resume", s.rfilename))?;
+        repo.get(&s.rfilename).with_context(|| {
+            format!(
+                "downloading {}; run the same command again to resume",
+                s.rfilename
+            )
+        })?;
     }
-    let path = registry::local_snapshot(m).context("download finished but the folder has no model_index.json")?;
+    let path = registry::local_snapshot(m)
+        .context("download finished but the folder has no model_index.json")?;
     println!("{}", path.display());
     Ok(())
 }
