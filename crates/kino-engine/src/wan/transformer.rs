@@ -43,9 +43,11 @@ use crate::loading::{read_config, Weights};
 /// The diffusers class name in `transformer/config.json`.
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
 
-/// Upper bound on the elements of one chunk of attention scores (`heads × queries × keys`), so
-/// that long videos (32k tokens) don't need a 50 GB score matrix on the CPU path.
-const ATTN_CHUNK_ELEMS: usize = 2 * 1024 * 1024;
+/// Upper bound on the elements of one chunk of attention scores (`heads × queries × keys`) in
+/// [`attention_chunked`], so that long videos (32k tokens) don't need a 50 GB score matrix:
+/// small on the CPU (cache), larger on GPUs (fewer kernel launches).
+const ATTN_CHUNK_ELEMS_CPU: usize = 8 << 20;
+const ATTN_CHUNK_ELEMS_GPU: usize = 256 << 20;
 
 fn default_patch_size() -> [usize; 3] {
     [1, 2, 2]
@@ -299,6 +301,31 @@ fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]>
     }
 }
 
+thread_local! {
+    /// Set while this thread runs a share of [`pool_run`] work.
+    static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` over ranges covering `0..n_items` on candle's CPU thread pool. Nested calls (from
+/// inside `f`, on any thread, the calling one included) run inline: candle's pool would
+/// deadlock on its call lock if the calling thread re-entered it.
+fn pool_run(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if IN_POOL.with(|c| c.get()) {
+        f(0..n_items);
+        return;
+    }
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_POOL.with(|c| c.set(self.0));
+        }
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
+        let _reset = Reset(IN_POOL.with(|c| c.replace(true)));
+        f(range);
+    });
+}
+
 /// Runs `f(row_index, row)` over the `n_rows` rows of `dst` on candle's CPU thread pool.
 fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if row_len == 0 {
@@ -306,7 +333,7 @@ fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Syn
     }
     let n_rows = dst.len() / row_len;
     let ptr = dst.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(n_rows, |range| {
+    pool_run(n_rows, |range| {
         for r in range {
             // SAFETY: `r < n_rows`, so the row lies inside `dst`; every row is handed to exactly
             // one worker, so the mutable slices are disjoint; `dst` outlives this call.
@@ -669,30 +696,28 @@ mod packed_gemm {
     impl PackedB {
         /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`).
         pub fn from_rows(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-            let panels = n.div_ceil(NR);
-            let mut data = vec![0f32; panels * NR * k];
-            for j in 0..n {
-                let (p, c) = (j / NR, j % NR);
-                let panel = &mut data[p * k * NR..(p + 1) * k * NR];
-                for (kk, &v) in src[j * ld..j * ld + k].iter().enumerate() {
-                    panel[kk * NR + c] = v;
+            let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+            super::par_rows(&mut data, k * NR, |p, panel| {
+                for c in 0..NR.min(n - p * NR) {
+                    let j = p * NR + c;
+                    for (kk, &v) in src[j * ld..j * ld + k].iter().enumerate() {
+                        panel[kk * NR + c] = v;
+                    }
                 }
-            }
+            });
             Self { data, n, k }
         }
 
         /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`).
         pub fn from_cols(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-            let panels = n.div_ceil(NR);
-            let mut data = vec![0f32; panels * NR * k];
-            for p in 0..panels {
+            let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+            super::par_rows(&mut data, k * NR, |p, panel| {
                 let cols = NR.min(n - p * NR);
-                let panel = &mut data[p * k * NR..(p + 1) * k * NR];
                 for kk in 0..k {
                     let s = kk * ld + p * NR;
                     panel[kk * NR..kk * NR + cols].copy_from_slice(&src[s..s + cols]);
                 }
-            }
+            });
             Self { data, n, k }
         }
     }
@@ -898,7 +923,7 @@ mod packed_gemm {
         let tiles_m = m.div_ceil(MC);
         let tiles_n = n.div_ceil(NC);
         let c_ptr = c.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(tiles_m * tiles_n, |range| {
+        super::pool_run(tiles_m * tiles_n, |range| {
             for t in range {
                 let (ti, tj) = (t % tiles_m, t / tiles_m);
                 // SAFETY: `available()` was checked when `w` was packed (callers only pack when
@@ -991,13 +1016,19 @@ impl Lin {
             let w = linear.weight();
             if w.device().is_cpu() && w.dtype() == DType::F32 && use_packed() {
                 let (n, k) = w.dims2()?;
-                let wv = w.flatten_all()?.to_vec1::<f32>()?;
+                let (storage, layout) = w.storage_and_layout();
+                let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((o1, o2))) =
+                    (&*storage, layout.contiguous_offsets())
+                else {
+                    candle_core::bail!("linear weight: expected a contiguous f32 CPU tensor");
+                };
+                let wv = &data[o1..o2];
                 let bias = match linear.bias() {
                     Some(b) => Some(b.to_vec1::<f32>()?),
                     None => None,
                 };
                 let packed = PackedLinear {
-                    w: packed_gemm::PackedB::from_rows(&wv, n, k, k),
+                    w: packed_gemm::PackedB::from_rows(wv, n, k, k),
                     bias,
                 };
                 return Ok(Lin::Packed(std::sync::Arc::new(packed)));
@@ -1231,7 +1262,7 @@ fn attention_packed(
     let packed: Vec<(OnceLock<PackedB>, OnceLock<PackedB>)> = (0..b * h)
         .map(|_| (OnceLock::new(), OnceLock::new()))
         .collect();
-    candle_core::utils::barrier_pool().execute_chunked(b * h, |range| {
+    pool_run(b * h, |range| {
         for bh in range {
             let off = (bh / h) * m * row + (bh % h) * d;
             // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
@@ -1241,7 +1272,7 @@ fn attention_packed(
     });
     let n_blocks = n.div_ceil(bq);
     let out_ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(b * h * n_blocks, |range| {
+    pool_run(b * h * n_blocks, |range| {
         let mut scores = vec![0f32; bq * m];
         let mut sums = vec![0f32; bq];
         for task in range {
@@ -1305,7 +1336,12 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> 
         };
         return q.apply_op3_no_bwd(&k, &v, &op);
     }
-    attention_chunked(q, k, v, ATTN_CHUNK_ELEMS)
+    let budget = if q.device().is_cpu() {
+        ATTN_CHUNK_ELEMS_CPU
+    } else {
+        ATTN_CHUNK_ELEMS_GPU
+    };
+    attention_chunked(q, k, v, budget)
 }
 
 /// Attention with candle ops, queries in chunks of at most `max_scores` attention scores.
@@ -1625,8 +1661,8 @@ impl WanTimeTextImageEmbedding {
 /// the flattened patches (weight `[D, C, pt, ph, pw]` read as `[D, C·pt·ph·pw]`).
 #[derive(Debug, Clone)]
 struct PatchEmbedding {
-    weight: Tensor,
-    bias: Tensor,
+    proj: Lin,
+    dim: usize,
 }
 
 impl PatchEmbedding {
@@ -1634,9 +1670,11 @@ impl PatchEmbedding {
         let [pt, ph, pw] = cfg.patch_size;
         let d = cfg.inner_dim();
         let weight = vb.get((d, cfg.in_channels, pt, ph, pw), "weight")?;
+        let weight = weight.reshape((d, cfg.in_channels * pt * ph * pw))?;
+        let bias = vb.get(d, "bias")?;
         Ok(Self {
-            weight: weight.reshape((d, cfg.in_channels * pt * ph * pw))?,
-            bias: vb.get(d, "bias")?,
+            proj: Lin::new(Linear::new(weight, Some(bias)))?,
+            dim: d,
         })
     }
 
@@ -1649,11 +1687,7 @@ impl PatchEmbedding {
             .reshape(&[b, c, ppf, pt, pph, ph, ppw, pw][..])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .reshape((b * n, c * pt * ph * pw))?;
-        let d = self.weight.dim(0)?;
-        patches
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?
-            .reshape((b, n, d))
+        self.proj.forward(&patches)?.reshape((b, n, self.dim))
     }
 }
 
@@ -2140,24 +2174,6 @@ mod tests {
             let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
             (tick(11) + tick(12)) / 100.0
         };
-        if std::env::var("STAGES").is_ok() {
-            let c = cpu();
-            let xe = model.patch_embedding.forward(&x, cfg.patch_size)?;
-            println!("patch {:.2}", cpu() - c);
-            let c = cpu();
-            let (temb, tp, context) = model.condition_embedder.forward(&ts, &ctx, None)?;
-            println!("cond {:.2}", cpu() - c);
-            let tp = tp.reshape((1, 6, 1536))?;
-            let (cos, sin) = model.rope.forward(1, (5, 16, 16), &dev)?;
-            let rope = Rope { cos, sin };
-            let mut h = xe;
-            for (i, blk) in model.blocks.iter().enumerate() {
-                let c = cpu();
-                h = blk.forward(&h, &context, &tp, &rope)?;
-                println!("block {i} {:.2}", cpu() - c);
-            }
-            let _ = temb;
-        }
         let (t0, c0) = (std::time::Instant::now(), cpu());
         let out = model.forward(&x, &ts, &ctx)?;
         let (secs, cpu_secs) = (t0.elapsed().as_secs_f64(), cpu() - c0);
@@ -2167,108 +2183,6 @@ mod tests {
             candle_core::utils::get_num_threads()
         );
         assert_eq!(out.dims(), &[1, 16, 5, 32, 32]);
-        Ok(())
-    }
-
-    #[test]
-    #[ignore]
-    fn bench_ops_tmp() -> Result<()> {
-        let dev = Device::Cpu;
-        let n = 1280;
-        let cpu = || -> f64 {
-            let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-            s.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-                / 1e9
-        };
-        let time = |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
-            f()?;
-            let mut best = f64::MAX;
-            for _ in 0..3 {
-                let t0 = cpu();
-                f()?;
-                best = best.min(cpu() - t0);
-            }
-            println!("{name:30} {:8.2} ms", best * 1000.0);
-            Ok(())
-        };
-        let x = Tensor::randn(0f32, 1.0, (n, 1536), &dev)?;
-        let xf = Tensor::randn(0f32, 1.0, (n, 8960), &dev)?;
-        let w = Tensor::randn(0f32, 0.02, (1536, 1536), &dev)?;
-        let wu = Tensor::randn(0f32, 0.02, (8960, 1536), &dev)?;
-        let wd = Tensor::randn(0f32, 0.02, (1536, 8960), &dev)?;
-        if std::env::var("BLOCK").is_ok() {
-            let cfg = Config {
-                num_attention_heads: 12,
-                ffn_dim: 8960,
-                num_layers: 1,
-                ..Config::default()
-            };
-            let varmap = candle_nn::VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-            let blk = WanTransformerBlock::new(&cfg, vb.pp("blocks.0"))?;
-            let pcpu = || -> f64 {
-                let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-                let f: Vec<&str> = s
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .collect();
-                let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                (tick(11) + tick(12)) * 10.0
-            };
-            let ptime = |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
-                f()?;
-                let c0 = pcpu();
-                for _ in 0..5 {
-                    f()?;
-                }
-                println!("{name:30} {:8.1} ms CPU", (pcpu() - c0) / 5.0);
-                Ok(())
-            };
-            let x3 = x.unsqueeze(0)?;
-            let ctx = Tensor::randn(0f32, 1.0, (1, 512, 1536), &dev)?;
-            let r = WanRotaryPosEmbed::new(128, 1024);
-            let (cos, sin) = r.forward(1, (5, 16, 16), &dev)?;
-            let rope = Rope { cos, sin };
-            let temb = Tensor::randn(0f32, 1.0, (1, 6, 1536), &dev)?;
-            ptime("attn1", &|| blk.attn1.forward(&x3, None, Some(&rope)))?;
-            ptime("attn2", &|| blk.attn2.forward(&x3, Some(&ctx), None))?;
-            ptime("ffn", &|| blk.ffn.forward(&x3))?;
-            ptime("block", &|| blk.forward(&x3, &ctx, &temb, &rope))?;
-            ptime("to_q", &|| blk.attn1.to_q.forward(&x3))?;
-            ptime("mm 1536 x2d", &|| x.matmul(&w.t()?))?;
-            ptime("mm 1536->8960", &|| x.matmul(&wu.t()?))?;
-            return Ok(());
-        }
-        if std::env::var("ONLY_MM").is_ok() {
-            for _ in 0..10 {
-                x.matmul(&wu.t()?)?;
-            }
-            return Ok(());
-        }
-        let lw = Lin::new(Linear::new(w.clone(), None))?;
-        let lu = Lin::new(Linear::new(wu.clone(), None))?;
-        let ld = Lin::new(Linear::new(wd.clone(), None))?;
-        time("packed 1536->1536", &|| lw.forward(&x))?;
-        time("packed 1536->8960", &|| lu.forward(&x))?;
-        time("packed 8960->1536", &|| ld.forward(&xf))?;
-        time("mm 1536->1536", &|| x.matmul(&w.t()?))?;
-        time("mm 1536->8960", &|| x.matmul(&wu.t()?))?;
-        time("mm 8960->1536", &|| xf.matmul(&wd.t()?))?;
-        let wut = wu.t()?.contiguous()?;
-        time("mm 1536->8960 rhs rowmajor", &|| x.matmul(&wut))?;
-        time("mm 1536->8960 transposed", &|| wu.matmul(&x.t()?))?;
-        let xt = x.t()?.contiguous()?;
-        time("mm 1536->8960 transposed c", &|| wu.matmul(&xt))?;
-        let wdt = wd.t()?.contiguous()?;
-        time("mm 8960->1536 rhs rowmajor", &|| xf.matmul(&wdt))?;
-        time("mm 8960->1536 transposed", &|| wd.matmul(&xf.t()?))?;
-        let q = Tensor::randn(0f32, 1.0, (1, n, 12, 128), &dev)?;
-        time("self attention core", &|| attention(&q, &q, &q))?;
         Ok(())
     }
 
@@ -2320,7 +2234,7 @@ mod tests {
             let reference = plain_attention(&q, &k, &v)?;
             let err = rel_error(&attention(&q, &k, &v)?, &reference)?;
             assert!(err < 1e-5, "blocked ({n}, {m}): {err}");
-            for budget in [ATTN_CHUNK_ELEMS, 5 * h * m, 1] {
+            for budget in [ATTN_CHUNK_ELEMS_CPU, 5 * h * m, 1] {
                 let out = attention_chunked(&q, &k, &v, budget)?;
                 let err = rel_error(&out, &reference)?;
                 assert!(err < 1e-5, "chunked ({n}, {m}) budget {budget}: {err}");
