@@ -22,11 +22,15 @@
 //! implemented: such a config is refused. Wan2.2 TI2V's image-to-video works without it (the
 //! image is a latent frame with per-token timestep 0, see `timestep` in [`WanTransformer3DModel::forward`]).
 //!
-//! Speed notes (the CPU hot path): q/k/v stay in the `[B, N, heads, head_dim]` layout the linear
-//! layers produce, and the attention matmuls read them through strides (no transposed copies);
-//! RoPE is one `rope_i` pass; the attention is chunked over queries to bound the memory of the
-//! score matrix; modulated LayerNorm and gated residuals are single fused passes on the CPU that
-//! read the `[B, 1, D]` modulation without broadcasting it to every token.
+//! Speed notes (the CPU hot path, see [`cpu`]): on x86-64 CPUs with AVX-512 the linear layers
+//! run a packed f32 matmul (weights packed once at load; bias and the FFN's GELU applied as
+//! each output tile is finished) and the attention is blocked per (batch, head, query block)
+//! with the scores kept in cache, reading q/k/v in the `[B, N, heads, head_dim]` layout the
+//! linear layers produce (no transposed copies). Elsewhere candle's matmuls and a chunked
+//! attention do the same maths. RoPE is one `rope_i` pass; the modulated LayerNorms and the
+//! gated residuals are single fused passes that read the `[B, 1, D]` modulation without
+//! broadcasting it to every token; softmax and GELU use a vectorizable `exp`.
+//! On CUDA with the `flash-attn` feature, bf16/f16 attention uses `candle_flash_attn`.
 
 use std::path::Path;
 
@@ -39,6 +43,11 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{read_config, Weights};
+use cpu::{
+    gated_residual, lin, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace, Lin,
+};
+#[cfg(target_arch = "x86_64")]
+use cpu::{use_packed, PackedAttention};
 
 /// The diffusers class name in `transformer/config.json`.
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
@@ -240,832 +249,6 @@ impl Config {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused CPU kernels (f32). On other devices the same maths runs as candle tensor ops.
-// ---------------------------------------------------------------------------------------------
-
-/// Rows `[d]` of a `[b|1, n|1, d]` f32 tensor with unit stride in the last dim, indexed by
-/// (batch, token) of a `[b, n, d]` tensor: the modulation broadcast without copies.
-struct Rows<'a> {
-    data: &'a [f32],
-    offset: usize,
-    stride_b: usize,
-    stride_n: usize,
-    d: usize,
-}
-
-impl<'a> Rows<'a> {
-    fn new(data: &'a [f32], l: &Layout, b: usize, n: usize, d: usize) -> candle_core::Result<Self> {
-        let (lb, ln, ld) = l.shape().dims3()?;
-        let st = l.stride();
-        if ld != d || !(lb == 1 || lb == b) || !(ln == 1 || ln == n) || (d > 1 && st[2] != 1) {
-            candle_core::bail!(
-                "modulation of shape {:?} (strides {st:?}) does not broadcast to [{b}, {n}, {d}]",
-                l.dims()
-            );
-        }
-        let stride_b = if lb == 1 { 0 } else { st[0] };
-        let stride_n = if ln == 1 { 0 } else { st[1] };
-        let last = l.start_offset() + (lb - 1) * st[0] + (ln - 1) * st[1] + d;
-        if last > data.len() {
-            candle_core::bail!("modulation layout out of bounds");
-        }
-        Ok(Self {
-            data,
-            offset: l.start_offset(),
-            stride_b,
-            stride_n,
-            d,
-        })
-    }
-
-    fn row(&self, bi: usize, ni: usize) -> &[f32] {
-        let o = self.offset + bi * self.stride_b + ni * self.stride_n;
-        &self.data[o..o + self.d]
-    }
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{what}: expected f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(data) => Ok(data),
-        _ => candle_core::bail!("{what}: expected f32, got {:?}", s.dtype()),
-    }
-}
-
-thread_local! {
-    /// Set while this thread runs a share of [`pool_run`] work.
-    static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` over ranges covering `0..n_items` on candle's CPU thread pool. Nested calls (from
-/// inside `f`, on any thread, the calling one included) run inline: candle's pool would
-/// deadlock on its call lock if the calling thread re-entered it.
-fn pool_run(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    if IN_POOL.with(|c| c.get()) {
-        f(0..n_items);
-        return;
-    }
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            IN_POOL.with(|c| c.set(self.0));
-        }
-    }
-    candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
-        let _reset = Reset(IN_POOL.with(|c| c.replace(true)));
-        f(range);
-    });
-}
-
-/// Runs `f(row_index, row)` over the `n_rows` rows of `dst` on candle's CPU thread pool.
-fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if row_len == 0 {
-        return;
-    }
-    let n_rows = dst.len() / row_len;
-    let ptr = dst.as_mut_ptr() as usize;
-    pool_run(n_rows, |range| {
-        for r in range {
-            // SAFETY: `r < n_rows`, so the row lies inside `dst`; every row is handed to exactly
-            // one worker, so the mutable slices are disjoint; `dst` outlives this call.
-            let row = unsafe {
-                std::slice::from_raw_parts_mut((ptr as *mut f32).add(r * row_len), row_len)
-            };
-            f(r, row);
-        }
-    });
-}
-
-/// `exp(x)` in f32 without libm calls, so loops over it vectorize: Cephes' `expf` (range
-/// reduction by ln 2, degree-6 polynomial), about 1 ulp; inputs are clamped to [-87.3, 88.7].
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.3, 88.7);
-    let t = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * (r * r) + r + 1.0;
-    f32::from_bits(e.to_bits().wrapping_add(n_bits << 23))
-}
-
-/// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
-/// the identical `x · sigmoid(2·inner)`.
-#[inline(always)]
-fn gelu_tanh_f32(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-    x / (1.0 + exp_f32(-2.0 * inner))
-}
-
-/// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU
-/// has them (detected at run time; the body's loops auto-vectorize to that width), else for the
-/// baseline target.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    imp($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    imp($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features `avx512` was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `avx2` was compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            imp($($arg),*)
-        }
-    };
-}
-
-const LANES: usize = 16;
-
-multiversion! {
-    /// Replaces each row of `rows` (`[r, m]`) by `exp((x - max(row))·scale)` and stores the row
-    /// sums in `sums[..r]`: a softmax of `scale·x` whose division by the sum is left to the caller.
-    fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], scale: f32) {
-        for (row, sum) in rows.chunks_exact_mut(m).zip(sums.iter_mut()) {
-            let mut mx = [f32::NEG_INFINITY; LANES];
-            let mut chunks = row.chunks_exact(LANES);
-            for c in &mut chunks {
-                for i in 0..LANES {
-                    mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
-                }
-            }
-            let mut max = f32::NEG_INFINITY;
-            for &v in mx.iter().chain(chunks.remainder()) {
-                max = if v > max { v } else { max };
-            }
-            let mut acc = [0f32; LANES];
-            let mut chunks = row.chunks_exact_mut(LANES);
-            for c in &mut chunks {
-                for i in 0..LANES {
-                    let e = exp_f32((c[i] - max) * scale);
-                    c[i] = e;
-                    acc[i] += e;
-                }
-            }
-            let mut s: f32 = acc.iter().sum();
-            for v in chunks.into_remainder() {
-                let e = exp_f32((*v - max) * scale);
-                *v = e;
-                s += e;
-            }
-            *sum = s;
-        }
-    }
-}
-
-multiversion! {
-    /// `row = gelu_tanh(row + bias)`.
-    fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v = gelu_tanh_f32(*v + b);
-        }
-    }
-}
-
-/// Softmax of one row, in place.
-fn softmax_row(row: &mut [f32]) {
-    let mut sum = [0f32];
-    softmax_rows_unnormalized(row, row.len(), &mut sum, 1.0);
-    let inv = 1.0 / sum[0];
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
-
-fn contiguous_f32_mut<'a>(
-    s: &'a mut CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a mut [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{what}: expected f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut data[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-/// Softmax over the last dim, in place (contiguous f32).
-struct SoftmaxInPlace;
-
-impl candle_core::InplaceOp1 for SoftmaxInPlace {
-    fn name(&self) -> &'static str {
-        "wan-softmax-inplace"
-    }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let d = l.dims().last().copied().unwrap_or(1);
-        let data = contiguous_f32_mut(s, l, "softmax")?;
-        par_rows(data, d, |_, row| softmax_row(row));
-        Ok(())
-    }
-}
-
-/// `x = gelu_tanh(x + bias)` in place, `x` `[.., F]` contiguous f32, `bias` `[F]`.
-struct BiasGeluInPlace;
-
-impl candle_core::InplaceOp2 for BiasGeluInPlace {
-    fn name(&self) -> &'static str {
-        "wan-bias-gelu-inplace"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &mut CpuStorage,
-        l: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<()> {
-        let bias = contiguous_f32(b, bl, "gelu bias")?;
-        let f = bias.len();
-        if l.dims().last() != Some(&f) {
-            candle_core::bail!("gelu bias {:?} does not fit {:?}", bl.dims(), l.dims());
-        }
-        let data = contiguous_f32_mut(s, l, "gelu input")?;
-        par_rows(data, f, |_, row| bias_gelu_row(row, bias));
-        Ok(())
-    }
-}
-
-/// Softmax over the last dim; in place on the CPU (`s` must not be shared).
-fn softmax_last_dim_owned(s: Tensor) -> candle_core::Result<Tensor> {
-    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
-        s.inplace_op1(&SoftmaxInPlace)?;
-        Ok(s)
-    } else {
-        candle_nn::ops::softmax_last_dim(&s)
-    }
-}
-
-/// `LayerNorm(x) * (1 + scale) + shift` (or `* scale + shift` when `one_plus` is false, i.e. an
-/// affine LayerNorm), LayerNorm without affine, over the last dim of a contiguous f32
-/// `[B, N, D]` tensor; `scale`/`shift` are `[B|1, N|1, D]`.
-struct ModulatedLayerNorm {
-    eps: f64,
-    one_plus: bool,
-}
-
-impl CustomOp3 for ModulatedLayerNorm {
-    fn name(&self) -> &'static str {
-        "wan-modulated-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "layer norm input")?;
-        let (b, n, d) = l1.shape().dims3()?;
-        let scale = Rows::new(f32_data(s2, "layer norm scale")?, l2, b, n, d)?;
-        let shift = Rows::new(f32_data(s3, "layer norm shift")?, l3, b, n, d)?;
-        let mut dst = vec![0f32; b * n * d];
-        let (eps, one_plus) = (self.eps, self.one_plus);
-        par_rows(&mut dst, d, |r, out| {
-            let src = &x[r * d..(r + 1) * d];
-            let (bi, ni) = (r / n, r % n);
-            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let var = src
-                .iter()
-                .map(|&v| {
-                    let c = v as f64 - mean;
-                    c * c
-                })
-                .sum::<f64>()
-                / d as f64;
-            let rstd = (1.0 / (var + eps).sqrt()) as f32;
-            let mean = mean as f32;
-            let (sc, sh) = (scale.row(bi, ni), shift.row(bi, ni));
-            if one_plus {
-                for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
-                    *o = ((v - mean) * rstd) * (1.0 + s) + t;
-                }
-            } else {
-                for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
-                    *o = ((v - mean) * rstd) * s + t;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
-    }
-}
-
-/// `x + y * gate` for contiguous f32 `[B, N, D]` `x`, `y` and a `[B|1, N|1, D]` gate.
-struct GatedResidual;
-
-impl CustomOp3 for GatedResidual {
-    fn name(&self) -> &'static str {
-        "wan-gated-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "residual")?;
-        let y = contiguous_f32(s2, l2, "residual branch")?;
-        let (b, n, d) = l1.shape().dims3()?;
-        if l2.dims() != l1.dims() {
-            candle_core::bail!("residual shapes differ: {:?} vs {:?}", l1.dims(), l2.dims());
-        }
-        let gate = Rows::new(f32_data(s3, "gate")?, l3, b, n, d)?;
-        let mut dst = vec![0f32; b * n * d];
-        par_rows(&mut dst, d, |r, out| {
-            let g = gate.row(r / n, r % n);
-            let (xs, ys) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-            for (((o, &a), &c), &g) in out.iter_mut().zip(xs).zip(ys).zip(g) {
-                *o = a + c * g;
-            }
-        });
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
-    }
-}
-
-/// `FP32LayerNorm(x.float()) * (1 + scale) + shift` in f32 (`one_plus`), or the affine
-/// `FP32LayerNorm` with weight `scale` and bias `shift` (`!one_plus`). `x` is `[B, N, D]`.
-fn modulated_layer_norm(
-    x: &Tensor,
-    scale: &Tensor,
-    shift: &Tensor,
-    eps: f64,
-    one_plus: bool,
-) -> candle_core::Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    if x.device().is_cpu() {
-        return x.apply_op3_no_bwd(scale, shift, &ModulatedLayerNorm { eps, one_plus });
-    }
-    let d = x.dim(D::Minus1)?;
-    let ones = Tensor::ones(d, DType::F32, x.device())?;
-    let zeros = Tensor::zeros(d, DType::F32, x.device())?;
-    let y = candle_nn::ops::layer_norm(&x, &ones, &zeros, eps as f32)?;
-    let scale = if one_plus {
-        (scale + 1.0)?
-    } else {
-        scale.clone()
-    };
-    y.broadcast_mul(&scale)?.broadcast_add(shift)
-}
-
-/// `x.float() + y.float() * gate` (f32 result).
-fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let y = y.to_dtype(DType::F32)?.contiguous()?;
-    if x.device().is_cpu() {
-        return x.apply_op3_no_bwd(&y, gate, &GatedResidual);
-    }
-    x + y.broadcast_mul(gate)?
-}
-
-// ---------------------------------------------------------------------------------------------
-// Linear layers: a packed AVX-512 matmul on the CPU, candle elsewhere.
-// ---------------------------------------------------------------------------------------------
-
-/// An f32 matmul `C = A · Wᵀ (+ bias)` for x86-64 CPUs with AVX-512, with the weights packed
-/// once at load time. Register tile: 12 rows of A × 32 output features (24 zmm accumulators);
-/// `KC`-deep slices; `MC × NC` tiles of C run in parallel on candle's CPU thread pool.
-#[cfg(target_arch = "x86_64")]
-mod packed_gemm {
-    use std::arch::x86_64::*;
-
-    pub const MR: usize = 12;
-    pub const NR: usize = 32;
-    const KC: usize = 256;
-    const MC: usize = 8 * MR;
-    const NC: usize = 16 * NR;
-
-    pub fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-
-    /// Weights `[n, k]` (a PyTorch `Linear` weight) as `NR`-column panels of `Wᵀ`:
-    /// `data[p·k·NR + kk·NR + c] = W[p·NR + c, kk]`, zero-padded to a multiple of `NR` columns.
-    pub struct PackedB {
-        data: Vec<f32>,
-        pub n: usize,
-        pub k: usize,
-    }
-
-    impl std::fmt::Debug for PackedB {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "PackedB({}x{})", self.n, self.k)
-        }
-    }
-
-    impl PackedB {
-        /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`).
-        pub fn from_rows(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-            let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
-            super::par_rows(&mut data, k * NR, |p, panel| {
-                for c in 0..NR.min(n - p * NR) {
-                    let j = p * NR + c;
-                    for (kk, &v) in src[j * ld..j * ld + k].iter().enumerate() {
-                        panel[kk * NR + c] = v;
-                    }
-                }
-            });
-            Self { data, n, k }
-        }
-
-        /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`).
-        pub fn from_cols(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-            let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
-            super::par_rows(&mut data, k * NR, |p, panel| {
-                let cols = NR.min(n - p * NR);
-                for kk in 0..k {
-                    let s = kk * ld + p * NR;
-                    panel[kk * NR..kk * NR + cols].copy_from_slice(&src[s..s + cols]);
-                }
-            });
-            Self { data, n, k }
-        }
-    }
-
-    /// How a register tile starts: from the bias (first slice), or from C (later slices).
-    #[derive(Clone, Copy)]
-    enum Init {
-        Bias(*const f32),
-        Zero,
-        Load,
-    }
-
-    /// C[R, 32] (= or +=) A[R, kc] · B[kc, 32]. `a`: row stride `lda`; `b`: packed panel at the
-    /// slice start (stride NR per k); `c`: row stride `ldc`; `m0`, `m1`: column masks.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const R: usize>(
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        init: Init,
-        m0: __mmask16,
-        m1: __mmask16,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        match init {
-            Init::Zero => {}
-            Init::Bias(bias) => {
-                let b0 = _mm512_maskz_loadu_ps(m0, bias);
-                let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
-                for row in acc.iter_mut() {
-                    *row = [b0, b1];
-                }
-            }
-            Init::Load => {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let cr = c.add(r * ldc);
-                    *row = [
-                        _mm512_maskz_loadu_ps(m0, cr),
-                        _mm512_maskz_loadu_ps(m1, cr.add(16)),
-                    ];
-                }
-            }
-        }
-        for kk in 0..kc {
-            let bp = b.add(kk * NR);
-            let b0 = _mm512_loadu_ps(bp);
-            let b1 = _mm512_loadu_ps(bp.add(16));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(r * lda + kk));
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            let cr = c.add(r * ldc);
-            _mm512_mask_storeu_ps(cr, m0, row[0]);
-            _mm512_mask_storeu_ps(cr.add(16), m1, row[1]);
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel_rows(
-        rows: usize,
-        kc: usize,
-        a: *const f32,
-        lda: usize,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        init: Init,
-        m0: __mmask16,
-        m1: __mmask16,
-    ) {
-        macro_rules! k {
-            ($r:literal) => {
-                kernel::<$r>(kc, a, lda, b, c, ldc, init, m0, m1)
-            };
-        }
-        match rows {
-            12 => k!(12),
-            11 => k!(11),
-            10 => k!(10),
-            9 => k!(9),
-            8 => k!(8),
-            7 => k!(7),
-            6 => k!(6),
-            5 => k!(5),
-            4 => k!(4),
-            3 => k!(3),
-            2 => k!(2),
-            1 => k!(1),
-            _ => {}
-        }
-    }
-
-    /// One `MC × NC` tile of C (rows from `i0`, columns from `j0`), all of K. A is `[m, k]`
-    /// with row stride `lda`, C `[m, n]` with row stride `ldc`.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
-        a: *const f32,
-        lda: usize,
-        m: usize,
-        w: &PackedB,
-        bias: Option<&[f32]>,
-        c: *mut f32,
-        ldc: usize,
-        i0: usize,
-        j0: usize,
-        post: &(dyn Fn(&mut [f32], usize) + Sync),
-    ) {
-        let (n, k) = (w.n, w.k);
-        let i1 = (i0 + MC).min(m);
-        let j1 = (j0 + NC).min(n);
-        let mut pc = 0;
-        loop {
-            let kc = KC.min(k - pc);
-            let mut j = j0;
-            while j < j1 {
-                let cols = (j1 - j).min(NR);
-                let m0 = if cols >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << cols) - 1) as u16
-                };
-                let m1 = if cols >= 32 {
-                    0xffff
-                } else if cols > 16 {
-                    ((1u32 << (cols - 16)) - 1) as u16
-                } else {
-                    0
-                };
-                let init = if pc > 0 {
-                    Init::Load
-                } else {
-                    match bias {
-                        Some(b) => Init::Bias(b.as_ptr().add(j)),
-                        None => Init::Zero,
-                    }
-                };
-                let bp = w.data.as_ptr().add((j / NR) * k * NR + pc * NR);
-                let mut i = i0;
-                while i < i1 {
-                    let rows = (i1 - i).min(MR);
-                    let (ai, ci) = (a.add(i * lda + pc), c.add(i * ldc + j));
-                    kernel_rows(rows, kc, ai, lda, bp, ci, ldc, init, m0, m1);
-                    i += MR;
-                }
-                j += NR;
-            }
-            pc += kc;
-            if pc >= k {
-                break;
-            }
-        }
-        for i in i0..i1 {
-            let row = std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0);
-            post(row, j0);
-        }
-    }
-
-    /// `C = A · Wᵀ` on the calling thread; A `[m, w.k]` with row stride `lda`, C `[m, w.n]`
-    /// with row stride `ldc`.
-    ///
-    /// # Safety
-    /// [`available`] must hold, and `a`/`c` must be valid for those shapes and strides.
-    pub unsafe fn gemm_serial(
-        a: *const f32,
-        lda: usize,
-        m: usize,
-        w: &PackedB,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let noop = |_: &mut [f32], _: usize| {};
-        let mut j0 = 0;
-        while j0 < w.n {
-            let mut i0 = 0;
-            while i0 < m {
-                tile(a, lda, m, w, None, c, ldc, i0, j0, &noop);
-                i0 += MC;
-            }
-            j0 += NC;
-        }
-    }
-
-    /// `C[m, n] = A[m, k] · Wᵀ (+ bias)`, then `post(row_segment, first_column)` on each finished
-    /// row segment of C (while it is in cache). `a` is row-major `[m, k]`.
-    pub fn matmul(
-        a: &[f32],
-        m: usize,
-        w: &PackedB,
-        bias: Option<&[f32]>,
-        post: &(dyn Fn(&mut [f32], usize) + Sync),
-    ) -> Vec<f32> {
-        let n = w.n;
-        let mut c = vec![0f32; m * n];
-        let tiles_m = m.div_ceil(MC);
-        let tiles_n = n.div_ceil(NC);
-        let c_ptr = c.as_mut_ptr() as usize;
-        super::pool_run(tiles_m * tiles_n, |range| {
-            for t in range {
-                let (ti, tj) = (t % tiles_m, t / tiles_m);
-                // SAFETY: `available()` was checked when `w` was packed (callers only pack when
-                // it holds); `a` has m·k floats, `w` n·k (padded), `c` m·n; each tile writes only
-                // its own rows i0..i0+MC and columns j0..j0+NC of C, so the tiles are disjoint,
-                // and `c` outlives the pool call.
-                unsafe {
-                    let c = c_ptr as *mut f32;
-                    tile(a.as_ptr(), w.k, m, w, bias, c, n, ti * MC, tj * NC, post);
-                }
-            }
-        });
-        c
-    }
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests set this to run the portable CPU paths on a machine with AVX-512.
-    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the AVX-512 kernels ([`packed_gemm`], [`PackedAttention`]) are used.
-#[cfg(target_arch = "x86_64")]
-fn use_packed() -> bool {
-    #[cfg(test)]
-    if PORTABLE_ONLY.with(|p| p.get()) {
-        return false;
-    }
-    packed_gemm::available()
-}
-
-/// A `torch.nn.Linear`: on x86-64 CPUs with AVX-512 and f32 weights, the weights are packed
-/// for [`packed_gemm`] (and the original tensor dropped); else candle's `Linear`.
-#[derive(Debug, Clone)]
-enum Lin {
-    Candle(Linear),
-    #[cfg(target_arch = "x86_64")]
-    Packed(std::sync::Arc<PackedLinear>),
-}
-
-#[cfg(target_arch = "x86_64")]
-#[derive(Debug)]
-struct PackedLinear {
-    w: packed_gemm::PackedB,
-    bias: Option<Vec<f32>>,
-}
-
-/// Runs a [`PackedLinear`], optionally with GELU(tanh) applied to the output.
-#[cfg(target_arch = "x86_64")]
-struct PackedLinearOp<'a> {
-    lin: &'a PackedLinear,
-    gelu: bool,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl CustomOp1 for PackedLinearOp<'_> {
-    fn name(&self) -> &'static str {
-        "wan-packed-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "linear input")?;
-        let k = self.lin.w.k;
-        let dims = l.dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear input {dims:?} does not end in {k}");
-        }
-        let m = x.len().checked_div(k).unwrap_or(0);
-        let noop = |_: &mut [f32], _: usize| {};
-        let gelu = |row: &mut [f32], _: usize| {
-            for v in row.iter_mut() {
-                *v = gelu_tanh_f32(*v);
-            }
-        };
-        let post: &(dyn Fn(&mut [f32], usize) + Sync) = if self.gelu { &gelu } else { &noop };
-        let out = packed_gemm::matmul(x, m, &self.lin.w, self.lin.bias.as_deref(), post);
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.lin.w.n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
-    }
-}
-
-impl Lin {
-    fn new(linear: Linear) -> candle_core::Result<Self> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let w = linear.weight();
-            if w.device().is_cpu() && w.dtype() == DType::F32 && use_packed() {
-                let (n, k) = w.dims2()?;
-                let (storage, layout) = w.storage_and_layout();
-                let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((o1, o2))) =
-                    (&*storage, layout.contiguous_offsets())
-                else {
-                    candle_core::bail!("linear weight: expected a contiguous f32 CPU tensor");
-                };
-                let wv = &data[o1..o2];
-                let bias = match linear.bias() {
-                    Some(b) => Some(b.to_vec1::<f32>()?),
-                    None => None,
-                };
-                let packed = PackedLinear {
-                    w: packed_gemm::PackedB::from_rows(wv, n, k, k),
-                    bias,
-                };
-                return Ok(Lin::Packed(std::sync::Arc::new(packed)));
-            }
-        }
-        Ok(Lin::Candle(linear))
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_act(x, false)
-    }
-
-    /// `gelu_tanh(linear(x))` when `gelu`.
-    fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
-        match self {
-            Lin::Candle(l) => {
-                let y = l.forward(x)?;
-                if gelu {
-                    y.gelu()
-                } else {
-                    Ok(y)
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Lin::Packed(p) => x
-                .contiguous()?
-                .apply_op1_no_bwd(&PackedLinearOp { lin: p, gelu }),
-        }
-    }
-}
-
-/// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`].
-fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
-    Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Layers
 // ---------------------------------------------------------------------------------------------
 
@@ -1188,127 +371,6 @@ impl Rope {
             .reshape((b, n, dim))?
             .to_dtype(x.dtype())
     }
-}
-
-/// Scaled dot-product attention on x86-64 CPUs with AVX-512 (f32), blocked per (batch, head,
-/// query block) with [`packed_gemm`]: K and V of each (batch, head) are packed once; each task
-/// computes the scores `Q·Kᵀ` of a block of query rows, the softmax (kept in cache) and `P·V`,
-/// written straight into the `[B, N, H·d]` output. q/k/v are read in their `[B, N, H, d]` layout
-/// through strides; nothing is transposed. Inputs: q `[B, N, H, d]`, k and v `[B, M, H, d]`,
-/// contiguous.
-#[cfg(target_arch = "x86_64")]
-struct PackedAttention {
-    scale: f32,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl CustomOp3 for PackedAttention {
-    fn name(&self) -> &'static str {
-        "wan-packed-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = contiguous_f32(s1, l1, "attention q")?;
-        let k = contiguous_f32(s2, l2, "attention k")?;
-        let v = contiguous_f32(s3, l3, "attention v")?;
-        let (b, n, h, d) = l1.shape().dims4()?;
-        let (kb, m, kh, kd) = l2.shape().dims4()?;
-        if (kb, kh, kd) != (b, h, d) || l3.dims() != l2.dims() {
-            candle_core::bail!(
-                "attention shapes q {:?} k {:?} v {:?} do not fit",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        if !packed_gemm::available() {
-            candle_core::bail!("packed attention needs AVX-512");
-        }
-        let mut out = vec![0f32; b * n * h * d];
-        if !out.is_empty() && m > 0 {
-            // Query rows per block: as many as fit a 16 MiB score buffer per thread (bigger
-            // blocks make bigger matmuls), but enough blocks to keep all threads busy.
-            let threads = candle_core::utils::get_num_threads().max(1);
-            let blocks_per_head = (2 * threads).div_ceil(b * h);
-            let bq = ((4usize << 20) / m).clamp(16, n.div_ceil(blocks_per_head).max(1));
-            attention_packed(q, k, v, (b, n, m, h, d), bq, self.scale, &mut out);
-        }
-        Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
-    }
-}
-
-/// The work of [`PackedAttention`]: `bq` query rows per task.
-#[cfg(target_arch = "x86_64")]
-fn attention_packed(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (b, n, m, h, d): (usize, usize, usize, usize, usize),
-    bq: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    use packed_gemm::PackedB;
-    use std::sync::OnceLock;
-    let row = h * d; // stride between tokens in q, k, v and out
-    let packed: Vec<(OnceLock<PackedB>, OnceLock<PackedB>)> = (0..b * h)
-        .map(|_| (OnceLock::new(), OnceLock::new()))
-        .collect();
-    pool_run(b * h, |range| {
-        for bh in range {
-            let off = (bh / h) * m * row + (bh % h) * d;
-            // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
-            let _ = packed[bh].0.set(PackedB::from_rows(&k[off..], m, d, row));
-            let _ = packed[bh].1.set(PackedB::from_cols(&v[off..], d, m, row));
-        }
-    });
-    let n_blocks = n.div_ceil(bq);
-    let out_ptr = out.as_mut_ptr() as usize;
-    pool_run(b * h * n_blocks, |range| {
-        let mut scores = vec![0f32; bq * m];
-        let mut sums = vec![0f32; bq];
-        for task in range {
-            let (bh, blk) = (task / n_blocks, task % n_blocks);
-            let (Some(kp), Some(vp)) = (packed[bh].0.get(), packed[bh].1.get()) else {
-                continue; // unreachable: every slot was set above
-            };
-            let n0 = blk * bq;
-            let rows = bq.min(n - n0);
-            let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
-            // SAFETY: `packed_gemm::available()` holds (checked by the caller); q rows
-            // n0..n0+rows with stride `row` and d columns lie inside `q`; `scores` has rows·m
-            // floats; the task writes only its own rows and head columns of `out`, which
-            // outlives the pool call, so writes of different tasks are disjoint.
-            unsafe {
-                packed_gemm::gemm_serial(
-                    q.as_ptr().add(q_off),
-                    row,
-                    rows,
-                    kp,
-                    scores.as_mut_ptr(),
-                    m,
-                );
-                softmax_rows_unnormalized(&mut scores[..rows * m], m, &mut sums, scale);
-                let dst = (out_ptr as *mut f32).add(q_off);
-                packed_gemm::gemm_serial(scores.as_ptr(), m, rows, vp, dst, row);
-                for (r, &sum) in sums[..rows].iter().enumerate() {
-                    let o = std::slice::from_raw_parts_mut(dst.add(r * row), d);
-                    let inv = 1.0 / sum;
-                    for x in o {
-                        *x *= inv;
-                    }
-                }
-            }
-        }
-    });
 }
 
 /// Scaled dot-product attention without mask. `q`: `[B, N, H, d]`, `k`, `v`: `[B, M, H, d]`
@@ -1907,6 +969,975 @@ impl WanTransformer3DModel {
     }
 }
 
+/// CPU kernels of the hot path (f32): fused element-wise passes, a packed AVX-512 matmul for the
+/// linear layers and a blocked attention. Every one has a portable path (candle ops) that
+/// computes the same thing; the parity tests run both.
+mod cpu {
+    use super::*;
+
+    // ---------------------------------------------------------------------------------------------
+    // Fused CPU kernels (f32). On other devices the same maths runs as candle tensor ops.
+    // ---------------------------------------------------------------------------------------------
+
+    /// Rows `[d]` of a `[b|1, n|1, d]` f32 tensor with unit stride in the last dim, indexed by
+    /// (batch, token) of a `[b, n, d]` tensor: the modulation broadcast without copies.
+    struct Rows<'a> {
+        data: &'a [f32],
+        offset: usize,
+        stride_b: usize,
+        stride_n: usize,
+        d: usize,
+    }
+
+    impl<'a> Rows<'a> {
+        fn new(
+            data: &'a [f32],
+            l: &Layout,
+            b: usize,
+            n: usize,
+            d: usize,
+        ) -> candle_core::Result<Self> {
+            let (lb, ln, ld) = l.shape().dims3()?;
+            let st = l.stride();
+            if ld != d || !(lb == 1 || lb == b) || !(ln == 1 || ln == n) || (d > 1 && st[2] != 1) {
+                candle_core::bail!(
+                    "modulation of shape {:?} (strides {st:?}) does not broadcast to [{b}, {n}, {d}]",
+                    l.dims()
+                );
+            }
+            let stride_b = if lb == 1 { 0 } else { st[0] };
+            let stride_n = if ln == 1 { 0 } else { st[1] };
+            let last = l.start_offset() + (lb - 1) * st[0] + (ln - 1) * st[1] + d;
+            if last > data.len() {
+                candle_core::bail!("modulation layout out of bounds");
+            }
+            Ok(Self {
+                data,
+                offset: l.start_offset(),
+                stride_b,
+                stride_n,
+                d,
+            })
+        }
+
+        fn row(&self, bi: usize, ni: usize) -> &[f32] {
+            let o = self.offset + bi * self.stride_b + ni * self.stride_n;
+            &self.data[o..o + self.d]
+        }
+    }
+
+    fn contiguous_f32<'a>(
+        s: &'a CpuStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<&'a [f32]> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{what}: expected f32, got {:?}", s.dtype());
+        };
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&data[a..b]),
+            None => candle_core::bail!("{what}: expected a contiguous tensor"),
+        }
+    }
+
+    fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
+        match s {
+            CpuStorage::F32(data) => Ok(data),
+            _ => candle_core::bail!("{what}: expected f32, got {:?}", s.dtype()),
+        }
+    }
+
+    thread_local! {
+        /// Set while this thread runs a share of [`pool_run`] work.
+        static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Runs `f` over ranges covering `0..n_items` on candle's CPU thread pool. Nested calls (from
+    /// inside `f`, on any thread, the calling one included) run inline: candle's pool would
+    /// deadlock on its call lock if the calling thread re-entered it.
+    fn pool_run(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+        if IN_POOL.with(|c| c.get()) {
+            f(0..n_items);
+            return;
+        }
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                IN_POOL.with(|c| c.set(self.0));
+            }
+        }
+        candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
+            let _reset = Reset(IN_POOL.with(|c| c.replace(true)));
+            f(range);
+        });
+    }
+
+    /// Runs `f(row_index, row)` over the `n_rows` rows of `dst` on candle's CPU thread pool.
+    fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+        if row_len == 0 {
+            return;
+        }
+        let n_rows = dst.len() / row_len;
+        let ptr = dst.as_mut_ptr() as usize;
+        pool_run(n_rows, |range| {
+            for r in range {
+                // SAFETY: `r < n_rows`, so the row lies inside `dst`; every row is handed to exactly
+                // one worker, so the mutable slices are disjoint; `dst` outlives this call.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut((ptr as *mut f32).add(r * row_len), row_len)
+                };
+                f(r, row);
+            }
+        });
+    }
+
+    /// `exp(x)` in f32 without libm calls, so loops over it vectorize: Cephes' `expf` (range
+    /// reduction by ln 2, degree-6 polynomial), about 1 ulp; inputs are clamped to [-87.3, 88.7].
+    #[inline(always)]
+    fn exp_f32(x: f32) -> f32 {
+        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+        let x = x.clamp(-87.3, 88.7);
+        let t = x * std::f32::consts::LOG2_E + MAGIC;
+        let n = t - MAGIC;
+        let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let e = p * (r * r) + r + 1.0;
+        f32::from_bits(e.to_bits().wrapping_add(n_bits << 23))
+    }
+
+    /// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
+    /// the identical `x · sigmoid(2·inner)`.
+    #[inline(always)]
+    fn gelu_tanh_f32(x: f32) -> f32 {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        x / (1.0 + exp_f32(-2.0 * inner))
+    }
+
+    /// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU
+    /// has them (detected at run time; the body's loops auto-vectorize to that width), else for the
+    /// baseline target.
+    macro_rules! multiversion {
+        ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+            $(#[$meta])*
+            fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[inline(always)]
+                fn imp($($arg: $ty),*) $(-> $ret)? $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                        imp($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                        imp($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has the features `avx512` was compiled for.
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU has the features `avx2` was compiled for.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                imp($($arg),*)
+            }
+        };
+    }
+
+    const LANES: usize = 16;
+
+    multiversion! {
+        /// Replaces each row of `rows` (`[r, m]`) by `exp((x - max(row))·scale)` and stores the row
+        /// sums in `sums[..r]`: a softmax of `scale·x` whose division by the sum is left to the caller.
+        fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], scale: f32) {
+            for (row, sum) in rows.chunks_exact_mut(m).zip(sums.iter_mut()) {
+                let mut mx = [f32::NEG_INFINITY; LANES];
+                let mut chunks = row.chunks_exact(LANES);
+                for c in &mut chunks {
+                    for i in 0..LANES {
+                        mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+                    }
+                }
+                let mut max = f32::NEG_INFINITY;
+                for &v in mx.iter().chain(chunks.remainder()) {
+                    max = if v > max { v } else { max };
+                }
+                let mut acc = [0f32; LANES];
+                let mut chunks = row.chunks_exact_mut(LANES);
+                for c in &mut chunks {
+                    for i in 0..LANES {
+                        let e = exp_f32((c[i] - max) * scale);
+                        c[i] = e;
+                        acc[i] += e;
+                    }
+                }
+                let mut s: f32 = acc.iter().sum();
+                for v in chunks.into_remainder() {
+                    let e = exp_f32((*v - max) * scale);
+                    *v = e;
+                    s += e;
+                }
+                *sum = s;
+            }
+        }
+    }
+
+    multiversion! {
+        /// `row = gelu_tanh(row + bias)`.
+        fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v = gelu_tanh_f32(*v + b);
+            }
+        }
+    }
+
+    /// Softmax of one row, in place.
+    fn softmax_row(row: &mut [f32]) {
+        let mut sum = [0f32];
+        softmax_rows_unnormalized(row, row.len(), &mut sum, 1.0);
+        let inv = 1.0 / sum[0];
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+
+    fn contiguous_f32_mut<'a>(
+        s: &'a mut CpuStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<&'a mut [f32]> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{what}: expected f32");
+        };
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&mut data[a..b]),
+            None => candle_core::bail!("{what}: expected a contiguous tensor"),
+        }
+    }
+
+    /// Softmax over the last dim, in place (contiguous f32).
+    struct SoftmaxInPlace;
+
+    impl candle_core::InplaceOp1 for SoftmaxInPlace {
+        fn name(&self) -> &'static str {
+            "wan-softmax-inplace"
+        }
+
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+            let d = l.dims().last().copied().unwrap_or(1);
+            let data = contiguous_f32_mut(s, l, "softmax")?;
+            par_rows(data, d, |_, row| softmax_row(row));
+            Ok(())
+        }
+    }
+
+    /// `x = gelu_tanh(x + bias)` in place, `x` `[.., F]` contiguous f32, `bias` `[F]`.
+    pub(super) struct BiasGeluInPlace;
+
+    impl candle_core::InplaceOp2 for BiasGeluInPlace {
+        fn name(&self) -> &'static str {
+            "wan-bias-gelu-inplace"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s: &mut CpuStorage,
+            l: &Layout,
+            b: &CpuStorage,
+            bl: &Layout,
+        ) -> candle_core::Result<()> {
+            let bias = contiguous_f32(b, bl, "gelu bias")?;
+            let f = bias.len();
+            if l.dims().last() != Some(&f) {
+                candle_core::bail!("gelu bias {:?} does not fit {:?}", bl.dims(), l.dims());
+            }
+            let data = contiguous_f32_mut(s, l, "gelu input")?;
+            par_rows(data, f, |_, row| bias_gelu_row(row, bias));
+            Ok(())
+        }
+    }
+
+    /// Softmax over the last dim; in place on the CPU (`s` must not be shared).
+    pub(super) fn softmax_last_dim_owned(s: Tensor) -> candle_core::Result<Tensor> {
+        if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+            s.inplace_op1(&SoftmaxInPlace)?;
+            Ok(s)
+        } else {
+            candle_nn::ops::softmax_last_dim(&s)
+        }
+    }
+
+    /// `LayerNorm(x) * (1 + scale) + shift` (or `* scale + shift` when `one_plus` is false, i.e. an
+    /// affine LayerNorm), LayerNorm without affine, over the last dim of a contiguous f32
+    /// `[B, N, D]` tensor; `scale`/`shift` are `[B|1, N|1, D]`.
+    struct ModulatedLayerNorm {
+        eps: f64,
+        one_plus: bool,
+    }
+
+    impl CustomOp3 for ModulatedLayerNorm {
+        fn name(&self) -> &'static str {
+            "wan-modulated-layer-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = contiguous_f32(s1, l1, "layer norm input")?;
+            let (b, n, d) = l1.shape().dims3()?;
+            let scale = Rows::new(f32_data(s2, "layer norm scale")?, l2, b, n, d)?;
+            let shift = Rows::new(f32_data(s3, "layer norm shift")?, l3, b, n, d)?;
+            let mut dst = vec![0f32; b * n * d];
+            let (eps, one_plus) = (self.eps, self.one_plus);
+            par_rows(&mut dst, d, |r, out| {
+                let src = &x[r * d..(r + 1) * d];
+                let (bi, ni) = (r / n, r % n);
+                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = src
+                    .iter()
+                    .map(|&v| {
+                        let c = v as f64 - mean;
+                        c * c
+                    })
+                    .sum::<f64>()
+                    / d as f64;
+                let rstd = (1.0 / (var + eps).sqrt()) as f32;
+                let mean = mean as f32;
+                let (sc, sh) = (scale.row(bi, ni), shift.row(bi, ni));
+                if one_plus {
+                    for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
+                        *o = ((v - mean) * rstd) * (1.0 + s) + t;
+                    }
+                } else {
+                    for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
+                        *o = ((v - mean) * rstd) * s + t;
+                    }
+                }
+            });
+            Ok((CpuStorage::F32(dst), l1.shape().clone()))
+        }
+    }
+
+    /// `x + y * gate` for contiguous f32 `[B, N, D]` `x`, `y` and a `[B|1, N|1, D]` gate.
+    struct GatedResidual;
+
+    impl CustomOp3 for GatedResidual {
+        fn name(&self) -> &'static str {
+            "wan-gated-residual"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = contiguous_f32(s1, l1, "residual")?;
+            let y = contiguous_f32(s2, l2, "residual branch")?;
+            let (b, n, d) = l1.shape().dims3()?;
+            if l2.dims() != l1.dims() {
+                candle_core::bail!("residual shapes differ: {:?} vs {:?}", l1.dims(), l2.dims());
+            }
+            let gate = Rows::new(f32_data(s3, "gate")?, l3, b, n, d)?;
+            let mut dst = vec![0f32; b * n * d];
+            par_rows(&mut dst, d, |r, out| {
+                let g = gate.row(r / n, r % n);
+                let (xs, ys) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                for (((o, &a), &c), &g) in out.iter_mut().zip(xs).zip(ys).zip(g) {
+                    *o = a + c * g;
+                }
+            });
+            Ok((CpuStorage::F32(dst), l1.shape().clone()))
+        }
+    }
+
+    /// `FP32LayerNorm(x.float()) * (1 + scale) + shift` in f32 (`one_plus`), or the affine
+    /// `FP32LayerNorm` with weight `scale` and bias `shift` (`!one_plus`). `x` is `[B, N, D]`.
+    pub(super) fn modulated_layer_norm(
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        eps: f64,
+        one_plus: bool,
+    ) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        if x.device().is_cpu() {
+            return x.apply_op3_no_bwd(scale, shift, &ModulatedLayerNorm { eps, one_plus });
+        }
+        let d = x.dim(D::Minus1)?;
+        let ones = Tensor::ones(d, DType::F32, x.device())?;
+        let zeros = Tensor::zeros(d, DType::F32, x.device())?;
+        let y = candle_nn::ops::layer_norm(&x, &ones, &zeros, eps as f32)?;
+        let scale = if one_plus {
+            (scale + 1.0)?
+        } else {
+            scale.clone()
+        };
+        y.broadcast_mul(&scale)?.broadcast_add(shift)
+    }
+
+    /// `x.float() + y.float() * gate` (f32 result).
+    pub(super) fn gated_residual(
+        x: &Tensor,
+        y: &Tensor,
+        gate: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = y.to_dtype(DType::F32)?.contiguous()?;
+        if x.device().is_cpu() {
+            return x.apply_op3_no_bwd(&y, gate, &GatedResidual);
+        }
+        x + y.broadcast_mul(gate)?
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Linear layers: a packed AVX-512 matmul on the CPU, candle elsewhere.
+    // ---------------------------------------------------------------------------------------------
+
+    /// An f32 matmul `C = A · Wᵀ (+ bias)` for x86-64 CPUs with AVX-512, with the weights packed
+    /// once at load time. Register tile: 12 rows of A × 32 output features (24 zmm accumulators);
+    /// `KC`-deep slices; `MC × NC` tiles of C run in parallel on candle's CPU thread pool.
+    #[cfg(target_arch = "x86_64")]
+    mod packed_gemm {
+        use std::arch::x86_64::*;
+
+        pub const MR: usize = 12;
+        pub const NR: usize = 32;
+        const KC: usize = 256;
+        const MC: usize = 8 * MR;
+        const NC: usize = 16 * NR;
+
+        pub fn available() -> bool {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+
+        /// Weights `[n, k]` (a PyTorch `Linear` weight) as `NR`-column panels of `Wᵀ`:
+        /// `data[p·k·NR + kk·NR + c] = W[p·NR + c, kk]`, zero-padded to a multiple of `NR` columns.
+        pub struct PackedB {
+            data: Vec<f32>,
+            pub n: usize,
+            pub k: usize,
+        }
+
+        impl std::fmt::Debug for PackedB {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "PackedB({}x{})", self.n, self.k)
+            }
+        }
+
+        impl PackedB {
+            /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`).
+            pub fn from_rows(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
+                let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+                super::par_rows(&mut data, k * NR, |p, panel| {
+                    for c in 0..NR.min(n - p * NR) {
+                        let j = p * NR + c;
+                        for (kk, &v) in src[j * ld..j * ld + k].iter().enumerate() {
+                            panel[kk * NR + c] = v;
+                        }
+                    }
+                });
+                Self { data, n, k }
+            }
+
+            /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`).
+            pub fn from_cols(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
+                let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+                super::par_rows(&mut data, k * NR, |p, panel| {
+                    let cols = NR.min(n - p * NR);
+                    for kk in 0..k {
+                        let s = kk * ld + p * NR;
+                        panel[kk * NR..kk * NR + cols].copy_from_slice(&src[s..s + cols]);
+                    }
+                });
+                Self { data, n, k }
+            }
+        }
+
+        /// How a register tile starts: from the bias (first slice), or from C (later slices).
+        #[derive(Clone, Copy)]
+        enum Init {
+            Bias(*const f32),
+            Zero,
+            Load,
+        }
+
+        /// C[R, 32] (= or +=) A[R, kc] · B[kc, 32]. `a`: row stride `lda`; `b`: packed panel at the
+        /// slice start (stride NR per k); `c`: row stride `ldc`; `m0`, `m1`: column masks.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn kernel<const R: usize>(
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            init: Init,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            match init {
+                Init::Zero => {}
+                Init::Bias(bias) => {
+                    let b0 = _mm512_maskz_loadu_ps(m0, bias);
+                    let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
+                    for row in acc.iter_mut() {
+                        *row = [b0, b1];
+                    }
+                }
+                Init::Load => {
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let cr = c.add(r * ldc);
+                        *row = [
+                            _mm512_maskz_loadu_ps(m0, cr),
+                            _mm512_maskz_loadu_ps(m1, cr.add(16)),
+                        ];
+                    }
+                }
+            }
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let cr = c.add(r * ldc);
+                _mm512_mask_storeu_ps(cr, m0, row[0]);
+                _mm512_mask_storeu_ps(cr.add(16), m1, row[1]);
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn kernel_rows(
+            rows: usize,
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            init: Init,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            macro_rules! k {
+                ($r:literal) => {
+                    kernel::<$r>(kc, a, lda, b, c, ldc, init, m0, m1)
+                };
+            }
+            match rows {
+                12 => k!(12),
+                11 => k!(11),
+                10 => k!(10),
+                9 => k!(9),
+                8 => k!(8),
+                7 => k!(7),
+                6 => k!(6),
+                5 => k!(5),
+                4 => k!(4),
+                3 => k!(3),
+                2 => k!(2),
+                1 => k!(1),
+                _ => {}
+            }
+        }
+
+        /// One `MC × NC` tile of C (rows from `i0`, columns from `j0`), all of K. A is `[m, k]`
+        /// with row stride `lda`, C `[m, n]` with row stride `ldc`.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn tile(
+            a: *const f32,
+            lda: usize,
+            m: usize,
+            w: &PackedB,
+            bias: Option<&[f32]>,
+            c: *mut f32,
+            ldc: usize,
+            i0: usize,
+            j0: usize,
+            post: &(dyn Fn(&mut [f32], usize) + Sync),
+        ) {
+            let (n, k) = (w.n, w.k);
+            let i1 = (i0 + MC).min(m);
+            let j1 = (j0 + NC).min(n);
+            let mut pc = 0;
+            loop {
+                let kc = KC.min(k - pc);
+                let mut j = j0;
+                while j < j1 {
+                    let cols = (j1 - j).min(NR);
+                    let m0 = if cols >= 16 {
+                        0xffff
+                    } else {
+                        ((1u32 << cols) - 1) as u16
+                    };
+                    let m1 = if cols >= 32 {
+                        0xffff
+                    } else if cols > 16 {
+                        ((1u32 << (cols - 16)) - 1) as u16
+                    } else {
+                        0
+                    };
+                    let init = if pc > 0 {
+                        Init::Load
+                    } else {
+                        match bias {
+                            Some(b) => Init::Bias(b.as_ptr().add(j)),
+                            None => Init::Zero,
+                        }
+                    };
+                    let bp = w.data.as_ptr().add((j / NR) * k * NR + pc * NR);
+                    let mut i = i0;
+                    while i < i1 {
+                        let rows = (i1 - i).min(MR);
+                        let (ai, ci) = (a.add(i * lda + pc), c.add(i * ldc + j));
+                        kernel_rows(rows, kc, ai, lda, bp, ci, ldc, init, m0, m1);
+                        i += MR;
+                    }
+                    j += NR;
+                }
+                pc += kc;
+                if pc >= k {
+                    break;
+                }
+            }
+            for i in i0..i1 {
+                let row = std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0);
+                post(row, j0);
+            }
+        }
+
+        /// `C = A · Wᵀ` on the calling thread; A `[m, w.k]` with row stride `lda`, C `[m, w.n]`
+        /// with row stride `ldc`.
+        ///
+        /// # Safety
+        /// [`available`] must hold, and `a`/`c` must be valid for those shapes and strides.
+        pub unsafe fn gemm_serial(
+            a: *const f32,
+            lda: usize,
+            m: usize,
+            w: &PackedB,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            let noop = |_: &mut [f32], _: usize| {};
+            let mut j0 = 0;
+            while j0 < w.n {
+                let mut i0 = 0;
+                while i0 < m {
+                    tile(a, lda, m, w, None, c, ldc, i0, j0, &noop);
+                    i0 += MC;
+                }
+                j0 += NC;
+            }
+        }
+
+        /// `C[m, n] = A[m, k] · Wᵀ (+ bias)`, then `post(row_segment, first_column)` on each finished
+        /// row segment of C (while it is in cache). `a` is row-major `[m, k]`.
+        pub fn matmul(
+            a: &[f32],
+            m: usize,
+            w: &PackedB,
+            bias: Option<&[f32]>,
+            post: &(dyn Fn(&mut [f32], usize) + Sync),
+        ) -> Vec<f32> {
+            let n = w.n;
+            let mut c = vec![0f32; m * n];
+            let tiles_m = m.div_ceil(MC);
+            let tiles_n = n.div_ceil(NC);
+            let c_ptr = c.as_mut_ptr() as usize;
+            super::pool_run(tiles_m * tiles_n, |range| {
+                for t in range {
+                    let (ti, tj) = (t % tiles_m, t / tiles_m);
+                    // SAFETY: `available()` was checked when `w` was packed (callers only pack when
+                    // it holds); `a` has m·k floats, `w` n·k (padded), `c` m·n; each tile writes only
+                    // its own rows i0..i0+MC and columns j0..j0+NC of C, so the tiles are disjoint,
+                    // and `c` outlives the pool call.
+                    unsafe {
+                        let c = c_ptr as *mut f32;
+                        tile(a.as_ptr(), w.k, m, w, bias, c, n, ti * MC, tj * NC, post);
+                    }
+                }
+            });
+            c
+        }
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        /// Tests set this to run the portable CPU paths on a machine with AVX-512.
+        pub(super) static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Whether the AVX-512 kernels ([`packed_gemm`], [`PackedAttention`]) are used.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn use_packed() -> bool {
+        #[cfg(test)]
+        if PORTABLE_ONLY.with(|p| p.get()) {
+            return false;
+        }
+        packed_gemm::available()
+    }
+
+    /// A `torch.nn.Linear`: on x86-64 CPUs with AVX-512 and f32 weights, the weights are packed
+    /// for [`packed_gemm`] (and the original tensor dropped); else candle's `Linear`.
+    #[derive(Debug, Clone)]
+    pub(super) enum Lin {
+        Candle(Linear),
+        #[cfg(target_arch = "x86_64")]
+        Packed(std::sync::Arc<PackedLinear>),
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[derive(Debug)]
+    pub(super) struct PackedLinear {
+        w: packed_gemm::PackedB,
+        bias: Option<Vec<f32>>,
+    }
+
+    /// Runs a [`PackedLinear`], optionally with GELU(tanh) applied to the output.
+    #[cfg(target_arch = "x86_64")]
+    struct PackedLinearOp<'a> {
+        lin: &'a PackedLinear,
+        gelu: bool,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl CustomOp1 for PackedLinearOp<'_> {
+        fn name(&self) -> &'static str {
+            "wan-packed-linear"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = contiguous_f32(s, l, "linear input")?;
+            let k = self.lin.w.k;
+            let dims = l.dims();
+            if dims.last() != Some(&k) {
+                candle_core::bail!("linear input {dims:?} does not end in {k}");
+            }
+            let m = x.len().checked_div(k).unwrap_or(0);
+            let noop = |_: &mut [f32], _: usize| {};
+            let gelu = |row: &mut [f32], _: usize| {
+                for v in row.iter_mut() {
+                    *v = gelu_tanh_f32(*v);
+                }
+            };
+            let post: &(dyn Fn(&mut [f32], usize) + Sync) = if self.gelu { &gelu } else { &noop };
+            let out = packed_gemm::matmul(x, m, &self.lin.w, self.lin.bias.as_deref(), post);
+            let mut out_dims = dims.to_vec();
+            if let Some(last) = out_dims.last_mut() {
+                *last = self.lin.w.n;
+            }
+            Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        }
+    }
+
+    impl Lin {
+        pub(super) fn new(linear: Linear) -> candle_core::Result<Self> {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let w = linear.weight();
+                if w.device().is_cpu() && w.dtype() == DType::F32 && use_packed() {
+                    let (n, k) = w.dims2()?;
+                    let (storage, layout) = w.storage_and_layout();
+                    let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((o1, o2))) =
+                        (&*storage, layout.contiguous_offsets())
+                    else {
+                        candle_core::bail!("linear weight: expected a contiguous f32 CPU tensor");
+                    };
+                    let wv = &data[o1..o2];
+                    let bias = match linear.bias() {
+                        Some(b) => Some(b.to_vec1::<f32>()?),
+                        None => None,
+                    };
+                    let packed = PackedLinear {
+                        w: packed_gemm::PackedB::from_rows(wv, n, k, k),
+                        bias,
+                    };
+                    return Ok(Lin::Packed(std::sync::Arc::new(packed)));
+                }
+            }
+            Ok(Lin::Candle(linear))
+        }
+
+        pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.forward_act(x, false)
+        }
+
+        /// `gelu_tanh(linear(x))` when `gelu`.
+        pub(super) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+            match self {
+                Lin::Candle(l) => {
+                    let y = l.forward(x)?;
+                    if gelu {
+                        y.gelu()
+                    } else {
+                        Ok(y)
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Lin::Packed(p) => x
+                    .contiguous()?
+                    .apply_op1_no_bwd(&PackedLinearOp { lin: p, gelu }),
+            }
+        }
+    }
+
+    /// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`].
+    pub(super) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
+        Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)
+    }
+
+    /// Scaled dot-product attention on x86-64 CPUs with AVX-512 (f32), blocked per (batch, head,
+    /// query block) with [`packed_gemm`]: K and V of each (batch, head) are packed once; each task
+    /// computes the scores `Q·Kᵀ` of a block of query rows, the softmax (kept in cache) and `P·V`,
+    /// written straight into the `[B, N, H·d]` output. q/k/v are read in their `[B, N, H, d]` layout
+    /// through strides; nothing is transposed. Inputs: q `[B, N, H, d]`, k and v `[B, M, H, d]`,
+    /// contiguous.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) struct PackedAttention {
+        pub(super) scale: f32,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl CustomOp3 for PackedAttention {
+        fn name(&self) -> &'static str {
+            "wan-packed-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let q = contiguous_f32(s1, l1, "attention q")?;
+            let k = contiguous_f32(s2, l2, "attention k")?;
+            let v = contiguous_f32(s3, l3, "attention v")?;
+            let (b, n, h, d) = l1.shape().dims4()?;
+            let (kb, m, kh, kd) = l2.shape().dims4()?;
+            if (kb, kh, kd) != (b, h, d) || l3.dims() != l2.dims() {
+                candle_core::bail!(
+                    "attention shapes q {:?} k {:?} v {:?} do not fit",
+                    l1.dims(),
+                    l2.dims(),
+                    l3.dims()
+                );
+            }
+            if !packed_gemm::available() {
+                candle_core::bail!("packed attention needs AVX-512");
+            }
+            let mut out = vec![0f32; b * n * h * d];
+            if !out.is_empty() && m > 0 {
+                // Query rows per block: as many as fit a 16 MiB score buffer per thread (bigger
+                // blocks make bigger matmuls), but enough blocks to keep all threads busy.
+                let threads = candle_core::utils::get_num_threads().max(1);
+                let blocks_per_head = (2 * threads).div_ceil(b * h);
+                let bq = ((4usize << 20) / m).clamp(16, n.div_ceil(blocks_per_head).max(1));
+                attention_packed(q, k, v, (b, n, m, h, d), bq, self.scale, &mut out);
+            }
+            Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
+        }
+    }
+
+    /// The work of [`PackedAttention`]: `bq` query rows per task.
+    #[cfg(target_arch = "x86_64")]
+    fn attention_packed(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (b, n, m, h, d): (usize, usize, usize, usize, usize),
+        bq: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        use packed_gemm::PackedB;
+        use std::sync::OnceLock;
+        let row = h * d; // stride between tokens in q, k, v and out
+        let packed: Vec<(OnceLock<PackedB>, OnceLock<PackedB>)> = (0..b * h)
+            .map(|_| (OnceLock::new(), OnceLock::new()))
+            .collect();
+        pool_run(b * h, |range| {
+            for bh in range {
+                let off = (bh / h) * m * row + (bh % h) * d;
+                // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
+                let _ = packed[bh].0.set(PackedB::from_rows(&k[off..], m, d, row));
+                let _ = packed[bh].1.set(PackedB::from_cols(&v[off..], d, m, row));
+            }
+        });
+        let n_blocks = n.div_ceil(bq);
+        let out_ptr = out.as_mut_ptr() as usize;
+        pool_run(b * h * n_blocks, |range| {
+            let mut scores = vec![0f32; bq * m];
+            let mut sums = vec![0f32; bq];
+            for task in range {
+                let (bh, blk) = (task / n_blocks, task % n_blocks);
+                let (Some(kp), Some(vp)) = (packed[bh].0.get(), packed[bh].1.get()) else {
+                    continue; // unreachable: every slot was set above
+                };
+                let n0 = blk * bq;
+                let rows = bq.min(n - n0);
+                let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
+                // SAFETY: `packed_gemm::available()` holds (checked by the caller); q rows
+                // n0..n0+rows with stride `row` and d columns lie inside `q`; `scores` has rows·m
+                // floats; the task writes only its own rows and head columns of `out`, which
+                // outlives the pool call, so writes of different tasks are disjoint.
+                unsafe {
+                    packed_gemm::gemm_serial(
+                        q.as_ptr().add(q_off),
+                        row,
+                        rows,
+                        kp,
+                        scores.as_mut_ptr(),
+                        m,
+                    );
+                    softmax_rows_unnormalized(&mut scores[..rows * m], m, &mut sums, scale);
+                    let dst = (out_ptr as *mut f32).add(q_off);
+                    packed_gemm::gemm_serial(scores.as_ptr(), m, rows, vp, dst, row);
+                    for (r, &sum) in sums[..rows].iter().enumerate() {
+                        let o = std::slice::from_raw_parts_mut(dst.add(r * row), d);
+                        let inv = 1.0 / sum;
+                        for x in o {
+                            *x *= inv;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -1914,6 +1945,7 @@ mod tests {
 
     use super::*;
     use crate::testing::{fixtures_dir, rel_error};
+    use cpu::PORTABLE_ONLY;
 
     fn case_dir(case: &str) -> PathBuf {
         fixtures_dir().join(case)
