@@ -4,12 +4,12 @@
 //!
 //! | diffusers                     | here                                   |
 //! |-------------------------------|----------------------------------------|
-//! | `WanRotaryPosEmbed`           | [`WanRotaryPosEmbed`] (`rope`)         |
-//! | `nn.Conv3d` `patch_embedding` | [`PatchEmbedding`] (a linear map)      |
-//! | `WanTimeTextImageEmbedding`   | [`WanTimeTextImageEmbedding`]          |
-//! | `WanAttention` + `WanAttnProcessor` | [`WanAttention`]                 |
-//! | `FeedForward` (`gelu-approximate`)  | [`FeedForward`]                  |
-//! | `WanTransformerBlock`         | [`WanTransformerBlock`]                |
+//! | `WanRotaryPosEmbed`           | `WanRotaryPosEmbed` (`rope`)         |
+//! | `nn.Conv3d` `patch_embedding` | `PatchEmbedding` (a linear map)      |
+//! | `WanTimeTextImageEmbedding`   | `WanTimeTextImageEmbedding`          |
+//! | `WanAttention` + `WanAttnProcessor` | `WanAttention`                 |
+//! | `FeedForward` (`gelu-approximate`)  | `FeedForward`                  |
+//! | `WanTransformerBlock`         | `WanTransformerBlock`                |
 //! | `WanTransformer3DModel`       | [`WanTransformer3DModel`]              |
 //!
 //! Weight names are the diffusers names (`blocks.{i}.attn1.to_q.weight`, ...). The order of
@@ -22,7 +22,7 @@
 //! implemented: such a config is refused. Wan2.2 TI2V's image-to-video works without it (the
 //! image is a latent frame with per-token timestep 0, see `timestep` in [`WanTransformer3DModel::forward`]).
 //!
-//! Speed notes (the CPU hot path, see [`cpu`]): on x86-64 CPUs with AVX-512 the linear layers
+//! Speed notes (the CPU hot path, see `cpu`): on x86-64 CPUs with AVX-512 the linear layers
 //! run a packed f32 matmul (weights packed once at load; bias and the FFN's GELU applied as
 //! each output tile is finished) and the attention is blocked per (batch, head, query block)
 //! with the scores kept in cache, reading q/k/v in the `[B, N, heads, head_dim]` layout the
