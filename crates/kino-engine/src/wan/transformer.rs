@@ -2173,6 +2173,8 @@ mod tests {
     /// `WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, in_channels=16,
     /// out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30)` called with
     /// `randn(1, 16, 5, 32, 32)`, `tensor([500.])`, `randn(1, 512, 4096)`.
+    /// `KINO_BENCH_LAYERS=n` builds only n layers (for profiling). Prints wall and process CPU
+    /// time (the latter is the fairer comparison on a busy machine).
     #[test]
     #[ignore]
     fn bench_forward_wan21_1_3b() -> Result<()> {
