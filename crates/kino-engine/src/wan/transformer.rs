@@ -4,12 +4,12 @@
 //!
 //! | diffusers                     | here                                   |
 //! |-------------------------------|----------------------------------------|
-//! | `WanRotaryPosEmbed`           | [`WanRotaryPosEmbed`] (`rope`)         |
-//! | `nn.Conv3d` `patch_embedding` | [`PatchEmbedding`] (a linear map)      |
-//! | `WanTimeTextImageEmbedding`   | [`WanTimeTextImageEmbedding`]          |
-//! | `WanAttention` + `WanAttnProcessor` | [`WanAttention`]                 |
-//! | `FeedForward` (`gelu-approximate`)  | [`FeedForward`]                  |
-//! | `WanTransformerBlock`         | [`WanTransformerBlock`]                |
+//! | `WanRotaryPosEmbed`           | `WanRotaryPosEmbed` (`rope`)         |
+//! | `nn.Conv3d` `patch_embedding` | `PatchEmbedding` (a linear map)      |
+//! | `WanTimeTextImageEmbedding`   | `WanTimeTextImageEmbedding`          |
+//! | `WanAttention` + `WanAttnProcessor` | `WanAttention`                 |
+//! | `FeedForward` (`gelu-approximate`)  | `FeedForward`                  |
+//! | `WanTransformerBlock`         | `WanTransformerBlock`                |
 //! | `WanTransformer3DModel`       | [`WanTransformer3DModel`]              |
 //!
 //! Weight names are the diffusers names (`blocks.{i}.attn1.to_q.weight`, ...). The order of
@@ -22,28 +22,41 @@
 //! implemented: such a config is refused. Wan2.2 TI2V's image-to-video works without it (the
 //! image is a latent frame with per-token timestep 0, see `timestep` in [`WanTransformer3DModel::forward`]).
 //!
-//! Speed notes (the CPU hot path): q/k/v stay in the `[B, N, heads, head_dim]` layout the linear
-//! layers produce, and the attention matmuls read them through strides (no transposed copies);
-//! RoPE is one `rope_i` pass; the attention is chunked over queries to bound the memory of the
-//! score matrix; modulated LayerNorm and gated residuals are single fused passes on the CPU that
-//! read the `[B, 1, D]` modulation without broadcasting it to every token.
+//! Speed notes (the CPU hot path, see `cpu`): on x86-64 CPUs with AVX-512 the linear layers
+//! run a packed f32 matmul (weights packed once at load; bias and the FFN's GELU applied as
+//! each output tile is finished) and the attention is blocked per (batch, head, query block)
+//! with the scores kept in cache, reading q/k/v in the `[B, N, heads, head_dim]` layout the
+//! linear layers produce (no transposed copies). Elsewhere candle's matmuls and a chunked
+//! attention do the same maths. RoPE is one `rope_i` pass; the modulated LayerNorms and the
+//! gated residuals are single fused passes that read the `[B, 1, D]` modulation without
+//! broadcasting it to every token; softmax and GELU use a vectorizable `exp`.
+//! On CUDA with the `flash-attn` feature, bf16/f16 attention uses `candle_flash_attn`.
 
 use std::path::Path;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D,
+};
 use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{read_config, Weights};
+use cpu::{
+    gated_residual, lin, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace, Lin,
+};
+#[cfg(target_arch = "x86_64")]
+use cpu::{use_packed, PackedAttention};
 
 /// The diffusers class name in `transformer/config.json`.
 pub const CLASS_NAME: &str = "WanTransformer3DModel";
 
-/// Upper bound on the elements of one chunk of attention scores (`heads × queries × keys`), so
-/// that long videos (32k tokens) don't need a 50 GB score matrix on the CPU path.
-const ATTN_CHUNK_ELEMS: usize = 32 * 1024 * 1024;
+/// Upper bound on the elements of one chunk of attention scores (`heads × queries × keys`) in
+/// [`attention_chunked`], so that long videos (32k tokens) don't need a 50 GB score matrix:
+/// small on the CPU (cache), larger on GPUs (fewer kernel launches).
+const ATTN_CHUNK_ELEMS_CPU: usize = 8 << 20;
+const ATTN_CHUNK_ELEMS_GPU: usize = 256 << 20;
 
 fn default_patch_size() -> [usize; 3] {
     [1, 2, 2]
@@ -236,215 +249,6 @@ impl Config {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused CPU kernels (f32). On other devices the same maths runs as candle tensor ops.
-// ---------------------------------------------------------------------------------------------
-
-/// Rows `[d]` of a `[b|1, n|1, d]` f32 tensor with unit stride in the last dim, indexed by
-/// (batch, token) of a `[b, n, d]` tensor: the modulation broadcast without copies.
-struct Rows<'a> {
-    data: &'a [f32],
-    offset: usize,
-    stride_b: usize,
-    stride_n: usize,
-    d: usize,
-}
-
-impl<'a> Rows<'a> {
-    fn new(data: &'a [f32], l: &Layout, b: usize, n: usize, d: usize) -> candle_core::Result<Self> {
-        let (lb, ln, ld) = l.shape().dims3()?;
-        let st = l.stride();
-        if ld != d || !(lb == 1 || lb == b) || !(ln == 1 || ln == n) || (d > 1 && st[2] != 1) {
-            candle_core::bail!(
-                "modulation of shape {:?} (strides {st:?}) does not broadcast to [{b}, {n}, {d}]",
-                l.dims()
-            );
-        }
-        let stride_b = if lb == 1 { 0 } else { st[0] };
-        let stride_n = if ln == 1 { 0 } else { st[1] };
-        let last = l.start_offset() + (lb - 1) * st[0] + (ln - 1) * st[1] + d;
-        if last > data.len() {
-            candle_core::bail!("modulation layout out of bounds");
-        }
-        Ok(Self {
-            data,
-            offset: l.start_offset(),
-            stride_b,
-            stride_n,
-            d,
-        })
-    }
-
-    fn row(&self, bi: usize, ni: usize) -> &[f32] {
-        let o = self.offset + bi * self.stride_b + ni * self.stride_n;
-        &self.data[o..o + self.d]
-    }
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{what}: expected f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(data) => Ok(data),
-        _ => candle_core::bail!("{what}: expected f32, got {:?}", s.dtype()),
-    }
-}
-
-/// Runs `f(row_index, row)` over the `n_rows` rows of `dst` on candle's CPU thread pool.
-fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if row_len == 0 {
-        return;
-    }
-    let n_rows = dst.len() / row_len;
-    let ptr = dst.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(n_rows, |range| {
-        for r in range {
-            // SAFETY: `r < n_rows`, so the row lies inside `dst`; every row is handed to exactly
-            // one worker, so the mutable slices are disjoint; `dst` outlives this call.
-            let row = unsafe {
-                std::slice::from_raw_parts_mut((ptr as *mut f32).add(r * row_len), row_len)
-            };
-            f(r, row);
-        }
-    });
-}
-
-/// `LayerNorm(x) * (1 + scale) + shift` (or `* scale + shift` when `one_plus` is false, i.e. an
-/// affine LayerNorm), LayerNorm without affine, over the last dim of a contiguous f32
-/// `[B, N, D]` tensor; `scale`/`shift` are `[B|1, N|1, D]`.
-struct ModulatedLayerNorm {
-    eps: f64,
-    one_plus: bool,
-}
-
-impl CustomOp3 for ModulatedLayerNorm {
-    fn name(&self) -> &'static str {
-        "wan-modulated-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "layer norm input")?;
-        let (b, n, d) = l1.shape().dims3()?;
-        let scale = Rows::new(f32_data(s2, "layer norm scale")?, l2, b, n, d)?;
-        let shift = Rows::new(f32_data(s3, "layer norm shift")?, l3, b, n, d)?;
-        let mut dst = vec![0f32; b * n * d];
-        let (eps, one_plus) = (self.eps, self.one_plus);
-        par_rows(&mut dst, d, |r, out| {
-            let src = &x[r * d..(r + 1) * d];
-            let (bi, ni) = (r / n, r % n);
-            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let var = src
-                .iter()
-                .map(|&v| {
-                    let c = v as f64 - mean;
-                    c * c
-                })
-                .sum::<f64>()
-                / d as f64;
-            let rstd = (1.0 / (var + eps).sqrt()) as f32;
-            let mean = mean as f32;
-            let (sc, sh) = (scale.row(bi, ni), shift.row(bi, ni));
-            if one_plus {
-                for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
-                    *o = ((v - mean) * rstd) * (1.0 + s) + t;
-                }
-            } else {
-                for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
-                    *o = ((v - mean) * rstd) * s + t;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
-    }
-}
-
-/// `x + y * gate` for contiguous f32 `[B, N, D]` `x`, `y` and a `[B|1, N|1, D]` gate.
-struct GatedResidual;
-
-impl CustomOp3 for GatedResidual {
-    fn name(&self) -> &'static str {
-        "wan-gated-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "residual")?;
-        let y = contiguous_f32(s2, l2, "residual branch")?;
-        let (b, n, d) = l1.shape().dims3()?;
-        if l2.dims() != l1.dims() {
-            candle_core::bail!("residual shapes differ: {:?} vs {:?}", l1.dims(), l2.dims());
-        }
-        let gate = Rows::new(f32_data(s3, "gate")?, l3, b, n, d)?;
-        let mut dst = vec![0f32; b * n * d];
-        par_rows(&mut dst, d, |r, out| {
-            let g = gate.row(r / n, r % n);
-            let (xs, ys) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-            for (((o, &a), &c), &g) in out.iter_mut().zip(xs).zip(ys).zip(g) {
-                *o = a + c * g;
-            }
-        });
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
-    }
-}
-
-/// `FP32LayerNorm(x.float()) * (1 + scale) + shift` in f32 (`one_plus`), or the affine
-/// `FP32LayerNorm` with weight `scale` and bias `shift` (`!one_plus`). `x` is `[B, N, D]`.
-fn modulated_layer_norm(
-    x: &Tensor,
-    scale: &Tensor,
-    shift: &Tensor,
-    eps: f64,
-    one_plus: bool,
-) -> candle_core::Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    if x.device().is_cpu() {
-        return x.apply_op3_no_bwd(scale, shift, &ModulatedLayerNorm { eps, one_plus });
-    }
-    let d = x.dim(D::Minus1)?;
-    let ones = Tensor::ones(d, DType::F32, x.device())?;
-    let zeros = Tensor::zeros(d, DType::F32, x.device())?;
-    let y = candle_nn::ops::layer_norm(&x, &ones, &zeros, eps as f32)?;
-    let scale = if one_plus {
-        (scale + 1.0)?
-    } else {
-        scale.clone()
-    };
-    y.broadcast_mul(&scale)?.broadcast_add(shift)
-}
-
-/// `x.float() + y.float() * gate` (f32 result).
-fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let y = y.to_dtype(DType::F32)?.contiguous()?;
-    if x.device().is_cpu() {
-        return x.apply_op3_no_bwd(&y, gate, &GatedResidual);
-    }
-    x + y.broadcast_mul(gate)?
-}
-
-// ---------------------------------------------------------------------------------------------
 // Layers
 // ---------------------------------------------------------------------------------------------
 
@@ -570,12 +374,39 @@ impl Rope {
 }
 
 /// Scaled dot-product attention without mask. `q`: `[B, N, H, d]`, `k`, `v`: `[B, M, H, d]`
-/// (contiguous). Returns `[B, N, H * d]`.
+/// (contiguous). Returns `[B, N, H * d]`. Flash attention on CUDA in bf16/f16 (feature
+/// `flash-attn`), [`PackedAttention`] on AVX-512 CPUs in f32, else [`attention_chunked`].
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    attention_chunked(q, k, v, ATTN_CHUNK_ELEMS)
+    let d = q.dim(3)?;
+    let scale = 1.0 / (d as f64).sqrt();
+
+    #[cfg(feature = "flash-attn")]
+    {
+        if q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16) {
+            let (b, n, h, _) = q.dims4()?;
+            // candle_flash_attn::flash_attn takes (batch, seq, heads, head_dim), our layout.
+            let o = candle_flash_attn::flash_attn(q, k, v, scale as f32, false)?;
+            return o.reshape((b, n, h * d));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    if q.device().is_cpu() && q.dtype() == DType::F32 && use_packed() {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let op = PackedAttention {
+            scale: scale as f32,
+        };
+        return q.apply_op3_no_bwd(&k, &v, &op);
+    }
+    let budget = if q.device().is_cpu() {
+        ATTN_CHUNK_ELEMS_CPU
+    } else {
+        ATTN_CHUNK_ELEMS_GPU
+    };
+    attention_chunked(q, k, v, budget)
 }
 
-/// [`attention`] with queries processed in chunks of at most `max_scores` attention scores.
+/// Attention with candle ops, queries in chunks of at most `max_scores` attention scores.
 fn attention_chunked(
     q: &Tensor,
     k: &Tensor,
@@ -585,45 +416,30 @@ fn attention_chunked(
     let (b, n, h, d) = q.dims4()?;
     let m = k.dim(1)?;
     let scale = 1.0 / (d as f64).sqrt();
-
-    #[cfg(feature = "flash-attn")]
-    {
-        if q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16) {
-            // candle_flash_attn::flash_attn takes (batch, seq, heads, head_dim), our layout.
-            let o = candle_flash_attn::flash_attn(q, k, v, scale as f32, false)?;
-            return o.reshape((b, n, h * d));
-        }
-    }
-
     let chunk = (max_scores / (h * m).max(1)).clamp(1, n.max(1));
     if q.device().is_cpu() {
-        // Read q/k/v through strides: per batch element [H, N, d] views, no copies.
+        // Read q/k/v through strides: per batch element [H, N, d] views, no copies. Queries go
+        // in chunks so the scores of a chunk stay in cache between the two matmuls.
         let q = q.affine(scale, 0.0)?;
-        let mut outs = Vec::with_capacity(b);
+        let mut outs = Vec::with_capacity(b * n.div_ceil(chunk));
         for bi in 0..b {
             let qb = q.get(bi)?.transpose(0, 1)?; // [H, N, d]
             let kt = k.get(bi)?.permute((1, 2, 0))?; // [H, d, M]
             let vb = v.get(bi)?.transpose(0, 1)?; // [H, M, d]
-            let mut parts = Vec::with_capacity(n.div_ceil(chunk));
             let mut start = 0;
             while start < n {
                 let len = chunk.min(n - start);
                 let s = qb.narrow(1, start, len)?.matmul(&kt)?;
-                let p = candle_nn::ops::softmax_last_dim(&s)?;
-                parts.push(p.matmul(&vb)?); // [H, len, d]
+                let p = softmax_last_dim_owned(s)?;
+                outs.push(p.matmul(&vb)?.transpose(0, 1)?); // [len, H, d]
                 start += len;
             }
-            let o = if parts.len() == 1 {
-                parts.remove(0)
-            } else {
-                Tensor::cat(&parts, 1)?
-            };
-            outs.push(o.transpose(0, 1)?); // [N, H, d]
         }
-        let o = if b == 1 {
-            outs.remove(0).unsqueeze(0)?
+        // One copy into [B·N, H, d].
+        let o = if outs.len() == 1 {
+            outs.remove(0)
         } else {
-            Tensor::stack(&outs, 0)?
+            Tensor::cat(&outs, 0)?
         };
         return o.reshape((b, n, h * d));
     }
@@ -638,7 +454,7 @@ fn attention_chunked(
     while start < n {
         let len = chunk.min(n - start);
         let s = q.narrow(2, start, len)?.matmul(&kt)?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        let p = softmax_last_dim_owned(s)?;
         parts.push(p.matmul(&v)?);
         start += len;
     }
@@ -654,10 +470,10 @@ fn attention_chunked(
 /// heads (`norm_q`, `norm_k`) → RoPE (self-attention) → SDPA → `to_out.0`.
 #[derive(Debug, Clone)]
 struct WanAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Lin,
+    to_k: Lin,
+    to_v: Lin,
+    to_out: Lin,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     heads: usize,
@@ -666,10 +482,10 @@ struct WanAttention {
 impl WanAttention {
     fn new(dim: usize, heads: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            to_q: candle_nn::linear(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q: lin(dim, dim, vb.pp("to_q"))?,
+            to_k: lin(dim, dim, vb.pp("to_k"))?,
+            to_v: lin(dim, dim, vb.pp("to_v"))?,
+            to_out: lin(dim, dim, vb.pp("to_out.0"))?,
             norm_q: RmsNorm::new(dim, eps, vb.pp("norm_q"))?,
             norm_k: RmsNorm::new(dim, eps, vb.pp("norm_k"))?,
             heads,
@@ -706,20 +522,37 @@ impl WanAttention {
 /// `net.0.proj` → GELU(tanh) → `net.2`.
 #[derive(Debug, Clone)]
 struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    proj_in: Lin,
+    proj_out: Lin,
 }
 
 impl FeedForward {
     fn new(dim: usize, ffn_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            proj_in: candle_nn::linear(dim, ffn_dim, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(ffn_dim, dim, vb.pp("net.2"))?,
+            proj_in: lin(dim, ffn_dim, vb.pp("net.0.proj"))?,
+            proj_out: lin(ffn_dim, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        let h = match &self.proj_in {
+            Lin::Candle(l) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                // Bias and GELU fused into one in-place pass over the [N, ffn_dim] activations.
+                let (b, n, d) = x.dims3()?;
+                let h = x
+                    .contiguous()?
+                    .reshape((b * n, d))?
+                    .matmul(&l.weight().t()?)?;
+                match l.bias() {
+                    Some(bias) => h.inplace_op2(bias, &BiasGeluInPlace)?,
+                    None => candle_core::bail!("ffn.net.0.proj has no bias"),
+                }
+                h.reshape((b, n, ()))?
+            }
+            // GELU applied by the packed matmul as each output tile is finished.
+            l => l.forward_act(x, true)?,
+        };
+        self.proj_out.forward(&h)
     }
 }
 
@@ -819,11 +652,11 @@ impl WanTransformerBlock {
 #[derive(Debug, Clone)]
 struct WanTimeTextImageEmbedding {
     freq_dim: usize,
-    time_linear_1: Linear,
-    time_linear_2: Linear,
-    time_proj: Linear,
-    text_linear_1: Linear,
-    text_linear_2: Linear,
+    time_linear_1: Lin,
+    time_linear_2: Lin,
+    time_proj: Lin,
+    text_linear_1: Lin,
+    text_linear_2: Lin,
 }
 
 impl WanTimeTextImageEmbedding {
@@ -832,11 +665,11 @@ impl WanTimeTextImageEmbedding {
         let te = vb.pp("time_embedder").to_dtype(DType::F32);
         Ok(Self {
             freq_dim: cfg.freq_dim,
-            time_linear_1: candle_nn::linear(cfg.freq_dim, d, te.pp("linear_1"))?,
-            time_linear_2: candle_nn::linear(d, d, te.pp("linear_2"))?,
-            time_proj: candle_nn::linear(d, 6 * d, vb.pp("time_proj"))?,
-            text_linear_1: candle_nn::linear(cfg.text_dim, d, vb.pp("text_embedder.linear_1"))?,
-            text_linear_2: candle_nn::linear(d, d, vb.pp("text_embedder.linear_2"))?,
+            time_linear_1: lin(cfg.freq_dim, d, te.pp("linear_1"))?,
+            time_linear_2: lin(d, d, te.pp("linear_2"))?,
+            time_proj: lin(d, 6 * d, vb.pp("time_proj"))?,
+            text_linear_1: lin(cfg.text_dim, d, vb.pp("text_embedder.linear_1"))?,
+            text_linear_2: lin(d, d, vb.pp("text_embedder.linear_2"))?,
         })
     }
 
@@ -890,8 +723,8 @@ impl WanTimeTextImageEmbedding {
 /// the flattened patches (weight `[D, C, pt, ph, pw]` read as `[D, C·pt·ph·pw]`).
 #[derive(Debug, Clone)]
 struct PatchEmbedding {
-    weight: Tensor,
-    bias: Tensor,
+    proj: Lin,
+    dim: usize,
 }
 
 impl PatchEmbedding {
@@ -899,9 +732,11 @@ impl PatchEmbedding {
         let [pt, ph, pw] = cfg.patch_size;
         let d = cfg.inner_dim();
         let weight = vb.get((d, cfg.in_channels, pt, ph, pw), "weight")?;
+        let weight = weight.reshape((d, cfg.in_channels * pt * ph * pw))?;
+        let bias = vb.get(d, "bias")?;
         Ok(Self {
-            weight: weight.reshape((d, cfg.in_channels * pt * ph * pw))?,
-            bias: vb.get(d, "bias")?,
+            proj: Lin::new(Linear::new(weight, Some(bias)))?,
+            dim: d,
         })
     }
 
@@ -914,11 +749,7 @@ impl PatchEmbedding {
             .reshape(&[b, c, ppf, pt, pph, ph, ppw, pw][..])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .reshape((b * n, c * pt * ph * pw))?;
-        let d = self.weight.dim(0)?;
-        patches
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?
-            .reshape((b, n, d))
+        self.proj.forward(&patches)?.reshape((b, n, self.dim))
     }
 }
 
@@ -929,7 +760,7 @@ pub struct WanTransformer3DModel {
     patch_embedding: PatchEmbedding,
     condition_embedder: WanTimeTextImageEmbedding,
     blocks: Vec<WanTransformerBlock>,
-    proj_out: Linear,
+    proj_out: Lin,
     /// f32 `[1, 2, D]`.
     scale_shift_table: Tensor,
     config: Config,
@@ -975,7 +806,7 @@ impl WanTransformer3DModel {
             patch_embedding: PatchEmbedding::new(cfg, vb.pp("patch_embedding"))?,
             condition_embedder: WanTimeTextImageEmbedding::new(cfg, vb.pp("condition_embedder"))?,
             blocks,
-            proj_out: candle_nn::linear(d, cfg.out_channels() * p, vb.pp("proj_out"))?,
+            proj_out: lin(d, cfg.out_channels() * p, vb.pp("proj_out"))?,
             scale_shift_table: vb
                 .to_dtype(DType::F32)
                 .get((1, 2, d), "scale_shift_table")?,
@@ -1138,6 +969,975 @@ impl WanTransformer3DModel {
     }
 }
 
+/// CPU kernels of the hot path (f32): fused element-wise passes, a packed AVX-512 matmul for the
+/// linear layers and a blocked attention. Every one has a portable path (candle ops) that
+/// computes the same thing; the parity tests run both.
+mod cpu {
+    use super::*;
+
+    // ---------------------------------------------------------------------------------------------
+    // Fused CPU kernels (f32). On other devices the same maths runs as candle tensor ops.
+    // ---------------------------------------------------------------------------------------------
+
+    /// Rows `[d]` of a `[b|1, n|1, d]` f32 tensor with unit stride in the last dim, indexed by
+    /// (batch, token) of a `[b, n, d]` tensor: the modulation broadcast without copies.
+    struct Rows<'a> {
+        data: &'a [f32],
+        offset: usize,
+        stride_b: usize,
+        stride_n: usize,
+        d: usize,
+    }
+
+    impl<'a> Rows<'a> {
+        fn new(
+            data: &'a [f32],
+            l: &Layout,
+            b: usize,
+            n: usize,
+            d: usize,
+        ) -> candle_core::Result<Self> {
+            let (lb, ln, ld) = l.shape().dims3()?;
+            let st = l.stride();
+            if ld != d || !(lb == 1 || lb == b) || !(ln == 1 || ln == n) || (d > 1 && st[2] != 1) {
+                candle_core::bail!(
+                    "modulation of shape {:?} (strides {st:?}) does not broadcast to [{b}, {n}, {d}]",
+                    l.dims()
+                );
+            }
+            let stride_b = if lb == 1 { 0 } else { st[0] };
+            let stride_n = if ln == 1 { 0 } else { st[1] };
+            let last = l.start_offset() + (lb - 1) * st[0] + (ln - 1) * st[1] + d;
+            if last > data.len() {
+                candle_core::bail!("modulation layout out of bounds");
+            }
+            Ok(Self {
+                data,
+                offset: l.start_offset(),
+                stride_b,
+                stride_n,
+                d,
+            })
+        }
+
+        fn row(&self, bi: usize, ni: usize) -> &[f32] {
+            let o = self.offset + bi * self.stride_b + ni * self.stride_n;
+            &self.data[o..o + self.d]
+        }
+    }
+
+    fn contiguous_f32<'a>(
+        s: &'a CpuStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<&'a [f32]> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{what}: expected f32, got {:?}", s.dtype());
+        };
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&data[a..b]),
+            None => candle_core::bail!("{what}: expected a contiguous tensor"),
+        }
+    }
+
+    fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
+        match s {
+            CpuStorage::F32(data) => Ok(data),
+            _ => candle_core::bail!("{what}: expected f32, got {:?}", s.dtype()),
+        }
+    }
+
+    thread_local! {
+        /// Set while this thread runs a share of [`pool_run`] work.
+        static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Runs `f` over ranges covering `0..n_items` on candle's CPU thread pool. Nested calls (from
+    /// inside `f`, on any thread, the calling one included) run inline: candle's pool would
+    /// deadlock on its call lock if the calling thread re-entered it.
+    fn pool_run(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+        if IN_POOL.with(|c| c.get()) {
+            f(0..n_items);
+            return;
+        }
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                IN_POOL.with(|c| c.set(self.0));
+            }
+        }
+        candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
+            let _reset = Reset(IN_POOL.with(|c| c.replace(true)));
+            f(range);
+        });
+    }
+
+    /// Runs `f(row_index, row)` over the `n_rows` rows of `dst` on candle's CPU thread pool.
+    fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+        if row_len == 0 {
+            return;
+        }
+        let n_rows = dst.len() / row_len;
+        let ptr = dst.as_mut_ptr() as usize;
+        pool_run(n_rows, |range| {
+            for r in range {
+                // SAFETY: `r < n_rows`, so the row lies inside `dst`; every row is handed to exactly
+                // one worker, so the mutable slices are disjoint; `dst` outlives this call.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut((ptr as *mut f32).add(r * row_len), row_len)
+                };
+                f(r, row);
+            }
+        });
+    }
+
+    /// `exp(x)` in f32 without libm calls, so loops over it vectorize: Cephes' `expf` (range
+    /// reduction by ln 2, degree-6 polynomial), about 1 ulp; inputs are clamped to [-87.3, 88.7].
+    #[inline(always)]
+    fn exp_f32(x: f32) -> f32 {
+        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+        let x = x.clamp(-87.3, 88.7);
+        let t = x * std::f32::consts::LOG2_E + MAGIC;
+        let n = t - MAGIC;
+        let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let e = p * (r * r) + r + 1.0;
+        f32::from_bits(e.to_bits().wrapping_add(n_bits << 23))
+    }
+
+    /// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
+    /// the identical `x · sigmoid(2·inner)`.
+    #[inline(always)]
+    fn gelu_tanh_f32(x: f32) -> f32 {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        x / (1.0 + exp_f32(-2.0 * inner))
+    }
+
+    /// Defines `fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU
+    /// has them (detected at run time; the body's loops auto-vectorize to that width), else for the
+    /// baseline target.
+    macro_rules! multiversion {
+        ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+            $(#[$meta])*
+            fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[inline(always)]
+                fn imp($($arg: $ty),*) $(-> $ret)? $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                        imp($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                        imp($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has the features `avx512` was compiled for.
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU has the features `avx2` was compiled for.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                imp($($arg),*)
+            }
+        };
+    }
+
+    const LANES: usize = 16;
+
+    multiversion! {
+        /// Replaces each row of `rows` (`[r, m]`) by `exp((x - max(row))·scale)` and stores the row
+        /// sums in `sums[..r]`: a softmax of `scale·x` whose division by the sum is left to the caller.
+        fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], scale: f32) {
+            for (row, sum) in rows.chunks_exact_mut(m).zip(sums.iter_mut()) {
+                let mut mx = [f32::NEG_INFINITY; LANES];
+                let mut chunks = row.chunks_exact(LANES);
+                for c in &mut chunks {
+                    for i in 0..LANES {
+                        mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+                    }
+                }
+                let mut max = f32::NEG_INFINITY;
+                for &v in mx.iter().chain(chunks.remainder()) {
+                    max = if v > max { v } else { max };
+                }
+                let mut acc = [0f32; LANES];
+                let mut chunks = row.chunks_exact_mut(LANES);
+                for c in &mut chunks {
+                    for i in 0..LANES {
+                        let e = exp_f32((c[i] - max) * scale);
+                        c[i] = e;
+                        acc[i] += e;
+                    }
+                }
+                let mut s: f32 = acc.iter().sum();
+                for v in chunks.into_remainder() {
+                    let e = exp_f32((*v - max) * scale);
+                    *v = e;
+                    s += e;
+                }
+                *sum = s;
+            }
+        }
+    }
+
+    multiversion! {
+        /// `row = gelu_tanh(row + bias)`.
+        fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v = gelu_tanh_f32(*v + b);
+            }
+        }
+    }
+
+    /// Softmax of one row, in place.
+    fn softmax_row(row: &mut [f32]) {
+        let mut sum = [0f32];
+        softmax_rows_unnormalized(row, row.len(), &mut sum, 1.0);
+        let inv = 1.0 / sum[0];
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+
+    fn contiguous_f32_mut<'a>(
+        s: &'a mut CpuStorage,
+        l: &Layout,
+        what: &str,
+    ) -> candle_core::Result<&'a mut [f32]> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{what}: expected f32");
+        };
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&mut data[a..b]),
+            None => candle_core::bail!("{what}: expected a contiguous tensor"),
+        }
+    }
+
+    /// Softmax over the last dim, in place (contiguous f32).
+    struct SoftmaxInPlace;
+
+    impl candle_core::InplaceOp1 for SoftmaxInPlace {
+        fn name(&self) -> &'static str {
+            "wan-softmax-inplace"
+        }
+
+        fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+            let d = l.dims().last().copied().unwrap_or(1);
+            let data = contiguous_f32_mut(s, l, "softmax")?;
+            par_rows(data, d, |_, row| softmax_row(row));
+            Ok(())
+        }
+    }
+
+    /// `x = gelu_tanh(x + bias)` in place, `x` `[.., F]` contiguous f32, `bias` `[F]`.
+    pub(super) struct BiasGeluInPlace;
+
+    impl candle_core::InplaceOp2 for BiasGeluInPlace {
+        fn name(&self) -> &'static str {
+            "wan-bias-gelu-inplace"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s: &mut CpuStorage,
+            l: &Layout,
+            b: &CpuStorage,
+            bl: &Layout,
+        ) -> candle_core::Result<()> {
+            let bias = contiguous_f32(b, bl, "gelu bias")?;
+            let f = bias.len();
+            if l.dims().last() != Some(&f) {
+                candle_core::bail!("gelu bias {:?} does not fit {:?}", bl.dims(), l.dims());
+            }
+            let data = contiguous_f32_mut(s, l, "gelu input")?;
+            par_rows(data, f, |_, row| bias_gelu_row(row, bias));
+            Ok(())
+        }
+    }
+
+    /// Softmax over the last dim; in place on the CPU (`s` must not be shared).
+    pub(super) fn softmax_last_dim_owned(s: Tensor) -> candle_core::Result<Tensor> {
+        if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+            s.inplace_op1(&SoftmaxInPlace)?;
+            Ok(s)
+        } else {
+            candle_nn::ops::softmax_last_dim(&s)
+        }
+    }
+
+    /// `LayerNorm(x) * (1 + scale) + shift` (or `* scale + shift` when `one_plus` is false, i.e. an
+    /// affine LayerNorm), LayerNorm without affine, over the last dim of a contiguous f32
+    /// `[B, N, D]` tensor; `scale`/`shift` are `[B|1, N|1, D]`.
+    struct ModulatedLayerNorm {
+        eps: f64,
+        one_plus: bool,
+    }
+
+    impl CustomOp3 for ModulatedLayerNorm {
+        fn name(&self) -> &'static str {
+            "wan-modulated-layer-norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = contiguous_f32(s1, l1, "layer norm input")?;
+            let (b, n, d) = l1.shape().dims3()?;
+            let scale = Rows::new(f32_data(s2, "layer norm scale")?, l2, b, n, d)?;
+            let shift = Rows::new(f32_data(s3, "layer norm shift")?, l3, b, n, d)?;
+            let mut dst = vec![0f32; b * n * d];
+            let (eps, one_plus) = (self.eps, self.one_plus);
+            par_rows(&mut dst, d, |r, out| {
+                let src = &x[r * d..(r + 1) * d];
+                let (bi, ni) = (r / n, r % n);
+                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = src
+                    .iter()
+                    .map(|&v| {
+                        let c = v as f64 - mean;
+                        c * c
+                    })
+                    .sum::<f64>()
+                    / d as f64;
+                let rstd = (1.0 / (var + eps).sqrt()) as f32;
+                let mean = mean as f32;
+                let (sc, sh) = (scale.row(bi, ni), shift.row(bi, ni));
+                if one_plus {
+                    for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
+                        *o = ((v - mean) * rstd) * (1.0 + s) + t;
+                    }
+                } else {
+                    for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(sc).zip(sh) {
+                        *o = ((v - mean) * rstd) * s + t;
+                    }
+                }
+            });
+            Ok((CpuStorage::F32(dst), l1.shape().clone()))
+        }
+    }
+
+    /// `x + y * gate` for contiguous f32 `[B, N, D]` `x`, `y` and a `[B|1, N|1, D]` gate.
+    struct GatedResidual;
+
+    impl CustomOp3 for GatedResidual {
+        fn name(&self) -> &'static str {
+            "wan-gated-residual"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = contiguous_f32(s1, l1, "residual")?;
+            let y = contiguous_f32(s2, l2, "residual branch")?;
+            let (b, n, d) = l1.shape().dims3()?;
+            if l2.dims() != l1.dims() {
+                candle_core::bail!("residual shapes differ: {:?} vs {:?}", l1.dims(), l2.dims());
+            }
+            let gate = Rows::new(f32_data(s3, "gate")?, l3, b, n, d)?;
+            let mut dst = vec![0f32; b * n * d];
+            par_rows(&mut dst, d, |r, out| {
+                let g = gate.row(r / n, r % n);
+                let (xs, ys) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                for (((o, &a), &c), &g) in out.iter_mut().zip(xs).zip(ys).zip(g) {
+                    *o = a + c * g;
+                }
+            });
+            Ok((CpuStorage::F32(dst), l1.shape().clone()))
+        }
+    }
+
+    /// `FP32LayerNorm(x.float()) * (1 + scale) + shift` in f32 (`one_plus`), or the affine
+    /// `FP32LayerNorm` with weight `scale` and bias `shift` (`!one_plus`). `x` is `[B, N, D]`.
+    pub(super) fn modulated_layer_norm(
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        eps: f64,
+        one_plus: bool,
+    ) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        if x.device().is_cpu() {
+            return x.apply_op3_no_bwd(scale, shift, &ModulatedLayerNorm { eps, one_plus });
+        }
+        let d = x.dim(D::Minus1)?;
+        let ones = Tensor::ones(d, DType::F32, x.device())?;
+        let zeros = Tensor::zeros(d, DType::F32, x.device())?;
+        let y = candle_nn::ops::layer_norm(&x, &ones, &zeros, eps as f32)?;
+        let scale = if one_plus {
+            (scale + 1.0)?
+        } else {
+            scale.clone()
+        };
+        y.broadcast_mul(&scale)?.broadcast_add(shift)
+    }
+
+    /// `x.float() + y.float() * gate` (f32 result).
+    pub(super) fn gated_residual(
+        x: &Tensor,
+        y: &Tensor,
+        gate: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = y.to_dtype(DType::F32)?.contiguous()?;
+        if x.device().is_cpu() {
+            return x.apply_op3_no_bwd(&y, gate, &GatedResidual);
+        }
+        x + y.broadcast_mul(gate)?
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Linear layers: a packed AVX-512 matmul on the CPU, candle elsewhere.
+    // ---------------------------------------------------------------------------------------------
+
+    /// An f32 matmul `C = A · Wᵀ (+ bias)` for x86-64 CPUs with AVX-512, with the weights packed
+    /// once at load time. Register tile: 12 rows of A × 32 output features (24 zmm accumulators);
+    /// `KC`-deep slices; `MC × NC` tiles of C run in parallel on candle's CPU thread pool.
+    #[cfg(target_arch = "x86_64")]
+    mod packed_gemm {
+        use std::arch::x86_64::*;
+
+        pub const MR: usize = 12;
+        pub const NR: usize = 32;
+        const KC: usize = 256;
+        const MC: usize = 8 * MR;
+        const NC: usize = 16 * NR;
+
+        pub fn available() -> bool {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+
+        /// Weights `[n, k]` (a PyTorch `Linear` weight) as `NR`-column panels of `Wᵀ`:
+        /// `data[p·k·NR + kk·NR + c] = W[p·NR + c, kk]`, zero-padded to a multiple of `NR` columns.
+        pub struct PackedB {
+            data: Vec<f32>,
+            pub n: usize,
+            pub k: usize,
+        }
+
+        impl std::fmt::Debug for PackedB {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "PackedB({}x{})", self.n, self.k)
+            }
+        }
+
+        impl PackedB {
+            /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`).
+            pub fn from_rows(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
+                let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+                super::par_rows(&mut data, k * NR, |p, panel| {
+                    for c in 0..NR.min(n - p * NR) {
+                        let j = p * NR + c;
+                        for (kk, &v) in src[j * ld..j * ld + k].iter().enumerate() {
+                            panel[kk * NR + c] = v;
+                        }
+                    }
+                });
+                Self { data, n, k }
+            }
+
+            /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`).
+            pub fn from_cols(src: &[f32], n: usize, k: usize, ld: usize) -> Self {
+                let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+                super::par_rows(&mut data, k * NR, |p, panel| {
+                    let cols = NR.min(n - p * NR);
+                    for kk in 0..k {
+                        let s = kk * ld + p * NR;
+                        panel[kk * NR..kk * NR + cols].copy_from_slice(&src[s..s + cols]);
+                    }
+                });
+                Self { data, n, k }
+            }
+        }
+
+        /// How a register tile starts: from the bias (first slice), or from C (later slices).
+        #[derive(Clone, Copy)]
+        enum Init {
+            Bias(*const f32),
+            Zero,
+            Load,
+        }
+
+        /// C[R, 32] (= or +=) A[R, kc] · B[kc, 32]. `a`: row stride `lda`; `b`: packed panel at the
+        /// slice start (stride NR per k); `c`: row stride `ldc`; `m0`, `m1`: column masks.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn kernel<const R: usize>(
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            init: Init,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            match init {
+                Init::Zero => {}
+                Init::Bias(bias) => {
+                    let b0 = _mm512_maskz_loadu_ps(m0, bias);
+                    let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
+                    for row in acc.iter_mut() {
+                        *row = [b0, b1];
+                    }
+                }
+                Init::Load => {
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let cr = c.add(r * ldc);
+                        *row = [
+                            _mm512_maskz_loadu_ps(m0, cr),
+                            _mm512_maskz_loadu_ps(m1, cr.add(16)),
+                        ];
+                    }
+                }
+            }
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let cr = c.add(r * ldc);
+                _mm512_mask_storeu_ps(cr, m0, row[0]);
+                _mm512_mask_storeu_ps(cr.add(16), m1, row[1]);
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn kernel_rows(
+            rows: usize,
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            init: Init,
+            m0: __mmask16,
+            m1: __mmask16,
+        ) {
+            macro_rules! k {
+                ($r:literal) => {
+                    kernel::<$r>(kc, a, lda, b, c, ldc, init, m0, m1)
+                };
+            }
+            match rows {
+                12 => k!(12),
+                11 => k!(11),
+                10 => k!(10),
+                9 => k!(9),
+                8 => k!(8),
+                7 => k!(7),
+                6 => k!(6),
+                5 => k!(5),
+                4 => k!(4),
+                3 => k!(3),
+                2 => k!(2),
+                1 => k!(1),
+                _ => {}
+            }
+        }
+
+        /// One `MC × NC` tile of C (rows from `i0`, columns from `j0`), all of K. A is `[m, k]`
+        /// with row stride `lda`, C `[m, n]` with row stride `ldc`.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn tile(
+            a: *const f32,
+            lda: usize,
+            m: usize,
+            w: &PackedB,
+            bias: Option<&[f32]>,
+            c: *mut f32,
+            ldc: usize,
+            i0: usize,
+            j0: usize,
+            post: &(dyn Fn(&mut [f32], usize) + Sync),
+        ) {
+            let (n, k) = (w.n, w.k);
+            let i1 = (i0 + MC).min(m);
+            let j1 = (j0 + NC).min(n);
+            let mut pc = 0;
+            loop {
+                let kc = KC.min(k - pc);
+                let mut j = j0;
+                while j < j1 {
+                    let cols = (j1 - j).min(NR);
+                    let m0 = if cols >= 16 {
+                        0xffff
+                    } else {
+                        ((1u32 << cols) - 1) as u16
+                    };
+                    let m1 = if cols >= 32 {
+                        0xffff
+                    } else if cols > 16 {
+                        ((1u32 << (cols - 16)) - 1) as u16
+                    } else {
+                        0
+                    };
+                    let init = if pc > 0 {
+                        Init::Load
+                    } else {
+                        match bias {
+                            Some(b) => Init::Bias(b.as_ptr().add(j)),
+                            None => Init::Zero,
+                        }
+                    };
+                    let bp = w.data.as_ptr().add((j / NR) * k * NR + pc * NR);
+                    let mut i = i0;
+                    while i < i1 {
+                        let rows = (i1 - i).min(MR);
+                        let (ai, ci) = (a.add(i * lda + pc), c.add(i * ldc + j));
+                        kernel_rows(rows, kc, ai, lda, bp, ci, ldc, init, m0, m1);
+                        i += MR;
+                    }
+                    j += NR;
+                }
+                pc += kc;
+                if pc >= k {
+                    break;
+                }
+            }
+            for i in i0..i1 {
+                let row = std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0);
+                post(row, j0);
+            }
+        }
+
+        /// `C = A · Wᵀ` on the calling thread; A `[m, w.k]` with row stride `lda`, C `[m, w.n]`
+        /// with row stride `ldc`.
+        ///
+        /// # Safety
+        /// [`available`] must hold, and `a`/`c` must be valid for those shapes and strides.
+        pub unsafe fn gemm_serial(
+            a: *const f32,
+            lda: usize,
+            m: usize,
+            w: &PackedB,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            let noop = |_: &mut [f32], _: usize| {};
+            let mut j0 = 0;
+            while j0 < w.n {
+                let mut i0 = 0;
+                while i0 < m {
+                    tile(a, lda, m, w, None, c, ldc, i0, j0, &noop);
+                    i0 += MC;
+                }
+                j0 += NC;
+            }
+        }
+
+        /// `C[m, n] = A[m, k] · Wᵀ (+ bias)`, then `post(row_segment, first_column)` on each finished
+        /// row segment of C (while it is in cache). `a` is row-major `[m, k]`.
+        pub fn matmul(
+            a: &[f32],
+            m: usize,
+            w: &PackedB,
+            bias: Option<&[f32]>,
+            post: &(dyn Fn(&mut [f32], usize) + Sync),
+        ) -> Vec<f32> {
+            let n = w.n;
+            let mut c = vec![0f32; m * n];
+            let tiles_m = m.div_ceil(MC);
+            let tiles_n = n.div_ceil(NC);
+            let c_ptr = c.as_mut_ptr() as usize;
+            super::pool_run(tiles_m * tiles_n, |range| {
+                for t in range {
+                    let (ti, tj) = (t % tiles_m, t / tiles_m);
+                    // SAFETY: `available()` was checked when `w` was packed (callers only pack when
+                    // it holds); `a` has m·k floats, `w` n·k (padded), `c` m·n; each tile writes only
+                    // its own rows i0..i0+MC and columns j0..j0+NC of C, so the tiles are disjoint,
+                    // and `c` outlives the pool call.
+                    unsafe {
+                        let c = c_ptr as *mut f32;
+                        tile(a.as_ptr(), w.k, m, w, bias, c, n, ti * MC, tj * NC, post);
+                    }
+                }
+            });
+            c
+        }
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        /// Tests set this to run the portable CPU paths on a machine with AVX-512.
+        pub(super) static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Whether the AVX-512 kernels ([`packed_gemm`], [`PackedAttention`]) are used.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn use_packed() -> bool {
+        #[cfg(test)]
+        if PORTABLE_ONLY.with(|p| p.get()) {
+            return false;
+        }
+        packed_gemm::available()
+    }
+
+    /// A `torch.nn.Linear`: on x86-64 CPUs with AVX-512 and f32 weights, the weights are packed
+    /// for [`packed_gemm`] (and the original tensor dropped); else candle's `Linear`.
+    #[derive(Debug, Clone)]
+    pub(super) enum Lin {
+        Candle(Linear),
+        #[cfg(target_arch = "x86_64")]
+        Packed(std::sync::Arc<PackedLinear>),
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[derive(Debug)]
+    pub(super) struct PackedLinear {
+        w: packed_gemm::PackedB,
+        bias: Option<Vec<f32>>,
+    }
+
+    /// Runs a [`PackedLinear`], optionally with GELU(tanh) applied to the output.
+    #[cfg(target_arch = "x86_64")]
+    struct PackedLinearOp<'a> {
+        lin: &'a PackedLinear,
+        gelu: bool,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl CustomOp1 for PackedLinearOp<'_> {
+        fn name(&self) -> &'static str {
+            "wan-packed-linear"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = contiguous_f32(s, l, "linear input")?;
+            let k = self.lin.w.k;
+            let dims = l.dims();
+            if dims.last() != Some(&k) {
+                candle_core::bail!("linear input {dims:?} does not end in {k}");
+            }
+            let m = x.len().checked_div(k).unwrap_or(0);
+            let noop = |_: &mut [f32], _: usize| {};
+            let gelu = |row: &mut [f32], _: usize| {
+                for v in row.iter_mut() {
+                    *v = gelu_tanh_f32(*v);
+                }
+            };
+            let post: &(dyn Fn(&mut [f32], usize) + Sync) = if self.gelu { &gelu } else { &noop };
+            let out = packed_gemm::matmul(x, m, &self.lin.w, self.lin.bias.as_deref(), post);
+            let mut out_dims = dims.to_vec();
+            if let Some(last) = out_dims.last_mut() {
+                *last = self.lin.w.n;
+            }
+            Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        }
+    }
+
+    impl Lin {
+        pub(super) fn new(linear: Linear) -> candle_core::Result<Self> {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let w = linear.weight();
+                if w.device().is_cpu() && w.dtype() == DType::F32 && use_packed() {
+                    let (n, k) = w.dims2()?;
+                    let (storage, layout) = w.storage_and_layout();
+                    let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((o1, o2))) =
+                        (&*storage, layout.contiguous_offsets())
+                    else {
+                        candle_core::bail!("linear weight: expected a contiguous f32 CPU tensor");
+                    };
+                    let wv = &data[o1..o2];
+                    let bias = match linear.bias() {
+                        Some(b) => Some(b.to_vec1::<f32>()?),
+                        None => None,
+                    };
+                    let packed = PackedLinear {
+                        w: packed_gemm::PackedB::from_rows(wv, n, k, k),
+                        bias,
+                    };
+                    return Ok(Lin::Packed(std::sync::Arc::new(packed)));
+                }
+            }
+            Ok(Lin::Candle(linear))
+        }
+
+        pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.forward_act(x, false)
+        }
+
+        /// `gelu_tanh(linear(x))` when `gelu`.
+        pub(super) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+            match self {
+                Lin::Candle(l) => {
+                    let y = l.forward(x)?;
+                    if gelu {
+                        y.gelu()
+                    } else {
+                        Ok(y)
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Lin::Packed(p) => x
+                    .contiguous()?
+                    .apply_op1_no_bwd(&PackedLinearOp { lin: p, gelu }),
+            }
+        }
+    }
+
+    /// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`].
+    pub(super) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
+        Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)
+    }
+
+    /// Scaled dot-product attention on x86-64 CPUs with AVX-512 (f32), blocked per (batch, head,
+    /// query block) with [`packed_gemm`]: K and V of each (batch, head) are packed once; each task
+    /// computes the scores `Q·Kᵀ` of a block of query rows, the softmax (kept in cache) and `P·V`,
+    /// written straight into the `[B, N, H·d]` output. q/k/v are read in their `[B, N, H, d]` layout
+    /// through strides; nothing is transposed. Inputs: q `[B, N, H, d]`, k and v `[B, M, H, d]`,
+    /// contiguous.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) struct PackedAttention {
+        pub(super) scale: f32,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl CustomOp3 for PackedAttention {
+        fn name(&self) -> &'static str {
+            "wan-packed-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let q = contiguous_f32(s1, l1, "attention q")?;
+            let k = contiguous_f32(s2, l2, "attention k")?;
+            let v = contiguous_f32(s3, l3, "attention v")?;
+            let (b, n, h, d) = l1.shape().dims4()?;
+            let (kb, m, kh, kd) = l2.shape().dims4()?;
+            if (kb, kh, kd) != (b, h, d) || l3.dims() != l2.dims() {
+                candle_core::bail!(
+                    "attention shapes q {:?} k {:?} v {:?} do not fit",
+                    l1.dims(),
+                    l2.dims(),
+                    l3.dims()
+                );
+            }
+            if !packed_gemm::available() {
+                candle_core::bail!("packed attention needs AVX-512");
+            }
+            let mut out = vec![0f32; b * n * h * d];
+            if !out.is_empty() && m > 0 {
+                // Query rows per block: as many as fit a 16 MiB score buffer per thread (bigger
+                // blocks make bigger matmuls), but enough blocks to keep all threads busy.
+                let threads = candle_core::utils::get_num_threads().max(1);
+                let blocks_per_head = (2 * threads).div_ceil(b * h);
+                let bq = ((4usize << 20) / m).clamp(16, n.div_ceil(blocks_per_head).max(1));
+                attention_packed(q, k, v, (b, n, m, h, d), bq, self.scale, &mut out);
+            }
+            Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
+        }
+    }
+
+    /// The work of [`PackedAttention`]: `bq` query rows per task.
+    #[cfg(target_arch = "x86_64")]
+    fn attention_packed(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (b, n, m, h, d): (usize, usize, usize, usize, usize),
+        bq: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        use packed_gemm::PackedB;
+        use std::sync::OnceLock;
+        let row = h * d; // stride between tokens in q, k, v and out
+        let packed: Vec<(OnceLock<PackedB>, OnceLock<PackedB>)> = (0..b * h)
+            .map(|_| (OnceLock::new(), OnceLock::new()))
+            .collect();
+        pool_run(b * h, |range| {
+            for bh in range {
+                let off = (bh / h) * m * row + (bh % h) * d;
+                // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
+                let _ = packed[bh].0.set(PackedB::from_rows(&k[off..], m, d, row));
+                let _ = packed[bh].1.set(PackedB::from_cols(&v[off..], d, m, row));
+            }
+        });
+        let n_blocks = n.div_ceil(bq);
+        let out_ptr = out.as_mut_ptr() as usize;
+        pool_run(b * h * n_blocks, |range| {
+            let mut scores = vec![0f32; bq * m];
+            let mut sums = vec![0f32; bq];
+            for task in range {
+                let (bh, blk) = (task / n_blocks, task % n_blocks);
+                let (Some(kp), Some(vp)) = (packed[bh].0.get(), packed[bh].1.get()) else {
+                    continue; // unreachable: every slot was set above
+                };
+                let n0 = blk * bq;
+                let rows = bq.min(n - n0);
+                let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
+                // SAFETY: `packed_gemm::available()` holds (checked by the caller); q rows
+                // n0..n0+rows with stride `row` and d columns lie inside `q`; `scores` has rows·m
+                // floats; the task writes only its own rows and head columns of `out`, which
+                // outlives the pool call, so writes of different tasks are disjoint.
+                unsafe {
+                    packed_gemm::gemm_serial(
+                        q.as_ptr().add(q_off),
+                        row,
+                        rows,
+                        kp,
+                        scores.as_mut_ptr(),
+                        m,
+                    );
+                    softmax_rows_unnormalized(&mut scores[..rows * m], m, &mut sums, scale);
+                    let dst = (out_ptr as *mut f32).add(q_off);
+                    packed_gemm::gemm_serial(scores.as_ptr(), m, rows, vp, dst, row);
+                    for (r, &sum) in sums[..rows].iter().enumerate() {
+                        let o = std::slice::from_raw_parts_mut(dst.add(r * row), d);
+                        let inv = 1.0 / sum;
+                        for x in o {
+                            *x *= inv;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -1145,6 +1945,7 @@ mod tests {
 
     use super::*;
     use crate::testing::{fixtures_dir, rel_error};
+    use cpu::PORTABLE_ONLY;
 
     fn case_dir(case: &str) -> PathBuf {
         fixtures_dir().join(case)
@@ -1174,6 +1975,21 @@ mod tests {
         let err = run_case("transformer-wan21", DType::F32)?;
         println!("transformer-wan21 rel error {err:e}");
         assert!(err <= 1e-4, "rel error {err}");
+        Ok(())
+    }
+
+    /// The portable CPU paths (candle matmuls, chunked attention, fused bias+GELU), used where
+    /// AVX-512 is missing, also match the reference.
+    #[test]
+    fn portable_cpu_path_matches_reference() -> Result<()> {
+        PORTABLE_ONLY.with(|p| p.set(true));
+        let errs = ["transformer-wan21", "transformer-wan22"].map(|c| run_case(c, DType::F32));
+        PORTABLE_ONLY.with(|p| p.set(false));
+        for (case, err) in ["wan21", "wan22"].iter().zip(errs) {
+            let err = err?;
+            println!("{case} portable path rel error {err:e}");
+            assert!(err <= 1e-4, "{case}: rel error {err}");
+        }
         Ok(())
     }
 
@@ -1349,24 +2165,114 @@ mod tests {
         Ok(())
     }
 
-    /// The strided CPU attention equals a plain reference computation, also when chunked.
+    /// Times one forward at Wan2.1 T2V-1.3B size (dim 1536, 12 heads, 30 layers, ffn 8960) with
+    /// random weights: 1280 video tokens (latent 16×5×32×32) and 512 text tokens, f32, batch 1.
+    /// Run with `RAYON_NUM_THREADS=2 CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo test -p kino-engine --lib
+    /// wan::transformer::tests::bench_forward_wan21_1_3b -- --ignored --nocapture`.
+    /// PyTorch counterpart (same shapes, `torch.set_num_threads(2)`, `torch.no_grad()`):
+    /// `WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, in_channels=16,
+    /// out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30)` called with
+    /// `randn(1, 16, 5, 32, 32)`, `tensor([500.])`, `randn(1, 512, 4096)`.
+    /// `KINO_BENCH_LAYERS=n` builds only n layers (for profiling). Prints wall and process CPU
+    /// time (the latter is the fairer comparison on a busy machine).
     #[test]
-    fn chunked_attention_matches_plain() -> Result<()> {
+    #[ignore]
+    fn bench_forward_wan21_1_3b() -> Result<()> {
+        let cfg = Config {
+            num_attention_heads: 12,
+            ffn_dim: 8960,
+            num_layers: std::env::var("KINO_BENCH_LAYERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(30),
+            ..Config::default()
+        };
         let dev = Device::Cpu;
-        let (b, n, m, h, d) = (2, 37, 11, 3, 8);
-        let q = Tensor::randn(0f32, 1.0, (b, n, h, d), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (b, m, h, d), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (b, m, h, d), &dev)?;
+        let t0 = std::time::Instant::now();
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let model = WanTransformer3DModel::new(&cfg, vb)?;
+        println!("built {} params in {:.1?}", cfg.num_params(), t0.elapsed());
+        let x = Tensor::randn(0f32, 1.0, (1, 16, 5, 32, 32), &dev)?;
+        let ts = Tensor::new(&[500f32], &dev)?;
+        let ctx = Tensor::randn(0f32, 1.0, (1, 512, 4096), &dev)?;
+        // Process CPU time (utime + stime, clock ticks of 10 ms), to compare on a busy machine.
+        let cpu = || -> f64 {
+            let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            let f: Vec<&str> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (tick(11) + tick(12)) / 100.0
+        };
+        let (t0, c0) = (std::time::Instant::now(), cpu());
+        let out = model.forward(&x, &ts, &ctx)?;
+        let (secs, cpu_secs) = (t0.elapsed().as_secs_f64(), cpu() - c0);
+        println!(
+            "forward {:?} in {secs:.2} s wall, {cpu_secs:.2} s CPU ({} threads)",
+            out.dims(),
+            candle_core::utils::get_num_threads()
+        );
+        assert_eq!(out.dims(), &[1, 16, 5, 32, 32]);
+        Ok(())
+    }
+
+    /// The packed AVX-512 linear (when the CPU has it) equals candle's `Linear`, for sizes that
+    /// are not multiples of the register tile or of the K slice, with and without bias and GELU.
+    #[test]
+    fn linear_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (m, k, n, with_bias) in [
+            (37, 300, 70, true),
+            (1, 5, 33, false),
+            (130, 520, 600, true),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+            let w = Tensor::randn(0f32, 0.1, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 0.1, n, &dev)?;
+            let l = Linear::new(w, with_bias.then_some(b));
+            let reference = l.forward(&x)?;
+            let packed = Lin::new(l)?;
+            let out = packed.forward(&x)?;
+            let err = rel_error(&out, &reference)?;
+            assert!(err < 1e-6, "({m}, {k}, {n}): {err}");
+            let err = rel_error(&packed.forward_act(&x, true)?, &reference.gelu()?)?;
+            assert!(err < 1e-6, "gelu ({m}, {k}, {n}): {err}");
+        }
+        Ok(())
+    }
+
+    /// Plain attention `softmax(q·kᵀ/√d)·v` in the [B, H, N, d] layout, as the reference.
+    fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, h, d) = q.dims4()?;
         let qt = q.transpose(1, 2)?.contiguous()?;
         let kt = k.transpose(1, 2)?.contiguous()?;
         let vt = v.transpose(1, 2)?.contiguous()?;
         let s = (qt.matmul(&kt.t()?)? / (d as f64).sqrt())?;
         let p = candle_nn::ops::softmax_last_dim(&s)?;
-        let reference = p.matmul(&vt)?.transpose(1, 2)?.reshape((b, n, h * d))?;
-        for budget in [ATTN_CHUNK_ELEMS, 5 * h * m, 1] {
-            let out = attention_chunked(&q, &k, &v, budget)?;
-            let err = rel_error(&out, &reference)?;
-            assert!(err < 1e-6, "budget {budget}: {err}");
+        p.matmul(&vt)?.transpose(1, 2)?.reshape((b, n, h * d))
+    }
+
+    /// The blocked CPU attention and the chunked fallback equal plain attention, with query
+    /// blocks that do not divide the sequence.
+    #[test]
+    fn attention_paths_match_plain() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, n, m, h, d) in [(2, 37, 11, 3, 8), (1, 300, 5000, 2, 16)] {
+            let q = Tensor::randn(0f32, 1.0, (b, n, h, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, m, h, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, m, h, d), &dev)?;
+            let reference = plain_attention(&q, &k, &v)?;
+            let err = rel_error(&attention(&q, &k, &v)?, &reference)?;
+            assert!(err < 1e-5, "blocked ({n}, {m}): {err}");
+            for budget in [ATTN_CHUNK_ELEMS_CPU, 5 * h * m, 1] {
+                let out = attention_chunked(&q, &k, &v, budget)?;
+                let err = rel_error(&out, &reference)?;
+                assert!(err < 1e-5, "chunked ({n}, {m}) budget {budget}: {err}");
+            }
         }
         Ok(())
     }
