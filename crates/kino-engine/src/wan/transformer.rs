@@ -1864,7 +1864,9 @@ mod cpu {
                 // blocks make bigger matmuls), but enough blocks to keep all threads busy.
                 let threads = candle_core::utils::get_num_threads().max(1);
                 let blocks_per_head = (2 * threads).div_ceil(b * h);
-                let bq = ((4usize << 20) / m).clamp(16, n.div_ceil(blocks_per_head).max(1));
+                let bq = ((4usize << 20) / m)
+                    .max(16)
+                    .min(n.div_ceil(blocks_per_head).max(1));
                 attention_packed(q, k, v, (b, n, m, h, d), bq, self.scale, &mut out);
             }
             Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
