@@ -599,6 +599,17 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         .into_response())
 }
 
+/// A known path with the wrong method: 405 in OpenAI's shape.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{} does not take {method}", uri.path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    }
+}
+
 /// Anything else: 404 in OpenAI's shape.
 pub async fn fallback(method: Method, uri: Uri) -> ApiError {
     ApiError::no_route(method.as_str(), uri.path())

@@ -141,7 +141,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos/{id}/remix", post(api::remix_video))
         .route("/v1/videos/{id}/cancel", post(api::cancel_video))
         .fallback(api::fallback)
-        .method_not_allowed_fallback(api::fallback)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::check))
         .layer(axum::middleware::from_fn_with_state(state.clone(), poll_header))
         .layer(DefaultBodyLimit::max(limit))
