@@ -68,14 +68,21 @@ async fn read_fields(state: &AppState, req: Request) -> ApiResult<Map<String, Va
                 return Err(too_large(state.config.max_upload_bytes));
             }
             if is_file || name == "input_reference" {
-                fields.insert(name, Value::Object(Map::from_iter([(
-                    "file_bytes".to_string(),
-                    json!(data.len()),
-                )])));
+                fields.insert(
+                    name,
+                    Value::Object(Map::from_iter([(
+                        "file_bytes".to_string(),
+                        json!(data.len()),
+                    )])),
+                );
                 continue;
             }
             let text = String::from_utf8(data.to_vec()).map_err(|_| {
-                ApiError::bad_request(None, "invalid_multipart", format!("field `{name}` is not UTF-8 text"))
+                ApiError::bad_request(
+                    None,
+                    "invalid_multipart",
+                    format!("field `{name}` is not UTF-8 text"),
+                )
             })?;
             fields.insert(name, Value::String(text));
         }
@@ -205,7 +212,11 @@ fn check_queue(state: &AppState) -> ApiResult<()> {
 }
 
 /// Turns create fields into a queued job.
-fn build_job(state: &AppState, fields: &Map<String, Value>, owner: Option<String>) -> ApiResult<Job> {
+fn build_job(
+    state: &AppState,
+    fields: &Map<String, Value>,
+    owner: Option<String>,
+) -> ApiResult<Job> {
     if fields.contains_key("input_reference") {
         return Err(ApiError::bad_request(
             Some("input_reference"),
@@ -292,7 +303,12 @@ fn enqueue(state: &AppState, mut job: Job) -> ApiResult<Response> {
     check_queue(state)?;
     job.seq = state.store.insert(&job)?;
     state.shared.notify();
-    tracing::info!(id = job.id, size = job.size, seconds = job.seconds, "video queued");
+    tracing::info!(
+        id = job.id,
+        size = job.size,
+        seconds = job.seconds,
+        "video queued"
+    );
     Ok(Json(video_object(&job)).into_response())
 }
 
@@ -439,7 +455,10 @@ pub async fn cancel_video(
         Status::Completed | Status::Failed => {
             return Err(ApiError::conflict(
                 "video_finished",
-                format!("video {id} is already {}; nothing to cancel", job.status.as_str()),
+                format!(
+                    "video {id} is already {}; nothing to cancel",
+                    job.status.as_str()
+                ),
             ))
         }
     }
@@ -579,13 +598,30 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     let _ = writeln!(s, "# TYPE kino_queue_depth gauge");
     let _ = writeln!(s, "kino_queue_depth {queued}");
     let sh = &state.shared;
-    let _ = writeln!(s, "# HELP kino_jobs_run_total Jobs the workers finished (any outcome) since start.");
+    let _ = writeln!(
+        s,
+        "# HELP kino_jobs_run_total Jobs the workers finished (any outcome) since start."
+    );
     let _ = writeln!(s, "# TYPE kino_jobs_run_total counter");
-    let _ = writeln!(s, "kino_jobs_run_total {}", sh.jobs_run.load(Ordering::Relaxed));
-    let _ = writeln!(s, "# HELP kino_denoise_steps_total Denoising steps run since start.");
+    let _ = writeln!(
+        s,
+        "kino_jobs_run_total {}",
+        sh.jobs_run.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP kino_denoise_steps_total Denoising steps run since start."
+    );
     let _ = writeln!(s, "# TYPE kino_denoise_steps_total counter");
-    let _ = writeln!(s, "kino_denoise_steps_total {}", sh.denoise_steps.load(Ordering::Relaxed));
-    let _ = writeln!(s, "# HELP kino_denoise_seconds_total Time spent in denoising steps since start.");
+    let _ = writeln!(
+        s,
+        "kino_denoise_steps_total {}",
+        sh.denoise_steps.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP kino_denoise_seconds_total Time spent in denoising steps since start."
+    );
     let _ = writeln!(s, "# TYPE kino_denoise_seconds_total counter");
     let _ = writeln!(
         s,
@@ -593,7 +629,10 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         sh.denoise_micros.load(Ordering::Relaxed) as f64 / 1e6
     );
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s,
     )
         .into_response())

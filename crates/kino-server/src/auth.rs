@@ -58,7 +58,10 @@ pub async fn check(State(state): State<AppState>, mut req: Request, next: Next) 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let Some(given) = given else {
         return unauthorized(
@@ -66,11 +69,9 @@ pub async fn check(State(state): State<AppState>, mut req: Request, next: Next) 
         );
     };
     // Compare against every key without an early exit on the first mismatching byte.
-    let ok = state
-        .config
-        .api_keys
-        .iter()
-        .fold(false, |acc, k| acc | constant_time_eq(k.as_bytes(), given.as_bytes()));
+    let ok = state.config.api_keys.iter().fold(false, |acc, k| {
+        acc | constant_time_eq(k.as_bytes(), given.as_bytes())
+    });
     if !ok {
         return unauthorized("the API key is not valid for this server");
     }

@@ -113,9 +113,8 @@ impl ServeArgs {
             self.device
                 .iter()
                 .map(|d| {
-                    parse_device(d).map_err(|m| {
-                        ServerError::Device(kino_engine::Error::InvalidRequest(m))
-                    })
+                    parse_device(d)
+                        .map_err(|m| ServerError::Device(kino_engine::Error::InvalidRequest(m)))
                 })
                 .collect::<Result<_, _>>()?
         };

@@ -75,9 +75,9 @@ pub async fn serve_file(
     download_name: &str,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mut file = tokio::fs::File::open(path).await.map_err(|e| {
-        ApiError::internal(format!("cannot open {}: {e}", path.display()))
-    })?;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
     let len = file
         .metadata()
         .await
@@ -94,10 +94,7 @@ pub async fn serve_file(
     let (status, start, n) = match parse_range(range, len) {
         RangeAnswer::Full => (StatusCode::OK, 0, len),
         RangeAnswer::Partial { start, end } => {
-            builder = builder.header(
-                header::CONTENT_RANGE,
-                format!("bytes {start}-{end}/{len}"),
-            );
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
             (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         RangeAnswer::Unsatisfiable => {
@@ -141,11 +138,26 @@ mod tests {
     #[test]
     fn ranges() {
         assert_eq!(parse_range(None, 10), Full);
-        assert_eq!(parse_range(Some("bytes=0-1"), 10), Partial { start: 0, end: 1 });
-        assert_eq!(parse_range(Some("bytes=5-"), 10), Partial { start: 5, end: 9 });
-        assert_eq!(parse_range(Some("bytes=-3"), 10), Partial { start: 7, end: 9 });
-        assert_eq!(parse_range(Some("bytes=-30"), 10), Partial { start: 0, end: 9 });
-        assert_eq!(parse_range(Some("bytes=2-100"), 10), Partial { start: 2, end: 9 });
+        assert_eq!(
+            parse_range(Some("bytes=0-1"), 10),
+            Partial { start: 0, end: 1 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=5-"), 10),
+            Partial { start: 5, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-3"), 10),
+            Partial { start: 7, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=-30"), 10),
+            Partial { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=2-100"), 10),
+            Partial { start: 2, end: 9 }
+        );
         assert_eq!(parse_range(Some("bytes=10-"), 10), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-0"), 10), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=5-2"), 10), Full);

@@ -21,7 +21,11 @@ pub struct ApiError {
 
 impl ApiError {
     /// 400: the request is wrong; `param` names the offending field.
-    pub fn bad_request(param: Option<&'static str>, code: &'static str, msg: impl Into<String>) -> Self {
+    pub fn bad_request(
+        param: Option<&'static str>,
+        code: &'static str,
+        msg: impl Into<String>,
+    ) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: msg.into(),
@@ -150,7 +154,9 @@ pub enum ServerError {
     DuplicateModel(String),
     #[error("device: {0}")]
     Device(kino_engine::Error),
-    #[error("cannot listen on {addr}: {source}; is another server running there? choose another --port")]
+    #[error(
+        "cannot listen on {addr}: {source}; is another server running there? choose another --port"
+    )]
     Bind {
         addr: String,
         source: std::io::Error,

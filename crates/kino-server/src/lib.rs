@@ -65,7 +65,11 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults for serving `models` from `data_dir` on `listen`.
-    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>, models: Vec<ModelSpec>) -> Self {
+    pub fn new(
+        listen: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        models: Vec<ModelSpec>,
+    ) -> Self {
         ServerConfig {
             listen: listen.into(),
             data_dir: data_dir.into(),
@@ -107,9 +111,8 @@ pub fn new_video_id() -> String {
 /// Ids are `video_` + 1 to 64 hex digits, so they can never name a path outside the data
 /// directory.
 pub fn valid_video_id(id: &str) -> bool {
-    id.strip_prefix("video_").is_some_and(|h| {
-        (1..=64).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit())
-    })
+    id.strip_prefix("video_")
+        .is_some_and(|h| (1..=64).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Where a video's files are.
@@ -142,8 +145,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos/{id}/cancel", post(api::cancel_video))
         .fallback(api::fallback)
         .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::check))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), poll_header))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            poll_header,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -299,9 +308,7 @@ impl ServerHandle {
                             return Ok(());
                         }
                     };
-                    let info = server
-                        .local_addr()
-                        .map(|a| (a, server.models().to_vec()));
+                    let info = server.local_addr().map(|a| (a, server.models().to_vec()));
                     let _ = ready_tx.send(info);
                     server
                         .run(async move {

@@ -39,7 +39,10 @@ pub const SORA_ALIASES: [&str; 2] = ["sora-2", "sora-2-pro"];
 
 /// The index of the configured model that `name` means, or a 400 naming what is served.
 pub fn resolve_model(models: &[ModelInfo], name: Option<&str>) -> Result<usize, ApiError> {
-    let name = name.map(str::trim).filter(|n| !n.is_empty()).unwrap_or("sora-2");
+    let name = name
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .unwrap_or("sora-2");
     if let Some(i) = models.iter().position(|m| m.id == name) {
         return Ok(i);
     }
@@ -93,16 +96,22 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), ApiError> {
         )));
     };
     let parse = |v: &str, what: &str| -> Result<u32, ApiError> {
-        v.trim()
-            .parse::<u32>()
-            .map_err(|_| bad(format!("{what} `{v}` in size `{s}` is not a whole number; use e.g. 1280x720")))
+        v.trim().parse::<u32>().map_err(|_| {
+            bad(format!(
+                "{what} `{v}` in size `{s}` is not a whole number; use e.g. 1280x720"
+            ))
+        })
     };
     let (w, h) = (parse(w, "width")?, parse(h, "height")?);
     if w == 0 || h == 0 {
-        return Err(bad(format!("size `{s}` has a zero side; use e.g. 1280x720")));
+        return Err(bad(format!(
+            "size `{s}` has a zero side; use e.g. 1280x720"
+        )));
     }
     if w > 16384 || h > 16384 {
-        return Err(bad(format!("size `{s}` is too large; sides are at most 16384")));
+        return Err(bad(format!(
+            "size `{s}` is too large; sides are at most 16384"
+        )));
     }
     let ratio = w as f64 / h as f64;
     if !(0.25..=4.0).contains(&ratio) {
@@ -123,7 +132,10 @@ pub fn map_size(model: &ModelInfo, requested: Option<(u32, u32)>) -> (usize, usi
     let ratio = w as f64 / h as f64;
     let (mw, mh) = model.size_multiple;
     let round = |v: f64, m: usize| -> usize { (((v / m as f64).round() as usize).max(1)) * m };
-    (round((budget * ratio).sqrt(), mw), round((budget / ratio).sqrt(), mh))
+    (
+        round((budget * ratio).sqrt(), mw),
+        round((budget / ratio).sqrt(), mh),
+    )
 }
 
 /// Parses `seconds` (already a string) as a positive number at most `max`.
@@ -188,12 +200,19 @@ mod tests {
         assert_eq!(resolve_model(&ms, Some("sora-2")).unwrap(), 0);
         assert_eq!(resolve_model(&ms, Some("sora-2-2025-10-06")).unwrap(), 0);
         assert_eq!(resolve_model(&ms, Some("sora-2-pro")).unwrap(), 1);
-        assert_eq!(resolve_model(&ms, Some("sora-2-pro-2025-10-06")).unwrap(), 1);
+        assert_eq!(
+            resolve_model(&ms, Some("sora-2-pro-2025-10-06")).unwrap(),
+            1
+        );
         assert_eq!(resolve_model(&ms[..1], Some("sora-2-pro")).unwrap(), 0);
         assert_eq!(resolve_model(&ms, Some("b")).unwrap(), 1);
         let e = resolve_model(&ms, Some("sora-3")).unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
-        assert!(e.message.contains("a, b, sora-2, sora-2-pro"), "{}", e.message);
+        assert!(
+            e.message.contains("a, b, sora-2, sora-2-pro"),
+            "{}",
+            e.message
+        );
         assert!(resolve_model(&ms, Some("sora-2-foo")).is_err());
     }
 

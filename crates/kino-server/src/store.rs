@@ -94,7 +94,10 @@ pub enum Order {
 
 /// Result of [`Store::list`].
 pub enum ListResult {
-    Page { jobs: Vec<Job>, has_more: bool },
+    Page {
+        jobs: Vec<Job>,
+        has_more: bool,
+    },
     /// The `after` cursor names no video (of this owner).
     UnknownCursor,
 }
@@ -241,7 +244,10 @@ impl Store {
 
     /// Removes a job's row. Returns whether it existed.
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn()?.execute("DELETE FROM videos WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .conn()?
+            .execute("DELETE FROM videos WHERE id = ?1", [id])?
+            > 0)
     }
 
     /// Takes the oldest queued job and marks it `in_progress`.

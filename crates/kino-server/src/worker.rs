@@ -67,9 +67,9 @@ impl Shared {
     fn wait(&self, timeout: Duration) {
         if let Ok(g) = self.wake_lock.lock() {
             let seen = *g;
-            let _ = self
-                .wake
-                .wait_timeout_while(g, timeout, |g| *g == seen && !self.stop.load(Ordering::SeqCst));
+            let _ = self.wake.wait_timeout_while(g, timeout, |g| {
+                *g == seen && !self.stop.load(Ordering::SeqCst)
+            });
         }
     }
 
@@ -81,7 +81,10 @@ impl Shared {
     }
 
     fn take_cancel(&self, id: &str) -> bool {
-        self.cancel.lock().map(|mut c| c.remove(id)).unwrap_or(false)
+        self.cancel
+            .lock()
+            .map(|mut c| c.remove(id))
+            .unwrap_or(false)
     }
 
     fn is_cancelled(&self, id: &str) -> bool {
@@ -236,10 +239,12 @@ impl Worker {
                     tracing::info!(id, "server stopping; the job runs again on restart");
                     return;
                 }
-                Outcome::Cancelled => {
-                    self.store
-                        .fail(&id, "cancelled", "the video was cancelled before it finished", now)
-                }
+                Outcome::Cancelled => self.store.fail(
+                    &id,
+                    "cancelled",
+                    "the video was cancelled before it finished",
+                    now,
+                ),
                 Outcome::Failed(code, msg) => {
                     tracing::warn!(id, "job failed: {msg}");
                     self.store.fail(&id, &code, &msg, now)
@@ -353,8 +358,8 @@ fn write_outputs(
         .map(|f| Frame::new(out.width as u32, out.height as u32, f))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    let video =
-        Video::new(frames, Fps::integer(fps).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let video = Video::new(frames, Fps::integer(fps).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     let r = &out.request;
     let params = GenerationParams {
         prompt: Some(r.prompt.clone()),

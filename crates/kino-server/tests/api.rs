@@ -44,7 +44,10 @@ fn create_poll_download_with_ranges_and_delete() {
     assert!(r.header("openai-poll-after-ms").is_some());
     assert_eq!(&r.body[4..8], b"ftyp");
     let full = r.body.clone();
-    assert_eq!(r.header("content-length"), Some(full.len().to_string().as_str()));
+    assert_eq!(
+        r.header("content-length"),
+        Some(full.len().to_string().as_str())
+    );
     let mp4 = dir.path().join("videos").join(&id).join("video.mp4");
     assert_eq!(std::fs::read(&mp4).unwrap(), full);
     let meta = kino_media::read_metadata(&mp4).unwrap().expect("metadata");
@@ -57,15 +60,36 @@ fn create_poll_download_with_ranges_and_delete() {
     assert_eq!((info.width, info.height), (64, 112));
 
     // Ranges: Safari's probe, an open-ended range, a suffix, and one past the end.
-    let r = request(a, "GET", &format!("/v1/videos/{id}/content?variant=video"), &[("Range", "bytes=0-1")], b"");
+    let r = request(
+        a,
+        "GET",
+        &format!("/v1/videos/{id}/content?variant=video"),
+        &[("Range", "bytes=0-1")],
+        b"",
+    );
     assert_eq!(r.status, 206);
     assert_eq!(r.body, &full[..2]);
-    assert_eq!(r.header("content-range"), Some(format!("bytes 0-1/{}", full.len()).as_str()));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 0-1/{}", full.len()).as_str())
+    );
     assert_eq!(r.header("content-type"), Some("video/mp4"));
-    let r = request(a, "GET", &format!("/v1/videos/{id}/content"), &[("Range", "bytes=100-")], b"");
+    let r = request(
+        a,
+        "GET",
+        &format!("/v1/videos/{id}/content"),
+        &[("Range", "bytes=100-")],
+        b"",
+    );
     assert_eq!(r.status, 206);
     assert_eq!(r.body, &full[100..]);
-    let r = request(a, "GET", &format!("/v1/videos/{id}/content"), &[("Range", "bytes=-10")], b"");
+    let r = request(
+        a,
+        "GET",
+        &format!("/v1/videos/{id}/content"),
+        &[("Range", "bytes=-10")],
+        b"",
+    );
     assert_eq!(r.status, 206);
     assert_eq!(r.body, &full[full.len() - 10..]);
     let r = request(
@@ -76,10 +100,16 @@ fn create_poll_download_with_ranges_and_delete() {
         b"",
     );
     r.assert_error(416, None);
-    assert_eq!(r.header("content-range"), Some(format!("bytes */{}", full.len()).as_str()));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{}", full.len()).as_str())
+    );
     let r = request(a, "HEAD", &format!("/v1/videos/{id}/content"), &[], b"");
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-length"), Some(full.len().to_string().as_str()));
+    assert_eq!(
+        r.header("content-length"),
+        Some(full.len().to_string().as_str())
+    );
 
     // Thumbnail and spritesheet are JPEGs.
     for variant in ["thumbnail", "spritesheet"] {
@@ -102,7 +132,10 @@ fn create_poll_download_with_ranges_and_delete() {
     // Delete: gone from the API and from the disk.
     let r = delete(a, &format!("/v1/videos/{id}"));
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), json!({"id": id, "object": "video.deleted", "deleted": true}));
+    assert_eq!(
+        r.json(),
+        json!({"id": id, "object": "video.deleted", "deleted": true})
+    );
     get(a, &format!("/v1/videos/{id}")).assert_error(404, None);
     get(a, &format!("/v1/videos/{id}/content")).assert_error(404, None);
     delete(a, &format!("/v1/videos/{id}")).assert_error(404, None);
@@ -160,27 +193,57 @@ fn errors_have_openai_shape_and_status() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let a = srv.addr();
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "size": "big"})).assert_error(400, Some("size"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "size": "0x720"})).assert_error(400, Some("size"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "size": "8000x100"})).assert_error(400, Some("size"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "size": "big"}))
+        .assert_error(400, Some("size"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "size": "0x720"}))
+        .assert_error(400, Some("size"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "size": "8000x100"}))
+        .assert_error(400, Some("size"));
     let e = post_json(a, "/v1/videos", &json!({"prompt": "x", "model": "sora-9"}))
         .assert_error(400, Some("model"));
-    assert!(e["error"]["message"].as_str().unwrap().contains("tiny"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("tiny"),
+        "{e}"
+    );
     post_json(a, "/v1/videos", &json!({"model": "sora-2"})).assert_error(400, Some("prompt"));
     post_json(a, "/v1/videos", &json!({"prompt": "   "})).assert_error(400, Some("prompt"));
     request(a, "POST", "/v1/videos", &[], b"").assert_error(400, Some("prompt"));
-    request(a, "POST", "/v1/videos", &[("Content-Type", "application/json")], b"{nope")
-        .assert_error(400, None);
+    request(
+        a,
+        "POST",
+        "/v1/videos",
+        &[("Content-Type", "application/json")],
+        b"{nope",
+    )
+    .assert_error(400, None);
     post_json(a, "/v1/videos", &json!(["prompt"])).assert_error(400, None);
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "seconds": "four"})).assert_error(400, Some("seconds"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "seconds": -1})).assert_error(400, Some("seconds"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "seconds": 600})).assert_error(400, Some("seconds"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "steps": 0})).assert_error(400, Some("steps"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "seed": "abc"})).assert_error(400, Some("seed"));
-    post_json(a, "/v1/videos", &json!({"prompt": "x", "guidance": -2})).assert_error(400, Some("guidance"));
-    assert_eq!(post_json(a, "/v1/videos", &json!({"prompt": 5, "seconds": 1, "steps": 1})).status, 200, "numbers are taken as text");
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "seconds": "four"}))
+        .assert_error(400, Some("seconds"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "seconds": -1}))
+        .assert_error(400, Some("seconds"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "seconds": 600}))
+        .assert_error(400, Some("seconds"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "steps": 0}))
+        .assert_error(400, Some("steps"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "seed": "abc"}))
+        .assert_error(400, Some("seed"));
+    post_json(a, "/v1/videos", &json!({"prompt": "x", "guidance": -2}))
+        .assert_error(400, Some("guidance"));
+    assert_eq!(
+        post_json(
+            a,
+            "/v1/videos",
+            &json!({"prompt": 5, "seconds": 1, "steps": 1})
+        )
+        .status,
+        200,
+        "numbers are taken as text"
+    );
     post_json(a, "/v1/videos", &json!({"prompt": ["x"]})).assert_error(400, Some("prompt"));
-    let (ct, body) = multipart(&[("prompt", "x")], &[("input_reference", "a.png", b"\x89PNG")]);
+    let (ct, body) = multipart(
+        &[("prompt", "x")],
+        &[("input_reference", "a.png", b"\x89PNG")],
+    );
     request(a, "POST", "/v1/videos", &[("Content-Type", &ct)], &body)
         .assert_error(400, Some("input_reference"));
     let long = "x".repeat(5000);
@@ -190,10 +253,21 @@ fn errors_have_openai_shape_and_status() {
     get(a, &format!("/v1/videos/{unknown}")).assert_error(404, None);
     get(a, &format!("/v1/videos/{unknown}/content")).assert_error(404, None);
     delete(a, &format!("/v1/videos/{unknown}")).assert_error(404, None);
-    post_json(a, &format!("/v1/videos/{unknown}/remix"), &json!({"prompt": "y"})).assert_error(404, None);
+    post_json(
+        a,
+        &format!("/v1/videos/{unknown}/remix"),
+        &json!({"prompt": "y"}),
+    )
+    .assert_error(404, None);
     post_json(a, &format!("/v1/videos/{unknown}/cancel"), &json!({})).assert_error(404, None);
     // Path-like and malformed ids never reach the file system.
-    for bad in ["..%2F..%2Fetc%2Fpasswd", "video_..%2F..", "video_xyz", "kino.sqlite3", "video_"] {
+    for bad in [
+        "..%2F..%2Fetc%2Fpasswd",
+        "video_..%2F..",
+        "video_xyz",
+        "kino.sqlite3",
+        "video_",
+    ] {
         get(a, &format!("/v1/videos/{bad}")).assert_error(400, Some("video_id"));
         get(a, &format!("/v1/videos/{bad}/content")).assert_error(400, Some("video_id"));
     }
@@ -212,7 +286,10 @@ fn list_pages_in_both_orders() {
     let a = srv.addr();
     let ids: Vec<String> = (0..5)
         .map(|i| {
-            create(a, json!({"prompt": format!("video {i}"), "seconds": "1", "steps": 1}))["id"]
+            create(
+                a,
+                json!({"prompt": format!("video {i}"), "seconds": "1", "steps": 1}),
+            )["id"]
                 .as_str()
                 .unwrap()
                 .to_string()
@@ -220,7 +297,12 @@ fn list_pages_in_both_orders() {
         .collect();
     let all = get(a, "/v1/videos").json();
     assert_eq!(all["object"], "list");
-    let got: Vec<&str> = all["data"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    let got: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
     let mut newest_first: Vec<&str> = ids.iter().map(String::as_str).collect();
     newest_first.reverse();
     assert_eq!(got, newest_first, "default order is newest first");
@@ -231,7 +313,10 @@ fn list_pages_in_both_orders() {
         assert_video_object(v);
     }
 
-    for (order, expected) in [("desc", newest_first.clone()), ("asc", ids.iter().map(String::as_str).collect())] {
+    for (order, expected) in [
+        ("desc", newest_first.clone()),
+        ("asc", ids.iter().map(String::as_str).collect()),
+    ] {
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
         let mut pages = 0;
@@ -271,10 +356,17 @@ fn remix_keeps_settings_and_links_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let a = srv.addr();
-    let src = create(a, json!({"prompt": "a cat", "seconds": "1", "size": "1280x720", "seed": 1234, "steps": 2}));
+    let src = create(
+        a,
+        json!({"prompt": "a cat", "seconds": "1", "size": "1280x720", "seed": 1234, "steps": 2}),
+    );
     let src_id = src["id"].as_str().unwrap();
     assert_eq!(wait_done(a, src_id, T)["status"], "completed");
-    let r = post_json(a, &format!("/v1/videos/{src_id}/remix"), &json!({"prompt": "a dog"}));
+    let r = post_json(
+        a,
+        &format!("/v1/videos/{src_id}/remix"),
+        &json!({"prompt": "a dog"}),
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let rm = r.json();
     assert_video_object(&rm);
@@ -292,7 +384,8 @@ fn remix_keeps_settings_and_links_the_source() {
     assert_eq!(meta["steps"], 2);
     assert_eq!(meta["prompt"], "a dog");
     assert_eq!(meta["remixed_from_video_id"], src_id);
-    post_json(a, &format!("/v1/videos/{src_id}/remix"), &json!({})).assert_error(400, Some("prompt"));
+    post_json(a, &format!("/v1/videos/{src_id}/remix"), &json!({}))
+        .assert_error(400, Some("prompt"));
 }
 
 #[test]
@@ -325,7 +418,10 @@ fn cancel_queued_and_running_videos() {
     get(a, &format!("/v1/videos/{slow_id}/content")).assert_error(409, None);
 
     // The queue moves on.
-    assert_eq!(wait_done(a, after["id"].as_str().unwrap(), T)["status"], "completed");
+    assert_eq!(
+        wait_done(a, after["id"].as_str().unwrap(), T)["status"],
+        "completed"
+    );
 }
 
 #[test]
@@ -337,8 +433,14 @@ fn delete_a_running_video_stops_it() {
     let id = slow["id"].as_str().unwrap();
     let next = create(a, json!({"prompt": "next", "seconds": "1", "steps": 1}));
     wait_until(a, id, T, |v| v["status"] == "in_progress");
-    assert_eq!(delete(a, &format!("/v1/videos/{id}")).json()["deleted"], true);
-    assert_eq!(wait_done(a, next["id"].as_str().unwrap(), T)["status"], "completed");
+    assert_eq!(
+        delete(a, &format!("/v1/videos/{id}")).json()["deleted"],
+        true
+    );
+    assert_eq!(
+        wait_done(a, next["id"].as_str().unwrap(), T)["status"],
+        "completed"
+    );
     get(a, &format!("/v1/videos/{id}")).assert_error(404, None);
     assert!(!dir.path().join("videos").join(id).exists());
 }
@@ -353,7 +455,12 @@ fn models_health_metrics() {
     assert!(m.header("openai-poll-after-ms").is_some());
     let m = m.json();
     assert_eq!(m["object"], "list");
-    let ids: HashSet<&str> = m["data"].as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    let ids: HashSet<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, HashSet::from(["tiny", "sora-2", "sora-2-pro"]));
     let h = get(a, "/health");
     assert_eq!(h.status, 200);
@@ -364,7 +471,10 @@ fn models_health_metrics() {
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
     let text = String::from_utf8(r.body).unwrap();
-    assert!(text.contains("kino_videos{status=\"completed\"} 1"), "{text}");
+    assert!(
+        text.contains("kino_videos{status=\"completed\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("kino_queue_depth 0"), "{text}");
     assert!(text.contains("kino_denoise_steps_total 1"), "{text}");
 }
@@ -378,10 +488,28 @@ fn api_keys_separate_owners() {
     let a = srv.addr();
     assert_eq!(get(a, "/health").status, 200, "/health needs no key");
     get(a, "/v1/videos").assert_error(401, None);
-    request(a, "GET", "/v1/videos", &[("Authorization", "Bearer wrong")], b"").assert_error(401, None);
-    let auth_a = [("Authorization", "Bearer key-a"), ("Content-Type", "application/json")];
+    request(
+        a,
+        "GET",
+        "/v1/videos",
+        &[("Authorization", "Bearer wrong")],
+        b"",
+    )
+    .assert_error(401, None);
+    let auth_a = [
+        ("Authorization", "Bearer key-a"),
+        ("Content-Type", "application/json"),
+    ];
     let auth_b = [("Authorization", "Bearer key-b")];
-    let r = request(a, "POST", "/v1/videos", &auth_a, json!({"prompt": "mine", "seconds": 1, "steps": 1}).to_string().as_bytes());
+    let r = request(
+        a,
+        "POST",
+        "/v1/videos",
+        &auth_a,
+        json!({"prompt": "mine", "seconds": 1, "steps": 1})
+            .to_string()
+            .as_bytes(),
+    );
     assert_eq!(r.status, 200);
     let id = r.json()["id"].as_str().unwrap().to_string();
     let r = request(a, "GET", &format!("/v1/videos/{id}"), &auth_a[..1], b"");
@@ -411,10 +539,16 @@ fn limits_413_and_429() {
 
     // One slow job runs, one waits, the next is refused.
     let first = create(a, json!({"prompt": "slow", "seconds": "4", "steps": 200}));
-    wait_until(a, first["id"].as_str().unwrap(), T, |v| v["status"] == "in_progress");
+    wait_until(a, first["id"].as_str().unwrap(), T, |v| {
+        v["status"] == "in_progress"
+    });
     create(a, json!({"prompt": "waits", "seconds": 1, "steps": 1}));
     let e = post_json(a, "/v1/videos", &json!({"prompt": "refused", "seconds": 1}))
         .assert_error(429, None);
     assert_eq!(e["error"]["code"], "queue_full");
-    post_json(a, &format!("/v1/videos/{}/cancel", first["id"].as_str().unwrap()), &json!({}));
+    post_json(
+        a,
+        &format!("/v1/videos/{}/cancel", first["id"].as_str().unwrap()),
+        &json!({}),
+    );
 }

@@ -19,7 +19,10 @@ fn submit(a: SocketAddr, n: usize) -> Vec<String> {
         .map(|i| {
             // The first is slow so that the rest are still queued when the server goes away.
             let steps = if i == 0 { 200 } else { 2 };
-            create(a, json!({"prompt": format!("job {i}"), "seconds": "1", "steps": steps}))["id"]
+            create(
+                a,
+                json!({"prompt": format!("job {i}"), "seconds": "1", "steps": steps}),
+            )["id"]
                 .as_str()
                 .unwrap()
                 .to_string()
@@ -54,10 +57,15 @@ fn stopped_server_resumes_queue_on_restart() {
     let srv = start(dir.path());
     let a = srv.addr();
     let ids = submit(a, 5);
-    wait_until(a, &ids[0], T, |v| v["status"] == "in_progress" && v["progress"].as_u64() > Some(12));
+    wait_until(a, &ids[0], T, |v| {
+        v["status"] == "in_progress" && v["progress"].as_u64() > Some(12)
+    });
     let before = statuses(a);
     assert_eq!(before[0]["status"], "in_progress");
-    assert!(before[1..].iter().all(|v| v["status"] == "queued"), "{before:?}");
+    assert!(
+        before[1..].iter().all(|v| v["status"] == "queued"),
+        "{before:?}"
+    );
     drop(srv);
 
     let srv = start(dir.path());

@@ -13,6 +13,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
+
+# The SDK marks the Sora methods deprecated; Kino keeps them alive.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 PIP_LINE = "pip install openai==3.57.0"
 PINNED = "3.57.0"

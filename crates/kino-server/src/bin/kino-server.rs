@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "kino-server", version, about = "Kino's OpenAI-compatible video server")]
+#[command(
+    name = "kino-server",
+    version,
+    about = "Kino's OpenAI-compatible video server"
+)]
 struct Cli {
     #[command(flatten)]
     args: kino_server::cli::ServeArgs,

@@ -140,10 +140,7 @@ fn parse_response(raw: &[u8], head: bool) -> Resp {
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&b[..nl]).to_string();
         let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
             .expect("chunk size");
@@ -226,7 +223,12 @@ pub fn wait_done(addr: SocketAddr, id: &str, timeout: Duration) -> Value {
 }
 
 /// Polls until `pred` holds for the video.
-pub fn wait_until(addr: SocketAddr, id: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+pub fn wait_until(
+    addr: SocketAddr,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let t = Instant::now();
     loop {
         let v = get(addr, &format!("/v1/videos/{id}")).json();
