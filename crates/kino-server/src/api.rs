@@ -321,7 +321,7 @@ pub async fn create_video(State(state): State<AppState>, req: Request) -> ApiRes
 }
 
 /// The job `id`, if the caller may see it.
-fn find(state: &AppState, id: &str, owner: &Option<String>) -> ApiResult<Job> {
+pub fn find(state: &AppState, id: &str, owner: &Option<String>) -> ApiResult<Job> {
     if !valid_video_id(id) {
         return Err(ApiError::bad_request(
             Some("video_id"),

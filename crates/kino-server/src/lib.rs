@@ -4,7 +4,7 @@
 //!   `GET /v1/videos` (`after`, `limit`, `order`), `DELETE /v1/videos/{id}`,
 //!   `GET /v1/videos/{id}/content?variant=video|thumbnail|spritesheet` (HTTP Range),
 //!   `POST /v1/videos/{id}/remix`; extensions `POST /v1/videos/{id}/cancel`, `GET /health`,
-//!   `GET /v1/models`, `GET /metrics`. Every response carries `openai-poll-after-ms`; errors
+//!   `GET /v1/videos/{id}/events` (SSE), `GET /v1/models`, `GET /metrics`. Every response carries `openai-poll-after-ms`; errors
 //!   have OpenAI's shape (see [`error::ApiError`]). The mapping of `model`, `size` and
 //!   `seconds` onto a local model is documented in [`mapping`].
 //! - Jobs live in SQLite (`DATA_DIR/kino.sqlite3`, see [`store`]); outputs in
@@ -17,6 +17,7 @@ pub mod auth;
 pub mod cli;
 pub mod content;
 pub mod error;
+pub mod events;
 pub mod mapping;
 pub mod store;
 pub mod worker;
@@ -143,6 +144,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos/{id}/content", get(api::video_content))
         .route("/v1/videos/{id}/remix", post(api::remix_video))
         .route("/v1/videos/{id}/cancel", post(api::cancel_video))
+        .route("/v1/videos/{id}/events", get(events::video_events))
         .fallback(api::fallback)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -552,3 +552,45 @@ fn limits_413_and_429() {
         &json!({}),
     );
 }
+
+#[test]
+fn events_stream_queue_position_progress_and_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path());
+    let a = srv.addr();
+    let first = create(a, json!({"prompt": "first", "seconds": "2", "steps": 30}));
+    let second = create(a, json!({"prompt": "second", "seconds": "1", "steps": 8}));
+    let id = second["id"].as_str().unwrap();
+    // Reads until the server ends the stream after the final event.
+    let r = get(a, &format!("/v1/videos/{id}/events"));
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    let text = String::from_utf8(r.body).unwrap();
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter_map(|block| {
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(names.first(), Some(&"queued"), "{text}");
+    assert_eq!(events[0].1["position"], 0);
+    assert!(
+        events.iter().any(|(n, d)| n == "progress" && d["stage"] == "denoise"),
+        "{text}"
+    );
+    let (last, obj) = events.last().unwrap();
+    assert_eq!(last, "completed", "{text}");
+    assert_video_object(obj);
+    assert_eq!(obj["id"], id);
+    let progress: Vec<u64> = events
+        .iter()
+        .filter(|e| e.0 == "progress")
+        .map(|e| e.1["progress"].as_u64().unwrap())
+        .collect();
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert_eq!(wait_done(a, first["id"].as_str().unwrap(), T)["status"], "completed");
+    get(a, "/v1/videos/video_0123456789abcdef/events").assert_error(404, None);
+}
