@@ -563,6 +563,18 @@ pub async fn list_models(State(state): State<AppState>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// `GET /`: the web studio (one embedded page; it talks to the API above).
+pub async fn studio() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("studio.html"),
+    )
+        .into_response()
+}
+
 /// `GET /health`
 pub async fn health(State(state): State<AppState>) -> ApiResult<Response> {
     let counts = state.store.counts()?;

@@ -1,5 +1,5 @@
-//! Optional API keys. With keys configured, every endpoint but `/health` needs
-//! `Authorization: Bearer KEY`, and a key sees only the videos it created (their `owner` is a
+//! Optional API keys. With keys configured, every endpoint but `/health` and the studio page `/`
+//! needs `Authorization: Bearer KEY`, and a key sees only the videos it created (their `owner` is a
 //! stable fingerprint of the key, never the key itself).
 
 use axum::extract::{FromRequestParts, Request, State};
@@ -51,7 +51,9 @@ fn unauthorized(msg: &str) -> Response {
 
 /// Middleware: checks the bearer key when keys are configured.
 pub async fn check(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    if state.config.api_keys.is_empty() || req.uri().path() == "/health" {
+    // The studio page itself is public; it asks for a key and sends it with every API call.
+    let public = matches!(req.uri().path(), "/health" | "/");
+    if state.config.api_keys.is_empty() || public {
         return next.run(req).await;
     }
     let given = req

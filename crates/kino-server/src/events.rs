@@ -60,7 +60,10 @@ async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)
                         "progress",
                         json!({"stage": l.stage, "step": l.step, "total": l.total, "progress": l.progress.max(j.progress)}),
                     ),
-                    None => ("progress", json!({"stage": null, "step": 0, "total": 0, "progress": j.progress})),
+                    None => (
+                        "progress",
+                        json!({"stage": null, "step": 0, "total": 0, "progress": j.progress}),
+                    ),
                 },
                 Status::Completed | Status::Failed => {
                     c.done = true;

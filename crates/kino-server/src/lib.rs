@@ -11,6 +11,7 @@
 //!   `DATA_DIR/videos/<id>/{video.mp4, thumbnail.jpg, spritesheet.jpg}`, the MP4 carrying the
 //!   generation parameters.
 //! - One worker thread per device runs jobs in arrival order ([`worker`]).
+//! - `GET /` is a small web studio embedded in the binary (prompt, queue, gallery).
 
 pub mod api;
 pub mod auth;
@@ -133,6 +134,7 @@ async fn poll_header(State(state): State<AppState>, req: Request, next: Next) ->
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_upload_bytes;
     Router::new()
+        .route("/", get(api::studio))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
         .route("/v1/models", get(api::list_models))

@@ -462,6 +462,17 @@ fn models_health_metrics() {
         .map(|v| v["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, HashSet::from(["tiny", "sora-2", "sora-2-pro"]));
+    let page = get(a, "/");
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    let html = String::from_utf8(page.body).unwrap();
+    assert!(
+        html.contains("Kino studio") && html.contains("/v1/videos"),
+        "studio page"
+    );
     let h = get(a, "/health");
     assert_eq!(h.status, 200);
     assert_eq!(h.json()["status"], "ok");
@@ -564,7 +575,10 @@ fn events_stream_queue_position_progress_and_end() {
     // Reads until the server ends the stream after the final event.
     let r = get(a, &format!("/v1/videos/{id}/events"));
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
     let text = String::from_utf8(r.body).unwrap();
     let events: Vec<(String, Value)> = text
         .split("\n\n")
@@ -578,7 +592,9 @@ fn events_stream_queue_position_progress_and_end() {
     assert_eq!(names.first(), Some(&"queued"), "{text}");
     assert_eq!(events[0].1["position"], 0);
     assert!(
-        events.iter().any(|(n, d)| n == "progress" && d["stage"] == "denoise"),
+        events
+            .iter()
+            .any(|(n, d)| n == "progress" && d["stage"] == "denoise"),
         "{text}"
     );
     let (last, obj) = events.last().unwrap();
@@ -591,6 +607,9 @@ fn events_stream_queue_position_progress_and_end() {
         .map(|e| e.1["progress"].as_u64().unwrap())
         .collect();
     assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
-    assert_eq!(wait_done(a, first["id"].as_str().unwrap(), T)["status"], "completed");
+    assert_eq!(
+        wait_done(a, first["id"].as_str().unwrap(), T)["status"],
+        "completed"
+    );
     get(a, "/v1/videos/video_0123456789abcdef/events").assert_error(404, None);
 }
