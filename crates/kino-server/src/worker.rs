@@ -229,7 +229,24 @@ impl Worker {
             let id = job.id.clone();
             tracing::info!(id, prompt = %job.prompt, "job started");
             let started = Instant::now();
-            let outcome = self.run_job(&job);
+            // A panic in the engine fails this job instead of killing the worker.
+            let outcome =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(&job)))
+                {
+                    Ok(o) => o,
+                    Err(p) => {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        remove_outputs(&self.data_dir, &id);
+                        Outcome::Failed(
+                            "internal_error".into(),
+                            format!("the generation crashed: {msg}"),
+                        )
+                    }
+                };
             self.shared.set_live(&id, None);
             let was_cancelled = self.shared.take_cancel(&id);
             let now = now_unix();
