@@ -434,12 +434,15 @@ pub async fn cancel_video(
     let job = find(&state, &id, &owner.0)?;
     match job.status {
         Status::Queued => {
-            state.store.fail(
+            let failed = state.store.fail(
                 &id,
                 "cancelled",
                 "the video was cancelled before it started",
                 now_unix(),
             )?;
+            if failed {
+                state.shared.emit("video.failed", &id);
+            }
         }
         Status::InProgress => {
             state.shared.request_cancel(&id);

@@ -38,6 +38,12 @@ pub struct ServeArgs {
     /// A file with one API key per line (blank lines and # comments ignored).
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// Send `video.completed` / `video.failed` webhooks (Standard Webhooks) to this http:// URL.
+    #[arg(long, requires = "webhook_secret")]
+    pub webhook_url: Option<String>,
+    /// The webhook signing secret, `whsec_` + base64 (e.g. `whsec_$(openssl rand -base64 32)`).
+    #[arg(long)]
+    pub webhook_secret: Option<String>,
     /// The `openai-poll-after-ms` header: how often SDK clients poll.
     #[arg(long, default_value_t = 1000)]
     pub poll_after_ms: u64,
@@ -123,6 +129,13 @@ impl ServeArgs {
         config.max_queue = self.max_queue;
         config.max_upload_bytes = self.max_upload_bytes;
         config.api_keys = self.api_key.clone();
+        if let (Some(url), Some(secret)) = (&self.webhook_url, &self.webhook_secret) {
+            config.webhook = Some(crate::webhooks::WebhookConfig {
+                url: url.clone(),
+                secret: secret.clone(),
+                retry_base: std::time::Duration::from_secs(1),
+            });
+        }
         if let Some(f) = &self.api_keys_file {
             let text = std::fs::read_to_string(f)?;
             config.api_keys.extend(

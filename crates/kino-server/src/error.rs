@@ -163,6 +163,8 @@ pub enum ServerError {
     },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("webhooks: {0}")]
+    Webhook(String),
     #[error("the worker thread stopped before it was ready")]
     WorkerGone,
 }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod events;
 pub mod mapping;
 pub mod store;
+pub mod webhooks;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     /// With keys, every endpoint but `/health` needs `Authorization: Bearer KEY`.
     pub api_keys: Vec<String>,
+    /// Where to send `video.completed` / `video.failed` (see [`webhooks`]).
+    pub webhook: Option<webhooks::WebhookConfig>,
 }
 
 impl ServerConfig {
@@ -84,6 +87,7 @@ impl ServerConfig {
             max_queue: 1000,
             max_upload_bytes: 25 * 1024 * 1024,
             api_keys: Vec::new(),
+            webhook: None,
         }
     }
 }
@@ -166,6 +170,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     state: AppState,
     workers: Vec<std::thread::JoinHandle<()>>,
+    webhook_rx: Option<tokio::sync::mpsc::UnboundedReceiver<webhooks::Event>>,
 }
 
 impl Server {
@@ -190,7 +195,16 @@ impl Server {
         if requeued > 0 {
             tracing::info!("{requeued} interrupted video(s) queued again");
         }
+        if let Some(w) = &config.webhook {
+            webhooks::parse_url(&w.url).map_err(ServerError::Webhook)?;
+            webhooks::secret_key(&w.secret).map_err(ServerError::Webhook)?;
+        }
         let shared = Arc::new(Shared::default());
+        let webhook_rx = config.webhook.as_ref().map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            shared.set_events(tx);
+            rx
+        });
         let mut workers = Vec::new();
         let mut models = None;
         let devices = if config.devices.is_empty() {
@@ -242,6 +256,7 @@ impl Server {
             listener,
             state,
             workers,
+            webhook_rx,
         })
     }
 
@@ -265,7 +280,11 @@ impl Server {
             listener,
             state,
             workers,
+            webhook_rx,
         } = self;
+        if let (Some(rx), Some(cfg)) = (webhook_rx, state.config.webhook.clone()) {
+            tokio::spawn(webhooks::dispatch(cfg, rx));
+        }
         let shared = state.shared.clone();
         let app = router(state);
         let result = axum::serve(listener, app)

@@ -53,6 +53,8 @@ pub struct Shared {
     pub denoise_steps: AtomicU64,
     pub denoise_micros: AtomicU64,
     pub jobs_run: AtomicU64,
+    /// Webhook events go here when webhooks are on.
+    events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::webhooks::Event>>>,
 }
 
 impl Shared {
@@ -70,6 +72,25 @@ impl Shared {
             let _ = self.wake.wait_timeout_while(g, timeout, |g| {
                 *g == seen && !self.stop.load(Ordering::SeqCst)
             });
+        }
+    }
+
+    /// Turns on webhook events.
+    pub fn set_events(&self, tx: tokio::sync::mpsc::UnboundedSender<crate::webhooks::Event>) {
+        if let Ok(mut e) = self.events.lock() {
+            *e = Some(tx);
+        }
+    }
+
+    /// Queues a webhook (`video.completed` / `video.failed`) if webhooks are on.
+    pub fn emit(&self, kind: &'static str, video_id: &str) {
+        if let Ok(e) = self.events.lock() {
+            if let Some(tx) = e.as_ref() {
+                let _ = tx.send(crate::webhooks::Event {
+                    kind,
+                    video_id: video_id.to_string(),
+                });
+            }
         }
     }
 
@@ -250,6 +271,11 @@ impl Worker {
             self.shared.set_live(&id, None);
             let was_cancelled = self.shared.take_cancel(&id);
             let now = now_unix();
+            let event = if matches!(outcome, Outcome::Done) {
+                "video.completed"
+            } else {
+                "video.failed"
+            };
             let stored = match outcome {
                 Outcome::Done => self.store.complete(&id, now),
                 Outcome::Stopped => {
@@ -269,12 +295,15 @@ impl Worker {
             };
             self.shared.jobs_run.fetch_add(1, Ordering::Relaxed);
             match stored {
-                Ok(true) => tracing::info!(
-                    id,
-                    secs = started.elapsed().as_secs_f64(),
-                    cancelled = was_cancelled,
-                    "job finished"
-                ),
+                Ok(true) => {
+                    tracing::info!(
+                        id,
+                        secs = started.elapsed().as_secs_f64(),
+                        cancelled = was_cancelled,
+                        "job finished"
+                    );
+                    self.shared.emit(event, &id);
+                }
                 // The row is gone: the video was deleted while it ran.
                 Ok(false) => remove_outputs(&self.data_dir, &id),
                 Err(e) => tracing::error!(id, "cannot record the job's end: {e}"),

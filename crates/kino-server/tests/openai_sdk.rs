@@ -30,12 +30,25 @@ fn official_openai_python_sdk() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(dir.path());
     config.poll_after_ms = 100;
+    // A free port for the script's webhook receiver.
+    let hook_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    config.webhook = Some(kino_server::webhooks::WebhookConfig {
+        url: format!("http://127.0.0.1:{hook_port}/webhooks"),
+        secret: secret.into(),
+        retry_base: std::time::Duration::from_millis(200),
+    });
     let srv = kino_server::ServerHandle::start(config).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
     let out = Command::new(&python)
         .arg(&script)
         .env("KINO_BASE_URL", format!("http://{}/v1", srv.addr()))
         .env("OPENAI_API_KEY", "kino-test")
+        .env("KINO_WEBHOOK_PORT", hook_port.to_string())
+        .env("KINO_WEBHOOK_SECRET", secret)
         .env_remove("OPENAI_BASE_URL")
         .output()
         .expect("run the SDK script");
