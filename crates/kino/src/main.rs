@@ -28,6 +28,8 @@ enum Command {
     Models(commands::models::ModelsArgs),
     /// Download a model into the Hugging Face cache.
     Pull(commands::models::PullArgs),
+    /// Serve the OpenAI Videos API (`base_url=http://HOST:PORT/v1`) with a durable job queue.
+    Serve(Box<commands::serve::Args>),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::run(a),
         Command::Models(a) => commands::models::list(a),
         Command::Pull(a) => commands::models::pull(a),
+        Command::Serve(a) => commands::serve::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,3 +3,4 @@ pub mod generate;
 pub mod info;
 pub mod models;
 pub mod parity;
+pub mod serve;

@@ -1,0 +1,390 @@
+//! `kino serve`: OpenAI's Videos API over local models, with a durable job queue.
+//!
+//! - HTTP (axum): `POST /v1/videos` (JSON or multipart), `GET /v1/videos/{id}`,
+//!   `GET /v1/videos` (`after`, `limit`, `order`), `DELETE /v1/videos/{id}`,
+//!   `GET /v1/videos/{id}/content?variant=video|thumbnail|spritesheet` (HTTP Range),
+//!   `POST /v1/videos/{id}/remix`; extensions `POST /v1/videos/{id}/cancel`, `GET /health`,
+//!   `GET /v1/videos/{id}/events` (SSE), `GET /v1/models`, `GET /metrics`. Every response carries `openai-poll-after-ms`; errors
+//!   have OpenAI's shape (see [`error::ApiError`]). The mapping of `model`, `size` and
+//!   `seconds` onto a local model is documented in [`mapping`].
+//! - Jobs live in SQLite (`DATA_DIR/kino.sqlite3`, see [`store`]); outputs in
+//!   `DATA_DIR/videos/<id>/{video.mp4, thumbnail.jpg, spritesheet.jpg}`, the MP4 carrying the
+//!   generation parameters.
+//! - One worker thread per device runs jobs in arrival order ([`worker`]).
+//! - `GET /` is a small web studio embedded in the binary (prompt, queue, gallery).
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod content;
+pub mod error;
+pub mod events;
+pub mod mapping;
+pub mod store;
+pub mod webhooks;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use kino_engine::device::DeviceChoice;
+
+pub use error::{ApiError, ServerError};
+pub use mapping::ModelInfo;
+pub use worker::ModelSpec;
+
+use store::Store;
+use worker::Shared;
+
+/// Everything `kino serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. `127.0.0.1:8000` (port 0: any free port).
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub models: Vec<ModelSpec>,
+    /// One worker per device.
+    pub devices: Vec<DeviceChoice>,
+    /// The `openai-poll-after-ms` header value.
+    pub poll_after_ms: u64,
+    pub max_seconds: f64,
+    pub max_steps: usize,
+    pub max_prompt_chars: usize,
+    /// Queued videos beyond this get 429.
+    pub max_queue: usize,
+    /// Request bodies beyond this get 413.
+    pub max_upload_bytes: usize,
+    /// With keys, every endpoint but `/health` needs `Authorization: Bearer KEY`.
+    pub api_keys: Vec<String>,
+    /// Where to send `video.completed` / `video.failed` (see [`webhooks`]).
+    pub webhook: Option<webhooks::WebhookConfig>,
+}
+
+impl ServerConfig {
+    /// Defaults for serving `models` from `data_dir` on `listen`.
+    pub fn new(
+        listen: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        models: Vec<ModelSpec>,
+    ) -> Self {
+        ServerConfig {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            models,
+            devices: vec![DeviceChoice::Auto],
+            poll_after_ms: 1000,
+            max_seconds: 20.0,
+            max_steps: 200,
+            max_prompt_chars: 4000,
+            max_queue: 1000,
+            max_upload_bytes: 25 * 1024 * 1024,
+            api_keys: Vec::new(),
+            webhook: None,
+        }
+    }
+}
+
+/// State shared by the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub shared: Arc<Shared>,
+    pub models: Arc<Vec<ModelInfo>>,
+    pub config: Arc<ServerConfig>,
+}
+
+/// The current time in unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A new id: `video_` and 32 hex digits.
+pub fn new_video_id() -> String {
+    format!("video_{:032x}", rand::random::<u128>())
+}
+
+/// Ids are `video_` + 1 to 64 hex digits, so they can never name a path outside the data
+/// directory.
+pub fn valid_video_id(id: &str) -> bool {
+    id.strip_prefix("video_")
+        .is_some_and(|h| (1..=64).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Where a video's files are.
+pub fn video_dir(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("videos").join(id)
+}
+
+async fn poll_header(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&state.config.poll_after_ms.to_string()) {
+        res.headers_mut().insert("openai-poll-after-ms", v);
+    }
+    res
+}
+
+/// The HTTP routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.max_upload_bytes;
+    Router::new()
+        .route("/", get(api::studio))
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .route("/v1/models", get(api::list_models))
+        .route("/v1/videos", post(api::create_video).get(api::list_videos))
+        .route(
+            "/v1/videos/{id}",
+            get(api::get_video).delete(api::delete_video),
+        )
+        .route("/v1/videos/{id}/content", get(api::video_content))
+        .route("/v1/videos/{id}/remix", post(api::remix_video))
+        .route("/v1/videos/{id}/cancel", post(api::cancel_video))
+        .route("/v1/videos/{id}/events", get(events::video_events))
+        .fallback(api::fallback)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            poll_header,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// A server that has opened its store and models and bound its socket.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    webhook_rx: Option<tokio::sync::mpsc::UnboundedReceiver<webhooks::Event>>,
+}
+
+impl Server {
+    /// Opens the data directory and the store (re-queueing interrupted jobs), starts one worker
+    /// per device (each opens the models) and binds the socket. Call inside a tokio runtime.
+    pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        if config.models.is_empty() {
+            return Err(ServerError::NoModel);
+        }
+        for (i, m) in config.models.iter().enumerate() {
+            if config.models[..i].iter().any(|o| o.id == m.id) {
+                return Err(ServerError::DuplicateModel(m.id.clone()));
+            }
+        }
+        let videos = config.data_dir.join("videos");
+        std::fs::create_dir_all(&videos).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = Arc::new(Store::open(&config.data_dir.join("kino.sqlite3"))?);
+        let requeued = store.requeue_interrupted()?;
+        if requeued > 0 {
+            tracing::info!("{requeued} interrupted video(s) queued again");
+        }
+        if let Some(w) = &config.webhook {
+            webhooks::parse_url(&w.url).map_err(ServerError::Webhook)?;
+            webhooks::secret_key(&w.secret).map_err(ServerError::Webhook)?;
+        }
+        let shared = Arc::new(Shared::default());
+        let webhook_rx = config.webhook.as_ref().map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            shared.set_events(tx);
+            rx
+        });
+        let mut workers = Vec::new();
+        let mut models = None;
+        let devices = if config.devices.is_empty() {
+            vec![DeviceChoice::Auto]
+        } else {
+            config.devices.clone()
+        };
+        for d in devices {
+            let started = worker::spawn(
+                d,
+                config.models.clone(),
+                store.clone(),
+                shared.clone(),
+                config.data_dir.clone(),
+            );
+            match started {
+                Ok((h, infos)) => {
+                    workers.push(h);
+                    models.get_or_insert(infos);
+                }
+                Err(e) => {
+                    shared.stop.store(true, Ordering::SeqCst);
+                    shared.notify();
+                    for w in workers {
+                        let _ = w.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let listener = match tokio::net::TcpListener::bind(&config.listen).await {
+            Ok(l) => l,
+            Err(source) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                shared.notify();
+                return Err(ServerError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                });
+            }
+        };
+        let state = AppState {
+            store,
+            shared,
+            models: Arc::new(models.unwrap_or_default()),
+            config: Arc::new(config),
+        };
+        Ok(Server {
+            listener,
+            state,
+            workers,
+            webhook_rx,
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The models served.
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.state.models
+    }
+
+    /// Serves until `shutdown` resolves, then stops the workers. A job that was running is left
+    /// `in_progress` and runs again when a server next opens this data directory.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            state,
+            workers,
+            webhook_rx,
+        } = self;
+        if let (Some(rx), Some(cfg)) = (webhook_rx, state.config.webhook.clone()) {
+            tokio::spawn(webhooks::dispatch(cfg, rx));
+        }
+        let shared = state.shared.clone();
+        let app = router(state);
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        shared.stop.store(true, Ordering::SeqCst);
+        shared.notify();
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        Ok(result?)
+    }
+}
+
+/// A server running on its own thread and runtime (for tests and embedding). Dropping it
+/// stops the server, abandoning any running job as a crash would.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    models: Vec<ModelInfo>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
+}
+
+impl ServerHandle {
+    /// Starts a server and returns once it accepts connections.
+    pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kino-server".into())
+            .spawn(move || -> Result<(), ServerError> {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let server = match Server::bind(config).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return Ok(());
+                        }
+                    };
+                    let info = server.local_addr().map(|a| (a, server.models().to_vec()));
+                    let _ = ready_tx.send(info);
+                    server
+                        .run(async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                })
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok((addr, models))) => Ok(ServerHandle {
+                addr,
+                models,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(ServerError::WorkerGone),
+            },
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.models
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(mut self) -> Result<(), ServerError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), ServerError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(ServerError::WorkerGone),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

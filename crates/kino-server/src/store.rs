@@ -1,0 +1,394 @@
+//! The durable job store: one SQLite file, `kino.sqlite3`, in the data directory.
+//!
+//! One row per video. Jobs run in arrival order (`seq`, an autoincrement). A job that was
+//! `in_progress` when the process died is put back to `queued` when the store is opened by a
+//! new server ([`Store::requeue_interrupted`]), so nothing queued or running is lost.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use kino_engine::wan::pipeline::GenerateRequest;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+
+/// OpenAI's four statuses; a cancelled job is `failed` with `error.code = "cancelled"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    InProgress,
+    Completed,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "queued" => Status::Queued,
+            "in_progress" => Status::InProgress,
+            "completed" => Status::Completed,
+            "failed" => Status::Failed,
+            _ => return None,
+        })
+    }
+
+    pub const ALL: [Status; 4] = [
+        Status::Queued,
+        Status::InProgress,
+        Status::Completed,
+        Status::Failed,
+    ];
+}
+
+/// What the worker needs to run a job: the local model and a fully specified request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobParams {
+    /// The configured model's id (not the alias the client used).
+    pub model_id: String,
+    /// Every field filled in (size, frames, steps, guidance, seed, negative prompt).
+    pub request: GenerateRequest,
+    pub fps: u32,
+}
+
+/// One video job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub seq: i64,
+    pub status: Status,
+    pub progress: u8,
+    pub created_at: i64,
+    pub completed_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    /// The model name the client asked for (`sora-2`, or a local id).
+    pub model: String,
+    /// What is (or will be) produced, `WxH`.
+    pub size: String,
+    pub seconds: String,
+    pub prompt: String,
+    pub remixed_from_video_id: Option<String>,
+    /// `(code, message)` when failed.
+    pub error: Option<(String, String)>,
+    pub params: JobParams,
+    /// The API key's name that created it (when keys are on).
+    pub owner: Option<String>,
+}
+
+/// The order of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Asc,
+    Desc,
+}
+
+/// Result of [`Store::list`].
+pub enum ListResult {
+    Page {
+        jobs: Vec<Job>,
+        has_more: bool,
+    },
+    /// The `after` cursor names no video (of this owner).
+    UnknownCursor,
+}
+
+/// The SQLite job store. Cheap operations only; callers may use it from async code.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const COLUMNS: &str = "id, seq, status, progress, created_at, completed_at, expires_at, model, size, seconds, prompt, remixed_from_video_id, error_code, error_message, params, owner";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS videos (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL UNIQUE,
+                status TEXT NOT NULL,
+                progress INTEGER NOT NULL DEFAULT 0,
+                created_at INTEGER NOT NULL,
+                completed_at INTEGER,
+                expires_at INTEGER,
+                model TEXT NOT NULL,
+                size TEXT NOT NULL,
+                seconds TEXT NOT NULL,
+                prompt TEXT NOT NULL,
+                remixed_from_video_id TEXT,
+                error_code TEXT,
+                error_message TEXT,
+                params TEXT NOT NULL,
+                owner TEXT
+            );
+            CREATE INDEX IF NOT EXISTS videos_status ON videos(status, seq);",
+        )?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Puts jobs that were running when a previous process died back in the queue (at their
+    /// original place). Returns how many.
+    pub fn requeue_interrupted(&self) -> Result<usize, StoreError> {
+        Ok(self.conn()?.execute(
+            "UPDATE videos SET status = 'queued', progress = 0 WHERE status = 'in_progress'",
+            [],
+        )?)
+    }
+
+    /// Adds a job; its `seq` is assigned here (arrival order).
+    pub fn insert(&self, job: &Job) -> Result<i64, StoreError> {
+        let params_json = serde_json::to_string(&job.params).map_err(|e| StoreError::BadRow {
+            id: job.id.clone(),
+            message: e.to_string(),
+        })?;
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO videos (id, status, progress, created_at, completed_at, expires_at, model, size, seconds, prompt, remixed_from_video_id, error_code, error_message, params, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                job.id,
+                job.status.as_str(),
+                job.progress,
+                job.created_at,
+                job.completed_at,
+                job.expires_at,
+                job.model,
+                job.size,
+                job.seconds,
+                job.prompt,
+                job.remixed_from_video_id,
+                job.error.as_ref().map(|e| &e.0),
+                job.error.as_ref().map(|e| &e.1),
+                params_json,
+                job.owner,
+            ],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// The job with this id.
+    pub fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM videos WHERE id = ?1"))?;
+        let row = st.query_row([id], row_to_raw).optional()?;
+        row.map(RawJob::into_job).transpose()
+    }
+
+    /// One page of jobs (of `owner`, or all when `None`) after the cursor `after`.
+    pub fn list(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        order: Order,
+    ) -> Result<ListResult, StoreError> {
+        let conn = self.conn()?;
+        let cursor = match after {
+            None => None,
+            Some(a) => {
+                let seq: Option<i64> = conn
+                    .query_row(
+                        "SELECT seq FROM videos WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+                        params![a, owner],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                match seq {
+                    Some(s) => Some(s),
+                    None => return Ok(ListResult::UnknownCursor),
+                }
+            }
+        };
+        let (cmp, dir) = match order {
+            Order::Asc => (">", "ASC"),
+            Order::Desc => ("<", "DESC"),
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM videos WHERE (?1 IS NULL OR owner = ?1) AND (?2 IS NULL OR seq {cmp} ?2) ORDER BY seq {dir} LIMIT ?3"
+        );
+        let mut st = conn.prepare_cached(&sql)?;
+        let rows = st
+            .query_map(params![owner, cursor, (limit + 1) as i64], row_to_raw)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut jobs = rows
+            .into_iter()
+            .map(RawJob::into_job)
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_more = jobs.len() > limit;
+        jobs.truncate(limit);
+        Ok(ListResult::Page { jobs, has_more })
+    }
+
+    /// Removes a job's row. Returns whether it existed.
+    pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()?
+            .execute("DELETE FROM videos WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    /// Takes the oldest queued job and marks it `in_progress`.
+    pub fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(&format!(
+            "UPDATE videos SET status = 'in_progress', progress = 0
+             WHERE seq = (SELECT seq FROM videos WHERE status = 'queued' ORDER BY seq LIMIT 1)
+             RETURNING {COLUMNS}"
+        ))?;
+        let row = st.query_row([], row_to_raw).optional()?;
+        row.map(RawJob::into_job).transpose()
+    }
+
+    /// Sets the progress of a running job (never backwards).
+    pub fn set_progress(&self, id: &str, progress: u8) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE videos SET progress = ?2 WHERE id = ?1 AND status = 'in_progress' AND progress < ?2",
+            params![id, progress.min(100)],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a running job completed.
+    pub fn complete(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        Ok(self.conn()?.execute(
+            "UPDATE videos SET status = 'completed', progress = 100, completed_at = ?2 WHERE id = ?1 AND status = 'in_progress'",
+            params![id, now],
+        )? > 0)
+    }
+
+    /// Marks a queued or running job failed.
+    pub fn fail(&self, id: &str, code: &str, message: &str, now: i64) -> Result<bool, StoreError> {
+        Ok(self.conn()?.execute(
+            "UPDATE videos SET status = 'failed', completed_at = ?4, error_code = ?2, error_message = ?3
+             WHERE id = ?1 AND status IN ('queued', 'in_progress')",
+            params![id, code, message, now],
+        )? > 0)
+    }
+
+    /// Jobs per status.
+    pub fn counts(&self) -> Result<Vec<(Status, i64)>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached("SELECT status, COUNT(*) FROM videos GROUP BY status")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Status::ALL
+            .iter()
+            .map(|s| {
+                let n = rows
+                    .iter()
+                    .find(|(name, _)| name == s.as_str())
+                    .map_or(0, |r| r.1);
+                (*s, n)
+            })
+            .collect())
+    }
+
+    /// How many jobs wait ahead of `seq` (0 = next to run).
+    pub fn queue_position(&self, seq: i64) -> Result<i64, StoreError> {
+        Ok(self.conn()?.query_row(
+            "SELECT COUNT(*) FROM videos WHERE status = 'queued' AND seq < ?1",
+            [seq],
+            |r| r.get(0),
+        )?)
+    }
+}
+
+/// A row before its JSON and status are checked.
+struct RawJob {
+    id: String,
+    seq: i64,
+    status: String,
+    progress: i64,
+    created_at: i64,
+    completed_at: Option<i64>,
+    expires_at: Option<i64>,
+    model: String,
+    size: String,
+    seconds: String,
+    prompt: String,
+    remixed_from_video_id: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    params: String,
+    owner: Option<String>,
+}
+
+fn row_to_raw(r: &Row<'_>) -> rusqlite::Result<RawJob> {
+    Ok(RawJob {
+        id: r.get(0)?,
+        seq: r.get(1)?,
+        status: r.get(2)?,
+        progress: r.get(3)?,
+        created_at: r.get(4)?,
+        completed_at: r.get(5)?,
+        expires_at: r.get(6)?,
+        model: r.get(7)?,
+        size: r.get(8)?,
+        seconds: r.get(9)?,
+        prompt: r.get(10)?,
+        remixed_from_video_id: r.get(11)?,
+        error_code: r.get(12)?,
+        error_message: r.get(13)?,
+        params: r.get(14)?,
+        owner: r.get(15)?,
+    })
+}
+
+impl RawJob {
+    fn into_job(self) -> Result<Job, StoreError> {
+        let bad = |message: String| StoreError::BadRow {
+            id: self.id.clone(),
+            message,
+        };
+        let status =
+            Status::parse(&self.status).ok_or_else(|| bad(format!("status `{}`", self.status)))?;
+        let params: JobParams =
+            serde_json::from_str(&self.params).map_err(|e| bad(e.to_string()))?;
+        let error = match (self.error_code, self.error_message) {
+            (Some(c), m) => Some((c, m.unwrap_or_default())),
+            (None, Some(m)) => Some(("error".into(), m)),
+            (None, None) => None,
+        };
+        Ok(Job {
+            id: self.id,
+            seq: self.seq,
+            status,
+            progress: self.progress.clamp(0, 100) as u8,
+            created_at: self.created_at,
+            completed_at: self.completed_at,
+            expires_at: self.expires_at,
+            model: self.model,
+            size: self.size,
+            seconds: self.seconds,
+            prompt: self.prompt,
+            remixed_from_video_id: self.remixed_from_video_id,
+            error,
+            params,
+            owner: self.owner,
+        })
+    }
+}

@@ -1,0 +1,468 @@
+//! The worker: one `std::thread` per device that opens every configured model once and runs
+//! jobs from the store in arrival order. The engine is synchronous, so it never runs on the
+//! async runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kino_engine::device::DeviceChoice;
+use kino_engine::progress::{ProgressEvent, Stage};
+use kino_engine::wan::pipeline::{PipelineOptions, WanPipeline};
+use kino_media::{
+    Fps, Frame, GenerationParams, ImageFormat, Mp4Options, SpritesheetOptions, ThumbnailOptions,
+    Video,
+};
+
+use crate::error::ServerError;
+use crate::mapping::ModelInfo;
+use crate::store::{Job, Store};
+use crate::{now_unix, video_dir};
+
+/// A model to serve: the name clients use and its folder.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub id: String,
+    pub path: PathBuf,
+}
+
+/// Live state of a running job (for progress events and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Live {
+    pub stage: Stage,
+    pub step: usize,
+    pub total: usize,
+    pub progress: u8,
+}
+
+/// State shared between the HTTP side and the workers.
+#[derive(Default)]
+pub struct Shared {
+    wake: Condvar,
+    wake_lock: Mutex<u64>,
+    /// Set when the server stops: workers abandon their job (left `in_progress`, so a new
+    /// server runs it again) and exit.
+    pub stop: AtomicBool,
+    /// Ids whose run should stop (cancel or delete).
+    cancel: Mutex<HashSet<String>>,
+    /// Running jobs' stage and step.
+    live: Mutex<HashMap<String, Live>>,
+    /// Total denoising steps run and their total time in microseconds (for /metrics).
+    pub denoise_steps: AtomicU64,
+    pub denoise_micros: AtomicU64,
+    pub jobs_run: AtomicU64,
+    /// Webhook events go here when webhooks are on.
+    events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::webhooks::Event>>>,
+}
+
+impl Shared {
+    /// Wakes the workers (a job was queued, or the server stops).
+    pub fn notify(&self) {
+        if let Ok(mut g) = self.wake_lock.lock() {
+            *g = g.wrapping_add(1);
+        }
+        self.wake.notify_all();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        if let Ok(g) = self.wake_lock.lock() {
+            let seen = *g;
+            let _ = self.wake.wait_timeout_while(g, timeout, |g| {
+                *g == seen && !self.stop.load(Ordering::SeqCst)
+            });
+        }
+    }
+
+    /// Turns on webhook events.
+    pub fn set_events(&self, tx: tokio::sync::mpsc::UnboundedSender<crate::webhooks::Event>) {
+        if let Ok(mut e) = self.events.lock() {
+            *e = Some(tx);
+        }
+    }
+
+    /// Queues a webhook (`video.completed` / `video.failed`) if webhooks are on.
+    pub fn emit(&self, kind: &'static str, video_id: &str) {
+        if let Ok(e) = self.events.lock() {
+            if let Some(tx) = e.as_ref() {
+                let _ = tx.send(crate::webhooks::Event {
+                    kind,
+                    video_id: video_id.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Asks the run of `id` (if any) to stop at its next step.
+    pub fn request_cancel(&self, id: &str) {
+        if let Ok(mut c) = self.cancel.lock() {
+            c.insert(id.to_string());
+        }
+    }
+
+    fn take_cancel(&self, id: &str) -> bool {
+        self.cancel
+            .lock()
+            .map(|mut c| c.remove(id))
+            .unwrap_or(false)
+    }
+
+    fn is_cancelled(&self, id: &str) -> bool {
+        self.stop.load(Ordering::SeqCst)
+            || self.cancel.lock().map(|c| c.contains(id)).unwrap_or(false)
+    }
+
+    /// The live state of a running job.
+    pub fn live(&self, id: &str) -> Option<Live> {
+        self.live.lock().ok().and_then(|l| l.get(id).copied())
+    }
+
+    fn set_live(&self, id: &str, live: Option<Live>) {
+        if let Ok(mut l) = self.live.lock() {
+            match live {
+                Some(v) => {
+                    l.insert(id.to_string(), v);
+                }
+                None => {
+                    l.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// Overall progress (0–99) for an event: each stage owns a slice of the bar.
+pub fn progress_percent(e: &ProgressEvent) -> u8 {
+    let (lo, hi) = match e.stage {
+        Stage::LoadTextEncoder => (0.0, 3.0),
+        Stage::EncodePrompt => (3.0, 8.0),
+        Stage::LoadTransformer => (8.0, 12.0),
+        Stage::Denoise => (12.0, 85.0),
+        Stage::LoadVae => (85.0, 87.0),
+        Stage::DecodeVae => (87.0, 97.0),
+    };
+    let frac = if e.total == 0 {
+        1.0
+    } else {
+        (e.step as f64 / e.total as f64).clamp(0.0, 1.0)
+    };
+    (lo + (hi - lo) * frac).floor() as u8
+}
+
+/// Starts one worker thread for `device`; returns once it has opened the models (or failed
+/// to).
+pub fn spawn(
+    device: DeviceChoice,
+    models: Vec<ModelSpec>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    data_dir: PathBuf,
+) -> Result<(std::thread::JoinHandle<()>, Vec<ModelInfo>), ServerError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(format!("kino-worker-{device:?}"))
+        .spawn(move || {
+            let pipelines = match open_models(device, &models) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let infos = pipelines.iter().map(|(info, _)| info.clone()).collect();
+            if tx.send(Ok(infos)).is_err() {
+                return;
+            }
+            let mut w = Worker {
+                pipelines,
+                store,
+                shared,
+                data_dir,
+            };
+            w.run();
+        })?;
+    match rx.recv() {
+        Ok(Ok(infos)) => Ok((handle, infos)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => Err(ServerError::WorkerGone),
+    }
+}
+
+fn open_models(
+    device: DeviceChoice,
+    models: &[ModelSpec],
+) -> Result<Vec<(ModelInfo, WanPipeline)>, ServerError> {
+    let dev = kino_engine::device::open(device).map_err(ServerError::Device)?;
+    models
+        .iter()
+        .map(|m| {
+            let p = WanPipeline::open(&m.path, PipelineOptions::for_device(dev.clone())).map_err(
+                |source| ServerError::Model {
+                    name: m.id.clone(),
+                    source,
+                },
+            )?;
+            let info = ModelInfo {
+                id: m.id.clone(),
+                path: m.path.clone(),
+                defaults: p.defaults().clone(),
+                size_multiple: p.size_multiple(),
+                frame_step: p.frame_step(),
+            };
+            Ok((info, p))
+        })
+        .collect()
+}
+
+struct Worker {
+    pipelines: Vec<(ModelInfo, WanPipeline)>,
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    data_dir: PathBuf,
+}
+
+enum Outcome {
+    Done,
+    Cancelled,
+    Stopped,
+    Failed(String, String),
+}
+
+impl Worker {
+    fn run(&mut self) {
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let job = match self.store.claim_next() {
+                Ok(Some(j)) => j,
+                Ok(None) => {
+                    self.shared.wait(Duration::from_millis(500));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("worker: cannot read the queue: {e}");
+                    self.shared.wait(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let id = job.id.clone();
+            tracing::info!(id, prompt = %job.prompt, "job started");
+            let started = Instant::now();
+            // A panic in the engine fails this job instead of killing the worker.
+            let outcome =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(&job)))
+                {
+                    Ok(o) => o,
+                    Err(p) => {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        remove_outputs(&self.data_dir, &id);
+                        Outcome::Failed(
+                            "internal_error".into(),
+                            format!("the generation crashed: {msg}"),
+                        )
+                    }
+                };
+            self.shared.set_live(&id, None);
+            let was_cancelled = self.shared.take_cancel(&id);
+            let now = now_unix();
+            let event = if matches!(outcome, Outcome::Done) {
+                "video.completed"
+            } else {
+                "video.failed"
+            };
+            let stored = match outcome {
+                Outcome::Done => self.store.complete(&id, now),
+                Outcome::Stopped => {
+                    tracing::info!(id, "server stopping; the job runs again on restart");
+                    return;
+                }
+                Outcome::Cancelled => self.store.fail(
+                    &id,
+                    "cancelled",
+                    "the video was cancelled before it finished",
+                    now,
+                ),
+                Outcome::Failed(code, msg) => {
+                    tracing::warn!(id, "job failed: {msg}");
+                    self.store.fail(&id, &code, &msg, now)
+                }
+            };
+            self.shared.jobs_run.fetch_add(1, Ordering::Relaxed);
+            match stored {
+                Ok(true) => {
+                    tracing::info!(
+                        id,
+                        secs = started.elapsed().as_secs_f64(),
+                        cancelled = was_cancelled,
+                        "job finished"
+                    );
+                    self.shared.emit(event, &id);
+                }
+                // The row is gone: the video was deleted while it ran.
+                Ok(false) => remove_outputs(&self.data_dir, &id),
+                Err(e) => tracing::error!(id, "cannot record the job's end: {e}"),
+            }
+        }
+    }
+
+    fn run_job(&mut self, job: &Job) -> Outcome {
+        let Some((info, pipeline)) = self
+            .pipelines
+            .iter_mut()
+            .find(|(i, _)| i.id == job.params.model_id)
+        else {
+            return Outcome::Failed(
+                "model_not_found".into(),
+                format!(
+                    "model `{}` is no longer served by this server; start it with --model {}",
+                    job.params.model_id, job.params.model_id
+                ),
+            );
+        };
+        let id = job.id.as_str();
+        let shared = self.shared.clone();
+        let store = self.store.clone();
+        let mut last_pct = 0u8;
+        let mut progress = |e: &ProgressEvent| -> kino_engine::Result<()> {
+            let pct = progress_percent(e);
+            shared.set_live(
+                id,
+                Some(Live {
+                    stage: e.stage,
+                    step: e.step,
+                    total: e.total,
+                    progress: pct.max(last_pct),
+                }),
+            );
+            if e.stage == Stage::Denoise && e.step == e.total && e.total > 0 {
+                shared
+                    .denoise_steps
+                    .fetch_add(e.total as u64, Ordering::Relaxed);
+                shared
+                    .denoise_micros
+                    .fetch_add(e.elapsed.as_micros() as u64, Ordering::Relaxed);
+            }
+            if pct > last_pct {
+                last_pct = pct;
+                if let Err(err) = store.set_progress(id, pct) {
+                    tracing::warn!(id, "cannot store progress: {err}");
+                }
+            }
+            if shared.is_cancelled(id) {
+                return Err(kino_engine::Error::Cancelled);
+            }
+            Ok(())
+        };
+        let result = pipeline.generate(&job.params.request, &mut progress);
+        let out = match result {
+            Ok(o) => o,
+            Err(kino_engine::Error::Cancelled) => {
+                return if self.shared.stop.load(Ordering::SeqCst) {
+                    Outcome::Stopped
+                } else {
+                    Outcome::Cancelled
+                };
+            }
+            Err(e) => {
+                let code = match e {
+                    kino_engine::Error::InvalidRequest(_) => "invalid_request",
+                    kino_engine::Error::OutOfMemory(_) => "out_of_memory",
+                    _ => "generation_failed",
+                };
+                return Outcome::Failed(code.into(), e.to_string());
+            }
+        };
+        let _ = self.store.set_progress(id, 97);
+        let dir = video_dir(&self.data_dir, id);
+        match write_outputs(&dir, info, job, out) {
+            Ok(()) => Outcome::Done,
+            Err(msg) => {
+                remove_outputs(&self.data_dir, id);
+                Outcome::Failed("output_failed".into(), msg)
+            }
+        }
+    }
+}
+
+fn write_outputs(
+    dir: &Path,
+    info: &ModelInfo,
+    job: &Job,
+    out: kino_engine::wan::pipeline::GenerateOutput,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let fps = job.params.fps;
+    let frames = out
+        .frames
+        .into_iter()
+        .map(|f| Frame::new(out.width as u32, out.height as u32, f))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let video = Video::new(frames, Fps::integer(fps).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let r = &out.request;
+    let params = GenerationParams {
+        prompt: Some(r.prompt.clone()),
+        negative_prompt: Some(r.negative_prompt.clone()),
+        model: Some(info.id.clone()),
+        seed: Some(r.seed),
+        steps: Some(r.num_inference_steps as u32),
+        guidance: Some(r.guidance_scale),
+        width: Some(r.width as u32),
+        height: Some(r.height as u32),
+        frames: Some(r.num_frames as u32),
+        fps: Some(fps as f64),
+        kino_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        extra: {
+            let mut m = serde_json::Map::new();
+            m.insert("shift".into(), serde_json::json!(r.shift));
+            m.insert("video_id".into(), serde_json::json!(job.id));
+            m.insert("requested_model".into(), serde_json::json!(job.model));
+            if let Some(src) = &job.remixed_from_video_id {
+                m.insert("remixed_from_video_id".into(), serde_json::json!(src));
+            }
+            m
+        },
+    };
+    let opts = Mp4Options {
+        metadata: Some(params.to_value()),
+        ..Default::default()
+    };
+    kino_media::write_mp4(dir.join("video.mp4"), &video, &opts).map_err(|e| e.to_string())?;
+    kino_media::write_thumbnail(
+        dir.join("thumbnail.jpg"),
+        &video,
+        &ThumbnailOptions {
+            frame: None,
+            max_side: None,
+            format: ImageFormat::Jpeg { quality: 85 },
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    kino_media::write_spritesheet(
+        dir.join("spritesheet.jpg"),
+        &video,
+        &SpritesheetOptions {
+            format: ImageFormat::Jpeg { quality: 85 },
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Deletes a video's output folder (ignoring one that is not there).
+pub fn remove_outputs(data_dir: &Path, id: &str) {
+    let dir = video_dir(data_dir, id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+    }
+}

@@ -1,0 +1,181 @@
+"""The official `openai` Python package against a running `kino serve`.
+
+Run by tests/openai_sdk.rs, which starts the server and sets KINO_BASE_URL
+(http://127.0.0.1:PORT/v1). Needs the pinned SDK and ffprobe:
+
+    pip install openai==3.57.0        # and: apt-get install ffmpeg
+
+Exits non-zero (with a message) on the first failed check.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+# The SDK marks the Sora methods deprecated; Kino keeps them alive.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+PIP_LINE = "pip install openai==3.57.0"
+PINNED = "3.57.0"
+
+try:
+    import openai
+except ImportError:
+    sys.exit(f"the `openai` package is missing for {sys.executable}; install it with: {PIP_LINE}")
+
+if openai.__version__ != PINNED:
+    print(f"warning: openai {openai.__version__} is installed; the tests pin {PINNED} ({PIP_LINE})", file=sys.stderr)
+
+BASE_URL = os.environ.get("KINO_BASE_URL", "http://127.0.0.1:8000/v1")
+client = openai.OpenAI(base_url=BASE_URL, api_key=os.environ.get("OPENAI_API_KEY", "kino-test"), max_retries=0, timeout=120)
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+def expect_error(cls, status, param, fn):
+    try:
+        fn()
+    except cls as e:
+        check(e.status_code == status, f"status {e.status_code} != {status}: {e}")
+        if param is not None:
+            check(e.param == param, f"param {e.param!r} != {param!r}: {e}")
+        check(isinstance(e.body, dict) and e.body.get("message"), f"OpenAI error body: {e.body}")
+        return e
+    raise AssertionError(f"expected {cls.__name__} ({status})")
+
+
+def ffprobe(path):
+    try:
+        out = subprocess.run(
+            ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format", "-of", "json", path],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    except FileNotFoundError:
+        sys.exit("ffprobe is missing; install it (Debian: apt-get install ffmpeg)")
+    return json.loads(out)
+
+
+# Webhooks: the Rust side starts the server with a webhook to 127.0.0.1:$KINO_WEBHOOK_PORT and
+# the secret $KINO_WEBHOOK_SECRET; we receive them here and check them with the SDK.
+import http.server
+import queue
+import threading
+
+hooks = queue.Queue()
+WEBHOOK_PORT = os.environ.get("KINO_WEBHOOK_PORT")
+if WEBHOOK_PORT:
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            hooks.put((dict(self.headers.items()), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook_server = http.server.HTTPServer(("127.0.0.1", int(WEBHOOK_PORT)), Hook)
+    threading.Thread(target=hook_server.serve_forever, daemon=True).start()
+
+# Kino's own knobs go through extra_body; few steps keep the tiny model fast.
+FAST = {"steps": 2, "seed": 7}
+
+# 1. create_and_poll with OpenAI's parameters (the SDK sends multipart/form-data).
+video = client.videos.create_and_poll(
+    model="sora-2", prompt="a corgi surfing at sunset", seconds="4", size="720x1280", extra_body=FAST
+)
+check(video.status == "completed", f"status {video.status}: {video.error}")
+check(video.progress == 100, f"progress {video.progress}")
+check(video.object == "video", video.object)
+check(video.model == "sora-2", video.model)
+check(video.seconds == "4", video.seconds)
+check(video.prompt == "a corgi surfing at sunset", video.prompt)
+check(isinstance(video.created_at, int) and isinstance(video.completed_at, int), "unix-second timestamps")
+check(video.error is None, video.error)
+w, h = (int(x) for x in video.size.split("x"))
+check(h > w, f"portrait size {video.size}")
+print("create_and_poll:", video.id, video.size)
+
+if WEBHOOK_PORT:
+    headers, body = hooks.get(timeout=30)
+    client.webhooks.verify_signature(body, headers, secret=os.environ["KINO_WEBHOOK_SECRET"])
+    event = json.loads(body)
+    check(event["type"] == "video.completed" and event["data"]["id"] == video.id, event)
+    print("webhook: video.completed, signature verified by the SDK")
+
+# 2. retrieve
+got = client.videos.retrieve(video.id)
+check(got.id == video.id and got.status == "completed", got)
+
+# 3. download_content, all three variants
+with tempfile.TemporaryDirectory() as tmp:
+    mp4 = os.path.join(tmp, "video.mp4")
+    client.videos.download_content(video.id, variant="video").write_to_file(mp4)
+    info = ffprobe(mp4)
+    vs = [s for s in info["streams"] if s["codec_type"] == "video"]
+    check(len(vs) == 1, info)
+    s = vs[0]
+    check(s["codec_name"] == "h264", s["codec_name"])
+    check((s["width"], s["height"]) == (w, h), (s["width"], s["height"], video.size))
+    check(s["pix_fmt"] == "yuv420p", s["pix_fmt"])
+    check(int(s["nb_read_frames"]) == 33, f"4 s × 8 fps → 33 frames, got {s['nb_read_frames']}")
+    dur = float(info["format"]["duration"])
+    check(abs(dur - 4.0) < 0.5, f"duration {dur}")
+    default = client.videos.download_content(video.id).read()
+    check(default == open(mp4, "rb").read(), "no variant means the MP4")
+    for variant in ("thumbnail", "spritesheet"):
+        data = client.videos.download_content(video.id, variant=variant).read()
+        check(data[:3] == b"\xff\xd8\xff", f"{variant} is a JPEG")
+print("download_content: video, thumbnail, spritesheet")
+
+# 4. list with paging
+more = [client.videos.create(model="sora-2", prompt=f"clip {i}", seconds="1", extra_body=FAST) for i in range(4)]
+for v in more:
+    check(v.status in ("queued", "in_progress", "completed"), v.status)
+    client.videos.poll(v.id)
+page = client.videos.list(limit=2)
+check(len(page.data) == 2 and page.has_more, f"first page: {len(page.data)} has_more={page.has_more}")
+check(page.data[0].id == more[-1].id, "newest first")
+ids = [v.id for v in client.videos.list(limit=2)]  # auto-paging follows after=last_id
+check(len(ids) == 5 and len(set(ids)) == 5, ids)
+check(set(ids) == {video.id, *(v.id for v in more)}, ids)
+asc = [v.id for v in client.videos.list(limit=3, order="asc")]
+check(asc == list(reversed(ids)), (asc, ids))
+second = page.get_next_page()
+check([v.id for v in second.data] == ids[2:4], "second page")
+print("list: 5 videos in pages of 2")
+
+# 5. remix
+remix = client.videos.remix(video.id, prompt="a corgi surfing at night")
+check(remix.remixed_from_video_id == video.id, remix)
+check(remix.size == video.size and remix.seconds == video.seconds, remix)
+remix = client.videos.poll(remix.id)
+check(remix.status == "completed", remix)
+check(remix.prompt == "a corgi surfing at night", remix.prompt)
+print("remix:", remix.id)
+
+# 6. delete
+d = client.videos.delete(remix.id)
+check(d.id == remix.id and d.deleted is True and d.object == "video.deleted", d)
+expect_error(openai.NotFoundError, 404, None, lambda: client.videos.retrieve(remix.id))
+print("delete")
+
+# 7. errors
+expect_error(openai.BadRequestError, 400, "size", lambda: client.videos.create(prompt="x", size="huge"))
+expect_error(openai.BadRequestError, 400, "model", lambda: client.videos.create(prompt="x", model="sora-9000"))
+expect_error(openai.BadRequestError, 400, "prompt", lambda: client.videos.create(prompt=""))
+expect_error(openai.BadRequestError, 400, "prompt",
+             lambda: client.post("/videos", cast_to=object, body={"model": "sora-2"}))
+unknown = "video_0123456789abcdef0123456789abcdef"
+expect_error(openai.NotFoundError, 404, None, lambda: client.videos.retrieve(unknown))
+expect_error(openai.NotFoundError, 404, None, lambda: client.videos.download_content(unknown).read())
+expect_error(openai.NotFoundError, 404, None, lambda: client.videos.delete(unknown))
+expect_error(openai.NotFoundError, 404, None, lambda: client.videos.remix(unknown, prompt="y"))
+print("errors: bad size, unknown model, missing prompt, unknown id")
+print("openai", openai.__version__, "OK")

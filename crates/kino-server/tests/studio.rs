@@ -1,0 +1,36 @@
+//! Drives the web studio in headless Chromium (tests/studio_chromium.py, standard library
+//! only): type a prompt, watch the progress, see the video play, delete it. Needs $KINO_PYTHON
+//! (default python3) and $KINO_CHROMIUM (default chromium); fails saying so if either is missing.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn studio_in_headless_chromium() {
+    let python = std::env::var("KINO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let chromium = std::env::var("KINO_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    if let Err(e) = Command::new(&chromium).arg("--version").output() {
+        panic!("cannot run `{chromium}` ({e}): install Chromium (Debian: apt-get install chromium) or set KINO_CHROMIUM");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let srv = common::start(dir.path());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/studio_chromium.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("KINO_STUDIO_URL", format!("http://{}/", srv.addr()))
+        .env("KINO_CHROMIUM", &chromium)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{python}` ({e}); install Python 3 or set KINO_PYTHON")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "studio_chromium.py failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("studio OK"), "{stdout}");
+}

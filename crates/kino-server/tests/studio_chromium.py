@@ -1,0 +1,155 @@
+"""Drives the web studio in headless Chromium over the DevTools protocol (through
+--remote-debugging-pipe, so only the standard library is needed): type a prompt, submit, watch
+the queue's progress, see the video play, delete it.
+
+Run by tests/studio.rs with KINO_STUDIO_URL and KINO_CHROMIUM set. Exits non-zero on failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+URL = os.environ["KINO_STUDIO_URL"]
+CHROMIUM = os.environ.get("KINO_CHROMIUM", "chromium")
+
+# The test itself runs inside the page; it resolves to a summary or throws.
+DRIVE = r"""
+(async () => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const until = async (f, what, ms = 90000) => {
+    const t = Date.now();
+    for (;;) {
+      const v = f();
+      if (v) return v;
+      if (Date.now() - t > ms) throw new Error("timed out waiting for " + what);
+      await sleep(25);
+    }
+  };
+  await until(() => document.querySelector("#model option"), "the model list");
+  window.confirm = () => true;
+  document.querySelector("#prompt").value = "a corgi surfing at sunset";
+  document.querySelector("#seconds").value = "4";
+  document.querySelector("#steps").value = "200";
+  document.querySelector("#size").value = "1280x720";
+  document.querySelector("#create button[type=submit]").click();
+  const progress = [];
+  const video = await until(() => {
+    const j = document.querySelector("#queue .job");
+    if (j) {
+      const m = j.textContent.match(/(\d+)%/);
+      if (m && progress[progress.length - 1] !== +m[1]) progress.push(+m[1]);
+    }
+    const v = document.querySelector("#gallery .card video");
+    return v && v.readyState >= 2 && v.videoWidth > 0 && v;
+  }, "the finished video in the gallery");
+  await video.play();
+  await until(() => video.currentTime > 0.2, "the video to play");
+  const summary = {
+    progress,
+    width: video.videoWidth,
+    height: video.videoHeight,
+    duration: video.duration,
+    playedTo: video.currentTime,
+    prompt: document.querySelector("#gallery .card .prompt").textContent,
+  };
+  const del = [...document.querySelectorAll("#gallery .card button")].find((b) => b.textContent === "Delete");
+  del.click();
+  await until(() => document.querySelector("#gallery .empty"), "the gallery to be empty");
+  const list = await (await fetch("/v1/videos")).json();
+  summary.left = list.data.length;
+  return summary;
+})()
+"""
+
+
+class Cdp:
+    def __init__(self):
+        to_chrome_r, self.to_chrome = os.pipe()
+        self.from_chrome, from_chrome_w = os.pipe()
+
+        def fds():
+            # Chromium reads commands on fd 3 and writes replies on fd 4. Copy first, so that
+            # dup2 never gets the same fd twice (that would keep it close-on-exec).
+            r, w = os.dup(to_chrome_r), os.dup(from_chrome_w)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
+
+        self.profile = tempfile.TemporaryDirectory()
+        try:
+            self.proc = subprocess.Popen(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
+                 "--autoplay-policy=no-user-gesture-required", "--user-data-dir=" + self.profile.name,
+                 "about:blank"],
+                preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            sys.exit(f"`{CHROMIUM}` is not installed; install Chromium (Debian: apt-get install chromium) or set KINO_CHROMIUM")
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self.next_id = 0
+        self.buf = b""
+
+    def call(self, method, params=None, session=None):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.to_chrome, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                chunk = os.read(self.from_chrome, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("Chromium closed the DevTools pipe")
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def close(self):
+        try:
+            self.call("Browser.close")
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+cdp = Cdp()
+try:
+    target = cdp.call("Target.createTarget", {"url": URL})["targetId"]
+    session = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+    # Wait for the page to load before running the test in it.
+    loaded = "location.href.startsWith('http') && document.readyState === 'complete' && !!document.querySelector('#create')"
+    for _ in range(400):
+        try:
+            r = cdp.call("Runtime.evaluate", {"expression": loaded, "returnByValue": True}, session)
+        except RuntimeError:
+            r = {"result": {}}  # the context changed while navigating; ask again
+        if r["result"].get("value") is True:
+            break
+        time.sleep(0.05)
+    else:
+        sys.exit(f"the studio page {URL} did not load")
+    r = cdp.call("Runtime.evaluate", {"expression": DRIVE, "awaitPromise": True, "returnByValue": True}, session)
+    if "exceptionDetails" in r:
+        d = r["exceptionDetails"]
+        sys.exit("studio test failed in the page: " + str(d.get("exception", {}).get("description", d)))
+    s = r["result"]["value"]
+    print(json.dumps(s))
+    assert s["prompt"] == "a corgi surfing at sunset", s
+    assert s["width"] > s["height"] > 0, s
+    assert s["playedTo"] > 0.2, s
+    assert s["progress"], f"the queue never showed progress: {s}"
+    assert s["progress"] == sorted(s["progress"]), f"progress went backwards: {s}"
+    assert s["left"] == 0, f"the video was not deleted: {s}"
+    print("studio OK")
+finally:
+    cdp.close()
