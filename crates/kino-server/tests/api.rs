@@ -569,8 +569,8 @@ fn events_stream_queue_position_progress_and_end() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let a = srv.addr();
-    let first = create(a, json!({"prompt": "first", "seconds": "2", "steps": 30}));
-    let second = create(a, json!({"prompt": "second", "seconds": "1", "steps": 8}));
+    let first = create(a, json!({"prompt": "first", "seconds": "4", "steps": 200}));
+    let second = create(a, json!({"prompt": "second", "seconds": "8", "steps": 200}));
     let id = second["id"].as_str().unwrap();
     // Reads until the server ends the stream after the final event.
     let r = get(a, &format!("/v1/videos/{id}/events"));
