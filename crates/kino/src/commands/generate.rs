@@ -251,9 +251,20 @@ impl ProgressView {
                 b.set_position(e.step as u64);
             }
             None => {
-                let due = new_stage
+                // Plain lines for logs: loads and encodes once when done, steps every 2 s.
+                if e.total <= 2 {
+                    if e.step == e.total {
+                        eprintln!(
+                            "{}: done ({:.1} s)",
+                            e.stage.name(),
+                            e.elapsed.as_secs_f64()
+                        );
+                    }
+                    return;
+                }
+                let due = (new_stage && e.step == 0)
                     || e.step == e.total
-                    || self.last_line.elapsed() >= Duration::from_secs(2);
+                    || (e.step > 0 && self.last_line.elapsed() >= Duration::from_secs(2));
                 if due {
                     let per = if e.step > 0 {
                         format!(", {:.2} s/step", e.elapsed.as_secs_f64() / e.step as f64)
