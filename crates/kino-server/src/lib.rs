@@ -20,6 +20,7 @@ pub mod content;
 pub mod error;
 pub mod events;
 pub mod mapping;
+pub mod output;
 pub mod store;
 pub mod webhooks;
 pub mod worker;

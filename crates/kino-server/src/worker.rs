@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use kino_engine::device::DeviceChoice;
 use kino_engine::progress::{ProgressEvent, Stage};
 use kino_engine::wan::pipeline::{PipelineOptions, WanPipeline};
-use kino_media::{
-    Fps, Frame, GenerationParams, ImageFormat, Mp4Options, SpritesheetOptions, ThumbnailOptions,
-    Video,
-};
+use kino_media::{ImageFormat, Mp4Options, SpritesheetOptions, ThumbnailOptions};
 
 use crate::error::ServerError;
 use crate::mapping::ModelInfo;
@@ -398,38 +395,20 @@ fn write_outputs(
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let fps = job.params.fps;
-    let frames = out
-        .frames
-        .into_iter()
-        .map(|f| Frame::new(out.width as u32, out.height as u32, f))
-        .collect::<Result<Vec<_>, _>>()
+    let video = crate::output::frames_to_video(out.frames, out.width, out.height, fps)
         .map_err(|e| e.to_string())?;
-    let video = Video::new(frames, Fps::integer(fps).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
-    let r = &out.request;
-    let params = GenerationParams {
-        prompt: Some(r.prompt.clone()),
-        negative_prompt: Some(r.negative_prompt.clone()),
-        model: Some(info.id.clone()),
-        seed: Some(r.seed),
-        steps: Some(r.num_inference_steps as u32),
-        guidance: Some(r.guidance_scale),
-        width: Some(r.width as u32),
-        height: Some(r.height as u32),
-        frames: Some(r.num_frames as u32),
-        fps: Some(fps as f64),
-        kino_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-        extra: {
-            let mut m = serde_json::Map::new();
-            m.insert("shift".into(), serde_json::json!(r.shift));
-            m.insert("video_id".into(), serde_json::json!(job.id));
-            m.insert("requested_model".into(), serde_json::json!(job.model));
-            if let Some(src) = &job.remixed_from_video_id {
-                m.insert("remixed_from_video_id".into(), serde_json::json!(src));
-            }
-            m
-        },
-    };
+    let mut params = crate::output::generation_params(&out.request, &info.id, fps);
+    params
+        .extra
+        .insert("video_id".into(), serde_json::json!(job.id));
+    params
+        .extra
+        .insert("requested_model".into(), serde_json::json!(job.model));
+    if let Some(src) = &job.remixed_from_video_id {
+        params
+            .extra
+            .insert("remixed_from_video_id".into(), serde_json::json!(src));
+    }
     let opts = Mp4Options {
         metadata: Some(params.to_value()),
         ..Default::default()

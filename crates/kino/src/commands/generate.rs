@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kino_engine::device::{self, DeviceChoice};
 use kino_engine::progress::{ProgressEvent, Stage};
 use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
-use kino_media::{Fps, Frame, GenerationParams, GifOptions, Mp4Options, Video};
+use kino_media::{GifOptions, Mp4Options};
 
 /// The model `kino generate` uses when none is named.
 pub const DEFAULT_MODEL: &str = "wan2.1-t2v-1.3b";
@@ -403,31 +403,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let gen_secs = started.elapsed().as_secs_f64();
 
-    let frames = out
-        .frames
-        .into_iter()
-        .map(|f| Frame::new(out.width as u32, out.height as u32, f))
-        .collect::<Result<Vec<_>, _>>()?;
-    let video = Video::new(frames, Fps::integer(fps)?)?;
     let r = &out.request;
-    let params = GenerationParams {
-        prompt: Some(r.prompt.clone()),
-        negative_prompt: Some(r.negative_prompt.clone()),
-        model: Some(model_name.clone()),
-        seed: Some(r.seed),
-        steps: Some(r.num_inference_steps as u32),
-        guidance: Some(r.guidance_scale),
-        width: Some(r.width as u32),
-        height: Some(r.height as u32),
-        frames: Some(r.num_frames as u32),
-        fps: Some(fps as f64),
-        kino_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-        extra: {
-            let mut m = serde_json::Map::new();
-            m.insert("shift".into(), serde_json::json!(r.shift));
-            m
-        },
-    };
+    let video = kino_server::output::frames_to_video(out.frames, out.width, out.height, fps)?;
+    let params = kino_server::output::generation_params(r, &model_name, fps);
     let t_write = Instant::now();
     match format {
         Format::Mp4 => {
