@@ -400,3 +400,41 @@ fn vae_tiling_decodes_large_frames() {
     assert_eq!(p["streams"][0]["width"], 320);
     assert_eq!(p["streams"][0]["height"], 272);
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan21");
+    let out = tmp.path().join("stopped.mp4");
+    let mut child = kino()
+        .env_remove("KINO_MODEL")
+        .args([
+            "generate", "long", "--size", "480x320", "--frames", "33", "--steps", "1000", "-o",
+        ])
+        .arg(&out)
+        .arg("--model")
+        .arg(&model)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let start = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "took {:?} to stop",
+        start.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cancelled; nothing was written"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
