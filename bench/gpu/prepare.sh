@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the BUILD machine (network to PyPI, the CUDA toolchain of scripts/install-cuda-toolchain.sh):
+# puts into bench/gpu/ everything run.sh needs on a GPU machine that has no network and no Rust:
+#   bench/gpu/bin/kino     the kino binary, built with --features cuda (or $KINO_FEATURES), stripped
+#   bench/gpu/wheels/      diffusers (pinned as fixtures/requirements.txt) + importlib_metadata
+# Both folders are git-ignored: carry them to the GPU machine with the working tree.
+#
+#   bench/gpu/prepare.sh [VENV]        # VENV: the CUDA toolchain venv (default $HOME/.kino-cuda-venv)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+FEATURES="${KINO_FEATURES:-cuda}"
+cd "$ROOT"
+# shellcheck disable=SC1091
+source scripts/cuda-env.sh "${1:-${KINO_CUDA_VENV:-$HOME/.kino-cuda-venv}}"
+nice -n 19 cargo build --release -p kino --features "$FEATURES"
+mkdir -p "$HERE/bin" "$HERE/wheels"
+cp target/release/kino "$HERE/bin/kino"
+strip "$HERE/bin/kino" || true
+PY="${PYTHON:-python3}"
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$HERE/wheels" \
+    "diffusers==0.42.1" "importlib_metadata"
+ls -la "$HERE/bin" "$HERE/wheels"
+du -sh "$HERE/bin" "$HERE/wheels"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# THE one command on the GPU machine (CUDA driver, python3 with PyTorch; no network, no Rust):
+#
+#   bench/gpu/run.sh [KINO_BINARY]        # default bench/gpu/bin/kino (see prepare.sh)
+#
+# Makes random full-size Wan2.1-T2V-1.3B weights, runs diffusers (bf16, SDPA) and Kino (bf16) for
+# $STEPS steps (default 5) at 832×480×81 with guidance 5 plus the VAE decode, prints the table.
+# Results (results.md, results.json, logs, timings) go to $OUT if set, else bench/gpu/out/.
+# Budget: about 8 minutes on an H100 (weights ~1 min, diffusers ~1.5 min, Kino: the unknown;
+# each side is killed after $SIDE_TIMEOUT s, default 240, and the table still comes out).
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+KINO="${1:-$HERE/bin/kino}"
+OUTDIR="${OUT:-$HERE/out}"
+mkdir -p "$OUTDIR"
+PY="${PYTHON:-python3}"
+exec > >(tee -a "$OUTDIR/run.log") 2>&1
+
+echo "== machine"; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+
+# diffusers is not in the image: install the carried wheels (no network needed).
+if ! "$PY" -c 'import diffusers' 2>/dev/null; then
+    "$PY" -m pip install --quiet --no-index --no-deps "$HERE"/wheels/*.whl || {
+        echo "diffusers missing and bench/gpu/wheels/ has no wheels: run bench/gpu/prepare.sh on the build machine"; exit 2; }
+fi
+"$PY" -c 'import diffusers; print("diffusers", diffusers.__version__)'
+
+# Kino links to the CUDA libraries of NVIDIA's wheels (cuBLAS, cuRAND, NVRTC, cuDNN): use the ones
+# PyTorch's own wheels put into site-packages. libcuda.so.1 comes from the driver.
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+for d in "$SITE"/nvidia/*/lib "$SITE"/nvidia/cu13/lib; do
+    [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export LD_LIBRARY_PATH
+chmod +x "$KINO" 2>/dev/null || true
+echo "== kino binary"; ls -la "$KINO"; ldd "$KINO" | grep -E "not found|cuda|cublas|curand|nvrtc|cudnn" || true
+"$KINO" --version || true
+
+"$PY" "$HERE/bench.py" --kino "$KINO" --out "$OUTDIR" --work "${WORK:-/tmp/kino-bench-gpu}" \
+    --steps "${STEPS:-5}" --guidance "${GUIDANCE:-5}" --timeout "${SIDE_TIMEOUT:-240}" ${BENCH_ARGS:-}
+echo "== done $(date -u); results in $OUTDIR"
