@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the BUILD machine (network to PyPI, the CUDA toolchain of scripts/install-cuda-toolchain.sh):
 # puts into bench/gpu/ everything run.sh needs on a GPU machine that has no network and no Rust:
-#   bench/gpu/bin/kino     the kino binary, built with --features cuda (or $KINO_FEATURES), stripped
+#   bench/gpu/bin/kino.xz  the kino binary, built with --features cuda (or $KINO_FEATURES), stripped
+#                          and xz-compressed (61 MB -> 10 MB: the carry limit is 64 MiB in all)
 #   bench/gpu/wheels/      diffusers (pinned as fixtures/requirements.txt) + importlib_metadata
 # Both folders are git-ignored: carry them to the GPU machine with the working tree.
 #
@@ -17,6 +18,7 @@ nice -n 19 cargo build --release -p kino --features "$FEATURES"
 mkdir -p "$HERE/bin" "$HERE/wheels"
 cp target/release/kino "$HERE/bin/kino"
 strip "$HERE/bin/kino" || true
+xz -T0 -6 -f "$HERE/bin/kino"          # -> bin/kino.xz; run.sh unpacks it
 PY="${PYTHON:-python3}"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$HERE/wheels" \
     "diffusers==0.42.1" "importlib_metadata"

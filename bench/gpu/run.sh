@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE one command on the GPU machine (CUDA driver, python3 with PyTorch; no network, no Rust):
 #
-#   bench/gpu/run.sh [KINO_BINARY]        # default bench/gpu/bin/kino (see prepare.sh)
+#   bench/gpu/run.sh [KINO_BINARY]        # default: bench/gpu/bin/kino.xz unpacked (see prepare.sh)
 #
 # Makes random full-size Wan2.1-T2V-1.3B weights, runs diffusers (bf16, SDPA) and Kino (bf16) for
 # $STEPS steps (default 5) at 832×480×81 with guidance 5 plus the VAE decode, prints the table.
@@ -10,10 +10,17 @@
 # each side is killed after $SIDE_TIMEOUT s, default 240, and the table still comes out).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-KINO="${1:-$HERE/bin/kino}"
 OUTDIR="${OUT:-$HERE/out}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-python3}"
+KINO="${1:-}"
+if [ -z "$KINO" ]; then
+    KINO="$HERE/bin/kino"
+    if [ ! -x "$KINO" ] && [ -f "$KINO.xz" ]; then   # python's lzma: no xz tool needed
+        "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+            "$KINO.xz" "$KINO" && chmod +x "$KINO"
+    fi
+fi
 exec > >(tee -a "$OUTDIR/run.log") 2>&1
 
 echo "== machine"; date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
@@ -33,7 +40,6 @@ for d in "$SITE"/nvidia/*/lib "$SITE"/nvidia/cu13/lib; do
     [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 export LD_LIBRARY_PATH
-chmod +x "$KINO" 2>/dev/null || true
 echo "== kino binary"; ls -la "$KINO"; ldd "$KINO" | grep -E "not found|cuda|cublas|curand|nvrtc|cudnn" || true
 "$KINO" --version || true
 
