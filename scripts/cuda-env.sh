@@ -21,6 +21,6 @@ export LIBRARY_PATH="$_kino_venv/cuda-link:$CUDA_ROOT/lib${LIBRARY_PATH:+:$LIBRA
 # Run time (on a GPU machine): cuBLAS, cuRAND, NVRTC, cuDNN from the wheels; libcuda.so.1 from
 # the driver. The stub directory is deliberately NOT here.
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib:$_kino_site/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# The C++ headers for nvcc: CCCL (cub/thrust/cuda::std) sits in include/cccl in the wheels.
-export CPATH="$CUDA_ROOT/include:$CUDA_ROOT/include/cccl${CPATH:+:$CPATH}"
+# (No CPATH: the wheels' nvcc.profile finds include/ and include/cccl itself, and CPATH would make
+# cargo rebuild every C dependency when switching between CPU and CUDA builds.)
 unset _kino_venv _kino_site
