@@ -135,6 +135,11 @@ def make_model(root: pathlib.Path, tiny: bool, device: str) -> dict:
     save_file({"latents": latents, "prompt_embeds": pe, "negative_prompt_embeds": ne},
               str(root / "input.safetensors"))
     stamp.write_text(json.dumps({"tiny": tiny}))
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the sides run in their own processes: leave them the memory
     log(f"made model folder {root} in {time.perf_counter() - t0:.1f} s")
     return cfg
 
