@@ -340,6 +340,8 @@ def main() -> None:
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--skip-kino", action="store_true")
     ap.add_argument("--kino-extra", default="", help="extra arguments for `kino parity`")
+    ap.add_argument("--kino-alt", help="a second kino binary (e.g. built with --features cudnn), run after")
+    ap.add_argument("--kino-alt-name", default="kino-cudnn", help="its column name")
     # diffusers-side internals
     ap.add_argument("--model")
     ap.add_argument("--output")
@@ -384,27 +386,34 @@ def main() -> None:
             r.update(summarize(t))
             r["timings"] = t
         sides["diffusers"] = r
-    if not a.skip_kino:
-        if not a.kino:
+    kinos = [] if a.skip_kino else [("kino", a.kino)]
+    if a.kino_alt and not a.skip_kino:
+        kinos.append((a.kino_alt_name, a.kino_alt))
+    for name, binary in kinos:
+        if not binary:
             sys.exit("--kino PATH is required (or --skip-kino)")
-        cmd = [a.kino, "parity", "pipeline", "--model", str(model), "--input", str(model / "input.safetensors"),
-               "--output", str(out / "kino.safetensors"), "--steps", str(a.steps), "--guidance", str(a.guidance),
-               "--device", a.device, "--dtype", a.dtype, "--decode", "--timings", str(out / "kino_timings.json")]
+        cmd = [binary, "parity", "pipeline", "--model", str(model), "--input", str(model / "input.safetensors"),
+               "--output", str(out / f"{name}.safetensors"), "--steps", str(a.steps), "--guidance", str(a.guidance),
+               "--device", a.device, "--dtype", a.dtype, "--decode", "--timings", str(out / f"{name}_timings.json")]
         cmd += a.kino_extra.split()
-        r = run_side("kino", cmd, env, a.timeout, out / "kino.log", device_index)
+        r = run_side(name, cmd, env, a.timeout, out / f"{name}.log", device_index)
         if r["rc"] == 0:
-            t = json.loads((out / "kino_timings.json").read_text())
+            t = json.loads((out / f"{name}_timings.json").read_text())
             r.update(summarize(t))
             r["timings"] = t
-        sides["kino"] = r
+        sides[name] = r
     results["sides"] = sides
 
-    if all(s in sides and sides[s]["rc"] == 0 for s in ("kino", "diffusers")):
+    results["rel_diff"] = {}
+    if "diffusers" in sides and sides["diffusers"]["rc"] == 0:
         from safetensors.torch import load_file
 
-        k = load_file(str(out / "kino.safetensors"))
         d = load_file(str(out / "diffusers.safetensors"))
-        results["rel_diff"] = {n: rel(k[n], d[n]) for n in ("latents", "video") if n in k and n in d}
+        for name, _ in kinos:
+            if sides[name]["rc"] == 0:
+                k = load_file(str(out / f"{name}.safetensors"))
+                results["rel_diff"][name] = {n: rel(k[n], d[n]) for n in ("latents", "video") if n in k and n in d}
+                del k
 
     write_report(results, out)
 
@@ -412,9 +421,10 @@ def main() -> None:
 def write_report(results: dict, out: pathlib.Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     s = results["sides"]
-    d, k = s.get("diffusers", {}), s.get("kino", {})
+    d = s.get("diffusers", {})
+    kinos = [n for n in s if n != "diffusers"]
 
-    def ratio(key):
+    def ratio(k, key):
         try:
             return k[key] / d[key]
         except (KeyError, TypeError, ZeroDivisionError):
@@ -422,29 +432,38 @@ def write_report(results: dict, out: pathlib.Path) -> None:
 
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
     rows = [
-        ("time per step, s (median after the 1st)", d.get("step_s"), k.get("step_s"), ratio("step_s")),
-        ("first step, s", d.get("first_step_s"), k.get("first_step_s"), ratio("first_step_s")),
-        ("VAE decode, s", d.get("decode_s"), k.get("decode_s"), ratio("decode_s")),
-        ("peak GPU memory (NVML, over baseline), GiB", gib(d.get("nvml_peak_bytes")),
-         gib(k.get("nvml_peak_bytes")), ratio("nvml_peak_bytes")),
-        ("torch max_memory_allocated, GiB", gib((d.get("timings") or {}).get("torch_max_allocated")), None, None),
-        ("load, s", d.get("load_s"), k.get("load_s"), ratio("load_s")),
-        ("whole side wall time, s", d.get("wall_s"), k.get("wall_s"), ratio("wall_s")),
+        ("time per step, s (median after the 1st)", "step_s", None),
+        ("first step, s", "first_step_s", None),
+        ("VAE decode, s", "decode_s", None),
+        ("peak GPU memory (NVML, over baseline), GiB", "nvml_peak_bytes", gib),
+        ("load, s", "load_s", None),
+        ("whole side wall time, s", "wall_s", None),
     ]
+    head = "| | diffusers |" + "".join(f" {n} | {n} / diffusers |" for n in kinos)
     lines = [
         f"card: {results.get('card', 'n/a')}; date: {results['date']}; steps: {results['steps']}; "
         f"guidance: {results['guidance']}; dtype: {results['dtype']}; latents: {results['latent_shape']}"
         + ("; TINY" if results["tiny"] else ""),
         "",
-        "| | diffusers | Kino | Kino / diffusers |",
-        "|---|---|---|---|",
+        head,
+        "|---|---|" + "---|---|" * len(kinos),
     ]
-    lines += [f"| {n} | {fmt(a)} | {fmt(b)} | {fmt(r)} |" for n, a, b, r in rows]
-    for n, v in (results.get("rel_diff") or {}).items():
-        lines.append(f"| ‖kino − diffusers‖/‖diffusers‖, {n} | | {fmt(v)} | |")
+    for label, key, conv in rows:
+        conv = conv or (lambda v: v)
+        cells = [fmt(conv(d.get(key)))]
+        for n in kinos:
+            cells += [fmt(conv(s[n].get(key))), fmt(ratio(s[n], key))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    tma = (d.get("timings") or {}).get("torch_max_allocated")
+    lines.append(f"| torch max_memory_allocated, GiB | {fmt(gib(tma))} |" + " | |" * len(kinos))
+    for what in ("latents", "video"):
+        cells = [""]
+        for n in kinos:
+            cells += [fmt((results.get("rel_diff") or {}).get(n, {}).get(what)), ""]
+        lines.append(f"| ‖kino − diffusers‖/‖diffusers‖, {what} | " + " | ".join(cells) + " |")
     for name, side in s.items():
         if side.get("rc") != 0:
-            lines.append(f"| {name} FAILED (rc={side.get('rc')}), see {name}.log | | | |")
+            lines.append(f"\n{name} FAILED (rc={side.get('rc')}), see {name}.log")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     print(text)

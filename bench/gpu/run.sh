@@ -6,20 +6,27 @@
 # Makes random full-size Wan2.1-T2V-1.3B weights, runs diffusers (bf16, SDPA) and Kino (bf16) for
 # $STEPS steps (default 5) at 832×480×81 with guidance 5 plus the VAE decode, prints the table.
 # Results (results.md, results.json, logs, timings) go to $OUT if set, else bench/gpu/out/.
-# Budget: about 8 minutes on an H100 (weights ~1 min, diffusers ~1.5 min, Kino: the unknown;
-# each side is killed after $SIDE_TIMEOUT s, default 240, and the table still comes out).
+# Budget: at most ~9 minutes on an H100, expected less (weights ~1 min, diffusers ~1 min, Kino
+# and Kino+cuDNN: the unknowns; each side is killed after $SIDE_TIMEOUT s, default 140, and the
+# table still comes out). Give the run call timeout_s 600.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUTDIR="${OUT:-$HERE/out}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-python3}"
-KINO="${1:-}"
-if [ -z "$KINO" ]; then
-    KINO="$HERE/bin/kino"
-    if [ ! -x "$KINO" ] && [ -f "$KINO.xz" ]; then   # python's lzma: no xz tool needed
+unpack() {  # bin/NAME.xz -> bin/NAME (python's lzma: no xz tool needed)
+    local f="$HERE/bin/$1"
+    if [ ! -x "$f" ] && [ -f "$f.xz" ]; then
         "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-            "$KINO.xz" "$KINO" && chmod +x "$KINO"
+            "$f.xz" "$f" && chmod +x "$f"
     fi
+}
+KINO="${1:-}"
+if [ -z "$KINO" ]; then unpack kino; KINO="$HERE/bin/kino"; fi
+ALT=()
+if [ "${KINO_CUDNN:-1}" != 0 ]; then
+    unpack kino-cudnn
+    [ -x "$HERE/bin/kino-cudnn" ] && ALT=(--kino-alt "$HERE/bin/kino-cudnn" --kino-alt-name kino-cudnn)
 fi
 exec > >(tee -a "$OUTDIR/run.log") 2>&1
 
@@ -40,9 +47,12 @@ for d in "$SITE"/nvidia/*/lib "$SITE"/nvidia/cu13/lib; do
     [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 export LD_LIBRARY_PATH
-echo "== kino binary"; ls -la "$KINO"; ldd "$KINO" | grep -E "not found|cuda|cublas|curand|nvrtc|cudnn" || true
-"$KINO" --version || true
+for k in "$KINO" "${ALT[1]:-}"; do
+    [ -n "$k" ] || continue
+    echo "== $k"; ls -la "$k"; ldd "$k" | grep -E "not found|cuda|cublas|curand|nvrtc|cudnn" || true
+    "$k" --version || true
+done
 
 "$PY" "$HERE/bench.py" --kino "$KINO" --out "$OUTDIR" --work "${WORK:-/tmp/kino-bench-gpu}" \
-    --steps "${STEPS:-5}" --guidance "${GUIDANCE:-5}" --timeout "${SIDE_TIMEOUT:-240}" ${BENCH_ARGS:-}
+    --steps "${STEPS:-5}" --guidance "${GUIDANCE:-5}" --timeout "${SIDE_TIMEOUT:-140}" "${ALT[@]}" ${BENCH_ARGS:-}
 echo "== done $(date -u); results in $OUTDIR"
