@@ -22,6 +22,8 @@ set -euo pipefail
 VENV="${1:-$HOME/.kino-cuda-venv}"
 PIN="${CUDA_PIN:-13.0}"
 PY="${PYTHON:-python3}"
+# cuRAND has its own numbering: 10.4.0 is CUDA 13.0's.
+case "$PIN" in 13.0) CURAND="10.4.0.*" ;; *) CURAND="10.*" ;; esac
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -38,7 +40,7 @@ fi
     "nvidia-cuda-cccl==${PIN}.*" \
     "nvidia-cuda-nvrtc==${PIN}.*" \
     "nvidia-cublas==${PIN}.*" \
-    "nvidia-curand==10.4.*" \
+    "nvidia-curand==${CURAND}" \
     "nvidia-cudnn-cu13==9.*"
 
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
