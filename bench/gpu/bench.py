@@ -396,7 +396,9 @@ def main() -> None:
                "--output", str(out / f"{name}.safetensors"), "--steps", str(a.steps), "--guidance", str(a.guidance),
                "--device", a.device, "--dtype", a.dtype, "--decode", "--timings", str(out / f"{name}_timings.json")]
         cmd += a.kino_extra.split()
-        r = run_side(name, cmd, env, a.timeout, out / f"{name}.log", device_index)
+        # Per-event progress lines in the log, so a side killed by the timeout still shows how far it got.
+        kenv = dict(env, KINO_LOG=env.get("KINO_LOG", "info"))
+        r = run_side(name, cmd, kenv, a.timeout, out / f"{name}.log", device_index)
         if r["rc"] == 0:
             t = json.loads((out / f"{name}_timings.json").read_text())
             r.update(summarize(t))

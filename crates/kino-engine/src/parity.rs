@@ -208,6 +208,12 @@ pub fn run_timed(
                 let now = Instant::now();
                 let dt = now.duration_since(last).as_secs_f64();
                 last = now;
+                tracing::info!(
+                    "{} {}/{}: {dt:.3} s since the last event",
+                    e.stage.name(),
+                    e.step,
+                    e.total
+                );
                 match (e.stage, e.step) {
                     (Stage::LoadTransformer, s) if s > 0 => timings.load_s = dt,
                     (Stage::Denoise, s) if s > 0 => timings.step_s.push(dt),
