@@ -13,7 +13,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
+use std::time::Instant;
+
 use candle_core::{DType, Device, Tensor};
+
+use crate::progress::{ProgressEvent, Stage};
 
 use crate::umt5::UMT5EncoderModel;
 use crate::wan::pipeline::{PipelineOptions, WanPipeline};
@@ -77,13 +81,34 @@ impl FromStr for Component {
     }
 }
 
-/// Options of the `pipeline` component.
+/// Options of a parity run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ParityOptions {
-    /// Denoising steps (default 3).
+    /// Denoising steps (pipeline only; default 3).
     pub steps: Option<usize>,
-    /// Guidance scale (default 5.0).
+    /// Guidance scale (pipeline only; default 5.0).
     pub guidance: Option<f64>,
+    /// Compute dtype (default f32, the parity contract). With bf16 the transformer and text
+    /// encoder run in bf16; the VAE stays in f32 (as diffusers' Wan examples load it).
+    pub dtype: Option<DType>,
+    /// Pipeline only: also decode the final latents with the VAE (output `video`, f32 in [-1, 1]).
+    pub decode: bool,
+}
+
+/// Wall-clock timings of a parity run, each measured after the device finished its work
+/// (the device is synchronized at every boundary, so GPU times are real, not launch times).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Loading the weights of the component (pipeline: the transformer).
+    pub load_s: f64,
+    /// Each denoising step (pipeline only).
+    pub step_s: Vec<f64>,
+    /// Loading the VAE (pipeline with `decode`).
+    pub vae_load_s: Option<f64>,
+    /// The VAE decode (pipeline with `decode`), from its first frame to its last.
+    pub decode_s: Option<f64>,
+    /// The whole run.
+    pub total_s: f64,
 }
 
 fn take<'a>(
@@ -100,7 +125,8 @@ fn take<'a>(
     })
 }
 
-/// Runs `component` from the folder `model` on `inputs`, in f32 on `device`.
+/// Runs `component` from the folder `model` on `inputs`, in `options.dtype` (default f32) on
+/// `device`.
 pub fn run(
     component: Component,
     model: &Path,
@@ -108,7 +134,25 @@ pub fn run(
     options: ParityOptions,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let dtype = DType::F32;
+    run_timed(component, model, inputs, options, device).map(|(out, _)| out)
+}
+
+/// [`run`], also returning [`Timings`].
+pub fn run_timed(
+    component: Component,
+    model: &Path,
+    inputs: &HashMap<String, Tensor>,
+    options: ParityOptions,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, Timings)> {
+    if options.decode && component != Component::Pipeline {
+        return Err(Error::InvalidRequest(
+            "decode applies only to the `pipeline` component".into(),
+        ));
+    }
+    let dtype = options.dtype.unwrap_or(DType::F32);
+    let t_start = Instant::now();
+    let mut timings = Timings::default();
     let mut out = HashMap::new();
     match component {
         Component::TextEncoder => {
@@ -154,14 +198,50 @@ pub fn run(
             };
             let mut opts = PipelineOptions::for_device(device.clone());
             opts.dtype = dtype;
+            opts.vae_dtype = DType::F32;
             let mut p = WanPipeline::open(model, opts)?;
             let steps = options.steps.unwrap_or(3);
-            let mut ignore = crate::progress::ignore;
-            let y = p.denoise(latents, pe, ne, steps, guidance, &mut ignore)?;
+            // Synchronize at each event so that the times are the device's, not launch times.
+            let mut last = Instant::now();
+            let mut record = |e: &ProgressEvent| -> Result<()> {
+                device.synchronize()?;
+                let now = Instant::now();
+                let dt = now.duration_since(last).as_secs_f64();
+                last = now;
+                tracing::info!(
+                    "{} {}/{}: {dt:.3} s since the last event",
+                    e.stage.name(),
+                    e.step,
+                    e.total
+                );
+                match (e.stage, e.step) {
+                    (Stage::LoadTransformer, s) if s > 0 => timings.load_s = dt,
+                    (Stage::Denoise, s) if s > 0 => timings.step_s.push(dt),
+                    (Stage::LoadVae, s) if s > 0 => timings.vae_load_s = Some(dt),
+                    (Stage::DecodeVae, s) if s > 0 => {
+                        timings.decode_s = Some(timings.decode_s.unwrap_or(0.0) + dt)
+                    }
+                    _ => {}
+                }
+                Ok(())
+            };
+            let y = p.denoise(latents, pe, ne, steps, guidance, &mut record)?;
+            if options.decode {
+                let video = p.decode(&y, &mut record)?;
+                device.synchronize()?;
+                out.insert("video".to_string(), video.to_dtype(DType::F32)?);
+            }
             out.insert("latents".to_string(), y.to_dtype(DType::F32)?);
         }
     }
-    Ok(out)
+    device.synchronize()?;
+    timings.total_s = t_start.elapsed().as_secs_f64();
+    // Outputs on the CPU, where they are written and compared.
+    let out = out
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok((out, timings))
 }
 
 /// Reads a safetensors file of inputs (on the CPU).
@@ -261,6 +341,7 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                 ParityOptions {
                     steps: r.steps,
                     guidance: r.guidance,
+                    ..Default::default()
                 },
                 &Device::Cpu,
             )?;

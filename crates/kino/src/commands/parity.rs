@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::Device;
+use candle_core::DType;
+use kino_engine::device::{self, DeviceChoice};
 use kino_engine::parity::{self, Component, ParityOptions};
 
 #[derive(clap::Args)]
@@ -28,26 +29,74 @@ pub struct Args {
     /// Reference outputs to compare with: prints ‖out − ref‖/‖ref‖ for each tensor.
     #[arg(long)]
     expected: Option<PathBuf>,
+    /// Where to run: cpu (the parity contract), cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32 (the parity contract) or bf16 (the GPU default; the VAE stays f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Pipeline only: also decode the final latents with the VAE (output tensor `video`).
+    #[arg(long)]
+    decode: bool,
+    /// Write wall-clock timings (load, each step, VAE decode; device synchronized) as JSON here.
+    #[arg(long)]
+    timings: Option<PathBuf>,
+}
+
+fn parse_device(s: &str) -> anyhow::Result<DeviceChoice> {
+    match s {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" => Ok(DeviceChoice::Cuda(0)),
+        "metal" => Ok(DeviceChoice::Metal),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(DeviceChoice::Cuda(i)),
+            _ => anyhow::bail!("unknown device `{s}`; use cpu, cuda, cuda:N or metal"),
+        },
+    }
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => anyhow::bail!("unknown dtype `{s}`; use f32, bf16 or f16"),
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let component: Component = a.component.parse()?;
-    if component != Component::Pipeline && (a.steps.is_some() || a.guidance.is_some()) {
-        anyhow::bail!("--steps and --guidance apply only to the `pipeline` component");
+    if component != Component::Pipeline && (a.steps.is_some() || a.guidance.is_some() || a.decode) {
+        anyhow::bail!("--steps, --guidance and --decode apply only to the `pipeline` component");
     }
+    let choice = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    let dev = device::open(choice).with_context(|| {
+        format!(
+            "opening device `{}` (is this binary built with the matching feature, e.g. --features cuda?)",
+            a.device
+        )
+    })?;
     let inputs = parity::read_tensors(&a.input)?;
-    let out = parity::run(
+    let (out, timings) = parity::run_timed(
         component,
         &a.model,
         &inputs,
         ParityOptions {
             steps: a.steps,
             guidance: a.guidance,
+            dtype: Some(dtype),
+            decode: a.decode,
         },
-        &Device::Cpu,
+        &dev,
     )
     .with_context(|| format!("running {} from {}", component.name(), a.model.display()))?;
     parity::write_tensors(&a.output, &out)?;
+    if let Some(path) = &a.timings {
+        let json = serde_json::to_string_pretty(&timings)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing timings to {}", path.display()))?;
+    }
     let mut names: Vec<_> = out.keys().cloned().collect();
     names.sort();
     for n in &names {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the BUILD machine (network to PyPI, the CUDA toolchain of scripts/install-cuda-toolchain.sh):
+# puts into bench/gpu/ everything run.sh needs on a GPU machine that has no network and no Rust:
+#   bench/gpu/bin/kino.xz        the kino binary built with --features cuda, stripped and
+#                                xz-compressed (61 MB -> 10 MB: the carry limit is 64 MiB in all)
+#   bench/gpu/bin/kino-cudnn.xz  the same with --features cudnn (cuDNN convolutions); run.sh runs
+#                                it as a second Kino column (skip: KINO_CUDNN=0)
+#   bench/gpu/wheels/      diffusers (pinned as fixtures/requirements.txt) + importlib_metadata
+# Both folders are git-ignored: carry them to the GPU machine with the working tree.
+#
+#   bench/gpu/prepare.sh [VENV]        # VENV: the CUDA toolchain venv (default $HOME/.kino-cuda-venv)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+cd "$ROOT"
+# shellcheck disable=SC1091
+source scripts/cuda-env.sh "${1:-${KINO_CUDA_VENV:-$HOME/.kino-cuda-venv}}"
+mkdir -p "$HERE/bin" "$HERE/wheels"
+pack() {  # pack FEATURES NAME
+    nice -n 19 cargo build --release -p kino --features "$1"
+    cp target/release/kino "$HERE/bin/$2"
+    strip "$HERE/bin/$2" || true
+    xz -T0 -6 -f "$HERE/bin/$2"        # -> bin/NAME.xz; run.sh unpacks it
+}
+pack cuda kino
+if [ "${KINO_CUDNN:-1}" != 0 ]; then pack cudnn kino-cudnn; fi
+PY="${PYTHON:-python3}"
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$HERE/wheels" \
+    "diffusers==0.42.1" "importlib_metadata"
+ls -la "$HERE/bin" "$HERE/wheels"
+du -sh "$HERE/bin" "$HERE/wheels"
