@@ -406,7 +406,7 @@ fn ctrl_c_stops_cleanly_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let out = tmp.path().join("stopped.mp4");
-    let mut child = kino()
+    let child = kino()
         .env_remove("KINO_MODEL")
         .args([
             "generate", "long", "--size", "480x320", "--frames", "33", "--steps", "1000", "-o",
