@@ -394,7 +394,7 @@ fn cancel_queued_and_running_videos() {
     let srv = start(dir.path());
     let a = srv.addr();
     // A slow first job keeps the others queued.
-    let slow = create(a, json!({"prompt": "slow", "seconds": "4", "steps": 200}));
+    let slow = create(a, json!({"prompt": "slow", "seconds": "8", "steps": 200}));
     let slow_id = slow["id"].as_str().unwrap();
     let queued = create(a, json!({"prompt": "queued", "seconds": "1", "steps": 1}));
     let queued_id = queued["id"].as_str().unwrap();
@@ -429,7 +429,7 @@ fn delete_a_running_video_stops_it() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let a = srv.addr();
-    let slow = create(a, json!({"prompt": "slow", "seconds": "4", "steps": 200}));
+    let slow = create(a, json!({"prompt": "slow", "seconds": "8", "steps": 200}));
     let id = slow["id"].as_str().unwrap();
     let next = create(a, json!({"prompt": "next", "seconds": "1", "steps": 1}));
     wait_until(a, id, T, |v| v["status"] == "in_progress");
@@ -549,7 +549,7 @@ fn limits_413_and_429() {
     post_json(a, "/v1/videos", &huge).assert_error(413, None);
 
     // One slow job runs, one waits, the next is refused.
-    let first = create(a, json!({"prompt": "slow", "seconds": "4", "steps": 200}));
+    let first = create(a, json!({"prompt": "slow", "seconds": "8", "steps": 200}));
     wait_until(a, first["id"].as_str().unwrap(), T, |v| {
         v["status"] == "in_progress"
     });
@@ -569,7 +569,11 @@ fn events_stream_queue_position_progress_and_end() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let a = srv.addr();
-    let first = create(a, json!({"prompt": "first", "seconds": "4", "steps": 200}));
+    let first = create(a, json!({"prompt": "first", "seconds": "8", "steps": 200}));
+    // The first is running (so the second is next in line) before the second is queued.
+    wait_until(a, first["id"].as_str().unwrap(), T, |v| {
+        v["status"] == "in_progress"
+    });
     let second = create(a, json!({"prompt": "second", "seconds": "8", "steps": 200}));
     let id = second["id"].as_str().unwrap();
     // Reads until the server ends the stream after the final event.

@@ -78,7 +78,7 @@ fn completed_and_failed_are_signed_and_retried() {
         wait_done(a, &done_id, Duration::from_secs(60))["status"],
         "completed"
     );
-    let slow = create(a, json!({"prompt": "slow", "seconds": 4, "steps": 200}));
+    let slow = create(a, json!({"prompt": "slow", "seconds": 8, "steps": 200}));
     let queued = create(a, json!({"prompt": "cancel me", "seconds": 1, "steps": 1}));
     let queued_id = queued["id"].as_str().unwrap().to_string();
     let r = post_json(a, &format!("/v1/videos/{queued_id}/cancel"), &json!({}));
