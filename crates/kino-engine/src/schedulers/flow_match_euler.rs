@@ -13,7 +13,7 @@
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use super::{check_shapes, linspace, promote, unsupported};
+use super::{check_step, linspace, promote, unsupported};
 use crate::{Error, Result};
 
 const CLASS: &str = "FlowMatchEulerDiscreteScheduler";
@@ -192,18 +192,14 @@ impl super::Scheduler for FlowMatchEulerDiscreteScheduler {
         sample: &Tensor,
     ) -> Result<Tensor> {
         let num_steps = self.timesteps.len();
-        if num_steps == 0 {
-            return Err(Error::InvalidRequest(format!(
-                "{CLASS}: call set_timesteps before step"
-            )));
-        }
-        if step_index != self.step_index || step_index >= num_steps {
-            return Err(Error::InvalidRequest(format!(
-                "{CLASS}: step {step_index} called out of order; the next step is {} of {num_steps}",
-                self.step_index
-            )));
-        }
-        check_shapes(CLASS, model_output, sample)?;
+        check_step(
+            CLASS,
+            step_index,
+            self.step_index,
+            num_steps,
+            model_output,
+            sample,
+        )?;
 
         // "Upcast to avoid precision issues when computing prev_sample"
         let sample = sample.to_dtype(DType::F32)?;

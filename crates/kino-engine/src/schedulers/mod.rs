@@ -117,8 +117,26 @@ pub(crate) fn promote(a: DType, b: DType) -> DType {
     }
 }
 
-/// Checks that the model output and the sample have the same shape.
-pub(crate) fn check_shapes(class: &str, model_output: &Tensor, sample: &Tensor) -> Result<()> {
+/// Checks a `step` call: `set_timesteps` was called, steps come in order (`expected` is the next
+/// one of `num_steps`), and the model output and the sample have the same shape.
+pub(crate) fn check_step(
+    class: &str,
+    step_index: usize,
+    expected: usize,
+    num_steps: usize,
+    model_output: &Tensor,
+    sample: &Tensor,
+) -> Result<()> {
+    if num_steps == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "{class}: call set_timesteps before step"
+        )));
+    }
+    if step_index != expected || step_index >= num_steps {
+        return Err(Error::InvalidRequest(format!(
+            "{class}: step {step_index} called out of order; the next step is {expected} of {num_steps}"
+        )));
+    }
     if model_output.dims() != sample.dims() {
         return Err(Error::InvalidRequest(format!(
             "{class}.step: the model output has shape {:?} but the sample has shape {:?}; they must be equal",

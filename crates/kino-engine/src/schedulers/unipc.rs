@@ -18,7 +18,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::{check_shapes, linspace, promote, unsupported};
+use super::{check_step, linspace, promote, unsupported};
 use crate::{Error, Result};
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -548,18 +548,14 @@ impl super::Scheduler for UniPCMultistepScheduler {
         sample: &Tensor,
     ) -> Result<Tensor> {
         let num_steps = self.timesteps.len();
-        if num_steps == 0 {
-            return Err(Error::InvalidRequest(format!(
-                "{CLASS}: call set_timesteps before step"
-            )));
-        }
-        if step_index != self.step_index || step_index >= num_steps {
-            return Err(Error::InvalidRequest(format!(
-                "{CLASS}: step {step_index} called out of order; the next step is {} of {num_steps}",
-                self.step_index
-            )));
-        }
-        check_shapes(CLASS, model_output, sample)?;
+        check_step(
+            CLASS,
+            step_index,
+            self.step_index,
+            num_steps,
+            model_output,
+            sample,
+        )?;
 
         let use_corrector = step_index > 0
             && !self.config.disable_corrector.contains(&(step_index - 1))
