@@ -38,6 +38,17 @@ fn run(cmd: &mut Command) -> Output {
     cmd.env_remove("KINO_MODEL").output().expect("kino runs")
 }
 
+/// `kino generate ARGS… -o OUT --model MODEL` (ARGS starts with the prompt).
+fn generate(model: &Path, out: &Path, args: &[&str]) -> Output {
+    run(kino()
+        .arg("generate")
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .arg("--model")
+        .arg(model))
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -65,9 +76,10 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let out = tmp.path().join("clip.mp4");
-    let o = run(kino()
-        .args([
-            "generate",
+    let o = generate(
+        &model,
+        &out,
+        &[
             "a red circle moving right",
             "--size",
             "96x64",
@@ -80,11 +92,8 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
             "--fps",
             "8",
             "--json",
-            "-o",
-        ])
-        .arg(&out)
-        .arg("--model")
-        .arg(&model));
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["frames"], 9);
@@ -113,9 +122,10 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
 
     // Same seed, same settings: the same video.
     let out2 = tmp.path().join("clip2.mp4");
-    let o = run(kino()
-        .args([
-            "generate",
+    let o = generate(
+        &model,
+        &out2,
+        &[
             "a red circle moving right",
             "--size",
             "96x64",
@@ -127,11 +137,8 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
             "7",
             "--fps",
             "8",
-            "-o",
-        ])
-        .arg(&out2)
-        .arg("--model")
-        .arg(&model));
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let a = kino_media::read_mp4(&out).unwrap();
     let b = kino_media::read_mp4(&out2).unwrap();
@@ -142,11 +149,7 @@ fn generate_writes_a_valid_mp4_with_its_parameters() {
         .all(|(x, y)| x.data() == y.data()));
 
     // Never overwrite silently.
-    let o = run(kino()
-        .args(["generate", "again", "-o"])
-        .arg(&out)
-        .arg("--model")
-        .arg(&model));
+    let o = generate(&model, &out, &["again"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
 }
@@ -156,11 +159,7 @@ fn generate_gif_and_png_folder_and_wan22() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), "pipeline-wan22");
     let gif = tmp.path().join("clip.gif");
-    let o = run(kino()
-        .args(["generate", "blue square", "--steps", "2", "-o"])
-        .arg(&gif)
-        .arg("--model")
-        .arg(&model));
+    let o = generate(&model, &gif, &["blue square", "--steps", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let p = ffprobe_json(&gif);
     assert_eq!(p["streams"][0]["codec_name"], "gif");
@@ -168,19 +167,11 @@ fn generate_gif_and_png_folder_and_wan22() {
     assert_eq!(p["streams"][0]["nb_read_frames"], "17");
 
     let dir = tmp.path().join("frames");
-    let o = run(kino()
-        .args([
-            "generate",
-            "blue square",
-            "--steps",
-            "2",
-            "--frames",
-            "5",
-            "-o",
-        ])
-        .arg(&dir)
-        .arg("--model")
-        .arg(&model));
+    let o = generate(
+        &model,
+        &dir,
+        &["blue square", "--steps", "2", "--frames", "5"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let pngs = std::fs::read_dir(&dir)
         .unwrap()
@@ -379,9 +370,10 @@ fn vae_tiling_decodes_large_frames() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path(), "pipeline-wan21");
     let out = tmp.path().join("wide.mp4");
-    let o = run(kino()
-        .args([
-            "generate",
+    let o = generate(
+        &model,
+        &out,
+        &[
             "wide",
             "--size",
             "320x272",
@@ -390,11 +382,8 @@ fn vae_tiling_decodes_large_frames() {
             "--steps",
             "1",
             "--vae-tiling",
-            "-o",
-        ])
-        .arg(&out)
-        .arg("--model")
-        .arg(&model));
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let p = ffprobe_json(&out);
     assert_eq!(p["streams"][0]["width"], 320);
