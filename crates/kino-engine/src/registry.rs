@@ -32,6 +32,46 @@ pub const KNOWN_MODELS: [KnownModel; 2] = [
     },
 ];
 
+/// The model that ships inside the Kino repository (`models/kino-shapes`, about 20 MB): Kino's own
+/// small Wan-architecture model, trained by `training/train.py`. It is the default model, so a
+/// first `kino generate` works with nothing downloaded.
+pub const BUNDLED_MODEL: &str = "kino-shapes";
+
+/// What `kino models` says about the bundled model.
+pub const BUNDLED_DESCRIPTION: &str =
+    "Kino's own small model (ships with Kino): one coloured shape moving on a plain background, 64×64, 17 frames at 8 fps";
+
+/// The model `kino generate` and `kino serve` use without `--model` (or `$KINO_MODEL`).
+pub const DEFAULT_MODEL: &str = BUNDLED_MODEL;
+
+/// Where the bundled model may live, in order: `$KINO_BUNDLED_MODEL`; next to the executable
+/// (`models/kino-shapes`, `../share/kino/models/kino-shapes`, and the repository root two levels
+/// above `target/release/kino`); the repository this binary was built from.
+pub fn bundled_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("KINO_BUNDLED_MODEL") {
+        out.push(PathBuf::from(p));
+    }
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        out.push(exe_dir.join("models").join(BUNDLED_MODEL));
+        out.push(exe_dir.join("../share/kino/models").join(BUNDLED_MODEL));
+        out.push(exe_dir.join("../../models").join(BUNDLED_MODEL));
+    }
+    out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(BUNDLED_MODEL));
+    out
+}
+
+/// The bundled model's folder, if one of [`bundled_candidates`] holds it.
+pub fn bundled_dir() -> Option<PathBuf> {
+    bundled_candidates()
+        .into_iter()
+        .find(|p| p.join("model_index.json").is_file())
+        .map(|p| p.canonicalize().unwrap_or(p))
+}
+
 /// Looks up an alias (case-insensitive).
 pub fn find(alias: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS
@@ -92,6 +132,18 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    if model.eq_ignore_ascii_case(BUNDLED_MODEL) {
+        return bundled_dir().ok_or_else(|| {
+            let tried: Vec<String> = bundled_candidates()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            Error::InvalidRequest(format!(
+                "the bundled model `{BUNDLED_MODEL}` was not found (looked in {}); it lives in the Kino repository at models/{BUNDLED_MODEL}: copy that folder next to the kino binary, set KINO_BUNDLED_MODEL=/path/to/{BUNDLED_MODEL}, or pass --model DIR",
+                tried.join(", ")
+            ))
+        });
+    }
     if let Some(m) = find(model) {
         return local_snapshot(m).ok_or_else(|| {
             Error::InvalidRequest(format!(
@@ -111,7 +163,7 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
         });
     }
     Err(Error::InvalidRequest(format!(
-        "unknown model `{model}`; known models: {}; or give the path of a model folder",
+        "unknown model `{model}`; known models: {BUNDLED_MODEL}, {}; or give the path of a model folder",
         KNOWN_MODELS.map(|m| m.alias).join(", ")
     )))
 }
@@ -142,6 +194,14 @@ mod tests {
         let e = resolve("wan2.1-t2v-1.3b").unwrap_err().to_string();
         assert!(e.contains("kino pull wan2.1-t2v-1.3b"), "{e}");
         assert!(e.contains("--model"), "{e}");
+    }
+
+    #[test]
+    fn bundled_model_is_found_in_the_repository() {
+        let dir = resolve(BUNDLED_MODEL).unwrap();
+        assert!(dir.join("model_index.json").is_file(), "{}", dir.display());
+        assert!(dir.ends_with("models/kino-shapes"), "{}", dir.display());
+        assert_eq!(resolve("Kino-Shapes").unwrap(), dir);
     }
 
     #[test]

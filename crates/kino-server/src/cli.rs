@@ -8,7 +8,7 @@ use crate::error::ServerError;
 use crate::{ModelSpec, Server, ServerConfig};
 
 /// The model served when none is named.
-pub const DEFAULT_MODEL: &str = "wan2.1-t2v-1.3b";
+pub use kino_engine::registry::DEFAULT_MODEL;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -23,7 +23,7 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
     /// A model alias (see `kino models`) or a model folder; repeat to serve several. The first
     /// answers to `sora-2`, the second (if any) to `sora-2-pro`. Default: $KINO_MODEL or
-    /// wan2.1-t2v-1.3b.
+    /// kino-shapes (the small model that ships with Kino).
     #[arg(long, short)]
     pub model: Vec<String>,
     /// Device to run on: auto, cpu, cuda:N, metal; repeat for one worker per device.

@@ -15,13 +15,13 @@ use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
 use kino_media::{GifOptions, Mp4Options};
 
 /// The model `kino generate` uses when none is named.
-pub const DEFAULT_MODEL: &str = "wan2.1-t2v-1.3b";
+pub use kino_engine::registry::DEFAULT_MODEL;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// What the video shows.
     prompt: String,
-    /// A model alias (see `kino models`) or a model folder. Default: $KINO_MODEL or wan2.1-t2v-1.3b.
+    /// A model alias (see `kino models`) or a model folder. Default: $KINO_MODEL or kino-shapes (the small model that ships with Kino).
     #[arg(long, short)]
     model: Option<String>,
     /// What the video should not show (default: the model family's recommended negative prompt;

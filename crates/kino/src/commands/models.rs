@@ -18,22 +18,32 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|m| (m, registry::local_snapshot(m)))
         .collect();
+    let bundled = registry::bundled_dir();
     if a.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|(m, p)| {
-                serde_json::json!({
-                    "alias": m.alias, "repo": m.repo, "description": m.description,
-                    "size_gb": m.size_gb, "local_path": p,
-                })
+        let mut v = vec![serde_json::json!({
+            "alias": registry::BUNDLED_MODEL, "repo": null,
+            "description": registry::BUNDLED_DESCRIPTION, "size_gb": 0.02,
+            "local_path": bundled, "default": true,
+        })];
+        v.extend(rows.iter().map(|(m, p)| {
+            serde_json::json!({
+                "alias": m.alias, "repo": m.repo, "description": m.description,
+                "size_gb": m.size_gb, "local_path": p, "default": false,
             })
-            .collect();
+        }));
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
         "{:<18} {:<36} {:<10} description",
         "alias", "repository", "local"
+    );
+    println!(
+        "{:<18} {:<36} {:<10} {} (default)",
+        registry::BUNDLED_MODEL,
+        "(ships with Kino)",
+        if bundled.is_some() { "yes" } else { "no" },
+        registry::BUNDLED_DESCRIPTION
     );
     for (m, p) in &rows {
         let local = if p.is_some() { "yes" } else { "no" };

@@ -1,0 +1,77 @@
+//! The training script of the bundled model keeps working: `training/train.py --smoke` runs a few
+//! steps of every stage on a tiny batch and writes a complete model folder, which `kino generate`
+//! then loads and runs like any Wan model.
+//!
+//! Needs Python with the reference stack (`pip install -r fixtures/requirements.txt`), found as
+//! $KINO_PYTHON (default `python3`); `.ci/run` installs it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
+    let python = std::env::var("KINO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import torch, diffusers, transformers, tokenizers"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{python}` ({e}); install Python 3 or set KINO_PYTHON"));
+    assert!(
+        probe.status.success(),
+        "`{python}` lacks the training stack: run `{python} -m pip install -r fixtures/requirements.txt` \
+         (or set KINO_PYTHON to an interpreter that has it)\n{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let o = Command::new(&python)
+        .arg(repo().join("training/train.py"))
+        .args(["--smoke", "--threads", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "train.py --smoke failed:\n{log}");
+    assert!(log.contains("vae step 2/2") && log.contains("dit step 2/2"), "{log}");
+
+    // The record of the run: configuration, machine, finite losses.
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    for (stage, key) in [
+        ("vae", "final_reconstruction_loss"),
+        ("transformer", "final_flow_matching_loss"),
+    ] {
+        let loss = record[stage][key].as_f64().unwrap_or(f64::NAN);
+        assert!(loss.is_finite() && loss > 0.0, "{stage}.{key} = {loss}");
+    }
+    assert_eq!(record["config"]["seed"], 0);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("kino-eval.json")).unwrap()).unwrap();
+    assert!(eval["cases"].as_array().is_some_and(|c| !c.is_empty()));
+
+    // Kino loads the folder and generates through the whole pipeline.
+    let video = tmp.path().join("smoke.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_kino"))
+        .args(["generate", "a red circle moving right on a black background"])
+        .args(["--steps", "2", "--seed", "1", "-o"])
+        .arg(&video)
+        .arg("--model")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "kino generate on the smoke model failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let info = kino_media::probe(&video).unwrap();
+    assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
+}

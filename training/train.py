@@ -1,0 +1,428 @@
+"""Train kino-shapes: Kino's own small text-to-video model, in the Wan architecture.
+
+    python training/train.py --out models/kino-shapes            # the shipped model (CPU, ~1–2 h)
+    python training/train.py --out /tmp/s --smoke                 # a few steps, to check the script
+
+Every part is a stock diffusers / transformers class at a small config, so the result is a normal
+diffusers `WanPipeline` folder that Kino (and diffusers) load like any Wan checkpoint:
+
+1. a word-level tokenizer over the grammar of `world.py` (tokenizers `WordLevel`, `</s>` appended);
+2. `AutoencoderKLWan` trained alone on clips from the world (L1 + MSE + a small KL term);
+   afterwards the per-channel latent mean and std are measured and written to its config, exactly
+   where the Wan VAE keeps its `latents_mean` / `latents_std`;
+3. `WanTransformer3DModel` and `UMT5EncoderModel` trained together with the rectified-flow
+   objective Wan uses (x_t = (1 − σ)·x0 + σ·ε, target ε − x0, timestep 1000·σ, σ shifted as the
+   sampler shifts it), 10% empty captions for classifier-free guidance, EMA weights.
+
+Data are rendered on the fly from seeded scenes (`world.World`); the combinations in
+`world.held_out()` never reach training. Everything is seeded; the configuration, the machine,
+the times and the losses are written to `training.json` next to the weights, and the held-out
+prompts with the palette to `kino-eval.json` (what `kino eval` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import world  # noqa: E402
+
+CONFIG = {
+    "seed": 0,
+    "width": 64,
+    "height": 64,
+    "num_frames": 17,
+    "fps": 8,
+    "max_sequence_length": 32,
+    "held_out": {"count": 24, "seed": 1234},
+    "vae": {
+        "base_dim": 16,
+        "z_dim": 16,
+        "dim_mult": [1, 2, 4],
+        "num_res_blocks": 1,
+        "attn_scales": [],
+        "temperal_downsample": [True, True],
+        "dropout": 0.0,
+    },
+    "vae_train": {"steps": 1000, "batch": 2, "frames": 9, "lr": 8e-4, "kl_weight": 1e-6,
+                  "object_weight": 20.0,
+                  "stats_clips": 64},
+    "text_encoder": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_heads": 4,
+                     "relative_attention_num_buckets": 32, "relative_attention_max_distance": 64},
+    "transformer": {
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": 4,
+        "attention_head_dim": 32,
+        "ffn_dim": 512,
+        "num_layers": 4,
+        "freq_dim": 128,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    },
+    "dit_train": {"steps": 3000, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
+                  "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16},
+    "inference": {"num_inference_steps": 20, "guidance_scale": 4.0, "flow_shift": 2.0},
+}
+
+SMOKE = {"vae_train": {"steps": 2, "batch": 1, "frames": 5, "stats_clips": 2},
+         "dit_train": {"steps": 2, "batch": 2, "clips": 2, "warmup": 1, "encode_batch": 2}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(clips: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [F, H, W, 3] clips → [B, 3, F, H, W] in [-1, 1], as WanPipeline's video processor."""
+    x = torch.from_numpy(np.stack(clips)).float() / 127.5 - 1.0
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and text encoder
+
+
+def build_tokenizer(max_length: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + world.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int) -> torch.Tensor:
+    """WanPipeline._get_t5_prompt_embeds: embeddings cut at each prompt's length, zero-padded."""
+    t = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                  add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    mask = t.attention_mask
+    emb = text_encoder(t.input_ids, mask).last_hidden_state
+    seq_lens = mask.gt(0).sum(dim=1)
+    keep = torch.arange(max_length)[None, :] < seq_lens[:, None]
+    return emb * keep.unsqueeze(-1).to(emb.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: VAE
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`AutoencoderKLWan._decode` without its final clamp to [-1, 1] (a clamp passes no gradient,
+    and a decoder that overshoots would stop learning)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map,
+                                  feat_idx=vae._conv_idx, first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, 2)
+
+
+def train_vae(cfg, rng_seed: int, exclude, record):
+    from diffusers import AutoencoderKLWan
+
+    c = cfg["vae"]
+    t = cfg["vae_train"]
+    spatial = 2 ** (len(c["dim_mult"]) - 1)
+    temporal = 2 ** sum(c["temperal_downsample"])
+    torch.manual_seed(rng_seed)
+    vae = AutoencoderKLWan(
+        **c,
+        latents_mean=[0.0] * c["z_dim"],
+        latents_std=[1.0] * c["z_dim"],
+        scale_factor_spatial=spatial,
+        scale_factor_temporal=temporal,
+    )
+    n_params = sum(p.numel() for p in vae.parameters())
+    log(f"VAE: {n_params / 1e6:.2f} M parameters, {spatial}x spatial, {temporal}x temporal")
+    opt = torch.optim.AdamW(vae.parameters(), lr=t["lr"], weight_decay=0.0)
+    wld = world.World(cfg["width"], cfg["height"], t["frames"], rng_seed + 1, exclude)
+    losses, start = [], time.time()
+    for step in range(t["steps"]):
+        lr = t["lr"] * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / t["steps"])))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = to_tensor([wld.sample()[0] for _ in range(t["batch"])])
+        h = vae._encode(x)
+        mu = h.chunk(2, dim=1)[0]
+        # The posterior's mean only (what encoding for the transformer uses): sampling with the
+        # initial unit variance buries the encoder's small initial signal in noise, and with the
+        # tiny KL weight Wan uses the VAE then takes far longer to learn the object.
+        z = mu
+        rec = decode_unclamped(vae, z)
+        # The object covers ~5% of the frame; without extra weight the VAE learns the background
+        # and blurs the object away. Object pixels: those that differ from the corner pixel
+        # (objects never reach the corners).
+        obj = ((x - x[:, :, :1, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
+        w = 1.0 + t["object_weight"] * obj
+        d = rec - x
+        rec_loss = ((d.abs() + d.pow(2)) * w).mean() / w.mean()
+        obj_err = (d.abs() * obj).sum() / (obj.sum() * 3 + 1)
+        kl = 0.5 * mu.pow(2).mean()
+        loss = rec_loss + t["kl_weight"] * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(rec_loss.item())
+        if step % 25 == 0 or step == t["steps"] - 1:
+            el = time.time() - start
+            log(f"vae step {step + 1}/{t['steps']} rec {np.mean(losses[-25:]):.4f} object L1 {obj_err.item():.3f} kl {kl.item():.2f} "
+                f"lr {lr:.2e} {el / (step + 1):.2f} s/step")
+    record["vae"] = {"parameters": n_params, "seconds": round(time.time() - start, 1),
+                     "final_reconstruction_loss": float(np.mean(losses[-50:]))}
+
+    # Latent statistics over full-length clips (what the transformer will see).
+    vae.eval()
+    wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 3, exclude)
+    mus = []
+    with torch.no_grad():
+        for _ in range(max(1, t["stats_clips"] // 8)):
+            x = to_tensor([wld.sample()[0] for _ in range(min(8, t["stats_clips"]))])
+            mus.append(vae._encode(x).chunk(2, dim=1)[0])
+            vae.clear_cache()
+        mu = torch.cat(mus)
+        mean = mu.mean(dim=(0, 2, 3, 4))
+        std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+        x = to_tensor([wld.sample()[0] for _ in range(4)])
+        rec = vae.decode(vae._encode(x).chunk(2, dim=1)[0]).sample
+        psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
+    vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
+                           latents_std=[round(float(v), 6) for v in std])
+    record["vae"]["reconstruction_psnr_db_17_frames"] = round(psnr, 2)
+    log(f"VAE done: PSNR {psnr:.2f} dB on 17-frame clips; latent std {std.mean():.3f}")
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: transformer + text encoder
+
+
+def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record):
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    t = cfg["dit_train"]
+    L = cfg["max_sequence_length"]
+    z_dim = cfg["vae"]["z_dim"]
+    torch.manual_seed(rng_seed + 10)
+    te_cfg = UMT5Config(vocab_size=len(tokenizer), dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                        is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
+                        decoder_start_token_id=0, tie_word_embeddings=False, **cfg["text_encoder"])
+    text_encoder = UMT5EncoderModel(te_cfg)
+    transformer = WanTransformer3DModel(in_channels=z_dim, out_channels=z_dim,
+                                        text_dim=cfg["text_encoder"]["d_model"], **cfg["transformer"])
+    n_te = sum(p.numel() for p in text_encoder.parameters())
+    n_tr = sum(p.numel() for p in transformer.parameters())
+    log(f"text encoder {n_te / 1e6:.2f} M, transformer {n_tr / 1e6:.2f} M parameters")
+
+    # The training clips: rendered and encoded once (posterior mean, normalised like the pipeline
+    # un-normalises: z = (mu - mean) / std); captions are re-drawn from the grammar every time.
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude)
+    latents, combos = [], []
+    start = time.time()
+    vae.eval()
+    with torch.no_grad():
+        done = 0
+        while done < t["clips"]:
+            n = min(t["encode_batch"], t["clips"] - done)
+            batch = [wld.sample() for _ in range(n)]
+            mu = vae._encode(to_tensor([b[0] for b in batch])).chunk(2, dim=1)[0]
+            vae.clear_cache()
+            latents.append(((mu - mean) / std).to(torch.float32))
+            combos += [b[2] for b in batch]
+            done += n
+            if done % 1000 < n:
+                log(f"encoded {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
+    latents = torch.cat(latents)
+    encode_seconds = time.time() - start
+    log(f"latents {tuple(latents.shape)}, std {latents.std():.3f}")
+
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=0.01, betas=(0.9, 0.99))
+    ema_tr, ema_te = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
+    for p in list(ema_tr.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    rng = random.Random(rng_seed + 12)
+    g = torch.Generator().manual_seed(rng_seed + 13)
+    shift = cfg["inference"]["flow_shift"]
+    losses, start = [], time.time()
+    transformer.train()
+    text_encoder.train()
+    for step in range(t["steps"]):
+        frac = step / max(t["steps"], 1)
+        lr = t["lr"] * min(1.0, (step + 1) / t["warmup"]) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = [rng.randrange(len(latents)) for _ in range(t["batch"])]
+        x0 = latents[idx]
+        prompts = ["" if rng.random() < t["caption_dropout"] else world.caption(*combos[i], rng)
+                   for i in idx]
+        u = torch.rand(len(idx), generator=g)
+        sigma = shift_sigma(u, shift)
+        noise = torch.randn(x0.shape, generator=g)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        emb = encode_text(tokenizer, text_encoder, prompts, L)
+        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
+                           return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(t["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for src, dst in ((transformer, ema_tr), (text_encoder, ema_te)):
+                for ps, pd in zip(src.parameters(), dst.parameters()):
+                    pd.lerp_(ps, 1 - decay)
+        losses.append(loss.item())
+        if step % 25 == 0 or step == t["steps"] - 1:
+            el = time.time() - start
+            log(f"dit step {step + 1}/{t['steps']} loss {np.mean(losses[-25:]):.4f} lr {lr:.2e} "
+                f"{el / (step + 1):.2f} s/step")
+    record["transformer"] = {"parameters": n_tr, "text_encoder_parameters": n_te,
+                             "encode_seconds": round(encode_seconds, 1),
+                             "seconds": round(time.time() - start, 1),
+                             "final_flow_matching_loss": float(np.mean(losses[-100:]))}
+    return ema_tr, ema_te
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def save(out: pathlib.Path, cfg, tokenizer, text_encoder, transformer, vae, record):
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        flow_shift=cfg["inference"]["flow_shift"], solver_order=2, solver_type="bh2",
+        predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
+    )
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                       vae=vae, scheduler=scheduler)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    inf = cfg["inference"]
+    (out / "kino.json").write_text(json.dumps({
+        "width": cfg["width"], "height": cfg["height"], "num_frames": cfg["num_frames"],
+        "fps": cfg["fps"], "num_inference_steps": inf["num_inference_steps"],
+        "guidance_scale": inf["guidance_scale"], "negative_prompt": "",
+        "max_sequence_length": cfg["max_sequence_length"],
+    }, indent=2) + "\n")
+    held = world.held_out(**cfg["held_out"])
+    (out / "kino-eval.json").write_text(json.dumps(world.eval_spec(held), indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {out}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True, help="model folder to write")
+    ap.add_argument("--smoke", action="store_true", help="a few steps on a tiny batch (tests)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--vae-steps", type=int)
+    ap.add_argument("--dit-steps", type=int)
+    ap.add_argument("--clips", type=int)
+    ap.add_argument("--stage", choices=["all", "vae"], default="all",
+                    help="vae: train and save only the VAE (OUT/vae), for a later --vae-from")
+    ap.add_argument("--vae-from", type=pathlib.Path,
+                    help="reuse the VAE of an earlier run (its vae/ folder) instead of training one")
+    args = ap.parse_args(argv)
+
+    cfg = copy.deepcopy(CONFIG)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            cfg[k].update(v)
+    if args.vae_steps is not None:
+        cfg["vae_train"]["steps"] = args.vae_steps
+    if args.dit_steps is not None:
+        cfg["dit_train"]["steps"] = args.dit_steps
+    if args.clips is not None:
+        cfg["dit_train"]["clips"] = args.clips
+    torch.set_num_threads(args.threads)
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+
+    import diffusers
+    import transformers
+
+    record = {
+        "config": cfg,
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                    "threads": args.threads, "gpu": None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    t0 = time.time()
+    exclude = world.held_out(**cfg["held_out"])
+    tokenizer = build_tokenizer(cfg["max_sequence_length"])
+    if args.vae_from:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(args.vae_from)
+        record["vae"] = json.loads((args.vae_from.parent / "training.json").read_text()).get("vae") \
+            if (args.vae_from.parent / "training.json").exists() else {"reused": str(args.vae_from)}
+        cfg["vae"] = {k: vae.config[k] for k in cfg["vae"]}
+    else:
+        vae = train_vae(cfg, cfg["seed"], exclude, record)
+        if args.stage == "vae":
+            vae.save_pretrained(args.out / "vae", safe_serialization=True)
+            (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            log(f"saved {args.out / 'vae'}")
+            return
+    transformer, text_encoder = train_dit(cfg, vae, tokenizer, cfg["seed"], exclude, record)
+    record["total_seconds"] = round(time.time() - t0, 1)
+    save(args.out, cfg, tokenizer, text_encoder, transformer, vae, record)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The kino-shapes world: one coloured shape moving in a straight line on a plain background.
+
+Everything the model learns comes from here: clips are rendered on the fly from seeded random
+scenes, and each scene gets a caption from a small grammar. `kino-eval.json` (written next to the
+trained weights) carries this file's palette and the held-out combinations, so the Rust evaluator
+(`kino eval`) measures against the same truth without copying constants.
+
+Pixels are uint8 RGB, clips are `[frames, height, width, 3]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "orange": (245, 140, 30),
+    "purple": (150, 60, 200),
+}
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = ("left", "right", "up", "down")
+DIRECTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+# Object size (circle diameter, square side, triangle base = height) and total travel, in pixels
+# at 64×64; both scale with the frame.
+SIZE_RANGE = (12, 22)
+TRAVEL_RANGE = (12, 36)
+
+
+def combinations():
+    """Every valid (colour, shape, motion, background); an object never matches its background."""
+    return [
+        (c, s, m, b)
+        for c, s, m, b in itertools.product(COLOURS, SHAPES, MOTIONS, BACKGROUNDS)
+        if c != b
+    ]
+
+
+def held_out(count: int = 24, seed: int = 1234):
+    """The combinations kept out of training, chosen so every colour, shape, motion and background
+    still appears in training with the others."""
+    rng = random.Random(seed)
+    combos = combinations()
+    while True:
+        chosen = rng.sample(combos, count)
+        rest = set(combos) - set(chosen)
+        if all(any(v == r[i] for r in rest) for c in chosen for i, v in enumerate(c)):
+            return sorted(chosen)
+
+
+def canonical_prompt(colour, shape, motion, background):
+    return f"a {colour} {shape} moving {motion} on a {background} background"
+
+
+_SHAPE_WORDS = {
+    "circle": ["circle", "circle", "ball", "disc", "dot"],
+    "square": ["square", "square", "box", "block"],
+    "triangle": ["triangle"],
+}
+_MOTION_WORDS = {
+    "right": ["moving right", "moving to the right", "moves right", "going right",
+              "slides to the right", "sliding right", "drifting right", "heading right",
+              "travels right", "moving rightward"],
+    "left": ["moving left", "moving to the left", "moves left", "going left",
+             "slides to the left", "sliding left", "drifting left", "heading left",
+             "travels left", "moving leftward"],
+    "up": ["moving up", "moving upward", "moves up", "going up", "slides up", "rising",
+           "drifting up", "heading up", "travels upward", "floating up"],
+    "down": ["moving down", "moving downward", "moves down", "going down", "slides down",
+             "falling", "drifting down", "heading down", "travels downward", "dropping down"],
+}
+_BG_WORDS = {"black": ["black"], "white": ["white"], "gray": ["gray", "gray", "grey"]}
+
+
+def caption(colour, shape, motion, background, rng: random.Random) -> str:
+    """A caption from the grammar: the canonical sentence half the time, a variant otherwise."""
+    if rng.random() < 0.4:
+        return canonical_prompt(colour, shape, motion, background)
+    s = rng.choice(_SHAPE_WORDS[shape])
+    m = rng.choice(_MOTION_WORDS[motion])
+    b = rng.choice(_BG_WORDS[background])
+    bg = rng.choice([f"on a {b} background", f"on {b}", f"against a {b} background",
+                     f"over a {b} backdrop", f"with a {b} background", f"on a plain {b} background"])
+    article = rng.choice(["a", "a", "the", "one"])
+    template = rng.randrange(5)
+    if template == 0:
+        return f"{article} {colour} {s} {m} {bg}"
+    if template == 1:
+        return f"{colour} {s} {m}, {b} backdrop"
+    if template == 2:
+        return f"{b} background, {article} {colour} {s} {m}"
+    if template == 3:
+        return f"{article} {colour} {s} {m} {bg}."
+    return f"{colour} {s}, {m}, {b} background"
+
+
+def vocabulary():
+    """Every word the grammar can produce (the tokenizer's vocabulary, besides special tokens)."""
+    words = set()
+    phrases = [canonical_prompt(*c) for c in combinations()]
+    for w in itertools.chain(*_SHAPE_WORDS.values(), *_MOTION_WORDS.values(), *_BG_WORDS.values()):
+        phrases.append(w)
+    phrases += ["on a background on against over a backdrop with plain the one , ."]
+    phrases += list(COLOURS) + list(BACKGROUNDS)
+    for p in phrases:
+        for w in p.replace(",", " , ").replace(".", " . ").split():
+            words.add(w.lower())
+    return sorted(words)
+
+
+@dataclasses.dataclass
+class Scene:
+    colour: str
+    shape: str
+    motion: str
+    background: str
+    size: float  # pixels
+    x0: float  # centre at frame 0, pixels
+    y0: float
+    travel: float  # pixels over the whole clip
+
+
+def sample_scene(combo, width: int, height: int, rng: random.Random) -> Scene:
+    colour, shape, motion, background = combo
+    scale = min(width, height) / 64
+    size = rng.uniform(*SIZE_RANGE) * scale
+    travel = rng.uniform(*TRAVEL_RANGE) * scale
+    dx, dy = DIRECTION[motion]
+    half = size / 2 + 1
+    # Start so that the object stays wholly inside the frame for the whole clip.
+    def start(extent, d):
+        lo, hi = half, extent - half
+        if d > 0:
+            hi -= travel
+        elif d < 0:
+            lo += travel
+        return rng.uniform(lo, hi)
+    return Scene(colour, shape, motion, background, size, start(width, dx), start(height, dy), travel)
+
+
+_SS = 4  # supersampling per axis (anti-aliasing)
+
+
+def _coverage(shape: str, cx: float, cy: float, size: float, width: int, height: int) -> np.ndarray:
+    ys = (np.arange(height * _SS) + 0.5) / _SS
+    xs = (np.arange(width * _SS) + 0.5) / _SS
+    X, Y = np.meshgrid(xs, ys)
+    r = size / 2
+    if shape == "circle":
+        inside = (X - cx) ** 2 + (Y - cy) ** 2 <= r * r
+    elif shape == "square":
+        inside = (np.abs(X - cx) <= r) & (np.abs(Y - cy) <= r)
+    elif shape == "triangle":
+        # Apex up at (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r).
+        t = (Y - (cy - r)) / size  # 0 at the apex, 1 at the base
+        inside = (t >= 0) & (t <= 1) & (np.abs(X - cx) <= t * r)
+    else:
+        raise ValueError(shape)
+    return inside.reshape(height, _SS, width, _SS).mean(axis=(1, 3))
+
+
+def render(scene: Scene, width: int, height: int, frames: int) -> np.ndarray:
+    fg = np.array(COLOURS[scene.colour], np.float32)
+    bg = np.array(BACKGROUNDS[scene.background], np.float32)
+    dx, dy = DIRECTION[scene.motion]
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for f in range(frames):
+        p = scene.travel * f / max(frames - 1, 1)
+        a = _coverage(scene.shape, scene.x0 + dx * p, scene.y0 + dy * p, scene.size, width, height)
+        out[f] = np.round(bg + a[..., None] * (fg - bg)).astype(np.uint8)
+    return out
+
+
+class World:
+    """Seeded stream of (clip, caption, combo) from the training combinations."""
+
+    def __init__(self, width: int, height: int, frames: int, seed: int, exclude=()):
+        self.width, self.height, self.frames = width, height, frames
+        exclude = set(map(tuple, exclude))
+        self.combos = [c for c in combinations() if c not in exclude]
+        self.rng = random.Random(seed)
+
+    def sample(self):
+        combo = self.rng.choice(self.combos)
+        scene = sample_scene(combo, self.width, self.height, self.rng)
+        clip = render(scene, self.width, self.height, self.frames)
+        return clip, caption(*combo, self.rng), combo
+
+
+def eval_spec(cases):
+    """The contents of `kino-eval.json`: palette, names and held-out cases."""
+    return {
+        "colours": {k: list(v) for k, v in COLOURS.items()},
+        "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()},
+        "shapes": list(SHAPES),
+        "motions": list(MOTIONS),
+        "cases": [
+            {"prompt": canonical_prompt(*c), "colour": c[0], "shape": c[1], "motion": c[2],
+             "background": c[3]}
+            for c in cases
+        ],
+    }
