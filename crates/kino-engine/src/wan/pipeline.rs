@@ -309,8 +309,8 @@ impl WanPipeline {
         let te_dir = component_dir(&self.root, &self.index, "text_encoder")?;
         // Weights as stored (UMT5 ships in f32), plus the activations of max_sequence_length
         // tokens.
-        let text_encoder = file_bytes(&te_dir)
-            + (self.defaults.max_sequence_length as u64) * 2 * 64 * 1024 * 4;
+        let text_encoder =
+            file_bytes(&te_dir) + (self.defaults.max_sequence_length as u64) * 2 * 64 * 1024 * 4;
 
         let c = &self.transformer_config;
         let [_, _, f, h, w] = self.latent_shape(r);
@@ -804,8 +804,7 @@ mod tests {
                 .unwrap();
         json["max_sequence_length"] = 16.into();
         std::fs::write(tmp.join("kino.json"), json.to_string()).unwrap();
-        let mut small =
-            WanPipeline::open(&tmp, PipelineOptions::for_device(Device::Cpu)).unwrap();
+        let mut small = WanPipeline::open(&tmp, PipelineOptions::for_device(Device::Cpu)).unwrap();
         assert_eq!(small.defaults().max_sequence_length, 16);
         assert_eq!(small.defaults().width, p.defaults().width);
         let (pe, ne) = small

@@ -224,7 +224,6 @@ impl Analysis {
 
 /// The mask measures of one frame's object.
 struct Blob {
-    area: usize,
     cx: f64,
     cy: f64,
     x0: usize,
@@ -310,8 +309,8 @@ pub fn analyse<F: AsRef<[u8]>>(
         let ds: Vec<f32> = pixels.iter().map(|&i| d[i]).collect();
         let mid = percentile(&ds, 0.5);
         for &i in pixels.iter().filter(|&&i| d[i] >= mid) {
-            for c in 0..3 {
-                interior[c].push(f.as_ref()[i * 3 + c]);
+            for (c, channel) in interior.iter_mut().enumerate() {
+                channel.push(f.as_ref()[i * 3 + c]);
             }
         }
     }
@@ -539,7 +538,6 @@ fn measure(pixels: &[usize], w: usize) -> Blob {
         }
     }
     Blob {
-        area,
         cx: sx / area as f64,
         cy: sy / area as f64,
         x0,
