@@ -26,6 +26,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// List the models Kino knows and whether each is here.
     Models(commands::models::ModelsArgs),
+    /// Score how well a shapes-world model follows held-out prompts (or analyse one video).
+    Eval(Box<commands::eval::Args>),
     /// Download a model into the Hugging Face cache.
     Pull(commands::models::PullArgs),
     /// Serve the OpenAI Videos API (`base_url=http://HOST:PORT/v1`) with a durable job queue.
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Parity(a) => commands::parity::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Models(a) => commands::models::list(a),
+        Command::Eval(a) => commands::eval::run(*a),
         Command::Pull(a) => commands::models::pull(a),
         Command::Serve(a) => commands::serve::run(*a),
     };

@@ -47,6 +47,10 @@ pub struct ModelDefaults {
     pub shift: Option<f64>,
     /// `None`: [`DEFAULT_NEGATIVE_PROMPT`].
     pub negative_prompt: Option<String>,
+    /// The token length prompts are padded and truncated to (`max_sequence_length` of
+    /// `WanPipeline.__call__`, default 512); a small model may set less to keep cross-attention
+    /// small.
+    pub max_sequence_length: usize,
 }
 
 impl Default for ModelDefaults {
@@ -60,6 +64,7 @@ impl Default for ModelDefaults {
             guidance_scale: 5.0,
             shift: None,
             negative_prompt: None,
+            max_sequence_length: MAX_SEQUENCE_LENGTH,
         }
     }
 }
@@ -302,8 +307,10 @@ impl WanPipeline {
     pub fn estimate_memory(&self, r: &ResolvedRequest) -> Result<MemoryEstimate> {
         let bytes = |dt: DType| dt.size_in_bytes() as u64;
         let te_dir = component_dir(&self.root, &self.index, "text_encoder")?;
-        // Weights as stored (UMT5 ships in f32), plus the activations of 512 tokens.
-        let text_encoder = file_bytes(&te_dir) + (MAX_SEQUENCE_LENGTH as u64) * 2 * 64 * 1024 * 4;
+        // Weights as stored (UMT5 ships in f32), plus the activations of max_sequence_length
+        // tokens.
+        let text_encoder =
+            file_bytes(&te_dir) + (self.defaults.max_sequence_length as u64) * 2 * 64 * 1024 * 4;
 
         let c = &self.transformer_config;
         let [_, _, f, h, w] = self.latent_shape(r);
@@ -391,7 +398,8 @@ impl WanPipeline {
     }
 
     /// Mirrors `encode_prompt`: embeddings of the prompt and (when guidance is on) the negative
-    /// prompt, each `[1, 512, D]`.
+    /// prompt, each `[1, max_sequence_length, D]` (the model's
+    /// [`ModelDefaults::max_sequence_length`], 512 unless its `kino.json` says otherwise).
     pub fn encode_prompt(
         &mut self,
         prompt: &str,
@@ -418,11 +426,12 @@ impl WanPipeline {
             .text_encoder
             .as_ref()
             .ok_or_else(|| Error::InvalidRequest("text encoder not loaded".into()))?;
-        let pe = encoder.encode(&[prompt.to_string()], MAX_SEQUENCE_LENGTH)?;
+        let max_len = self.defaults.max_sequence_length;
+        let pe = encoder.encode(&[prompt.to_string()], max_len)?;
         emit(progress, Stage::EncodePrompt, 1, total, t0)?;
         let ne = match negative_prompt {
             Some(n) => {
-                let ne = encoder.encode(&[n.to_string()], MAX_SEQUENCE_LENGTH)?;
+                let ne = encoder.encode(&[n.to_string()], max_len)?;
                 emit(progress, Stage::EncodePrompt, 2, total, t0)?;
                 Some(ne)
             }
@@ -638,7 +647,16 @@ pub fn component_dir(root: &Path, index: &ModelIndex, name: &str) -> Result<Path
 fn read_defaults(root: &Path, index: &ModelIndex, vae: &vae::Config) -> Result<ModelDefaults> {
     let path = root.join("kino.json");
     if path.exists() {
-        return crate::loading::read_json(&path);
+        let d: ModelDefaults = crate::loading::read_json(&path)?;
+        if d.max_sequence_length == 0 {
+            return Err(Error::BadFile {
+                path,
+                message: format!(
+                    "max_sequence_length must be at least 1 (leave it out for the default, {MAX_SEQUENCE_LENGTH})"
+                ),
+            });
+        }
+        return Ok(d);
     }
     let mut d = ModelDefaults::default();
     if index.expand_timesteps() || vae.z_dim == 48 {
@@ -755,6 +773,66 @@ mod tests {
             .unwrap();
         assert_eq!((r.negative_prompt.as_str(), r.shift), ("", 2.0));
         assert_eq!(p.latent_shape(&r), [1, 12, 5, 8, 12]);
+    }
+
+    #[test]
+    fn kino_json_may_set_max_sequence_length() {
+        // Not set: the diffusers default, 512 (the fixture kino.json does not set it).
+        let mut p = open("pipeline-wan21");
+        assert_eq!(p.defaults().max_sequence_length, 512);
+        let d: ModelDefaults = serde_json::from_str(r#"{"width": 64}"#).unwrap();
+        assert_eq!((d.width, d.max_sequence_length), (64, 512));
+        // Set in kino.json: prompts are padded to it.
+        let tmp = std::env::temp_dir().join(format!("kino-msl-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let root = p.root().to_path_buf();
+        fn copy_dir(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    copy_dir(&e.path(), &to.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        copy_dir(&root, &tmp);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("kino.json")).unwrap())
+                .unwrap();
+        json["max_sequence_length"] = 16.into();
+        std::fs::write(tmp.join("kino.json"), json.to_string()).unwrap();
+        let mut small = WanPipeline::open(&tmp, PipelineOptions::for_device(Device::Cpu)).unwrap();
+        assert_eq!(small.defaults().max_sequence_length, 16);
+        assert_eq!(small.defaults().width, p.defaults().width);
+        let (pe, ne) = small
+            .encode_prompt("a red circle", Some("blurry"), &mut crate::progress::ignore)
+            .unwrap();
+        assert_eq!(pe.dim(1).unwrap(), 16);
+        assert_eq!(ne.unwrap().dim(1).unwrap(), 16);
+        let (pe, _) = p
+            .encode_prompt("a red circle", None, &mut crate::progress::ignore)
+            .unwrap();
+        assert_eq!(pe.dim(1).unwrap(), 512);
+        let r = small.resolve(&req("x")).unwrap();
+        assert!(
+            small.estimate_memory(&r).unwrap().text_encoder
+                < p.estimate_memory(&r).unwrap().text_encoder
+        );
+        // 0 is refused when the model is opened, naming the file.
+        json["max_sequence_length"] = 0.into();
+        std::fs::write(tmp.join("kino.json"), json.to_string()).unwrap();
+        let e = WanPipeline::open(&tmp, PipelineOptions::for_device(Device::Cpu))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("kino.json") && e.contains("max_sequence_length must be at least 1"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]

@@ -291,15 +291,42 @@ impl ProgressView {
     }
 }
 
+/// The model a command uses: `--model`, else `$KINO_MODEL`, else [`DEFAULT_MODEL`].
+pub fn model_name(arg: Option<&str>) -> String {
+    arg.map(String::from)
+        .or_else(|| std::env::var("KINO_MODEL").ok())
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string())
+}
+
+/// Resolves a model alias or folder and opens it on the GPU if there is one (the CPU with
+/// `cpu`). Returns the model folder and the pipeline.
+pub fn open_pipeline(
+    model_name: &str,
+    cpu: bool,
+    low_memory: bool,
+    vae_tiling: bool,
+) -> anyhow::Result<(PathBuf, WanPipeline)> {
+    let model_dir = kino_engine::registry::resolve(model_name)?;
+    let dev = device::open(if cpu {
+        DeviceChoice::Cpu
+    } else {
+        DeviceChoice::Auto
+    })?;
+    let mut opts = PipelineOptions::for_device(dev);
+    opts.low_memory = low_memory;
+    if vae_tiling {
+        opts.vae_tiling = Some(Default::default());
+    }
+    let pipeline = WanPipeline::open(&model_dir, opts)
+        .with_context(|| format!("opening model {}", model_dir.display()))?;
+    Ok((model_dir, pipeline))
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.prompt.trim().is_empty() {
         bail!("the prompt is empty; say what the video should show, e.g. kino generate \"a corgi surfing at sunset\"");
     }
-    let model_name = a
-        .model
-        .clone()
-        .or_else(|| std::env::var("KINO_MODEL").ok())
-        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model_name = model_name(a.model.as_deref());
     let size = a.size.as_deref().map(parse_size).transpose()?;
     let output = a
         .output
@@ -308,19 +335,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let format = format_of(&output)?;
     check_writable(&output, format, a.overwrite)?;
 
-    let model_dir = kino_engine::registry::resolve(&model_name)?;
-    let dev = device::open(if a.cpu {
-        DeviceChoice::Cpu
-    } else {
-        DeviceChoice::Auto
-    })?;
-    let mut opts = PipelineOptions::for_device(dev);
-    opts.low_memory = !a.no_low_memory;
-    if a.vae_tiling {
-        opts.vae_tiling = Some(Default::default());
-    }
-    let mut pipeline = WanPipeline::open(&model_dir, opts)
-        .with_context(|| format!("opening model {}", model_dir.display()))?;
+    let (model_dir, mut pipeline) =
+        open_pipeline(&model_name, a.cpu, !a.no_low_memory, a.vae_tiling)?;
     let defaults = pipeline.defaults().clone();
     let fps = a.fps.unwrap_or(defaults.fps);
     if fps == 0 || fps > 240 {

@@ -1,0 +1,328 @@
+//! `kino eval`: how well a model of the shapes world follows prompts it never saw in training.
+//!
+//! Generates every held-out case of the model's `kino-eval.json` with a few seeds, reads back
+//! from the pixels what each video shows ([`analyse`]) and scores colour, shape, motion and
+//! background against what the prompt asked for. `--video` analyses one existing MP4 instead.
+
+pub mod analyse;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use kino_engine::wan::pipeline::GenerateRequest;
+use kino_media::Mp4Options;
+
+use analyse::{analyse, Analysis, Case, EvalSpec};
+
+use super::generate;
+
+/// The file in a model folder that lists the held-out cases and the world's palette.
+pub const EVAL_FILE: &str = "kino-eval.json";
+
+/// The attributes scored, in table order.
+const ATTRIBUTES: [&str; 4] = ["colour", "shape", "motion", "background"];
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  kino eval --model models/kino-shapes --seeds 2\n  kino eval --video clip.mp4 --json\n\n\
+    The model folder's kino-eval.json lists the held-out prompts (\"cases\": prompt, colour, shape, \
+    motion, background) and the world's palette (\"colours\", \"backgrounds\" as RGB). Every case is \
+    generated with seeds 0..N and the model's defaults; the video's background, object colour, \
+    shape and motion are read from its pixels and compared with the case. Accuracy is reported per \
+    attribute, then every miss."
+)]
+pub struct Args {
+    /// A model alias or folder whose kino-eval.json lists the cases. Default: $KINO_MODEL or
+    /// `kino generate`'s default model.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// A kino-eval.json to use instead of the model folder's.
+    #[arg(long, value_name = "FILE")]
+    cases: Option<PathBuf>,
+    /// Seeds per case: each case is generated with seeds 0..N.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    seeds: u64,
+    /// Denoising steps (default: the model's).
+    #[arg(long, value_name = "N")]
+    steps: Option<usize>,
+    /// Also write every generated video to this folder as MP4.
+    #[arg(long, value_name = "DIR")]
+    save: Option<PathBuf>,
+    /// Analyse this MP4 instead of generating: print what it shows.
+    #[arg(long, value_name = "FILE.mp4", conflicts_with_all = ["seeds", "steps", "save"])]
+    video: Option<PathBuf>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Run on the CPU even if a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+    /// Load each model just before its stage and free it after (less memory, much slower: every
+    /// video reloads the models).
+    #[arg(long)]
+    low_memory: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.video.clone() {
+        Some(video) => run_video(&a, &video),
+        None => run_generate(&a),
+    }
+}
+
+/// Reads `--cases FILE`, or the model folder's kino-eval.json.
+fn load_spec(
+    cases: Option<&Path>,
+    model_dir: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<(EvalSpec, PathBuf)> {
+    let path = match cases {
+        Some(p) => {
+            if !p.is_file() {
+                bail!("--cases {}: no such file", p.display());
+            }
+            p.to_path_buf()
+        }
+        None => {
+            let dir = model_dir()?;
+            let p = dir.join(EVAL_FILE);
+            if !p.is_file() {
+                bail!(
+                    "the model folder {} has no {EVAL_FILE} (the held-out prompts and the palette \
+                     `kino eval` checks against); pass --cases FILE to supply one",
+                    dir.display()
+                );
+            }
+            p
+        }
+    };
+    Ok((EvalSpec::read(&path)?, path))
+}
+
+fn run_video(a: &Args, video: &Path) -> anyhow::Result<()> {
+    let (spec, _) = load_spec(a.cases.as_deref(), || {
+        Ok(kino_engine::registry::resolve(&generate::model_name(
+            a.model.as_deref(),
+        ))?)
+    })?;
+    if !video.is_file() {
+        bail!("--video {}: no such file", video.display());
+    }
+    let v = kino_media::read_mp4(video).with_context(|| {
+        format!(
+            "reading {} (kino eval --video reads MP4 files)",
+            video.display()
+        )
+    })?;
+    let frames: Vec<&[u8]> = v.frames().iter().map(|f| f.data()).collect();
+    let found = analyse(&frames, v.width() as usize, v.height() as usize, &spec)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(());
+    }
+    let rgb = |c: Option<[u8; 3]>| match c {
+        Some([r, g, b]) => format!("{r},{g},{b}"),
+        None => "-".into(),
+    };
+    println!("colour:     {} (measured {})", found.colour, rgb(found.rgb));
+    println!(
+        "shape:      {} (fill {:.2}, taper {:.2}, size {:.0} px)",
+        found.shape, found.fill, found.taper, found.size
+    );
+    println!(
+        "motion:     {} (dx {:+.1} px, dy {:+.1} px)",
+        found.motion, found.dx, found.dy
+    );
+    println!(
+        "background: {} (measured {})",
+        found.background,
+        rgb(Some(found.background_rgb))
+    );
+    println!(
+        "object in {} of {} frames",
+        found.frames_with_object,
+        frames.len()
+    );
+    Ok(())
+}
+
+/// One generated video: the case, the seed, what was seen.
+#[derive(serde::Serialize)]
+struct Run {
+    prompt: String,
+    seed: u64,
+    expected: Case,
+    detected: Analysis,
+    /// The attributes detected wrongly.
+    wrong: Vec<&'static str>,
+    seconds: f64,
+}
+
+fn wrong_attributes(case: &Case, found: &Analysis) -> Vec<&'static str> {
+    ATTRIBUTES
+        .into_iter()
+        .filter(|&attr| found.get(attr) != case.get(attr))
+        .collect()
+}
+
+fn run_generate(a: &Args) -> anyhow::Result<()> {
+    if a.seeds == 0 {
+        bail!("--seeds 0 generates nothing; use 1 or more");
+    }
+    let model_name = generate::model_name(a.model.as_deref());
+    let (spec, spec_path) = load_spec(a.cases.as_deref(), || {
+        Ok(kino_engine::registry::resolve(&model_name)?)
+    })?;
+    if spec.cases.is_empty() {
+        bail!(
+            "{} lists no cases; add held-out prompts under \"cases\"",
+            spec_path.display()
+        );
+    }
+    if let Some(dir) = &a.save {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the --save folder {}", dir.display()))?;
+    }
+    let (model_dir, mut pipeline) =
+        generate::open_pipeline(&model_name, a.cpu, a.low_memory, false)?;
+    let fps = pipeline.defaults().fps;
+    let request = |case: &Case, seed: u64| GenerateRequest {
+        prompt: case.prompt.clone(),
+        seed: Some(seed),
+        num_inference_steps: a.steps,
+        ..Default::default()
+    };
+    // Check the settings before spending minutes on the first video.
+    let first = pipeline.resolve(&request(&spec.cases[0], 0))?;
+    let total = spec.cases.len() as u64 * a.seeds;
+    eprintln!(
+        "kino eval: {} — {} cases × {} seeds, {}x{}, {} frames, {} steps, guidance {}",
+        model_dir.display(),
+        spec.cases.len(),
+        a.seeds,
+        first.width,
+        first.height,
+        first.num_frames,
+        first.num_inference_steps,
+        first.guidance_scale
+    );
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for (i, case) in spec.cases.iter().enumerate() {
+        for seed in 0..a.seeds {
+            let t0 = Instant::now();
+            let out = pipeline
+                .generate(&request(case, seed), &mut kino_engine::progress::ignore)
+                .with_context(|| format!("generating {:?} with seed {seed}", case.prompt))?;
+            let found = analyse(&out.frames, out.width, out.height, &spec)?;
+            let seconds = t0.elapsed().as_secs_f64();
+            if let Some(dir) = &a.save {
+                let path = dir.join(format!(
+                    "{:03}-{}-seed{seed}.mp4",
+                    i + 1,
+                    generate::slug(&case.prompt)
+                ));
+                let params = kino_server::output::generation_params(&out.request, &model_name, fps);
+                let video =
+                    kino_server::output::frames_to_video(out.frames, out.width, out.height, fps)?;
+                let opts = Mp4Options {
+                    metadata: Some(params.to_value()),
+                    ..Default::default()
+                };
+                kino_media::write_mp4(&path, &video, &opts)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let wrong = wrong_attributes(case, &found);
+            eprintln!(
+                "[{}/{total}] {:?} seed {seed}: {seconds:.1} s — {} {} {} on {}{}",
+                runs.len() + 1,
+                case.prompt,
+                found.colour,
+                found.shape,
+                found.motion,
+                found.background,
+                if wrong.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (wrong: {})", wrong.join(", "))
+                }
+            );
+            runs.push(Run {
+                prompt: case.prompt.clone(),
+                seed,
+                expected: case.clone(),
+                detected: found,
+                wrong,
+                seconds,
+            });
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = runs.len();
+    let correct = |attr: &str| runs.iter().filter(|r| !r.wrong.contains(&attr)).count();
+    let all = runs.iter().filter(|r| r.wrong.is_empty()).count();
+    let pct = |c: usize| 100.0 * c as f64 / n as f64;
+
+    if a.json {
+        let mut accuracy = serde_json::Map::new();
+        for attr in ATTRIBUTES {
+            let c = correct(attr);
+            accuracy.insert(
+                attr.into(),
+                serde_json::json!({"correct": c, "total": n, "accuracy": c as f64 / n as f64}),
+            );
+        }
+        accuracy.insert(
+            "all".into(),
+            serde_json::json!({"correct": all, "total": n, "accuracy": all as f64 / n as f64}),
+        );
+        let misses: Vec<&Run> = runs.iter().filter(|r| !r.wrong.is_empty()).collect();
+        let v = serde_json::json!({
+            "model": model_name,
+            "model_path": model_dir,
+            "cases_file": spec_path,
+            "cases": spec.cases.len(),
+            "seeds": a.seeds,
+            "steps": first.num_inference_steps,
+            "videos": n,
+            "seconds": secs,
+            "accuracy": accuracy,
+            "misses": misses,
+            "runs": runs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{n} videos ({} cases × {} seeds, {} steps) in {secs:.1} s",
+        spec.cases.len(),
+        a.seeds,
+        first.num_inference_steps
+    );
+    println!();
+    println!(
+        "{:<12} {:>7} {:>6} {:>9}",
+        "attribute", "correct", "total", "accuracy"
+    );
+    for attr in ATTRIBUTES {
+        let c = correct(attr);
+        println!("{attr:<12} {c:>7} {n:>6} {:>8.1}%", pct(c));
+    }
+    println!("{:<12} {all:>7} {n:>6} {:>8.1}%", "all four", pct(all));
+    println!();
+    let misses: Vec<&Run> = runs.iter().filter(|r| !r.wrong.is_empty()).collect();
+    if misses.is_empty() {
+        println!("misses: none");
+    } else {
+        println!("misses ({}):", misses.len());
+        for r in misses {
+            let what: Vec<String> = r
+                .wrong
+                .iter()
+                .map(|&attr| format!("{attr} {} → {}", r.expected.get(attr), r.detected.get(attr)))
+                .collect();
+            println!("  {:?} seed {}: {}", r.prompt, r.seed, what.join(", "));
+        }
+    }
+    Ok(())
+}
