@@ -59,9 +59,16 @@ CONFIG = {
         "temperal_downsample": [True, True],
         "dropout": 0.0,
     },
-    "vae_train": {"steps": 1000, "batch": 2, "frames": 9, "lr": 8e-4, "kl_weight": 1e-6,
-                  "object_weight": 20.0,
-                  "stats_clips": 64},
+    # The VAE trains in phases: whole frames, then windows around the object (most pixels near
+    # the object, and cheap), first five frames long (one causal chunk after the first frame),
+    # then nine and seventeen (the causal caches of every later chunk see what they see at 17
+    # frames; a phase that stops short leaves the later latent frames untrained).
+    "vae_train": {"object_weight": 20.0, "kl_weight": 1e-6, "stats_clips": 64, "phases": [
+        {"name": "frames", "steps": 1000, "batch": 2, "frames": 9, "crop": None, "lr": 8e-4},
+        {"name": "crops-5", "steps": 1500, "batch": 8, "frames": 5, "crop": 32, "lr": 1e-3},
+        {"name": "crops-9", "steps": 500, "batch": 6, "frames": 9, "crop": 40, "lr": 5e-4},
+        {"name": "crops-17", "steps": 300, "batch": 4, "frames": 17, "crop": 40, "lr": 3e-4},
+    ]},
     "text_encoder": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_heads": 4,
                      "relative_attention_num_buckets": 32, "relative_attention_max_distance": 64},
     "transformer": {
@@ -76,12 +83,14 @@ CONFIG = {
         "eps": 1e-6,
         "rope_max_seq_len": 1024,
     },
-    "dit_train": {"steps": 3000, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
+    "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16},
     "inference": {"num_inference_steps": 20, "guidance_scale": 4.0, "flow_shift": 2.0},
 }
 
-SMOKE = {"vae_train": {"steps": 2, "batch": 1, "frames": 5, "stats_clips": 2},
+SMOKE = {"vae_train": {"stats_clips": 2, "phases": [
+             {"name": "frames", "steps": 2, "batch": 1, "frames": 5, "crop": None, "lr": 8e-4},
+             {"name": "crops-9", "steps": 2, "batch": 1, "frames": 9, "crop": 40, "lr": 5e-4}]},
          "dit_train": {"steps": 2, "batch": 2, "clips": 2, "warmup": 1, "encode_batch": 2}}
 
 
@@ -147,7 +156,46 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, 2)
 
 
-def train_vae(cfg, rng_seed: int, exclude, record):
+def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight, record):
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr_max, weight_decay=0.0)
+    losses, start = [], time.time()
+    vae.train()
+    for step in range(steps):
+        lr = lr_max * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = to_tensor([sample() for _ in range(batch)])
+        # The posterior's mean only (what encoding for the transformer uses): sampling with the
+        # initial unit variance buries the encoder's small initial signal in noise, and with the
+        # tiny KL weight Wan uses the VAE then takes far longer to learn the object.
+        mu = vae._encode(x).chunk(2, dim=1)[0]
+        rec = decode_unclamped(vae, mu)
+        # The object covers ~5% of a frame; without extra weight the VAE learns the background
+        # and blurs the object away. Object pixels: those that differ from the corner pixel
+        # (objects never reach the corners of a frame; a window may cut the object, but then
+        # the weight merely drops to 1 there).
+        obj = ((x - x[:, :, :1, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
+        w = 1.0 + object_weight * obj
+        d = rec - x
+        rec_loss = ((d.abs() + d.pow(2)) * w).mean() / w.mean()
+        obj_err = (d.abs() * obj).sum() / (obj.sum() * 3 + 1)
+        kl = 0.5 * mu.pow(2).mean()
+        loss = rec_loss + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(rec_loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            el = time.time() - start
+            log(f"{name} step {step + 1}/{steps} rec {np.mean(losses[-25:]):.4f} object L1 "
+                f"{obj_err.item():.3f} lr {lr:.2e} {el / (step + 1):.2f} s/step")
+    record["vae"]["phases"].append({"phase": name, "steps": steps, "seconds": round(time.time() - start, 1),
+                                    "final_reconstruction_loss": float(np.mean(losses[-50:]))})
+    record["vae"]["final_reconstruction_loss"] = float(np.mean(losses[-50:]))
+
+
+def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
     from diffusers import AutoencoderKLWan
 
     c = cfg["vae"]
@@ -164,42 +212,22 @@ def train_vae(cfg, rng_seed: int, exclude, record):
     )
     n_params = sum(p.numel() for p in vae.parameters())
     log(f"VAE: {n_params / 1e6:.2f} M parameters, {spatial}x spatial, {temporal}x temporal")
-    opt = torch.optim.AdamW(vae.parameters(), lr=t["lr"], weight_decay=0.0)
-    wld = world.World(cfg["width"], cfg["height"], t["frames"], rng_seed + 1, exclude)
-    losses, start = [], time.time()
-    for step in range(t["steps"]):
-        lr = t["lr"] * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / t["steps"])))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = to_tensor([wld.sample()[0] for _ in range(t["batch"])])
-        h = vae._encode(x)
-        mu = h.chunk(2, dim=1)[0]
-        # The posterior's mean only (what encoding for the transformer uses): sampling with the
-        # initial unit variance buries the encoder's small initial signal in noise, and with the
-        # tiny KL weight Wan uses the VAE then takes far longer to learn the object.
-        z = mu
-        rec = decode_unclamped(vae, z)
-        # The object covers ~5% of the frame; without extra weight the VAE learns the background
-        # and blurs the object away. Object pixels: those that differ from the corner pixel
-        # (objects never reach the corners).
-        obj = ((x - x[:, :, :1, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
-        w = 1.0 + t["object_weight"] * obj
-        d = rec - x
-        rec_loss = ((d.abs() + d.pow(2)) * w).mean() / w.mean()
-        obj_err = (d.abs() * obj).sum() / (obj.sum() * 3 + 1)
-        kl = 0.5 * mu.pow(2).mean()
-        loss = rec_loss + t["kl_weight"] * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(rec_loss.item())
-        if step % 25 == 0 or step == t["steps"] - 1:
-            el = time.time() - start
-            log(f"vae step {step + 1}/{t['steps']} rec {np.mean(losses[-25:]):.4f} object L1 {obj_err.item():.3f} kl {kl.item():.2f} "
-                f"lr {lr:.2e} {el / (step + 1):.2f} s/step")
-    record["vae"] = {"parameters": n_params, "seconds": round(time.time() - start, 1),
-                     "final_reconstruction_loss": float(np.mean(losses[-50:]))}
+    record["vae"] = {"parameters": n_params, "phases": []}
+    if resume is not None:
+        vae.load_state_dict(resume[0].state_dict())
+    for i, ph in enumerate(t["phases"]):
+        if resume is not None and i < resume[1]:
+            record["vae"]["phases"].append({"phase": ph["name"], "resumed_from": str(resume[2])})
+            continue
+        if ph["crop"] is None:
+            wld = world.World(cfg["width"], cfg["height"], ph["frames"], rng_seed + 1 + 3 * i, exclude)
+            sample = lambda wld=wld: wld.sample()[0]  # noqa: E731
+        else:
+            wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 1 + 3 * i,
+                              exclude)
+            sample = lambda wld=wld, ph=ph: wld.sample_crop(ph["frames"], ph["crop"])  # noqa: E731
+        vae_phase(vae, ph["name"], ph["steps"], ph["lr"], sample, ph["batch"], t["object_weight"],
+                  t["kl_weight"], record)
 
     # Latent statistics over full-length clips (what the transformer will see).
     vae.eval()
@@ -356,11 +384,14 @@ def main(argv=None):
     ap.add_argument("--out", type=pathlib.Path, required=True, help="model folder to write")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a tiny batch (tests)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--vae-steps", type=int)
     ap.add_argument("--dit-steps", type=int)
     ap.add_argument("--clips", type=int)
     ap.add_argument("--stage", choices=["all", "vae"], default="all",
                     help="vae: train and save only the VAE (OUT/vae), for a later --vae-from")
+    ap.add_argument("--vae-resume", type=pathlib.Path,
+                    help="start the VAE from this vae/ folder (an earlier --stage vae run)")
+    ap.add_argument("--vae-resume-phase", type=int, default=1,
+                    help="with --vae-resume: the first VAE phase to run (earlier ones are done)")
     ap.add_argument("--vae-from", type=pathlib.Path,
                     help="reuse the VAE of an earlier run (its vae/ folder) instead of training one")
     args = ap.parse_args(argv)
@@ -369,8 +400,6 @@ def main(argv=None):
     if args.smoke:
         for k, v in SMOKE.items():
             cfg[k].update(v)
-    if args.vae_steps is not None:
-        cfg["vae_train"]["steps"] = args.vae_steps
     if args.dit_steps is not None:
         cfg["dit_train"]["steps"] = args.dit_steps
     if args.clips is not None:
@@ -403,7 +432,13 @@ def main(argv=None):
             if (args.vae_from.parent / "training.json").exists() else {"reused": str(args.vae_from)}
         cfg["vae"] = {k: vae.config[k] for k in cfg["vae"]}
     else:
-        vae = train_vae(cfg, cfg["seed"], exclude, record)
+        resume = None
+        if args.vae_resume:
+            from diffusers import AutoencoderKLWan
+
+            resume = (AutoencoderKLWan.from_pretrained(args.vae_resume), args.vae_resume_phase,
+                      args.vae_resume)
+        vae = train_vae(cfg, cfg["seed"], exclude, record, resume)
         if args.stage == "vae":
             vae.save_pretrained(args.out / "vae", safe_serialization=True)
             (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -190,10 +190,26 @@ class World:
         self.rng = random.Random(seed)
 
     def sample(self):
+        clip, _, combo = self.sample_scene()
+        return clip, caption(*combo, self.rng), combo
+
+    def sample_scene(self):
         combo = self.rng.choice(self.combos)
         scene = sample_scene(combo, self.width, self.height, self.rng)
-        clip = render(scene, self.width, self.height, self.frames)
-        return clip, caption(*combo, self.rng), combo
+        return render(scene, self.width, self.height, self.frames), scene, combo
+
+    def sample_crop(self, frames: int, size: int):
+        """`frames` consecutive frames of a clip, cut to a `size`² window around the object
+        (the VAE's second training phase: most pixels near the object, and cheap)."""
+        clip, scene, _ = self.sample_scene()
+        f0 = self.rng.randrange(self.frames - frames + 1)
+        dx, dy = DIRECTION[scene.motion]
+        p = scene.travel * (f0 + (frames - 1) / 2) / max(self.frames - 1, 1)
+        cx = scene.x0 + dx * p + self.rng.uniform(-size / 4, size / 4)
+        cy = scene.y0 + dy * p + self.rng.uniform(-size / 4, size / 4)
+        x = int(np.clip(round(cx - size / 2), 0, self.width - size))
+        y = int(np.clip(round(cy - size / 2), 0, self.height - size))
+        return clip[f0 : f0 + frames, y : y + size, x : x + size]
 
 
 def eval_spec(cases):
