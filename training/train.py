@@ -259,7 +259,7 @@ def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record):
+def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None):
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -273,6 +273,11 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record):
     text_encoder = UMT5EncoderModel(te_cfg)
     transformer = WanTransformer3DModel(in_channels=z_dim, out_channels=z_dim,
                                         text_dim=cfg["text_encoder"]["d_model"], **cfg["transformer"])
+    if resume is not None:
+        # Continue from an earlier run's (EMA) weights: a second round with a fresh schedule.
+        text_encoder.load_state_dict(UMT5EncoderModel.from_pretrained(resume / "text_encoder").state_dict())
+        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(resume / "transformer").state_dict())
+        record["transformer_resumed_from"] = str(resume)
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_tr = sum(p.numel() for p in transformer.parameters())
     log(f"text encoder {n_te / 1e6:.2f} M, transformer {n_tr / 1e6:.2f} M parameters")
@@ -392,6 +397,8 @@ def main(argv=None):
                     help="start the VAE from this vae/ folder (an earlier --stage vae run)")
     ap.add_argument("--vae-resume-phase", type=int, default=1,
                     help="with --vae-resume: the first VAE phase to run (earlier ones are done)")
+    ap.add_argument("--dit-resume", type=pathlib.Path,
+                    help="start the transformer and text encoder from this earlier model folder")
     ap.add_argument("--vae-from", type=pathlib.Path,
                     help="reuse the VAE of an earlier run (its vae/ folder) instead of training one")
     args = ap.parse_args(argv)
@@ -444,7 +451,8 @@ def main(argv=None):
             (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
             log(f"saved {args.out / 'vae'}")
             return
-    transformer, text_encoder = train_dit(cfg, vae, tokenizer, cfg["seed"], exclude, record)
+    transformer, text_encoder = train_dit(cfg, vae, tokenizer, cfg["seed"], exclude, record,
+                                          args.dit_resume)
     record["total_seconds"] = round(time.time() - t0, 1)
     save(args.out, cfg, tokenizer, text_encoder, transformer, vae, record)
 

@@ -39,7 +39,7 @@ pub const BUNDLED_MODEL: &str = "kino-shapes";
 
 /// What `kino models` says about the bundled model.
 pub const BUNDLED_DESCRIPTION: &str =
-    "Kino's own small model (ships with Kino): one coloured shape moving on a plain background, 64×64, 17 frames at 8 fps";
+    "Kino's own small model: one coloured shape moving on a plain background, 64×64, 17 frames at 8 fps";
 
 /// The model `kino generate` and `kino serve` use without `--model` (or `$KINO_MODEL`).
 pub const DEFAULT_MODEL: &str = BUNDLED_MODEL;

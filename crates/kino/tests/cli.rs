@@ -340,6 +340,15 @@ fn models_lists_the_known_aliases() {
         s.contains("wan2.2-ti2v-5b") && s.contains("Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
         "{s}"
     );
+    // The bundled model is listed, present (it ships in the repository) and the default.
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("kino-shapes"))
+        .unwrap_or_else(|| panic!("no kino-shapes row in\n{s}"));
+    assert!(
+        line.contains("yes") && line.ends_with("(default)"),
+        "{line}"
+    );
 }
 
 #[test]

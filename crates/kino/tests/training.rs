@@ -40,7 +40,7 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(o.status.success(), "train.py --smoke failed:\n{log}");
-    assert!(log.contains("vae step 2/2") && log.contains("dit step 2/2"), "{log}");
+    assert!(log.contains("frames step 2/2") && log.contains("dit step 2/2"), "{log}");
 
     // The record of the run: configuration, machine, finite losses.
     let record: serde_json::Value =
