@@ -60,7 +60,11 @@ pub fn bundled_candidates() -> Vec<PathBuf> {
         out.push(exe_dir.join("../share/kino/models").join(BUNDLED_MODEL));
         out.push(exe_dir.join("../../models").join(BUNDLED_MODEL));
     }
-    out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(BUNDLED_MODEL));
+    out.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models")
+            .join(BUNDLED_MODEL),
+    );
     out
 }
 

@@ -18,7 +18,9 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     let probe = Command::new(&python)
         .args(["-c", "import torch, diffusers, transformers, tokenizers"])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `{python}` ({e}); install Python 3 or set KINO_PYTHON"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{python}` ({e}); install Python 3 or set KINO_PYTHON")
+        });
     assert!(
         probe.status.success(),
         "`{python}` lacks the training stack: run `{python} -m pip install -r fixtures/requirements.txt` \
@@ -40,7 +42,10 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(o.status.success(), "train.py --smoke failed:\n{log}");
-    assert!(log.contains("frames step 2/2") && log.contains("dit step 2/2"), "{log}");
+    assert!(
+        log.contains("frames step 2/2") && log.contains("dit step 2/2"),
+        "{log}"
+    );
 
     // The record of the run: configuration, machine, finite losses.
     let record: serde_json::Value =
@@ -54,13 +59,17 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     }
     assert_eq!(record["config"]["seed"], 0);
     let eval: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("kino-eval.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("kino-eval.json")).unwrap())
+            .unwrap();
     assert!(eval["cases"].as_array().is_some_and(|c| !c.is_empty()));
 
     // Kino loads the folder and generates through the whole pipeline.
     let video = tmp.path().join("smoke.mp4");
     let o = Command::new(env!("CARGO_BIN_EXE_kino"))
-        .args(["generate", "a red circle moving right on a black background"])
+        .args([
+            "generate",
+            "a red circle moving right on a black background",
+        ])
         .args(["--steps", "2", "--seed", "1", "-o"])
         .arg(&video)
         .arg("--model")
