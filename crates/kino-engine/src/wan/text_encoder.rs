@@ -1,9 +1,12 @@
 //! Wan's prompt encoding: a port of `WanPipeline._get_t5_prompt_embeds` and of `prompt_clean`
 //! (with `basic_clean`, `whitespace_clean`) from diffusers' `pipelines/wan/pipeline_wan.py`.
 //!
-//! A prompt is cleaned, tokenized with the model's `tokenizer/tokenizer.json` (the umt5-xxl
-//! SentencePiece Unigram tokenizer; `</s>` appended by its post-processor, padded with `<pad>` to
-//! `max_sequence_length` and truncated to it), run through the [`UMT5EncoderModel`] with its
+//! A prompt is cleaned, tokenized with the model's `tokenizer/tokenizer.json` (for Wan the umt5-xxl
+//! SentencePiece Unigram tokenizer, for the bundled kino-shapes model a WordLevel one, which
+//! transformers 5 loads as `TokenizersBackend`, file as written; `</s>` appended by its
+//! post-processor, padded with `<pad>` to `max_sequence_length` and truncated to it; parity with
+//! the reference for kino-shapes is checked by `tests/kino_shapes.rs`), run through the
+//! [`UMT5EncoderModel`] with its
 //! attention mask, and each embedding is cut to its real length and zero-padded back to
 //! `max_sequence_length`, giving `prompt_embeds` [B, max_sequence_length, D].
 //!
