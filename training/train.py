@@ -275,8 +275,12 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None):
                                         text_dim=cfg["text_encoder"]["d_model"], **cfg["transformer"])
     if resume is not None:
         # Continue from an earlier run's (EMA) weights: a second round with a fresh schedule.
-        text_encoder.load_state_dict(UMT5EncoderModel.from_pretrained(resume / "text_encoder").state_dict())
-        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(resume / "transformer").state_dict())
+        # (The safetensors directly: WanTransformer3DModel.from_pretrained wants `accelerate`.)
+        from safetensors.torch import load_file
+
+        text_encoder = UMT5EncoderModel.from_pretrained(resume / "text_encoder")
+        transformer.load_state_dict(
+            load_file(resume / "transformer" / "diffusion_pytorch_model.safetensors"))
         record["transformer_resumed_from"] = str(resume)
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_tr = sum(p.numel() for p in transformer.parameters())
