@@ -98,10 +98,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+DEVICE = torch.device("cpu")
+
+
 def to_tensor(clips: list[np.ndarray]) -> torch.Tensor:
     """uint8 [F, H, W, 3] clips → [B, 3, F, H, W] in [-1, 1], as WanPipeline's video processor."""
     x = torch.from_numpy(np.stack(clips)).float() / 127.5 - 1.0
-    return x.permute(0, 4, 1, 2, 3).contiguous()
+    return x.permute(0, 4, 1, 2, 3).contiguous().to(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +135,11 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int) ->
     t = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                   add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     mask = t.attention_mask
-    emb = text_encoder(t.input_ids, mask).last_hidden_state
+    dev = next(text_encoder.parameters()).device
+    mask = mask.to(dev)
+    emb = text_encoder(t.input_ids.to(dev), mask).last_hidden_state
     seq_lens = mask.gt(0).sum(dim=1)
-    keep = torch.arange(max_length)[None, :] < seq_lens[:, None]
+    keep = torch.arange(max_length, device=dev)[None, :] < seq_lens[:, None]
     return emb * keep.unsqueeze(-1).to(emb.dtype)
 
 
@@ -210,11 +215,13 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
         scale_factor_spatial=spatial,
         scale_factor_temporal=temporal,
     )
+    vae.to(DEVICE)
     n_params = sum(p.numel() for p in vae.parameters())
     log(f"VAE: {n_params / 1e6:.2f} M parameters, {spatial}x spatial, {temporal}x temporal")
     record["vae"] = {"parameters": n_params, "phases": []}
     if resume is not None:
         vae.load_state_dict(resume[0].state_dict())
+        vae.to(DEVICE)
     for i, ph in enumerate(t["phases"]):
         if resume is not None and i < resume[1]:
             record["vae"]["phases"].append({"phase": ph["name"], "resumed_from": str(resume[2])})
@@ -282,14 +289,16 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None):
         transformer.load_state_dict(
             load_file(resume / "transformer" / "diffusion_pytorch_model.safetensors"))
         record["transformer_resumed_from"] = str(resume)
+    text_encoder.to(DEVICE)
+    transformer.to(DEVICE)
     n_te = sum(p.numel() for p in text_encoder.parameters())
     n_tr = sum(p.numel() for p in transformer.parameters())
     log(f"text encoder {n_te / 1e6:.2f} M, transformer {n_tr / 1e6:.2f} M parameters")
 
     # The training clips: rendered and encoded once (posterior mean, normalised like the pipeline
     # un-normalises: z = (mu - mean) / std); captions are re-drawn from the grammar every time.
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=DEVICE).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=DEVICE).view(1, -1, 1, 1, 1)
     wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude)
     latents, combos = [], []
     start = time.time()
@@ -301,7 +310,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None):
             batch = [wld.sample() for _ in range(n)]
             mu = vae._encode(to_tensor([b[0] for b in batch])).chunk(2, dim=1)[0]
             vae.clear_cache()
-            latents.append(((mu - mean) / std).to(torch.float32))
+            latents.append(((mu - mean) / std).to(torch.float32).cpu())
             combos += [b[2] for b in batch]
             done += n
             if done % 1000 < n:
@@ -327,12 +336,12 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None):
         for group in opt.param_groups:
             group["lr"] = lr
         idx = [rng.randrange(len(latents)) for _ in range(t["batch"])]
-        x0 = latents[idx]
+        x0 = latents[idx].to(DEVICE)
         prompts = ["" if rng.random() < t["caption_dropout"] else world.caption(*combos[i], rng)
                    for i in idx]
-        u = torch.rand(len(idx), generator=g)
+        u = torch.rand(len(idx), generator=g).to(DEVICE)
         sigma = shift_sigma(u, shift)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(DEVICE)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         emb = encode_text(tokenizer, text_encoder, prompts, L)
@@ -371,6 +380,7 @@ def save(out: pathlib.Path, cfg, tokenizer, text_encoder, transformer, vae, reco
         flow_shift=cfg["inference"]["flow_shift"], solver_order=2, solver_type="bh2",
         predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
     )
+    text_encoder, transformer, vae = text_encoder.cpu(), transformer.cpu(), vae.cpu()
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                        vae=vae, scheduler=scheduler)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,6 +403,8 @@ def main(argv=None):
     ap.add_argument("--out", type=pathlib.Path, required=True, help="model folder to write")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a tiny batch (tests)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu",
+                    help="torch device to train on, e.g. cuda (the record names the GPU)")
     ap.add_argument("--dit-steps", type=int)
     ap.add_argument("--clips", type=int)
     ap.add_argument("--stage", choices=["all", "vae"], default="all",
@@ -416,6 +428,8 @@ def main(argv=None):
     if args.clips is not None:
         cfg["dit_train"]["clips"] = args.clips
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
@@ -427,7 +441,8 @@ def main(argv=None):
         "config": cfg,
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(),
-                    "threads": args.threads, "gpu": None},
+                    "threads": args.threads,
+                    "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -438,7 +453,7 @@ def main(argv=None):
     if args.vae_from:
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(args.vae_from)
+        vae = AutoencoderKLWan.from_pretrained(args.vae_from).to(DEVICE)
         record["vae"] = json.loads((args.vae_from.parent / "training.json").read_text()).get("vae") \
             if (args.vae_from.parent / "training.json").exists() else {"reused": str(args.vae_from)}
         cfg["vae"] = {k: vae.config[k] for k in cfg["vae"]}
