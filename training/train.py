@@ -85,7 +85,7 @@ CONFIG = {
     },
     "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16},
-    "inference": {"num_inference_steps": 20, "guidance_scale": 4.0, "flow_shift": 2.0},
+    "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 2.0},
 }
 
 SMOKE = {"vae_train": {"stats_clips": 2, "phases": [

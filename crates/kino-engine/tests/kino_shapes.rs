@@ -148,13 +148,25 @@ fn request(prompt: &str) -> GenerateRequest {
 fn defaults_come_from_kino_json() {
     let p = open();
     let d = p.defaults();
-    assert_eq!(d.max_sequence_length, 32);
-    assert_eq!(d.negative_prompt.as_deref(), Some(""));
+    // What the folder's kino.json says, read independently of the engine.
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dir().join("kino.json")).expect("kino.json"),
+    )
+    .expect("kino.json is JSON");
+    let int = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("kino.json {k}")) as usize;
+    assert_eq!(d.max_sequence_length, int("max_sequence_length"));
+    assert_eq!(d.negative_prompt.as_deref(), j["negative_prompt"].as_str());
     let r = p.resolve(&request("a red circle")).expect("resolve");
-    assert_eq!((r.width, r.height, r.num_frames, r.fps), (64, 64, 17, 8));
-    assert_eq!(r.num_inference_steps, 20);
-    assert_eq!(r.guidance_scale, 4.0);
-    assert_eq!(r.negative_prompt, "");
+    assert_eq!(
+        (r.width, r.height, r.num_frames, r.fps as usize),
+        (int("width"), int("height"), int("num_frames"), int("fps"))
+    );
+    assert_eq!(r.num_inference_steps, int("num_inference_steps"));
+    assert_eq!(Some(r.guidance_scale), j["guidance_scale"].as_f64());
+    assert_eq!(
+        Some(r.negative_prompt.as_str()),
+        j["negative_prompt"].as_str()
+    );
     // kino.json sets no shift: the scheduler config's flow_shift.
     assert_eq!(r.shift, 2.0);
     assert_eq!(p.latent_shape(&r), [1, 16, 5, 16, 16]);
