@@ -3,26 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn kino() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kino"))
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
+mod common;
+use common::{copy_dir, kino, repo, run, stderr};
 
 /// A private copy of a tiny random-weight Wan model folder (so a test may break it).
 fn tiny_model(tmp: &Path, which: &str) -> PathBuf {
@@ -34,10 +16,6 @@ fn tiny_model(tmp: &Path, which: &str) -> PathBuf {
     dst
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.env_remove("KINO_MODEL").output().expect("kino runs")
-}
-
 /// `kino generate ARGS… -o OUT --model MODEL` (ARGS starts with the prompt).
 fn generate(model: &Path, out: &Path, args: &[&str]) -> Output {
     run(kino()
@@ -47,10 +25,6 @@ fn generate(model: &Path, out: &Path, args: &[&str]) -> Output {
         .arg(out)
         .arg("--model")
         .arg(model))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 fn ffprobe_json(path: &Path) -> serde_json::Value {

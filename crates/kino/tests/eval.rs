@@ -1,30 +1,12 @@
 //! End-to-end tests of `kino eval`: scoring a model on its held-out prompts, and analysing a video.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::{copy_dir, kino, repo, run, stderr};
 
 use kino_media::{Fps, Frame, Video};
-
-fn kino() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kino"))
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
 
 /// A private copy of the tiny random-weight Wan2.1 model folder.
 fn tiny_model(tmp: &Path) -> PathBuf {
@@ -33,16 +15,8 @@ fn tiny_model(tmp: &Path) -> PathBuf {
     dst
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.env_remove("KINO_MODEL").output().expect("kino runs")
-}
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 const SPEC: &str = r#"{
