@@ -147,6 +147,11 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int) ->
 # Stage 1: VAE
 
 
+def encode_mean(vae, x: torch.Tensor) -> torch.Tensor:
+    """The posterior mean of `AutoencoderKLWan._encode` (which clears its feature cache itself)."""
+    return vae._encode(x).chunk(2, dim=1)[0]
+
+
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     """`AutoencoderKLWan._decode` without its final clamp to [-1, 1] (a clamp passes no gradient,
     and a decoder that overshoots would stop learning)."""
@@ -173,7 +178,7 @@ def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight,
         # The posterior's mean only (what encoding for the transformer uses): sampling with the
         # initial unit variance buries the encoder's small initial signal in noise, and with the
         # tiny KL weight Wan uses the VAE then takes far longer to learn the object.
-        mu = vae._encode(x).chunk(2, dim=1)[0]
+        mu = encode_mean(vae, x)
         rec = decode_unclamped(vae, mu)
         # The object covers ~5% of a frame; without extra weight the VAE learns the background
         # and blurs the object away. Object pixels: those that differ from the corner pixel
@@ -221,7 +226,6 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
     record["vae"] = {"parameters": n_params, "phases": []}
     if resume is not None:
         vae.load_state_dict(resume[0].state_dict())
-        vae.to(DEVICE)
     for i, ph in enumerate(t["phases"]):
         if resume is not None and i < resume[1]:
             record["vae"]["phases"].append({"phase": ph["name"], "resumed_from": str(resume[2])})
@@ -243,13 +247,12 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
     with torch.no_grad():
         for _ in range(max(1, t["stats_clips"] // 8)):
             x = to_tensor([wld.sample()[0] for _ in range(min(8, t["stats_clips"]))])
-            mus.append(vae._encode(x).chunk(2, dim=1)[0])
-            vae.clear_cache()
+            mus.append(encode_mean(vae, x))
         mu = torch.cat(mus)
         mean = mu.mean(dim=(0, 2, 3, 4))
         std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
         x = to_tensor([wld.sample()[0] for _ in range(4)])
-        rec = vae.decode(vae._encode(x).chunk(2, dim=1)[0]).sample
+        rec = vae.decode(encode_mean(vae, x)).sample
         psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
     vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
                            latents_std=[round(float(v), 6) for v in std])
@@ -308,8 +311,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None):
         while done < t["clips"]:
             n = min(t["encode_batch"], t["clips"] - done)
             batch = [wld.sample() for _ in range(n)]
-            mu = vae._encode(to_tensor([b[0] for b in batch])).chunk(2, dim=1)[0]
-            vae.clear_cache()
+            mu = encode_mean(vae, to_tensor([b[0] for b in batch]))
             latents.append(((mu - mean) / std).to(torch.float32).cpu())
             combos += [b[2] for b in batch]
             done += n

@@ -32,7 +32,7 @@ pub const KNOWN_MODELS: [KnownModel; 2] = [
     },
 ];
 
-/// The model that ships inside the Kino repository (`models/kino-shapes`, about 20 MB): Kino's own
+/// The model that ships inside the Kino repository (`models/kino-shapes`, 14 MB): Kino's own
 /// small Wan-architecture model, trained by `training/train.py`. It is the default model, so a
 /// first `kino generate` works with nothing downloaded.
 pub const BUNDLED_MODEL: &str = "kino-shapes";

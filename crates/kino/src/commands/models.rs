@@ -23,12 +23,12 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
         let mut v = vec![serde_json::json!({
             "alias": registry::BUNDLED_MODEL, "repo": null,
             "description": registry::BUNDLED_DESCRIPTION, "size_gb": 0.02,
-            "local_path": bundled, "default": true,
+            "local_path": bundled, "default": registry::DEFAULT_MODEL == registry::BUNDLED_MODEL,
         })];
         v.extend(rows.iter().map(|(m, p)| {
             serde_json::json!({
                 "alias": m.alias, "repo": m.repo, "description": m.description,
-                "size_gb": m.size_gb, "local_path": p, "default": false,
+                "size_gb": m.size_gb, "local_path": p, "default": m.alias == registry::DEFAULT_MODEL,
             })
         }));
         println!("{}", serde_json::to_string_pretty(&v)?);
