@@ -87,7 +87,12 @@ CONFIG = {
     # neighbours) counts 1 + object_weight times; without it the plain backgrounds, most of every
     # clip, drown out what the prompt is about (shape and motion were learnt last, or not at all).
     # bf16: autocast the forward passes (CPUs with AVX-512 BF16 and GPUs; master weights f32).
+    # flow_shift: training noise levels are shift_sigma(uniform, flow_shift). Higher than the
+    # sampler's shift puts more steps near pure noise, the only levels where the prompt alone
+    # decides where the object is and which way it goes (below ~0.6 the noisy clip shows it, and
+    # a model trained with shift 2 learnt to copy motion from there but not from the words).
     "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
+                  "flow_shift": 5.0,
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 4.0,
                   "bf16": True},
     "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 2.0},
@@ -297,9 +302,10 @@ def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
-              checkpoint=None):
+              checkpoint=None, latent_cache=None):
     """checkpoint: (every, fn) calls fn(step, ema transformer, ema text encoder) every `every`
-    steps (to evaluate a long run while it goes on)."""
+    steps (to evaluate a long run while it goes on). latent_cache: a file that keeps the encoded
+    training clips between runs with the same VAE (written if absent)."""
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -332,24 +338,35 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
     # un-normalises: z = (mu - mean) / std); captions are re-drawn from the grammar every time.
     mean = torch.tensor(vae.config.latents_mean, device=DEVICE).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=DEVICE).view(1, -1, 1, 1, 1)
-    wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude)
-    latents, combos, masks = [], [], []
+    cache_key = {"vae": [float(v) for v in vae.config.latents_mean + vae.config.latents_std],
+                 "clips": t["clips"], "seed": rng_seed, "size": [cfg["width"], cfg["height"],
+                                                                cfg["num_frames"]]}
+    saved = torch.load(latent_cache) if latent_cache is not None and latent_cache.exists() else {}
     start = time.time()
-    vae.eval()
-    with torch.no_grad():
-        done = 0
-        while done < t["clips"]:
-            n = min(t["encode_batch"], t["clips"] - done)
-            batch = [wld.sample() for _ in range(n)]
-            x = to_tensor([b[0] for b in batch])
-            mu = encode_mean(vae, x)
-            latents.append(((mu - mean) / std).to(torch.float32).cpu())
-            masks.append(latent_object_mask(x, vae))
-            combos += [b[2] for b in batch]
-            done += n
-            if done % 1000 < n:
-                log(f"encoded {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
+    if saved.get("key") == cache_key:
+        latents, masks, combos = [saved["latents"]], [saved["masks"]], saved["combos"]
+        log(f"latents from {latent_cache}")
+    else:
+        wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude)
+        latents, combos, masks = [], [], []
+        vae.eval()
+        with torch.no_grad():
+            done = 0
+            while done < t["clips"]:
+                n = min(t["encode_batch"], t["clips"] - done)
+                batch = [wld.sample() for _ in range(n)]
+                x = to_tensor([b[0] for b in batch])
+                mu = encode_mean(vae, x)
+                latents.append(((mu - mean) / std).to(torch.float32).cpu())
+                masks.append(latent_object_mask(x, vae))
+                combos += [b[2] for b in batch]
+                done += n
+                if done % 1000 < n:
+                    log(f"encoded {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
     latents, masks = torch.cat(latents), torch.cat(masks)
+    if latent_cache is not None and saved.get("key") != cache_key:
+        torch.save({"key": cache_key, "latents": latents, "masks": masks, "combos": combos},
+                   latent_cache)
     assert masks.shape[2:] == latents.shape[2:], (masks.shape, latents.shape)
     encode_seconds = time.time() - start
     log(f"latents {tuple(latents.shape)}, std {latents.std():.3f}, object cells "
@@ -362,7 +379,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
         p.requires_grad_(False)
     rng = random.Random(rng_seed + 12)
     g = torch.Generator().manual_seed(rng_seed + 13)
-    shift = cfg["inference"]["flow_shift"]
+    shift = t["flow_shift"]
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=t["bf16"])
     losses, plain, start = [], [], time.time()
     transformer.train()
@@ -451,6 +468,8 @@ def main(argv=None):
                     help="torch device to train on, e.g. cuda (the record names the GPU)")
     ap.add_argument("--dit-steps", type=int)
     ap.add_argument("--dit-lr", type=float, help="peak transformer learning rate")
+    ap.add_argument("--latent-cache", type=pathlib.Path,
+                    help="keep the encoded training clips in this file and reuse them next run")
     ap.add_argument("--save-every", type=int,
                     help="also save the (EMA) model every N transformer steps, to OUT/step-N")
     ap.add_argument("--clips", type=int)
@@ -526,7 +545,7 @@ def main(argv=None):
                  copy.deepcopy(tr).cpu(), copy.deepcopy(vae).cpu(), record)
         checkpoint = (args.save_every, checkpoint_fn)
     transformer, text_encoder = train_dit(cfg, vae, tokenizer, cfg["seed"], exclude, record,
-                                          args.dit_resume, checkpoint)
+                                          args.dit_resume, checkpoint, args.latent_cache)
     record["total_seconds"] = round(time.time() - t0, 1)
     save(args.out, cfg, tokenizer, text_encoder, transformer, vae, record)
 
