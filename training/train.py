@@ -468,6 +468,10 @@ def main(argv=None):
                     help="torch device to train on, e.g. cuda (the record names the GPU)")
     ap.add_argument("--dit-steps", type=int)
     ap.add_argument("--dit-lr", type=float, help="peak transformer learning rate")
+    ap.add_argument("--dit-shift", type=float,
+                    help="flow shift of the transformer's training noise levels (dit_train.flow_shift)")
+    ap.add_argument("--sample-shift", type=float,
+                    help="the sampler's flow shift written to the model (inference.flow_shift)")
     ap.add_argument("--latent-cache", type=pathlib.Path,
                     help="keep the encoded training clips in this file and reuse them next run")
     ap.add_argument("--save-every", type=int,
@@ -493,6 +497,10 @@ def main(argv=None):
         cfg["dit_train"]["steps"] = args.dit_steps
     if args.dit_lr is not None:
         cfg["dit_train"]["lr"] = args.dit_lr
+    if args.dit_shift is not None:
+        cfg["dit_train"]["flow_shift"] = args.dit_shift
+    if args.sample_shift is not None:
+        cfg["inference"]["flow_shift"] = args.sample_shift
     if args.clips is not None:
         cfg["dit_train"]["clips"] = args.clips
     torch.set_num_threads(args.threads)
