@@ -475,6 +475,8 @@ def main(argv=None):
     ap.add_argument("--dit-shift", type=float, nargs="+",
                     help="flow shift(s) of the transformer's training noise levels, one drawn per "
                          "clip (dit_train.flow_shift)")
+    ap.add_argument("--object-weight", type=float,
+                    help="extra loss weight of the object's latent cells (dit_train.object_weight)")
     ap.add_argument("--sample-shift", type=float,
                     help="the sampler's flow shift written to the model (inference.flow_shift)")
     ap.add_argument("--latent-cache", type=pathlib.Path,
@@ -504,6 +506,8 @@ def main(argv=None):
         cfg["dit_train"]["lr"] = args.dit_lr
     if args.dit_shift is not None:
         cfg["dit_train"]["flow_shift"] = args.dit_shift
+    if args.object_weight is not None:
+        cfg["dit_train"]["object_weight"] = args.object_weight
     if args.sample_shift is not None:
         cfg["inference"]["flow_shift"] = args.sample_shift
     if args.clips is not None:
