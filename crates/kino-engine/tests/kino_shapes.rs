@@ -168,7 +168,12 @@ fn defaults_come_from_kino_json() {
         j["negative_prompt"].as_str()
     );
     // kino.json sets no shift: the scheduler config's flow_shift.
-    assert_eq!(r.shift, 2.0);
+    let sched: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dir().join("scheduler/scheduler_config.json"))
+            .expect("scheduler_config.json"),
+    )
+    .expect("scheduler_config.json is JSON");
+    assert_eq!(Some(r.shift), sched["flow_shift"].as_f64());
     assert_eq!(p.latent_shape(&r), [1, 16, 5, 16, 16]);
     assert_eq!(p.size_multiple(), (8, 8));
     assert_eq!(p.frame_step(), 4);

@@ -261,16 +261,16 @@ fn eval_video_reads_what_an_mp4_shows() {
     }
 }
 
-/// Held-out prompts (from the model's kino-eval.json) that the shipped kino-shapes gets right in
-/// colour and motion at seed 0 with its default settings, with a clear margin (its displacement
-/// along the asked axis is well above the other axis). The model does not yet meet issue 4's
-/// accuracy bar (see README, "The bundled model"), so this is a regression guard for the engine,
-/// the defaults and the MP4 path on cases the model is known to draw, not a measure of the model:
-/// `kino eval` is that. Retrained weights may need a new list (`kino eval --seeds 1 --json`).
-const GUARDED_CASES: [&str; 3] = [
+/// Held-out prompts (from the model's kino-eval.json), one per direction and each background,
+/// that the shipped kino-shapes gets right in colour and motion at all of seeds 0–3 with its
+/// default settings (`kino eval --seeds 4 --json`). A regression guard for the engine, the
+/// defaults and the MP4 path on prompts the model never saw in training; `kino eval` measures the
+/// model itself. Retrained weights may need a new list.
+const GUARDED_CASES: [&str; 4] = [
     "a green triangle moving left on a black background",
-    "a red circle moving left on a white background",
-    "a red triangle moving left on a white background",
+    "a blue square moving right on a white background",
+    "a white circle moving up on a gray background",
+    "a red square moving down on a gray background",
 ];
 
 /// The bundled model draws what held-out prompts ask for: colour and motion, seed 0, its
