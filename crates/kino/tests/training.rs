@@ -32,8 +32,10 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     let out = tmp.path().join("model");
     let o = Command::new(&python)
         .arg(repo().join("training/train.py"))
-        .args(["--smoke", "--threads", "1", "--out"])
+        .args(["--smoke", "--threads", "1", "--save-every", "1", "--out"])
         .arg(&out)
+        .arg("--latent-cache")
+        .arg(tmp.path().join("latents.pt"))
         .output()
         .unwrap();
     let log = format!(
@@ -62,6 +64,11 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         serde_json::from_str(&std::fs::read_to_string(out.join("kino-eval.json")).unwrap())
             .unwrap();
     assert!(eval["cases"].as_array().is_some_and(|c| !c.is_empty()));
+    // A checkpoint part-way (--save-every) and the encoded clips kept for the next run.
+    assert!(out
+        .join("step-1/transformer/diffusion_pytorch_model.safetensors")
+        .is_file());
+    assert!(tmp.path().join("latents.pt").is_file());
 
     // Kino loads the folder and generates through the whole pipeline.
     let video = tmp.path().join("smoke.mp4");
