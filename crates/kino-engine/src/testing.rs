@@ -33,3 +33,14 @@ pub fn rel_error(out: &Tensor, reference: &Tensor) -> crate::Result<f64> {
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data")
 }
+
+/// The strings of a fixture's JSON array (e.g. `case.json`'s prompt lists); empty if it is none.
+pub fn json_strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use kino_engine::progress;
-use kino_engine::testing::{fixtures_dir, rel_error};
+use kino_engine::testing::{fixtures_dir, json_strings, rel_error};
 use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
 use kino_engine::wan::text_encoder::WanTextEncoder;
 use sha2::{Digest, Sha256};
@@ -192,22 +192,13 @@ fn tokens_match_the_reference_tokenizer() {
     )
     .expect("load the text encoder");
     let tokens = load(&run, "tokens");
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let cases = [
         ("", vec![run["prompt"].as_str().unwrap_or("").to_string()]),
         (
             "negative_",
             vec![run["negative_prompt"].as_str().unwrap_or("").to_string()],
         ),
-        ("extra_", strings(&run["tokenizer_prompts"])),
+        ("extra_", json_strings(&run["tokenizer_prompts"])),
     ];
     for (key, prompts) in cases {
         assert!(!prompts.is_empty());

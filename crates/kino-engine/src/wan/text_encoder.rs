@@ -473,7 +473,7 @@ const HTML_ENTITIES: &[(&str, char)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{fixtures_dir, rel_error};
+    use crate::testing::{fixtures_dir, json_strings, rel_error};
 
     fn case() -> std::path::PathBuf {
         fixtures_dir().join("text-encoder")
@@ -486,16 +486,6 @@ mod tests {
             .and_then(|runs| runs.iter().find(|r| r["component"] == component))
             .cloned()
             .ok_or_else(|| Error::InvalidRequest(format!("no {component} run in case.json")))
-    }
-
-    fn strings(v: &serde_json::Value) -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     fn load_f32() -> Result<WanTextEncoder> {
@@ -517,11 +507,11 @@ mod tests {
             assert_eq!(prompt_clean(raw), want, "prompt_clean({raw:?})");
         }
         let pe = run("prompt-embeds")?;
-        let cleaned: Vec<String> = strings(&pe["prompts"])
+        let cleaned: Vec<String> = json_strings(&pe["prompts"])
             .iter()
             .map(|p| prompt_clean(p))
             .collect();
-        assert_eq!(cleaned, strings(&pe["cleaned"]));
+        assert_eq!(cleaned, json_strings(&pe["cleaned"]));
         Ok(())
     }
 
@@ -540,7 +530,7 @@ mod tests {
         let max_len = r["max_sequence_length"].as_u64().unwrap_or(0) as usize;
         let expected =
             candle_core::safetensors::load(case().join("prompt_embeds.safetensors"), &Device::Cpu)?;
-        let (ids, mask) = enc.tokenize(&strings(&r["prompts"]), max_len)?;
+        let (ids, mask) = enc.tokenize(&json_strings(&r["prompts"]), max_len)?;
         assert_eq!(ids.dtype(), DType::I64);
         assert_eq!(
             ids.to_vec2::<i64>()?,
@@ -563,13 +553,13 @@ mod tests {
         let tol = r["tolerance"].as_f64().unwrap_or(0.0);
         let expected =
             candle_core::safetensors::load(case().join("prompt_embeds.safetensors"), &Device::Cpu)?;
-        let out = enc.encode(&strings(&r["prompts"]), max_len)?;
+        let out = enc.encode(&json_strings(&r["prompts"]), max_len)?;
         let err = rel_error(&out, &expected["prompt_embeds"])?;
         println!("prompt-embeds rel error {err:e}");
         assert!(err <= tol, "rel error {err}");
         // One prompt alone (no padding, so no attention mask) gives its row of the batch.
         for i in [0usize, 3] {
-            let one = enc.encode(&strings(&r["prompts"])[i..i + 1], max_len)?;
+            let one = enc.encode(&json_strings(&r["prompts"])[i..i + 1], max_len)?;
             let want = expected["prompt_embeds"].narrow(0, i, 1)?;
             let err = rel_error(&one, &want)?;
             println!("prompt-embeds prompt {i} alone rel error {err:e}");
