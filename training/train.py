@@ -85,8 +85,9 @@ CONFIG = {
         "rope_max_seq_len": 1024,
     },
     # object_weight: the flow-matching loss on latent cells the object touches (and their
-    # neighbours) counts 1 + object_weight times; without it the plain backgrounds, most of every
-    # clip, drown out what the prompt is about (shape and motion were learnt last, or not at all).
+    # neighbours) counts 1 + object_weight times, so the plain backgrounds, most of every clip,
+    # don't drown out what the prompt is about. It learnt colour faster, but it also biases the
+    # model towards objects too large and soft: the shipped model's last run used 0.
     # bf16: autocast the forward passes (CPUs with AVX-512 BF16 and GPUs; master weights f32).
     # flow_shift: training noise levels are shift_sigma(uniform, shift), with the shift drawn per
     # clip from this list. A high shift puts steps near pure noise, the only levels where the
@@ -382,7 +383,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
         p.requires_grad_(False)
     rng = random.Random(rng_seed + 12)
     g = torch.Generator().manual_seed(rng_seed + 13)
-    shifts = torch.tensor(t["flow_shift"] if isinstance(t["flow_shift"], list) else [t["flow_shift"]])
+    shifts = torch.tensor(t["flow_shift"])
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=t["bf16"])
     losses, plain, start = [], [], time.time()
     transformer.train()
@@ -558,8 +559,10 @@ def main(argv=None):
     checkpoint = None
     if args.save_every:
         def checkpoint_fn(step, tr, te):
+            # Copies: save() moves what it is given to the CPU, and these keep training. (The
+            # VAE is done: the clips are encoded.)
             save(args.out / f"step-{step}", cfg, tokenizer, copy.deepcopy(te).cpu(),
-                 copy.deepcopy(tr).cpu(), copy.deepcopy(vae).cpu(), record)
+                 copy.deepcopy(tr).cpu(), vae, record)
         checkpoint = (args.save_every, checkpoint_fn)
     transformer, text_encoder = train_dit(cfg, vae, tokenizer, cfg["seed"], exclude, record,
                                           args.dit_resume, checkpoint, args.latent_cache)
