@@ -51,6 +51,8 @@ CONFIG = {
     "fps": 8,
     "max_sequence_length": 32,
     "held_out": {"count": 24, "seed": 1234},
+    # Object size and travel over the clip, pixels at 64×64 (see world.SIZE_RANGE).
+    "world": {"size_range": list(world.SIZE_RANGE), "travel_range": list(world.TRAVEL_RANGE)},
     "vae": {
         "base_dim": 16,
         "z_dim": 16,
@@ -250,18 +252,20 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
             record["vae"]["phases"].append({"phase": ph["name"], "resumed_from": str(resume[2])})
             continue
         if ph["crop"] is None:
-            wld = world.World(cfg["width"], cfg["height"], ph["frames"], rng_seed + 1 + 3 * i, exclude)
+            wld = world.World(cfg["width"], cfg["height"], ph["frames"], rng_seed + 1 + 3 * i, exclude,
+                              **cfg["world"])
             sample = lambda wld=wld: wld.sample()[0]  # noqa: E731
         else:
             wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 1 + 3 * i,
-                              exclude)
+                              exclude, **cfg["world"])
             sample = lambda wld=wld, ph=ph: wld.sample_crop(ph["frames"], ph["crop"])  # noqa: E731
         vae_phase(vae, ph["name"], ph["steps"], ph["lr"], sample, ph["batch"], t["object_weight"],
                   t["kl_weight"], record)
 
     # Latent statistics over full-length clips (what the transformer will see).
     vae.eval()
-    wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 3, exclude)
+    wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 3, exclude,
+                      **cfg["world"])
     mus = []
     with torch.no_grad():
         for _ in range(max(1, t["stats_clips"] // 8)):
@@ -344,14 +348,16 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
     std = torch.tensor(vae.config.latents_std, device=DEVICE).view(1, -1, 1, 1, 1)
     cache_key = {"vae": [float(v) for v in vae.config.latents_mean + vae.config.latents_std],
                  "clips": t["clips"], "seed": rng_seed, "size": [cfg["width"], cfg["height"],
-                                                                cfg["num_frames"]]}
+                                                                cfg["num_frames"]],
+                 "world": cfg["world"]}
     saved = torch.load(latent_cache) if latent_cache is not None and latent_cache.exists() else {}
     start = time.time()
     if saved.get("key") == cache_key:
         latents, masks, combos = [saved["latents"]], [saved["masks"]], saved["combos"]
         log(f"latents from {latent_cache}")
     else:
-        wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude)
+        wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude,
+                          **cfg["world"])
         latents, combos, masks = [], [], []
         vae.eval()
         with torch.no_grad():

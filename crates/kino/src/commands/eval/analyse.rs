@@ -1,7 +1,7 @@
 //! The shapes-world pixel analyser: what a clip of the "kino-shapes" world shows.
 //!
 //! The world (see `kino-eval.json` in the model folder) is one filled, anti-aliased shape
-//! (circle, axis-aligned square, or isosceles triangle with its apex up) of 12–22 px, moving in a
+//! (circle, axis-aligned square, or isosceles triangle with its apex up) of 18–26 px, moving in a
 //! straight line at constant speed on one flat background colour. [`analyse`] recovers, from RGB
 //! frames alone:
 //!
@@ -762,7 +762,7 @@ pub(crate) mod tests {
                             colour: *colour,
                             background: *bg,
                             motion,
-                            size: 12.0 + (k * 7 % 11) as f64,
+                            size: 12.0 + (k * 7 % 15) as f64,
                             displacement: 12.0 + (k * 5 % 25) as f64,
                             blur: if degrade { 0.8 } else { 0.0 },
                             noise: if degrade { 8.0 } else { 0.0 },
@@ -798,7 +798,7 @@ pub(crate) mod tests {
         let mut bad = Vec::new();
         for shape in SHAPES {
             for (blur, noise) in [(0.0, 0.0), (1.6, 0.0), (0.0, 16.0), (1.2, 12.0)] {
-                for size in [12.0, 16.5, 22.0] {
+                for size in [12.0, 16.5, 22.0, 26.0] {
                     for seed in 0..2 {
                         for (bg, colour) in [
                             ([0u8, 0, 0], [220u8, 40, 40]),
