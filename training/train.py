@@ -90,6 +90,12 @@ CONFIG = {
     # neighbours) counts 1 + object_weight times, so the plain backgrounds, most of every clip,
     # don't drown out what the prompt is about. It learnt colour faster, but it also biases the
     # model towards objects too large and soft: the shipped model's last run used 0.
+    # shape_weight: the loss on latent cells where the three shapes would differ (the corners
+    # of a square, the flanks of a triangle: world.shape_difference) counts 1 + shape_weight
+    # times, at noise levels up to shape_max_sigma only. Those cells are a few percent of a clip,
+    # and the model had learnt to ignore the shape words at noise levels <= 0.7 (the caption
+    # changed nothing in its one-step predictions there) and to round every outline. Only
+    # where the object's position is already settled, so that the weight can't inflate it.
     # bf16: autocast the forward passes (CPUs with AVX-512 BF16 and GPUs; master weights f32).
     # flow_shift: training noise levels are shift_sigma(uniform, shift), with the shift drawn per
     # clip from this list. A high shift puts steps near pure noise, the only levels where the
@@ -100,7 +106,7 @@ CONFIG = {
     "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
                   "flow_shift": [10.0, 2.0],
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 4.0,
-                  "bf16": True},
+                  "shape_weight": 8.0, "shape_max_sigma": 0.8, "bf16": True},
     "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 5.0},
 }
 
@@ -288,21 +294,36 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
 # Stage 2: transformer + text encoder
 
 
-def latent_object_mask(x: torch.Tensor, vae) -> torch.Tensor:
-    """Which latent cells each clip's object touches: [B, 1, F', H', W'] in {0, 1}, from clips
-    `x` [B, 3, F, H, W] (`object_pixels`). Latent frame 0 is pixel frame 0 and latent frame k
+def latent_cells(m: torch.Tensor, vae) -> torch.Tensor:
+    """A pixel mask [B, 1, F, H, W] at the latent's resolution [B, 1, F', H', W']: each cell
+    takes the largest value of its pixels. Latent frame 0 is pixel frame 0 and latent frame k
     the next `2**sum(temperal_downsample)` frames (the causal VAE's chunks); a cell covers
-    `2**(len(dim_mult) - 1)` pixels a side. Dilated by one cell, as the encoder sees a little
-    around the object."""
+    `2**(len(dim_mult) - 1)` pixels a side."""
     t_scale = 2 ** sum(vae.config.temperal_downsample)
     s_scale = 2 ** (len(vae.config.dim_mult) - 1)
-    m = object_pixels(x)
     b, _, f, h, w = m.shape
     rest = m[:, :, 1:].reshape(b, 1, (f - 1) // t_scale, t_scale, h, w).amax(dim=3)
     m = torch.cat([m[:, :, :1], rest], dim=2)
-    m = F.max_pool3d(m, (1, s_scale, s_scale))
+    return F.max_pool3d(m, (1, s_scale, s_scale))
+
+
+def latent_object_mask(x: torch.Tensor, vae) -> torch.Tensor:
+    """Which latent cells each clip's object touches: [B, 1, F', H', W'] in {0, 1}, from clips
+    `x` [B, 3, F, H, W] (`object_pixels`). Dilated by one cell, as the encoder sees a little
+    around the object."""
+    m = latent_cells(object_pixels(x), vae)
     m = F.max_pool3d(m, (1, 3, 3), stride=1, padding=(0, 1, 1))
     return m.to(torch.uint8).cpu()
+
+
+def latent_shape_mask(scenes, cfg, vae) -> torch.Tensor:
+    """Which latent cells tell the shapes apart in each scene: [B, 1, F', H', W'] in {0, 1},
+    the cells where the three shapes drawn at the scene's size and positions differ by more
+    than a tenth of a pixel's coverage (`world.shape_difference`)."""
+    d = np.stack([world.shape_difference(sc, cfg["width"], cfg["height"], cfg["num_frames"])
+                  for sc in scenes])
+    m = latent_cells(torch.from_numpy(d)[:, None], vae)
+    return (m > 0.1).to(torch.uint8).cpu()
 
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -352,35 +373,51 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                  "world": cfg["world"]}
     saved = torch.load(latent_cache) if latent_cache is not None and latent_cache.exists() else {}
     start = time.time()
+
+    def clips():
+        wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude,
+                          **cfg["world"])
+        done = 0
+        while done < t["clips"]:
+            n = min(t["encode_batch"], t["clips"] - done)
+            yield [wld.sample_with_scene() for _ in range(n)]
+            done += n
+            if done % 1000 < n:
+                log(f"rendered {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
+
     if saved.get("key") == cache_key:
         latents, masks, combos = [saved["latents"]], [saved["masks"]], saved["combos"]
         log(f"latents from {latent_cache}")
+        shape_masks = [saved["shape_masks"]] if "shape_masks" in saved else None
+        if shape_masks is None:
+            # A cache from before shape masks: draw the same scenes again (no encoding).
+            shape_masks, replayed = [], []
+            for batch in clips():
+                shape_masks.append(latent_shape_mask([b[1] for b in batch], cfg, vae))
+                replayed += [tuple(b[3]) for b in batch]
+            if replayed != [tuple(c) for c in combos]:
+                raise ValueError(f"{latent_cache} holds other clips than this configuration "
+                                 "draws; delete it")
     else:
-        wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude,
-                          **cfg["world"])
-        latents, combos, masks = [], [], []
+        latents, combos, masks, shape_masks = [], [], [], []
         vae.eval()
         with torch.no_grad():
-            done = 0
-            while done < t["clips"]:
-                n = min(t["encode_batch"], t["clips"] - done)
-                batch = [wld.sample() for _ in range(n)]
+            for batch in clips():
                 x = to_tensor([b[0] for b in batch])
                 mu = encode_mean(vae, x)
                 latents.append(((mu - mean) / std).to(torch.float32).cpu())
                 masks.append(latent_object_mask(x, vae))
-                combos += [b[2] for b in batch]
-                done += n
-                if done % 1000 < n:
-                    log(f"encoded {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
-    latents, masks = torch.cat(latents), torch.cat(masks)
-    if latent_cache is not None and saved.get("key") != cache_key:
-        torch.save({"key": cache_key, "latents": latents, "masks": masks, "combos": combos},
-                   latent_cache)
+                shape_masks.append(latent_shape_mask([b[1] for b in batch], cfg, vae))
+                combos += [b[3] for b in batch]
+    latents, masks, shape_masks = torch.cat(latents), torch.cat(masks), torch.cat(shape_masks)
+    if latent_cache is not None and (saved.get("key") != cache_key or "shape_masks" not in saved):
+        torch.save({"key": cache_key, "latents": latents, "masks": masks,
+                    "shape_masks": shape_masks, "combos": combos}, latent_cache)
     assert masks.shape[2:] == latents.shape[2:], (masks.shape, latents.shape)
+    assert shape_masks.shape == masks.shape, (shape_masks.shape, masks.shape)
     encode_seconds = time.time() - start
     log(f"latents {tuple(latents.shape)}, std {latents.std():.3f}, object cells "
-        f"{masks.float().mean():.3f}")
+        f"{masks.float().mean():.3f}, shape cells {shape_masks.float().mean():.3f}")
 
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=t["lr"], weight_decay=0.01, betas=(0.9, 0.99))
@@ -414,7 +451,9 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
             pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                                return_dict=False)[0]
         err = (pred.float() - (noise - x0)).pow(2)
-        w = 1 + t["object_weight"] * masks[idx].to(DEVICE, torch.float32)
+        w = (1 + t["object_weight"] * masks[idx].to(DEVICE, torch.float32)
+             + t["shape_weight"] * shape_masks[idx].to(DEVICE, torch.float32)
+             * (s <= t["shape_max_sigma"]))
         loss = (err * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -484,6 +523,9 @@ def main(argv=None):
                          "clip (dit_train.flow_shift)")
     ap.add_argument("--object-weight", type=float,
                     help="extra loss weight of the object's latent cells (dit_train.object_weight)")
+    ap.add_argument("--shape-weight", type=float,
+                    help="extra loss weight of the cells that tell the shapes apart "
+                         "(dit_train.shape_weight)")
     ap.add_argument("--sample-shift", type=float,
                     help="the sampler's flow shift written to the model (inference.flow_shift)")
     ap.add_argument("--latent-cache", type=pathlib.Path,
@@ -515,6 +557,8 @@ def main(argv=None):
         cfg["dit_train"]["flow_shift"] = args.dit_shift
     if args.object_weight is not None:
         cfg["dit_train"]["object_weight"] = args.object_weight
+    if args.shape_weight is not None:
+        cfg["dit_train"]["shape_weight"] = args.shape_weight
     if args.sample_shift is not None:
         cfg["inference"]["flow_shift"] = args.sample_shift
     if args.clips is not None:

@@ -172,6 +172,20 @@ def _coverage(shape: str, cx: float, cy: float, size: float, width: int, height:
     return inside.reshape(height, _SS, width, _SS).mean(axis=(1, 3))
 
 
+def shape_difference(scene: Scene, width: int, height: int, frames: int) -> np.ndarray:
+    """[frames, height, width] in [0, 1]: where the three shapes, drawn at this scene's size and
+    positions, disagree (the most minus the least coverage of a pixel over `SHAPES`). These are
+    the pixels that tell the shapes apart; the rest is the same whatever the shape."""
+    dx, dy = DIRECTION[scene.motion]
+    out = np.empty((frames, height, width), np.float32)
+    for f in range(frames):
+        p = scene.travel * f / max(frames - 1, 1)
+        cov = [_coverage(s, scene.x0 + dx * p, scene.y0 + dy * p, scene.size, width, height)
+               for s in SHAPES]
+        out[f] = np.max(cov, axis=0) - np.min(cov, axis=0)
+    return out
+
+
 def render(scene: Scene, width: int, height: int, frames: int) -> np.ndarray:
     fg = np.array(COLOURS[scene.colour], np.float32)
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
@@ -196,8 +210,13 @@ class World:
         self.rng = random.Random(seed)
 
     def sample(self):
-        clip, _, combo = self.sample_scene()
-        return clip, caption(*combo, self.rng), combo
+        clip, _, caption_, combo = self.sample_with_scene()
+        return clip, caption_, combo
+
+    def sample_with_scene(self):
+        """(clip, scene, caption, combo): `sample` with the scene it drew."""
+        clip, scene, combo = self.sample_scene()
+        return clip, scene, caption(*combo, self.rng), combo
 
     def sample_scene(self):
         combo = self.rng.choice(self.combos)

@@ -49,6 +49,21 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         "{log}"
     );
 
+    // The shape-weighted loss found cells that tell the shapes apart: some, fewer than the
+    // object's (world.shape_difference, pooled to the latent grid).
+    let cells = |what: &str| -> f64 {
+        let at = log
+            .find(what)
+            .unwrap_or_else(|| panic!("no `{what}` in:\n{log}"));
+        log[at + what.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.trim_end_matches(',').parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (object, shape) = (cells("object cells "), cells("shape cells "));
+    assert!(shape > 0.0 && shape < object, "object {object}, shape {shape}");
+
     // The record of the run: configuration, machine, finite losses.
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
