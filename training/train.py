@@ -89,7 +89,7 @@ CONFIG = {
     # object_weight: the flow-matching loss on latent cells the object touches (and their
     # neighbours) counts 1 + object_weight times, so the plain backgrounds, most of every clip,
     # don't drown out what the prompt is about. It learnt colour faster, but it also biases the
-    # model towards objects too large and soft: the shipped model's last run used 0.
+    # model towards objects too large and soft, so it is off (the shipped model's last runs).
     # shape_weight: the loss on latent cells where the three shapes would differ (the corners
     # of a square, the flanks of a triangle: world.shape_difference) counts 1 + shape_weight
     # times, at noise levels up to shape_max_sigma only. Those cells are a few percent of a clip,
@@ -105,7 +105,7 @@ CONFIG = {
     # steps). A low shift keeps the levels that shape the object's outline trained.
     "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
                   "flow_shift": [10.0, 2.0],
-                  "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 4.0,
+                  "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 0.0,
                   "shape_weight": 8.0, "shape_max_sigma": 0.8, "bf16": True},
     "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 5.0},
 }

@@ -62,7 +62,10 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
             .unwrap_or(f64::NAN)
     };
     let (object, shape) = (cells("object cells "), cells("shape cells "));
-    assert!(shape > 0.0 && shape < object, "object {object}, shape {shape}");
+    assert!(
+        shape > 0.0 && shape < object,
+        "object {object}, shape {shape}"
+    );
 
     // The record of the run: configuration, machine, finite losses.
     let record: serde_json::Value =
