@@ -12,8 +12,8 @@ diffusers `WanPipeline` folder that Kino (and diffusers) load like any Wan check
    where the Wan VAE keeps its `latents_mean` / `latents_std`;
 3. `WanTransformer3DModel` and `UMT5EncoderModel` trained together with the rectified-flow
    objective Wan uses (x_t = (1 − σ)·x0 + σ·ε, target ε − x0, timestep 1000·σ, σ uniform then
-   shifted, half the clips strongly towards pure noise), the loss weighted towards the object,
-   10% empty captions for classifier-free guidance, EMA weights.
+   shifted, half the clips strongly towards pure noise), the loss weighted towards the cells
+   that tell the shapes apart, 10% empty captions for classifier-free guidance, EMA weights.
 
 Data are rendered on the fly from seeded scenes (`world.World`); the combinations in
 `world.held_out()` never reach training. Everything is seeded; the configuration, the machine,

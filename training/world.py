@@ -131,6 +131,12 @@ class Scene:
     y0: float
     travel: float  # pixels over the whole clip
 
+    def centre(self, frame: float, frames: int) -> tuple[float, float]:
+        """The object's centre at `frame` (may be fractional) of a `frames`-frame clip."""
+        dx, dy = DIRECTION[self.motion]
+        p = self.travel * frame / max(frames - 1, 1)
+        return self.x0 + dx * p, self.y0 + dy * p
+
 
 def sample_scene(combo, width: int, height: int, rng: random.Random, size_range=SIZE_RANGE,
                  travel_range=TRAVEL_RANGE) -> Scene:
@@ -176,12 +182,9 @@ def shape_difference(scene: Scene, width: int, height: int, frames: int) -> np.n
     """[frames, height, width] in [0, 1]: where the three shapes, drawn at this scene's size and
     positions, disagree (the most minus the least coverage of a pixel over `SHAPES`). These are
     the pixels that tell the shapes apart; the rest is the same whatever the shape."""
-    dx, dy = DIRECTION[scene.motion]
     out = np.empty((frames, height, width), np.float32)
     for f in range(frames):
-        p = scene.travel * f / max(frames - 1, 1)
-        cov = [_coverage(s, scene.x0 + dx * p, scene.y0 + dy * p, scene.size, width, height)
-               for s in SHAPES]
+        cov = [_coverage(s, *scene.centre(f, frames), scene.size, width, height) for s in SHAPES]
         out[f] = np.max(cov, axis=0) - np.min(cov, axis=0)
     return out
 
@@ -189,11 +192,9 @@ def shape_difference(scene: Scene, width: int, height: int, frames: int) -> np.n
 def render(scene: Scene, width: int, height: int, frames: int) -> np.ndarray:
     fg = np.array(COLOURS[scene.colour], np.float32)
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
-    dx, dy = DIRECTION[scene.motion]
     out = np.empty((frames, height, width, 3), np.uint8)
     for f in range(frames):
-        p = scene.travel * f / max(frames - 1, 1)
-        a = _coverage(scene.shape, scene.x0 + dx * p, scene.y0 + dy * p, scene.size, width, height)
+        a = _coverage(scene.shape, *scene.centre(f, frames), scene.size, width, height)
         out[f] = np.round(bg + a[..., None] * (fg - bg)).astype(np.uint8)
     return out
 
@@ -229,10 +230,9 @@ class World:
         (the VAE's second training phase: most pixels near the object, and cheap)."""
         clip, scene, _ = self.sample_scene()
         f0 = self.rng.randrange(self.frames - frames + 1)
-        dx, dy = DIRECTION[scene.motion]
-        p = scene.travel * (f0 + (frames - 1) / 2) / max(self.frames - 1, 1)
-        cx = scene.x0 + dx * p + self.rng.uniform(-size / 4, size / 4)
-        cy = scene.y0 + dy * p + self.rng.uniform(-size / 4, size / 4)
+        cx, cy = scene.centre(f0 + (frames - 1) / 2, self.frames)
+        cx += self.rng.uniform(-size / 4, size / 4)
+        cy += self.rng.uniform(-size / 4, size / 4)
         x = int(np.clip(round(cx - size / 2), 0, self.width - size))
         y = int(np.clip(round(cy - size / 2), 0, self.height - size))
         return clip[f0 : f0 + frames, y : y + size, x : x + size]
