@@ -69,9 +69,85 @@ impl Default for ModelDefaults {
     }
 }
 
+/// An RGB picture handed to the pipeline: u8, row-major `height × width × 3`. The engine reads
+/// no files: callers decode and fit images to the request's size (see `kino_media`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// Checks that `data` holds `width × height × 3` bytes.
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 || data.len() != width * height * 3 {
+            return Err(Error::InvalidRequest(format!(
+                "an RGB image of {width}×{height} needs {} bytes, got {}",
+                width * height * 3,
+                data.len()
+            )));
+        }
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
+    }
+}
+
+/// What a generation starts from besides its prompt. One pipeline serves them all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Conditioning {
+    /// Text only (text-to-video).
+    #[default]
+    Text,
+    /// Image-to-video: the first frame, and for first–last-frame models the last one. Images
+    /// must have the request's width and height (callers fit them).
+    Image {
+        first: RgbImage,
+        last: Option<RgbImage>,
+    },
+    /// Video-to-video: at least `num_frames` source frames of the request's size (the first
+    /// `num_frames` are used), and how much of the schedule to run, in (0, 1]: 1 ignores the
+    /// source entirely, small values change it little.
+    Video {
+        frames: Vec<RgbImage>,
+        strength: f64,
+    },
+}
+
+impl Conditioning {
+    /// "text", "image", "first-last image" or "video".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Conditioning::Text => "text",
+            Conditioning::Image { last: None, .. } => "image",
+            Conditioning::Image { last: Some(_), .. } => "first-last image",
+            Conditioning::Video { .. } => "video",
+        }
+    }
+}
+
+/// What a model folder can be conditioned on besides text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// Generates from text alone (every Wan model but the Wan2.1 I2V ones).
+    pub text: bool,
+    /// Takes a first image (Wan2.1 I2V, Wan2.2 TI2V / I2V, kino-shapes).
+    pub image: bool,
+    /// Takes a last image too (Wan2.1 I2V / FLF2V).
+    pub last_image: bool,
+    /// Takes a source video (video-to-video: every text-to-video model).
+    pub video: bool,
+}
+
 /// What a generation asks for. `None` fields take the model's defaults.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct GenerateRequest {
+    /// Images or a video to start from; not serialized (callers store the files themselves).
+    #[serde(skip)]
+    pub conditioning: Conditioning,
     pub prompt: String,
     pub negative_prompt: Option<String>,
     pub width: Option<usize>,
@@ -218,6 +294,22 @@ impl WanPipeline {
     /// Whether the pipeline uses per-token timesteps (Wan2.2 TI2V).
     pub fn expand_timesteps(&self) -> bool {
         self.index.expand_timesteps()
+    }
+
+    /// What this model can be conditioned on: a Wan2.1/2.2 I2V transformer (mask and condition
+    /// latents on its channels, `in_channels = 2·z_dim + 4`) needs a first image and may take a
+    /// last one; an `expand_timesteps` model (Wan2.2 TI2V, kino-shapes) takes text or a first
+    /// image; every text-to-video model takes a source video.
+    pub fn capabilities(&self) -> Capabilities {
+        let z = self.vae_config.z_dim;
+        let i2v = self.transformer_config.in_channels == 2 * z + 4;
+        let expand = self.index.expand_timesteps();
+        Capabilities {
+            text: !i2v,
+            image: i2v || expand,
+            last_image: i2v && !expand,
+            video: !i2v,
+        }
     }
 
     /// Width and height must be multiples of this (VAE spatial factor × transformer patch).
