@@ -13,7 +13,10 @@ diffusers `WanPipeline` folder that Kino (and diffusers) load like any Wan check
 3. `WanTransformer3DModel` and `UMT5EncoderModel` trained together with the rectified-flow
    objective Wan uses (x_t = (1 − σ)·x0 + σ·ε, target ε − x0, timestep 1000·σ, σ uniform then
    shifted, half the clips strongly towards pure noise), the loss weighted towards the cells
-   that tell the shapes apart, 10% empty captions for classifier-free guidance, EMA weights.
+   that tell the shapes apart, 10% empty captions for classifier-free guidance, EMA weights;
+   some clips (`dit_train.image_cond`) keep latent frame 0 clean at timestep 0 and leave it out
+   of the loss: first-frame conditioning as Wan2.2 TI2V does it (`expand_timesteps` in
+   model_index.json; diffusers' `WanImageToVideoPipeline` then takes an image).
 
 Data are rendered on the fly from seeded scenes (`world.World`); the combinations in
 `world.held_out()` never reach training. Everything is seeded; the configuration, the machine,
@@ -104,10 +107,17 @@ CONFIG = {
     # already at noise level 0.95, and a model trained with shift 2 learnt to copy motion from
     # the noisy clip but never from the words (motion 18%; shift 10 took it to 81% in 2,000
     # steps). A low shift keeps the levels that shape the object's outline trained.
+    # image_cond: the fraction of clips trained as image-to-video the way Wan2.2 TI2V runs
+    # (diffusers' WanImageToVideoPipeline with expand_timesteps): latent frame 0 is the clean
+    # latent of pixel frame 0 (the causal VAE's first latent frame depends on frame 0 alone, so
+    # it is what encoding the given image alone gives), its tokens get timestep 0 and the other
+    # tokens the clip's timestep (per-token timesteps [B, S]), and frame 0 is left out of the
+    # loss (the pipeline overwrites it with the image at every step). The other clips train
+    # text-to-video as before (every token at the clip's timestep).
     "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
                   "flow_shift": [10.0, 2.0],
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 0.0,
-                  "shape_weight": 8.0, "shape_max_sigma": 0.8, "bf16": True},
+                  "shape_weight": 8.0, "shape_max_sigma": 0.8, "image_cond": 0.5, "bf16": True},
     "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 5.0},
 }
 
@@ -327,6 +337,21 @@ def latent_shape_mask(scenes, cfg, vae) -> torch.Tensor:
     return (m > 0.1).to(torch.uint8).cpu()
 
 
+def check_first_frame_latent(cfg, vae, rng_seed: int, exclude) -> None:
+    """The image-conditioned clips use latent frame 0 of the whole clip's encoding as the
+    condition; WanImageToVideoPipeline encodes the image alone (one frame). With the causal VAE
+    (frame 0 is its own first chunk, quant_conv is 1×1×1) the two are the same: check it."""
+    wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 14, exclude,
+                      **cfg["world"])
+    x = to_tensor([wld.sample()[0] for _ in range(2)])
+    with torch.no_grad():
+        whole = encode_mean(vae, x)[:, :, :1]
+        alone = encode_mean(vae, x[:, :, :1])
+    diff = (whole - alone).abs().max().item()
+    log(f"latent frame 0: whole clip vs first frame alone, max difference {diff:.2e}")
+    assert diff < 1e-4, diff
+
+
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
@@ -399,6 +424,8 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                 if done % 1000 < n:
                     log(f"encoded {done}/{t['clips']} clips ({time.time() - start:.0f} s)")
     latents, masks, shape_masks = torch.cat(latents), torch.cat(masks), torch.cat(shape_masks)
+    if t["image_cond"] > 0:
+        check_first_frame_latent(cfg, vae, rng_seed, exclude)
     if latent_cache is not None and not reuse:
         torch.save({"key": cache_key, "latents": latents, "masks": masks,
                     "shape_masks": shape_masks, "combos": combos}, latent_cache)
@@ -418,6 +445,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
     shifts = torch.tensor(t["flow_shift"])
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=t["bf16"])
     losses, plain, start = [], [], time.time()
+    p_t, p_h, p_w = cfg["transformer"]["patch_size"]
     transformer.train()
     text_encoder.train()
     for step in range(t["steps"]):
@@ -435,14 +463,24 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
         noise = torch.randn(x0.shape, generator=g).to(DEVICE)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
+        # First-frame conditioning (image_cond): `mask` is the pipeline's first_frame_mask, 0 on
+        # latent frame 0 of the conditioned clips and 1 elsewhere. The model input is
+        # WanImageToVideoPipeline's `(1 - mask) * condition + mask * latents` (condition = the
+        # clean normalised latent), and the per-token timestep its
+        # `(mask[:, 0, :, ::2, ::2] * t).flatten()` (the token grid of patch 1×2×2).
+        cond = (torch.rand(len(idx), generator=g) < t["image_cond"]).to(DEVICE)
+        mask = torch.ones_like(x0[:, :1])
+        mask[:, :, 0] = (~cond).float().view(-1, 1, 1, 1)
+        xt = (1 - mask) * x0 + mask * xt
+        timestep = (mask[:, 0, ::p_t, ::p_h, ::p_w] * (sigma * 1000).view(-1, 1, 1, 1)).flatten(1)
         with autocast:
             emb = encode_text(tokenizer, text_encoder, prompts, L)
-            pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
+            pred = transformer(hidden_states=xt, timestep=timestep, encoder_hidden_states=emb,
                                return_dict=False)[0]
         err = (pred.float() - (noise - x0)).pow(2)
         w = (1 + t["object_weight"] * masks[idx].to(DEVICE, torch.float32)
              + t["shape_weight"] * shape_masks[idx].to(DEVICE, torch.float32)
-             * (s <= t["shape_max_sigma"]))
+             * (s <= t["shape_max_sigma"])) * mask
         loss = (err * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -454,7 +492,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                 for ps, pd in zip(src.parameters(), dst.parameters()):
                     pd.lerp_(ps, 1 - decay)
         losses.append(loss.item())
-        plain.append(err.mean().item())
+        plain.append(((err * mask).sum() / (mask.sum() * err.shape[1])).item())
         if step % 25 == 0 or step == t["steps"] - 1:
             el = time.time() - start
             log(f"dit step {step + 1}/{t['steps']} loss {np.mean(losses[-25:]):.4f} (unweighted "
@@ -481,8 +519,11 @@ def save(out: pathlib.Path, cfg, tokenizer, text_encoder, transformer, vae, reco
         predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
     )
     text_encoder, transformer, vae = text_encoder.cpu(), transformer.cpu(), vae.cpu()
+    # expand_timesteps: per-token timesteps, and diffusers' WanImageToVideoPipeline (and Kino)
+    # take a first image the Wan2.2 TI2V way (dit_train.image_cond).
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
-                       vae=vae, scheduler=scheduler)
+                       vae=vae, scheduler=scheduler,
+                       expand_timesteps=cfg["dit_train"]["image_cond"] > 0)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     inf = cfg["inference"]
@@ -515,6 +556,9 @@ def main(argv=None):
     ap.add_argument("--shape-weight", type=float,
                     help="extra loss weight of the cells that tell the shapes apart "
                          "(dit_train.shape_weight)")
+    ap.add_argument("--image-cond", type=float,
+                    help="fraction of clips trained with a clean first frame at timestep 0, the "
+                         "Wan2.2 TI2V way (dit_train.image_cond); 0: text-to-video only")
     ap.add_argument("--sample-shift", type=float,
                     help="the sampler's flow shift written to the model (inference.flow_shift)")
     ap.add_argument("--latent-cache", type=pathlib.Path,
@@ -550,6 +594,8 @@ def main(argv=None):
         cfg["dit_train"]["shape_weight"] = args.shape_weight
     if args.sample_shift is not None:
         cfg["inference"]["flow_shift"] = args.sample_shift
+    if args.image_cond is not None:
+        cfg["dit_train"]["image_cond"] = args.image_cond
     if args.clips is not None:
         cfg["dit_train"]["clips"] = args.clips
     torch.set_num_threads(args.threads)
