@@ -534,7 +534,7 @@ def save(out: pathlib.Path, cfg, tokenizer, text_encoder, transformer, vae, reco
         "max_sequence_length": cfg["max_sequence_length"],
     }, indent=2) + "\n")
     held = world.held_out(**cfg["held_out"])
-    (out / "kino-eval.json").write_text(json.dumps(world.eval_spec(held), indent=2) + "\n")
+    (out / "kino-eval.json").write_text(json.dumps(world.eval_spec(held, **cfg["world"]), indent=2) + "\n")
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"saved {out}")
 

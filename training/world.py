@@ -238,13 +238,15 @@ class World:
         return clip[f0 : f0 + frames, y : y + size, x : x + size]
 
 
-def eval_spec(cases):
-    """The contents of `kino-eval.json`: palette, names and held-out cases."""
+def eval_spec(cases, size_range=SIZE_RANGE, travel_range=TRAVEL_RANGE):
+    """The contents of `kino-eval.json`: palette, names, the object sizes and travel (where
+    `kino eval --image` places its first images, as `sample_scene` does) and held-out cases."""
     return {
         "colours": {k: list(v) for k, v in COLOURS.items()},
         "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()},
         "shapes": list(SHAPES),
         "motions": list(MOTIONS),
+        "world": {"size_range": list(size_range), "travel_range": list(travel_range)},
         "cases": [
             {"prompt": canonical_prompt(*c), "colour": c[0], "shape": c[1], "motion": c[2],
              "background": c[3]}
