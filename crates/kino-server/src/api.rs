@@ -8,10 +8,12 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kino_engine::wan::pipeline::GenerateRequest;
+use kino_media::Frame;
 use serde_json::{json, Map, Value};
 
 use crate::content::serve_file;
 use crate::error::ApiError;
+use crate::inputs::{self, JobInputs, StoredInput};
 use crate::mapping::{self, ModelInfo};
 use crate::store::{Job, JobParams, ListResult, Order, Status};
 use crate::{new_video_id, now_unix, valid_video_id, video_dir, AppState};
@@ -37,8 +39,68 @@ pub fn video_object(job: &Job) -> Value {
     })
 }
 
-/// The fields of a create (or remix) request, from JSON or multipart.
-async fn read_fields(state: &AppState, req: Request) -> ApiResult<Map<String, Value>> {
+/// A file sent in a multipart body.
+pub struct Upload {
+    /// The file name the client gave (none for a bare binary field).
+    pub filename: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// The fields of a request: text and JSON values (multipart names like `video[id]` become
+/// nested objects, as JSON would send them), and uploaded files by field name.
+#[derive(Default)]
+pub struct Fields {
+    pub map: Map<String, Value>,
+    pub files: HashMap<String, Upload>,
+}
+
+/// Fields that carry an image (`input_reference`, `last_image`) or a video (`video`).
+fn input_limit(state: &AppState, name: &str) -> Option<(usize, &'static str)> {
+    match name {
+        "input_reference" | "last_image" => Some((state.config.max_image_bytes, "image")),
+        "video" => Some((state.config.max_video_bytes, "video")),
+        _ => None,
+    }
+}
+
+/// 413 for one input over its limit.
+fn input_too_large(name: &str, limit: usize, kind: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!(
+            "`{name}` is over this server's {kind} limit of {limit} bytes ({:.1} MiB); send a smaller {kind} (the server's --max-{kind}-bytes sets the limit)",
+            limit as f64 / (1024.0 * 1024.0)
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("payload_too_large"),
+    }
+}
+
+/// Puts `name` (or `outer[inner]`) into `map`.
+fn insert_field(map: &mut Map<String, Value>, name: String, value: Value) {
+    if let Some((outer, rest)) = name.split_once('[') {
+        if let Some(inner) = rest
+            .strip_suffix(']')
+            .filter(|i| !i.is_empty() && !i.contains('['))
+        {
+            let entry = map
+                .entry(outer.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !entry.is_object() {
+                *entry = Value::Object(Map::new());
+            }
+            if let Value::Object(o) = entry {
+                o.insert(inner.to_string(), value);
+            }
+            return;
+        }
+    }
+    map.insert(name, value);
+}
+
+/// The fields of a request, from JSON or multipart.
+async fn read_fields(state: &AppState, req: Request) -> ApiResult<Fields> {
     let ctype = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -46,52 +108,72 @@ async fn read_fields(state: &AppState, req: Request) -> ApiResult<Map<String, Va
         .unwrap_or("")
         .to_ascii_lowercase();
     if ctype.starts_with("multipart/form-data") {
+        let max = state.config.max_upload_bytes;
         let mut mp = Multipart::from_request(req, &())
             .await
             .map_err(|e| ApiError::bad_request(None, "invalid_multipart", e.body_text()))?;
-        let mut fields = Map::new();
+        let mut fields = Fields::default();
         let mut total = 0usize;
         loop {
-            let field = match mp.next_field().await {
+            let mut field = match mp.next_field().await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Err(multipart_error(e, state.config.max_upload_bytes)),
+                Err(e) => return Err(multipart_error(e, max)),
             };
             let name = field.name().unwrap_or("").to_string();
-            let is_file = field.file_name().is_some();
-            let data = field
-                .bytes()
-                .await
-                .map_err(|e| multipart_error(e, state.config.max_upload_bytes))?;
-            total += data.len();
-            if total > state.config.max_upload_bytes {
-                return Err(too_large(state.config.max_upload_bytes));
+            let filename = field.file_name().map(String::from);
+            let limit = input_limit(state, &name).filter(|_| filename.is_some());
+            let mut data = Vec::new();
+            loop {
+                let chunk = match field.chunk().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => return Err(multipart_error(e, max)),
+                };
+                total += chunk.len();
+                if total > max {
+                    return Err(too_large(max));
+                }
+                data.extend_from_slice(&chunk);
+                if let Some((lim, kind)) = limit {
+                    if data.len() > lim {
+                        return Err(input_too_large(&name, lim, kind));
+                    }
+                }
             }
-            if is_file || name == "input_reference" {
-                fields.insert(
-                    name,
-                    Value::Object(Map::from_iter([(
-                        "file_bytes".to_string(),
-                        json!(data.len()),
-                    )])),
-                );
+            if filename.is_some() {
+                fields.files.insert(name, Upload { filename, data });
                 continue;
             }
-            let text = String::from_utf8(data.to_vec()).map_err(|_| {
-                ApiError::bad_request(
-                    None,
-                    "invalid_multipart",
-                    format!("field `{name}` is not UTF-8 text"),
-                )
-            })?;
-            fields.insert(name, Value::String(text));
+            match String::from_utf8(data) {
+                Ok(text) => insert_field(&mut fields.map, name, Value::String(text)),
+                Err(e) if input_limit(state, &name).is_some() => {
+                    fields.files.insert(
+                        name,
+                        Upload {
+                            filename: None,
+                            data: e.into_bytes(),
+                        },
+                    );
+                }
+                Err(_) => {
+                    return Err(ApiError::bad_request(
+                        None,
+                        "invalid_multipart",
+                        format!("field `{name}` is not UTF-8 text"),
+                    ))
+                }
+            }
         }
         return Ok(fields);
     }
     let body = axum::body::to_bytes(req.into_body(), state.config.max_upload_bytes)
         .await
         .map_err(|_| too_large(state.config.max_upload_bytes))?;
-    parse_json_object(&body)
+    Ok(Fields {
+        map: parse_json_object(&body)?,
+        files: HashMap::new(),
+    })
 }
 
 fn parse_json_object(body: &Bytes) -> ApiResult<Map<String, Value>> {
@@ -211,32 +293,39 @@ fn check_queue(state: &AppState) -> ApiResult<()> {
     Ok(())
 }
 
-/// Turns create fields into a queued job.
-fn build_job(
+/// The settings every create and edit takes (OpenAI's and Kino's).
+struct Settings {
+    prompt: String,
+    model_name: Option<String>,
+    model: usize,
+    size: Option<(u32, u32)>,
+    seconds: Option<(f64, String)>,
+    negative_prompt: Option<String>,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    guidance: Option<f64>,
+}
+
+/// Reads and checks the settings; `default_model` is used when the request names none.
+fn read_settings(
     state: &AppState,
     fields: &Map<String, Value>,
-    owner: Option<String>,
-) -> ApiResult<Job> {
-    if fields.contains_key("input_reference") {
-        return Err(ApiError::bad_request(
-            Some("input_reference"),
-            "unsupported_parameter",
-            "`input_reference` (image-to-video) is not supported by the models this server runs yet; send a text prompt only",
-        ));
-    }
+    default_model: Option<&str>,
+) -> ApiResult<Settings> {
     let prompt = required_prompt(state, fields)?;
-    let model_name = text_field(fields, "model")?;
-    let mi = mapping::resolve_model(&state.models, model_name.as_deref())?;
+    let model_name = text_field(fields, "model")?.filter(|m| !m.trim().is_empty());
+    let mi = mapping::resolve_model(&state.models, model_name.as_deref().or(default_model))?;
     let model: &ModelInfo = &state.models[mi];
-    let requested = text_field(fields, "size")?
+    let size = text_field(fields, "size")?
         .map(|s| mapping::parse_size(&s))
         .transpose()?;
-    let (width, height) = mapping::map_size(model, requested);
     let seconds = match text_field(fields, "seconds")? {
-        Some(s) => mapping::parse_seconds(&s, state.config.max_seconds)?,
-        None => 4.0f64.min(state.config.max_seconds),
+        Some(s) => {
+            let v = mapping::parse_seconds(&s, state.config.max_seconds)?;
+            Some((v, mapping::seconds_string(v)))
+        }
+        None => None,
     };
-    let num_frames = mapping::frames_for(model, seconds);
     let negative_prompt = text_field(fields, "negative_prompt")?;
     let seed: Option<u64> = number_field(fields, &["seed"], "a whole number ≥ 0")?;
     let steps: Option<usize> =
@@ -263,18 +352,43 @@ fn build_job(
             ));
         }
     }
-    let request = GenerateRequest {
-        prompt: prompt.clone(),
+    Ok(Settings {
+        prompt,
+        model_name,
+        model: mi,
+        size,
+        seconds,
         negative_prompt,
+        seed,
+        steps,
+        guidance,
+    })
+}
+
+/// A job from checked settings, its size and frame count, and its inputs.
+fn make_job(
+    state: &AppState,
+    s: Settings,
+    (width, height): (usize, usize),
+    num_frames: usize,
+    seconds: String,
+    inputs: Option<JobInputs>,
+    owner: Option<String>,
+) -> Job {
+    let model = &state.models[s.model];
+    let request = GenerateRequest {
+        prompt: s.prompt.clone(),
+        negative_prompt: s.negative_prompt,
         width: Some(width),
         height: Some(height),
         num_frames: Some(num_frames),
-        num_inference_steps: Some(steps.unwrap_or(model.defaults.num_inference_steps)),
-        guidance_scale: Some(guidance.unwrap_or(model.defaults.guidance_scale)),
+        num_inference_steps: Some(s.steps.unwrap_or(model.defaults.num_inference_steps)),
+        guidance_scale: Some(s.guidance.unwrap_or(model.defaults.guidance_scale)),
         shift: None,
-        seed: Some(seed.unwrap_or_else(rand::random)),
+        seed: Some(s.seed.unwrap_or_else(rand::random)),
+        ..Default::default()
     };
-    Ok(Job {
+    Job {
         id: new_video_id(),
         seq: 0,
         status: Status::Queued,
@@ -282,42 +396,548 @@ fn build_job(
         created_at: now_unix(),
         completed_at: None,
         expires_at: None,
-        model: model_name
-            .filter(|m| !m.trim().is_empty())
-            .unwrap_or_else(|| "sora-2".into()),
+        model: s.model_name.unwrap_or_else(|| "sora-2".into()),
         size: format!("{width}x{height}"),
-        seconds: mapping::seconds_string(seconds),
-        prompt,
+        seconds,
+        prompt: s.prompt,
         remixed_from_video_id: None,
         error: None,
         params: JobParams {
             model_id: model.id.clone(),
             request,
             fps: model.defaults.fps,
+            inputs,
         },
         owner,
-    })
+    }
 }
 
-fn enqueue(state: &AppState, mut job: Job) -> ApiResult<Response> {
+/// What a model can be asked to start from.
+#[derive(Clone, Copy)]
+enum Need {
+    Text,
+    Image,
+    LastImage,
+    Video,
+}
+
+/// A 400 unless `model` can start from `need`; it names the served models that can.
+fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str) -> ApiResult<()> {
+    let can = |m: &ModelInfo| match need {
+        Need::Text => m.capabilities.text,
+        Need::Image => m.capabilities.image,
+        Need::LastImage => m.capabilities.last_image,
+        Need::Video => m.capabilities.video,
+    };
+    if can(model) {
+        return Ok(());
+    }
+    let what = match need {
+        Need::Text => "text alone",
+        Need::Image => "an image (input_reference)",
+        Need::LastImage => "a last image (last_image)",
+        Need::Video => "a video (video-to-video)",
+    };
+    let able: Vec<&str> = state
+        .models
+        .iter()
+        .filter(|m| can(m))
+        .map(|m| m.id.as_str())
+        .collect();
+    let hint = if let Need::Text = need {
+        "send an image as input_reference".to_string()
+    } else if able.is_empty() {
+        let example = match need {
+            Need::LastImage => "a Wan2.1 I2V or FLF2V model",
+            Need::Video => "a text-to-video model such as wan2.1-t2v-1.3b",
+            _ => "wan2.2-ti2v-5b or kino-shapes",
+        };
+        format!("none of the models this server runs can; start it with one that does ({example})")
+    } else {
+        format!(
+            "the served models that can: {} (pass \"model\": \"{}\")",
+            able.join(", "),
+            able[0]
+        )
+    };
+    Err(ApiError::bad_request(
+        Some(param),
+        "unsupported_input",
+        format!("model `{}` cannot start from {what}; {hint}", model.id),
+    ))
+}
+
+/// An image input as sent: its name and bytes.
+struct RawInput {
+    name: String,
+    bytes: Vec<u8>,
+}
+
+/// Decodes a `data:` URL.
+fn data_url(param: &'static str, url: &str, limit: usize) -> ApiResult<Vec<u8>> {
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            Some(param),
+            "invalid_data_url",
+            format!("`{param}` has a malformed data URL: {why}; use data:image/png;base64,<base64 of the file>"),
+        )
+    };
+    let rest = url
+        .trim()
+        .strip_prefix("data:")
+        .ok_or_else(|| bad("it does not start with data:"))?;
+    let (head, payload) = rest
+        .split_once(',')
+        .ok_or_else(|| bad("no comma before the data"))?;
+    if !head.to_ascii_lowercase().ends_with(";base64") {
+        return Err(bad("only base64 data URLs are taken (…;base64,…)"));
+    }
+    if payload.len() / 4 * 3 > limit + 3 {
+        return Err(input_too_large(param, limit, "image"));
+    }
+    use base64::Engine;
+    let clean: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(clean.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(clean.as_bytes()))
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(clean.as_bytes()))
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(clean.as_bytes()))
+        .map_err(|e| bad(&format!("the base64 does not decode ({e})")))?;
+    if bytes.len() > limit {
+        return Err(input_too_large(param, limit, "image"));
+    }
+    Ok(bytes)
+}
+
+/// An image input (`input_reference` or `last_image`): an upload, a data URL, or
+/// `{"image_url": "data:…"}`. `{"file_id": …}` and remote URLs are refused.
+fn image_input(
+    state: &AppState,
+    fields: &Fields,
+    param: &'static str,
+) -> ApiResult<Option<RawInput>> {
+    let limit = state.config.max_image_bytes;
+    if let Some(u) = fields.files.get(param) {
+        if u.data.len() > limit {
+            return Err(input_too_large(param, limit, "image"));
+        }
+        return Ok(Some(RawInput {
+            name: u
+                .filename
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| param.to_string()),
+            bytes: u.data.clone(),
+        }));
+    }
+    let usage = format!(
+        "upload the image as the multipart file field `{param}`, or pass {{\"{param}\": {{\"image_url\": \"data:image/png;base64,…\"}}}}"
+    );
+    let url = match fields.map.get(param) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => {
+            if o.get("file_id").is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::bad_request(
+                    Some(param),
+                    "unsupported_parameter",
+                    format!("Kino has no Files API, so `{param}.file_id` cannot be used; {usage}"),
+                ));
+            }
+            match o.get("image_url") {
+                Some(Value::String(s)) => s.clone(),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        Some(param),
+                        "invalid_type",
+                        format!("`{param}` must be an image; {usage}"),
+                    ))
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                Some(param),
+                "invalid_type",
+                format!("`{param}` must be an image; {usage}"),
+            ))
+        }
+    };
+    let lower = url.trim_start().to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Err(ApiError::bad_request(
+            Some(param),
+            "unsupported_parameter",
+            format!("Kino does not fetch images from URLs; {usage}"),
+        ));
+    }
+    if !lower.starts_with("data:") {
+        return Err(ApiError::bad_request(
+            Some(param),
+            "invalid_type",
+            format!("`{param}` is neither a file nor a data URL; {usage}"),
+        ));
+    }
+    Ok(Some(RawInput {
+        name: "data URL".into(),
+        bytes: data_url(param, &url, limit)?,
+    }))
+}
+
+/// Decodes an image input; `role` names its stored file (`image`, `last_image`).
+fn check_image(param: &'static str, role: &str, raw: &RawInput) -> ApiResult<(StoredInput, Frame)> {
+    if let Some(kind) = inputs::sniff_video(&raw.bytes) {
+        return Err(ApiError::bad_request(
+            Some(param),
+            "invalid_image",
+            format!("`{param}` takes an image (PNG, JPEG or WebP), but {} is a {kind} video; to start from a video, send it to POST /v1/videos/edits (video-to-video)", raw.name),
+        ));
+    }
+    let frame = inputs::decode_image(&raw.bytes).map_err(|e| {
+        ApiError::bad_request(
+            Some(param),
+            "invalid_image",
+            format!("`{param}` ({}) is not a readable image: {e}", raw.name),
+        )
+    })?;
+    let format = inputs::sniff_image(&raw.bytes).unwrap_or("image");
+    let ext = if format == "jpeg" { "jpg" } else { format };
+    Ok((
+        StoredInput {
+            name: raw.name.clone(),
+            sha256: inputs::sha256_hex(&raw.bytes),
+            bytes: raw.bytes.len() as u64,
+            file: format!("{role}.{ext}"),
+            format: format.to_string(),
+            width: frame.width(),
+            height: frame.height(),
+            frames: None,
+            fps: None,
+        },
+        frame,
+    ))
+}
+
+/// Files to store with a job: `(file name, bytes)`.
+type PendingFiles = Vec<(String, Vec<u8>)>;
+
+/// Turns create fields into a job (and the input files to store with it).
+fn build_job(
+    state: &AppState,
+    fields: &Fields,
+    owner: Option<String>,
+) -> ApiResult<(Job, PendingFiles)> {
+    let s = read_settings(state, &fields.map, None)?;
+    let model = &state.models[s.model];
+    let first = image_input(state, fields, "input_reference")?;
+    let last = image_input(state, fields, "last_image")?;
+    if last.is_some() && first.is_none() {
+        return Err(ApiError::bad_request(
+            Some("last_image"),
+            "missing_required_parameter",
+            "`last_image` needs a first image too: send `input_reference` as well",
+        ));
+    }
+    if first.is_some() {
+        require(state, model, Need::Image, "input_reference")?;
+    } else {
+        require(state, model, Need::Text, "input_reference")?;
+    }
+    if last.is_some() {
+        require(state, model, Need::LastImage, "last_image")?;
+    }
+    let mut files = PendingFiles::new();
+    let mut job_inputs = JobInputs::default();
+    let mut image_size = None;
+    if let Some(raw) = first {
+        let (stored, frame) = check_image("input_reference", "image", &raw)?;
+        image_size = Some((frame.width(), frame.height()));
+        files.push((stored.file.clone(), raw.bytes));
+        job_inputs.image = Some(stored);
+    }
+    if let Some(raw) = last {
+        let (stored, _) = check_image("last_image", "last_image", &raw)?;
+        files.push((stored.file.clone(), raw.bytes));
+        job_inputs.last_image = Some(stored);
+    }
+    // Without a size, an image keeps its own aspect ratio.
+    let (width, height) = mapping::map_size(model, s.size.or(image_size));
+    let (secs, seconds) = s.seconds.clone().unwrap_or_else(|| {
+        let v = 4.0f64.min(state.config.max_seconds);
+        (v, mapping::seconds_string(v))
+    });
+    let num_frames = mapping::frames_for(model, secs);
+    let inputs = (job_inputs != JobInputs::default()).then_some(job_inputs);
+    let job = make_job(
+        state,
+        s,
+        (width, height),
+        num_frames,
+        seconds,
+        inputs,
+        owner,
+    );
+    Ok((job, files))
+}
+
+/// Turns edit fields (prompt + a video upload or `{"id": "video_…"}`) into a video-to-video
+/// job.
+fn build_edit(
+    state: &AppState,
+    fields: &Fields,
+    owner: Option<String>,
+) -> ApiResult<(Job, PendingFiles)> {
+    let usage = "send the source video as the multipart file field `video`, or name a completed video of this server with {\"video\": {\"id\": \"video_…\"}} (multipart: video[id]; with the openai SDK: extra_body={\"video\": {\"id\": …}})";
+    // The source: an upload, or a completed video of this server.
+    let mut source_job = None;
+    let raw = if let Some(u) = fields.files.get("video") {
+        RawInput {
+            name: u
+                .filename
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "video".into()),
+            bytes: u.data.clone(),
+        }
+    } else {
+        let id = match fields.map.get("video") {
+            Some(Value::Object(o)) => match o.get("id") {
+                Some(Value::String(id)) => id.trim().to_string(),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        Some("video"),
+                        "invalid_type",
+                        format!("`video` must be a video; {usage}"),
+                    ))
+                }
+            },
+            Some(Value::String(id)) if !id.trim().is_empty() => id.trim().to_string(),
+            None | Some(Value::Null) | Some(Value::String(_)) => {
+                return Err(ApiError::bad_request(
+                    Some("video"),
+                    "missing_required_parameter",
+                    format!("`video` is required; {usage}"),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    Some("video"),
+                    "invalid_type",
+                    format!("`video` must be a video; {usage}"),
+                ))
+            }
+        };
+        if !valid_video_id(&id) {
+            return Err(ApiError::bad_request(
+                Some("video"),
+                "invalid_video_id",
+                format!("`{id}` is not a video id; ids look like video_0123abcd…; {usage}"),
+            ));
+        }
+        let src = match find(state, &id, &owner) {
+            Ok(j) => j,
+            Err(mut e) => {
+                e.param = Some("video");
+                return Err(e);
+            }
+        };
+        if src.status != Status::Completed {
+            return Err(ApiError::bad_request(
+                Some("video"),
+                "video_not_ready",
+                format!(
+                    "video {id} is {} ({}%); only a completed video can be edited",
+                    src.status.as_str(),
+                    src.progress
+                ),
+            ));
+        }
+        let path = video_dir(&state.config.data_dir, &id).join("video.mp4");
+        let bytes = std::fs::read(&path)
+            .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
+        source_job = Some(src);
+        RawInput { name: id, bytes }
+    };
+    if raw.bytes.len() > state.config.max_video_bytes {
+        return Err(input_too_large(
+            "video",
+            state.config.max_video_bytes,
+            "video",
+        ));
+    }
+    // Without a model, an edit of one of our videos uses the model that made it (if it still
+    // runs here and takes a video).
+    let default_model = source_job.as_ref().and_then(|j| {
+        state
+            .models
+            .iter()
+            .find(|m| m.id == j.params.model_id && m.capabilities.video)
+            .map(|m| m.id.clone())
+    });
+    let s = read_settings(state, &fields.map, default_model.as_deref())?;
+    let model = &state.models[s.model];
+    require(state, model, Need::Video, "model")?;
+    let strength: f64 =
+        number_field(&fields.map, &["strength"], "a number")?.unwrap_or(inputs::DEFAULT_STRENGTH);
+    if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+        return Err(ApiError::bad_request(
+            Some("strength"),
+            "invalid_strength",
+            format!("strength {strength} is out of range; use a number in (0, 1]: small values keep the source, 1 ignores it (default {})", inputs::DEFAULT_STRENGTH),
+        ));
+    }
+    if inputs::sniff_image(&raw.bytes).is_some() {
+        return Err(ApiError::bad_request(
+            Some("video"),
+            "invalid_video",
+            format!("`video` ({}) is an image; to start from an image, send it as input_reference to POST /v1/videos", raw.name),
+        ));
+    }
+    let video = inputs::decode_video(&raw.bytes).map_err(|e| {
+        ApiError::bad_request(
+            Some("video"),
+            "invalid_video",
+            format!("`video` ({}) is not a readable video: {e}", raw.name),
+        )
+    })?;
+    let (width, height) =
+        mapping::map_size(model, s.size.or(Some((video.width(), video.height()))));
+    let fps = model.defaults.fps;
+    let step = model.frame_step.max(1);
+    let avail = inputs::frames_available(&video, fps);
+    let (num_frames, seconds) = match &s.seconds {
+        Some((v, text)) => {
+            let n = mapping::frames_for(model, *v);
+            if n > avail {
+                return Err(ApiError::bad_request(
+                    Some("video"),
+                    "video_too_short",
+                    inputs::too_short_message(&video, fps, n),
+                ));
+            }
+            (n, text.clone())
+        }
+        None => {
+            // As long as the source (or the source job's seconds), at most the server's limit.
+            let dur = video.len() as f64 / video.fps().as_f64();
+            let asked = source_job
+                .as_ref()
+                .and_then(|j| j.seconds.parse::<f64>().ok())
+                .unwrap_or(dur)
+                .min(state.config.max_seconds);
+            let mut n = mapping::frames_for(model, asked);
+            if n > avail {
+                n = avail.saturating_sub(1) / step * step + 1;
+            }
+            if avail < step + 1 {
+                return Err(ApiError::bad_request(
+                    Some("video"),
+                    "video_too_short",
+                    inputs::too_short_message(&video, fps, step + 1),
+                ));
+            }
+            let text = if mapping::frames_for(model, asked) == n {
+                mapping::seconds_string(asked)
+            } else {
+                mapping::seconds_string((n - 1) as f64 / f64::from(fps))
+            };
+            (n, text)
+        }
+    };
+    let format = inputs::sniff_video(&raw.bytes).unwrap_or("mp4");
+    let stored = StoredInput {
+        name: raw.name.clone(),
+        sha256: inputs::sha256_hex(&raw.bytes),
+        bytes: raw.bytes.len() as u64,
+        file: format!("video.{format}"),
+        format: format.to_string(),
+        width: video.width(),
+        height: video.height(),
+        frames: Some(video.len() as u64),
+        fps: Some(video.fps().as_f64()),
+    };
+    let files = vec![(stored.file.clone(), raw.bytes)];
+    let inputs = JobInputs {
+        video: Some(stored),
+        strength: Some(strength),
+        source_video_id: source_job.map(|j| j.id),
+        ..Default::default()
+    };
+    let job = make_job(
+        state,
+        s,
+        (width, height),
+        num_frames,
+        seconds,
+        Some(inputs),
+        owner,
+    );
+    Ok((job, files))
+}
+
+/// Stores the job's input files, then the job; nothing is queued if either fails.
+fn enqueue(state: &AppState, mut job: Job, files: PendingFiles) -> ApiResult<Response> {
     check_queue(state)?;
-    job.seq = state.store.insert(&job)?;
+    let data_dir = &state.config.data_dir;
+    for (name, bytes) in &files {
+        if let Err(e) = inputs::write_input(data_dir, &job.id, name, bytes) {
+            inputs::remove_inputs(data_dir, &job.id);
+            return Err(ApiError::internal(format!(
+                "cannot store the input {name}: {e}"
+            )));
+        }
+    }
+    job.seq = match state.store.insert(&job) {
+        Ok(seq) => seq,
+        Err(e) => {
+            inputs::remove_inputs(data_dir, &job.id);
+            return Err(e.into());
+        }
+    };
     state.shared.notify();
     tracing::info!(
         id = job.id,
         size = job.size,
         seconds = job.seconds,
+        conditioning = job.params.inputs.as_ref().map_or("text", |i| i.kind()),
         "video queued"
     );
     Ok(Json(video_object(&job)).into_response())
 }
 
-/// `POST /v1/videos`
+/// Runs request work that decodes media or touches files off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("the request's task failed: {e}")))?
+}
+
+/// `POST /v1/videos` (with `input_reference` and Kino's `last_image`: image-to-video).
 pub async fn create_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
     let owner = crate::auth::owner_of(&req);
     let fields = read_fields(&state, req).await?;
-    let job = build_job(&state, &fields, owner)?;
-    enqueue(&state, job)
+    blocking(move || {
+        let (job, files) = build_job(&state, &fields, owner)?;
+        enqueue(&state, job, files)
+    })
+    .await
+}
+
+/// `POST /v1/videos/edits`: video-to-video from an uploaded video or a completed one.
+pub async fn edit_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
+    let owner = crate::auth::owner_of(&req);
+    let fields = read_fields(&state, req).await?;
+    blocking(move || {
+        let (job, files) = build_edit(&state, &fields, owner)?;
+        enqueue(&state, job, files)
+    })
+    .await
 }
 
 /// The job `id`, if the caller may see it.
@@ -421,6 +1041,7 @@ pub async fn delete_video(
     }
     let deleted = state.store.delete(&id)?;
     crate::worker::remove_outputs(&state.config.data_dir, &id);
+    inputs::remove_inputs(&state.config.data_dir, &id);
     Ok(Json(json!({"id": id, "object": "video.deleted", "deleted": deleted})).into_response())
 }
 
@@ -479,7 +1100,7 @@ pub async fn remix_video(
     let owner = crate::auth::owner_of(&req);
     let src = find(&state, &id, &owner)?;
     let fields = read_fields(&state, req).await?;
-    let prompt = required_prompt(&state, &fields)?;
+    let prompt = required_prompt(&state, &fields.map)?;
     if !state.models.iter().any(|m| m.id == src.params.model_id) {
         return Err(ApiError::bad_request(
             Some("video_id"),
@@ -509,7 +1130,22 @@ pub async fn remix_video(
         params,
         owner,
     };
-    enqueue(&state, job)
+    // A remix starts from what its source started from: copy the inputs.
+    blocking(move || {
+        let mut files = PendingFiles::new();
+        if let Some(inputs) = &job.params.inputs {
+            let dir = inputs::inputs_dir(&state.config.data_dir, &src.id);
+            for (_, stored) in inputs.files() {
+                let path = dir.join(&stored.file);
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    ApiError::internal(format!("cannot read the input {}: {e}", path.display()))
+                })?;
+                files.push((stored.file.clone(), bytes));
+            }
+        }
+        enqueue(&state, job, files)
+    })
+    .await
 }
 
 /// `GET /v1/videos/{id}/content?variant=video|thumbnail|spritesheet`
@@ -558,7 +1194,7 @@ pub async fn list_models(State(state): State<AppState>) -> Response {
     let mut data: Vec<Value> = state
         .models
         .iter()
-        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "kino"}))
+        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "kino", "capabilities": m.capabilities}))
         .collect();
     for alias in mapping::SORA_ALIASES {
         data.push(json!({"id": alias, "object": "model", "created": 0, "owned_by": "kino"}));

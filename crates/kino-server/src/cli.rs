@@ -54,8 +54,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     pub max_queue: usize,
     /// Largest request body in bytes; larger get HTTP 413.
-    #[arg(long, default_value_t = 25 * 1024 * 1024)]
+    #[arg(long, default_value_t = crate::DEFAULT_MAX_UPLOAD_BYTES)]
     pub max_upload_bytes: usize,
+    /// Largest image input (`input_reference`, `last_image`) in bytes; larger get HTTP 413.
+    #[arg(long, default_value_t = crate::DEFAULT_MAX_IMAGE_BYTES)]
+    pub max_image_bytes: usize,
+    /// Largest source video (`POST /v1/videos/edits`) in bytes; larger get HTTP 413.
+    #[arg(long, default_value_t = crate::DEFAULT_MAX_VIDEO_BYTES)]
+    pub max_video_bytes: usize,
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -128,6 +134,8 @@ impl ServeArgs {
         config.max_seconds = self.max_seconds;
         config.max_queue = self.max_queue;
         config.max_upload_bytes = self.max_upload_bytes;
+        config.max_image_bytes = self.max_image_bytes;
+        config.max_video_bytes = self.max_video_bytes;
         config.api_keys = self.api_key.clone();
         if let (Some(url), Some(secret)) = (&self.webhook_url, &self.webhook_secret) {
             config.webhook = Some(crate::webhooks::WebhookConfig {

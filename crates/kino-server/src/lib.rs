@@ -11,6 +11,8 @@
 //!   `DATA_DIR/videos/<id>/{video.mp4, thumbnail.jpg, spritesheet.jpg}`, the MP4 carrying the
 //!   generation parameters.
 //! - One worker thread per device runs jobs in arrival order ([`worker`]).
+//! - `input_reference` (and Kino's `last_image`) on create, and `POST /v1/videos/edits`
+//!   (video-to-video), store their files with the job ([`inputs`]).
 //! - `GET /` is a small web studio embedded in the binary (prompt, queue, gallery).
 
 pub mod api;
@@ -19,6 +21,7 @@ pub mod cli;
 pub mod content;
 pub mod error;
 pub mod events;
+pub mod inputs;
 pub mod mapping;
 pub mod output;
 pub mod store;
@@ -45,6 +48,13 @@ pub use worker::ModelSpec;
 use store::Store;
 use worker::Shared;
 
+/// Default request body limit (room for a video upload, or an image as a base64 data URL).
+pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 96 * 1024 * 1024;
+/// Default limit of one image input.
+pub const DEFAULT_MAX_IMAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Default limit of one source video.
+pub const DEFAULT_MAX_VIDEO_BYTES: usize = 64 * 1024 * 1024;
+
 /// Everything `kino serve` is configured with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -63,6 +73,11 @@ pub struct ServerConfig {
     pub max_queue: usize,
     /// Request bodies beyond this get 413.
     pub max_upload_bytes: usize,
+    /// An image input (`input_reference`, `last_image`; upload or data URL) beyond this gets
+    /// 413.
+    pub max_image_bytes: usize,
+    /// A source video upload (`POST /v1/videos/edits`) beyond this gets 413.
+    pub max_video_bytes: usize,
     /// With keys, every endpoint but `/health` needs `Authorization: Bearer KEY`.
     pub api_keys: Vec<String>,
     /// Where to send `video.completed` / `video.failed` (see [`webhooks`]).
@@ -86,7 +101,9 @@ impl ServerConfig {
             max_steps: 200,
             max_prompt_chars: 4000,
             max_queue: 1000,
-            max_upload_bytes: 25 * 1024 * 1024,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            max_video_bytes: DEFAULT_MAX_VIDEO_BYTES,
             api_keys: Vec::new(),
             webhook: None,
         }
@@ -144,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/v1/models", get(api::list_models))
         .route("/v1/videos", post(api::create_video).get(api::list_videos))
+        .route("/v1/videos/edits", post(api::edit_video))
         .route(
             "/v1/videos/{id}",
             get(api::get_video).delete(api::delete_video),
@@ -195,6 +213,12 @@ impl Server {
         let requeued = store.requeue_interrupted()?;
         if requeued > 0 {
             tracing::info!("{requeued} interrupted video(s) queued again");
+        }
+        // Inputs stored for a request that died before its row was written.
+        for id in inputs::stored_ids(&config.data_dir) {
+            if store.get(&id)?.is_none() {
+                inputs::remove_inputs(&config.data_dir, &id);
+            }
         }
         if let Some(w) = &config.webhook {
             webhooks::parse_url(&w.url).map_err(ServerError::Webhook)?;

@@ -15,7 +15,7 @@
 //!   1`. No `seconds` means 4 (OpenAI's default). The video object reports the seconds asked for;
 //!   the MP4's metadata has the exact frame count and fps.
 
-use kino_engine::wan::pipeline::ModelDefaults;
+use kino_engine::wan::pipeline::{Capabilities, ModelDefaults};
 use serde::Serialize;
 
 use crate::error::ApiError;
@@ -32,6 +32,8 @@ pub struct ModelInfo {
     pub size_multiple: (usize, usize),
     /// Frame counts are `frame_step·k + 1`.
     pub frame_step: usize,
+    /// What it can start from besides text (an image, a last image, a video).
+    pub capabilities: Capabilities,
 }
 
 /// OpenAI's model names that are served as aliases.
@@ -190,6 +192,12 @@ mod tests {
             defaults: ModelDefaults::default(),
             size_multiple: (16, 16),
             frame_step: 4,
+            capabilities: Capabilities {
+                text: true,
+                image: false,
+                last_image: false,
+                video: true,
+            },
         }
     }
 

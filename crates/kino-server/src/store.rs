@@ -59,6 +59,10 @@ pub struct JobParams {
     /// Every field filled in (size, frames, steps, guidance, seed, negative prompt).
     pub request: GenerateRequest,
     pub fps: u32,
+    /// The images or video the job starts from (files in `DATA_DIR/inputs/<id>/`); absent for
+    /// text-to-video and in rows written before inputs existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<crate::inputs::JobInputs>,
 }
 
 /// One video job.

@@ -209,6 +209,7 @@ fn open_models(
                 defaults: p.defaults().clone(),
                 size_multiple: p.size_multiple(),
                 frame_step: p.frame_step(),
+                capabilities: p.capabilities(),
             };
             Ok((info, p))
         })
@@ -302,7 +303,10 @@ impl Worker {
                     self.shared.emit(event, &id);
                 }
                 // The row is gone: the video was deleted while it ran.
-                Ok(false) => remove_outputs(&self.data_dir, &id),
+                Ok(false) => {
+                    remove_outputs(&self.data_dir, &id);
+                    crate::inputs::remove_inputs(&self.data_dir, &id);
+                }
                 Err(e) => tracing::error!(id, "cannot record the job's end: {e}"),
             }
         }
@@ -356,7 +360,12 @@ impl Worker {
             }
             Ok(())
         };
-        let result = pipeline.generate(&job.params.request, &mut progress);
+        let mut request = job.params.request.clone();
+        match crate::inputs::conditioning(&self.data_dir, job) {
+            Ok(c) => request.conditioning = c,
+            Err(msg) => return Outcome::Failed("invalid_input".into(), msg),
+        }
+        let result = pipeline.generate(&request, &mut progress);
         let out = match result {
             Ok(o) => o,
             Err(kino_engine::Error::Cancelled) => {
@@ -404,6 +413,11 @@ fn write_outputs(
     params
         .extra
         .insert("requested_model".into(), serde_json::json!(job.model));
+    if let Some(inputs) = &job.params.inputs {
+        params
+            .extra
+            .insert("conditioning".into(), inputs.metadata());
+    }
     if let Some(src) = &job.remixed_from_video_id {
         params
             .extra
