@@ -133,7 +133,8 @@ impl Shared {
 pub fn progress_percent(e: &ProgressEvent) -> u8 {
     let (lo, hi) = match e.stage {
         Stage::LoadTextEncoder => (0.0, 3.0),
-        Stage::EncodePrompt => (3.0, 8.0),
+        Stage::EncodePrompt => (3.0, 6.0),
+        Stage::EncodeImage => (6.0, 8.0),
         Stage::LoadTransformer => (8.0, 12.0),
         Stage::Denoise => (12.0, 85.0),
         Stage::LoadVae => (85.0, 87.0),

@@ -16,6 +16,22 @@ pub fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/pipeline-wan21/model")
 }
 
+/// The tiny Wan2.2 TI2V-form model (takes a first image).
+pub fn ti2v_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/pipeline-wan22/model")
+}
+
+/// `tiny` (Wan2.1 form: text, video) first, then `tiny-ti2v` (Wan2.2 TI2V form: text, image,
+/// video).
+pub fn config_two(data_dir: &Path) -> ServerConfig {
+    let mut c = config(data_dir);
+    c.models.push(ModelSpec {
+        id: "tiny-ti2v".into(),
+        path: ti2v_model_dir(),
+    });
+    c
+}
+
 pub fn config(data_dir: &Path) -> ServerConfig {
     let mut c = ServerConfig::new(
         "127.0.0.1:0",
