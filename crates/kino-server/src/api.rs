@@ -448,11 +448,11 @@ fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str)
         "send an image as input_reference".to_string()
     } else if able.is_empty() {
         let example = match need {
-            Need::LastImage => "a Wan2.1 I2V or FLF2V model",
-            Need::Video => "a text-to-video model such as wan2.1-t2v-1.3b",
-            _ => "wan2.2-ti2v-5b or kino-shapes",
+            Need::LastImage => kino_engine::registry::last_image_model_names().join(", "),
+            Need::Video => "a text-to-video model such as wan2.1-t2v-1.3b".to_string(),
+            _ => kino_engine::registry::image_model_names().join(", "),
         };
-        format!("none of the models this server runs can; start it with one that does ({example})")
+        format!("none of the models this server runs can; serve one that does with --model (e.g. {example})")
     } else {
         format!(
             "the served models that can: {} (pass \"model\": \"{}\")",
@@ -790,6 +790,16 @@ fn build_edit(
             format!("strength {strength} is out of range; use a number in (0, 1]: small values keep the source, 1 ignores it (default {})", inputs::DEFAULT_STRENGTH),
         ));
     }
+    let steps = s.steps.unwrap_or(model.defaults.num_inference_steps);
+    let (_, run) = kino_engine::schedulers::strength_start(steps, strength);
+    if run == 0 {
+        let min = 1.0 / steps as f64;
+        return Err(ApiError::bad_request(
+            Some("strength"),
+            "invalid_strength",
+            format!("strength {strength} with {steps} steps runs no denoising step (int(steps × strength) = 0); use a strength of at least {min:.3} or more steps"),
+        ));
+    }
     if inputs::sniff_image(&raw.bytes).is_some() {
         return Err(ApiError::bad_request(
             Some("video"),
@@ -797,7 +807,9 @@ fn build_edit(
             format!("`video` ({}) is an image; to start from an image, send it as input_reference to POST /v1/videos", raw.name),
         ));
     }
-    let video = inputs::decode_video(&raw.bytes).map_err(|e| {
+    // Only the head that can be used is decoded (the longest video this server makes).
+    let head = s.seconds.as_ref().map_or(state.config.max_seconds, |v| v.0) + 1.0;
+    let video = inputs::decode_video(&raw.bytes, head).map_err(|e| {
         ApiError::bad_request(
             Some("video"),
             "invalid_video",

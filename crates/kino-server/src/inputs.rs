@@ -175,31 +175,23 @@ pub fn decode_image(bytes: &[u8]) -> Result<Frame, String> {
     kino_media::decode_image(bytes).map_err(|e| e.to_string())
 }
 
-/// Decodes a video (MP4/MOV/WebM through FFmpeg).
-pub fn decode_video(bytes: &[u8]) -> Result<Video, String> {
-    kino_media::decode_mp4(bytes).map_err(|e| e.to_string())
+/// Decodes the first `seconds` of a video (MP4/MOV/WebM/MKV, any codec the system's FFmpeg
+/// reads); a shorter clip is read whole.
+pub fn decode_video(bytes: &[u8], seconds: f64) -> Result<Video, String> {
+    kino_media::decode_video_head(bytes, seconds).map_err(|e| e.to_string())
 }
 
-/// Scales `frame` to cover `width × height` and crops the centre (what the reference's image
-/// processors do for a fixed output size).
+/// Scales `frame` to cover `width × height` and crops the centre, as the reference's image
+/// processor does (`kino_media::fit_crop`).
 pub fn fit(frame: &Frame, width: u32, height: u32) -> Result<Frame, String> {
-    let (w, h) = (frame.width(), frame.height());
-    if (w, h) == (width, height) {
-        return Ok(frame.clone());
-    }
-    let scale = (f64::from(width) / f64::from(w)).max(f64::from(height) / f64::from(h));
-    let sw = ((f64::from(w) * scale).ceil() as u32).max(width);
-    let sh = ((f64::from(h) * scale).ceil() as u32).max(height);
-    let scaled = kino_media::resize(frame, sw, sh).map_err(|e| e.to_string())?;
-    scaled
-        .crop((sw - width) / 2, (sh - height) / 2, width, height)
-        .map_err(|e| e.to_string())
+    kino_media::fit_crop(frame, width, height).map_err(|e| e.to_string())
 }
 
-/// How many frames at `fps` a source video covers (frame `i` is the one shown at `i / fps`).
+/// How many frames at `fps` a source video gives `kino_media::conform_video` (output frame
+/// `i` is the source frame nearest `i / fps` seconds).
 pub fn frames_available(video: &Video, fps: u32) -> usize {
-    let dur = video.len() as f64 / video.fps().as_f64();
-    ((dur * f64::from(fps)) - 1e-9).ceil().max(0.0) as usize
+    let n = (video.len() as f64 - 0.5) * f64::from(fps) / video.fps().as_f64();
+    (n - 1e-9).ceil().max(0.0) as usize
 }
 
 /// `frames` frames of `video` at `fps`, fitted to `width × height`; an error if it is too
@@ -211,22 +203,11 @@ pub fn conform(
     fps: u32,
     frames: usize,
 ) -> Result<Vec<Frame>, String> {
-    let avail = frames_available(video, fps);
-    if avail < frames {
-        return Err(too_short_message(video, fps, frames));
-    }
-    let src_fps = video.fps().as_f64();
-    (0..frames)
-        .map(|i| {
-            let t = i as f64 / f64::from(fps);
-            let k = ((t * src_fps) + 1e-9).floor() as usize;
-            let f = &video.frames()[k.min(video.len() - 1)];
-            fit(f, width, height)
-        })
-        .collect()
+    let rate = kino_media::Fps::integer(fps).map_err(|e| e.to_string())?;
+    kino_media::conform_video(video, width, height, rate, frames).map_err(|e| e.to_string())
 }
 
-/// "the source video has … ; … need …".
+/// "the source video is … long …; … need …".
 pub fn too_short_message(video: &Video, fps: u32, frames: usize) -> String {
     let dur = video.len() as f64 / video.fps().as_f64();
     let need = (frames - 1) as f64 / f64::from(fps);
@@ -258,8 +239,8 @@ pub fn conditioning(data_dir: &Path, job: &Job) -> Result<Conditioning, String> 
         std::fs::read(&p).map_err(|e| format!("cannot read the stored input {}: {e}", p.display()))
     };
     if let Some(v) = &inputs.video {
-        let video = decode_video(&read(v)?)?;
-        let frames = r.num_frames.unwrap_or(video.len());
+        let frames = r.num_frames.unwrap_or(1);
+        let video = decode_video(&read(v)?, head_seconds(frames, job.params.fps))?;
         let frames = conform(&video, w, h, job.params.fps, frames)?
             .into_iter()
             .map(rgb)
@@ -281,6 +262,11 @@ pub fn conditioning(data_dir: &Path, job: &Job) -> Result<Conditioning, String> 
     }
 }
 
+/// How much of a source to decode for `frames` frames at `fps` (a little more than needed).
+pub fn head_seconds(frames: usize, fps: u32) -> f64 {
+    frames as f64 / f64::from(fps.max(1)) + 1.0
+}
+
 /// The default video-to-video strength.
 pub const DEFAULT_STRENGTH: f64 = 0.7;
 
@@ -290,32 +276,17 @@ mod tests {
     use kino_media::Fps;
 
     #[test]
-    fn fit_covers_and_crops_the_centre() {
-        // 4x2: left half red, right half blue; fitted to 2x2 the centre columns are kept.
-        let f = Frame::from_fn(4, 2, |x, _| if x < 2 { [255, 0, 0] } else { [0, 0, 255] }).unwrap();
-        let g = fit(&f, 2, 2).unwrap();
-        assert_eq!((g.width(), g.height()), (2, 2));
-        let g = fit(&f, 8, 2).unwrap();
-        assert_eq!((g.width(), g.height()), (8, 2));
-        assert_eq!(g.pixel(0, 0).unwrap()[0], 255);
-    }
-
-    #[test]
-    fn conform_samples_by_time_and_refuses_short_sources() {
+    fn available_frames_match_conform_video() {
         let frames: Vec<Frame> = (0..16)
             .map(|i| Frame::filled(8, 8, [i as u8 * 10, 0, 0]).unwrap())
             .collect();
         let v = Video::new(frames, Fps::integer(16).unwrap()).unwrap(); // 1 s
-        assert_eq!(frames_available(&v, 8), 8);
-        let out = conform(&v, 4, 4, 8, 5).unwrap();
-        assert_eq!(out.len(), 5);
-        assert_eq!(
-            out[1].pixel(0, 0).unwrap()[0],
-            20,
-            "frame 1 at 8 fps is source frame 2"
-        );
-        let e = conform(&v, 4, 4, 8, 9).unwrap_err();
-        assert!(e.contains("too") || e.contains("longer"), "{e}");
+        let n = frames_available(&v, 8);
+        assert_eq!(n, 8);
+        assert_eq!(conform(&v, 4, 4, 8, n).unwrap().len(), n);
+        assert!(conform(&v, 4, 4, 8, n + 1).is_err());
+        let n = frames_available(&v, 6);
+        assert!(conform(&v, 4, 4, 6, n).is_ok() && conform(&v, 4, 4, 6, n + 1).is_err());
     }
 
     #[test]

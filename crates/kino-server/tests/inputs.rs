@@ -243,7 +243,7 @@ fn video_to_video_edits_from_an_id_a_multipart_id_and_an_upload() {
         &[
             ("prompt", "a corgi in snow"),
             ("video[id]", &src_id),
-            ("steps", "1"),
+            ("steps", "2"),
         ],
         &[],
     ));
@@ -254,7 +254,7 @@ fn video_to_video_edits_from_an_id_a_multipart_id_and_an_upload() {
         &[
             ("prompt", "a corgi in rain"),
             ("seconds", "1"),
-            ("steps", "1"),
+            ("steps", "2"),
         ],
         &[("video", "clip.mp4", &mp4)],
     ));
@@ -455,6 +455,13 @@ fn bad_inputs_get_one_clear_error_and_queue_nothing() {
         &json!({"prompt": "x", "video": {"id": "../kino.sqlite3"}}),
     )
     .assert_error(400, Some("video"));
+    let e = post_json(
+        a,
+        "/v1/videos/edits",
+        &json!({"prompt": "x", "video": {"id": src_id}, "strength": 0.3, "steps": 2}),
+    )
+    .assert_error(400, Some("strength"));
+    assert!(msg(&e).contains("no denoising step"), "{e}");
     for s in [json!(0), json!(1.5), json!(-0.2), json!("abc")] {
         post_json(
             a,
@@ -483,7 +490,7 @@ fn bad_inputs_get_one_clear_error_and_queue_nothing() {
         a,
         "/v1/videos/edits",
         &[("prompt", "x")],
-        &[("video", "broken.mp4", &mp4[..mp4.len() / 3])],
+        &[("video", "broken.mp4", &mp4[..200])],
     )
     .assert_error(400, Some("video"));
     post_multipart(
