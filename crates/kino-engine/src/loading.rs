@@ -291,7 +291,11 @@ pub struct ModelIndex {
 }
 
 /// Pipeline classes we can run.
-pub const SUPPORTED_PIPELINES: [&str; 1] = ["WanPipeline"];
+pub const SUPPORTED_PIPELINES: [&str; 3] = [
+    "WanPipeline",
+    "WanImageToVideoPipeline",
+    "WanVideoToVideoPipeline",
+];
 
 impl ModelIndex {
     /// Reads `DIR/model_index.json`.

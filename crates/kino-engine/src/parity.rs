@@ -7,7 +7,12 @@
 //! | `transformer` | `transformer/` | `hidden_states`, `timestep`, `encoder_hidden_states` | `sample` |
 //! | `vae-encode` | `vae/` | `sample` | `mean`, `logvar` |
 //! | `vae-decode` | `vae/` | `z` | `sample` |
-//! | `pipeline` | whole model | `latents`, `prompt_embeds`, `negative_prompt_embeds` | `latents` |
+//! | `pipeline` | whole model (one or two experts) | `latents`, `prompt_embeds`, `negative_prompt_embeds` | `latents` |
+//! | `pipeline-i2v` | whole image-to-video model | as `pipeline` + `image`, optional `last_image`, `image_embeds` | `latents` |
+//! | `pipeline-v2v` | whole model | `video`, `noise`, `prompt_embeds`, `negative_prompt_embeds`; `--strength` | `latents` |
+//! | `image-encoder` | `image_encoder/` (CLIP vision) | `pixel_values` | `image_embeds` (penultimate hidden states) |
+//!
+//! `transformer` also takes `encoder_hidden_states_image` (Wan2.1 I2V's CLIP tokens).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,8 +24,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::progress::{ProgressEvent, Stage};
 
+use crate::clip::CLIPVisionModel;
 use crate::umt5::UMT5EncoderModel;
-use crate::wan::pipeline::{PipelineOptions, WanPipeline};
+use crate::wan::pipeline::{DenoiseInputs, LatentCondition, PipelineOptions, WanPipeline};
 use crate::wan::transformer::WanTransformer3DModel;
 use crate::wan::vae::AutoencoderKLWan;
 use crate::{Error, Result};
@@ -33,15 +39,21 @@ pub enum Component {
     VaeEncode,
     VaeDecode,
     Pipeline,
+    PipelineI2v,
+    PipelineV2v,
+    ImageEncoder,
 }
 
 impl Component {
-    pub const ALL: [Component; 5] = [
+    pub const ALL: [Component; 8] = [
         Component::TextEncoder,
         Component::Transformer,
         Component::VaeEncode,
         Component::VaeDecode,
         Component::Pipeline,
+        Component::PipelineI2v,
+        Component::PipelineV2v,
+        Component::ImageEncoder,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,7 +63,18 @@ impl Component {
             Component::VaeEncode => "vae-encode",
             Component::VaeDecode => "vae-decode",
             Component::Pipeline => "pipeline",
+            Component::PipelineI2v => "pipeline-i2v",
+            Component::PipelineV2v => "pipeline-v2v",
+            Component::ImageEncoder => "image-encoder",
         }
+    }
+
+    /// Whether the component runs the denoising loop (takes `--steps`, `--guidance`).
+    pub fn is_pipeline(self) -> bool {
+        matches!(
+            self,
+            Component::Pipeline | Component::PipelineI2v | Component::PipelineV2v
+        )
     }
 
     /// Input tensor names, in the DESIGN.md order.
@@ -62,6 +85,18 @@ impl Component {
             Component::VaeEncode => &["sample"],
             Component::VaeDecode => &["z"],
             Component::Pipeline => &["latents", "prompt_embeds", "negative_prompt_embeds"],
+            Component::PipelineI2v => &[
+                "latents",
+                "prompt_embeds",
+                "negative_prompt_embeds",
+                "image",
+                "last_image (optional)",
+                "image_embeds (when the transformer has image_dim)",
+            ],
+            Component::PipelineV2v => {
+                &["video", "noise", "prompt_embeds", "negative_prompt_embeds"]
+            }
+            Component::ImageEncoder => &["pixel_values"],
         }
     }
 }
@@ -93,6 +128,9 @@ pub struct ParityOptions {
     pub dtype: Option<DType>,
     /// Pipeline only: also decode the final latents with the VAE (output `video`, f32 in [-1, 1]).
     pub decode: bool,
+    /// `pipeline-v2v` only: the share of the schedule run, in (0, 1] (default 0.8, the
+    /// reference's).
+    pub strength: Option<f64>,
 }
 
 /// Wall-clock timings of a parity run, each measured after the device finished its work
@@ -145,9 +183,14 @@ pub fn run_timed(
     options: ParityOptions,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, Timings)> {
-    if options.decode && component != Component::Pipeline {
+    if options.decode && !component.is_pipeline() {
         return Err(Error::InvalidRequest(
-            "decode applies only to the `pipeline` component".into(),
+            "decode applies only to the pipeline components".into(),
+        ));
+    }
+    if options.strength.is_some() && component != Component::PipelineV2v {
+        return Err(Error::InvalidRequest(
+            "strength applies only to `pipeline-v2v`".into(),
         ));
     }
     let dtype = options.dtype.unwrap_or(DType::F32);
@@ -166,11 +209,16 @@ pub fn run_timed(
             let x = take(inputs, component, "hidden_states")?.to_device(device)?;
             let t = take(inputs, component, "timestep")?.to_device(device)?;
             let ctx = take(inputs, component, "encoder_hidden_states")?.to_device(device)?;
+            let img = inputs
+                .get("encoder_hidden_states_image")
+                .map(|t| t.to_device(device)?.to_dtype(dtype))
+                .transpose()?;
             let m = WanTransformer3DModel::load(model, dtype, device)?;
-            let y = m.forward(
+            let y = m.forward_with_image(
                 &x.to_dtype(dtype)?,
                 &t.to_dtype(DType::F32)?,
                 &ctx.to_dtype(dtype)?,
+                img.as_ref(),
             )?;
             out.insert("sample".to_string(), y.to_dtype(DType::F32)?);
         }
@@ -187,8 +235,13 @@ pub fn run_timed(
             let y = m.decode(&z.to_dtype(dtype)?)?;
             out.insert("sample".to_string(), y.to_dtype(DType::F32)?);
         }
-        Component::Pipeline => {
-            let latents = take(inputs, component, "latents")?;
+        Component::ImageEncoder => {
+            let px = take(inputs, component, "pixel_values")?.to_device(device)?;
+            let m = CLIPVisionModel::load(model, dtype, device)?;
+            let y = m.penultimate_hidden_states(&px.to_dtype(dtype)?)?;
+            out.insert("image_embeds".to_string(), y.to_dtype(DType::F32)?);
+        }
+        Component::Pipeline | Component::PipelineI2v | Component::PipelineV2v => {
             let pe = take(inputs, component, "prompt_embeds")?;
             let guidance = options.guidance.unwrap_or(5.0);
             let ne = if guidance > 1.0 {
@@ -225,7 +278,45 @@ pub fn run_timed(
                 }
                 Ok(())
             };
-            let y = p.denoise(latents, pe, ne, steps, guidance, &mut record)?;
+            let (latents, condition, t_start, image_embeds) = match component {
+                Component::PipelineI2v => {
+                    let latents = take(inputs, component, "latents")?.clone();
+                    let image = take(inputs, component, "image")?;
+                    let last = inputs.get("last_image");
+                    let f = latents.dim(2)?;
+                    let num_frames = (f - 1) * p.frame_step() + 1;
+                    let cond = p.prepare_image_condition(image, last, num_frames, &mut record)?;
+                    (latents, cond, 0, inputs.get("image_embeds"))
+                }
+                Component::PipelineV2v => {
+                    let video = take(inputs, component, "video")?;
+                    let noise = take(inputs, component, "noise")?;
+                    let strength = options.strength.unwrap_or(0.8);
+                    let (latents, t_start) =
+                        p.prepare_video_latents(video, noise, steps, strength, &mut record)?;
+                    (latents, LatentCondition::None, t_start, None)
+                }
+                _ => (
+                    take(inputs, component, "latents")?.clone(),
+                    LatentCondition::None,
+                    0,
+                    None,
+                ),
+            };
+            let y = p.denoise_with(
+                DenoiseInputs {
+                    latents: &latents,
+                    prompt_embeds: pe,
+                    negative_prompt_embeds: ne,
+                    image_embeds,
+                    condition: &condition,
+                    num_inference_steps: steps,
+                    guidance_scale: guidance,
+                    guidance_scale_2: None,
+                    t_start,
+                },
+                &mut record,
+            )?;
             if options.decode {
                 let video = p.decode(&y, &mut record)?;
                 device.synchronize()?;
@@ -278,6 +369,8 @@ pub struct FixtureRun {
     pub steps: Option<usize>,
     #[serde(default)]
     pub guidance: Option<f64>,
+    #[serde(default)]
+    pub strength: Option<f64>,
 }
 
 /// A fixture's `case.json`. Runs of other (non-CLI) checks have their own fields and are kept raw.
@@ -341,6 +434,7 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                 ParityOptions {
                     steps: r.steps,
                     guidance: r.guidance,
+                    strength: r.strength,
                     ..Default::default()
                 },
                 &Device::Cpu,

@@ -9,6 +9,8 @@ use std::time::Duration;
 pub enum Stage {
     LoadTextEncoder,
     EncodePrompt,
+    /// Encoding the conditioning images or video (image encoder and VAE), before denoising.
+    EncodeImage,
     LoadTransformer,
     Denoise,
     LoadVae,
@@ -21,6 +23,7 @@ impl Stage {
         match self {
             Stage::LoadTextEncoder => "load text encoder",
             Stage::EncodePrompt => "encode prompt",
+            Stage::EncodeImage => "encode image",
             Stage::LoadTransformer => "load transformer",
             Stage::Denoise => "denoise",
             Stage::LoadVae => "load VAE",

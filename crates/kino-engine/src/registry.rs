@@ -14,23 +14,92 @@ pub struct KnownModel {
     pub description: &'static str,
     /// Approximate download size in GB.
     pub size_gb: f64,
+    /// Starts from a first image (`--image`).
+    pub takes_image: bool,
+    /// Takes a last image too (`--last-image`).
+    pub takes_last_image: bool,
 }
 
 /// The models Kino knows.
-pub const KNOWN_MODELS: [KnownModel; 2] = [
+pub const KNOWN_MODELS: [KnownModel; 7] = [
     KnownModel {
         alias: "wan2.1-t2v-1.3b",
         repo: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         description: "Wan2.1 text-to-video 1.3B: 832×480, 81 frames at 16 fps",
         size_gb: 29.0,
+        takes_image: false,
+        takes_last_image: false,
     },
     KnownModel {
         alias: "wan2.2-ti2v-5b",
         repo: "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
         description: "Wan2.2 text/image-to-video 5B: 1280×704, 121 frames at 24 fps",
         size_gb: 34.0,
+        takes_image: true,
+        takes_last_image: false,
+    },
+    KnownModel {
+        alias: "wan2.1-i2v-14b-480p",
+        repo: "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        description: "Wan2.1 image-to-video 14B (CLIP image tokens): 832×480, 81 frames at 16 fps",
+        size_gb: 82.0,
+        takes_image: true,
+        takes_last_image: false,
+    },
+    KnownModel {
+        alias: "wan2.1-i2v-14b-720p",
+        repo: "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+        description: "Wan2.1 image-to-video 14B (CLIP image tokens): 1280×720, 81 frames at 16 fps",
+        size_gb: 82.0,
+        takes_image: true,
+        takes_last_image: false,
+    },
+    KnownModel {
+        alias: "wan2.1-flf2v-14b-720p",
+        repo: "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers",
+        description: "Wan2.1 first–last-frame-to-video 14B: 1280×720, 81 frames at 16 fps",
+        size_gb: 82.0,
+        takes_image: true,
+        takes_last_image: true,
+    },
+    KnownModel {
+        alias: "wan2.2-t2v-a14b",
+        repo: "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        description: "Wan2.2 text-to-video, two 14B experts (high/low noise): 1280×720, 81 frames at 16 fps",
+        size_gb: 136.0,
+        takes_image: false,
+        takes_last_image: false,
+    },
+    KnownModel {
+        alias: "wan2.2-i2v-a14b",
+        repo: "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        description: "Wan2.2 image-to-video (first and last frame), two 14B experts: 1280×720, 81 frames at 16 fps",
+        size_gb: 136.0,
+        takes_image: true,
+        takes_last_image: true,
     },
 ];
+
+/// The models that start from an image: the bundled one and the known aliases that take one.
+pub fn image_model_names() -> Vec<&'static str> {
+    let mut v = vec![BUNDLED_MODEL];
+    v.extend(
+        KNOWN_MODELS
+            .iter()
+            .filter(|m| m.takes_image)
+            .map(|m| m.alias),
+    );
+    v
+}
+
+/// The known models that take a first and a last image.
+pub fn last_image_model_names() -> Vec<&'static str> {
+    KNOWN_MODELS
+        .iter()
+        .filter(|m| m.takes_last_image)
+        .map(|m| m.alias)
+        .collect()
+}
 
 /// The model that ships inside the Kino repository (`models/kino-shapes`, 14 MB): Kino's own
 /// small Wan-architecture model, trained by `training/train.py`. It is the default model, so a

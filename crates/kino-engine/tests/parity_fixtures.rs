@@ -16,7 +16,7 @@ fn every_fixture_matches_the_reference() {
     let failures: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
     assert!(failures.is_empty(), "outside tolerance: {failures:?}");
     // Every parity component is covered by at least one fixture, and the components of both Wan
-    // variants are there.
+    // variants and every conditioning (issue 16) are there; video-to-video at two strengths.
     for c in Component::ALL {
         assert!(
             results.iter().any(|r| r.component == c.name()),
@@ -31,10 +31,21 @@ fn every_fixture_matches_the_reference() {
         "vae-wan22",
         "pipeline-wan21",
         "pipeline-wan22",
+        "pipeline-ti2v",
+        "pipeline-i2v-wan21",
+        "pipeline-flf2v",
+        "pipeline-v2v",
+        "pipeline-a14b-t2v",
+        "pipeline-a14b-i2v",
     ] {
         assert!(
             results.iter().any(|r| r.case == case),
             "fixture case {case} missing"
         );
     }
+    let v2v = results
+        .iter()
+        .filter(|r| r.case == "pipeline-v2v" && r.component == "pipeline-v2v")
+        .count();
+    assert_eq!(v2v, 2, "video-to-video at two strengths");
 }

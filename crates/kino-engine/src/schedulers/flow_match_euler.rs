@@ -214,6 +214,24 @@ impl super::Scheduler for FlowMatchEulerDiscreteScheduler {
         self.step_index += 1;
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
+
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
+    fn set_begin_index(&mut self, index: usize) -> Result<()> {
+        super::check_begin(CLASS, index, self.timesteps.len())?;
+        self.step_index = index;
+        Ok(())
+    }
+
+    /// `scale_noise`: `σ · noise + (1 − σ) · sample`, σ cast to the sample's dtype.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let sigma = *self.sigmas.get(index).ok_or_else(|| {
+            Error::InvalidRequest(format!("{CLASS}.scale_noise: no sigma at index {index}"))
+        })? as f32;
+        Ok(((noise * sigma as f64)? + (original * (1.0f32 - sigma) as f64)?)?)
+    }
 }
 
 #[cfg(test)]

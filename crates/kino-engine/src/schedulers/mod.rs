@@ -36,6 +36,51 @@ pub trait Scheduler: Send {
     /// sample, the previous sample. Must be called in order, once per timestep.
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
         -> Result<Tensor>;
+    /// `config.num_train_timesteps` (Wan: 1000), the scale of `boundary_ratio`.
+    fn num_train_timesteps(&self) -> usize;
+    /// Makes the next `step` the one at `index` (after `set_timesteps`), with no multistep
+    /// history: what the reference's `_init_step_index` does when a pipeline starts part-way
+    /// down the schedule (video-to-video).
+    fn set_begin_index(&mut self, index: usize) -> Result<()>;
+    /// The forward process at `sigmas()[index]`: UniPC's `add_noise`
+    /// (`(1 − σ)·original + σ·noise`), flow-match Euler's `scale_noise`
+    /// (`σ·noise + (1 − σ)·original`), in the sample's dtype as the reference computes them.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
+}
+
+/// The reference's `index_for_timestep`: the position of `timestep` in `timesteps`; the second
+/// one when it occurs more than once, the last position when it does not occur.
+pub fn index_for_timestep(timesteps: &[f64], timestep: f64) -> usize {
+    let hits: Vec<usize> = (0..timesteps.len())
+        .filter(|&i| timesteps[i] == timestep)
+        .collect();
+    match hits.as_slice() {
+        [] => timesteps.len().saturating_sub(1),
+        [only] => *only,
+        [_, second, ..] => *second,
+    }
+}
+
+/// `get_timesteps` of the image/video-to-video pipelines: how many of `num_inference_steps`
+/// steps a `strength` runs, and the index of the first one (`t_start`).
+pub fn strength_start(num_inference_steps: usize, strength: f64) -> (usize, usize) {
+    let init = ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
+    let t_start = num_inference_steps.saturating_sub(init);
+    (t_start, num_inference_steps - t_start)
+}
+
+pub(crate) fn check_begin(class: &str, index: usize, num_steps: usize) -> Result<()> {
+    if num_steps == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "{class}: call set_timesteps before set_begin_index"
+        )));
+    }
+    if index >= num_steps {
+        return Err(Error::InvalidRequest(format!(
+            "{class}: begin index {index} is past the last of {num_steps} steps"
+        )));
+    }
+    Ok(())
 }
 
 /// Scheduler classes we implement.

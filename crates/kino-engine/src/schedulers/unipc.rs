@@ -589,6 +589,29 @@ impl super::Scheduler for UniPCMultistepScheduler {
         self.step_index += 1;
         Ok(prev_sample)
     }
+
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
+    fn set_begin_index(&mut self, index: usize) -> Result<()> {
+        super::check_begin(CLASS, index, self.timesteps.len())?;
+        self.model_outputs = vec![None; self.config.solver_order];
+        self.lower_order_nums = 0;
+        self.last_sample = None;
+        self.step_index = index;
+        Ok(())
+    }
+
+    /// `add_noise` with flow sigmas: `alpha_t = 1 − σ`, `sigma_t = σ` (σ cast to the sample's
+    /// dtype), `alpha_t · original + sigma_t · noise`.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let sigma = *self.sigmas.get(index).ok_or_else(|| {
+            Error::InvalidRequest(format!("{CLASS}.add_noise: no sigma at index {index}"))
+        })? as f32;
+        let alpha_t = 1.0f32 - sigma;
+        Ok(((original * alpha_t as f64)? + (noise * sigma as f64)?)?)
+    }
 }
 
 #[cfg(test)]

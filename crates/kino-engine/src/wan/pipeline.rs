@@ -1,7 +1,12 @@
-//! Text-to-video with Wan: mirrors diffusers' `WanPipeline` (`pipelines/wan/pipeline_wan.py`),
-//! `__call__` step by step: check inputs → encode prompt → `set_timesteps` → prepare latents →
-//! denoising loop with classifier-free guidance → `latents / latents_std + latents_mean` → VAE decode
-//! → frames.
+//! Wan video generation, one pipeline for every conditioning: mirrors diffusers' `WanPipeline`
+//! (`pipelines/wan/pipeline_wan.py`, text), `WanImageToVideoPipeline` (`pipeline_wan_i2v.py`:
+//! Wan2.1 I2V / first–last frame with the CLIP image encoder, Wan2.2 TI2V's first latent frame
+//! with per-token timesteps, Wan2.2 A14B's two experts) and `WanVideoToVideoPipeline`
+//! (`pipeline_wan_video2video.py`), `__call__` step by step: check inputs → encode prompt →
+//! encode image → `set_timesteps` (cut by `strength`) → prepare latents (noise, condition
+//! latents, mask) → denoising loop with classifier-free guidance (high-noise expert, then the
+//! low-noise one past `boundary_ratio`) → `latents / latents_std + latents_mean` → VAE decode →
+//! frames.
 //!
 //! Differences from the reference, on purpose:
 //! - a request that breaks the frame rule (4k+1) or the size multiple is refused with the nearest
@@ -10,7 +15,12 @@
 //!   device), not PyTorch's, so the same seed gives another (equally valid) video;
 //! - the negative prompt defaults to the Wan family's own recommended one (the original Wan
 //!   repository's `sample_neg_prompt`), where diffusers defaults to "";
-//! - low-memory mode loads each model just before its stage and frees it right after.
+//! - low-memory mode loads each model just before its stage and frees it right after (the two
+//!   experts of a Wan2.2 A14B model one after the other);
+//! - a first–last-frame request to an I2V model whose image embedder has no `pos_embed`, or a
+//!   last image for a TI2V model, is refused (the reference crashes, or ignores the last image);
+//! - video-to-video uses the VAE's real spatial factor (the reference assumes 8× and fails on
+//!   the Wan2.2 5B VAE), and a `strength` that leaves no step is refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,6 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
+use crate::clip::{self, CLIPVisionModel, ImageProcessorConfig};
 use crate::loading::{read_config, ModelIndex};
 use crate::progress::{Progress, ProgressEvent, Stage};
 use crate::schedulers::{self, Scheduler};
@@ -172,6 +183,16 @@ pub struct ResolvedRequest {
     pub shift: f64,
     pub seed: u64,
     pub fps: u32,
+    /// What the run starts from: "text", "image", "first-last image" or "video".
+    #[serde(default = "text_kind")]
+    pub conditioning: String,
+    /// Video-to-video: the share of the schedule run.
+    #[serde(default)]
+    pub strength: Option<f64>,
+}
+
+fn text_kind() -> String {
+    "text".into()
 }
 
 /// The result of one generation.
@@ -229,12 +250,53 @@ pub struct WanPipeline {
     index: ModelIndex,
     options: PipelineOptions,
     transformer_config: transformer::Config,
+    /// Wan2.2 A14B: the low-noise expert's config, and the timestep fraction below which it
+    /// takes over (`boundary_ratio` in model_index.json).
+    transformer_2_config: Option<transformer::Config>,
+    boundary_ratio: Option<f64>,
     vae_config: vae::Config,
     scheduler: Box<dyn Scheduler>,
     defaults: ModelDefaults,
+    /// Wan2.1 I2V: `image_processor/` (CLIP preprocessing).
+    image_processor: Option<ImageProcessorConfig>,
     text_encoder: Option<WanTextEncoder>,
+    image_encoder: Option<CLIPVisionModel>,
     transformer: Option<WanTransformer3DModel>,
+    transformer_2: Option<WanTransformer3DModel>,
     vae: Option<AutoencoderKLWan>,
+}
+
+/// The conditioning of one run in latent space, as `prepare_latents` of the reference builds it.
+#[derive(Debug, Clone)]
+pub enum LatentCondition {
+    /// Text to video (and video to video: the source is in the initial latents).
+    None,
+    /// Wan2.2 TI2V (`expand_timesteps`): the normalised latent of the first image,
+    /// `[B, z, 1, h, w]`; latent frame 0 is replaced by it before every forward (its tokens get
+    /// timestep 0) and once more after the loop.
+    FirstFrame(Tensor),
+    /// Wan2.1 I2V / FLF2V and Wan2.2 I2V: the mask (4 channels) and the normalised condition
+    /// latents, `[B, 4 + z, T, h, w]`, concatenated to the latents on channels at every forward.
+    Channels(Tensor),
+}
+
+/// Everything one denoising loop needs besides the scheduler and the models.
+#[derive(Debug, Clone, Copy)]
+pub struct DenoiseInputs<'a> {
+    /// The initial latents `[B, z, T, h, w]`: noise, or (video-to-video) the noised source.
+    pub latents: &'a Tensor,
+    pub prompt_embeds: &'a Tensor,
+    pub negative_prompt_embeds: Option<&'a Tensor>,
+    /// The image encoder's tokens (Wan2.1 I2V), `[B, S, image_dim]` or `[2B, S, image_dim]` with
+    /// a last image.
+    pub image_embeds: Option<&'a Tensor>,
+    pub condition: &'a LatentCondition,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    /// The low-noise expert's guidance (`guidance_scale_2`; `None`: `guidance_scale`).
+    pub guidance_scale_2: Option<f64>,
+    /// The first step to run (video-to-video's `t_start`); 0 runs the whole schedule.
+    pub t_start: usize,
 }
 
 /// Estimated peak memory of a run, in bytes.
@@ -255,28 +317,105 @@ impl WanPipeline {
         let scheduler_dir = component_dir(root, &index, "scheduler")?;
         let transformer_config: transformer::Config =
             read_config(&transformer_dir, &["WanTransformer3DModel"])?;
+        transformer_config.validate()?;
         let vae_config: vae::Config = read_config(&vae_dir, &["AutoencoderKLWan"])?;
         let scheduler = schedulers::from_folder(&scheduler_dir)?;
-        if transformer_config.in_channels != vae_config.z_dim {
-            return Err(Error::BadFile {
-                path: transformer_dir.join("config.json"),
-                message: format!(
-                    "transformer in_channels {} does not match the VAE's z_dim {}; the components come from different models",
-                    transformer_config.in_channels, vae_config.z_dim
-                ),
-            });
-        }
+        let z = vae_config.z_dim;
+        let check_channels = |cfg: &transformer::Config, dir: &Path| -> Result<()> {
+            let c = cfg.in_channels;
+            if c != z && c != 2 * z + 4 {
+                return Err(Error::BadFile {
+                    path: dir.join("config.json"),
+                    message: format!(
+                        "transformer in_channels {c} fits neither text-to-video (the VAE's z_dim, {z}) \
+                         nor image-to-video (2·z_dim + 4 = {}); the components come from different models",
+                        2 * z + 4
+                    ),
+                });
+            }
+            if cfg.out_channels() != z {
+                return Err(Error::BadFile {
+                    path: dir.join("config.json"),
+                    message: format!(
+                        "transformer out_channels {} does not match the VAE's z_dim {z}",
+                        cfg.out_channels()
+                    ),
+                });
+            }
+            Ok(())
+        };
+        check_channels(&transformer_config, &transformer_dir)?;
+
+        // Wan2.2 A14B: two experts split at boundary_ratio. A folder with one but not the other
+        // would run differently from the reference (or not at all there): refuse it.
+        let boundary_ratio = match index.extra.get("boundary_ratio") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => Some(r),
+                _ => {
+                    return Err(Error::BadFile {
+                        path: root.join("model_index.json"),
+                        message: format!("boundary_ratio {v} must be a number in [0, 1]"),
+                    })
+                }
+            },
+        };
+        let has_t2 = matches!(index.components.get("transformer_2"), Some(Some(_)));
+        let transformer_2_config = match (has_t2, boundary_ratio) {
+            (true, Some(_)) => {
+                let dir = component_dir(root, &index, "transformer_2")?;
+                let cfg: transformer::Config = read_config(&dir, &["WanTransformer3DModel"])?;
+                cfg.validate()?;
+                check_channels(&cfg, &dir)?;
+                if cfg.in_channels != transformer_config.in_channels
+                    || cfg.patch_size != transformer_config.patch_size
+                    || cfg.text_dim != transformer_config.text_dim
+                    || cfg.image_dim != transformer_config.image_dim
+                {
+                    return Err(Error::BadFile {
+                        path: dir.join("config.json"),
+                        message: "transformer_2 takes other inputs than transformer (in_channels, patch_size, text_dim or image_dim differ); the experts come from different models".into(),
+                    });
+                }
+                Some(cfg)
+            }
+            (true, None) => {
+                return Err(Error::BadFile {
+                    path: root.join("model_index.json"),
+                    message: "the folder has a second expert (transformer_2) but no boundary_ratio, so the reference never runs it; set boundary_ratio (Wan2.2 A14B: 0.875 text-to-video, 0.9 image-to-video) or remove transformer_2".into(),
+                });
+            }
+            (false, Some(r)) => {
+                return Err(Error::BadFile {
+                    path: root.join("model_index.json"),
+                    message: format!("boundary_ratio is {r} but the folder has no transformer_2 (the low-noise expert); add it or set boundary_ratio to null"),
+                });
+            }
+            (false, None) => None,
+        };
+        let image_processor = if transformer_config.image_dim.is_some() {
+            component_dir(root, &index, "image_encoder")?;
+            let dir = component_dir(root, &index, "image_processor")?;
+            Some(clip::read_image_processor(&dir)?)
+        } else {
+            None
+        };
         let defaults = read_defaults(root, &index, &vae_config)?;
         Ok(Self {
             root: root.to_path_buf(),
             index,
             options,
             transformer_config,
+            transformer_2_config,
+            boundary_ratio,
             vae_config,
             scheduler,
             defaults,
+            image_processor,
             text_encoder: None,
+            image_encoder: None,
             transformer: None,
+            transformer_2: None,
             vae: None,
         })
     }
@@ -304,10 +443,14 @@ impl WanPipeline {
         let z = self.vae_config.z_dim;
         let i2v = self.transformer_config.in_channels == 2 * z + 4;
         let expand = self.index.expand_timesteps();
+        // Two images' CLIP tokens need the FLF2V image embedder (its pos_embed); without CLIP
+        // (Wan2.2 I2V) the last image is only a latent frame.
+        let two_images = self.transformer_config.image_dim.is_none()
+            || self.transformer_config.pos_embed_seq_len.is_some();
         Capabilities {
             text: !i2v,
             image: i2v || expand,
-            last_image: i2v && !expand,
+            last_image: i2v && !expand && two_images,
             video: !i2v,
         }
     }
@@ -375,7 +518,11 @@ impl WanPipeline {
                 .clone()
                 .unwrap_or_else(|| DEFAULT_NEGATIVE_PROMPT.to_string())
         });
-        Ok(ResolvedRequest {
+        let strength = match &req.conditioning {
+            Conditioning::Video { strength, .. } => Some(*strength),
+            _ => None,
+        };
+        let r = ResolvedRequest {
             prompt: req.prompt.clone(),
             negative_prompt,
             width,
@@ -386,7 +533,99 @@ impl WanPipeline {
             shift,
             seed: req.seed.unwrap_or_else(random_seed),
             fps: d.fps,
-        })
+            conditioning: req.conditioning.kind().to_string(),
+            strength,
+        };
+        self.check_conditioning(&req.conditioning, &r)?;
+        Ok(r)
+    }
+
+    /// Checks that this model takes `c` and that its images or frames fit the request `r`.
+    pub fn check_conditioning(&self, c: &Conditioning, r: &ResolvedRequest) -> Result<()> {
+        let caps = self.capabilities();
+        let fits = |what: &str, img: &RgbImage| -> Result<()> {
+            if img.width != r.width
+                || img.height != r.height
+                || img.data.len() != img.width * img.height * 3
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "the {what} is {}×{} but the video is {}×{}; resize and crop it to the video's size first",
+                    img.width, img.height, r.width, r.height
+                )));
+            }
+            Ok(())
+        };
+        match c {
+            Conditioning::Text if !caps.text => Err(Error::InvalidRequest(
+                "this is an image-to-video model: it needs a first image (--image FIRST.png, or \
+                 input_reference in the API)"
+                    .into(),
+            )),
+            Conditioning::Text => Ok(()),
+            Conditioning::Image { .. } if !caps.image => Err(Error::InvalidRequest(format!(
+                "this model makes video from text only and cannot start from an image; models \
+                 that take one: {}",
+                crate::registry::image_model_names().join(", ")
+            ))),
+            Conditioning::Image { last: Some(_), .. } if !caps.last_image => {
+                let why = if self.index.expand_timesteps() {
+                    "this model (Wan2.2 TI2V form) takes a first image only"
+                } else {
+                    "this model's image encoder takes one image (its image embedder has no pos_embed for two)"
+                };
+                Err(Error::InvalidRequest(format!(
+                    "{why}; for a first and a last frame use a first–last-frame model ({})",
+                    crate::registry::last_image_model_names().join(", ")
+                )))
+            }
+            Conditioning::Image { first, last } => {
+                fits("first image", first)?;
+                if let Some(l) = last {
+                    fits("last image", l)?;
+                    if r.num_frames < 2 {
+                        return Err(Error::InvalidRequest(
+                            "a first and a last image need at least 2 frames; try --frames 5"
+                                .into(),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Conditioning::Video { .. } if !caps.video => Err(Error::InvalidRequest(
+                "this is an image-to-video model; it cannot restyle a video. Give it an image, \
+                 or use a text-to-video model (e.g. wan2.1-t2v-1.3b) for video-to-video"
+                    .into(),
+            )),
+            Conditioning::Video { frames, strength } => {
+                if !strength.is_finite() || *strength <= 0.0 || *strength > 1.0 {
+                    return Err(Error::InvalidRequest(format!(
+                        "strength {strength} is outside (0, 1]: 1 ignores the source video, small \
+                         values keep it almost unchanged; try 0.7"
+                    )));
+                }
+                let (_, run) = schedulers::strength_start(r.num_inference_steps, *strength);
+                if run == 0 {
+                    return Err(Error::InvalidRequest(format!(
+                        "strength {strength} with {} steps runs no denoising step (int(steps · \
+                         strength) = 0); use a strength of at least {:.3} or more steps",
+                        r.num_inference_steps,
+                        1.0 / r.num_inference_steps as f64
+                    )));
+                }
+                if frames.len() < r.num_frames {
+                    return Err(Error::InvalidRequest(format!(
+                        "the source video has {} frames but {} are needed; use fewer frames or a \
+                         longer video",
+                        frames.len(),
+                        r.num_frames
+                    )));
+                }
+                for f in &frames[..r.num_frames] {
+                    fits("source video", f)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Latent shape `[1, z, F', H', W']` for a resolved request.
@@ -421,7 +660,13 @@ impl WanPipeline {
         let act = tokens * dim * dt * 12
             + tokens * c.ffn_dim as u64 * dt * 2
             + (c.num_attention_heads as u64) * tokens.min(4096) * tokens * 4;
-        let transformer = weights + act;
+        // Two experts: one at a time in low-memory mode, both otherwise.
+        let transformer = weights
+            + act
+            + match &self.transformer_2_config {
+                Some(c2) if !self.options.low_memory => c2.num_params() as u64 * dt,
+                _ => 0,
+            };
 
         let v = &self.vae_config;
         let pixels = (r.width * r.height) as u64;
@@ -471,14 +716,54 @@ impl WanPipeline {
             do_cfg.then_some(r.negative_prompt.as_str()),
             progress,
         )?;
-        let latents = self.prepare_latents(&r)?;
         self.scheduler.set_shift(r.shift);
-        let latents = self.denoise(
-            &latents,
-            &prompt_embeds,
-            negative_embeds.as_ref(),
-            r.num_inference_steps,
-            r.guidance_scale,
+        let noise = self.prepare_latents(&r)?;
+        let device = self.options.device.clone();
+        let mut image_embeds = None;
+        let (latents, condition, t_start) = match &req.conditioning {
+            Conditioning::Text => (noise, LatentCondition::None, 0),
+            Conditioning::Image { first, last } => {
+                if self.transformer_config.image_dim.is_some() {
+                    let mut images = vec![first];
+                    images.extend(last.as_ref());
+                    image_embeds = Some(self.encode_image(&images, progress)?);
+                }
+                let first = image_to_tensor(first, &device)?;
+                let last = last
+                    .as_ref()
+                    .map(|l| image_to_tensor(l, &device))
+                    .transpose()?;
+                let cond =
+                    self.prepare_image_condition(&first, last.as_ref(), r.num_frames, progress)?;
+                (noise, cond, 0)
+            }
+            Conditioning::Video { frames, strength } => {
+                let video = frames_to_tensor(&frames[..r.num_frames], &device)?;
+                let (latents, t_start) = self.prepare_video_latents(
+                    &video,
+                    &noise,
+                    r.num_inference_steps,
+                    *strength,
+                    progress,
+                )?;
+                (latents, LatentCondition::None, t_start)
+            }
+        };
+        if self.options.low_memory {
+            self.vae = None;
+        }
+        let latents = self.denoise_with(
+            DenoiseInputs {
+                latents: &latents,
+                prompt_embeds: &prompt_embeds,
+                negative_prompt_embeds: negative_embeds.as_ref(),
+                image_embeds: image_embeds.as_ref(),
+                condition: &condition,
+                num_inference_steps: r.num_inference_steps,
+                guidance_scale: r.guidance_scale,
+                guidance_scale_2: None,
+                t_start,
+            },
             progress,
         )?;
         drop(prompt_embeds);
@@ -551,23 +836,42 @@ impl WanPipeline {
         Ok(Tensor::from_vec(data, &shape[..], &self.options.device)?)
     }
 
-    fn load_transformer(&mut self, progress: Progress) -> Result<()> {
-        if self.transformer.is_none() {
-            let t0 = Instant::now();
-            emit(progress, Stage::LoadTransformer, 0, 1, t0)?;
-            let dir = component_dir(&self.root, &self.index, "transformer")?;
-            self.transformer = Some(WanTransformer3DModel::load(
-                &dir,
-                self.options.dtype,
-                &self.options.device,
-            )?);
-            emit(progress, Stage::LoadTransformer, 1, 1, t0)?;
+    /// Loads expert `which` (1: `transformer`, 2: `transformer_2`); in low-memory mode the
+    /// other expert is freed first.
+    fn load_transformer(&mut self, which: usize, progress: Progress) -> Result<()> {
+        let loaded = if which == 1 {
+            self.transformer.is_some()
+        } else {
+            self.transformer_2.is_some()
+        };
+        if loaded {
+            return Ok(());
         }
+        if self.options.low_memory {
+            self.transformer = None;
+            self.transformer_2 = None;
+        }
+        let t0 = Instant::now();
+        emit(progress, Stage::LoadTransformer, 0, 1, t0)?;
+        let name = if which == 1 {
+            "transformer"
+        } else {
+            "transformer_2"
+        };
+        let dir = component_dir(&self.root, &self.index, name)?;
+        let model = WanTransformer3DModel::load(&dir, self.options.dtype, &self.options.device)?;
+        if which == 1 {
+            self.transformer = Some(model);
+        } else {
+            self.transformer_2 = Some(model);
+        }
+        emit(progress, Stage::LoadTransformer, 1, 1, t0)?;
         Ok(())
     }
 
-    /// The denoising loop of `__call__` (section 6): from initial latents and prompt embeddings
-    /// to the final latents (f32). Uses the scheduler as configured (see [`Self::set_shift`]).
+    /// The denoising loop of `__call__` for text-to-video (section 6): from initial latents and
+    /// prompt embeddings to the final latents (f32). Uses the scheduler as configured (see
+    /// [`Self::set_shift`]).
     pub fn denoise(
         &mut self,
         latents: &Tensor,
@@ -577,18 +881,39 @@ impl WanPipeline {
         guidance_scale: f64,
         progress: Progress,
     ) -> Result<Tensor> {
+        self.denoise_with(
+            DenoiseInputs {
+                latents,
+                prompt_embeds,
+                negative_prompt_embeds,
+                image_embeds: None,
+                condition: &LatentCondition::None,
+                num_inference_steps,
+                guidance_scale,
+                guidance_scale_2: None,
+                t_start: 0,
+            },
+            progress,
+        )
+    }
+
+    /// The denoising loop for every conditioning: text (`WanPipeline`), image
+    /// (`WanImageToVideoPipeline`, both forms, two experts) and video
+    /// (`WanVideoToVideoPipeline`, from `t_start`).
+    pub fn denoise_with(&mut self, inp: DenoiseInputs, progress: Progress) -> Result<Tensor> {
+        let guidance_scale = inp.guidance_scale;
         let do_cfg = guidance_scale > 1.0;
-        if do_cfg && negative_prompt_embeds.is_none() {
+        if do_cfg && inp.negative_prompt_embeds.is_none() {
             return Err(Error::InvalidRequest(
                 "guidance scale > 1 needs negative prompt embeddings".into(),
             ));
         }
-        let dims = latents.dims().to_vec();
-        let c = &self.transformer_config;
-        if dims.len() != 5 || dims[1] != c.in_channels {
+        let dims = inp.latents.dims().to_vec();
+        let c = self.transformer_config.clone();
+        let z = self.vae_config.z_dim;
+        if dims.len() != 5 || dims[1] != z {
             return Err(Error::InvalidRequest(format!(
-                "latents must be [B, {}, F, H, W], got {dims:?}",
-                c.in_channels
+                "latents must be [B, {z}, F, H, W], got {dims:?}"
             )));
         }
         let (ph, pw) = (c.patch_size[1], c.patch_size[2]);
@@ -598,74 +923,207 @@ impl WanPipeline {
                 dims[3], dims[4]
             )));
         }
-        self.load_transformer(progress)?;
-        let model = self
-            .transformer
-            .as_ref()
-            .ok_or_else(|| Error::InvalidRequest("transformer not loaded".into()))?;
+        let (batch, frames) = (dims[0], dims[2]);
+        let wants_channels = c.in_channels == 2 * z + 4;
+        match inp.condition {
+            LatentCondition::Channels(cond) => {
+                let cd = cond.dims();
+                if !wants_channels
+                    || cd.len() != 5
+                    || cd[0] != batch
+                    || cd[1] != z + 4
+                    || cd[2..] != dims[2..]
+                {
+                    return Err(Error::InvalidRequest(format!(
+                        "the mask and condition latents {cd:?} do not fit latents {dims:?} for a \
+                         transformer with {} input channels",
+                        c.in_channels
+                    )));
+                }
+            }
+            _ if wants_channels => {
+                return Err(Error::InvalidRequest(
+                    "this image-to-video transformer needs the mask and condition latents of a \
+                     first image"
+                        .into(),
+                ))
+            }
+            LatentCondition::FirstFrame(cond) => {
+                let cd = cond.dims();
+                if cd.len() != 5
+                    || cd[0] != batch
+                    || cd[1] != z
+                    || cd[2] != 1
+                    || cd[3..] != dims[3..]
+                {
+                    return Err(Error::InvalidRequest(format!(
+                        "the first-frame latent {cd:?} does not fit latents {dims:?}"
+                    )));
+                }
+                if !self.index.expand_timesteps() {
+                    return Err(Error::InvalidRequest(
+                        "a first-frame latent needs an expand_timesteps model (Wan2.2 TI2V)".into(),
+                    ));
+                }
+            }
+            LatentCondition::None => {}
+        }
+        if c.image_dim.is_some() && inp.image_embeds.is_none() {
+            return Err(Error::InvalidRequest(
+                "this transformer reads image embeddings (image_dim is set): give the image \
+                 encoder's output (image_embeds)"
+                    .into(),
+            ));
+        }
         let dtype = self.options.dtype;
-        let device = &self.options.device;
-        let batch = dims[0];
-        let seq_len = dims[2] * (dims[3] / ph) * (dims[4] / pw);
-        let prompt_embeds = prompt_embeds.to_device(device)?.to_dtype(dtype)?;
-        let negative = match negative_prompt_embeds {
-            Some(n) if do_cfg => Some(n.to_device(device)?.to_dtype(dtype)?),
+        let device = self.options.device.clone();
+        let seq_len = frames * (dims[3] / ph) * (dims[4] / pw);
+        let tokens_per_frame = seq_len / frames;
+        let prompt_embeds = inp.prompt_embeds.to_device(&device)?.to_dtype(dtype)?;
+        let negative = match inp.negative_prompt_embeds {
+            Some(n) if do_cfg => Some(n.to_device(&device)?.to_dtype(dtype)?),
             _ => None,
         };
-        // Batched guidance: [prompt; negative] along the batch, built once.
-        let both = match &negative {
-            Some(n) if self.options.batched_cfg => Some(Tensor::cat(&[&prompt_embeds, n], 0)?),
+        let image_embeds = match inp.image_embeds {
+            Some(e) if c.image_dim.is_some() => Some(e.to_device(&device)?.to_dtype(dtype)?),
             _ => None,
+        };
+        let batched = self.options.batched_cfg && negative.is_some();
+        // Batched guidance: [prompt; negative] along the batch, built once (the image tokens,
+        // the same for both, repeated).
+        let both = match &negative {
+            Some(n) if batched => Some(Tensor::cat(&[&prompt_embeds, n], 0)?),
+            _ => None,
+        };
+        let both_images = match &image_embeds {
+            Some(e) if batched => Some(Tensor::cat(&[e, e], 0)?),
+            _ => None,
+        };
+        let condition = match inp.condition {
+            LatentCondition::None => None,
+            LatentCondition::FirstFrame(t) | LatentCondition::Channels(t) => {
+                Some(t.to_device(&device)?.to_dtype(DType::F32)?)
+            }
         };
 
-        self.scheduler.set_timesteps(num_inference_steps)?;
+        self.scheduler.set_timesteps(inp.num_inference_steps)?;
         let timesteps = self.scheduler.timesteps().to_vec();
+        if inp.t_start >= timesteps.len() {
+            return Err(Error::InvalidRequest(format!(
+                "t_start {} leaves none of the {} steps",
+                inp.t_start,
+                timesteps.len()
+            )));
+        }
+        let run = timesteps[inp.t_start..].to_vec();
+        // The scheduler finds its first index from the first timestep (`_init_step_index`).
+        let begin = schedulers::index_for_timestep(&timesteps, run[0]);
+        if begin + run.len() > timesteps.len() {
+            return Err(Error::InvalidRequest(format!(
+                "the schedule repeats timestep {} so the reference would step past its end; use another number of steps",
+                run[0]
+            )));
+        }
+        self.scheduler.set_begin_index(begin)?;
+        let boundary = self
+            .boundary_ratio
+            .map(|r| r * self.scheduler.num_train_timesteps() as f64);
         let expand = self.index.expand_timesteps();
-        let mut latents = latents.to_device(device)?.to_dtype(DType::F32)?;
+        let first_frame = matches!(inp.condition, LatentCondition::FirstFrame(_));
+        let mut latents = inp.latents.to_device(&device)?.to_dtype(DType::F32)?;
         let t0 = Instant::now();
-        emit(progress, Stage::Denoise, 0, timesteps.len(), t0)?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let latent_model_input = latents.to_dtype(dtype)?;
-            // With expand_timesteps the mask is all ones for text-to-video, so every token gets t.
-            let timestep = if expand {
-                Tensor::full(t as f32, (batch, seq_len), device)?
+        emit(progress, Stage::Denoise, 0, run.len(), t0)?;
+        for (i, &t) in run.iter().enumerate() {
+            let low_noise = matches!(boundary, Some(b) if t < b);
+            let (which, g) = if low_noise {
+                (2, inp.guidance_scale_2.unwrap_or(guidance_scale))
             } else {
-                Tensor::full(t as f32, batch, device)?
+                (1, guidance_scale)
+            };
+            self.load_transformer(which, progress)?;
+            let model = if which == 1 {
+                self.transformer.as_ref()
+            } else {
+                self.transformer_2.as_ref()
+            }
+            .ok_or_else(|| Error::InvalidRequest("transformer not loaded".into()))?;
+
+            let latent_model_input = match (&condition, first_frame) {
+                // (1 − mask)·condition + mask·latents, mask 0 on latent frame 0 only.
+                (Some(cond), true) => {
+                    if frames > 1 {
+                        Tensor::cat(&[cond, &latents.narrow(2, 1, frames - 1)?], 2)?
+                    } else {
+                        cond.clone()
+                    }
+                }
+                (Some(cond), false) => Tensor::cat(&[&latents, cond], 1)?,
+                (None, _) => latents.clone(),
+            }
+            .to_dtype(dtype)?;
+            let timestep = if expand {
+                // (mask[0][0][:, ::2, ::2] · t).flatten(): 0 for frame-0 tokens of an image.
+                let mut ts = vec![t as f32; seq_len];
+                if first_frame {
+                    ts[..tokens_per_frame].iter_mut().for_each(|v| *v = 0.0);
+                }
+                Tensor::from_vec(ts, seq_len, &device)?
+                    .unsqueeze(0)?
+                    .repeat((batch, 1))?
+            } else {
+                Tensor::full(t as f32, batch, &device)?
             };
             let noise_pred = match (&both, &negative) {
                 (Some(both), _) => {
                     let x = Tensor::cat(&[&latent_model_input, &latent_model_input], 0)?;
                     let ts = Tensor::cat(&[&timestep, &timestep], 0)?;
-                    let out = model.forward(&x, &ts, both)?;
+                    let out = model.forward_with_image(&x, &ts, both, both_images.as_ref())?;
                     let cond = out.narrow(0, 0, batch)?;
                     let uncond = out.narrow(0, batch, batch)?;
-                    (&uncond + ((cond - &uncond)? * guidance_scale)?)?
+                    (&uncond + ((cond - &uncond)? * g)?)?
                 }
                 (None, Some(neg)) => {
-                    let cond = model.forward(&latent_model_input, &timestep, &prompt_embeds)?;
-                    let uncond = model.forward(&latent_model_input, &timestep, neg)?;
+                    let cond = model.forward_with_image(
+                        &latent_model_input,
+                        &timestep,
+                        &prompt_embeds,
+                        image_embeds.as_ref(),
+                    )?;
+                    let uncond = model.forward_with_image(
+                        &latent_model_input,
+                        &timestep,
+                        neg,
+                        image_embeds.as_ref(),
+                    )?;
                     // noise_uncond + g · (noise_pred − noise_uncond)
-                    (&uncond + ((cond - &uncond)? * guidance_scale)?)?
+                    (&uncond + ((cond - &uncond)? * g)?)?
                 }
-                (None, None) => model.forward(&latent_model_input, &timestep, &prompt_embeds)?,
+                (None, None) => model.forward_with_image(
+                    &latent_model_input,
+                    &timestep,
+                    &prompt_embeds,
+                    image_embeds.as_ref(),
+                )?,
             };
-            latents = self.scheduler.step(&noise_pred, i, &latents)?;
-            emit(progress, Stage::Denoise, i + 1, timesteps.len(), t0)?;
+            latents = self.scheduler.step(&noise_pred, begin + i, &latents)?;
+            emit(progress, Stage::Denoise, i + 1, run.len(), t0)?;
+        }
+        if let (Some(cond), true) = (&condition, first_frame) {
+            latents = if frames > 1 {
+                Tensor::cat(&[cond, &latents.narrow(2, 1, frames - 1)?], 2)?
+            } else {
+                cond.clone()
+            };
         }
         if self.options.low_memory {
             self.transformer = None;
+            self.transformer_2 = None;
         }
         Ok(latents)
     }
 
-    /// Overrides the scheduler's shift (flow_shift) for the next `denoise`.
-    pub fn set_shift(&mut self, shift: f64) {
-        self.scheduler.set_shift(shift);
-    }
-
-    /// `latents / latents_std + latents_mean` then the VAE decode: video in [-1, 1],
-    /// `[B, 3, F, H, W]` f32.
-    pub fn decode(&mut self, latents: &Tensor, progress: Progress) -> Result<Tensor> {
+    /// Loads the VAE if it is not loaded.
+    fn load_vae(&mut self, progress: Progress) -> Result<()> {
         if self.vae.is_none() {
             let t0 = Instant::now();
             emit(progress, Stage::LoadVae, 0, 1, t0)?;
@@ -676,11 +1134,13 @@ impl WanPipeline {
             self.vae = Some(vae);
             emit(progress, Stage::LoadVae, 1, 1, t0)?;
         }
-        let vae = self
-            .vae
-            .as_ref()
-            .ok_or_else(|| Error::InvalidRequest("VAE not loaded".into()))?;
-        let cfg = vae.config();
+        Ok(())
+    }
+
+    /// `latents_mean` and `1 / latents_std` as `[1, z, 1, 1, 1]` in `dtype` (the reference
+    /// computes `1 / std` first).
+    fn latent_stats(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.vae_config;
         let z = cfg.z_dim;
         let device = &self.options.device;
         let mean: Vec<f32> = cfg.latents_mean.iter().map(|&x| x as f32).collect();
@@ -695,11 +1155,209 @@ impl WanPipeline {
                 ),
             });
         }
+        let mean = Tensor::from_vec(mean, (1, z, 1, 1, 1), device)?.to_dtype(dtype)?;
+        let inv_std = (1.0 / Tensor::from_vec(std, (1, z, 1, 1, 1), device)?)?.to_dtype(dtype)?;
+        Ok((mean, inv_std))
+    }
+
+    /// The VAE encoding of a video `[B, 3, F, H, W]` in [-1, 1] as the pipelines use it:
+    /// `retrieve_latents(..., sample_mode="argmax")` (the mean), then
+    /// `(latents − latents_mean) · (1 / latents_std)`; f32 `[B, z, T, h, w]`.
+    pub fn encode_latents(&mut self, video: &Tensor, progress: Progress) -> Result<Tensor> {
+        self.load_vae(progress)?;
+        let vae = self
+            .vae
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("VAE not loaded".into()))?;
+        let t0 = Instant::now();
+        emit(progress, Stage::EncodeImage, 0, 1, t0)?;
+        let x = video
+            .to_device(&self.options.device)?
+            .to_dtype(self.options.vae_dtype)?;
+        let (mean, _logvar) = vae.encode(&x)?;
+        let z = mean.to_dtype(DType::F32)?;
+        let (m, inv_std) = self.latent_stats(DType::F32)?;
+        let z = z.broadcast_sub(&m)?.broadcast_mul(&inv_std)?;
+        emit(progress, Stage::EncodeImage, 1, 1, t0)?;
+        Ok(z)
+    }
+
+    /// `prepare_latents` of `WanImageToVideoPipeline` from the preprocessed image(s)
+    /// `[1, 3, H, W]` in [-1, 1]: TI2V (`expand_timesteps`) encodes the image alone as latent
+    /// frame 0; the I2V form encodes `[image, zeros…, (last_image)]` as a whole clip and puts the
+    /// mask in front of it (latent frame 0 all ones; with a last image the last latent frame
+    /// `[0, 0, 0, 1]`).
+    pub fn prepare_image_condition(
+        &mut self,
+        image: &Tensor,
+        last_image: Option<&Tensor>,
+        num_frames: usize,
+        progress: Progress,
+    ) -> Result<LatentCondition> {
+        let (b, ch, h, w) = image.dims4().map_err(|_| {
+            Error::InvalidRequest(format!(
+                "image has shape {:?}; expected [1, 3, height, width]",
+                image.dims()
+            ))
+        })?;
+        if b != 1 || ch != 3 {
+            return Err(Error::InvalidRequest(format!(
+                "image has shape {:?}; expected [1, 3, height, width]",
+                image.dims()
+            )));
+        }
+        if let Some(l) = last_image {
+            if l.dims() != image.dims() {
+                return Err(Error::InvalidRequest(format!(
+                    "last_image has shape {:?} but image has {:?}; they must be equal",
+                    l.dims(),
+                    image.dims()
+                )));
+            }
+        }
+        let device = self.options.device.clone();
+        let image = image
+            .to_device(&device)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(2)?;
+        if self.index.expand_timesteps() {
+            // TI2V: last_image is ignored by the reference; `resolve` refuses it for users.
+            let z = self.encode_latents(&image, progress)?;
+            return Ok(LatentCondition::FirstFrame(z));
+        }
+        let z_dim = self.vae_config.z_dim;
+        if self.transformer_config.in_channels != 2 * z_dim + 4 {
+            return Err(Error::InvalidRequest(format!(
+                "this model makes video from text only and cannot start from an image; models \
+                 that take one: {}",
+                crate::registry::image_model_names().join(", ")
+            )));
+        }
+        let tf = self.vae_config.temporal_compression();
+        if num_frames == 0 || (num_frames - 1) % tf != 0 || (last_image.is_some() && num_frames < 2)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "{num_frames} frames is not a valid frame count for this model ({tf}·k + 1)"
+            )));
+        }
+        let zeros = |n: usize| Tensor::zeros((1, 3, n, h, w), DType::F32, &device);
+        let video = match last_image {
+            None => Tensor::cat(&[image.clone(), zeros(num_frames - 1)?], 2)?,
+            Some(l) => {
+                let l = l.to_device(&device)?.to_dtype(DType::F32)?.unsqueeze(2)?;
+                Tensor::cat(&[image.clone(), zeros(num_frames - 2)?, l], 2)?
+            }
+        };
+        let z = self.encode_latents(&video, progress)?;
+        let (_, _, t, lh, lw) = z.dims5()?;
+        // mask_lat_size: pixel frame 0 repeated tf times, then frames 1..F-1, viewed
+        // (B, T, tf, h, w) and transposed to (B, tf, T, h, w).
+        let mut mask = vec![0f32; tf * t * lh * lw];
+        for c in 0..tf {
+            for ti in 0..t {
+                let j = ti * tf + c; // position on the concatenated time axis
+                let pixel = if j < tf { 0 } else { j - tf + 1 };
+                let on = pixel == 0 || (last_image.is_some() && pixel == num_frames - 1);
+                if on {
+                    let base = (c * t + ti) * lh * lw;
+                    mask[base..base + lh * lw].iter_mut().for_each(|v| *v = 1.0);
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, tf, t, lh, lw), &device)?;
+        Ok(LatentCondition::Channels(Tensor::cat(&[&mask, &z], 1)?))
+    }
+
+    /// `get_timesteps` and `prepare_latents` of `WanVideoToVideoPipeline`: the source video
+    /// `[1, 3, F, H, W]` in [-1, 1] encoded and normalised, then noised to the first kept
+    /// timestep with `noise` (latent-shaped). Returns the initial latents and `t_start`.
+    pub fn prepare_video_latents(
+        &mut self,
+        video: &Tensor,
+        noise: &Tensor,
+        num_inference_steps: usize,
+        strength: f64,
+        progress: Progress,
+    ) -> Result<(Tensor, usize)> {
+        if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+            return Err(Error::InvalidRequest(format!(
+                "strength {strength} is outside (0, 1]; try 0.7"
+            )));
+        }
+        let (t_start, run) = schedulers::strength_start(num_inference_steps, strength);
+        if run == 0 {
+            return Err(Error::InvalidRequest(format!(
+                "strength {strength} with {num_inference_steps} steps runs no denoising step"
+            )));
+        }
+        let init = self.encode_latents(video, progress)?;
+        if init.dims() != noise.dims() {
+            return Err(Error::InvalidRequest(format!(
+                "noise has shape {:?} but the encoded video has {:?}",
+                noise.dims(),
+                init.dims()
+            )));
+        }
+        self.scheduler.set_timesteps(num_inference_steps)?;
+        let timesteps = self.scheduler.timesteps().to_vec();
+        let index = schedulers::index_for_timestep(&timesteps, timesteps[t_start]);
+        let noise = noise
+            .to_device(&self.options.device)?
+            .to_dtype(DType::F32)?;
+        let latents = self.scheduler.add_noise(&init, &noise, index)?;
+        Ok((latents, t_start))
+    }
+
+    /// `encode_image` of `WanImageToVideoPipeline`: the folder's CLIP preprocessing and the
+    /// image encoder's penultimate hidden states, `[N, S, image_dim]` for N images (first, and
+    /// last).
+    pub fn encode_image(&mut self, images: &[&RgbImage], progress: Progress) -> Result<Tensor> {
+        let processor = self
+            .image_processor
+            .clone()
+            .ok_or_else(|| Error::InvalidRequest("this model has no image encoder".into()))?;
+        if self.image_encoder.is_none() {
+            let t0 = Instant::now();
+            emit(progress, Stage::LoadTextEncoder, 0, 1, t0)?;
+            let dir = component_dir(&self.root, &self.index, "image_encoder")?;
+            self.image_encoder = Some(CLIPVisionModel::load(
+                &dir,
+                self.options.dtype,
+                &self.options.device,
+            )?);
+            emit(progress, Stage::LoadTextEncoder, 1, 1, t0)?;
+        }
+        let encoder = self
+            .image_encoder
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("image encoder not loaded".into()))?;
+        let t0 = Instant::now();
+        emit(progress, Stage::EncodeImage, 0, 1, t0)?;
+        let pixel_values = clip::preprocess(&processor, images, &self.options.device)?;
+        let embeds = encoder.penultimate_hidden_states(&pixel_values)?;
+        emit(progress, Stage::EncodeImage, 1, 1, t0)?;
+        if self.options.low_memory {
+            self.image_encoder = None;
+        }
+        Ok(embeds)
+    }
+
+    /// Overrides the scheduler's shift (flow_shift) for the next `denoise`.
+    pub fn set_shift(&mut self, shift: f64) {
+        self.scheduler.set_shift(shift);
+    }
+
+    /// `latents / latents_std + latents_mean` then the VAE decode: video in [-1, 1],
+    /// `[B, 3, F, H, W]` f32.
+    pub fn decode(&mut self, latents: &Tensor, progress: Progress) -> Result<Tensor> {
+        self.load_vae(progress)?;
         let vdt = self.options.vae_dtype;
-        let mean = Tensor::from_vec(mean, (1, z, 1, 1, 1), device)?.to_dtype(vdt)?;
-        // The reference computes 1/std first, then divides by it.
-        let inv_std = (1.0 / Tensor::from_vec(std, (1, z, 1, 1, 1), device)?)?.to_dtype(vdt)?;
-        let latents = latents.to_device(device)?.to_dtype(vdt)?;
+        let (mean, inv_std) = self.latent_stats(vdt)?;
+        let vae = self
+            .vae
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("VAE not loaded".into()))?;
+        let latents = latents.to_device(&self.options.device)?.to_dtype(vdt)?;
         let latents = latents.broadcast_div(&inv_std)?.broadcast_add(&mean)?;
         let t0 = Instant::now();
         let total = latents.dim(2)?;
@@ -708,6 +1366,45 @@ impl WanPipeline {
         let video = vae.decode_with_progress(&latents, &mut cb)?;
         Ok(video.to_dtype(DType::F32)?)
     }
+}
+
+/// `VideoProcessor.preprocess` of an RGB image already at the target size:
+/// `np.array(image).astype(np.float32) / 255`, then `2·x − 1`; `[1, 3, H, W]` f32.
+pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (img.width, img.height);
+    if img.data.len() != w * h * 3 {
+        return Err(Error::InvalidRequest(format!(
+            "an RGB image of {w}×{h} needs {} bytes, got {}",
+            w * h * 3,
+            img.data.len()
+        )));
+    }
+    let mut planes = vec![0f32; 3 * h * w];
+    for (i, px) in img.data.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            let x = px[c] as f32 / 255.0;
+            planes[c * h * w + i] = 2.0 * x - 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(planes, (1, 3, h, w), device)?)
+}
+
+/// Frames of one size as a video `[1, 3, F, H, W]` in [-1, 1] (`preprocess_video`).
+pub fn frames_to_tensor(frames: &[RgbImage], device: &Device) -> Result<Tensor> {
+    let ts = frames
+        .iter()
+        .map(|f| {
+            image_to_tensor(f, device)?
+                .unsqueeze(2)
+                .map_err(Error::from)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ts.is_empty() {
+        return Err(Error::InvalidRequest(
+            "the source video has no frames".into(),
+        ));
+    }
+    Ok(Tensor::cat(&ts, 2)?)
 }
 
 fn emit(progress: Progress, stage: Stage, step: usize, total: usize, t0: Instant) -> Result<()> {

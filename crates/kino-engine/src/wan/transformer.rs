@@ -18,9 +18,14 @@
 //! when the model runs in bf16/f16, the modulation and gated residuals are computed in f32, and the
 //! RoPE tables are computed in f64 and rounded to f32.
 //!
-//! Image conditioning (`image_dim` / `added_kv_proj_dim`, Wan2.1 I2V's CLIP tokens) is not
-//! implemented: such a config is refused. Wan2.2 TI2V's image-to-video works without it (the
-//! image is a latent frame with per-token timestep 0, see `timestep` in [`WanTransformer3DModel::forward`]).
+//! Image conditioning of Wan2.1 I2V / FLF2V (`image_dim`, `added_kv_proj_dim`,
+//! `pos_embed_seq_len`): `WanImageEmbedding` turns the CLIP tokens into image tokens that are put
+//! before the text tokens, and each cross-attention attends to them with its own key/value
+//! projections (`add_k_proj`, `add_v_proj`, `norm_added_k`), adding the result to the text
+//! attention. As in the reference, the attention finds the image tokens as "all but the last 512"
+//! of the context (Wan's text length is hard-coded there), Python slicing included. Wan2.2
+//! TI2V's image-to-video needs none of this (the image is a latent frame with per-token timestep
+//! 0, see `timestep` in [`WanTransformer3DModel::forward`]).
 //!
 //! Speed notes (the CPU hot path, see `cpu`): on x86-64 CPUs with AVX-512 the linear layers
 //! run a packed f32 matmul (weights packed once at load; bias and the FFN's GELU applied as
@@ -131,10 +136,10 @@ pub struct Config {
     pub qk_norm: Option<String>,
     #[serde(default = "default_eps")]
     pub eps: f64,
-    /// CLIP image embedding width of Wan2.1 I2V (not supported).
+    /// CLIP image embedding width of Wan2.1 I2V (`WanImageEmbedding`'s input).
     #[serde(default)]
     pub image_dim: Option<usize>,
-    /// Added key/value projections for image tokens (Wan2.1 I2V; not supported).
+    /// Added key/value projections for image tokens (Wan2.1 I2V); must equal the inner dim.
     #[serde(default)]
     pub added_kv_proj_dim: Option<usize>,
     #[serde(default = "default_rope_max_seq_len")]
@@ -214,15 +219,29 @@ impl Config {
 
     /// Checks the config describes a model we can build, with a message saying what is wrong.
     pub fn validate(&self) -> Result<()> {
-        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
-            return Err(Error::InvalidRequest(format!(
-                "this transformer takes image conditioning (image_dim={:?}, added_kv_proj_dim={:?}), \
-                 i.e. it is a Wan2.1 image-to-video model; Kino does not support that yet. \
-                 Use a text-to-video transformer (e.g. Wan2.1-T2V-1.3B or Wan2.2-TI2V-5B)",
-                self.image_dim, self.added_kv_proj_dim
-            )));
-        }
         let bad = |what: String| Err(Error::InvalidRequest(format!("transformer config: {what}")));
+        if let Some(kv) = self.added_kv_proj_dim {
+            if kv != self.inner_dim() {
+                return bad(format!(
+                    "added_kv_proj_dim {kv} must equal the inner dimension {} (the image tokens \
+                     are projected to it before the added key/value projections read them)",
+                    self.inner_dim()
+                ));
+            }
+        }
+        if self.image_dim == Some(0) {
+            return bad("image_dim must be positive".into());
+        }
+        if self.image_dim.is_some() && self.added_kv_proj_dim.is_none() {
+            return bad(
+                "image_dim is set but added_kv_proj_dim is not: the image tokens would have no \
+                 attention to go to"
+                    .into(),
+            );
+        }
+        if self.pos_embed_seq_len.is_some() && self.image_dim.is_none() {
+            return bad("pos_embed_seq_len is set without image_dim".into());
+        }
         if self.num_attention_heads == 0 || self.attention_head_dim == 0 {
             return bad("num_attention_heads and attention_head_dim must be positive".into());
         }
@@ -476,7 +495,25 @@ struct WanAttention {
     to_out: Lin,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
+    /// Wan2.1 I2V cross-attention: `add_k_proj`, `add_v_proj`, `norm_added_k` for the image
+    /// tokens.
+    added_kv: Option<(Lin, Lin, RmsNorm)>,
     heads: usize,
+}
+
+/// The reference's split of the cross-attention context into image and text tokens:
+/// `image_context_length = encoder_hidden_states.shape[1] - 512`, then
+/// `[:, :image_context_length]` / `[:, image_context_length:]` with Python's slicing (a negative
+/// length counts from the end, clamped at 0).
+pub const WAN_TEXT_CONTEXT_LENGTH: usize = 512;
+
+fn image_context_split(total: usize) -> usize {
+    let n = total as i64 - WAN_TEXT_CONTEXT_LENGTH as i64;
+    if n >= 0 {
+        (n as usize).min(total)
+    } else {
+        (total as i64 + n).max(0) as usize
+    }
 }
 
 impl WanAttention {
@@ -488,8 +525,25 @@ impl WanAttention {
             to_out: lin(dim, dim, vb.pp("to_out.0"))?,
             norm_q: RmsNorm::new(dim, eps, vb.pp("norm_q"))?,
             norm_k: RmsNorm::new(dim, eps, vb.pp("norm_k"))?,
+            added_kv: None,
             heads,
         })
+    }
+
+    /// A cross-attention with the added image key/value projections of Wan2.1 I2V.
+    fn with_added_kv(
+        mut self,
+        dim: usize,
+        kv_dim: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        self.added_kv = Some((
+            lin(kv_dim, dim, vb.pp("add_k_proj"))?,
+            lin(kv_dim, dim, vb.pp("add_v_proj"))?,
+            RmsNorm::new(dim, eps, vb.pp("norm_added_k"))?,
+        ));
+        Ok(self)
     }
 
     /// `x`: `[B, N, D]`; `context`: `[B, M, D]` for cross-attention, `None` for self-attention.
@@ -499,13 +553,22 @@ impl WanAttention {
         context: Option<&Tensor>,
         rope: Option<&Rope>,
     ) -> candle_core::Result<Tensor> {
-        let ctx = context.unwrap_or(x);
+        let mut ctx = context.unwrap_or(x).clone();
+        let mut image = None;
+        if self.added_kv.is_some() {
+            let total = ctx.dim(1)?;
+            let split = image_context_split(total);
+            if split > 0 {
+                image = Some(ctx.narrow(1, 0, split)?);
+            }
+            ctx = ctx.narrow(1, split, total - split)?;
+        }
         let (b, n, dim) = x.dims3()?;
         let m = ctx.dim(1)?;
         let (h, hd) = (self.heads, dim / self.heads);
         let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
-        let k = self.norm_k.forward(&self.to_k.forward(ctx)?)?;
-        let v = self.to_v.forward(ctx)?;
+        let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
+        let v = self.to_v.forward(&ctx)?;
         let (q, k) = match rope {
             Some(r) => (r.apply(&q, h)?, r.apply(&k, h)?),
             None => (q, k),
@@ -513,7 +576,17 @@ impl WanAttention {
         let q = q.reshape((b, n, h, hd))?;
         let k = k.reshape((b, m, h, hd))?;
         let v = v.reshape((b, m, h, hd))?;
-        let o = attention(&q, &k, &v)?;
+        let mut o = attention(&q, &k, &v)?;
+        if let (Some((add_k, add_v, norm_added_k)), Some(img)) = (&self.added_kv, &image) {
+            // I2V: the text query attends to the image tokens too; the outputs are summed.
+            let mi = img.dim(1)?;
+            let k_img = norm_added_k
+                .forward(&add_k.forward(img)?)?
+                .reshape((b, mi, h, hd))?;
+            let v_img = add_v.forward(img)?.reshape((b, mi, h, hd))?;
+            let o_img = attention(&q, &k_img, &v_img)?;
+            o = (o + o_img)?;
+        }
         self.to_out.forward(&o)
     }
 }
@@ -603,7 +676,15 @@ impl WanTransformerBlock {
         };
         Ok(Self {
             attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
-            attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            attn2: match cfg.added_kv_proj_dim {
+                Some(kv) => WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?.with_added_kv(
+                    dim,
+                    kv,
+                    cfg.eps,
+                    vb.pp("attn2"),
+                )?,
+                None => WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            },
             norm2,
             ffn: FeedForward::new(dim, cfg.ffn_dim, vb.pp("ffn"))?,
             scale_shift_table: vb32.get((1, 6, dim), "scale_shift_table")?,
@@ -647,8 +728,73 @@ impl WanTransformerBlock {
     }
 }
 
-/// `WanTimeTextImageEmbedding` without the image embedder: `timesteps_proj` (sinusoid,
-/// `flip_sin_to_cos=True`, shift 0), `time_embedder` (f32), `time_proj`, `text_embedder`.
+/// `WanImageEmbedding`: (`pos_embed` +) `norm1` (FP32LayerNorm) → `ff` (Linear, exact GELU,
+/// Linear) → `norm2` (FP32LayerNorm), CLIP tokens `[B, S, image_dim]` → image tokens
+/// `[B, S, D]`. With `pos_embed` (FLF2V) the first and last images' tokens arrive as a batch of
+/// two per sample and are viewed as one sequence of 2·S first.
+#[derive(Debug, Clone)]
+struct WanImageEmbedding {
+    norm1: (Tensor, Tensor),
+    ff_in: Lin,
+    ff_out: Lin,
+    norm2: (Tensor, Tensor),
+    /// `[1, pos_embed_seq_len, image_dim]`, in the model dtype.
+    pos_embed: Option<Tensor>,
+}
+
+/// FP32LayerNorm's default epsilon (`nn.LayerNorm`).
+const FP32_LAYER_NORM_EPS: f64 = 1e-5;
+
+impl WanImageEmbedding {
+    fn new(cfg: &Config, image_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.inner_dim();
+        let vb32 = vb.to_dtype(DType::F32);
+        let norm = |name: &str, n: usize| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                vb32.pp(name).get(n, "weight")?.reshape((1, 1, n))?,
+                vb32.pp(name).get(n, "bias")?.reshape((1, 1, n))?,
+            ))
+        };
+        let pos_embed = match cfg.pos_embed_seq_len {
+            Some(l) => Some(vb.get((1, l, image_dim), "pos_embed")?),
+            None => None,
+        };
+        Ok(Self {
+            norm1: norm("norm1", image_dim)?,
+            ff_in: lin(image_dim, image_dim, vb.pp("ff.net.0.proj"))?,
+            ff_out: lin(image_dim, d, vb.pp("ff.net.2"))?,
+            norm2: norm("norm2", d)?,
+            pos_embed,
+        })
+    }
+
+    fn forward(&self, image: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = image.dtype();
+        let mut x = image.clone();
+        if let Some(pe) = &self.pos_embed {
+            let (b, s, e) = x.dims3()?;
+            if b % 2 != 0 || 2 * s != pe.dim(1)? {
+                candle_core::bail!(
+                    "image embeddings {:?} do not fit pos_embed {:?}: a first–last-frame model \
+                     takes both images' tokens ([2·B, {}, {e}])",
+                    x.dims(),
+                    pe.dims(),
+                    pe.dim(1)? / 2
+                );
+            }
+            x = x.reshape((b / 2, 2 * s, e))?.broadcast_add(pe)?;
+        }
+        let (w, b) = &self.norm1;
+        let h = modulated_layer_norm(&x, w, b, FP32_LAYER_NORM_EPS, false)?.to_dtype(dtype)?;
+        let h = self.ff_in.forward(&h)?.gelu_erf()?;
+        let h = self.ff_out.forward(&h)?;
+        let (w, b) = &self.norm2;
+        modulated_layer_norm(&h, w, b, FP32_LAYER_NORM_EPS, false)?.to_dtype(dtype)
+    }
+}
+
+/// `WanTimeTextImageEmbedding`: `timesteps_proj` (sinusoid, `flip_sin_to_cos=True`, shift 0),
+/// `time_embedder` (f32), `time_proj`, `text_embedder`, and for Wan2.1 I2V `image_embedder`.
 #[derive(Debug, Clone)]
 struct WanTimeTextImageEmbedding {
     freq_dim: usize,
@@ -657,6 +803,7 @@ struct WanTimeTextImageEmbedding {
     time_proj: Lin,
     text_linear_1: Lin,
     text_linear_2: Lin,
+    image_embedder: Option<WanImageEmbedding>,
 }
 
 impl WanTimeTextImageEmbedding {
@@ -670,6 +817,10 @@ impl WanTimeTextImageEmbedding {
             time_proj: lin(d, 6 * d, vb.pp("time_proj"))?,
             text_linear_1: lin(cfg.text_dim, d, vb.pp("text_embedder.linear_1"))?,
             text_linear_2: lin(d, d, vb.pp("text_embedder.linear_2"))?,
+            image_embedder: match cfg.image_dim {
+                Some(img) => Some(WanImageEmbedding::new(cfg, img, vb.pp("image_embedder"))?),
+                None => None,
+            },
         })
     }
 
@@ -846,6 +997,19 @@ impl WanTransformer3DModel {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        self.forward_with_image(hidden_states, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward`] with `encoder_hidden_states_image`: the image encoder's tokens
+    /// `[B, S, image_dim]` (FLF2V: `[2·B, S, image_dim]`, first and last image of each sample),
+    /// for a transformer with `image_dim` (Wan2.1 I2V / FLF2V).
+    pub fn forward_with_image(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let [pt, ph, pw] = cfg.patch_size;
         let (b, c, f, h, w) = hidden_states.dims5().map_err(|_| {
@@ -936,9 +1100,47 @@ impl WanTransformer3DModel {
 
         let x = self.patch_embedding.forward(&x, cfg.patch_size)?;
 
-        let (temb, timestep_proj, context) = self
+        let (temb, timestep_proj, mut context) = self
             .condition_embedder
             .forward(&timestep, &context, ts_seq_len)?;
+        match (
+            encoder_hidden_states_image,
+            &self.condition_embedder.image_embedder,
+        ) {
+            (Some(img), Some(embedder)) => {
+                let img = img.to_device(dev)?.to_dtype(self.dtype)?;
+                match *img.dims() {
+                    [ib, _, id] if id == cfg.image_dim.unwrap_or(0) && (ib == b || ib == 2 * b) => {
+                    }
+                    _ => return Err(Error::InvalidRequest(format!(
+                        "encoder_hidden_states_image has shape {:?}; expected [{b}, tokens, {}] \
+                             (first–last frame: [{}, tokens, {}])",
+                        img.dims(),
+                        cfg.image_dim.unwrap_or(0),
+                        2 * b,
+                        cfg.image_dim.unwrap_or(0)
+                    ))),
+                }
+                let img = embedder.forward(&img)?;
+                if img.dim(0)? != b {
+                    return Err(Error::InvalidRequest(format!(
+                        "encoder_hidden_states_image gives {} image sequences for a batch of {b}; \
+                         two images per sample need a first–last-frame model (pos_embed_seq_len)",
+                        img.dim(0)?
+                    )));
+                }
+                // Image tokens go before the text tokens.
+                context = Tensor::cat(&[&img, &context], 1)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidRequest(
+                    "encoder_hidden_states_image was given but this transformer has no image \
+                     embedder (image_dim is not set in its config)"
+                        .into(),
+                ))
+            }
+            (None, _) => {}
+        }
         let d = cfg.inner_dim();
         let timestep_proj = match ts_seq_len {
             Some(s) => timestep_proj.reshape((b, s, 6, d))?,

@@ -9,9 +9,11 @@ use kino_engine::parity::{self, Component, ParityOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// text-encoder, transformer, vae-encode, vae-decode or pipeline.
+    /// text-encoder, transformer, vae-encode, vae-decode, image-encoder, pipeline, pipeline-i2v or
+    /// pipeline-v2v.
     component: String,
-    /// The component folder (text_encoder/, transformer/, vae/) or, for `pipeline`, the whole model.
+    /// The component folder (text_encoder/, transformer/, vae/, image_encoder/) or, for the
+    /// pipeline components, the whole model.
     #[arg(long)]
     model: PathBuf,
     /// Input tensors (safetensors).
@@ -26,6 +28,9 @@ pub struct Args {
     /// Guidance scale (pipeline only; default 5).
     #[arg(long)]
     guidance: Option<f64>,
+    /// Video-to-video strength, in (0, 1] (pipeline-v2v only; default 0.8, as the reference).
+    #[arg(long)]
+    strength: Option<f64>,
     /// Reference outputs to compare with: prints ‖out − ref‖/‖ref‖ for each tensor.
     #[arg(long)]
     expected: Option<PathBuf>,
@@ -66,8 +71,13 @@ fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let component: Component = a.component.parse()?;
-    if component != Component::Pipeline && (a.steps.is_some() || a.guidance.is_some() || a.decode) {
-        anyhow::bail!("--steps, --guidance and --decode apply only to the `pipeline` component");
+    if !component.is_pipeline() && (a.steps.is_some() || a.guidance.is_some() || a.decode) {
+        anyhow::bail!(
+            "--steps, --guidance and --decode apply only to the pipeline components (pipeline, pipeline-i2v, pipeline-v2v)"
+        );
+    }
+    if component != Component::PipelineV2v && a.strength.is_some() {
+        anyhow::bail!("--strength applies only to `pipeline-v2v`");
     }
     let choice = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
@@ -87,6 +97,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             guidance: a.guidance,
             dtype: Some(dtype),
             decode: a.decode,
+            strength: a.strength,
         },
         &dev,
     )
