@@ -12,10 +12,16 @@
 //!   ([`write_thumbnail`]) and spritesheets ([`write_spritesheet`]).
 //! - Still images in ([`read_image`], [`decode_image`]) and [`probe`] for any of these
 //!   formats.
+//! - Video files people have, in ([`read_video`], [`decode_video`], [`read_video_head`]):
+//!   MP4/MOV/WebM/MKV with H.264 (B-frames too), H.265, VP9, AV1, … through FFmpeg's
+//!   libraries, rotation applied.
+//! - Fitting inputs to a model: [`fit_crop`] (resize to cover, centre-crop, as diffusers'
+//!   `VaeImageProcessor` `resize_mode="crop"`) and [`conform_video`] (frame rate, length, size).
 //!
 //! Every error is a [`MediaError`] that says what was wrong and what to do.
 
 mod color;
+mod conform;
 mod error;
 mod frame;
 mod gif;
@@ -25,8 +31,10 @@ mod mp4;
 mod probe;
 mod still;
 mod util;
+mod video_in;
 
 pub use color::ColorSpace;
+pub use conform::{conform_video, fit_crop, FitCrop};
 pub use error::{MediaError, Result};
 pub use frame::{psnr, psnr_video, Fps, Frame, Video, MAX_SIDE};
 pub use gif::{encode_gif, write_gif, GifOptions};
@@ -40,4 +48,7 @@ pub use still::{
     decode_image, encode_image, evenly_spaced, fit_frame, png_frame_name, read_image, resize,
     spritesheet, thumbnail, write_image, write_png_frames, write_spritesheet, write_thumbnail,
     ImageFormat, SpritesheetLayout, SpritesheetOptions, ThumbnailOptions,
+};
+pub use video_in::{
+    decode_video, decode_video_head, read_video, read_video_head, MAX_DECODED_BYTES,
 };
