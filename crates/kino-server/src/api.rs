@@ -816,8 +816,16 @@ fn build_edit(
             format!("`video` ({}) is not a readable video: {e}", raw.name),
         )
     })?;
-    let (width, height) =
-        mapping::map_size(model, s.size.or(Some((video.width(), video.height()))));
+    // Without a size: an edit of our own video by the model that made it keeps its size;
+    // otherwise the source's aspect ratio at the model's pixel budget.
+    let same = source_job
+        .as_ref()
+        .filter(|j| j.params.model_id == model.id)
+        .and_then(|j| Some((j.params.request.width?, j.params.request.height?)));
+    let (width, height) = match (s.size, same) {
+        (None, Some(wh)) => wh,
+        (size, _) => mapping::map_size(model, size.or(Some((video.width(), video.height())))),
+    };
     let fps = model.defaults.fps;
     let step = model.frame_step.max(1);
     let avail = inputs::frames_available(&video, fps);
@@ -852,8 +860,12 @@ fn build_edit(
                     inputs::too_short_message(&video, fps, step + 1),
                 ));
             }
-            let text = if mapping::frames_for(model, asked) == n {
-                mapping::seconds_string(asked)
+            // The source job's own seconds when they give these frames, else (frames − 1) / fps.
+            let own = source_job.as_ref().filter(|j| {
+                mapping::frames_for(model, asked) == n && j.seconds.parse::<f64>().is_ok()
+            });
+            let text = if let Some(j) = own {
+                j.seconds.clone()
             } else {
                 mapping::seconds_string((n - 1) as f64 / f64::from(fps))
             };

@@ -178,4 +178,94 @@ expect_error(openai.NotFoundError, 404, None, lambda: client.videos.download_con
 expect_error(openai.NotFoundError, 404, None, lambda: client.videos.delete(unknown))
 expect_error(openai.NotFoundError, 404, None, lambda: client.videos.remix(unknown, prompt="y"))
 print("errors: bad size, unknown model, missing prompt, unknown id")
+# 8. image-to-video. The server also runs `tiny-ti2v` (the Wan2.2 TI2V form, which takes a
+#    first image). An upload goes through the typed `input_reference`; SDK 3.57 refuses a dict
+#    there, so OpenAI's {"image_url": data URL} form goes through extra_body (it arrives as the
+#    multipart field input_reference[image_url]).
+import base64
+import struct
+import zlib
+
+
+def png(w, h):
+    """A w×h RGB PNG (a red square on blue), standard library only."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = b"".join(
+        b"\x00" + b"".join(b"\xe6\x14\x14" if x < w // 2 and y < h // 2 else b"\x14\x14\xc8" for x in range(w))
+        for y in range(h)
+    )
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def check_mp4(video_id, size):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "v.mp4")
+        client.videos.download_content(video_id).write_to_file(path)
+        s = [s for s in ffprobe(path)["streams"] if s["codec_type"] == "video"][0]
+        check(f"{s['width']}x{s['height']}" == size, (s["width"], s["height"], size))
+        check(s["codec_name"] == "h264", s["codec_name"])
+
+
+start = png(100, 200)
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "start.png")
+    with open(path, "wb") as f:
+        f.write(start)
+    with open(path, "rb") as f:
+        i2v = client.videos.create_and_poll(model="tiny-ti2v", prompt="a red square", seconds="1",
+                                            input_reference=f, extra_body=FAST)
+check(i2v.status == "completed", f"image upload: {i2v.status} {i2v.error}")
+check(i2v.size == "96x224", f"no size: the image's aspect ratio, got {i2v.size}")
+check_mp4(i2v.id, i2v.size)
+print("create from an image upload:", i2v.id, i2v.size)
+
+url = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
+i2v_url = client.videos.create_and_poll(model="tiny-ti2v", prompt="a red square", seconds="1", size="1280x720",
+                                        input_reference=openai.omit,
+                                        extra_body={**FAST, "input_reference": {"image_url": url}})
+check(i2v_url.status == "completed", f"data URL: {i2v_url.status} {i2v_url.error}")
+check_mp4(i2v_url.id, i2v_url.size)
+print("create from a data URL:", i2v_url.id, i2v_url.size)
+
+# A tuple upload (name, bytes, type) works too; errors come back as the SDK's exceptions.
+e = expect_error(openai.BadRequestError, 400, "input_reference",
+                 lambda: client.videos.create(model="sora-2", prompt="x", input_reference=("a.png", start, "image/png")))
+check("tiny-ti2v" in e.body["message"], e.body)
+e = expect_error(openai.BadRequestError, 400, "input_reference",
+                 lambda: client.videos.create(model="tiny-ti2v", prompt="x", input_reference=openai.omit,
+                                              extra_body={"input_reference": {"file_id": "file-123"}}))
+check("Files API" in e.body["message"], e.body)
+expect_error(openai.BadRequestError, 400, "input_reference",
+             lambda: client.videos.create(model="tiny-ti2v", prompt="x", input_reference=("a.png", b"not a png", "image/png")))
+print("input_reference errors: a text-only model, file_id, a broken image")
+
+# 9. video-to-video: edit a completed video by id (SDK 3.57 refuses the {"id": …} dict in its
+#    typed `video`, so it goes through extra_body and arrives as video[id]) and by upload.
+edited = client.videos.edit(prompt="a corgi surfing at night", video=openai.omit,
+                            extra_body={"video": {"id": video.id}, "strength": 0.5, "steps": 2})
+check(edited.status in ("queued", "in_progress"), edited.status)
+check(edited.size == video.size and edited.seconds == video.seconds, (edited.size, edited.seconds))
+edited = client.videos.poll(edited.id)
+check(edited.status == "completed", f"edit by id: {edited.status} {edited.error}")
+check(edited.prompt == "a corgi surfing at night", edited.prompt)
+check_mp4(edited.id, video.size)
+print("edit by id:", edited.id)
+
+source = client.videos.download_content(i2v_url.id).read()
+up = client.videos.edit(prompt="a blue square", video=("clip.mp4", source, "video/mp4"),
+                        extra_body={"steps": 2, "seed": 1})
+up = client.videos.poll(up.id)
+check(up.status == "completed", f"edit by upload: {up.status} {up.error}")
+check(up.seconds == "1", up.seconds)
+print("edit by upload:", up.id, up.size)
+
+expect_error(openai.BadRequestError, 400, "strength",
+             lambda: client.videos.edit(prompt="x", video=openai.omit, extra_body={"video": {"id": video.id}, "strength": 1.5}))
+expect_error(openai.NotFoundError, 404, "video",
+             lambda: client.videos.edit(prompt="x", video=openai.omit, extra_body={"video": {"id": unknown}}))
+expect_error(openai.BadRequestError, 400, "video",
+             lambda: client.videos.edit(prompt="x", video=("still.png", start, "image/png")))
+print("edit errors: strength, unknown id, an image as the video")
 print("openai", openai.__version__, "OK")

@@ -28,7 +28,8 @@ fn official_openai_python_sdk() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(dir.path());
+    // `tiny` answers to sora-2; `tiny-ti2v` (Wan2.2 TI2V form) takes a first image.
+    let mut config = common::config_two(dir.path());
     config.poll_after_ms = 100;
     // A free port for the script's webhook receiver.
     let hook_port = std::net::TcpListener::bind("127.0.0.1:0")
