@@ -233,6 +233,7 @@ impl CLIPAttention {
 }
 
 /// `CLIPMLP`: `fc1` → activation → `fc2`.
+#[allow(clippy::upper_case_acronyms)] // the reference's name
 #[derive(Debug, Clone)]
 struct CLIPMLP {
     fc1: Linear,

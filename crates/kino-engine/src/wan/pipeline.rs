@@ -633,7 +633,7 @@ impl WanPipeline {
         let s = self.vae_config.spatial_compression();
         [
             1,
-            self.transformer_config.in_channels,
+            self.vae_config.z_dim,
             (r.num_frames - 1) / self.frame_step() + 1,
             r.height / s,
             r.width / s,
@@ -1234,7 +1234,9 @@ impl WanPipeline {
             )));
         }
         let tf = self.vae_config.temporal_compression();
-        if num_frames == 0 || (num_frames - 1) % tf != 0 || (last_image.is_some() && num_frames < 2)
+        if num_frames == 0
+            || !(num_frames - 1).is_multiple_of(tf)
+            || (last_image.is_some() && num_frames < 2)
         {
             return Err(Error::InvalidRequest(format!(
                 "{num_frames} frames is not a valid frame count for this model ({tf}·k + 1)"
@@ -1764,5 +1766,348 @@ mod tests {
         let out = p.generate(&r, &mut count).unwrap();
         assert_eq!(encodes, 1, "no negative prompt without guidance");
         assert_eq!(out.frames.len(), 1);
+    }
+
+    fn image(w: usize, h: usize, seed: u8) -> RgbImage {
+        let data = (0..w * h * 3)
+            .map(|i| ((i * 7 + seed as usize * 31) % 251) as u8)
+            .collect();
+        RgbImage::new(w, h, data).unwrap()
+    }
+
+    fn with(c: Conditioning, r: GenerateRequest) -> GenerateRequest {
+        GenerateRequest {
+            conditioning: c,
+            ..r
+        }
+    }
+
+    fn err(p: &WanPipeline, r: &GenerateRequest) -> String {
+        p.resolve(r).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn capabilities_follow_the_folder() {
+        let caps = |case: &str| open(case).capabilities();
+        let c = caps("pipeline-wan21");
+        assert!(c.text && c.video && !c.image && !c.last_image);
+        let c = caps("pipeline-ti2v");
+        assert!(c.text && c.image && !c.last_image && c.video);
+        let c = caps("pipeline-i2v-wan21");
+        assert!(!c.text && c.image && !c.last_image && !c.video);
+        let c = caps("pipeline-flf2v");
+        assert!(!c.text && c.image && c.last_image);
+        let c = caps("pipeline-a14b-i2v");
+        assert!(
+            c.image && c.last_image,
+            "no CLIP: the last image is only a latent frame"
+        );
+        let c = caps("pipeline-a14b-t2v");
+        assert!(c.text && !c.image);
+    }
+
+    #[test]
+    fn conditioning_is_checked_against_the_model() {
+        let t2v = open("pipeline-wan21");
+        let (w, h) = (t2v.defaults().width, t2v.defaults().height);
+        let e = err(
+            &t2v,
+            &with(
+                Conditioning::Image {
+                    first: image(w, h, 1),
+                    last: None,
+                },
+                req("x"),
+            ),
+        );
+        assert!(
+            e.contains("text only") && e.contains("kino-shapes") && e.contains("wan2.2-ti2v-5b"),
+            "{e}"
+        );
+        let video = |n: usize, strength: f64| Conditioning::Video {
+            frames: (0..n).map(|i| image(w, h, i as u8)).collect(),
+            strength,
+        };
+        for s in [0.0, -0.5, 1.5, f64::NAN] {
+            let e = err(&t2v, &with(video(17, s), req("x")));
+            assert!(e.contains("outside (0, 1]"), "{s}: {e}");
+        }
+        let e = err(
+            &t2v,
+            &with(
+                video(17, 0.1),
+                GenerateRequest {
+                    num_inference_steps: Some(4),
+                    ..req("x")
+                },
+            ),
+        );
+        assert!(
+            e.contains("runs no denoising step") && e.contains("0.250"),
+            "{e}"
+        );
+        let e = err(&t2v, &with(video(9, 0.7), req("x")));
+        assert!(e.contains("has 9 frames but 17 are needed"), "{e}");
+        let e = err(
+            &t2v,
+            &with(
+                Conditioning::Video {
+                    frames: vec![image(w + 16, h, 0); 17],
+                    strength: 0.7,
+                },
+                req("x"),
+            ),
+        );
+        assert!(e.contains("resize and crop"), "{e}");
+        let r = t2v.resolve(&with(video(20, 0.7), req("x"))).unwrap();
+        assert_eq!((r.conditioning.as_str(), r.strength), ("video", Some(0.7)));
+
+        let ti2v = open("pipeline-ti2v");
+        let (w, h) = (ti2v.defaults().width, ti2v.defaults().height);
+        let e = err(
+            &ti2v,
+            &with(
+                Conditioning::Image {
+                    first: image(w, h, 1),
+                    last: Some(image(w, h, 2)),
+                },
+                req("x"),
+            ),
+        );
+        assert!(
+            e.contains("first image only") && e.contains("wan2.1-flf2v-14b-720p"),
+            "{e}"
+        );
+        let e = err(
+            &ti2v,
+            &with(
+                Conditioning::Image {
+                    first: image(w, h / 2, 1),
+                    last: None,
+                },
+                req("x"),
+            ),
+        );
+        assert!(e.contains(&format!("is {w}×{}", h / 2)), "{e}");
+
+        let i2v = open("pipeline-i2v-wan21");
+        let e = err(&i2v, &req("x"));
+        assert!(e.contains("needs a first image"), "{e}");
+        let (w, h) = (i2v.defaults().width, i2v.defaults().height);
+        let e = err(&i2v, &with(video(17, 0.5), req("x")));
+        assert!(e.contains("cannot restyle a video"), "{e}");
+        let e = err(
+            &i2v,
+            &with(
+                Conditioning::Image {
+                    first: image(w, h, 1),
+                    last: Some(image(w, h, 2)),
+                },
+                req("x"),
+            ),
+        );
+        assert!(e.contains("takes one image"), "{e}");
+    }
+
+    fn count_loads(events: &[(Stage, usize, usize)]) -> usize {
+        events
+            .iter()
+            .filter(|e| e.0 == Stage::LoadTransformer && e.1 == 1)
+            .count()
+    }
+
+    #[test]
+    fn image_to_video_runs_every_form() {
+        for (case, last) in [
+            ("pipeline-ti2v", false),
+            ("pipeline-i2v-wan21", false),
+            ("pipeline-flf2v", true),
+            ("pipeline-a14b-i2v", true),
+        ] {
+            let mut p = open(case);
+            let (w, h) = (p.defaults().width, p.defaults().height);
+            let first = image(w, h, 3);
+            let r = with(
+                Conditioning::Image {
+                    first: first.clone(),
+                    last: last.then(|| image(w, h, 4)),
+                },
+                GenerateRequest {
+                    num_inference_steps: Some(2),
+                    ..req("a red circle")
+                },
+            );
+            let mut events = Vec::new();
+            let out = p
+                .generate(&r, &mut |e: &ProgressEvent| {
+                    events.push((e.stage, e.step, e.total));
+                    Ok(())
+                })
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(out.frames.len(), p.defaults().num_frames, "{case}");
+            assert_eq!(
+                out.request.conditioning,
+                if last { "first-last image" } else { "image" }
+            );
+            assert!(events.iter().any(|e| e.0 == Stage::EncodeImage), "{case}");
+            // The same image gives the same video; another image another one.
+            let again = p.generate(&r, &mut crate::progress::ignore).unwrap();
+            assert_eq!(
+                crate::testing::rel_error(&again.latents, &out.latents).unwrap(),
+                0.0
+            );
+            let other = with(
+                Conditioning::Image {
+                    first: image(w, h, 9),
+                    last: last.then(|| image(w, h, 4)),
+                },
+                r.clone(),
+            );
+            let other = p.generate(&other, &mut crate::progress::ignore).unwrap();
+            assert!(
+                crate::testing::rel_error(&other.latents, &out.latents).unwrap() > 1e-3,
+                "{case}: the image changes nothing"
+            );
+            if case == "pipeline-ti2v" {
+                // Latent frame 0 is the image's own latent, exactly.
+                let img = image_to_tensor(&first, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap();
+                let z = p
+                    .encode_latents(&img, &mut crate::progress::ignore)
+                    .unwrap();
+                let f0 = out.latents.narrow(2, 0, 1).unwrap();
+                assert_eq!(crate::testing::rel_error(&f0, &z).unwrap(), 0.0);
+            }
+            if case == "pipeline-a14b-i2v" {
+                // Low-memory mode: the high-noise expert, then the low-noise one, each once.
+                assert_eq!(count_loads(&events), 2, "{events:?}");
+                assert!(p.transformer.is_none() && p.transformer_2.is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn two_experts_switch_at_the_boundary() {
+        let mut p = open("pipeline-a14b-t2v");
+        let mut events = Vec::new();
+        let r = GenerateRequest {
+            num_inference_steps: Some(5),
+            ..req("x")
+        };
+        p.generate(&r, &mut |e: &ProgressEvent| {
+            events.push((e.stage, e.step, e.total));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(count_loads(&events), 2);
+        // Kept loaded without low-memory mode.
+        let dir = crate::testing::fixtures_dir().join("pipeline-a14b-t2v/model");
+        let mut opts = PipelineOptions::for_device(Device::Cpu);
+        opts.low_memory = false;
+        let mut p = WanPipeline::open(&dir, opts).unwrap();
+        p.generate(&r, &mut crate::progress::ignore).unwrap();
+        assert!(p.transformer.is_some() && p.transformer_2.is_some());
+        // All steps above the boundary: the low-noise expert is never loaded.
+        let mut p = WanPipeline::open(&dir, PipelineOptions::for_device(Device::Cpu)).unwrap();
+        let mut events = Vec::new();
+        p.generate(
+            &GenerateRequest {
+                num_inference_steps: Some(1),
+                ..req("x")
+            },
+            &mut |e: &ProgressEvent| {
+                events.push((e.stage, e.step, e.total));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(count_loads(&events), 1);
+    }
+
+    #[test]
+    fn half_configured_expert_folders_are_refused() {
+        let src = crate::testing::fixtures_dir().join("pipeline-a14b-t2v/model");
+        let tmp = std::env::temp_dir().join(format!("kino-experts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        for entry in [
+            "transformer",
+            "transformer_2",
+            "vae",
+            "scheduler",
+            "kino.json",
+        ] {
+            let from = src.join(entry);
+            if from.is_dir() {
+                std::fs::create_dir_all(tmp.join(entry)).unwrap();
+                for f in std::fs::read_dir(&from).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), tmp.join(entry).join(f.file_name())).unwrap();
+                }
+            } else {
+                std::fs::copy(&from, tmp.join(entry)).unwrap();
+            }
+        }
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
+                .unwrap();
+        let try_open = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = index.clone();
+            edit(&mut v);
+            std::fs::write(tmp.join("model_index.json"), v.to_string()).unwrap();
+            WanPipeline::open(&tmp, PipelineOptions::for_device(Device::Cpu))
+                .err()
+                .map(|e| e.to_string())
+        };
+        let e = try_open(&|v| v["boundary_ratio"] = serde_json::Value::Null).unwrap();
+        assert!(e.contains("no boundary_ratio"), "{e}");
+        let e = try_open(&|v| v["transformer_2"] = serde_json::json!([null, null])).unwrap();
+        assert!(e.contains("no transformer_2"), "{e}");
+        let e = try_open(&|v| v["boundary_ratio"] = serde_json::json!(3)).unwrap();
+        assert!(e.contains("[0, 1]"), "{e}");
+        assert!(try_open(&|_| {}).is_none());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn video_to_video_runs_the_cut_schedule() {
+        let mut p = open("pipeline-v2v");
+        let (w, h, n) = (
+            p.defaults().width,
+            p.defaults().height,
+            p.defaults().num_frames,
+        );
+        let frames: Vec<RgbImage> = (0..n).map(|i| image(w, h, i as u8)).collect();
+        let run = |p: &mut WanPipeline, strength: f64| {
+            let mut denoise = 0;
+            let out = p
+                .generate(
+                    &with(
+                        Conditioning::Video {
+                            frames: frames.clone(),
+                            strength,
+                        },
+                        GenerateRequest {
+                            num_inference_steps: Some(4),
+                            ..req("x")
+                        },
+                    ),
+                    &mut |e: &ProgressEvent| {
+                        if e.stage == Stage::Denoise {
+                            denoise = e.total;
+                        }
+                        Ok(())
+                    },
+                )
+                .unwrap();
+            (out, denoise)
+        };
+        let (a, steps_a) = run(&mut p, 0.5);
+        let (b, steps_b) = run(&mut p, 1.0);
+        assert_eq!((steps_a, steps_b), (2, 4));
+        assert_eq!(a.request.strength, Some(0.5));
+        assert!(crate::testing::rel_error(&a.latents, &b.latents).unwrap() > 1e-3);
     }
 }

@@ -1112,14 +1112,16 @@ impl WanTransformer3DModel {
                 match *img.dims() {
                     [ib, _, id] if id == cfg.image_dim.unwrap_or(0) && (ib == b || ib == 2 * b) => {
                     }
-                    _ => return Err(Error::InvalidRequest(format!(
+                    _ => {
+                        return Err(Error::InvalidRequest(format!(
                         "encoder_hidden_states_image has shape {:?}; expected [{b}, tokens, {}] \
                              (first–last frame: [{}, tokens, {}])",
                         img.dims(),
                         cfg.image_dim.unwrap_or(0),
                         2 * b,
                         cfg.image_dim.unwrap_or(0)
-                    ))),
+                    )))
+                    }
                 }
                 let img = embedder.forward(&img)?;
                 if img.dim(0)? != b {
@@ -2352,21 +2354,48 @@ mod tests {
     }
 
     #[test]
-    fn image_conditioned_config_is_refused() -> Result<()> {
-        let dir = edited_copy("i2v", |_| {})?;
-        let path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let text = text.replace("\"image_dim\": null", "\"image_dim\": 1280");
-        std::fs::write(&path, text).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        let r = WanTransformer3DModel::load(&dir, DType::F32, &Device::Cpu);
-        let _ = std::fs::remove_dir_all(&dir);
-        match r {
-            Err(Error::InvalidRequest(msg)) => assert!(msg.contains("image-to-video"), "{msg}"),
-            Err(e) => panic!("expected InvalidRequest, got {e}"),
-            Ok(_) => panic!("an image-conditioned config loaded"),
+    fn image_configs_that_cannot_run_are_refused() -> Result<()> {
+        // image_dim without added key/value projections, projections of the wrong width, and a
+        // pos_embed without an image embedder: each named, none run approximately.
+        for (edit, needle) in [
+            (
+                ("\"image_dim\": null", "\"image_dim\": 1280"),
+                "added_kv_proj_dim is not",
+            ),
+            (
+                ("\"added_kv_proj_dim\": null", "\"added_kv_proj_dim\": 7"),
+                "must equal the inner dimension",
+            ),
+            (
+                ("\"pos_embed_seq_len\": null", "\"pos_embed_seq_len\": 514"),
+                "pos_embed_seq_len is set without image_dim",
+            ),
+        ] {
+            let dir = edited_copy("i2v", |_| {})?;
+            let path = dir.join("config.json");
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+            assert!(text.contains(edit.0), "{text}");
+            let text = text.replace(edit.0, edit.1);
+            std::fs::write(&path, text).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+            let r = WanTransformer3DModel::load(&dir, DType::F32, &Device::Cpu);
+            let _ = std::fs::remove_dir_all(&dir);
+            match r {
+                Err(Error::InvalidRequest(msg)) => assert!(msg.contains(needle), "{msg}"),
+                Err(e) => panic!("expected InvalidRequest, got {e}"),
+                Ok(_) => panic!("{edit:?} loaded"),
+            }
         }
         Ok(())
+    }
+
+    #[test]
+    fn image_tokens_split_as_the_reference_slices() {
+        // total − 512 when there are at least 512 tokens; Python's negative slicing below.
+        assert_eq!(image_context_split(257 + 512), 257);
+        assert_eq!(image_context_split(512), 0);
+        assert_eq!(image_context_split(265), 18); // [:, :-247] of 265 tokens
+        assert_eq!(image_context_split(100), 0);
     }
 
     /// Times one forward at Wan2.1 T2V-1.3B size (dim 1536, 12 heads, 30 layers, ffn 8960) with
