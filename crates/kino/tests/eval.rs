@@ -190,6 +190,77 @@ fn eval_errors_say_what_is_missing_and_how_to_fix_it() {
     assert!(e.contains("none.mp4: no such file"), "{e}");
 }
 
+/// `--image` needs a model that takes a first image, and is not for `--video`.
+#[test]
+fn eval_image_refuses_a_text_only_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    std::fs::write(model.join("kino-eval.json"), SPEC).unwrap();
+    let o = run(kino()
+        .args(["eval", "--image", "--seeds", "1", "--cpu", "--model"])
+        .arg(&model));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("takes no image") && e.contains("kino-shapes"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    let o = run(kino().args(["eval", "--image", "--video", "x.mp4"]));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+}
+
+/// `kino eval --image` on the bundled model: every case starts from a first image drawn by the
+/// world, and the table gains the start position.
+#[test]
+fn eval_image_scores_the_start_position_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = tmp.path().join("cases.json");
+    std::fs::write(&cases, SPEC).unwrap();
+    let o = run(kino()
+        .args([
+            "eval", "--image", "--seeds", "1", "--steps", "4", "--cpu", "--cases",
+        ])
+        .arg(&cases));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    println!("{out}\n{}", stderr(&o));
+    for attr in [
+        "colour",
+        "shape",
+        "motion",
+        "background",
+        "start",
+        "all five",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(attr) && l.ends_with('%')),
+            "no `{attr}` row in\n{out}"
+        );
+    }
+    assert!(out.contains("each from a first image"), "{out}");
+    assert!(stderr(&o).contains(", start "), "{}", stderr(&o));
+
+    let o = run(kino()
+        .args([
+            "eval", "--image", "--json", "--seeds", "1", "--steps", "4", "--cpu", "--cases",
+        ])
+        .arg(&cases));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mode"], "image");
+    assert_eq!(v["accuracy"]["start"]["total"], 2, "{v}");
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(r["scene"]["shape"], r["expected"]["shape"], "{r}");
+        let size = r["scene"]["size"].as_f64().unwrap();
+        assert!((18.0..=26.0).contains(&size), "{r}");
+        // The given image shows the object where the scene put it.
+        let image = &r["start"]["image"];
+        let x0 = r["scene"]["x0"].as_f64().unwrap();
+        assert!((image[0].as_f64().unwrap() - x0).abs() < 1.0, "{r}");
+    }
+}
+
 /// A red anti-aliased circle of diameter 16 moving 24 px to the right on gray, 64×64, 17 frames.
 fn synthetic_clip() -> Video {
     let (w, h, d) = (64u32, 64u32, 16.0f64);

@@ -89,6 +89,28 @@ pub struct EvalSpec {
     pub motions: Vec<String>,
     #[serde(default)]
     pub cases: Vec<Case>,
+    /// The world's object sizes and travel (where `kino eval --image` places its first images).
+    #[serde(default)]
+    pub world: WorldSpec,
+}
+
+/// `"world"` in `kino-eval.json`: pixel ranges at 64×64 (training/world.py's `SIZE_RANGE` and
+/// `TRAVEL_RANGE`); older files without it get the current world's.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WorldSpec {
+    /// Object size (circle diameter, square side, triangle base = height), pixels.
+    pub size_range: [f64; 2],
+    /// Travel over the whole clip, pixels.
+    pub travel_range: [f64; 2],
+}
+
+impl Default for WorldSpec {
+    fn default() -> Self {
+        Self {
+            size_range: [18.0, 26.0],
+            travel_range: [12.0, 36.0],
+        }
+    }
 }
 
 fn default_shapes() -> Vec<String> {
@@ -419,6 +441,51 @@ pub fn analyse<F: AsRef<[u8]>>(
         size: median_f64(&mut sizes),
         frames_with_object: blobs.len(),
     })
+}
+
+/// The object's centre in one RGB frame (`w·h·3` bytes), +x right, +y down, pixels from the
+/// top-left corner; `None` when the frame shows no object. Measured as [`analyse`] measures each
+/// frame: the background from the border, the largest component over the adaptive threshold,
+/// its interior colour, then the centroid of the mask at half the object/background contrast.
+pub fn object_centre(frame: &[u8], w: usize, h: usize) -> Option<[f64; 2]> {
+    if w < 2 * BORDER + 1 || h < 2 * BORDER + 1 || frame.len() != w * h * 3 {
+        return None;
+    }
+    let mut border: [Vec<u8>; 3] = Default::default();
+    for y in 0..h {
+        for x in 0..w {
+            if x < BORDER || y < BORDER || x >= w - BORDER || y >= h - BORDER {
+                for (c, channel) in border.iter_mut().enumerate() {
+                    channel.push(frame[(y * w + x) * 3 + c]);
+                }
+            }
+        }
+    }
+    let bgf = border.map(|mut v| f32::from(median_u8(&mut v)));
+    let dist = |p: &[u8]| -> f32 {
+        (0..3)
+            .map(|c| (f32::from(p[c]) - bgf[c]).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let d: Vec<f32> = frame.chunks_exact(3).map(dist).collect();
+    let min_area = (w * h / 500).max(8);
+    let thr = (0.5 * percentile(&d, 0.99)).max(MIN_THRESHOLD);
+    let pixels = largest_component(&d, w, h, thr).filter(|p| p.len() >= min_area)?;
+    let ds: Vec<f32> = pixels.iter().map(|&i| d[i]).collect();
+    let mid = percentile(&ds, 0.5);
+    let mut interior: [Vec<u8>; 3] = Default::default();
+    for &i in pixels.iter().filter(|&&i| d[i] >= mid) {
+        for (c, channel) in interior.iter_mut().enumerate() {
+            channel.push(frame[i * 3 + c]);
+        }
+    }
+    let rgb = interior.map(|mut v| median_u8(&mut v));
+    let contrast = dist(&rgb);
+    let thr = (0.5 * contrast).max(MIN_THRESHOLD * 0.5);
+    let pixels = largest_component(&d, w, h, thr).filter(|p| p.len() >= min_area)?;
+    let b = measure(&pixels, w);
+    Some([b.cx, b.cy])
 }
 
 /// The palette name nearest to `rgb` (Euclidean RGB distance; ties go to the first name).

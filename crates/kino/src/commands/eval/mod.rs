@@ -2,18 +2,22 @@
 //!
 //! Generates every held-out case of the model's `kino-eval.json` with a few seeds, reads back
 //! from the pixels what each video shows ([`analyse`]) and scores colour, shape, motion and
-//! background against what the prompt asked for. `--video` analyses one existing MP4 instead.
+//! background against what the prompt asked for. `--image` gives each case a first image drawn
+//! by the world ([`world`]) and also scores whether the video starts where the image put the
+//! object. `--video` analyses one existing MP4 instead.
 
 pub mod analyse;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use kino_engine::wan::pipeline::GenerateRequest;
+use kino_engine::wan::pipeline::{Conditioning, GenerateRequest, RgbImage};
 use kino_media::Mp4Options;
 
-use analyse::{analyse, Analysis, Case, EvalSpec};
+use analyse::{analyse, object_centre, Analysis, Case, EvalSpec};
+use world::Scene;
 
 use super::generate;
 
@@ -22,15 +26,25 @@ pub const EVAL_FILE: &str = "kino-eval.json";
 
 /// The attributes scored, in table order.
 const ATTRIBUTES: [&str; 4] = ["colour", "shape", "motion", "background"];
+/// With `--image`, also: the object's centre in frame 0 within [`START_TOLERANCE`] px of the
+/// given image's.
+const START: &str = "start";
+/// Pixels the object's centre in the video's frame 0 may be from the first image's.
+pub const START_TOLERANCE: f64 = 3.0;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  kino eval --model models/kino-shapes --seeds 2\n  kino eval --video clip.mp4 --json\n\n\
+    after_help = "Examples:\n  kino eval --model models/kino-shapes --seeds 2\n  kino eval --image --seeds 4\n  kino eval --video clip.mp4 --json\n\n\
     The model folder's kino-eval.json lists the held-out prompts (\"cases\": prompt, colour, shape, \
     motion, background) and the world's palette (\"colours\", \"backgrounds\" as RGB). Every case is \
     generated with seeds 0..N and the model's defaults; the video's background, object colour, \
     shape and motion are read from its pixels and compared with the case. Accuracy is reported per \
-    attribute, then every miss."
+    attribute, then every miss.\n\n\
+    --image: every case and seed also gets a first image, one scene of the world (the case's \
+    colour, shape and background, a size and a start position drawn per case and seed as the \
+    training world draws them), and the video must keep that object and move as the prompt says; \
+    \"start\" scores whether the object's centre in the video's first frame is within 3 px of the \
+    image's."
 )]
 pub struct Args {
     /// A model alias or folder whose kino-eval.json lists the cases. Default: $KINO_MODEL or
@@ -52,6 +66,10 @@ pub struct Args {
     /// Analyse this MP4 instead of generating: print what it shows.
     #[arg(long, value_name = "FILE.mp4", conflicts_with_all = ["seeds", "steps", "save"])]
     video: Option<PathBuf>,
+    /// Image-to-video: give every case a first image drawn by the world and also score the
+    /// start position (the model must take a first image).
+    #[arg(long, conflicts_with = "video")]
+    image: bool,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -153,16 +171,62 @@ struct Run {
     seed: u64,
     expected: Case,
     detected: Analysis,
+    /// With `--image`: the scene of the first image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scene: Option<Scene>,
+    /// With `--image`: the object's centre in the first image and in the video's frame 0, and
+    /// how far apart they are (px; `None` when either shows no object).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start: Option<Start>,
     /// The attributes detected wrongly.
     wrong: Vec<&'static str>,
     seconds: f64,
 }
 
-fn wrong_attributes(case: &Case, found: &Analysis) -> Vec<&'static str> {
-    ATTRIBUTES
+#[derive(serde::Serialize)]
+struct Start {
+    image: Option<[f64; 2]>,
+    video: Option<[f64; 2]>,
+    distance: Option<f64>,
+}
+
+impl Start {
+    fn measure(image: &[u8], frame0: &[u8], w: usize, h: usize) -> Start {
+        let image = object_centre(image, w, h);
+        let video = object_centre(frame0, w, h);
+        let distance = image
+            .zip(video)
+            .map(|(a, b)| (a[0] - b[0]).hypot(a[1] - b[1]));
+        Start {
+            image,
+            video,
+            distance,
+        }
+    }
+
+    fn ok(&self) -> bool {
+        self.distance.is_some_and(|d| d <= START_TOLERANCE)
+    }
+
+    /// "2.1 px" or "no object".
+    fn describe(&self) -> String {
+        match self.distance {
+            Some(d) => format!("{d:.1} px"),
+            None if self.image.is_none() => "no object in the image".into(),
+            None => "no object in frame 0".into(),
+        }
+    }
+}
+
+fn wrong_attributes(case: &Case, found: &Analysis, start: Option<&Start>) -> Vec<&'static str> {
+    let mut wrong: Vec<&'static str> = ATTRIBUTES
         .into_iter()
         .filter(|&attr| found.get(attr) != case.get(attr))
-        .collect()
+        .collect();
+    if start.is_some_and(|s| !s.ok()) {
+        wrong.push(START);
+    }
+    wrong
 }
 
 fn run_generate(a: &Args) -> anyhow::Result<()> {
@@ -186,17 +250,35 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     let (model_dir, mut pipeline) =
         generate::open_pipeline(&model_name, a.cpu, a.low_memory, false)?;
     let fps = pipeline.defaults().fps;
-    let request = |case: &Case, seed: u64| GenerateRequest {
+    if a.image && !pipeline.capabilities().image {
+        bail!(
+            "{} takes no image (its model_index.json has no `expand_timesteps` and its \
+             transformer no image channels); `kino eval --image` needs an image-to-video model \
+             such as kino-shapes",
+            model_dir.display()
+        );
+    }
+    let request = |case: &Case, seed: u64, image: Option<RgbImage>| GenerateRequest {
         prompt: case.prompt.clone(),
         seed: Some(seed),
         num_inference_steps: a.steps,
+        conditioning: match image {
+            Some(first) => Conditioning::Image { first, last: None },
+            None => Conditioning::Text,
+        },
         ..Default::default()
     };
     // Check the settings before spending minutes on the first video.
-    let first = pipeline.resolve(&request(&spec.cases[0], 0))?;
+    let first = pipeline.resolve(&request(&spec.cases[0], 0, None))?;
+    let (w, h) = (first.width, first.height);
+    let attributes: Vec<&str> = ATTRIBUTES
+        .into_iter()
+        .chain(a.image.then_some(START))
+        .collect();
     let total = spec.cases.len() as u64 * a.seeds;
     eprintln!(
-        "kino eval: {} — {} cases × {} seeds, {}x{}, {} frames, {} steps, guidance {}",
+        "kino eval{}: {} — {} cases × {} seeds, {}x{}, {} frames, {} steps, guidance {}",
+        if a.image { " --image" } else { "" },
         model_dir.display(),
         spec.cases.len(),
         a.seeds,
@@ -211,10 +293,25 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     for (i, case) in spec.cases.iter().enumerate() {
         for seed in 0..a.seeds {
             let t0 = Instant::now();
+            let scene = match a.image {
+                true => Some(Scene::for_case(&spec, i, case, seed, w, h)?),
+                false => None,
+            };
+            let image = scene.as_ref().map(|s| s.render(w, h, 0, first.num_frames));
+            let conditioning = image
+                .clone()
+                .map(|px| RgbImage::new(w, h, px))
+                .transpose()?;
             let out = pipeline
-                .generate(&request(case, seed), &mut kino_engine::progress::ignore)
+                .generate(
+                    &request(case, seed, conditioning),
+                    &mut kino_engine::progress::ignore,
+                )
                 .with_context(|| format!("generating {:?} with seed {seed}", case.prompt))?;
             let found = analyse(&out.frames, out.width, out.height, &spec)?;
+            let start = image
+                .as_ref()
+                .map(|img| Start::measure(img, &out.frames[0], out.width, out.height));
             let seconds = t0.elapsed().as_secs_f64();
             if let Some(dir) = &a.save {
                 let path = dir.join(format!(
@@ -232,15 +329,19 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
                 kino_media::write_mp4(&path, &video, &opts)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            let wrong = wrong_attributes(case, &found);
+            let wrong = wrong_attributes(case, &found, start.as_ref());
             eprintln!(
-                "[{}/{total}] {:?} seed {seed}: {seconds:.1} s — {} {} {} on {}{}",
+                "[{}/{total}] {:?} seed {seed}: {seconds:.1} s — {} {} {} on {}{}{}",
                 runs.len() + 1,
                 case.prompt,
                 found.colour,
                 found.shape,
                 found.motion,
                 found.background,
+                start
+                    .as_ref()
+                    .map(|s| format!(", start {}", s.describe()))
+                    .unwrap_or_default(),
                 if wrong.is_empty() {
                     String::new()
                 } else {
@@ -252,6 +353,8 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
                 seed,
                 expected: case.clone(),
                 detected: found,
+                scene,
+                start,
                 wrong,
                 seconds,
             });
@@ -265,7 +368,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
 
     if a.json {
         let mut accuracy = serde_json::Map::new();
-        for attr in ATTRIBUTES {
+        for &attr in &attributes {
             let c = correct(attr);
             accuracy.insert(
                 attr.into(),
@@ -280,6 +383,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "model": model_name,
             "model_path": model_dir,
+            "mode": if a.image { "image" } else { "text" },
             "cases_file": spec_path,
             "cases": spec.cases.len(),
             "seeds": a.seeds,
@@ -294,21 +398,30 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{n} videos ({} cases × {} seeds, {} steps) in {secs:.1} s",
+        "{n} videos ({} cases × {} seeds, {} steps{}) in {secs:.1} s",
         spec.cases.len(),
         a.seeds,
-        first.num_inference_steps
+        first.num_inference_steps,
+        if a.image {
+            ", each from a first image"
+        } else {
+            ""
+        }
     );
     println!();
     println!(
         "{:<12} {:>7} {:>6} {:>9}",
         "attribute", "correct", "total", "accuracy"
     );
-    for attr in ATTRIBUTES {
+    for &attr in &attributes {
         let c = correct(attr);
         println!("{attr:<12} {c:>7} {n:>6} {:>8.1}%", pct(c));
     }
-    println!("{:<12} {all:>7} {n:>6} {:>8.1}%", "all four", pct(all));
+    let all_label = if a.image { "all five" } else { "all four" };
+    println!("{all_label:<12} {all:>7} {n:>6} {:>8.1}%", pct(all));
+    if a.image {
+        println!("(start: the object's centre in frame 0 within {START_TOLERANCE} px of the first image's)");
+    }
     println!();
     let misses: Vec<&Run> = runs.iter().filter(|r| !r.wrong.is_empty()).collect();
     if misses.is_empty() {
@@ -319,7 +432,10 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             let what: Vec<String> = r
                 .wrong
                 .iter()
-                .map(|&attr| format!("{attr} {} → {}", r.expected.get(attr), r.detected.get(attr)))
+                .map(|&attr| match (attr, &r.start) {
+                    (START, Some(s)) => format!("start off by {}", s.describe()),
+                    _ => format!("{attr} {} → {}", r.expected.get(attr), r.detected.get(attr)),
+                })
                 .collect();
             println!("  {:?} seed {}: {}", r.prompt, r.seed, what.join(", "));
         }
