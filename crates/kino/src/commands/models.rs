@@ -35,11 +35,11 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<36} {:<10} description",
+        "{:<22} {:<39} {:<6} description",
         "alias", "repository", "local"
     );
     println!(
-        "{:<18} {:<36} {:<10} {} (default)",
+        "{:<22} {:<39} {:<6} {} (default)",
         registry::BUNDLED_MODEL,
         "(ships with Kino)",
         if bundled.is_some() { "yes" } else { "no" },
@@ -48,7 +48,7 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
     for (m, p) in &rows {
         let local = if p.is_some() { "yes" } else { "no" };
         println!(
-            "{:<18} {:<36} {:<10} {}",
+            "{:<22} {:<39} {:<6} {}",
             m.alias, m.repo, local, m.description
         );
     }
