@@ -1,5 +1,6 @@
 //! Drives the web studio in headless Chromium (tests/studio_chromium.py, standard library
-//! only): type a prompt, watch the progress, see the video play, delete it. Needs $KINO_PYTHON
+//! only): type a prompt, watch the progress, see the video play, delete it; drop an image, see
+//! the image-to-video result play; drop that video, see the video-to-video edit play. Needs $KINO_PYTHON
 //! (default python3) and $KINO_CHROMIUM (default chromium); fails saying so if either is missing.
 
 mod common;
@@ -14,7 +15,8 @@ fn studio_in_headless_chromium() {
         panic!("cannot run `{chromium}` ({e}): install Chromium (Debian: apt-get install chromium) or set KINO_CHROMIUM");
     }
     let dir = tempfile::tempdir().unwrap();
-    let srv = common::start(dir.path());
+    // `tiny` first (text), then `tiny-ti2v`, which takes a first image.
+    let srv = kino_server::ServerHandle::start(common::config_two(dir.path())).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/studio_chromium.py");
     let out = Command::new(&python)
         .arg(&script)

@@ -1,6 +1,7 @@
 """Drives the web studio in headless Chromium over the DevTools protocol (through
 --remote-debugging-pipe, so only the standard library is needed): type a prompt, submit, watch
-the queue's progress, see the video play, delete it.
+the queue's progress, see the video play, delete it; then drop an image (image-to-video) and
+the result's MP4 (video-to-video) on the form and see each result play.
 
 Run by tests/studio.rs with KINO_STUDIO_URL and KINO_CHROMIUM set. Exits non-zero on failure.
 """
@@ -60,6 +61,53 @@ DRIVE = r"""
   await until(() => document.querySelector("#gallery .empty"), "the gallery to be empty");
   const list = await (await fetch("/v1/videos")).json();
   summary.left = list.data.length;
+
+  // Image-to-video: drop a PNG (drawn on a canvas) on the form.
+  const failIfError = () => {
+    const e = document.querySelector("#err").textContent;
+    if (e) throw new Error("the studio shows an error: " + e);
+  };
+  const drop = (file) => {
+    const dt = new DataTransfer();
+    dt.items.add(file);
+    document.querySelector("#drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  };
+  const canvas = document.createElement("canvas");
+  canvas.width = 100; canvas.height = 200;
+  const g = canvas.getContext("2d");
+  g.fillStyle = "#1414c8"; g.fillRect(0, 0, 100, 200);
+  g.fillStyle = "#e61414"; g.fillRect(0, 0, 50, 100);
+  const png = await new Promise((r) => canvas.toBlob(r, "image/png"));
+  drop(new File([png], "start.png", { type: "image/png" }));
+  await until(() => document.querySelector("#drop-preview img"), "the dropped image's preview");
+  summary.modelForImage = document.querySelector("#model").value;
+  document.querySelector("#prompt").value = "a red square";
+  document.querySelector("#size").value = "";
+  document.querySelector("#seconds").value = "1";
+  document.querySelector("#steps").value = "2";
+  document.querySelector("#create button[type=submit]").click();
+  const playing = async (n, what) => {
+    const v = await until(() => {
+      failIfError();
+      const vs = document.querySelectorAll("#gallery .card video");
+      const v = vs.length === n && vs[0];
+      return v && v.readyState >= 2 && v.videoWidth > 0 && v;
+    }, what);
+    await v.play();
+    await until(() => v.currentTime > 0.1, what + " to play");
+    const newest = (await (await fetch("/v1/videos")).json()).data[0];
+    return { width: v.videoWidth, height: v.videoHeight, playedTo: v.currentTime, model: newest.model, size: newest.size, id: newest.id, status: newest.status };
+  };
+  summary.image = await playing(1, "the image-to-video result");
+
+  // Video-to-video: drop that result's MP4.
+  const mp4 = await (await fetch("/v1/videos/" + summary.image.id + "/content")).blob();
+  drop(new File([mp4], "clip.mp4", { type: "video/mp4" }));
+  await until(() => document.querySelector("#drop-preview video"), "the dropped video's preview");
+  summary.strengthShown = getComputedStyle(document.querySelector("#strength-box")).display !== "none";
+  document.querySelector("#prompt").value = "a blue square";
+  document.querySelector("#create button[type=submit]").click();
+  summary.edit = await playing(2, "the video-to-video result");
   return summary;
 })()
 """
@@ -150,6 +198,14 @@ try:
     assert s["progress"], f"the queue never showed progress: {s}"
     assert s["progress"] == sorted(s["progress"]), f"progress went backwards: {s}"
     assert s["left"] == 0, f"the video was not deleted: {s}"
+    assert s["modelForImage"] == "tiny-ti2v", f"an image picks a model that takes one: {s}"
+    im = s["image"]
+    assert im["status"] == "completed" and im["model"] == "tiny-ti2v", s
+    assert im["size"] == "96x224" and (im["width"], im["height"]) == (96, 224), f"the image's 1:2 shape: {s}"
+    assert im["playedTo"] > 0.1, s
+    assert s["strengthShown"], f"a dropped video shows the strength: {s}"
+    ed = s["edit"]
+    assert ed["status"] == "completed" and ed["id"] != im["id"] and ed["playedTo"] > 0.1, s
     print("studio OK")
 finally:
     cdp.close()
