@@ -14,7 +14,7 @@
 //!
 //! Every failure is one [`MediaError`] naming the file and saying what to do; no input panics.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 use std::path::Path;
 use std::sync::Once;
 
@@ -61,14 +61,18 @@ pub fn decode_video(bytes: &[u8]) -> Result<Video> {
 /// is read whole, so the result's duration tells how long it is.
 pub fn read_video_head(path: &Path, seconds: f64) -> Result<Video> {
     init();
-    // Open ourselves first so a missing or unreadable file gets the usual I/O message.
-    std::fs::File::open(path).map_err(|e| MediaError::read(path, e))?;
     if path.is_dir() {
         return Err(MediaError::read(
             path,
             std::io::Error::other("it is a folder, not a video file"),
         ));
     }
+    // Open ourselves first so a missing or unreadable file gets the usual I/O message.
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| MediaError::read(path, e))?;
+    refuse_stills(&head).map_err(|e| crate::mp4::with_path(e, path))?;
     let input = ff::format::input(path).map_err(|e| crate::mp4::with_path(open_error(e), path))?;
     decode_input(input, seconds).map_err(|e| crate::mp4::with_path(e, path))
 }
@@ -79,10 +83,26 @@ pub fn decode_video_head(bytes: &[u8], seconds: f64) -> Result<Video> {
     if bytes.is_empty() {
         return Err(MediaError::corrupt(WHAT, "the file is empty"));
     }
+    refuse_stills(bytes)?;
     let io = StreamIo::from_read_seek(Cursor::new(bytes.to_vec()))
         .map_err(|e| MediaError::corrupt(WHAT, format!("cannot set up reading: {e}")))?;
     let input = ff::format::input_from_stream(io, None, None).map_err(open_error)?;
     decode_input(input, seconds)
+}
+
+/// FFmpeg would read a PNG, JPEG or WebP as a one-frame "video"; say what it is instead.
+fn refuse_stills(head: &[u8]) -> Result<()> {
+    use crate::probe::MediaFormat;
+    let kind = match MediaFormat::sniff(head) {
+        Some(MediaFormat::Png) => "PNG",
+        Some(MediaFormat::Jpeg) => "JPEG",
+        Some(MediaFormat::Webp) => "WebP",
+        _ => return Ok(()),
+    };
+    Err(MediaError::Unsupported(format!(
+        "it is a still {kind} image, not a video; give a video clip (MP4, MOV, WebM or MKV), or \
+         use the picture as a first image instead"
+    )))
 }
 
 fn open_error(e: ff::Error) -> MediaError {

@@ -11,8 +11,11 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use kino_engine::device::{self, DeviceChoice};
 use kino_engine::progress::{ProgressEvent, Stage};
-use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
-use kino_media::{GifOptions, Mp4Options};
+use kino_engine::wan::pipeline::{
+    Conditioning, GenerateRequest, PipelineOptions, RgbImage, WanPipeline,
+};
+use kino_media::{FitCrop, Fps, Frame, GifOptions, Mp4Options};
+use serde_json::json;
 
 /// The model `kino generate` uses when none is named.
 pub use kino_engine::registry::DEFAULT_MODEL;
@@ -70,6 +73,153 @@ pub struct Args {
     /// Print a machine-readable summary (JSON) on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Start from this picture (PNG, JPEG or WebP): image-to-video. It is resized to cover the
+    /// video's size and centre-cropped.
+    #[arg(long, value_name = "FIRST.png", conflicts_with = "video")]
+    image: Option<PathBuf>,
+    /// End on this picture too (first–last-frame models; needs --image).
+    #[arg(long, value_name = "LAST.png", requires = "image")]
+    last_image: Option<PathBuf>,
+    /// Restyle this clip (MP4, MOV, WebM, … in H.264, H.265, VP9, AV1): video-to-video. Its
+    /// first frames at the video's fps are used, resized and centre-cropped.
+    #[arg(long, value_name = "IN.mp4")]
+    video: Option<PathBuf>,
+    /// How much of the schedule runs on the source video, in (0, 1]: 1 ignores it, small
+    /// values change it little (default 0.7; only with --video).
+    #[arg(long, requires = "video")]
+    strength: Option<f64>,
+}
+
+/// One input file: where it came from, what it was, and (once fitted) what was done to it.
+struct InputFile {
+    /// `image`, `last_image` or `video` (as the server records them).
+    role: &'static str,
+    path: PathBuf,
+    sha256: String,
+    width: u32,
+    height: u32,
+    /// Videos: the frame rate.
+    fps: Option<Fps>,
+    /// "resized to 85×64 and centre-cropped to 64×64", filled in when fitted.
+    fitted: String,
+}
+
+impl InputFile {
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+
+    fn metadata(&self) -> serde_json::Value {
+        let mut m = json!({
+            "name": self.name(),
+            "sha256": self.sha256,
+            "size": format!("{}x{}", self.width, self.height),
+            "fitted": self.fitted,
+        });
+        if let Some(f) = self.fps {
+            m["fps"] = json!(f.as_f64());
+        }
+        m
+    }
+}
+
+/// Reads a file's bytes for hashing, with the usual message when it is missing.
+fn read_input_bytes(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    if path.is_dir() {
+        bail!("{what} {} is a folder; give a file", path.display());
+    }
+    std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read the {what} {}; check that the file exists and is readable",
+            path.display()
+        )
+    })
+}
+
+/// SHA-256 (hex) of a --video file, read in pieces (clips can be large).
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    if path.is_dir() {
+        bail!("--video {} is a folder; give a video file", path.display());
+    }
+    let mut file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "cannot read the --video {}; check that the file exists and is readable",
+            path.display()
+        )
+    })?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read the --video {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Decodes an image given with --image/--last-image.
+fn load_image(path: &Path, role: &'static str) -> anyhow::Result<(InputFile, Frame)> {
+    let what = if role == "image" {
+        "--image"
+    } else {
+        "--last-image"
+    };
+    let bytes = read_input_bytes(path, what)?;
+    let frame = kino_media::decode_image(&bytes)
+        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?;
+    let f = InputFile {
+        role,
+        path: path.to_path_buf(),
+        sha256: kino_server::inputs::sha256_hex(&bytes),
+        width: frame.width(),
+        height: frame.height(),
+        fps: None,
+        fitted: String::new(),
+    };
+    Ok((f, frame))
+}
+
+/// "resized to 85×64 and centre-cropped to 64×64" (or "kept as it is").
+fn describe_fit(src_w: u32, src_h: u32, w: u32, h: u32) -> anyhow::Result<String> {
+    let plan = FitCrop::plan(src_w, src_h, w, h)?;
+    let (rw, rh) = plan.resized;
+    Ok(if (src_w, src_h) == (w, h) {
+        "kept as it is".to_string()
+    } else if (rw, rh) == (w, h) {
+        format!("resized to {w}×{h}")
+    } else if (rw, rh) == (src_w, src_h) {
+        format!("centre-cropped to {w}×{h}")
+    } else {
+        format!("resized to {rw}×{rh} and centre-cropped to {w}×{h}")
+    })
+}
+
+fn rgb(frame: Frame) -> anyhow::Result<RgbImage> {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    Ok(RgbImage::new(w, h, frame.into_data())?)
+}
+
+/// The models that take a first image, for an error message (not `current`: a folder of the
+/// bundled model from before it learnt images is text-only).
+fn image_models(current: &str) -> String {
+    kino_engine::registry::image_model_names()
+        .into_iter()
+        .filter(|m| !m.eq_ignore_ascii_case(current))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,6 +483,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_output(&a.prompt));
     let format = format_of(&output)?;
+    if let Some(st) = a.strength {
+        if !(st.is_finite() && st > 0.0 && st <= 1.0) {
+            bail!(
+                "--strength {st} is outside (0, 1]: 1 ignores the source video, small values keep \
+                 it almost unchanged; try 0.7"
+            );
+        }
+    }
+    // The inputs: read and decode the images now (before any model is opened); the video's
+    // file is checked here and decoded once the request's length is known.
+    let mut inputs: Vec<InputFile> = Vec::new();
+    let mut images: Vec<Frame> = Vec::new();
+    if let Some(p) = &a.image {
+        let (f, img) = load_image(p, "image")?;
+        inputs.push(f);
+        images.push(img);
+    }
+    if let Some(p) = &a.last_image {
+        let (f, img) = load_image(p, "last_image")?;
+        inputs.push(f);
+        images.push(img);
+    }
+    let video_sha = a.video.as_deref().map(sha256_file).transpose()?;
     check_writable(&output, format, a.overwrite)?;
 
     let (model_dir, mut pipeline) =
@@ -357,7 +530,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         (None, None) => None,
     };
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative.clone(),
         width: size.map(|s| s.0),
@@ -367,12 +540,125 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         guidance_scale: a.guidance,
         shift: a.shift,
         seed: a.seed,
+        ..Default::default()
     };
+    let caps = pipeline.capabilities();
+    if a.image.is_some() && !caps.image {
+        bail!(
+            "{} makes video from text only and cannot start from an image; models that take a \
+             first image: {}",
+            model_name,
+            image_models(&model_name)
+        );
+    }
+    if a.last_image.is_some() && !caps.last_image {
+        let last = kino_engine::registry::last_image_model_names();
+        bail!(
+            "{} takes a first image only, not a last one; models that take a first and a last \
+             image: {}",
+            model_name,
+            if last.is_empty() {
+                "none known".to_string()
+            } else {
+                last.join(", ")
+            }
+        );
+    }
+    if a.video.is_some() && !caps.video {
+        bail!(
+            "{model_name} is an image-to-video model and cannot restyle a video; give it --image, \
+             or use a text-to-video model (e.g. wan2.1-t2v-1.3b or kino-shapes) with --video"
+        );
+    }
+    if a.image.is_none() && a.video.is_none() && !caps.text {
+        bail!(
+            "{model_name} is an image-to-video model: it needs a first image; pass --image FIRST.png"
+        );
+    }
+    // Size and length: checked by the engine where it can (text-capable models); an
+    // image-only model checks them with its images below.
+    let (width, height, frames) = if caps.text {
+        let r = pipeline.resolve(&req)?;
+        (r.width, r.height, r.num_frames)
+    } else {
+        (
+            req.width.unwrap_or(defaults.width),
+            req.height.unwrap_or(defaults.height),
+            req.num_frames.unwrap_or(defaults.num_frames),
+        )
+    };
+    let (w32, h32) = (width as u32, height as u32);
+    if !images.is_empty() {
+        let mut fitted = Vec::with_capacity(images.len());
+        for (f, img) in inputs.iter_mut().zip(&images) {
+            f.fitted = describe_fit(img.width(), img.height(), w32, h32)?;
+            fitted.push(rgb(kino_media::fit_crop(img, w32, h32)?)?);
+        }
+        let mut it = fitted.into_iter();
+        let first = it
+            .next()
+            .context("internal: the first image went missing")?;
+        req.conditioning = Conditioning::Image {
+            first,
+            last: it.next(),
+        };
+    }
+    if let (Some(path), Some(sha256)) = (&a.video, video_sha) {
+        let strength = a.strength.unwrap_or(0.7);
+        let out_fps = Fps::integer(fps)?;
+        // Read only what is needed (and one frame more), not a whole long clip.
+        let seconds = out_fps.duration_of(frames) + 0.1;
+        let video = kino_media::read_video_head(path, seconds)
+            .map_err(|e| anyhow::anyhow!("--video: {e}"))?;
+        let conformed = kino_media::conform_video(&video, w32, h32, out_fps, frames)
+            .map_err(|e| anyhow::anyhow!("--video {}: {e}", path.display()))?;
+        let mut f = InputFile {
+            role: "video",
+            path: path.clone(),
+            sha256,
+            width: video.width(),
+            height: video.height(),
+            fps: Some(video.fps()),
+            fitted: String::new(),
+        };
+        let fit = describe_fit(video.width(), video.height(), w32, h32)?;
+        f.fitted = if video.fps() == out_fps {
+            format!("first {frames} frames, {fit}")
+        } else {
+            format!(
+                "{frames} frames at {fps} fps from {} fps (nearest frame), {fit}",
+                fmt_fps(video.fps())
+            )
+        };
+        inputs.push(f);
+        req.conditioning = Conditioning::Video {
+            frames: conformed
+                .into_iter()
+                .map(rgb)
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            strength,
+        };
+    }
     let resolved = pipeline.resolve(&req)?;
-    let req = GenerateRequest {
-        seed: Some(resolved.seed),
-        ..req
-    };
+    req.seed = Some(resolved.seed);
+    for f in &inputs {
+        let what = match f.role {
+            "image" => "first image",
+            "last_image" => "last image",
+            _ => "source video",
+        };
+        let extra = match f.fps {
+            Some(r) => format!(" at {} fps", fmt_fps(r)),
+            None => String::new(),
+        };
+        eprintln!(
+            "{what} {} {}×{}{extra} → {}",
+            f.name(),
+            f.width,
+            f.height,
+            f.fitted
+        );
+    }
 
     let cancel = Arc::new(AtomicBool::new(false));
     {
@@ -421,7 +707,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let r = &out.request;
     let video = kino_server::output::frames_to_video(out.frames, out.width, out.height, fps)?;
-    let params = kino_server::output::generation_params(r, &model_name, fps);
+    let mut params = kino_server::output::generation_params(r, &model_name, fps);
+    let conditioning = conditioning_metadata(&inputs, r.conditioning.as_str(), r.strength);
+    if let Some(c) = &conditioning {
+        params.extra.insert("conditioning".into(), c.clone());
+    }
     let t_write = Instant::now();
     match format {
         Format::Mp4 => {
@@ -463,12 +753,43 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "shift": r.shift,
             "seed": r.seed,
             "prompt": r.prompt,
-            "negative_prompt": r.negative_prompt,
+        "negative_prompt": r.negative_prompt,
+            "conditioning": conditioning,
             "seconds": { "generate": gen_secs, "write": write_secs, "stages": view.stage_times },
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+fn fmt_fps(f: Fps) -> String {
+    if f.den() == 1 {
+        f.num().to_string()
+    } else {
+        format!("{:.3}", f.as_f64())
+    }
+}
+
+/// What the output's metadata records about the inputs (the shape `kino serve` writes too):
+/// `{"kind": "image", "image": {"name", "sha256", "size", "fitted"}, "last_image": …,
+/// "video": {…, "frames", "fps"}, "strength": 0.7}`; `None` for text-to-video.
+fn conditioning_metadata(
+    inputs: &[InputFile],
+    kind: &str,
+    strength: Option<f64>,
+) -> Option<serde_json::Value> {
+    if inputs.is_empty() {
+        return None;
+    }
+    let mut m = serde_json::Map::new();
+    m.insert("kind".into(), json!(kind));
+    for f in inputs {
+        m.insert(f.role.into(), f.metadata());
+    }
+    if let Some(s) = strength {
+        m.insert("strength".into(), json!(s));
+    }
+    Some(serde_json::Value::Object(m))
 }
 
 #[cfg(test)]
