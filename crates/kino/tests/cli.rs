@@ -410,3 +410,343 @@ fn ctrl_c_stops_cleanly_and_writes_nothing() {
     );
     assert!(!out.exists());
 }
+
+// ---- Starting from a picture or a clip (issue 16): --image, --last-image, --video ----------
+
+/// A 640×480 PNG: a red square on black, off centre.
+fn start_png(dir: &Path) -> PathBuf {
+    let p = dir.join("start.png");
+    let f = kino_media::Frame::from_fn(640, 480, |x, y| {
+        if (300..380).contains(&x) && (200..280).contains(&y) {
+            [220, 30, 30]
+        } else {
+            [0, 0, 0]
+        }
+    })
+    .unwrap();
+    kino_media::write_image(&p, &f).unwrap();
+    p
+}
+
+/// An H.264 High (B-frames) clip made by the ffmpeg command line: `seconds` of testsrc at 30 fps.
+fn source_clip(dir: &Path, name: &str, seconds: u32) -> PathBuf {
+    let p = dir.join(name);
+    let o = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg(format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+        .args([
+            "-c:v",
+            "libx264",
+            "-profile:v",
+            "high",
+            "-bf",
+            "3",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(&p)
+        .output()
+        .expect("ffmpeg is installed (Debian package ffmpeg; .ci/run installs it)");
+    assert!(o.status.success(), "ffmpeg: {}", stderr(&o));
+    p
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(std::fs::read(path).unwrap());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn info_json(path: &Path) -> serde_json::Value {
+    let o = run(kino().arg("info").arg(path).arg("--json"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Image-to-video on the tiny Wan2.2 TI2V folder: the picture is fitted (and says how), and the
+/// output's metadata, `--json` and `kino info` name it with its sha256.
+#[test]
+fn generate_from_an_image_records_its_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan22");
+    let image = start_png(tmp.path());
+    let out = tmp.path().join("from-image.mp4");
+    let o = generate(
+        &model,
+        &out,
+        &[
+            "a red square",
+            "--image",
+            image.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    // 640×480 onto 192×128: cover (192×144), then the centre 192×128.
+    assert!(
+        e.contains(
+            "first image start.png 640×480 → resized to 192×144 and centre-cropped to 192×128"
+        ),
+        "{e}"
+    );
+    let sha = sha256_hex(&image);
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["conditioning"]["kind"], "image");
+    assert_eq!(summary["conditioning"]["image"]["sha256"], sha.as_str());
+
+    let info = info_json(&out);
+    let c = &info["generation"]["conditioning"];
+    assert_eq!(c["kind"], "image", "{info}");
+    assert_eq!(c["image"]["name"], "start.png");
+    assert_eq!(c["image"]["sha256"], sha.as_str());
+    assert_eq!(c["image"]["size"], "640x480");
+    assert!(c.get("video").is_none() && c.get("last_image").is_none());
+
+    let o = run(kino().arg("info").arg(&out));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains(&format!("first image: start.png (640x480), sha256 {sha}")),
+        "{text}"
+    );
+    // The video has the request's size and length (the tiny model's weights are random, so
+    // its pixels say nothing about the picture).
+    let v = kino_media::read_video(&out).unwrap();
+    assert_eq!((v.width(), v.height(), v.len()), (192, 128, 17));
+}
+
+/// Video-to-video on the tiny Wan2.1 folder: an H.264 High clip at 30 fps is resampled to the
+/// video's 8 fps and fitted; its name, sha256 and the strength are recorded.
+#[test]
+fn generate_from_a_video_records_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), "pipeline-wan21");
+    let clip = source_clip(tmp.path(), "source.mp4", 3);
+    let out = tmp.path().join("restyled.mp4");
+    let o = generate(
+        &model,
+        &out,
+        &[
+            "a red circle",
+            "--video",
+            clip.to_str().unwrap(),
+            "--strength",
+            "0.5",
+            "--size",
+            "96x64",
+            "--frames",
+            "9",
+            "--fps",
+            "8",
+            "--steps",
+            "4",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("source video source.mp4 320×240 at 30 fps → 9 frames at 8 fps from 30 fps (nearest frame), resized to 96×72 and centre-cropped to 96×64"),
+        "{e}"
+    );
+    let info = info_json(&out);
+    let c = &info["generation"]["conditioning"];
+    assert_eq!(c["kind"], "video", "{info}");
+    assert_eq!(c["strength"], 0.5);
+    assert_eq!(c["video"]["name"], "source.mp4");
+    assert_eq!(c["video"]["sha256"], sha256_hex(&clip).as_str());
+    assert_eq!(c["video"]["size"], "320x240");
+    let o = run(kino().arg("info").arg(&out));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("source video: source.mp4 (320x240 at 30 fps)"),
+        "{text}"
+    );
+    assert!(text.contains("strength: 0.5"), "{text}");
+
+    // Without --strength, --video runs at 0.7.
+    let out2 = tmp.path().join("default-strength.mp4");
+    let o = generate(
+        &model,
+        &out2,
+        &["a cat", "--video", clip.to_str().unwrap(), "--steps", "4"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        info_json(&out2)["generation"]["conditioning"]["strength"],
+        0.7
+    );
+}
+
+/// Every bad input: one clear error, a non-zero exit, and no output file.
+#[test]
+fn bad_image_and_video_inputs_get_one_clear_error_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let t2v = tiny_model(dir, "pipeline-wan21");
+    let ti2v = tiny_model(dir, "pipeline-wan22");
+    let i2v = tiny_model(dir, "pipeline-i2v-wan21");
+    let image = start_png(dir);
+    let short = source_clip(dir, "short.mp4", 1);
+    let garbage_png = dir.join("garbage.png");
+    std::fs::write(&garbage_png, b"\x89PNG\r\n\x1a\nthis is not really a png").unwrap();
+    let truncated_png = dir.join("truncated.png");
+    let bytes = std::fs::read(&image).unwrap();
+    std::fs::write(&truncated_png, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage_mp4 = dir.join("garbage.mp4");
+    std::fs::write(
+        &garbage_mp4,
+        (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let truncated_mp4 = dir.join("truncated.mp4");
+    let bytes = std::fs::read(&short).unwrap();
+    std::fs::write(&truncated_mp4, &bytes[..bytes.len() / 3]).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+
+    let cases: Vec<(&Path, Vec<String>, Vec<&str>)> = vec![
+        (
+            &ti2v,
+            vec!["--last-image".into(), p(&image)],
+            vec!["--image"],
+        ),
+        (
+            &ti2v,
+            vec!["--image".into(), p(&image), "--video".into(), p(&short)],
+            vec!["cannot be used with"],
+        ),
+        (
+            &t2v,
+            vec!["--strength".into(), "0.5".into()],
+            vec!["--video"],
+        ),
+        (
+            &t2v,
+            vec!["--video".into(), p(&short), "--strength".into(), "0".into()],
+            vec!["--strength 0 is outside (0, 1]"],
+        ),
+        (
+            &t2v,
+            vec![
+                "--video".into(),
+                p(&short),
+                "--strength".into(),
+                "1.5".into(),
+            ],
+            vec!["--strength 1.5 is outside (0, 1]", "try 0.7"],
+        ),
+        (
+            &ti2v,
+            vec!["--image".into(), p(&dir.join("missing.png"))],
+            vec!["missing.png", "exists"],
+        ),
+        (
+            &ti2v,
+            vec!["--image".into(), p(&garbage_png)],
+            vec!["garbage.png"],
+        ),
+        (
+            &ti2v,
+            vec!["--image".into(), p(&truncated_png)],
+            vec!["truncated.png", "truncated"],
+        ),
+        (
+            &ti2v,
+            vec!["--image".into(), p(&short)],
+            vec!["short.mp4", "PNG, JPEG or WebP"],
+        ),
+        (
+            &t2v,
+            vec!["--video".into(), p(&dir.join("missing.mp4"))],
+            vec!["missing.mp4", "exists"],
+        ),
+        (
+            &t2v,
+            vec!["--video".into(), p(&garbage_mp4)],
+            vec!["garbage.mp4"],
+        ),
+        (
+            &t2v,
+            vec!["--video".into(), p(&truncated_mp4)],
+            vec!["truncated.mp4", "truncated"],
+        ),
+        (
+            &t2v,
+            vec!["--video".into(), p(&image)],
+            vec!["start.png", "still PNG image"],
+        ),
+        // 1 s of source; 17 frames at 8 fps need 2 s.
+        (
+            &t2v,
+            vec![
+                "--video".into(),
+                p(&short),
+                "--frames".into(),
+                "17".into(),
+                "--fps".into(),
+                "8".into(),
+            ],
+            vec![
+                "too short",
+                "30 frames (1.00 s at 30 fps)",
+                "--frames or --seconds",
+            ],
+        ),
+        (
+            &t2v,
+            vec!["--image".into(), p(&image)],
+            vec!["cannot start from an image", "wan2.2-ti2v-5b"],
+        ),
+        (
+            &ti2v,
+            vec![
+                "--image".into(),
+                p(&image),
+                "--last-image".into(),
+                p(&image),
+            ],
+            vec!["first image only", "wan2.1-flf2v-14b-720p"],
+        ),
+        (&i2v, vec![], vec!["needs a first image", "--image"]),
+        (
+            &i2v,
+            vec!["--video".into(), p(&short)],
+            vec!["cannot restyle a video"],
+        ),
+    ];
+    for (i, (model, args, wants)) in cases.iter().enumerate() {
+        let out = dir.join(format!("out-{i}.mp4"));
+        let o = run(kino()
+            .args(["generate", "a red square"])
+            .args(args)
+            .arg("-o")
+            .arg(&out)
+            .arg("--model")
+            .arg(model));
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?} should fail: {e}");
+        for want in wants {
+            assert!(e.contains(want), "{args:?}: expected `{want}` in: {e}");
+        }
+        assert!(!e.contains("panicked"), "{e}");
+        assert_eq!(
+            e.lines().filter(|l| l.starts_with("error")).count(),
+            1,
+            "{args:?}: one error: {e}"
+        );
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+}
