@@ -1,7 +1,8 @@
 //! Decodes a video file and says what came out and how long it took:
 //! `cargo run --release -p kino-media --example read_video -- FILE [ffmpeg|rust] [RAW_RGB_REFERENCE]`
 //! (`rust`: the pure-Rust MP4 reader, for Kino's own files; a raw rgb24 reference of the same
-//! size gives the PSNR against it).
+//! size gives the PSNR against it). Also `FILE make W H N` (write a Kino MP4 to time) and
+//! `IN.png fit W H OUT.png` (fit_crop a picture).
 
 use std::time::Instant;
 
@@ -12,6 +13,18 @@ fn main() {
         std::process::exit(2);
     };
     let how = args.get(1).map_or("ffmpeg", String::as_str);
+    if how == "fit" {
+        // `read_video IN.png fit W H OUT.png`: fit_crop a picture (to compare with PIL).
+        let n = |i: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(64);
+        let r = kino_media::read_image(path)
+            .and_then(|f| kino_media::fit_crop(&f, n(2), n(3)))
+            .and_then(|f| kino_media::write_image(args.get(4).map_or("fit.png", |s| s), &f));
+        if let Err(e) = r {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if how == "make" {
         // A Kino file to time: `read_video OUT.mp4 make 832 480 81` (a moving pattern, 16 fps).
         let n = |i: usize, d: u32| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);

@@ -12,6 +12,10 @@
 //! - the frame rate is the stream's average rate; a variable-frame-rate clip is put on that
 //!   constant rate by taking, for each output instant, the frame with the nearest timestamp.
 //!
+//! Kino's own MP4s go through FFmpeg too: it is the faster reader of them (81 frames of 832×480,
+//! whole process, median of 7 on 2 cores: 0.31 s against 0.51 s for the pure-Rust
+//! [`read_mp4`](crate::read_mp4), which stays for its callers).
+//!
 //! Every failure is one [`MediaError`] naming the file and saying what to do; no input panics.
 
 use std::io::{Cursor, Read};
