@@ -80,16 +80,26 @@ impl JobInputs {
         .filter_map(|(role, s)| s.as_ref().map(|s| (role, s)))
     }
 
-    /// What the MP4's metadata records (`conditioning`): kind, each input's name and sha256,
-    /// the strength of an edit.
-    pub fn metadata(&self) -> Value {
+    /// What the MP4's metadata records (`conditioning`, the shape `kino generate` writes and
+    /// `kino info` shows): kind, each input's name, sha256, size (and frames and fps for a
+    /// video) and how it was fitted to the output's `width × height`, the strength of an edit.
+    pub fn metadata(&self, width: u32, height: u32) -> Value {
         let mut m = serde_json::Map::new();
         m.insert("kind".into(), json!(self.kind()));
         for (role, s) in self.files() {
-            m.insert(
-                role.into(),
-                json!({"name": s.name, "sha256": s.sha256, "size": format!("{}x{}", s.width, s.height)}),
-            );
+            let mut f = json!({
+                "name": s.name,
+                "sha256": s.sha256,
+                "size": format!("{}x{}", s.width, s.height),
+                "fitted": describe_fit(s.width, s.height, width, height),
+            });
+            if let Some(n) = s.frames {
+                f["frames"] = json!(n);
+            }
+            if let Some(fps) = s.fps {
+                f["fps"] = json!(fps);
+            }
+            m.insert(role.into(), f);
         }
         if let Some(st) = self.strength {
             m.insert("strength".into(), json!(st));
@@ -98,6 +108,23 @@ impl JobInputs {
             m.insert("source_video_id".into(), json!(src));
         }
         Value::Object(m)
+    }
+}
+
+/// "resized to 85×64 and centre-cropped to 64×64" (or "kept as it is").
+pub fn describe_fit(src_w: u32, src_h: u32, w: u32, h: u32) -> String {
+    let Ok(plan) = kino_media::FitCrop::plan(src_w, src_h, w, h) else {
+        return format!("fitted to {w}×{h}");
+    };
+    let (rw, rh) = plan.resized;
+    if (src_w, src_h) == (w, h) {
+        "kept as it is".to_string()
+    } else if (rw, rh) == (w, h) {
+        format!("resized to {w}×{h}")
+    } else if (rw, rh) == (src_w, src_h) {
+        format!("centre-cropped to {w}×{h}")
+    } else {
+        format!("resized to {rw}×{rh} and centre-cropped to {w}×{h}")
     }
 }
 

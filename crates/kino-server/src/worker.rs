@@ -415,9 +415,10 @@ fn write_outputs(
         .extra
         .insert("requested_model".into(), serde_json::json!(job.model));
     if let Some(inputs) = &job.params.inputs {
-        params
-            .extra
-            .insert("conditioning".into(), inputs.metadata());
+        params.extra.insert(
+            "conditioning".into(),
+            inputs.metadata(out.width as u32, out.height as u32),
+        );
     }
     if let Some(src) = &job.remixed_from_video_id {
         params

@@ -189,6 +189,7 @@ fn image_to_video_from_an_upload_a_data_url_and_a_multipart_data_url() {
         assert_eq!(c["kind"], "image", "{m}");
         assert_eq!(c["image"]["name"], name, "{m}");
         assert_eq!(c["image"]["sha256"], sha256(bytes).as_str(), "{m}");
+        assert!(c["image"]["fitted"].is_string(), "{m}");
         assert_eq!(m["model"], "tiny-ti2v");
         assert_eq!(input_files(dir.path(), id), [file]);
     }
@@ -274,6 +275,7 @@ fn video_to_video_edits_from_an_id_a_multipart_id_and_an_upload() {
         assert_eq!(c["video"]["name"], name, "{m}");
         assert_eq!(c["video"]["sha256"], sha256(&mp4).as_str(), "{m}");
         assert_eq!(c["strength"], strength, "{m}");
+        assert_eq!(c["video"]["fps"], 8.0, "{m}");
         assert_eq!(input_files(dir.path(), &id), ["video.mp4"]);
     }
     let m1 = meta(dir.path(), &id_of(&e1));
