@@ -10,6 +10,7 @@ pub mod parity;
 pub mod progress;
 pub mod registry;
 pub mod schedulers;
+pub mod skyreels;
 pub mod testing;
 pub mod umt5;
 pub mod wan;

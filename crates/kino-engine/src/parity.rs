@@ -12,7 +12,11 @@
 //! | `pipeline-v2v` | whole model | `video`, `noise`, `prompt_embeds`, `negative_prompt_embeds`; `--strength` | `latents` |
 //! | `image-encoder` | `image_encoder/` (CLIP vision) | `pixel_values` | `image_embeds` (penultimate hidden states) |
 //!
-//! `transformer` also takes `encoder_hidden_states_image` (Wan2.1 I2V's CLIP tokens).
+//! | `pipeline-df` | a SkyReels-V2 diffusion-forcing model | `latents_0`, `latents_1`, … (each window's noise, in the order the reference draws them), `prompt_embeds`, `negative_prompt_embeds`; long-video flags | `latents` (the whole video) |
+//!
+//! `transformer` also takes `encoder_hidden_states_image` (Wan2.1 I2V's CLIP tokens), and for a
+//! `SkyReelsV2Transformer3DModel` folder `enable_diffusion_forcing` (any nonzero value) and `fps`
+//! (the index into `fps_embedding`, as the pipeline passes it).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,6 +29,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::progress::{ProgressEvent, Stage};
 
 use crate::clip::CLIPVisionModel;
+use crate::skyreels::diffusion_forcing::{self, DiffusionForcingArgs};
+use crate::skyreels::transformer::SkyReelsV2Transformer3DModel;
 use crate::umt5::UMT5EncoderModel;
 use crate::wan::pipeline::{DenoiseInputs, LatentCondition, PipelineOptions, WanPipeline};
 use crate::wan::transformer::WanTransformer3DModel;
@@ -42,10 +48,11 @@ pub enum Component {
     PipelineI2v,
     PipelineV2v,
     ImageEncoder,
+    PipelineDf,
 }
 
 impl Component {
-    pub const ALL: [Component; 8] = [
+    pub const ALL: [Component; 9] = [
         Component::TextEncoder,
         Component::Transformer,
         Component::VaeEncode,
@@ -54,6 +61,7 @@ impl Component {
         Component::PipelineI2v,
         Component::PipelineV2v,
         Component::ImageEncoder,
+        Component::PipelineDf,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +74,7 @@ impl Component {
             Component::PipelineI2v => "pipeline-i2v",
             Component::PipelineV2v => "pipeline-v2v",
             Component::ImageEncoder => "image-encoder",
+            Component::PipelineDf => "pipeline-df",
         }
     }
 
@@ -73,7 +82,10 @@ impl Component {
     pub fn is_pipeline(self) -> bool {
         matches!(
             self,
-            Component::Pipeline | Component::PipelineI2v | Component::PipelineV2v
+            Component::Pipeline
+                | Component::PipelineI2v
+                | Component::PipelineV2v
+                | Component::PipelineDf
         )
     }
 
@@ -97,6 +109,12 @@ impl Component {
                 &["video", "noise", "prompt_embeds", "negative_prompt_embeds"]
             }
             Component::ImageEncoder => &["pixel_values"],
+            Component::PipelineDf => &[
+                "latents_0",
+                "latents_1 … (one per window)",
+                "prompt_embeds",
+                "negative_prompt_embeds",
+            ],
         }
     }
 }
@@ -131,6 +149,22 @@ pub struct ParityOptions {
     /// `pipeline-v2v` only: the share of the schedule run, in (0, 1] (default 0.8, the
     /// reference's).
     pub strength: Option<f64>,
+    /// `pipeline-df` only: the long-video arguments.
+    pub df: Option<DfOptions>,
+}
+
+/// `pipeline-df`'s long-video arguments; `None` takes the reference's defaults
+/// (`num_frames` from `latents_0` when there is one window, `base_num_frames` 97, no overlap,
+/// `ar_step` 0, the transformer's causal block, no added noise, 24 fps).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DfOptions {
+    pub num_frames: Option<usize>,
+    pub base_num_frames: Option<usize>,
+    pub overlap_history: Option<usize>,
+    pub ar_step: Option<usize>,
+    pub causal_block_size: Option<usize>,
+    pub addnoise_condition: Option<f64>,
+    pub fps: Option<u32>,
 }
 
 /// Wall-clock timings of a parity run, each measured after the device finished its work
@@ -188,6 +222,11 @@ pub fn run_timed(
             "decode applies only to the pipeline components".into(),
         ));
     }
+    if options.df.is_some() && component != Component::PipelineDf {
+        return Err(Error::InvalidRequest(
+            "the long-video arguments apply only to `pipeline-df`".into(),
+        ));
+    }
     if options.strength.is_some() && component != Component::PipelineV2v {
         return Err(Error::InvalidRequest(
             "strength applies only to `pipeline-v2v`".into(),
@@ -213,13 +252,39 @@ pub fn run_timed(
                 .get("encoder_hidden_states_image")
                 .map(|t| t.to_device(device)?.to_dtype(dtype))
                 .transpose()?;
-            let m = WanTransformer3DModel::load(model, dtype, device)?;
-            let y = m.forward_with_image(
-                &x.to_dtype(dtype)?,
-                &t.to_dtype(DType::F32)?,
-                &ctx.to_dtype(dtype)?,
-                img.as_ref(),
-            )?;
+            let class: serde_json::Value = crate::loading::read_json(&model.join("config.json"))?;
+            let skyreels = class.get("_class_name").and_then(|c| c.as_str())
+                == Some(crate::skyreels::transformer::CLASS_NAME);
+            let y = if skyreels {
+                let m = SkyReelsV2Transformer3DModel::load(model, dtype, device)?;
+                let flag = |name: &str| -> Result<Option<i64>> {
+                    inputs
+                        .get(name)
+                        .map(|t| -> Result<i64> {
+                            let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+                            Ok(v.first().copied().unwrap_or(0.0) as i64)
+                        })
+                        .transpose()
+                };
+                let df = flag("enable_diffusion_forcing")?.unwrap_or(0) != 0;
+                let fps = flag("fps")?.map(|v| v.max(0) as usize);
+                m.forward(
+                    &x.to_dtype(dtype)?,
+                    &t.to_dtype(DType::F32)?,
+                    &ctx.to_dtype(dtype)?,
+                    img.as_ref(),
+                    df,
+                    fps,
+                )?
+            } else {
+                let m = WanTransformer3DModel::load(model, dtype, device)?;
+                m.forward_with_image(
+                    &x.to_dtype(dtype)?,
+                    &t.to_dtype(DType::F32)?,
+                    &ctx.to_dtype(dtype)?,
+                    img.as_ref(),
+                )?
+            };
             out.insert("sample".to_string(), y.to_dtype(DType::F32)?);
         }
         Component::VaeEncode => {
@@ -240,6 +305,68 @@ pub fn run_timed(
             let m = CLIPVisionModel::load(model, dtype, device)?;
             let y = m.penultimate_hidden_states(&px.to_dtype(dtype)?)?;
             out.insert("image_embeds".to_string(), y.to_dtype(DType::F32)?);
+        }
+        Component::PipelineDf => {
+            let pe = take(inputs, component, "prompt_embeds")?;
+            let guidance = options.guidance.unwrap_or(5.0);
+            let ne = if guidance > 1.0 {
+                Some(take(inputs, component, "negative_prompt_embeds")?)
+            } else {
+                inputs.get("negative_prompt_embeds")
+            };
+            let steps = options.steps.unwrap_or(3);
+            let l0 = take(inputs, component, "latents_0")?;
+            let d = options.df.unwrap_or_default();
+            let sched_dir = model.join("scheduler");
+            let make = || -> Result<Box<dyn crate::schedulers::Scheduler>> {
+                let mut s = crate::schedulers::from_folder(&sched_dir)?;
+                s.set_timesteps(steps)?;
+                Ok(s)
+            };
+            let scheduler = make()?;
+            let vae: crate::wan::vae::Config =
+                crate::loading::read_config(&model.join("vae"), &["AutoencoderKLWan"])?;
+            let temporal = vae.temporal_compression();
+            let args = DiffusionForcingArgs {
+                num_frames: d.num_frames.unwrap_or((l0.dim(2)? - 1) * temporal + 1),
+                base_num_frames: d.base_num_frames.unwrap_or(97),
+                overlap_history: d.overlap_history,
+                ar_step: d.ar_step.unwrap_or(0),
+                causal_block_size: d.causal_block_size,
+                addnoise_condition: d.addnoise_condition.unwrap_or(0.0),
+                fps: d.fps.unwrap_or(24),
+                num_inference_steps: steps,
+                guidance_scale: guidance,
+                seed: 0,
+            };
+            let t_load = Instant::now();
+            let mut m =
+                SkyReelsV2Transformer3DModel::load(&model.join("transformer"), dtype, device)?;
+            timings.load_s = t_load.elapsed().as_secs_f64();
+            let mut noise = |k: usize, frames: usize| -> Result<Tensor> {
+                let name = format!("latents_{k}");
+                let t = inputs.get(&name).ok_or_else(|| {
+                    Error::InvalidRequest(format!(
+                        "the input file has no tensor `{name}`: window {k} needs its noise \
+                         ([B, z, {frames}, h, w], the reference's draw for that window)"
+                    ))
+                })?;
+                Ok(t.clone())
+            };
+            let y = diffusion_forcing::denoise_long(
+                &mut m,
+                scheduler.as_ref(),
+                &make,
+                &args,
+                pe,
+                ne,
+                temporal,
+                &mut noise,
+                &mut crate::progress::ignore,
+                device,
+                dtype,
+            )?;
+            out.insert("latents".to_string(), y.to_dtype(DType::F32)?);
         }
         Component::Pipeline | Component::PipelineI2v | Component::PipelineV2v => {
             let pe = take(inputs, component, "prompt_embeds")?;
@@ -371,6 +498,19 @@ pub struct FixtureRun {
     pub guidance: Option<f64>,
     #[serde(default)]
     pub strength: Option<f64>,
+    /// `pipeline-df`: the long-video arguments.
+    #[serde(default)]
+    pub num_frames: Option<usize>,
+    #[serde(default)]
+    pub base_num_frames: Option<usize>,
+    #[serde(default)]
+    pub overlap_history: Option<usize>,
+    #[serde(default)]
+    pub ar_step: Option<usize>,
+    #[serde(default)]
+    pub causal_block_size: Option<usize>,
+    #[serde(default)]
+    pub fps: Option<u32>,
 }
 
 /// A fixture's `case.json`. Runs of other (non-CLI) checks have their own fields and are kept raw.
@@ -435,6 +575,15 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     steps: r.steps,
                     guidance: r.guidance,
                     strength: r.strength,
+                    df: (component == Component::PipelineDf).then_some(DfOptions {
+                        num_frames: r.num_frames,
+                        base_num_frames: r.base_num_frames,
+                        overlap_history: r.overlap_history,
+                        ar_step: r.ar_step,
+                        causal_block_size: r.causal_block_size,
+                        addnoise_condition: None,
+                        fps: r.fps,
+                    }),
                     ..Default::default()
                 },
                 &Device::Cpu,

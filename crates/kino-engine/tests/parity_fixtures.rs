@@ -37,6 +37,8 @@ fn every_fixture_matches_the_reference() {
         "pipeline-v2v",
         "pipeline-a14b-t2v",
         "pipeline-a14b-i2v",
+        "transformer-skyreels",
+        "pipeline-df",
     ] {
         assert!(
             results.iter().any(|r| r.case == case),

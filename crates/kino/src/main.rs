@@ -21,7 +21,7 @@ enum Command {
     /// Show a video's format, size, frames, fps and the parameters it was made with.
     Info(commands::info::Args),
     /// Run one model component on tensors from a file (for checking against the reference).
-    Parity(commands::parity::Args),
+    Parity(Box<commands::parity::Args>),
     /// Time one transformer forward or VAE decode against PyTorch on the same machine.
     Bench(commands::bench::Args),
     /// List the models Kino knows and whether each is here.
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(*a),
         Command::Info(a) => commands::info::run(a),
-        Command::Parity(a) => commands::parity::run(a),
+        Command::Parity(a) => commands::parity::run(*a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Models(a) => commands::models::list(a),
         Command::Eval(a) => commands::eval::run(*a),

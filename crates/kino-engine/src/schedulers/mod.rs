@@ -36,6 +36,12 @@ pub trait Scheduler: Send {
     /// sample, the previous sample. Must be called in order, once per timestep.
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor)
         -> Result<Tensor>;
+    /// The caller wrote `new_sample` over the memory of the sample it last passed to `step`.
+    /// The reference's UniPC keeps that very tensor (a view into the pipeline's latents) as
+    /// `last_sample` when no corrector ran, so SkyReels' diffusion-forcing loop, which assigns
+    /// each frame's result in place, changes what the next corrector reads. Schedulers without
+    /// such state ignore it.
+    fn sample_overwritten(&mut self, _new_sample: &Tensor) {}
     /// `config.num_train_timesteps` (Wan: 1000), the scale of `boundary_ratio`.
     fn num_train_timesteps(&self) -> usize;
     /// Makes the next `step` the one at `index` (after `set_timesteps`), with no multistep

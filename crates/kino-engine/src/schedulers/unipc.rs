@@ -118,6 +118,10 @@ pub struct UniPCMultistepScheduler {
     lower_order_nums: usize,
     /// The sample the last predictor started from, for the next corrector.
     last_sample: Option<Tensor>,
+    /// Whether `last_sample` is the very tensor the caller passed to `step` (no corrector ran):
+    /// in the reference it is then a view the caller may overwrite (see
+    /// [`super::Scheduler::sample_overwritten`]).
+    last_sample_is_input: bool,
     this_order: usize,
     step_index: usize,
 }
@@ -225,6 +229,7 @@ impl UniPCMultistepScheduler {
             model_outputs: vec![None; config.solver_order],
             lower_order_nums: 0,
             last_sample: None,
+            last_sample_is_input: false,
             this_order: 0,
             step_index: 0,
             config,
@@ -582,6 +587,7 @@ impl super::Scheduler for UniPCMultistepScheduler {
 
         let prev_sample = self.multistep_uni_p_bh_update(&sample, self.this_order)?;
         self.last_sample = Some(sample);
+        self.last_sample_is_input = !use_corrector;
 
         if self.lower_order_nums < solver_order {
             self.lower_order_nums += 1;
@@ -592,6 +598,12 @@ impl super::Scheduler for UniPCMultistepScheduler {
 
     fn num_train_timesteps(&self) -> usize {
         self.config.num_train_timesteps
+    }
+
+    fn sample_overwritten(&mut self, new_sample: &Tensor) {
+        if self.last_sample_is_input {
+            self.last_sample = Some(new_sample.clone());
+        }
     }
 
     fn set_begin_index(&mut self, index: usize) -> Result<()> {

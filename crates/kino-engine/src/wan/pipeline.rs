@@ -1016,8 +1016,15 @@ impl WanPipeline {
             )));
         }
         let run = timesteps[inp.t_start..].to_vec();
-        // The scheduler finds its first index from the first timestep (`_init_step_index`).
-        let begin = schedulers::index_for_timestep(&timesteps, run[0]);
+        // WanPipeline calls `set_begin_index(0)`; video-to-video does not, so there the
+        // scheduler finds its first index from the first timestep (`_init_step_index`). (The
+        // image-to-video pipeline does not either, but from step 0 the lookup only differs when
+        // the schedule repeats its first timestep, where the reference fails; Kino starts at 0.)
+        let begin = if inp.t_start == 0 {
+            0
+        } else {
+            schedulers::index_for_timestep(&timesteps, run[0])
+        };
         if begin + run.len() > timesteps.len() {
             return Err(Error::InvalidRequest(format!(
                 "the schedule repeats timestep {} so the reference would step past its end; use another number of steps",

@@ -146,6 +146,17 @@ pub struct Config {
     pub rope_max_seq_len: usize,
     #[serde(default)]
     pub pos_embed_seq_len: Option<usize>,
+    /// SkyReels-V2: an fps embedding added to the modulation (`fps_embedding`,
+    /// `fps_projection`).
+    #[serde(default)]
+    pub inject_sample_info: bool,
+    /// SkyReels-V2: frames per causal attention block (1: full attention).
+    #[serde(default = "default_one")]
+    pub num_frame_per_block: usize,
+}
+
+fn default_one() -> usize {
+    1
 }
 
 impl Default for Config {
@@ -167,6 +178,8 @@ impl Default for Config {
             added_kv_proj_dim: None,
             rope_max_seq_len: default_rope_max_seq_len(),
             pos_embed_seq_len: None,
+            inject_sample_info: false,
+            num_frame_per_block: 1,
         }
     }
 }
@@ -262,6 +275,9 @@ impl Config {
         }
         if self.rope_max_seq_len == 0 {
             return bad("rope_max_seq_len must be positive".into());
+        }
+        if self.num_frame_per_block == 0 {
+            return bad("num_frame_per_block must be at least 1".into());
         }
         Ok(())
     }
@@ -547,11 +563,14 @@ impl WanAttention {
     }
 
     /// `x`: `[B, N, D]`; `context`: `[B, M, D]` for cross-attention, `None` for self-attention.
+    /// `causal_block`: SkyReels-V2's block-causal self-attention, the tokens of one block of
+    /// frames: the queries of block i see the keys of blocks 0..=i.
     fn forward(
         &self,
         x: &Tensor,
         context: Option<&Tensor>,
         rope: Option<&Rope>,
+        causal_block: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         let mut ctx = context.unwrap_or(x).clone();
         let mut image = None;
@@ -576,7 +595,23 @@ impl WanAttention {
         let q = q.reshape((b, n, h, hd))?;
         let k = k.reshape((b, m, h, hd))?;
         let v = v.reshape((b, m, h, hd))?;
-        let mut o = attention(&q, &k, &v)?;
+        let mut o = match causal_block {
+            Some(bt) if bt < n => {
+                let mut parts = Vec::with_capacity(n.div_ceil(bt));
+                let mut start = 0;
+                while start < n {
+                    let len = bt.min(n - start);
+                    let qi = q.narrow(1, start, len)?;
+                    let kv_len = start + len;
+                    let ki = k.narrow(1, 0, kv_len)?;
+                    let vi = v.narrow(1, 0, kv_len)?;
+                    parts.push(attention(&qi, &ki, &vi)?);
+                    start += len;
+                }
+                Tensor::cat(&parts, 1)?
+            }
+            _ => attention(&q, &k, &v)?,
+        };
         if let (Some((add_k, add_v, norm_added_k)), Some(img)) = (&self.added_kv, &image) {
             // I2V: the text query attends to the image tokens too; the outputs are summed.
             let mi = img.dim(1)?;
@@ -700,6 +735,7 @@ impl WanTransformerBlock {
         context: &Tensor,
         temb: &Tensor,
         rope: &Rope,
+        causal_block: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let e = modulation_chunks(&self.scale_shift_table, temb, 6)?;
@@ -709,7 +745,7 @@ impl WanTransformerBlock {
         // 1. Self-attention
         let norm =
             modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?.to_dtype(dtype)?;
-        let attn = self.attn1.forward(&norm, None, Some(rope))?;
+        let attn = self.attn1.forward(&norm, None, Some(rope), causal_block)?;
         let x = gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?;
 
         // 2. Cross-attention
@@ -717,7 +753,7 @@ impl WanTransformerBlock {
             Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
             None => x.clone(),
         };
-        let attn = self.attn2.forward(&norm, Some(context), None)?;
+        let attn = self.attn2.forward(&norm, Some(context), None, None)?;
         let x = (x + attn)?;
 
         // 3. Feed-forward
@@ -824,6 +860,23 @@ impl WanTimeTextImageEmbedding {
         })
     }
 
+    /// SkyReels-V2's `SkyReelsV2Timesteps`: `get_1d_sincos_pos_embed_from_grid(freq_dim, t,
+    /// flip_sin_to_cos=True)` computed in f64 (`omega = 1 / 10000^(i / (D/2))`, outer product,
+    /// [cos | sin]), then cast to f32 for the time embedder.
+    fn timesteps_proj_f64(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let half = self.freq_dim / 2;
+        let omega: Vec<f64> = (0..half)
+            .map(|i| 1.0 / 10000f64.powf(i as f64 / (self.freq_dim as f64 / 2.0)))
+            .collect();
+        let ts: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
+        let mut out = Vec::with_capacity(ts.len() * 2 * half);
+        for &p in &ts {
+            out.extend(omega.iter().map(|&w| (p * w).cos() as f32));
+            out.extend(omega.iter().map(|&w| (p * w).sin() as f32));
+        }
+        Tensor::from_vec(out, (ts.len(), 2 * half), t.device())
+    }
+
     /// diffusers `get_timestep_embedding(t, freq_dim, flip_sin_to_cos=True,
     /// downscale_freq_shift=0)`, in f32: `[T]` → `[T, freq_dim]` = [cos | sin].
     fn timesteps_proj(&self, t: &Tensor) -> candle_core::Result<Tensor> {
@@ -851,8 +904,13 @@ impl WanTimeTextImageEmbedding {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
         ts_seq_len: Option<usize>,
+        sincos_f64: bool,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let mut t = self.timesteps_proj(timestep)?;
+        let mut t = if sincos_f64 {
+            self.timesteps_proj_f64(timestep)?
+        } else {
+            self.timesteps_proj(timestep)?
+        };
         if let Some(s) = ts_seq_len {
             let total = t.dim(0)?;
             t = t.reshape((total / s, s, self.freq_dim))?;
@@ -914,16 +972,50 @@ pub struct WanTransformer3DModel {
     proj_out: Lin,
     /// f32 `[1, 2, D]`.
     scale_shift_table: Tensor,
+    /// SkyReels-V2 `inject_sample_info`: `fps_embedding` `[2, D]` and `fps_projection`
+    /// (`linear-silu` FeedForward: `net.0.proj` → SiLU → `net.2`).
+    fps: Option<(Tensor, Lin, Lin)>,
     config: Config,
     dtype: DType,
     device: Device,
+}
+
+/// What a SkyReels-V2 forward adds to the Wan one (`crate::skyreels`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ForwardVariant {
+    /// The SkyReels-V2 timestep sinusoid (f64) instead of Wan's (f32).
+    pub sincos_f64: bool,
+    /// `timestep` is `[B, F']`, one value per latent frame (`enable_diffusion_forcing`).
+    pub per_frame: bool,
+    /// Index into `fps_embedding` (0 for 16 fps, 1 otherwise), with `inject_sample_info`.
+    pub fps_index: Option<usize>,
+    /// Frames per causal attention block (`num_frame_per_block` > 1).
+    pub causal_frames: Option<usize>,
 }
 
 impl WanTransformer3DModel {
     /// Loads a diffusers `transformer/` folder (config.json + safetensors) to run in `dtype`
     /// (f32 on the CPU; bf16/f16 on a GPU) on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg: Config = read_config(dir, &[CLASS_NAME])?;
+        Self::load_class(dir, &[CLASS_NAME], dtype, device)
+    }
+
+    /// [`Self::load`] for a folder whose `_class_name` is one of `classes` (SkyReels-V2 shares
+    /// the architecture).
+    pub(crate) fn load_class(
+        dir: &Path,
+        classes: &[&str],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg: Config = read_config(dir, classes)?;
+        if (cfg.inject_sample_info || cfg.num_frame_per_block != 1)
+            && !classes.contains(&crate::skyreels::transformer::CLASS_NAME)
+        {
+            return Err(Error::InvalidRequest(
+                "this transformer config has SkyReels-V2 keys (inject_sample_info, num_frame_per_block); load it as SkyReelsV2Transformer3DModel".into(),
+            ));
+        }
         cfg.validate()?;
         if !dtype.is_float() {
             return Err(Error::InvalidRequest(format!(
@@ -961,6 +1053,15 @@ impl WanTransformer3DModel {
             scale_shift_table: vb
                 .to_dtype(DType::F32)
                 .get((1, 2, d), "scale_shift_table")?,
+            fps: if cfg.inject_sample_info {
+                Some((
+                    vb.get((2, d), "fps_embedding.weight")?,
+                    lin(d, d, vb.pp("fps_projection.net.0.proj"))?,
+                    lin(d, 6 * d, vb.pp("fps_projection.net.2"))?,
+                ))
+            } else {
+                None
+            },
             config: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -1010,6 +1111,24 @@ impl WanTransformer3DModel {
         encoder_hidden_states: &Tensor,
         encoder_hidden_states_image: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_variant(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            ForwardVariant::default(),
+        )
+    }
+
+    /// The one forward of Wan and SkyReels-V2.
+    pub(crate) fn forward_variant(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: Option<&Tensor>,
+        variant: ForwardVariant,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let [pt, ph, pw] = cfg.patch_size;
         let (b, c, f, h, w) = hidden_states.dims5().map_err(|_| {
@@ -1053,6 +1172,40 @@ impl WanTransformer3DModel {
             }
         }
         let n = ppf * pph * ppw;
+
+        // Diffusion forcing: one timestep per latent frame, the same for all its tokens.
+        let per_token;
+        let timestep = if variant.per_frame {
+            match *timestep.dims() {
+                [tb, tf] if tb == b && tf == ppf => {
+                    per_token = timestep
+                        .to_dtype(DType::F32)?
+                        .unsqueeze(2)?
+                        .repeat((1, 1, pph * ppw))?
+                        .reshape((b, n))?;
+                    &per_token
+                }
+                _ => {
+                    return Err(Error::InvalidRequest(format!(
+                        "timestep has shape {:?}; with diffusion forcing it is [{b}, {ppf}] (one per latent frame)",
+                        timestep.dims()
+                    )))
+                }
+            }
+        } else {
+            timestep
+        };
+        let causal_block = match variant.causal_frames {
+            Some(k) if k > 1 => {
+                if !ppf.is_multiple_of(k) {
+                    return Err(Error::InvalidRequest(format!(
+                        "{ppf} latent frames do not split into causal blocks of {k} frames; use a multiple of {k}"
+                    )));
+                }
+                Some(k * pph * ppw)
+            }
+            _ => None,
+        };
 
         let ts_seq_len = match *timestep.dims() {
             [tb] if tb == b => None,
@@ -1100,9 +1253,9 @@ impl WanTransformer3DModel {
 
         let x = self.patch_embedding.forward(&x, cfg.patch_size)?;
 
-        let (temb, timestep_proj, mut context) = self
-            .condition_embedder
-            .forward(&timestep, &context, ts_seq_len)?;
+        let (temb, timestep_proj, mut context) =
+            self.condition_embedder
+                .forward(&timestep, &context, ts_seq_len, variant.sincos_f64)?;
         match (
             encoder_hidden_states_image,
             &self.condition_embedder.image_embedder,
@@ -1144,14 +1297,36 @@ impl WanTransformer3DModel {
             (None, _) => {}
         }
         let d = cfg.inner_dim();
-        let timestep_proj = match ts_seq_len {
+        let mut timestep_proj = match ts_seq_len {
             Some(s) => timestep_proj.reshape((b, s, 6, d))?,
             None => timestep_proj.reshape((b, 6, d))?,
         };
+        match (&self.fps, variant.fps_index) {
+            (Some((table, proj_in, proj_out)), Some(i)) => {
+                if i > 1 {
+                    return Err(Error::InvalidRequest(format!(
+                        "fps index {i} must be 0 (16 fps) or 1"
+                    )));
+                }
+                let e = table.narrow(0, i, 1)?; // [1, D]
+                let f = proj_out.forward(&proj_in.forward(&e)?.silu()?)?; // [1, 6D]
+                let f = match ts_seq_len {
+                    Some(_) => f.reshape((1, 1, 6, d))?,
+                    None => f.reshape((1, 6, d))?,
+                };
+                timestep_proj = timestep_proj.broadcast_add(&f.to_dtype(timestep_proj.dtype())?)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidRequest(
+                    "this transformer injects the frame rate (inject_sample_info): give fps".into(),
+                ))
+            }
+            _ => {}
+        }
 
         let mut x = x;
         for block in &self.blocks {
-            x = block.forward(&x, &context, &timestep_proj, &rope)?;
+            x = block.forward(&x, &context, &timestep_proj, &rope, causal_block)?;
         }
 
         // Output norm, projection, unpatchify. temb: [B, D] or [B, S, D] → [.., 1, D].

@@ -9,8 +9,8 @@ use kino_engine::parity::{self, Component, ParityOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// text-encoder, transformer, vae-encode, vae-decode, image-encoder, pipeline, pipeline-i2v or
-    /// pipeline-v2v.
+    /// text-encoder, transformer, vae-encode, vae-decode, image-encoder, pipeline, pipeline-i2v,
+    /// pipeline-v2v or pipeline-df.
     component: String,
     /// The component folder (text_encoder/, transformer/, vae/, image_encoder/) or, for the
     /// pipeline components, the whole model.
@@ -31,6 +31,27 @@ pub struct Args {
     /// Video-to-video strength, in (0, 1] (pipeline-v2v only; default 0.8, as the reference).
     #[arg(long)]
     strength: Option<f64>,
+    /// pipeline-df: frames of the whole video (default: those of `latents_0`).
+    #[arg(long)]
+    num_frames: Option<usize>,
+    /// pipeline-df: frames of one window (default 97, the reference's).
+    #[arg(long)]
+    base_num_frames: Option<usize>,
+    /// pipeline-df: frames each later window takes from the end of the video (default: none).
+    #[arg(long)]
+    overlap_history: Option<usize>,
+    /// pipeline-df: steps each causal block lags the previous one (default 0).
+    #[arg(long)]
+    ar_step: Option<usize>,
+    /// pipeline-df: frames per causal block (default: the transformer's num_frame_per_block).
+    #[arg(long)]
+    causal_block_size: Option<usize>,
+    /// pipeline-df: noise level given to the prefix frames (default 0).
+    #[arg(long)]
+    addnoise_condition: Option<f64>,
+    /// pipeline-df: the video's frame rate (default 24; 16 selects the other fps embedding).
+    #[arg(long)]
+    fps: Option<u32>,
     /// Reference outputs to compare with: prints ‖out − ref‖/‖ref‖ for each tensor.
     #[arg(long)]
     expected: Option<PathBuf>,
@@ -79,6 +100,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if component != Component::PipelineV2v && a.strength.is_some() {
         anyhow::bail!("--strength applies only to `pipeline-v2v`");
     }
+    let df = kino_engine::parity::DfOptions {
+        num_frames: a.num_frames,
+        base_num_frames: a.base_num_frames,
+        overlap_history: a.overlap_history,
+        ar_step: a.ar_step,
+        causal_block_size: a.causal_block_size,
+        addnoise_condition: a.addnoise_condition,
+        fps: a.fps,
+    };
+    let df = if component == Component::PipelineDf {
+        Some(df)
+    } else if df != kino_engine::parity::DfOptions::default() {
+        anyhow::bail!(
+            "--num-frames, --base-num-frames, --overlap-history, --ar-step, --causal-block-size, --addnoise-condition and --fps apply only to `pipeline-df`"
+        );
+    } else {
+        None
+    };
     let choice = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let dev = device::open(choice).with_context(|| {
@@ -98,6 +137,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             dtype: Some(dtype),
             decode: a.decode,
             strength: a.strength,
+            df,
         },
         &dev,
     )
