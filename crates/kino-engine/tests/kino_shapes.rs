@@ -2,10 +2,11 @@
 //!
 //! The component fixtures prove each class on random weights; this proves THIS folder: its
 //! word-level tokenizer, its configs and its `kino.json` defaults (max_sequence_length 32, negative
-//! prompt "", guidance 4) go through `WanPipeline` (`open`, `resolve`, `encode_prompt`, `denoise`,
-//! `decode`) as through diffusers. The reference outputs are in `fixtures/data/kino-shapes`, made by
-//! `fixtures/gen_kino_shapes.py` from the same folder; the model itself is read from
-//! `models/kino-shapes`. A missing or stale fixture FAILS, saying how to regenerate it.
+//! prompt "", guidance 3) go through `WanPipeline` (`open`, `resolve`, `encode_prompt`, `denoise`,
+//! `decode`) as through diffusers, and a first image (`prepare_image_condition`, `denoise_with`,
+//! `generate` with `Conditioning::Image`) as through diffusers' `WanImageToVideoPipeline`. The
+//! reference outputs are in `fixtures/data/kino-shapes`, made by `fixtures/gen_kino_shapes.py`
+//! from the same folder; the model itself is read from `models/kino-shapes`. A missing or stale fixture FAILS, saying how to regenerate it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use kino_engine::progress;
 use kino_engine::testing::{fixtures_dir, json_strings, rel_error};
-use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
+use kino_engine::wan::pipeline::{
+    image_to_tensor, Conditioning, DenoiseInputs, GenerateRequest, PipelineOptions, RgbImage,
+    WanPipeline,
+};
 use kino_engine::wan::text_encoder::WanTextEncoder;
 use sha2::{Digest, Sha256};
 
@@ -40,6 +44,12 @@ fn require_model() -> PathBuf {
 
 /// The fixture's `case.json` run, checked to be present and made from the model folder as it is now.
 fn fixture() -> serde_json::Value {
+    fixture_run("kino-shapes")
+}
+
+/// The run of `case.json` for `component` ("kino-shapes": text to video; "kino-shapes-i2v": from
+/// a first image), after checking the fixture was made from this version of the folder.
+fn fixture_run(component: &str) -> serde_json::Value {
     let model = require_model();
     let path = case_dir().join("case.json");
     let text = std::fs::read_to_string(&path)
@@ -48,9 +58,9 @@ fn fixture() -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {REGENERATE}", path.display()));
     let run = v["runs"]
         .as_array()
-        .and_then(|r| r.iter().find(|r| r["component"] == "kino-shapes"))
+        .and_then(|r| r.iter().find(|r| r["component"] == component))
         .cloned()
-        .unwrap_or_else(|| panic!("{} has no kino-shapes run: {REGENERATE}", path.display()));
+        .unwrap_or_else(|| panic!("{} has no {component} run: {REGENERATE}", path.display()));
     let want = run["model_sha256"].as_str().unwrap_or("");
     let have = model_digest(&model);
     assert_eq!(
@@ -314,4 +324,103 @@ fn pipeline_matches_diffusers() {
         &ref_video.index_select(&index, 2).expect("frames"),
         want_video,
     );
+}
+
+/// The bundled model takes a first image the Wan2.2 TI2V way (`expand_timesteps`), exactly as
+/// diffusers' `WanImageToVideoPipeline`: the image's latent is latent frame 0 at timestep 0 and is
+/// blended back in at every step.
+#[test]
+fn image_to_video_matches_diffusers() {
+    let run = fixture_run("kino-shapes-i2v");
+    let tol = run["tolerance"].as_f64().unwrap_or(0.0);
+    assert!(tol > 0.0 && tol <= 1e-4, "tolerance {tol}");
+    let mut p = open();
+    assert!(p.expand_timesteps(), "model_index.json: expand_timesteps");
+    let caps = p.capabilities();
+    assert!(caps.text && caps.image && !caps.last_image, "{caps:?}");
+    let prompt = run["prompt"].as_str().unwrap_or("");
+    let r = p.resolve(&request(prompt)).expect("resolve");
+    assert_eq!(run["guidance_scale"].as_f64(), Some(r.guidance_scale));
+    let steps = run["num_inference_steps"].as_u64().unwrap_or(0) as usize;
+    let check = |what: &str, out: &Tensor, want: &Tensor| {
+        let err = rel_error(out, want).expect("comparable shapes");
+        println!("{what:<24} rel error {err:.3e} (≤ {tol:.0e})");
+        assert!(err <= tol, "{what}: rel error {err:e} > {tol:e}");
+    };
+
+    let embeds = load(&run, "prompt_embeds");
+    let input = load(&run, "input");
+    let expected = load(&run, "expected");
+    // The image is world.py's frame 0 of the first scene of world.json (uint8): Kino's
+    // conversion of those bytes is the reference's preprocessed image.
+    let image = get(&input, "image");
+    let (w, h) = (r.width, r.height);
+    let bytes = std::fs::read(case_dir().join("world-frames.bin")).expect("world-frames.bin");
+    let rgb = RgbImage::new(w, h, bytes[..w * h * 3].to_vec()).expect("image");
+    check(
+        "image (preprocessed)",
+        &image_to_tensor(&rgb, &Device::Cpu).expect("image tensor"),
+        image,
+    );
+
+    let condition = p
+        .prepare_image_condition(image, None, r.num_frames, &mut progress::ignore)
+        .expect("prepare_image_condition");
+    p.set_shift(r.shift);
+    let out = p
+        .denoise_with(
+            DenoiseInputs {
+                latents: get(&input, "latents"),
+                prompt_embeds: get(&embeds, "prompt_embeds"),
+                negative_prompt_embeds: Some(get(&embeds, "negative_prompt_embeds")),
+                image_embeds: None,
+                condition: &condition,
+                num_inference_steps: steps,
+                guidance_scale: r.guidance_scale,
+                guidance_scale_2: None,
+                t_start: 0,
+            },
+            &mut progress::ignore,
+        )
+        .expect("denoise");
+    check("latents (from an image)", &out, get(&expected, "latents"));
+    let frames: Vec<u32> = run["video_frames"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    let index = Tensor::new(frames.as_slice(), &Device::Cpu).expect("index");
+    let video = p.decode(&out, &mut progress::ignore).expect("decode");
+    check(
+        "video (decoded)",
+        &video.index_select(&index, 2).expect("frames"),
+        get(&expected, "video"),
+    );
+
+    // And through the one pipeline a request goes through (`generate` with the image): frame 0
+    // of the video is the image, back from the VAE.
+    let out = p
+        .generate(
+            &GenerateRequest {
+                conditioning: Conditioning::Image {
+                    first: rgb.clone(),
+                    last: None,
+                },
+                num_inference_steps: Some(steps),
+                ..request(prompt)
+            },
+            &mut progress::ignore,
+        )
+        .expect("generate from an image");
+    let diff = out.frames[0]
+        .iter()
+        .zip(&rgb.data)
+        .map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs())
+        .sum::<i32>() as f64
+        / rgb.data.len() as f64;
+    println!("frame 0 vs the image: mean abs difference {diff:.1} / 255");
+    assert!(diff < 8.0, "frame 0 is not the image: {diff}");
 }

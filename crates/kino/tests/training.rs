@@ -67,6 +67,18 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         "object {object}, shape {shape}"
     );
 
+    // First-frame conditioning (dit_train.image_cond): the clean latent frame 0 the training uses
+    // is the one encoding the first frame alone gives (what the image-to-video pipeline encodes),
+    // and the folder says it takes an image the Wan2.2 TI2V way.
+    assert!(
+        log.contains("latent frame 0: whole clip vs first frame alone, max difference"),
+        "{log}"
+    );
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["expand_timesteps"], true, "{index}");
+
     // The record of the run: configuration, machine, finite losses.
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
@@ -78,6 +90,7 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         assert!(loss.is_finite() && loss > 0.0, "{stage}.{key} = {loss}");
     }
     assert_eq!(record["config"]["seed"], 0);
+    assert!(record["config"]["dit_train"]["image_cond"].as_f64() > Some(0.0));
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("kino-eval.json")).unwrap())
             .unwrap();
