@@ -291,10 +291,11 @@ pub struct ModelIndex {
 }
 
 /// Pipeline classes we can run.
-pub const SUPPORTED_PIPELINES: [&str; 3] = [
+pub const SUPPORTED_PIPELINES: [&str; 4] = [
     "WanPipeline",
     "WanImageToVideoPipeline",
     "WanVideoToVideoPipeline",
+    "SkyReelsV2DiffusionForcingPipeline",
 ];
 
 impl ModelIndex {

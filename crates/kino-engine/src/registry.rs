@@ -21,7 +21,7 @@ pub struct KnownModel {
 }
 
 /// The models Kino knows.
-pub const KNOWN_MODELS: [KnownModel; 7] = [
+pub const KNOWN_MODELS: [KnownModel; 10] = [
     KnownModel {
         alias: "wan2.1-t2v-1.3b",
         repo: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -77,6 +77,30 @@ pub const KNOWN_MODELS: [KnownModel; 7] = [
         size_gb: 136.0,
         takes_image: true,
         takes_last_image: true,
+    },
+    KnownModel {
+        alias: "skyreels-v2-df-1.3b-540p",
+        repo: "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers",
+        description: "SkyReels-V2 diffusion forcing 1.3B (Wan2.1 architecture): long videos in 97-frame windows, 960×544 at 24 fps",
+        size_gb: 29.0,
+        takes_image: false,
+        takes_last_image: false,
+    },
+    KnownModel {
+        alias: "skyreels-v2-df-14b-540p",
+        repo: "Skywork/SkyReels-V2-DF-14B-540P-Diffusers",
+        description: "SkyReels-V2 diffusion forcing 14B: long videos in 97-frame windows, 960×544 at 24 fps",
+        size_gb: 80.0,
+        takes_image: false,
+        takes_last_image: false,
+    },
+    KnownModel {
+        alias: "skyreels-v2-df-14b-720p",
+        repo: "Skywork/SkyReels-V2-DF-14B-720P-Diffusers",
+        description: "SkyReels-V2 diffusion forcing 14B: long videos, 1280×720 at 24 fps (--size 1280x720)",
+        size_gb: 80.0,
+        takes_image: false,
+        takes_last_image: false,
     },
 ];
 

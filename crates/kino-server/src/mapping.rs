@@ -197,6 +197,7 @@ mod tests {
                 image: false,
                 last_image: false,
                 video: true,
+                long_video: false,
             },
         }
     }

@@ -33,6 +33,8 @@ use crate::clip::{self, CLIPVisionModel, ImageProcessorConfig};
 use crate::loading::{read_config, ModelIndex};
 use crate::progress::{Progress, ProgressEvent, Stage};
 use crate::schedulers::{self, Scheduler};
+use crate::skyreels::diffusion_forcing::{self, DiffusionForcingArgs};
+use crate::skyreels::transformer::SkyReelsV2Transformer3DModel;
 use crate::wan::text_encoder::{WanTextEncoder, MAX_SEQUENCE_LENGTH};
 use crate::wan::transformer::{self, WanTransformer3DModel};
 use crate::wan::vae::{self, AutoencoderKLWan};
@@ -62,6 +64,17 @@ pub struct ModelDefaults {
     /// `WanPipeline.__call__`, default 512); a small model may set less to keep cross-attention
     /// small.
     pub max_sequence_length: usize,
+    /// Diffusion forcing (SkyReels-V2 DF): pixel frames of one window (`base_num_frames`,
+    /// the model's clip; longer videos go in windows).
+    pub base_num_frames: Option<usize>,
+    /// Diffusion forcing: frames each later window takes from the end of the video.
+    pub overlap_history: Option<usize>,
+    /// Diffusion forcing: steps each causal block lags the previous one (0: synchronous).
+    pub ar_step: usize,
+    /// Diffusion forcing: frames per causal block (`None`: the transformer's).
+    pub causal_block_size: Option<usize>,
+    /// Diffusion forcing: noise level given to the frames a window continues from.
+    pub addnoise_condition: f64,
 }
 
 impl Default for ModelDefaults {
@@ -76,6 +89,11 @@ impl Default for ModelDefaults {
             shift: None,
             negative_prompt: None,
             max_sequence_length: MAX_SEQUENCE_LENGTH,
+            base_num_frames: None,
+            overlap_history: None,
+            ar_step: 0,
+            causal_block_size: None,
+            addnoise_condition: 0.0,
         }
     }
 }
@@ -151,6 +169,8 @@ pub struct Capabilities {
     pub last_image: bool,
     /// Takes a source video (video-to-video: every text-to-video model).
     pub video: bool,
+    /// Makes videos longer than its clip by itself (diffusion forcing, SkyReels-V2 DF).
+    pub long_video: bool,
 }
 
 /// What a generation asks for. `None` fields take the model's defaults.
@@ -261,6 +281,9 @@ pub struct WanPipeline {
     image_processor: Option<ImageProcessorConfig>,
     text_encoder: Option<WanTextEncoder>,
     image_encoder: Option<CLIPVisionModel>,
+    /// SkyReels-V2 diffusion forcing (`SkyReelsV2DiffusionForcingPipeline`): its transformer.
+    diffusion_forcing: bool,
+    df_transformer: Option<SkyReelsV2Transformer3DModel>,
     transformer: Option<WanTransformer3DModel>,
     transformer_2: Option<WanTransformer3DModel>,
     vae: Option<AutoencoderKLWan>,
@@ -315,8 +338,14 @@ impl WanPipeline {
         let transformer_dir = component_dir(root, &index, "transformer")?;
         let vae_dir = component_dir(root, &index, "vae")?;
         let scheduler_dir = component_dir(root, &index, "scheduler")?;
+        let diffusion_forcing = index.class_name == "SkyReelsV2DiffusionForcingPipeline";
+        let transformer_classes: &[&str] = if diffusion_forcing {
+            &[crate::skyreels::transformer::CLASS_NAME]
+        } else {
+            &[transformer::CLASS_NAME]
+        };
         let transformer_config: transformer::Config =
-            read_config(&transformer_dir, &["WanTransformer3DModel"])?;
+            read_config(&transformer_dir, transformer_classes)?;
         transformer_config.validate()?;
         let vae_config: vae::Config = read_config(&vae_dir, &["AutoencoderKLWan"])?;
         let scheduler = schedulers::from_folder(&scheduler_dir)?;
@@ -414,6 +443,8 @@ impl WanPipeline {
             image_processor,
             text_encoder: None,
             image_encoder: None,
+            diffusion_forcing,
+            df_transformer: None,
             transformer: None,
             transformer_2: None,
             vae: None,
@@ -447,11 +478,22 @@ impl WanPipeline {
         // (Wan2.2 I2V) the last image is only a latent frame.
         let two_images = self.transformer_config.image_dim.is_none()
             || self.transformer_config.pos_embed_seq_len.is_some();
+        if self.diffusion_forcing {
+            // The image- and video-conditioned diffusion-forcing pipelines are not ported yet.
+            return Capabilities {
+                text: true,
+                image: false,
+                last_image: false,
+                video: false,
+                long_video: true,
+            };
+        }
         Capabilities {
             text: !i2v,
             image: i2v || expand,
             last_image: i2v && !expand && two_images,
             video: !i2v,
+            long_video: false,
         }
     }
 
@@ -650,7 +692,15 @@ impl WanPipeline {
             file_bytes(&te_dir) + (self.defaults.max_sequence_length as u64) * 2 * 64 * 1024 * 4;
 
         let c = &self.transformer_config;
-        let [_, _, f, h, w] = self.latent_shape(r);
+        let [_, _, mut f, h, w] = self.latent_shape(r);
+        if self.diffusion_forcing {
+            // One window at a time.
+            let base = self
+                .defaults
+                .base_num_frames
+                .unwrap_or(self.defaults.num_frames);
+            f = f.min((base.max(1) - 1) / self.frame_step() + 1);
+        }
         let tokens = (f * (h / c.patch_size[1]) * (w / c.patch_size[2])) as u64;
         let dim = c.inner_dim() as u64;
         let dt = bytes(self.options.dtype);
@@ -717,6 +767,26 @@ impl WanPipeline {
             progress,
         )?;
         self.scheduler.set_shift(r.shift);
+        if self.diffusion_forcing {
+            let latents = self.denoise_diffusion_forcing(
+                &r,
+                &prompt_embeds,
+                negative_embeds.as_ref(),
+                progress,
+            )?;
+            drop(prompt_embeds);
+            drop(negative_embeds);
+            let video = self.decode(&latents, progress)?;
+            let frames = video_to_frames(&video)?;
+            return Ok(GenerateOutput {
+                frames,
+                width: r.width,
+                height: r.height,
+                fps: r.fps,
+                latents,
+                request: r,
+            });
+        }
         let noise = self.prepare_latents(&r)?;
         let device = self.options.device.clone();
         let mut image_embeds = None;
@@ -834,6 +904,92 @@ impl WanPipeline {
         let normal = rand_distr::StandardNormal;
         let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         Ok(Tensor::from_vec(data, &shape[..], &self.options.device)?)
+    }
+
+    /// The diffusion-forcing args of a resolved request, from the folder's defaults.
+    pub fn diffusion_forcing_args(&self, r: &ResolvedRequest) -> DiffusionForcingArgs {
+        let d = &self.defaults;
+        DiffusionForcingArgs {
+            num_frames: r.num_frames,
+            base_num_frames: d.base_num_frames.unwrap_or(d.num_frames),
+            overlap_history: d.overlap_history,
+            ar_step: d.ar_step,
+            causal_block_size: d.causal_block_size,
+            addnoise_condition: d.addnoise_condition,
+            fps: r.fps,
+            num_inference_steps: r.num_inference_steps,
+            guidance_scale: r.guidance_scale,
+            seed: r.seed,
+        }
+    }
+
+    /// `SkyReelsV2DiffusionForcingPipeline.__call__` from the prompt embeddings to the latents
+    /// of the whole video: windows of `base_num_frames`, each later one continuing from the last
+    /// `overlap_history` frames, each window's noise from the run's seed (window k: seed + k).
+    fn denoise_diffusion_forcing(
+        &mut self,
+        r: &ResolvedRequest,
+        prompt_embeds: &Tensor,
+        negative_prompt_embeds: Option<&Tensor>,
+        progress: Progress,
+    ) -> Result<Tensor> {
+        let args = self.diffusion_forcing_args(r);
+        let temporal = self.frame_step();
+        diffusion_forcing::check_args(&args, temporal)?;
+        if self.df_transformer.is_none() {
+            let t0 = Instant::now();
+            emit(progress, Stage::LoadTransformer, 0, 1, t0)?;
+            let dir = component_dir(&self.root, &self.index, "transformer")?;
+            self.df_transformer = Some(SkyReelsV2Transformer3DModel::load(
+                &dir,
+                self.options.dtype,
+                &self.options.device,
+            )?);
+            emit(progress, Stage::LoadTransformer, 1, 1, t0)?;
+        }
+        let shape = self.latent_shape(r);
+        let device = self.options.device.clone();
+        let seed = r.seed;
+        let mut noise = |k: usize, frames: usize| -> Result<Tensor> {
+            let shape = [shape[0], shape[1], frames, shape[3], shape[4]];
+            let n: usize = shape.iter().product();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(k as u64));
+            let data: Vec<f32> = (0..n)
+                .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+                .collect();
+            Ok(Tensor::from_vec(data, &shape[..], &device)?)
+        };
+        self.scheduler.set_timesteps(r.num_inference_steps)?;
+        let scheduler_dir = component_dir(&self.root, &self.index, "scheduler")?;
+        let shift = r.shift;
+        let steps = r.num_inference_steps;
+        let make = move || -> Result<Box<dyn Scheduler>> {
+            let mut s = schedulers::from_folder(&scheduler_dir)?;
+            s.set_shift(shift);
+            s.set_timesteps(steps)?;
+            Ok(s)
+        };
+        let mut model = self
+            .df_transformer
+            .take()
+            .ok_or_else(|| Error::InvalidRequest("transformer not loaded".into()))?;
+        let result = diffusion_forcing::denoise_long(
+            &mut model,
+            self.scheduler.as_ref(),
+            &make,
+            &args,
+            prompt_embeds,
+            negative_prompt_embeds,
+            temporal,
+            &mut noise,
+            progress,
+            &device,
+            self.options.dtype,
+        );
+        if !self.options.low_memory {
+            self.df_transformer = Some(model);
+        }
+        result
     }
 
     /// Loads expert `which` (1: `transformer`, 2: `transformer_2`); in low-memory mode the
@@ -1479,6 +1635,21 @@ fn read_defaults(root: &Path, index: &ModelIndex, vae: &vae::Config) -> Result<M
         return Ok(d);
     }
     let mut d = ModelDefaults::default();
+    if index.class_name == "SkyReelsV2DiffusionForcingPipeline" {
+        // SkyReels-V2 DF 540P, as its model card runs it: 960×544, windows of 97 frames at
+        // 24 fps continuing from the last 17, 30 steps, guidance 6, added noise 20 (720P
+        // checkpoints: pass --size 1280x720).
+        d.width = 960;
+        d.height = 544;
+        d.num_frames = 97;
+        d.fps = 24;
+        d.num_inference_steps = 30;
+        d.guidance_scale = 6.0;
+        d.base_num_frames = Some(97);
+        d.overlap_history = Some(17);
+        d.addnoise_condition = 20.0;
+        return Ok(d);
+    }
     if index.expand_timesteps() || vae.z_dim == 48 {
         // Wan2.2 TI2V-5B (its original generate.py defaults).
         d.width = 1280;
@@ -2116,5 +2287,66 @@ mod tests {
         assert_eq!((steps_a, steps_b), (2, 4));
         assert_eq!(a.request.strength, Some(0.5));
         assert!(crate::testing::rel_error(&a.latents, &b.latents).unwrap() > 1e-3);
+    }
+
+    #[test]
+    fn diffusion_forcing_folders_make_long_videos_in_windows() {
+        let mut p = open("pipeline-df");
+        assert!(p.capabilities().long_video && !p.capabilities().image);
+        // kino.json: 21-frame windows; 37 frames need two, continuing from the last 5.
+        let dir = crate::testing::fixtures_dir().join("pipeline-df/model");
+        let tmp = std::env::temp_dir().join(format!("kino-df-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        fn copy_dir(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    copy_dir(&e.path(), &to.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        copy_dir(&dir, &tmp);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("kino.json")).unwrap()).unwrap();
+        json["overlap_history"] = 5.into();
+        json["max_sequence_length"] = 8.into();
+        std::fs::write(tmp.join("kino.json"), json.to_string()).unwrap();
+        let mut p2 = WanPipeline::open(&tmp, PipelineOptions::for_device(Device::Cpu)).unwrap();
+        let r = GenerateRequest {
+            num_frames: Some(37),
+            num_inference_steps: Some(2),
+            ..req("a red circle")
+        };
+        let mut denoise_runs = 0;
+        let out = p2
+            .generate(&r, &mut |e: &ProgressEvent| {
+                if e.stage == Stage::Denoise && e.step == 0 {
+                    denoise_runs += 1;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(denoise_runs, 2, "two windows");
+        assert_eq!(out.frames.len(), 37);
+        assert_eq!(out.latents.dim(2).unwrap(), 10);
+        let again = p2.generate(&r, &mut crate::progress::ignore).unwrap();
+        assert_eq!(again.frames, out.frames);
+        // An image is refused with the models that take one.
+        let (w, h) = (p.defaults().width, p.defaults().height);
+        let e = p
+            .resolve(&with(
+                Conditioning::Image {
+                    first: image(w, h, 1),
+                    last: None,
+                },
+                req("x"),
+            ))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("text only"), "{e}");
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -35,11 +35,11 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<22} {:<39} {:<6} description",
+        "{:<26} {:<44} {:<6} description",
         "alias", "repository", "local"
     );
     println!(
-        "{:<22} {:<39} {:<6} {} (default)",
+        "{:<26} {:<44} {:<6} {} (default)",
         registry::BUNDLED_MODEL,
         "(ships with Kino)",
         if bundled.is_some() { "yes" } else { "no" },
@@ -48,7 +48,7 @@ pub fn list(a: ModelsArgs) -> anyhow::Result<()> {
     for (m, p) in &rows {
         let local = if p.is_some() { "yes" } else { "no" };
         println!(
-            "{:<22} {:<39} {:<6} {}",
+            "{:<26} {:<44} {:<6} {}",
             m.alias, m.repo, local, m.description
         );
     }
