@@ -3,8 +3,8 @@
 //! Knows nothing of tensors. A [`Frame`] is an RGB24 buffer with a width and a height; a
 //! [`Video`] is frames of one size plus an exact frame rate ([`Fps`]).
 //!
-//! - MP4/H.264 ([`write_mp4`], [`encode_mp4`], [`read_mp4`], [`decode_mp4`],
-//!   [`read_metadata`]): Constrained Baseline H.264 4:2:0 8-bit from OpenH264 (built from
+//! - MP4/H.264 ([`write_mp4`], [`encode_mp4`], [`Mp4StreamWriter`] for long videos pushed a
+//!   segment at a time, [`read_mp4`], [`decode_mp4`], [`read_metadata`]): Constrained Baseline H.264 4:2:0 8-bit from OpenH264 (built from
 //!   source, no ffmpeg), in an MP4 written by our own muxer with `moov` before `mdat`,
 //!   BT.709 limited range signalled in both the VUI and a `colr` box, and the generation
 //!   parameters as JSON in `udta`.
@@ -41,7 +41,8 @@ pub use gif::{encode_gif, write_gif, GifOptions};
 pub use h264::Quality;
 pub use meta::GenerationParams;
 pub use mp4::{
-    decode_mp4, encode_mp4, mp4_boxes, read_metadata, read_mp4, write_mp4, Mp4Options, TopBox,
+    decode_mp4, encode_mp4, mp4_boxes, read_metadata, read_mp4, write_mp4, Mp4Options,
+    Mp4StreamWriter, TopBox,
 };
 pub use probe::{probe, MediaFormat, MediaInfo};
 pub use still::{

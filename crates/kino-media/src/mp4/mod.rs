@@ -9,6 +9,7 @@
 
 mod demux;
 mod mux;
+mod stream;
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
@@ -17,6 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use demux::TopBox;
+pub use stream::Mp4StreamWriter;
 
 use crate::color::ColorSpace;
 use crate::error::{MediaError, Result};
@@ -48,28 +50,53 @@ pub struct Mp4Options {
 
 /// Encodes a video to MP4 bytes in memory.
 pub fn encode_mp4(video: &Video, opts: &Mp4Options) -> Result<Vec<u8>> {
-    let h264_opts = H264Options {
+    let stream = h264::encode(video.frames(), video.fps(), &h264_options(opts))?;
+    let metadata_json = metadata_json(opts)?;
+    let samples: Vec<mux::SampleInfo> = stream
+        .units
+        .iter()
+        .map(|u| mux::SampleInfo {
+            size: u.data.len() as u32,
+            is_idr: u.is_idr,
+        })
+        .collect();
+    let data: Vec<&[u8]> = stream.units.iter().map(|u| u.data.as_slice()).collect();
+    Ok(mux::mux(
+        &mux::MuxInput {
+            sps: &stream.sps,
+            pps: &stream.pps,
+            samples: &samples,
+            width: video.width(),
+            height: video.height(),
+            fps: video.fps(),
+            color: opts.color,
+            metadata_json,
+            tool: tool_name(),
+        },
+        &data,
+    ))
+}
+
+/// `©too`: what wrote the file.
+fn tool_name() -> String {
+    format!("Kino kino-media {} (OpenH264)", env!("CARGO_PKG_VERSION"))
+}
+
+fn h264_options(opts: &Mp4Options) -> H264Options {
+    H264Options {
         quality: opts.quality,
         threads: opts.threads,
         keyframe_interval: opts.keyframe_interval,
         color: opts.color,
-    };
-    let stream = h264::encode(video.frames(), video.fps(), &h264_opts)?;
-    let metadata_json = opts
-        .metadata
+    }
+}
+
+fn metadata_json(opts: &Mp4Options) -> Result<Option<String>> {
+    opts.metadata
         .as_ref()
         .map(serde_json::to_string)
         .transpose()
-        .map_err(|e| MediaError::InvalidOption(format!("metadata is not serialisable: {e}")))?;
-    Ok(mux::mux(&mux::MuxInput {
-        stream: &stream,
-        width: video.width(),
-        height: video.height(),
-        fps: video.fps(),
-        color: opts.color,
-        metadata_json,
-        tool: format!("Kino kino-media {} (OpenH264)", env!("CARGO_PKG_VERSION")),
-    }))
+        .map_err(|e| MediaError::InvalidOption(format!("metadata is not serialisable: {e}")))
 }
 
 /// Encodes a video and writes it to `path` (through a temporary file in the same folder, so

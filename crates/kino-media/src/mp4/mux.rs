@@ -4,7 +4,6 @@
 
 use crate::color::ColorSpace;
 use crate::frame::Fps;
-use crate::h264::EncodedStream;
 
 use super::{KINO_META_MEAN, KINO_META_NAME};
 
@@ -69,9 +68,18 @@ pub(crate) fn timing(fps: Fps) -> (u32, u32) {
     (fps.num() * k, fps.den() * k)
 }
 
-/// What goes into the file besides the stream.
+/// One sample (access unit) as the index needs it: its size and whether it is a sync sample.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SampleInfo {
+    pub size: u32,
+    pub is_idr: bool,
+}
+
+/// What goes into the file besides the sample data.
 pub(crate) struct MuxInput<'a> {
-    pub stream: &'a EncodedStream,
+    pub sps: &'a [u8],
+    pub pps: &'a [u8],
+    pub samples: &'a [SampleInfo],
     pub width: u32,
     pub height: u32,
     pub fps: Fps,
@@ -152,8 +160,8 @@ fn udta(w: &mut BoxWriter, input: &MuxInput<'_>) {
 
 /// Writes `moov` for samples whose data starts at `mdat_data_offset` in the file.
 fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
-    let stream = input.stream;
-    let n = stream.units.len() as u64;
+    let samples = input.samples;
+    let n = samples.len() as u64;
     let (timescale, delta) = timing(input.fps);
     let duration = n * u64::from(delta);
     let v1 = duration > u64::from(u32::MAX);
@@ -260,7 +268,7 @@ fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
     w.bytes(&name);
     w.u16(0x0018); // depth
     w.u16(0xffff); // pre_defined = -1
-    avcc(&mut w, &stream.sps, &stream.pps);
+    avcc(&mut w, input.sps, input.pps);
     let (p, t, m) = input.color.codes();
     let colr = w.begin(b"colr");
     w.bytes(b"nclx");
@@ -282,8 +290,7 @@ fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
     w.u32(delta);
     w.end(stts);
 
-    let sync: Vec<u32> = stream
-        .units
+    let sync: Vec<u32> = samples
         .iter()
         .enumerate()
         .filter(|(_, u)| u.is_idr)
@@ -326,15 +333,15 @@ fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
     let stsz = w.begin_full(b"stsz", 0, 0);
     w.u32(0);
     w.u32(n as u32);
-    for u in &stream.units {
-        w.u32(u.data.len() as u32);
+    for u in samples {
+        w.u32(u.size);
     }
     w.end(stsz);
 
     let co = w.begin_full(if co64 { b"co64" } else { b"stco" }, 0, 0);
     w.u32(chunks as u32);
     let mut offset = mdat_data_offset;
-    for (i, u) in stream.units.iter().enumerate() {
+    for (i, u) in samples.iter().enumerate() {
         if (i as u64).is_multiple_of(per_chunk) {
             if co64 {
                 w.u64(offset);
@@ -342,7 +349,7 @@ fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
                 w.u32(offset as u32);
             }
         }
-        offset += u.data.len() as u64;
+        offset += u64::from(u.size);
     }
     w.end(co);
     w.end(stbl);
@@ -354,8 +361,9 @@ fn moov(input: &MuxInput<'_>, mdat_data_offset: u64, co64: bool) -> Vec<u8> {
     w.buf
 }
 
-/// The whole file in memory.
-pub(crate) fn mux(input: &MuxInput<'_>) -> Vec<u8> {
+/// Everything before the sample data: `ftyp`, `moov` and the `mdat` header. The samples
+/// follow it, back to back, in order.
+pub(crate) fn header(input: &MuxInput<'_>) -> Vec<u8> {
     let mut f = BoxWriter::new();
     let ftyp = f.begin(b"ftyp");
     f.bytes(b"isom");
@@ -365,7 +373,7 @@ pub(crate) fn mux(input: &MuxInput<'_>) -> Vec<u8> {
     }
     f.end(ftyp);
 
-    let payload: u64 = input.stream.units.iter().map(|u| u.data.len() as u64).sum();
+    let payload: u64 = input.samples.iter().map(|u| u64::from(u.size)).sum();
     let large_mdat = payload + 8 > u64::from(u32::MAX);
     let mdat_header = if large_mdat { 16 } else { 8 };
     // The moov size does not depend on the offsets, only on stco vs co64.
@@ -388,9 +396,16 @@ pub(crate) fn mux(input: &MuxInput<'_>) -> Vec<u8> {
         f.u32((payload + 8) as u32);
         f.bytes(b"mdat");
     }
-    f.buf.reserve(payload as usize);
-    for u in &input.stream.units {
-        f.bytes(&u.data);
-    }
     f.buf
+}
+
+/// The whole file in memory: [`header`] then the samples' data.
+pub(crate) fn mux(input: &MuxInput<'_>, data: &[&[u8]]) -> Vec<u8> {
+    let mut f = header(input);
+    let payload: usize = data.iter().map(|d| d.len()).sum();
+    f.reserve(payload);
+    for d in data {
+        f.extend_from_slice(d);
+    }
+    f
 }
