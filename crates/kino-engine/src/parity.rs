@@ -114,6 +114,7 @@ impl Component {
                 "latents_1 … (one per window)",
                 "prompt_embeds",
                 "negative_prompt_embeds",
+                "video (optional: a video to continue, [1,3,F,H,W] in [-1,1])",
             ],
         }
     }
@@ -339,6 +340,22 @@ pub fn run_timed(
                 guidance_scale: guidance,
                 seed: 0,
             };
+            // Video-to-video (continuing `video`): its last overlap_history frames, encoded.
+            let prefix = match inputs.get("video") {
+                Some(video) => {
+                    let o = args.overlap_history.ok_or_else(|| {
+                        Error::InvalidRequest("continuing `video` needs --overlap-history".into())
+                    })?;
+                    let f = video.dim(2)?;
+                    let tail = video.narrow(2, f - o.min(f), o.min(f))?;
+                    let mut opts = PipelineOptions::for_device(device.clone());
+                    opts.dtype = dtype;
+                    opts.vae_dtype = DType::F32;
+                    let mut p = WanPipeline::open(model, opts)?;
+                    Some(p.encode_latents(&tail, &mut crate::progress::ignore)?)
+                }
+                None => None,
+            };
             let t_load = Instant::now();
             let mut m =
                 SkyReelsV2Transformer3DModel::load(&model.join("transformer"), dtype, device)?;
@@ -362,6 +379,7 @@ pub fn run_timed(
                 ne,
                 temporal,
                 &mut noise,
+                prefix.as_ref(),
                 &mut crate::progress::ignore,
                 device,
                 dtype,

@@ -116,6 +116,19 @@ pub fn image_model_names() -> Vec<&'static str> {
     v
 }
 
+/// The models that can continue a video: those that take a first image and the
+/// diffusion-forcing ones.
+pub fn continuing_model_names() -> Vec<&'static str> {
+    let mut v = image_model_names();
+    v.extend(
+        KNOWN_MODELS
+            .iter()
+            .filter(|m| m.alias.starts_with("skyreels-v2-df"))
+            .map(|m| m.alias),
+    );
+    v
+}
+
 /// The known models that take a first and a last image.
 pub fn last_image_model_names() -> Vec<&'static str> {
     KNOWN_MODELS

@@ -179,16 +179,26 @@ pub struct DiffusionForcingArgs {
     pub seed: u64,
 }
 
-/// The windows of a run: `(n_iter, base latent frames, overlap latent frames)`.
-pub fn plan_windows(args: &DiffusionForcingArgs, temporal: usize) -> (usize, usize, usize, bool) {
+/// The windows of a run: `(n_iter, base latent frames, overlap latent frames, windowed)`.
+/// Continuing a video (`SkyReelsV2DiffusionForcingVideoToVideoPipeline`) is always windowed:
+/// its first window starts from the video's last `overlap_history` frames.
+pub fn plan_windows(
+    args: &DiffusionForcingArgs,
+    temporal: usize,
+    continuing: bool,
+) -> (usize, usize, usize, bool) {
     let num_latent = (args.num_frames - 1) / temporal + 1;
-    let is_long = args.overlap_history.is_some() && args.num_frames > args.base_num_frames;
+    let is_long =
+        continuing || (args.overlap_history.is_some() && args.num_frames > args.base_num_frames);
     if !is_long {
         return (1, num_latent, 0, false);
     }
     let overlap = (args.overlap_history.unwrap_or(1).max(1) - 1) / temporal + 1;
     let base = (args.base_num_frames - 1) / temporal + 1;
-    let n_iter = 1 + (num_latent - base - 1) / (base - overlap) + 1;
+    // 1 + (num_latent - base - 1) // (base - overlap) + 1, with Python's floor division.
+    let num = num_latent as i64 - base as i64 - 1;
+    let den = (base - overlap) as i64;
+    let n_iter = (1 + num.div_euclid(den) + 1).max(1) as usize;
     (n_iter, base, overlap, true)
 }
 
@@ -230,7 +240,10 @@ pub fn check_args(args: &DiffusionForcingArgs, temporal: usize) -> Result<()> {
 
 /// Runs the windows of `__call__` (sections 5–7) on given per-window noise: `noise(k, frames)`
 /// returns the initial latents `[B, z, frames, h, w]` of window k (the reference's k-th
-/// `randn_tensor` draw). Returns the latents of the whole video (f32).
+/// `randn_tensor` draw). With `source_prefix` (the normalised VAE latents of the last
+/// `overlap_history` frames of a video to continue: the video-to-video pipeline) the first window
+/// starts from it too. Returns the latents of the whole generated video (f32; when continuing,
+/// they begin with the prefix, as the reference's).
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_long(
     transformer: &mut SkyReelsV2Transformer3DModel,
@@ -241,11 +254,17 @@ pub fn denoise_long(
     negative_prompt_embeds: Option<&Tensor>,
     temporal: usize,
     noise: &mut dyn FnMut(usize, usize) -> Result<Tensor>,
+    source_prefix: Option<&Tensor>,
     progress: Progress,
     device: &Device,
     dtype: DType,
 ) -> Result<Tensor> {
     check_args(args, temporal)?;
+    if source_prefix.is_some() && args.overlap_history.is_none() {
+        return Err(Error::InvalidRequest(
+            "continuing a video needs overlap_history (how many of its last frames to continue from; 17 or 37)".into(),
+        ));
+    }
     let do_cfg = args.guidance_scale > 1.0;
     if do_cfg && negative_prompt_embeds.is_none() {
         return Err(Error::InvalidRequest(
@@ -261,7 +280,8 @@ pub fn denoise_long(
         None => transformer.num_frame_per_block(),
     };
     let fps_index = if args.fps == 16 { 0 } else { 1 };
-    let (n_iter, base_latent, overlap, is_long) = plan_windows(args, temporal);
+    let (n_iter, base_latent, overlap, is_long) =
+        plan_windows(args, temporal, source_prefix.is_some());
     let num_latent = (args.num_frames - 1) / temporal + 1;
     let pe = prompt_embeds.to_device(device)?.to_dtype(dtype)?;
     let ne = match negative_prompt_embeds {
@@ -272,11 +292,20 @@ pub fn denoise_long(
     let mut accumulated: Option<Tensor> = None;
     for iter in 0..n_iter {
         // prepare_latents
-        let (frames, prefix) = match &accumulated {
+        let previous = match (&accumulated, source_prefix) {
+            (Some(acc), _) => Some(acc.clone()),
+            (None, Some(src)) => Some(src.to_device(device)?.to_dtype(DType::F32)?),
+            (None, None) => None,
+        };
+        let (frames, prefix) = match &previous {
             None => (if is_long { base_latent } else { num_latent }, None),
             Some(acc) => {
                 let total = acc.dim(2)?;
-                let take = overlap.min(total);
+                let take = if accumulated.is_some() {
+                    overlap.min(total)
+                } else {
+                    total
+                };
                 let mut prefix = acc.narrow(2, total - take, take)?;
                 let cut = prefix.dim(2)? % causal;
                 if cut != 0 {
@@ -284,7 +313,14 @@ pub fn denoise_long(
                 }
                 let finished = iter * (base_latent - overlap) + overlap;
                 let left = num_latent.saturating_sub(finished);
-                ((left + overlap).min(base_latent), Some(prefix))
+                let frames = (left + overlap).min(base_latent);
+                if frames <= prefix.dim(2)? {
+                    return Err(Error::InvalidRequest(format!(
+                        "window {iter} would have {frames} latent frames, no more than the {} it continues from; ask for more frames",
+                        prefix.dim(2)?
+                    )));
+                }
+                (frames, Some(prefix))
             }
         };
         let mut latents: Vec<Tensor> = {
@@ -449,12 +485,14 @@ mod tests {
             seed: 0,
         };
         // 65 latent frames, windows of 25 with 5 overlapping: 25 + 20 + 20 = 65.
-        assert_eq!(plan_windows(&args, 4), (3, 25, 5, true));
+        assert_eq!(plan_windows(&args, 4, false), (3, 25, 5, true));
         let short = DiffusionForcingArgs {
             num_frames: 97,
             ..args.clone()
         };
-        assert_eq!(plan_windows(&short, 4), (1, 25, 0, false));
+        assert_eq!(plan_windows(&short, 4, false), (1, 25, 0, false));
+        // Continuing a video is windowed even when it fits one window.
+        assert_eq!(plan_windows(&short, 4, true), (1, 25, 5, true));
         let e = check_args(
             &DiffusionForcingArgs {
                 overlap_history: Some(97),

@@ -144,6 +144,12 @@ pub enum Conditioning {
         frames: Vec<RgbImage>,
         strength: f64,
     },
+    /// Extension: go on after these frames (the end of an existing video, of the request's
+    /// size). A first-image model starts from the last frame; a diffusion-forcing model
+    /// (SkyReels-V2 DF, `SkyReelsV2DiffusionForcingVideoToVideoPipeline`) from the last
+    /// `overlap_history` frames. The output holds only the new frames: `num_frames − 1` of them
+    /// (the first generated frame would repeat the given one).
+    Continue { frames: Vec<RgbImage> },
 }
 
 impl Conditioning {
@@ -154,6 +160,7 @@ impl Conditioning {
             Conditioning::Image { last: None, .. } => "image",
             Conditioning::Image { last: Some(_), .. } => "first-last image",
             Conditioning::Video { .. } => "video",
+            Conditioning::Continue { .. } => "continuation",
         }
     }
 }
@@ -480,6 +487,7 @@ impl WanPipeline {
             || self.transformer_config.pos_embed_seq_len.is_some();
         if self.diffusion_forcing {
             // The image- and video-conditioned diffusion-forcing pipelines are not ported yet.
+            // It continues videos (Conditioning::Continue) from their last frames.
             return Capabilities {
                 text: true,
                 image: false,
@@ -633,6 +641,30 @@ impl WanPipeline {
                 }
                 Ok(())
             }
+            Conditioning::Continue { .. } if !caps.image && !caps.long_video => {
+                Err(Error::InvalidRequest(format!(
+                    "this model cannot continue a video: it starts from neither an image nor \
+                     earlier frames; models that can: {}",
+                    crate::registry::continuing_model_names().join(", ")
+                )))
+            }
+            Conditioning::Continue { frames } => {
+                let last = frames.last().ok_or_else(|| {
+                    Error::InvalidRequest("there are no frames to continue from".into())
+                })?;
+                fits("video to continue", last)?;
+                if caps.long_video {
+                    for f in frames {
+                        fits("video to continue", f)?;
+                    }
+                }
+                if r.num_frames < 2 {
+                    return Err(Error::InvalidRequest(
+                        "continuing a video needs at least 5 frames (the first repeats the given frame); try --frames 17".into(),
+                    ));
+                }
+                Ok(())
+            }
             Conditioning::Video { .. } if !caps.video => Err(Error::InvalidRequest(
                 "this is an image-to-video model; it cannot restyle a video. Give it an image, \
                  or use a text-to-video model (e.g. wan2.1-t2v-1.3b) for video-to-video"
@@ -768,16 +800,26 @@ impl WanPipeline {
         )?;
         self.scheduler.set_shift(r.shift);
         if self.diffusion_forcing {
-            let latents = self.denoise_diffusion_forcing(
+            let context = match &req.conditioning {
+                Conditioning::Continue { frames } => Some(frames.as_slice()),
+                _ => None,
+            };
+            let (latents, skip) = self.denoise_diffusion_forcing(
                 &r,
                 &prompt_embeds,
                 negative_embeds.as_ref(),
+                context,
                 progress,
             )?;
             drop(prompt_embeds);
             drop(negative_embeds);
             let video = self.decode(&latents, progress)?;
-            let frames = video_to_frames(&video)?;
+            let mut frames = video_to_frames(&video)?;
+            if context.is_some() {
+                // The decoded prefix repeats the end of the given video: keep the new frames.
+                frames.drain(..skip.min(frames.len()));
+                frames.truncate(r.num_frames - 1);
+            }
             return Ok(GenerateOutput {
                 frames,
                 width: r.width,
@@ -790,8 +832,20 @@ impl WanPipeline {
         let noise = self.prepare_latents(&r)?;
         let device = self.options.device.clone();
         let mut image_embeds = None;
+        let continuing = matches!(req.conditioning, Conditioning::Continue { .. });
         let (latents, condition, t_start) = match &req.conditioning {
             Conditioning::Text => (noise, LatentCondition::None, 0),
+            Conditioning::Continue { frames } => {
+                let last = frames.last().ok_or_else(|| {
+                    Error::InvalidRequest("there are no frames to continue from".into())
+                })?;
+                if self.transformer_config.image_dim.is_some() {
+                    image_embeds = Some(self.encode_image(&[last], progress)?);
+                }
+                let first = image_to_tensor(last, &device)?;
+                let cond = self.prepare_image_condition(&first, None, r.num_frames, progress)?;
+                (noise, cond, 0)
+            }
             Conditioning::Image { first, last } => {
                 if self.transformer_config.image_dim.is_some() {
                     let mut images = vec![first];
@@ -839,7 +893,11 @@ impl WanPipeline {
         drop(prompt_embeds);
         drop(negative_embeds);
         let video = self.decode(&latents, progress)?;
-        let frames = video_to_frames(&video)?;
+        let mut frames = video_to_frames(&video)?;
+        if continuing {
+            // Frame 0 reproduces the given last frame: the continuation starts after it.
+            frames.remove(0);
+        }
         Ok(GenerateOutput {
             frames,
             width: r.width,
@@ -926,15 +984,36 @@ impl WanPipeline {
     /// `SkyReelsV2DiffusionForcingPipeline.__call__` from the prompt embeddings to the latents
     /// of the whole video: windows of `base_num_frames`, each later one continuing from the last
     /// `overlap_history` frames, each window's noise from the run's seed (window k: seed + k).
+    /// With `context` (frames to continue, `SkyReelsV2DiffusionForcingVideoToVideoPipeline`) the
+    /// first window starts from its last `overlap_history` frames, encoded; returns the latents
+    /// and how many decoded frames repeat the context (to drop).
     fn denoise_diffusion_forcing(
         &mut self,
         r: &ResolvedRequest,
         prompt_embeds: &Tensor,
         negative_prompt_embeds: Option<&Tensor>,
+        context: Option<&[RgbImage]>,
         progress: Progress,
-    ) -> Result<Tensor> {
-        let args = self.diffusion_forcing_args(r);
+    ) -> Result<(Tensor, usize)> {
+        let mut args = self.diffusion_forcing_args(r);
         let temporal = self.frame_step();
+        let mut prefix = None;
+        let mut skip = 0;
+        if let Some(frames) = context {
+            // The last 4k+1 frames, at most overlap_history (17 by default).
+            let want = args.overlap_history.unwrap_or(17);
+            let avail = (frames.len().max(1) - 1) / temporal * temporal + 1;
+            let o = want.min(avail).max(1);
+            let tail = frames_to_tensor(&frames[frames.len() - o..], &self.options.device)?;
+            let z = self.encode_latents(&tail, progress)?;
+            let p = z.dim(2)?;
+            // Latents: the prefix and (num_frames − 1) / temporal new ones.
+            let new_latents = (r.num_frames - 1).div_ceil(temporal).max(1);
+            args.overlap_history = Some(o);
+            args.num_frames = (p + new_latents - 1) * temporal + 1;
+            skip = (p - 1) * temporal + 1;
+            prefix = Some(z);
+        }
         diffusion_forcing::check_args(&args, temporal)?;
         if self.df_transformer.is_none() {
             let t0 = Instant::now();
@@ -950,6 +1029,9 @@ impl WanPipeline {
         let shape = self.latent_shape(r);
         let device = self.options.device.clone();
         let seed = r.seed;
+        if self.options.low_memory {
+            self.vae = None;
+        }
         let mut noise = |k: usize, frames: usize| -> Result<Tensor> {
             let shape = [shape[0], shape[1], frames, shape[3], shape[4]];
             let n: usize = shape.iter().product();
@@ -982,6 +1064,7 @@ impl WanPipeline {
             negative_prompt_embeds,
             temporal,
             &mut noise,
+            prefix.as_ref(),
             progress,
             &device,
             self.options.dtype,
@@ -989,7 +1072,7 @@ impl WanPipeline {
         if !self.options.low_memory {
             self.df_transformer = Some(model);
         }
-        result
+        Ok((result?, skip))
     }
 
     /// Loads expert `which` (1: `transformer`, 2: `transformer_2`); in low-memory mode the
@@ -2348,5 +2431,53 @@ mod tests {
             .to_string();
         assert!(e.contains("text only"), "{e}");
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn continuing_a_video_gives_only_new_frames() {
+        for case in ["pipeline-ti2v", "pipeline-df", "pipeline-i2v-wan21"] {
+            let mut p = open(case);
+            let (w, h) = (p.defaults().width, p.defaults().height);
+            let frames: Vec<RgbImage> = (0..9).map(|i| image(w, h, i as u8)).collect();
+            let r = with(
+                Conditioning::Continue {
+                    frames: frames.clone(),
+                },
+                GenerateRequest {
+                    num_frames: Some(9),
+                    num_inference_steps: Some(2),
+                    ..req("x")
+                },
+            );
+            let out = p
+                .generate(&r, &mut crate::progress::ignore)
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(out.frames.len(), 8, "{case}");
+            assert_eq!(out.request.conditioning, "continuation");
+            // What it continues from matters.
+            let other: Vec<RgbImage> = (0..9).map(|i| image(w, h, 100 + i as u8)).collect();
+            let o = p
+                .generate(
+                    &with(Conditioning::Continue { frames: other }, r.clone()),
+                    &mut crate::progress::ignore,
+                )
+                .unwrap();
+            assert_ne!(o.frames, out.frames, "{case}");
+        }
+        let t2v = open("pipeline-wan21");
+        let (w, h) = (t2v.defaults().width, t2v.defaults().height);
+        let e = err(
+            &t2v,
+            &with(
+                Conditioning::Continue {
+                    frames: vec![image(w, h, 0)],
+                },
+                req("x"),
+            ),
+        );
+        assert!(
+            e.contains("cannot continue") && e.contains("skyreels-v2-df-1.3b-540p"),
+            "{e}"
+        );
     }
 }
