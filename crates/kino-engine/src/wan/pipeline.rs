@@ -2374,7 +2374,7 @@ mod tests {
 
     #[test]
     fn diffusion_forcing_folders_make_long_videos_in_windows() {
-        let mut p = open("pipeline-df");
+        let p = open("pipeline-df");
         assert!(p.capabilities().long_video && !p.capabilities().image);
         // kino.json: 21-frame windows; 37 frames need two, continuing from the last 5.
         let dir = crate::testing::fixtures_dir().join("pipeline-df/model");
