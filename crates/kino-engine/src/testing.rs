@@ -1,6 +1,6 @@
 //! Helpers for parity tests: relative error and the fixture folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
@@ -43,4 +43,19 @@ pub fn json_strings(v: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Copies a folder and everything below it (tests edit copies of fixture model folders).
+pub fn copy_dir(from: &Path, to: &Path) -> crate::Result<()> {
+    let io = |e: std::io::Error| crate::Error::InvalidRequest(format!("{}: {e}", from.display()));
+    std::fs::create_dir_all(to).map_err(io)?;
+    for e in std::fs::read_dir(from).map_err(io)? {
+        let e = e.map_err(io)?;
+        if e.file_type().map_err(io)?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).map_err(io)?;
+        }
+    }
+    Ok(())
 }

@@ -118,32 +118,9 @@ pub fn generate_timestep_matrix(
         }
         valid_interval.push((terminal.saturating_sub(base_num_blocks), terminal));
     }
-    let expand = |rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
-        rows.into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .flat_map(|v| std::iter::repeat_n(v, causal_block_size))
-                    .collect()
-            })
-            .collect()
-    };
-    let step_matrix = expand(step_matrix);
-    let step_index = step_index
-        .into_iter()
-        .map(|r| {
-            r.into_iter()
-                .flat_map(|v| std::iter::repeat_n(v, causal_block_size))
-                .collect()
-        })
-        .collect();
-    let update_mask = update_mask
-        .into_iter()
-        .map(|r| {
-            r.into_iter()
-                .flat_map(|v| std::iter::repeat_n(v, causal_block_size))
-                .collect()
-        })
-        .collect();
+    let step_matrix = repeat_per_block(step_matrix, causal_block_size);
+    let step_index = repeat_per_block(step_index, causal_block_size);
+    let update_mask = repeat_per_block(update_mask, causal_block_size);
     let valid_interval = valid_interval
         .into_iter()
         .map(|(s, e)| (s * causal_block_size, e * causal_block_size))
@@ -154,6 +131,17 @@ pub fn generate_timestep_matrix(
         update_mask,
         valid_interval,
     })
+}
+
+/// Each block's value for each of its `k` frames (`unsqueeze(-1).repeat(1, 1, k).flatten(1)`).
+fn repeat_per_block<T: Clone>(rows: Vec<Vec<T>>, k: usize) -> Vec<Vec<T>> {
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .flat_map(|v| std::iter::repeat_n(v, k))
+                .collect()
+        })
+        .collect()
 }
 
 /// The long-video arguments of `SkyReelsV2DiffusionForcingPipeline.__call__`.

@@ -1861,18 +1861,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
         let root = p.root().to_path_buf();
-        fn copy_dir(from: &Path, to: &Path) {
-            std::fs::create_dir_all(to).unwrap();
-            for e in std::fs::read_dir(from).unwrap() {
-                let e = e.unwrap();
-                if e.file_type().unwrap().is_dir() {
-                    copy_dir(&e.path(), &to.join(e.file_name()));
-                } else {
-                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-                }
-            }
-        }
-        copy_dir(&root, &tmp);
+        crate::testing::copy_dir(&root, &tmp).unwrap();
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(root.join("kino.json")).unwrap())
                 .unwrap();
@@ -2293,24 +2282,7 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("kino-experts-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
-        for entry in [
-            "transformer",
-            "transformer_2",
-            "vae",
-            "scheduler",
-            "kino.json",
-        ] {
-            let from = src.join(entry);
-            if from.is_dir() {
-                std::fs::create_dir_all(tmp.join(entry)).unwrap();
-                for f in std::fs::read_dir(&from).unwrap() {
-                    let f = f.unwrap();
-                    std::fs::copy(f.path(), tmp.join(entry).join(f.file_name())).unwrap();
-                }
-            } else {
-                std::fs::copy(&from, tmp.join(entry)).unwrap();
-            }
-        }
+        crate::testing::copy_dir(&src, &tmp).unwrap();
         let index: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
                 .unwrap();
@@ -2380,18 +2352,7 @@ mod tests {
         let dir = crate::testing::fixtures_dir().join("pipeline-df/model");
         let tmp = std::env::temp_dir().join(format!("kino-df-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        fn copy_dir(from: &Path, to: &Path) {
-            std::fs::create_dir_all(to).unwrap();
-            for e in std::fs::read_dir(from).unwrap() {
-                let e = e.unwrap();
-                if e.file_type().unwrap().is_dir() {
-                    copy_dir(&e.path(), &to.join(e.file_name()));
-                } else {
-                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-                }
-            }
-        }
-        copy_dir(&dir, &tmp);
+        crate::testing::copy_dir(&dir, &tmp).unwrap();
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("kino.json")).unwrap()).unwrap();
         json["overlap_history"] = 5.into();

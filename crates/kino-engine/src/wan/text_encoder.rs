@@ -601,20 +601,10 @@ mod tests {
         Ok(())
     }
 
-    fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
-        std::fs::create_dir_all(dst).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        for e in std::fs::read_dir(src).map_err(|e| Error::InvalidRequest(e.to_string()))? {
-            let e = e.map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            std::fs::copy(e.path(), dst.join(e.file_name()))
-                .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        }
-        Ok(())
-    }
-
     #[test]
     fn missing_tokenizer_json_is_missing_file() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("kino-wan-tok-{}", std::process::id()));
-        copy_dir(&case().join("tokenizer"), &dir)?;
+        crate::testing::copy_dir(&case().join("tokenizer"), &dir)?;
         std::fs::remove_file(dir.join("tokenizer.json"))
             .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let r = WanTextEncoder::load(&dir, &case().join("text_encoder"), DType::F32, &Device::Cpu);
@@ -630,7 +620,7 @@ mod tests {
     #[test]
     fn missing_tensor_is_typed() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("kino-wan-te-{}", std::process::id()));
-        copy_dir(&case().join("text_encoder"), &dir)?;
+        crate::testing::copy_dir(&case().join("text_encoder"), &dir)?;
         let file = dir.join("model.safetensors");
         let mut ts = candle_core::safetensors::load(&file, &Device::Cpu)?;
         let gone = "encoder.block.0.layer.1.DenseReluDense.wi_1.weight";
