@@ -6,6 +6,7 @@ pub mod clip;
 pub mod device;
 pub mod error;
 pub mod loading;
+pub mod long_video;
 pub mod parity;
 pub mod progress;
 pub mod registry;
