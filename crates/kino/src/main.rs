@@ -18,6 +18,9 @@ struct Cli {
 enum Command {
     /// Make a video from a prompt.
     Generate(Box<commands::generate::Args>),
+    /// Continue a video (any MP4, MOV, WebM, …) with new segments from a model that takes a
+    /// first image: `kino extend IN.mp4 "what happens next" --seconds 8 -o OUT.mp4`.
+    Extend(Box<commands::extend::Args>),
     /// Show a video's format, size, frames, fps and the parameters it was made with.
     Info(commands::info::Args),
     /// Run one model component on tensors from a file (for checking against the reference).
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(*a),
+        Command::Extend(a) => commands::extend::run(*a),
         Command::Info(a) => commands::info::run(a),
         Command::Parity(a) => commands::parity::run(*a),
         Command::Bench(a) => commands::bench::run(a),

@@ -22,8 +22,18 @@ pub use kino_engine::registry::DEFAULT_MODEL;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// What the video shows.
-    prompt: String,
+    /// What the video shows (or use --script for one prompt per segment).
+    #[arg(required_unless_present = "script", conflicts_with = "script")]
+    prompt: Option<String>,
+    /// A text file with one prompt per line, one segment each (a sequence of shots; blank
+    /// lines and lines starting with # are skipped); with --seconds the last line repeats until
+    /// the length is reached. Needs a model that takes a first image.
+    #[arg(long, value_name = "shots.txt")]
+    script: Option<PathBuf>,
+    /// Continue an interrupted long run from the segments it finished (kept beside the output
+    /// in OUT.kino-partial/); the settings must be the same.
+    #[arg(long)]
+    resume: bool,
     /// A model alias (see `kino models`) or a model folder. Default: $KINO_MODEL or kino-shapes (the small model that ships with Kino).
     #[arg(long, short)]
     model: Option<String>,
@@ -34,10 +44,13 @@ pub struct Args {
     /// Width×height, e.g. 832x480 (default: the model's).
     #[arg(long)]
     size: Option<String>,
-    /// Number of frames, 4k+1 (default: the model's, 81 for Wan2.1).
-    #[arg(long, conflicts_with = "seconds")]
+    /// Number of frames, 4k+1 (default: the model's, 81 for Wan2.1); with a --seconds longer
+    /// than it, the length of each segment.
+    #[arg(long)]
     frames: Option<usize>,
-    /// Length in seconds (turned into the nearest valid frame count at --fps).
+    /// Length in seconds (turned into the nearest valid frame count at --fps). Longer than the
+    /// model's clip (or --frames) on a model that takes a first image: a long video made in
+    /// segments, each continuing from the last frame of the one before.
     #[arg(long)]
     seconds: Option<f64>,
     /// Playback frames per second (default: the model's, 16 for Wan2.1).
@@ -193,7 +206,7 @@ fn load_image(path: &Path, role: &'static str) -> anyhow::Result<(InputFile, Fra
 }
 
 /// "resized to 85×64 and centre-cropped to 64×64" (or "kept as it is").
-fn describe_fit(src_w: u32, src_h: u32, w: u32, h: u32) -> anyhow::Result<String> {
+pub(crate) fn describe_fit(src_w: u32, src_h: u32, w: u32, h: u32) -> anyhow::Result<String> {
     let plan = FitCrop::plan(src_w, src_h, w, h)?;
     let (rw, rh) = plan.resized;
     Ok(if (src_w, src_h) == (w, h) {
@@ -239,7 +252,7 @@ impl Format {
     }
 }
 
-fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
     let parts: Vec<&str> = s.split(['x', 'X', '*', '×']).collect();
     let [w, h] = parts.as_slice() else {
         bail!("size `{s}` is not WIDTHxHEIGHT, e.g. 832x480");
@@ -354,7 +367,7 @@ fn check_writable(path: &Path, format: Format, overwrite: bool) -> anyhow::Resul
 }
 
 /// Renders progress events as a bar on a terminal, or plain lines otherwise.
-struct ProgressView {
+pub(crate) struct ProgressView {
     bar: Option<ProgressBar>,
     stage: Option<Stage>,
     last_line: Instant,
@@ -362,7 +375,7 @@ struct ProgressView {
 }
 
 impl ProgressView {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(1);
             b.set_style(
@@ -382,7 +395,7 @@ impl ProgressView {
         }
     }
 
-    fn event(&mut self, e: &ProgressEvent) {
+    pub(crate) fn event(&mut self, e: &ProgressEvent) {
         let new_stage = self.stage != Some(e.stage);
         if new_stage {
             self.stage = Some(e.stage);
@@ -434,7 +447,7 @@ impl ProgressView {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
@@ -473,15 +486,25 @@ pub fn open_pipeline(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if a.prompt.trim().is_empty() {
+    let script_prompts = a
+        .script
+        .as_deref()
+        .map(super::extend::read_script)
+        .transpose()?;
+    let prompt = match (&a.prompt, &script_prompts) {
+        (Some(p), _) => p.clone(),
+        (None, Some(ps)) => ps[0].clone(),
+        (None, None) => String::new(),
+    };
+    if let Some(s) = a.seconds {
+        super::extend::frames_for_seconds(s, 1)?;
+    }
+    if prompt.trim().is_empty() {
         bail!("the prompt is empty; say what the video should show, e.g. kino generate \"a corgi surfing at sunset\"");
     }
     let model_name = model_name(a.model.as_deref());
     let size = a.size.as_deref().map(parse_size).transpose()?;
-    let output = a
-        .output
-        .clone()
-        .unwrap_or_else(|| default_output(&a.prompt));
+    let output = a.output.clone().unwrap_or_else(|| default_output(&prompt));
     let format = format_of(&output)?;
     if let Some(st) = a.strength {
         if !(st.is_finite() && st > 0.0 && st <= 1.0) {
@@ -519,6 +542,44 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     let step = pipeline.frame_step();
+    // Longer than one clip: segments on a model that takes a first image.
+    let clip = a.frames.unwrap_or(defaults.num_frames);
+    let long_total = a
+        .seconds
+        .map(|s| super::extend::frames_for_seconds(s, fps))
+        .transpose()?
+        .filter(|&t| t > clip);
+    let caps = pipeline.capabilities();
+    if let Some(total) = long_total.filter(|_| !caps.image && script_prompts.is_none()) {
+        // A text-only model makes one clip, as it always has, up to twice its own length.
+        if total > 2 * clip {
+            bail!(
+                "{model_name} makes video from text only and cannot be conditioned on a frame, so                  it cannot make {:.1} s ({total} frames) in segments, and one clip that long is                  more than twice the {clip} frames it makes; ask for at most {:.1} s, or use a                  model that can continue a video: {}",
+                a.seconds.unwrap_or_default(),
+                (2 * clip) as f64 / f64::from(fps),
+                image_models(&model_name)
+            );
+        }
+    } else if script_prompts.is_some() || long_total.is_some() {
+        return run_long_generate(
+            &a,
+            &model_name,
+            &model_dir,
+            &mut pipeline,
+            &output,
+            format,
+            fps,
+            script_prompts.unwrap_or_else(|| vec![prompt.clone()]),
+            long_total,
+            inputs,
+            images,
+        );
+    }
+    if a.resume {
+        bail!(
+            "--resume continues a long run (--seconds longer than the model's {clip}-frame clip,              or --script); this run is one clip"
+        );
+    }
     let num_frames = match (a.frames, a.seconds) {
         (Some(f), _) => Some(f),
         (None, Some(s)) => {
@@ -531,7 +592,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let mut req = GenerateRequest {
-        prompt: a.prompt.clone(),
+        prompt: prompt.clone(),
         negative_prompt: a.negative.clone(),
         width: size.map(|s| s.0),
         height: size.map(|s| s.1),
@@ -542,7 +603,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let caps = pipeline.capabilities();
     if a.image.is_some() && !caps.image {
         bail!(
             "{} makes video from text only and cannot start from an image; models that take a \
@@ -660,17 +720,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
 
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let cancel = cancel.clone();
-        let _ = ctrlc::set_handler(move || {
-            if cancel.swap(true, Ordering::SeqCst) {
-                // A second Ctrl-C: stop now.
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping after the current step… (Ctrl-C again to quit at once)");
-        });
-    }
+    let cancel = cancel_flag();
     eprintln!(
         "kino: {} — {}x{}, {} frames at {fps} fps, {} steps, guidance {}, shift {}, seed {}",
         model_dir.display(),
@@ -760,6 +810,117 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+/// `kino generate` longer than one clip, or with --script: segments on a model that takes a
+/// first image (see [`super::extend::run_long`]).
+#[allow(clippy::too_many_arguments)]
+fn run_long_generate(
+    a: &Args,
+    model_name: &str,
+    model_dir: &Path,
+    pipeline: &mut WanPipeline,
+    output: &Path,
+    format: Format,
+    fps: u32,
+    prompts: Vec<String>,
+    total_frames: Option<usize>,
+    mut inputs: Vec<InputFile>,
+    images: Vec<Frame>,
+) -> anyhow::Result<()> {
+    use kino_engine::long_video::{self, LongRequest, Start};
+    if format != Format::Mp4 {
+        bail!(
+            "a long video (segments) is written as MP4; name the output with .mp4 (got {})",
+            output.display()
+        );
+    }
+    if a.video.is_some() {
+        bail!(
+            "--video restyles one clip and cannot be combined with a long video; to continue a              video use kino extend IN.mp4 \"what happens next\" --seconds S"
+        );
+    }
+    if a.last_image.is_some() {
+        bail!("--last-image ends one clip; a long video (segments) takes --image only");
+    }
+    let defaults = pipeline.defaults().clone();
+    let size = a.size.as_deref().map(parse_size).transpose()?;
+    let (w, h) = size.unwrap_or((defaults.width, defaults.height));
+    let start = match images.first() {
+        Some(img) => {
+            let f = &mut inputs[0];
+            f.fitted = describe_fit(img.width(), img.height(), w as u32, h as u32)?;
+            eprintln!(
+                "first image {} {}×{} → {}",
+                f.name(),
+                f.width,
+                f.height,
+                f.fitted
+            );
+            Start::Image(rgb(kino_media::fit_crop(img, w as u32, h as u32)?)?)
+        }
+        None => Start::Text,
+    };
+    let seed = a.seed.or_else(|| {
+        if a.resume {
+            super::extend::resume_seed(output)
+        } else {
+            None
+        }
+    });
+    let req = LongRequest {
+        request: GenerateRequest {
+            prompt: prompts[0].clone(),
+            negative_prompt: a.negative.clone(),
+            width: Some(w),
+            height: Some(h),
+            num_frames: a.frames,
+            num_inference_steps: a.steps,
+            guidance_scale: a.guidance,
+            shift: a.shift,
+            seed,
+            ..Default::default()
+        },
+        prompts,
+        total_frames,
+    };
+    let plan = long_video::plan(pipeline, &req, &start).map_err(|e| match e {
+        kino_engine::Error::InvalidRequest(m) if m.contains("models that can") => {
+            anyhow::anyhow!("{model_name}: {m}")
+        }
+        e => e.into(),
+    })?;
+    let conditioning = conditioning_metadata(&inputs, "image", None);
+    super::extend::run_long(
+        pipeline,
+        &plan,
+        &start,
+        super::extend::LongRun {
+            model_name,
+            model_dir,
+            output,
+            fps,
+            resume: a.resume,
+            overwrite: a.overwrite,
+            json: a.json,
+            source: None,
+            conditioning,
+        },
+    )
+}
+
+/// A flag that Ctrl-C sets (the run stops at the next step); a second Ctrl-C quits at once.
+pub(crate) fn cancel_flag() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if c.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C: stop now.
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after the current step… (Ctrl-C again to quit at once)");
+    });
+    cancel
 }
 
 fn fmt_fps(f: Fps) -> String {

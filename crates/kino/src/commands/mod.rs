@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod eval;
+pub mod extend;
 pub mod generate;
 pub mod info;
 pub mod models;
