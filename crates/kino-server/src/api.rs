@@ -15,6 +15,7 @@ use crate::content::serve_file;
 use crate::error::ApiError;
 use crate::inputs::{self, JobInputs, StoredInput};
 use crate::mapping::{self, ModelInfo};
+use crate::segments::{self, LongJob};
 use crate::store::{Job, JobParams, ListResult, Order, Status};
 use crate::{new_video_id, now_unix, valid_video_id, video_dir, AppState};
 
@@ -407,6 +408,7 @@ fn make_job(
             request,
             fps: model.defaults.fps,
             inputs,
+            long: None,
         },
         owner,
     }
@@ -419,6 +421,8 @@ enum Need {
     Image,
     LastImage,
     Video,
+    /// Continue a video from its last frames (a first-image or diffusion-forcing model).
+    Continue,
 }
 
 /// A 400 unless `model` can start from `need`; it names the served models that can.
@@ -428,6 +432,7 @@ fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str)
         Need::Image => m.capabilities.image,
         Need::LastImage => m.capabilities.last_image,
         Need::Video => m.capabilities.video,
+        Need::Continue => m.capabilities.image || m.capabilities.long_video,
     };
     if can(model) {
         return Ok(());
@@ -437,6 +442,7 @@ fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str)
         Need::Image => "an image (input_reference)",
         Need::LastImage => "a last image (last_image)",
         Need::Video => "a video (video-to-video)",
+        Need::Continue => "the end of a video (it takes neither a first image nor earlier frames)",
     };
     let able: Vec<&str> = state
         .models
@@ -450,6 +456,7 @@ fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str)
         let example = match need {
             Need::LastImage => kino_engine::registry::last_image_model_names().join(", "),
             Need::Video => "a text-to-video model such as wan2.1-t2v-1.3b".to_string(),
+            Need::Continue => kino_engine::registry::continuing_model_names().join(", "),
             _ => kino_engine::registry::image_model_names().join(", "),
         };
         format!("none of the models this server runs can; serve one that does with --model (e.g. {example})")
@@ -672,7 +679,7 @@ fn build_job(
     });
     let num_frames = mapping::frames_for(model, secs);
     let inputs = (job_inputs != JobInputs::default()).then_some(job_inputs);
-    let job = make_job(
+    let mut job = make_job(
         state,
         s,
         (width, height),
@@ -681,18 +688,30 @@ fn build_job(
         inputs,
         owner,
     );
+    // Longer than one clip: a model that continues videos makes it in segments (a
+    // diffusion-forcing model makes a long num_frames by itself; any other one clip as asked).
+    let clip = clip_frames(model);
+    let caps = model.capabilities;
+    if num_frames > clip && caps.image && !caps.long_video {
+        job.params.long = Some(LongJob {
+            extends: false,
+            source_frames: 0,
+            segments: segments::plan(num_frames, clip, model.frame_step, false),
+        });
+    }
     Ok((job, files))
 }
 
-/// Turns edit fields (prompt + a video upload or `{"id": "video_…"}`) into a video-to-video
-/// job.
-fn build_edit(
+/// The source video of an edit or extension: an upload (multipart file `video`), or a completed
+/// video of this server named by `{"video": {"id": …}}` (multipart `video[id]`) or `"video":
+/// "video_…"`. `verb` says what is done to it ("edited", "extended").
+fn source_video(
     state: &AppState,
     fields: &Fields,
-    owner: Option<String>,
-) -> ApiResult<(Job, PendingFiles)> {
-    let usage = "send the source video as the multipart file field `video`, or name a completed video of this server with {\"video\": {\"id\": \"video_…\"}} (multipart: video[id]; with the openai SDK: extra_body={\"video\": {\"id\": …}})";
-    // The source: an upload, or a completed video of this server.
+    owner: &Option<String>,
+    usage: &str,
+    verb: &str,
+) -> ApiResult<(RawInput, Option<Job>)> {
     let mut source_job = None;
     let raw = if let Some(u) = fields.files.get("video") {
         RawInput {
@@ -738,7 +757,7 @@ fn build_edit(
                 format!("`{id}` is not a video id; ids look like video_0123abcd…; {usage}"),
             ));
         }
-        let src = match find(state, &id, &owner) {
+        let src = match find(state, &id, owner) {
             Ok(j) => j,
             Err(mut e) => {
                 e.param = Some("video");
@@ -750,7 +769,7 @@ fn build_edit(
                 Some("video"),
                 "video_not_ready",
                 format!(
-                    "video {id} is {} ({}%); only a completed video can be edited",
+                    "video {id} is {} ({}%); only a completed video can be {verb}",
                     src.status.as_str(),
                     src.progress
                 ),
@@ -769,6 +788,134 @@ fn build_edit(
             "video",
         ));
     }
+    Ok((raw, source_job))
+}
+
+/// The frames of one clip of `model` (segments are at most this long).
+fn clip_frames(model: &ModelInfo) -> usize {
+    model
+        .defaults
+        .base_num_frames
+        .unwrap_or(model.defaults.num_frames)
+        .max(model.frame_step.max(1) + 1)
+}
+
+/// Turns extension fields (prompt, seconds, a video upload or `{"id": "video_…"}`) into a job
+/// that continues the video in segments; the result is the source followed by the new frames.
+fn build_extension(
+    state: &AppState,
+    fields: &Fields,
+    owner: Option<String>,
+) -> ApiResult<(Job, PendingFiles)> {
+    let usage = "send the video to extend as the multipart file field `video`, or name a completed video of this server with {\"video\": {\"id\": \"video_…\"}} (multipart: video[id]; with the openai SDK: extra_body={\"video\": {\"id\": …}})";
+    let (raw, source_job) = source_video(state, fields, &owner, usage, "extended")?;
+    // Without a model, an extension of one of our videos uses the model that made it (if it
+    // still runs here and can continue a video).
+    let default_model = source_job.as_ref().and_then(|j| {
+        state
+            .models
+            .iter()
+            .find(|m| {
+                m.id == j.params.model_id && (m.capabilities.image || m.capabilities.long_video)
+            })
+            .map(|m| m.id.clone())
+    });
+    let mut s = read_settings(state, &fields.map, default_model.as_deref())?;
+    // The video object names the model that makes it when the request named none.
+    if s.model_name.is_none() {
+        s.model_name = default_model;
+    }
+    let model = &state.models[s.model];
+    require(state, model, Need::Continue, "model")?;
+    if inputs::sniff_image(&raw.bytes).is_some() {
+        return Err(ApiError::bad_request(
+            Some("video"),
+            "invalid_video",
+            format!("`video` ({}) is an image; to start from an image, send it as input_reference to POST /v1/videos", raw.name),
+        ));
+    }
+    let video = kino_media::decode_video(&raw.bytes).map_err(|e| {
+        ApiError::bad_request(
+            Some("video"),
+            "invalid_video",
+            format!("`video` ({}) is not a readable video: {e}", raw.name),
+        )
+    })?;
+    let fps = model.defaults.fps;
+    let source_frames = inputs::frames_available(&video, fps).max(1);
+    // Without a size: an extension of our own video by the model that made it keeps its size;
+    // otherwise the source's aspect ratio at the model's pixel budget.
+    let same = source_job
+        .as_ref()
+        .filter(|j| j.params.model_id == model.id)
+        .and_then(|j| Some((j.params.request.width?, j.params.request.height?)));
+    let (width, height) = match (s.size, same) {
+        (None, Some(wh)) => wh,
+        (size, _) => mapping::map_size(model, size.or(Some((video.width(), video.height())))),
+    };
+    // `seconds` is the length of the new part (4 when not given); the video's `seconds` is the
+    // whole stitched video's.
+    let added = s
+        .seconds
+        .as_ref()
+        .map_or(4.0f64.min(state.config.max_seconds), |v| v.0);
+    let new_frames = ((added * f64::from(fps)).round() as usize).max(1);
+    let source_secs = source_job
+        .as_ref()
+        .and_then(|j| j.seconds.parse::<f64>().ok())
+        .filter(|_| source_job.as_ref().is_some_and(|j| j.params.fps == fps))
+        .unwrap_or(video.len() as f64 / video.fps().as_f64());
+    let seconds = mapping::seconds_string(source_secs + added);
+    let format = inputs::sniff_video(&raw.bytes).unwrap_or("mp4");
+    let stored = StoredInput {
+        name: raw.name.clone(),
+        sha256: inputs::sha256_hex(&raw.bytes),
+        bytes: raw.bytes.len() as u64,
+        file: format!("video.{format}"),
+        format: format.to_string(),
+        width: video.width(),
+        height: video.height(),
+        frames: Some(video.len() as u64),
+        fps: Some(video.fps().as_f64()),
+    };
+    let files = vec![(stored.file.clone(), raw.bytes)];
+    let inputs = JobInputs {
+        video: Some(stored),
+        source_video_id: source_job.map(|j| j.id),
+        extends: true,
+        ..Default::default()
+    };
+    let clip = clip_frames(model);
+    let plan = segments::plan(new_frames, clip, model.frame_step, true);
+    let first = plan.first().map_or(clip, |p| p.num_frames);
+    let mut job = make_job(
+        state,
+        s,
+        (width, height),
+        first,
+        seconds,
+        Some(inputs),
+        owner,
+    );
+    let long = LongJob {
+        extends: true,
+        source_frames,
+        segments: plan,
+    };
+    job.params.request.num_frames = Some(long.total_frames());
+    job.params.long = Some(long);
+    Ok((job, files))
+}
+
+/// Turns edit fields (prompt + a video upload or `{"id": "video_…"}`) into a video-to-video
+/// job.
+fn build_edit(
+    state: &AppState,
+    fields: &Fields,
+    owner: Option<String>,
+) -> ApiResult<(Job, PendingFiles)> {
+    let usage = "send the source video as the multipart file field `video`, or name a completed video of this server with {\"video\": {\"id\": \"video_…\"}} (multipart: video[id]; with the openai SDK: extra_body={\"video\": {\"id\": …}})";
+    let (raw, source_job) = source_video(state, fields, &owner, usage, "edited")?;
     // Without a model, an edit of one of our videos uses the model that made it (if it still
     // runs here and takes a video).
     let default_model = source_job.as_ref().and_then(|j| {
@@ -959,6 +1106,18 @@ pub async fn edit_video(State(state): State<AppState>, req: Request) -> ApiResul
     let fields = read_fields(&state, req).await?;
     blocking(move || {
         let (job, files) = build_edit(&state, &fields, owner)?;
+        enqueue(&state, job, files)
+    })
+    .await
+}
+
+/// `POST /v1/videos/extensions`: continues an uploaded video or a completed one; the result is
+/// the source followed by the new segment(s), one MP4.
+pub async fn extend_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
+    let owner = crate::auth::owner_of(&req);
+    let fields = read_fields(&state, req).await?;
+    blocking(move || {
+        let (job, files) = build_extension(&state, &fields, owner)?;
         enqueue(&state, job, files)
     })
     .await

@@ -2,7 +2,9 @@
 //! fal's status stream. Events (each `data` is JSON):
 //!
 //! - `queued`: `{"position": N}` (videos ahead of this one),
-//! - `progress`: `{"stage", "step", "total", "progress"}` while it runs,
+//! - `progress`: `{"stage", "step", "total", "progress", "segment", "segments"}` while it runs
+//!   (`segment` k of `segments` n: a video longer than one clip, or an extension, is made in
+//!   segments; `progress` goes 0→100 over all of them),
 //! - `completed` / `failed`: the final video object, after which the stream ends.
 //!
 //! An event is sent when something changes; a comment keeps the connection alive.
@@ -58,7 +60,7 @@ async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)
                 Status::InProgress => match c.state.shared.live(&j.id) {
                     Some(l) => (
                         "progress",
-                        json!({"stage": l.stage, "step": l.step, "total": l.total, "progress": l.progress.max(j.progress)}),
+                        json!({"stage": l.stage, "step": l.step, "total": l.total, "progress": l.progress.max(j.progress), "segment": l.segment, "segments": l.segments}),
                     ),
                     None => (
                         "progress",

@@ -1,5 +1,6 @@
 //! What a job starts from besides its prompt: a first image (`input_reference`), a last image
-//! (`last_image`, Kino extension) or a source video (`POST /v1/videos/edits`).
+//! (`last_image`, Kino extension) or a source video (`POST /v1/videos/edits`, or one to
+//! continue: `POST /v1/videos/extensions`).
 //!
 //! The API checks every input before anything is queued (size limit, format, decodable, model
 //! capability, long enough), then stores the bytes as they were sent in
@@ -53,14 +54,20 @@ pub struct JobInputs {
     /// Video-to-video strength, in (0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
-    /// For an edit of a video of this server: its id.
+    /// For an edit or extension of a video of this server: its id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_video_id: Option<String>,
+    /// The video is continued (`POST /v1/videos/extensions`), not restyled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extends: bool,
 }
 
 impl JobInputs {
-    /// "image", "first-last image" or "video" (the engine's names).
+    /// "image", "first-last image", "video" or "continuation" (the engine's names).
     pub fn kind(&self) -> &'static str {
+        if self.extends {
+            return "continuation";
+        }
         match (&self.image, &self.last_image, &self.video) {
             (_, _, Some(_)) => "video",
             (Some(_), Some(_), None) => "first-last image",

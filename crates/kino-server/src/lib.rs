@@ -13,6 +13,8 @@
 //! - One worker thread per device runs jobs in arrival order ([`worker`]).
 //! - `input_reference` (and Kino's `last_image`) on create, and `POST /v1/videos/edits`
 //!   (video-to-video), store their files with the job ([`inputs`]).
+//! - `POST /v1/videos/extensions` continues a video, and `seconds` beyond one clip on create are
+//!   made in segments that survive a restart ([`segments`]).
 //! - `GET /` is a small web studio embedded in the binary (prompt, queue, gallery).
 
 pub mod api;
@@ -24,6 +26,7 @@ pub mod events;
 pub mod inputs;
 pub mod mapping;
 pub mod output;
+pub mod segments;
 pub mod store;
 pub mod webhooks;
 pub mod worker;
@@ -162,6 +165,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(api::list_models))
         .route("/v1/videos", post(api::create_video).get(api::list_videos))
         .route("/v1/videos/edits", post(api::edit_video))
+        .route("/v1/videos/extensions", post(api::extend_video))
         .route(
             "/v1/videos/{id}",
             get(api::get_video).delete(api::delete_video),

@@ -63,6 +63,11 @@ pub struct JobParams {
     /// text-to-video and in rows written before inputs existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<crate::inputs::JobInputs>,
+    /// A video made in segments (longer than one clip, or an extension); absent for one clip.
+    /// Its finished segments are kept under `DATA_DIR/videos/<id>/segments/`
+    /// ([`crate::segments`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long: Option<crate::segments::LongJob>,
 }
 
 /// One video job.

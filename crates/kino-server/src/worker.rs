@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use kino_engine::device::DeviceChoice;
 use kino_engine::progress::{ProgressEvent, Stage};
-use kino_engine::wan::pipeline::{PipelineOptions, WanPipeline};
-use kino_media::{ImageFormat, Mp4Options, SpritesheetOptions, ThumbnailOptions};
+use kino_engine::wan::pipeline::{
+    Conditioning, PipelineOptions, ResolvedRequest, RgbImage, WanPipeline,
+};
+use kino_media::{ImageFormat, Mp4Options, SpritesheetOptions, ThumbnailOptions, Video};
 
 use crate::error::ServerError;
 use crate::mapping::ModelInfo;
@@ -32,6 +34,9 @@ pub struct Live {
     pub step: usize,
     pub total: usize,
     pub progress: u8,
+    /// The segment running (1-based) and how many there are (1 of 1 for a one-clip video).
+    pub segment: usize,
+    pub segments: usize,
 }
 
 /// State shared between the HTTP side and the workers.
@@ -217,6 +222,73 @@ fn open_models(
         .collect()
 }
 
+/// Turns engine progress events into the job's live state and stored progress, and answers
+/// cancellation. `segment` is `(k, n)` (0-based k) for a video made in segments.
+struct ProgressSink<'a> {
+    shared: &'a Shared,
+    store: &'a Store,
+    id: &'a str,
+    last_pct: u8,
+    segment: (usize, usize),
+}
+
+impl ProgressSink<'_> {
+    fn on(&mut self, e: &ProgressEvent) -> kino_engine::Result<()> {
+        let (k, n) = self.segment;
+        let pct = if n > 1 || k > 0 {
+            crate::segments::overall_percent(k, n, progress_percent(e))
+        } else {
+            progress_percent(e)
+        };
+        self.shared.set_live(
+            self.id,
+            Some(Live {
+                stage: e.stage,
+                step: e.step,
+                total: e.total,
+                progress: pct.max(self.last_pct),
+                segment: k + 1,
+                segments: n.max(1),
+            }),
+        );
+        if e.stage == Stage::Denoise && e.step == e.total && e.total > 0 {
+            self.shared
+                .denoise_steps
+                .fetch_add(e.total as u64, Ordering::Relaxed);
+            self.shared
+                .denoise_micros
+                .fetch_add(e.elapsed.as_micros() as u64, Ordering::Relaxed);
+        }
+        if pct > self.last_pct {
+            self.last_pct = pct;
+            if let Err(err) = self.store.set_progress(self.id, pct) {
+                tracing::warn!(id = self.id, "cannot store progress: {err}");
+            }
+        }
+        if self.shared.is_cancelled(self.id) {
+            return Err(kino_engine::Error::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// An engine error as a job outcome.
+fn engine_outcome(shared: &Shared, e: kino_engine::Error) -> Outcome {
+    if let kino_engine::Error::Cancelled = e {
+        return if shared.stop.load(Ordering::SeqCst) {
+            Outcome::Stopped
+        } else {
+            Outcome::Cancelled
+        };
+    }
+    let code = match e {
+        kino_engine::Error::InvalidRequest(_) => "invalid_request",
+        kino_engine::Error::OutOfMemory(_) => "out_of_memory",
+        _ => "generation_failed",
+    };
+    Outcome::Failed(code.into(), e.to_string())
+}
+
 struct Worker {
     pipelines: Vec<(ModelInfo, WanPipeline)>,
     store: Arc<Store>,
@@ -327,67 +399,43 @@ impl Worker {
                 ),
             );
         };
+        if let Some(long) = &job.params.long {
+            let shared = self.shared.clone();
+            let store = self.store.clone();
+            let outcome = run_long(&self.data_dir, &shared, &store, info, pipeline, job, long);
+            if !matches!(outcome, Outcome::Stopped) {
+                crate::segments::remove_segments(&self.data_dir, &job.id);
+            }
+            if let Outcome::Failed(..) = outcome {
+                remove_outputs(&self.data_dir, &job.id);
+            }
+            return outcome;
+        }
         let id = job.id.as_str();
-        let shared = self.shared.clone();
-        let store = self.store.clone();
-        let mut last_pct = 0u8;
-        let mut progress = |e: &ProgressEvent| -> kino_engine::Result<()> {
-            let pct = progress_percent(e);
-            shared.set_live(
-                id,
-                Some(Live {
-                    stage: e.stage,
-                    step: e.step,
-                    total: e.total,
-                    progress: pct.max(last_pct),
-                }),
-            );
-            if e.stage == Stage::Denoise && e.step == e.total && e.total > 0 {
-                shared
-                    .denoise_steps
-                    .fetch_add(e.total as u64, Ordering::Relaxed);
-                shared
-                    .denoise_micros
-                    .fetch_add(e.elapsed.as_micros() as u64, Ordering::Relaxed);
-            }
-            if pct > last_pct {
-                last_pct = pct;
-                if let Err(err) = store.set_progress(id, pct) {
-                    tracing::warn!(id, "cannot store progress: {err}");
-                }
-            }
-            if shared.is_cancelled(id) {
-                return Err(kino_engine::Error::Cancelled);
-            }
-            Ok(())
+        let mut sink = ProgressSink {
+            shared: &self.shared,
+            store: &self.store,
+            id,
+            last_pct: 0,
+            segment: (0, 1),
         };
+        let mut progress = |e: &ProgressEvent| sink.on(e);
         let mut request = job.params.request.clone();
         match crate::inputs::conditioning(&self.data_dir, job) {
             Ok(c) => request.conditioning = c,
             Err(msg) => return Outcome::Failed("invalid_input".into(), msg),
         }
-        let result = pipeline.generate(&request, &mut progress);
-        let out = match result {
+        let out = match pipeline.generate(&request, &mut progress) {
             Ok(o) => o,
-            Err(kino_engine::Error::Cancelled) => {
-                return if self.shared.stop.load(Ordering::SeqCst) {
-                    Outcome::Stopped
-                } else {
-                    Outcome::Cancelled
-                };
-            }
-            Err(e) => {
-                let code = match e {
-                    kino_engine::Error::InvalidRequest(_) => "invalid_request",
-                    kino_engine::Error::OutOfMemory(_) => "out_of_memory",
-                    _ => "generation_failed",
-                };
-                return Outcome::Failed(code.into(), e.to_string());
-            }
+            Err(e) => return engine_outcome(&self.shared, e),
         };
         let _ = self.store.set_progress(id, 97);
         let dir = video_dir(&self.data_dir, id);
-        match write_outputs(&dir, info, job, out) {
+        let written =
+            crate::output::frames_to_video(out.frames, out.width, out.height, job.params.fps)
+                .map_err(|e| e.to_string())
+                .and_then(|video| write_outputs(&dir, info, job, &video, &out.request, None));
+        match written {
             Ok(()) => Outcome::Done,
             Err(msg) => {
                 remove_outputs(&self.data_dir, id);
@@ -397,17 +445,221 @@ impl Worker {
     }
 }
 
+/// Runs a video made in segments ([`crate::segments`]): skips the segments a previous run
+/// finished, makes the rest (each kept on disk as it finishes), then stitches the source (for
+/// an extension) and every segment into one MP4.
+fn run_long(
+    data_dir: &Path,
+    shared: &Shared,
+    store: &Store,
+    info: &ModelInfo,
+    pipeline: &mut WanPipeline,
+    job: &Job,
+    long: &crate::segments::LongJob,
+) -> Outcome {
+    use crate::segments;
+    let id = job.id.as_str();
+    let r = &job.params.request;
+    let (Some(w), Some(h)) = (r.width, r.height) else {
+        return Outcome::Failed("invalid_request".into(), "the job has no size".into());
+    };
+    let fps = job.params.fps;
+    let frame_bytes = w * h * 3;
+    let n = long.segments.len();
+    let fail = |code: &str, msg: String| Outcome::Failed(code.into(), msg);
+    let rgb = |data: Vec<u8>| RgbImage::new(w, h, data).map_err(|e| e.to_string());
+    // What a continuation starts from: the last frame, or the last overlap_history frames for a
+    // diffusion-forcing model.
+    let tail_len = info.defaults.overlap_history.unwrap_or(1).max(1);
+    let mut tail: Vec<RgbImage> = Vec::new();
+    let mut source: Vec<Vec<u8>> = Vec::new();
+    if long.extends {
+        match read_source(data_dir, job, w, h, fps, long.source_frames) {
+            Ok(frames) => source = frames,
+            Err(msg) => return fail("invalid_input", msg),
+        }
+        let from = source.len().saturating_sub(tail_len);
+        match source[from..].iter().cloned().map(rgb).collect() {
+            Ok(t) => tail = t,
+            Err(msg) => return fail("invalid_input", msg),
+        }
+    }
+    let done = segments::finished(data_dir, id, long, frame_bytes);
+    if done > 0 {
+        tracing::info!(
+            id,
+            finished = done,
+            segments = n,
+            "resuming at segment {} of {n}; {done} finished segment(s) kept",
+            done + 1
+        );
+        for k in 0..done {
+            let frames = match segments::read_segment(data_dir, id, k, frame_bytes) {
+                Ok(f) => f,
+                Err(e) => {
+                    return fail(
+                        "output_failed",
+                        format!("cannot read segment {}: {e}", k + 1),
+                    )
+                }
+            };
+            let from = frames.len().saturating_sub(tail_len);
+            match frames[from..].iter().cloned().map(rgb).collect() {
+                Ok(t) => segments::push_tail(&mut tail, t, tail_len),
+                Err(msg) => return fail("output_failed", msg),
+            }
+        }
+    }
+    let base_seed = r.seed.unwrap_or(0);
+    let mut last_request: Option<ResolvedRequest> = None;
+    let mut sink = ProgressSink {
+        shared,
+        store,
+        id,
+        last_pct: segments::overall_percent(done, n, 0),
+        segment: (done, n),
+    };
+    let _ = store.set_progress(id, sink.last_pct);
+    for k in done..n {
+        if shared.is_cancelled(id) {
+            return engine_outcome(shared, kino_engine::Error::Cancelled);
+        }
+        let seg = long.segments[k];
+        let mut req = r.clone();
+        req.num_frames = Some(seg.num_frames);
+        req.seed = Some(base_seed.wrapping_add(k as u64));
+        req.conditioning = if long.continues(k) {
+            Conditioning::Continue {
+                frames: tail.clone(),
+            }
+        } else {
+            match crate::inputs::conditioning(data_dir, job) {
+                Ok(c) => c,
+                Err(msg) => return fail("invalid_input", msg),
+            }
+        };
+        sink.segment = (k, n);
+        let out = {
+            let mut progress = |e: &ProgressEvent| sink.on(e);
+            match pipeline.generate(&req, &mut progress) {
+                Ok(o) => o,
+                Err(e) => return engine_outcome(shared, e),
+            }
+        };
+        let mut frames = out.frames;
+        if frames.len() < seg.keep {
+            return fail(
+                "generation_failed",
+                format!(
+                    "segment {} of {n} made {} frames, fewer than the {} planned",
+                    k + 1,
+                    frames.len(),
+                    seg.keep
+                ),
+            );
+        }
+        frames.truncate(seg.keep);
+        if let Err(e) = segments::write_segment(data_dir, id, k, &frames) {
+            return fail(
+                "output_failed",
+                format!("cannot keep segment {}: {e}", k + 1),
+            );
+        }
+        tracing::info!(id, segment = k + 1, segments = n, "segment finished");
+        let from = frames.len().saturating_sub(tail_len);
+        match frames.drain(from..).map(rgb).collect() {
+            Ok(t) => segments::push_tail(&mut tail, t, tail_len),
+            Err(msg) => return fail("generation_failed", msg),
+        }
+        last_request = Some(out.request);
+    }
+    // Stitch: the source, then every segment.
+    let _ = store.set_progress(id, 96);
+    let mut all = source;
+    for k in 0..n {
+        match segments::read_segment(data_dir, id, k, frame_bytes) {
+            Ok(f) => all.extend(f),
+            Err(e) => {
+                return fail(
+                    "output_failed",
+                    format!("cannot read segment {}: {e}", k + 1),
+                )
+            }
+        }
+    }
+    let mut request = match last_request {
+        Some(q) => q,
+        None => {
+            let mut q = r.clone();
+            q.num_frames = long.segments.first().map(|s| s.num_frames);
+            match pipeline.resolve(&q) {
+                Ok(q) => q,
+                Err(e) => return engine_outcome(shared, e),
+            }
+        }
+    };
+    request.num_frames = all.len();
+    request.seed = base_seed;
+    if long.extends {
+        request.conditioning = "continuation".into();
+    }
+    let segs = serde_json::json!({
+        "count": n,
+        "frames": long.segments.iter().map(|s| s.keep).collect::<Vec<_>>(),
+        "source_frames": long.source_frames,
+        "seeds": format!("{base_seed} + segment index"),
+    });
+    let dir = video_dir(data_dir, id);
+    let written = crate::output::frames_to_video(all, w, h, fps)
+        .map_err(|e| e.to_string())
+        .and_then(|video| write_outputs(&dir, info, job, &video, &request, Some(segs)));
+    match written {
+        Ok(()) => Outcome::Done,
+        Err(msg) => fail("output_failed", msg),
+    }
+}
+
+/// The stored source video of an extension: `frames` frames at `fps`, fitted to `w × h`.
+fn read_source(
+    data_dir: &Path,
+    job: &Job,
+    w: usize,
+    h: usize,
+    fps: u32,
+    frames: usize,
+) -> Result<Vec<Vec<u8>>, String> {
+    let stored = job
+        .params
+        .inputs
+        .as_ref()
+        .and_then(|i| i.video.as_ref())
+        .ok_or("the extension has no stored source video")?;
+    let path = crate::inputs::inputs_dir(data_dir, &job.id).join(&stored.file);
+    let video = kino_media::read_video(&path)
+        .map_err(|e| format!("cannot read the source video {}: {e}", path.display()))?;
+    Ok(
+        crate::inputs::conform(&video, w as u32, h as u32, fps, frames)?
+            .into_iter()
+            .map(kino_media::Frame::into_data)
+            .collect(),
+    )
+}
+
 fn write_outputs(
     dir: &Path,
     info: &ModelInfo,
     job: &Job,
-    out: kino_engine::wan::pipeline::GenerateOutput,
+    video: &Video,
+    request: &ResolvedRequest,
+    segments: Option<serde_json::Value>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let fps = job.params.fps;
-    let video = crate::output::frames_to_video(out.frames, out.width, out.height, fps)
-        .map_err(|e| e.to_string())?;
-    let mut params = crate::output::generation_params(&out.request, &info.id, fps);
+    let (width, height) = (video.width(), video.height());
+    let mut params = crate::output::generation_params(request, &info.id, fps);
+    if let Some(s) = segments {
+        params.extra.insert("segments".into(), s);
+    }
     params
         .extra
         .insert("video_id".into(), serde_json::json!(job.id));
@@ -415,10 +667,9 @@ fn write_outputs(
         .extra
         .insert("requested_model".into(), serde_json::json!(job.model));
     if let Some(inputs) = &job.params.inputs {
-        params.extra.insert(
-            "conditioning".into(),
-            inputs.metadata(out.width as u32, out.height as u32),
-        );
+        params
+            .extra
+            .insert("conditioning".into(), inputs.metadata(width, height));
     }
     if let Some(src) = &job.remixed_from_video_id {
         params
@@ -429,10 +680,10 @@ fn write_outputs(
         metadata: Some(params.to_value()),
         ..Default::default()
     };
-    kino_media::write_mp4(dir.join("video.mp4"), &video, &opts).map_err(|e| e.to_string())?;
+    kino_media::write_mp4(dir.join("video.mp4"), video, &opts).map_err(|e| e.to_string())?;
     kino_media::write_thumbnail(
         dir.join("thumbnail.jpg"),
-        &video,
+        video,
         &ThumbnailOptions {
             frame: None,
             max_side: None,
@@ -442,7 +693,7 @@ fn write_outputs(
     .map_err(|e| e.to_string())?;
     kino_media::write_spritesheet(
         dir.join("spritesheet.jpg"),
-        &video,
+        video,
         &SpritesheetOptions {
             format: ImageFormat::Jpeg { quality: 85 },
             ..Default::default()

@@ -268,4 +268,45 @@ expect_error(openai.NotFoundError, 404, "video",
 expect_error(openai.BadRequestError, 400, "video",
              lambda: client.videos.edit(prompt="x", video=("still.png", start, "image/png")))
 print("edit errors: strength, unknown id, an image as the video")
+
+# 10. extensions: continue a completed video by id (extra_body, arriving as video[id]) and by
+#     upload. `seconds` is the new part; the result's `seconds` is the stitched total, and its
+#     MP4 is the source's frames followed by the new ones (8 fps: 2 s = 16 frames, one more
+#     17-frame segment of the tiny TI2V model; 4 s = two segments).
+def frame_count(video_id):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "v.mp4")
+        client.videos.download_content(video_id).write_to_file(path)
+        s = [s for s in ffprobe(path)["streams"] if s["codec_type"] == "video"][0]
+        return int(s["nb_read_frames"])
+
+
+source_frames = frame_count(i2v_url.id)
+ext = client.videos.extend(prompt="the red square drifts right", seconds="4", video=openai.omit,
+                           extra_body={"video": {"id": i2v_url.id}, "steps": 2})
+check(ext.status in ("queued", "in_progress"), ext.status)
+check(ext.seconds == "5", f"1 s + 4 s, got {ext.seconds}")
+check(ext.size == i2v_url.size, (ext.size, i2v_url.size))
+ext = client.videos.poll(ext.id)
+check(ext.status == "completed", f"extend by id: {ext.status} {ext.error}")
+check(ext.progress == 100, ext.progress)
+check(frame_count(ext.id) == source_frames + 32, (frame_count(ext.id), source_frames))
+check_mp4(ext.id, i2v_url.size)
+print("extend by id:", ext.id, ext.seconds)
+
+ext_up = client.videos.extend(prompt="and on", seconds="2", video=("clip.mp4", source, "video/mp4"),
+                              extra_body={"model": "tiny-ti2v", "steps": 2})
+ext_up = client.videos.poll(ext_up.id)
+check(ext_up.status == "completed", f"extend by upload: {ext_up.status} {ext_up.error}")
+check(frame_count(ext_up.id) == source_frames + 16, frame_count(ext_up.id))
+print("extend by upload:", ext_up.id, ext_up.seconds)
+
+e = expect_error(openai.BadRequestError, 400, "model",
+                 lambda: client.videos.extend(prompt="x", seconds="4", video=("clip.mp4", source, "video/mp4")))
+check("tiny-ti2v" in e.body["message"], e.body)
+expect_error(openai.NotFoundError, 404, "video",
+             lambda: client.videos.extend(prompt="x", seconds="4", video=openai.omit, extra_body={"video": {"id": unknown}}))
+expect_error(openai.BadRequestError, 400, "seconds",
+             lambda: client.videos.extend(prompt="x", seconds="-4", video=openai.omit, extra_body={"video": {"id": i2v_url.id}}))
+print("extend errors: a model that cannot continue, unknown id, bad seconds")
 print("openai", openai.__version__, "OK")

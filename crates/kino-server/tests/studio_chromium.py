@@ -1,7 +1,8 @@
 """Drives the web studio in headless Chromium over the DevTools protocol (through
 --remote-debugging-pipe, so only the standard library is needed): type a prompt, submit, watch
 the queue's progress, see the video play, delete it; then drop an image (image-to-video) and
-the result's MP4 (video-to-video) on the form and see each result play.
+the result's MP4 (video-to-video) on the form and see each result play; extend the
+image-to-video result from its card and see the longer video play.
 
 Run by tests/studio.rs with KINO_STUDIO_URL and KINO_CHROMIUM set. Exits non-zero on failure.
 """
@@ -108,6 +109,19 @@ DRIVE = r"""
   document.querySelector("#prompt").value = "a blue square";
   document.querySelector("#create button[type=submit]").click();
   summary.edit = await playing(2, "the video-to-video result");
+
+  // Extend the image-to-video result by 2 s from its card: the whole, longer video plays.
+  const card = () => document.querySelector('#gallery .card[data-id="' + summary.image.id + '"]');
+  [...card().querySelectorAll(".actions button")].find((b) => b.textContent === "Extend").click();
+  await until(() => getComputedStyle(card().querySelector(".extend")).display !== "none", "the extend form");
+  card().querySelector(".extend input.p").value = "the red square drifts right";
+  card().querySelector(".extend input.s").value = "2";
+  card().querySelector(".extend button.go").click();
+  summary.extended = await playing(3, "the extended video");
+  const ext = (await (await fetch("/v1/videos/" + summary.extended.id)).json());
+  summary.extended.seconds = ext.seconds;
+  summary.extended.duration = document.querySelectorAll("#gallery .card video")[0].duration;
+  summary.image.duration = card().querySelector("video").duration;
   return summary;
 })()
 """
@@ -206,6 +220,10 @@ try:
     assert s["strengthShown"], f"a dropped video shows the strength: {s}"
     ed = s["edit"]
     assert ed["status"] == "completed" and ed["id"] != im["id"] and ed["playedTo"] > 0.1, s
+    ex = s["extended"]
+    assert ex["status"] == "completed" and ex["model"] == "tiny-ti2v" and ex["size"] == im["size"], s
+    assert ex["seconds"] == "3", f"1 s + 2 s: {s}"
+    assert ex["duration"] > im["duration"] + 1.5 and ex["playedTo"] > 0.1, f"the long video plays: {s}"
     print("studio OK")
 finally:
     cdp.close()
