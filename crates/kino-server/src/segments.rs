@@ -7,9 +7,11 @@
 //! (the last frame for first-image models, the last `overlap_history` frames for SkyReels-V2
 //! diffusion-forcing ones), which returns only the new frames. Segment `k` uses seed `seed + k`.
 //!
-//! This is the server's own minimal segment loop; the engine's `long_video` planner was not
-//! yet committed when it was written (and plans `Conditioning::Image` segments, not
-//! `Conditioning::Continue`), so the two should be joined once that lands.
+//! This is the server's own minimal segment loop, not `kino_engine::long_video` (which `kino
+//! extend` uses): that planner conditions each segment with `Conditioning::Image` on one last
+//! frame and refuses models without a first image, so it cannot continue with a
+//! diffusion-forcing model's `overlap_history` frames, and its resume takes only a last frame.
+//! The two should become one path once the engine's planner runs `Conditioning::Continue`.
 //!
 //! **Finished segments are kept.** Each one's frames go to
 //! `DATA_DIR/videos/<id>/segments/segment_NNN.rgb` (raw RGB, `height × width × 3` per frame,
