@@ -174,7 +174,7 @@ fn progress_events_name_the_segment() {
     let a = srv.addr();
     let v = create(
         a,
-        json!({"model": "tiny-ti2v", "prompt": "a red square", "seconds": "4", "steps": 3}),
+        json!({"model": "tiny-ti2v", "prompt": "a red square", "seconds": "4", "steps": 20}),
     );
     let id = id_of(&v);
     // The stream ends with the video; read it all.
@@ -346,11 +346,13 @@ fn spawn_server(dir: &Path, log: Arc<Mutex<Vec<String>>>) -> (std::process::Chil
         .expect("kino-server starts");
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    // Lines before the banner (the worker may already run a job) go to the log too.
     let addr: SocketAddr = loop {
         let line = lines.next().expect("a banner line").expect("stderr");
         if let Some(rest) = line.strip_prefix("kino serve: http://") {
             break rest.split('/').next().unwrap().parse().unwrap();
         }
+        log.lock().unwrap().push(line);
     };
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
