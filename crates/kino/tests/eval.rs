@@ -261,6 +261,66 @@ fn eval_image_scores_the_start_position_too() {
     }
 }
 
+/// `kino eval --long K` on the bundled model: each case a video of K segments through the
+/// engine's long-video plan, the direction turning clockwise, scored per segment and seam.
+#[test]
+fn eval_long_scores_segments_and_seams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = tmp.path().join("cases.json");
+    std::fs::write(&cases, SPEC).unwrap();
+    let o = run(kino()
+        .args([
+            "eval", "--long", "3", "--json", "--seeds", "1", "--steps", "4", "--cpu", "--cases",
+        ])
+        .arg(&cases));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mode"], "long");
+    assert_eq!(v["segments"], 6, "{v}");
+    for key in ["colour_kept", "shape_kept", "direction"] {
+        let x = v[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&x), "{key}: {v}");
+    }
+    let runs = v["runs"].as_array().unwrap();
+    let dirs: Vec<&str> = runs[0]["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["direction"].as_str().unwrap())
+        .collect();
+    assert_eq!(dirs, ["right", "down", "left"]);
+    // Segment 0 has no seam; the later ones are measured when both sides show the object.
+    assert!(runs[0]["segments"][0]["seam_excess"].is_null());
+    // The plain table, and the refusals.
+    let o = run(kino()
+        .args([
+            "eval", "--long", "2", "--seeds", "1", "--steps", "2", "--cpu", "--cases",
+        ])
+        .arg(&cases));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for row in [
+        "colour kept",
+        "shape kept",
+        "direction as prompted",
+        "mean seam jump",
+    ] {
+        assert!(out.contains(row), "no `{row}` in\n{out}");
+    }
+    let o = run(kino().args(["eval", "--long", "1", "--cases"]).arg(&cases));
+    assert!(stderr(&o).contains("at least 2 segments"), "{}", stderr(&o));
+    let model = tiny_model(tmp.path());
+    std::fs::write(model.join("kino-eval.json"), SPEC).unwrap();
+    let o = run(kino()
+        .args(["eval", "--long", "2", "--seeds", "1", "--cpu", "--model"])
+        .arg(&model));
+    assert!(
+        stderr(&o).contains("cannot continue its own clips"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// A red anti-aliased circle of diameter 16 moving 24 px to the right on gray, 64×64, 17 frames.
 fn synthetic_clip() -> Video {
     let (w, h, d) = (64u32, 64u32, 16.0f64);

@@ -4,9 +4,11 @@
 //! from the pixels what each video shows ([`analyse`]) and scores colour, shape, motion and
 //! background against what the prompt asked for. `--image` gives each case a first image drawn
 //! by the world ([`world`]) and also scores whether the video starts where the image put the
-//! object. `--video` analyses one existing MP4 instead.
+//! object. `--long K` makes each case a long video of K segments and scores what breaks long
+//! videos ([`long`]). `--video` analyses one existing MP4 instead.
 
 pub mod analyse;
+pub mod long;
 pub mod world;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +72,11 @@ pub struct Args {
     /// start position (the model must take a first image).
     #[arg(long, conflicts_with = "video")]
     image: bool,
+    /// Long videos: make every case a video of K segments (each continuing the last frame, the
+    /// direction turning clockwise each segment) and score colour, shape and size kept, the
+    /// direction per segment and the jumps at the seams (the model must take a first image).
+    #[arg(long, value_name = "K", conflicts_with_all = ["video", "image", "save"])]
+    long: Option<usize>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -250,6 +257,30 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     let (model_dir, mut pipeline) =
         generate::open_pipeline(&model_name, a.cpu, a.low_memory, false)?;
     let fps = pipeline.defaults().fps;
+    if let Some(k) = a.long {
+        if !pipeline.capabilities().image {
+            bail!(
+                "{} takes no first image, so it cannot continue its own clips; `kino eval --long` \
+                 needs a model such as kino-shapes",
+                model_dir.display()
+            );
+        }
+        eprintln!(
+            "kino eval --long {k}: {} — {} cases × {} seeds",
+            model_dir.display(),
+            spec.cases.len(),
+            a.seeds
+        );
+        return long::run(
+            &mut pipeline,
+            &spec,
+            k,
+            a.seeds,
+            a.steps,
+            a.json,
+            &model_name,
+        );
+    }
     if a.image && !pipeline.capabilities().image {
         bail!(
             "{} takes no image (its model_index.json has no `expand_timesteps` and its \
