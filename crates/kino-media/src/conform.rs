@@ -53,6 +53,22 @@ impl FitCrop {
             offset: ((nw / 2 - w / 2) as u32, (nh / 2 - h / 2) as u32),
         })
     }
+
+    /// What fitting a `src_w × src_h` picture to `width × height` does, in words: "kept as it
+    /// is", "resized to 64×64", "centre-cropped to 64×64" or "resized to 85×64 and
+    /// centre-cropped to 64×64" (what `kino generate` prints and the metadata records).
+    pub fn describe(src_w: u32, src_h: u32, width: u32, height: u32) -> Result<String> {
+        let (rw, rh) = FitCrop::plan(src_w, src_h, width, height)?.resized;
+        Ok(if (src_w, src_h) == (width, height) {
+            "kept as it is".to_string()
+        } else if (rw, rh) == (width, height) {
+            format!("resized to {width}×{height}")
+        } else if (rw, rh) == (src_w, src_h) {
+            format!("centre-cropped to {width}×{height}")
+        } else {
+            format!("resized to {rw}×{rh} and centre-cropped to {width}×{height}")
+        })
+    }
 }
 
 /// Resizes `frame` so that it covers `width × height` keeping its aspect ratio, then cuts the

@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{MediaError, Result};
 
-/// Writes `bytes` to `path` through a temporary sibling file and a rename, so readers never
-/// see half a file and a failed write leaves nothing behind.
-pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh `.NAME.PID-N.SUFFIX` beside `path` (for writing through a rename); the folder must
+/// exist.
+pub(crate) fn sibling_temp(path: &Path, suffix: &str) -> Result<PathBuf> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -31,12 +33,17 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             ),
         ));
     };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    tmp_name.push(format!(".{}-{n}.tmp", std::process::id()));
-    let tmp = parent.join(tmp_name);
+    tmp.push(format!(".{}-{n}.{suffix}", std::process::id()));
+    Ok(parent.join(tmp))
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file and a rename, so readers never
+/// see half a file and a failed write leaves nothing behind.
+pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling_temp(path, "tmp")?;
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -120,19 +120,8 @@ impl JobInputs {
 
 /// "resized to 85×64 and centre-cropped to 64×64" (or "kept as it is").
 pub fn describe_fit(src_w: u32, src_h: u32, w: u32, h: u32) -> String {
-    let Ok(plan) = kino_media::FitCrop::plan(src_w, src_h, w, h) else {
-        return format!("fitted to {w}×{h}");
-    };
-    let (rw, rh) = plan.resized;
-    if (src_w, src_h) == (w, h) {
-        "kept as it is".to_string()
-    } else if (rw, rh) == (w, h) {
-        format!("resized to {w}×{h}")
-    } else if (rw, rh) == (src_w, src_h) {
-        format!("centre-cropped to {w}×{h}")
-    } else {
-        format!("resized to {rw}×{rh} and centre-cropped to {w}×{h}")
-    }
+    kino_media::FitCrop::describe(src_w, src_h, w, h)
+        .unwrap_or_else(|_| format!("fitted to {w}×{h}"))
 }
 
 /// Where a job's inputs are kept.

@@ -918,17 +918,12 @@ impl WanPipeline {
         progress: Progress,
     ) -> Result<(Tensor, Option<Tensor>)> {
         if self.text_encoder.is_none() {
-            let t0 = Instant::now();
-            emit(progress, Stage::LoadTextEncoder, 0, 1, t0)?;
             let tok = component_dir(&self.root, &self.index, "tokenizer")?;
             let te = component_dir(&self.root, &self.index, "text_encoder")?;
-            self.text_encoder = Some(WanTextEncoder::load(
-                &tok,
-                &te,
-                self.options.dtype,
-                &self.options.device,
-            )?);
-            emit(progress, Stage::LoadTextEncoder, 1, 1, t0)?;
+            let (dtype, device) = (self.options.dtype, self.options.device.clone());
+            self.text_encoder = Some(load_stage(progress, Stage::LoadTextEncoder, || {
+                WanTextEncoder::load(&tok, &te, dtype, &device)
+            })?);
         }
         let t0 = Instant::now();
         let total = 1 + negative_prompt.is_some() as usize;
@@ -1016,15 +1011,11 @@ impl WanPipeline {
         }
         diffusion_forcing::check_args(&args, temporal)?;
         if self.df_transformer.is_none() {
-            let t0 = Instant::now();
-            emit(progress, Stage::LoadTransformer, 0, 1, t0)?;
             let dir = component_dir(&self.root, &self.index, "transformer")?;
-            self.df_transformer = Some(SkyReelsV2Transformer3DModel::load(
-                &dir,
-                self.options.dtype,
-                &self.options.device,
-            )?);
-            emit(progress, Stage::LoadTransformer, 1, 1, t0)?;
+            let (dtype, device) = (self.options.dtype, self.options.device.clone());
+            self.df_transformer = Some(load_stage(progress, Stage::LoadTransformer, || {
+                SkyReelsV2Transformer3DModel::load(&dir, dtype, &device)
+            })?);
         }
         let shape = self.latent_shape(r);
         let device = self.options.device.clone();
@@ -1090,21 +1081,21 @@ impl WanPipeline {
             self.transformer = None;
             self.transformer_2 = None;
         }
-        let t0 = Instant::now();
-        emit(progress, Stage::LoadTransformer, 0, 1, t0)?;
         let name = if which == 1 {
             "transformer"
         } else {
             "transformer_2"
         };
         let dir = component_dir(&self.root, &self.index, name)?;
-        let model = WanTransformer3DModel::load(&dir, self.options.dtype, &self.options.device)?;
+        let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let model = load_stage(progress, Stage::LoadTransformer, || {
+            WanTransformer3DModel::load(&dir, dtype, &device)
+        })?;
         if which == 1 {
             self.transformer = Some(model);
         } else {
             self.transformer_2 = Some(model);
         }
-        emit(progress, Stage::LoadTransformer, 1, 1, t0)?;
         Ok(())
     }
 
@@ -1371,14 +1362,14 @@ impl WanPipeline {
     /// Loads the VAE if it is not loaded.
     fn load_vae(&mut self, progress: Progress) -> Result<()> {
         if self.vae.is_none() {
-            let t0 = Instant::now();
-            emit(progress, Stage::LoadVae, 0, 1, t0)?;
             let dir = component_dir(&self.root, &self.index, "vae")?;
-            let mut vae =
-                AutoencoderKLWan::load(&dir, self.options.vae_dtype, &self.options.device)?;
-            vae.set_tiling(self.options.vae_tiling);
-            self.vae = Some(vae);
-            emit(progress, Stage::LoadVae, 1, 1, t0)?;
+            let (dtype, device) = (self.options.vae_dtype, self.options.device.clone());
+            let tiling = self.options.vae_tiling;
+            self.vae = Some(load_stage(progress, Stage::LoadVae, || {
+                let mut vae = AutoencoderKLWan::load(&dir, dtype, &device)?;
+                vae.set_tiling(tiling);
+                Ok(vae)
+            })?);
         }
         Ok(())
     }
@@ -1565,15 +1556,11 @@ impl WanPipeline {
             .clone()
             .ok_or_else(|| Error::InvalidRequest("this model has no image encoder".into()))?;
         if self.image_encoder.is_none() {
-            let t0 = Instant::now();
-            emit(progress, Stage::LoadTextEncoder, 0, 1, t0)?;
             let dir = component_dir(&self.root, &self.index, "image_encoder")?;
-            self.image_encoder = Some(CLIPVisionModel::load(
-                &dir,
-                self.options.dtype,
-                &self.options.device,
-            )?);
-            emit(progress, Stage::LoadTextEncoder, 1, 1, t0)?;
+            let (dtype, device) = (self.options.dtype, self.options.device.clone());
+            self.image_encoder = Some(load_stage(progress, Stage::LoadTextEncoder, || {
+                CLIPVisionModel::load(&dir, dtype, &device)
+            })?);
         }
         let encoder = self
             .image_encoder
@@ -1653,6 +1640,15 @@ pub fn frames_to_tensor(frames: &[RgbImage], device: &Device) -> Result<Tensor> 
         ));
     }
     Ok(Tensor::cat(&ts, 2)?)
+}
+
+/// Loads a model as a progress stage: an event before and one after.
+fn load_stage<T>(progress: Progress, stage: Stage, load: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t0 = Instant::now();
+    emit(progress, stage, 0, 1, t0)?;
+    let model = load()?;
+    emit(progress, stage, 1, 1, t0)?;
+    Ok(model)
 }
 
 fn emit(progress: Progress, stage: Stage, step: usize, total: usize, t0: Instant) -> Result<()> {

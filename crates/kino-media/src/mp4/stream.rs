@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::mux::{self, SampleInfo};
 use super::{h264_options, metadata_json, tool_name, Mp4Options};
@@ -41,38 +40,7 @@ pub struct Mp4StreamWriter {
     samples: Vec<SampleInfo>,
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// `.NAME.PID-N.SUFFIX` beside `path`.
-fn sibling_temp(path: &Path, suffix: &str) -> Result<PathBuf> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        return Err(MediaError::write(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("folder {} does not exist", parent.display()),
-            ),
-        ));
-    }
-    let Some(name) = path.file_name() else {
-        return Err(MediaError::write(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the path has no file name",
-            ),
-        ));
-    };
-    let mut tmp = std::ffi::OsString::from(".");
-    tmp.push(name);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    tmp.push(format!(".{}-{n}.{suffix}", std::process::id()));
-    Ok(parent.join(tmp))
-}
+use crate::util::sibling_temp;
 
 impl Mp4StreamWriter {
     /// Starts a file of `width`×`height` frames at `fps`. Nothing appears at `path` until
@@ -310,10 +278,11 @@ mod tests {
     }
 
     fn tempfile_dir(tag: &str) -> PathBuf {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let d = std::env::temp_dir().join(format!(
             "kino-media-{tag}-{}-{}",
             std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -205,19 +205,9 @@ fn load_image(path: &Path, role: &'static str) -> anyhow::Result<(InputFile, Fra
     Ok((f, frame))
 }
 
-/// "resized to 85×64 and centre-cropped to 64×64" (or "kept as it is").
+/// [`FitCrop::describe`]: "resized to 85×64 and centre-cropped to 64×64" (or "kept as it is").
 pub(crate) fn describe_fit(src_w: u32, src_h: u32, w: u32, h: u32) -> anyhow::Result<String> {
-    let plan = FitCrop::plan(src_w, src_h, w, h)?;
-    let (rw, rh) = plan.resized;
-    Ok(if (src_w, src_h) == (w, h) {
-        "kept as it is".to_string()
-    } else if (rw, rh) == (w, h) {
-        format!("resized to {w}×{h}")
-    } else if (rw, rh) == (src_w, src_h) {
-        format!("centre-cropped to {w}×{h}")
-    } else {
-        format!("resized to {rw}×{rh} and centre-cropped to {w}×{h}")
-    })
+    Ok(FitCrop::describe(src_w, src_h, w, h)?)
 }
 
 fn rgb(frame: Frame) -> anyhow::Result<RgbImage> {
