@@ -342,6 +342,39 @@ fn peak_memory_of_four_segments_is_that_of_one() {
     );
 }
 
+/// A diffusion-forcing model (SkyReels-V2 DF) makes a long video itself, in windows, from one
+/// generate call: no segments, no dropped frames.
+#[test]
+fn a_diffusion_forcing_model_goes_long_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("df.mp4");
+    let o = run(kino()
+        .args([
+            "generate",
+            "a red circle",
+            "--seconds",
+            "6",
+            "--cpu",
+            "--steps",
+            "2",
+            "--json",
+            "-o",
+        ])
+        .arg(&out)
+        .arg("--model")
+        .arg(repo().join("fixtures/data/pipeline-df/model")));
+    let v = json_out(&o);
+    let e = stderr(&o);
+    assert!(!e.contains("segment"), "{e}");
+    // 6 s at the folder's 24 fps: 145 frames (4k+1) = 37 latent frames, in windows of 6
+    // (kino.json: base_num_frames 21) that continue from the last 2 (overlap_history 5): 9 of
+    // them, each a denoising run of its own.
+    let windows = e.matches("denoise: done").count();
+    assert_eq!(windows, 9, "{e}");
+    let (n, rate) = ffprobe_frames(&out);
+    assert_eq!((n, rate.as_str()), (145, "24/1"), "{v}");
+}
+
 #[test]
 fn clear_errors() {
     let tmp = tempfile::tempdir().unwrap();

@@ -218,7 +218,17 @@ fn rgb(frame: Frame) -> anyhow::Result<RgbImage> {
 /// The models that take a first image, for an error message (not `current`: a folder of the
 /// bundled model from before it learnt images is text-only).
 fn image_models(current: &str) -> String {
-    kino_engine::registry::image_model_names()
+    others(kino_engine::registry::image_model_names(), current)
+}
+
+/// The models that can go on past one clip: those that continue from a frame, and the
+/// diffusion-forcing ones that make long videos themselves.
+fn long_models(current: &str) -> String {
+    others(kino_engine::registry::continuing_model_names(), current)
+}
+
+fn others(names: Vec<&str>, current: &str) -> String {
+    names
         .into_iter()
         .filter(|m| !m.eq_ignore_ascii_case(current))
         .collect::<Vec<_>>()
@@ -540,17 +550,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .transpose()?
         .filter(|&t| t > clip);
     let caps = pipeline.capabilities();
-    if let Some(total) = long_total.filter(|_| !caps.image && script_prompts.is_none()) {
+    // A diffusion-forcing model (SkyReels-V2 DF) makes any length itself, in one call.
+    let native_long = caps.long_video && !caps.image && script_prompts.is_none();
+    if let Some(total) =
+        long_total.filter(|_| !caps.image && !native_long && script_prompts.is_none())
+    {
         // A text-only model makes one clip, as it always has, up to twice its own length.
         if total > 2 * clip {
             bail!(
-                "{model_name} makes video from text only and cannot be conditioned on a frame, so                  it cannot make {:.1} s ({total} frames) in segments, and one clip that long is                  more than twice the {clip} frames it makes; ask for at most {:.1} s, or use a                  model that can continue a video: {}",
+                "{model_name} makes video from text only and cannot be conditioned on a frame, so \
+                 it cannot make {:.1} s ({total} frames) in segments, and one clip that long is \
+                 more than twice the {clip} frames it makes; ask for at most {:.1} s, or use a \
+                 model that can make long videos: {}",
                 a.seconds.unwrap_or_default(),
                 (2 * clip) as f64 / f64::from(fps),
-                image_models(&model_name)
+                long_models(&model_name)
             );
         }
-    } else if script_prompts.is_some() || long_total.is_some() {
+    } else if script_prompts.is_some() || (long_total.is_some() && !native_long) {
         return run_long_generate(
             &a,
             &model_name,
@@ -567,7 +584,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if a.resume {
         bail!(
-            "--resume continues a long run (--seconds longer than the model's {clip}-frame clip,              or --script); this run is one clip"
+            "--resume continues a long run (--seconds longer than the model's {clip}-frame clip, \
+             or --script); this run is one clip"
         );
     }
     let num_frames = match (a.frames, a.seconds) {
@@ -827,7 +845,8 @@ fn run_long_generate(
     }
     if a.video.is_some() {
         bail!(
-            "--video restyles one clip and cannot be combined with a long video; to continue a              video use kino extend IN.mp4 \"what happens next\" --seconds S"
+            "--video restyles one clip and cannot be combined with a long video; to continue a \
+             video use kino extend IN.mp4 \"what happens next\" --seconds S"
         );
     }
     if a.last_image.is_some() {
