@@ -33,9 +33,10 @@ pub enum Start {
     /// The first segment starts from this picture, which stays the video's first frame
     /// (image-to-video); later ones continue it.
     Image(RgbImage),
-    /// Continue an existing video whose last frame this is (extension): every segment is
-    /// conditioned, the first on this frame, and no segment repeats it.
-    Continue(RgbImage),
+    /// Continue an existing video whose last frames these are (extension; at least one):
+    /// every segment is conditioned, the first on the last of these frames (a
+    /// diffusion-forcing model on its last `overlap_history` ones), and no segment repeats it.
+    Continue(Vec<RgbImage>),
 }
 
 impl Start {
@@ -51,7 +52,8 @@ impl Start {
     fn image(&self) -> Option<&RgbImage> {
         match self {
             Start::Text => None,
-            Start::Image(i) | Start::Continue(i) => Some(i),
+            Start::Image(i) => Some(i),
+            Start::Continue(frames) => frames.last(),
         }
     }
 }
@@ -98,6 +100,10 @@ pub struct LongPlan {
     pub segments: Vec<Segment>,
     /// Frames the run adds (the sum of the segments' `keep`).
     pub total_frames: usize,
+    /// A diffusion-forcing model (SkyReels-V2 DF) makes the whole video in one segment, in its
+    /// own windows, and continues a video from its last frames (`Conditioning::Continue`).
+    #[serde(default)]
+    pub native: bool,
 }
 
 impl LongPlan {
@@ -156,6 +162,9 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
     }
     let mut first = req.request.clone();
     first.prompt = prompts[0].clone();
+    if caps.long_video && !caps.image {
+        return plan_native(pipeline, req, start, first, &prompts);
+    }
     first.conditioning = match start.image() {
         Some(img) if caps.image => Conditioning::Image {
             first: img.clone(),
@@ -233,6 +242,64 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
         base,
         segments,
         total_frames: made,
+        native: false,
+    })
+}
+
+/// The plan of a diffusion-forcing model: one segment of the whole length (one more frame when
+/// continuing, as the engine drops the one that repeats the given frame).
+fn plan_native(
+    pipeline: &WanPipeline,
+    req: &LongRequest,
+    start: &Start,
+    mut first: GenerateRequest,
+    prompts: &[String],
+) -> Result<LongPlan> {
+    if prompts.len() > 1 {
+        return Err(Error::InvalidRequest(format!(
+            "a diffusion-forcing model makes the whole video from one prompt; a script of \
+             several shots needs a model that continues from a frame: {}",
+            conditioned_models()
+        )));
+    }
+    let continuing =
+        match start {
+            Start::Text => false,
+            Start::Continue(_) => true,
+            Start::Image(_) => return Err(Error::InvalidRequest(
+                "Kino runs diffusion-forcing models from text or to continue a video; starting \
+                 from a picture (SkyReels-V2's image-to-video pipeline) is not ported yet"
+                    .into(),
+            )),
+        };
+    let step = pipeline.frame_step();
+    let total = match req.total_frames {
+        Some(t) => t,
+        None => pipeline.resolve(&first)?.num_frames - usize::from(continuing),
+    };
+    let num_frames = (total + usize::from(continuing)).max(1);
+    let num_frames = (num_frames - 1).div_ceil(step) * step + 1;
+    first.num_frames = Some(num_frames);
+    if let Start::Continue(frames) = start {
+        first.conditioning = Conditioning::Continue {
+            frames: frames.clone(),
+        };
+    }
+    let base = pipeline.resolve(&first)?;
+    Ok(LongPlan {
+        start: start.kind().to_string(),
+        segments: vec![Segment {
+            index: 0,
+            prompt: prompts[0].clone(),
+            seed: base.seed,
+            num_frames,
+            skip: 0,
+            keep: total,
+            first_frame: 0,
+        }],
+        base,
+        total_frames: total,
+        native: true,
     })
 }
 
@@ -335,7 +402,17 @@ pub fn generate(
         } else {
             condition.clone()
         };
-        let req = plan.segment_request(k, cond.clone());
+        let mut req = plan.segment_request(k, cond.clone());
+        if plan.native {
+            // One call; the engine continues from the last frames itself and returns only the
+            // new ones.
+            req.conditioning = match start {
+                Start::Continue(frames) => Conditioning::Continue {
+                    frames: frames.clone(),
+                },
+                _ => Conditioning::Text,
+            };
+        }
         let out = {
             let mut inner = |e: &ProgressEvent| -> Result<()> {
                 let elapsed = t0.elapsed();
@@ -460,14 +537,14 @@ mod tests {
         req.total_frames = None;
         req.prompts = vec!["right".into(), "down".into(), "left".into()];
         let img = RgbImage::new(64, 64, vec![0; 64 * 64 * 3]).unwrap();
-        let pl = plan(&p, &req, &Start::Continue(img.clone())).unwrap();
+        let pl = plan(&p, &req, &Start::Continue(vec![img.clone()])).unwrap();
         assert_eq!(pl.segments.len(), 3);
         assert!(pl.segments.iter().all(|s| s.skip == 1 && s.keep == 8));
         assert_eq!(pl.segments[2].prompt, "left");
         // A short extension makes a shorter segment, not a full one.
         req.prompts.clear();
         req.total_frames = Some(3);
-        let pl = plan(&p, &req, &Start::Continue(img)).unwrap();
+        let pl = plan(&p, &req, &Start::Continue(vec![img])).unwrap();
         assert_eq!(
             pl.segments
                 .iter()
@@ -513,7 +590,7 @@ mod tests {
             vec![0; p.defaults().width * p.defaults().height * 3],
         )
         .unwrap();
-        let e = plan(&p, &one, &Start::Continue(img))
+        let e = plan(&p, &one, &Start::Continue(vec![img]))
             .unwrap_err()
             .to_string();
         assert!(

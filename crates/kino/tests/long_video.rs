@@ -342,6 +342,39 @@ fn peak_memory_of_four_segments_is_that_of_one() {
     );
 }
 
+/// `kino extend` with a diffusion-forcing model: one call continues from the source's last
+/// frames (SkyReels-V2's video-to-video pipeline), only new frames added.
+#[test]
+fn extend_with_a_diffusion_forcing_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = outside_clip(tmp.path());
+    let out = tmp.path().join("df-extended.mp4");
+    let o = run(kino()
+        .arg("extend")
+        .arg(&src)
+        .args([
+            "more of it",
+            "--seconds",
+            "2",
+            "--cpu",
+            "--steps",
+            "2",
+            "--json",
+        ])
+        .arg("-o")
+        .arg(&out)
+        .arg("--model")
+        .arg(repo().join("fixtures/data/pipeline-df/model")));
+    let j = json_out(&o);
+    // 1.5 s at the folder's 24 fps = 36 source frames, then 2 s = 48 new ones.
+    assert_eq!(ffprobe_frames(&out), (84, "24/1".to_string()), "{j}");
+    assert_eq!(j["source_frames"], 36);
+    assert_eq!(j["new_frames"], 48);
+    let m = metadata(&out);
+    assert_eq!(m["long_video"]["start"], "continue");
+    assert_eq!(m["long_video"]["segments"].as_array().unwrap().len(), 1);
+}
+
 /// A diffusion-forcing model (SkyReels-V2 DF) makes a long video itself, in windows, from one
 /// generate call: no segments, no dropped frames.
 #[test]

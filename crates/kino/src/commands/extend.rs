@@ -692,11 +692,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let model_name = generate::model_name(a.model.as_deref());
     let (model_dir, mut pipeline) =
         generate::open_pipeline(&model_name, a.cpu, !a.no_low_memory, a.vae_tiling)?;
-    if !pipeline.capabilities().image {
+    let caps = pipeline.capabilities();
+    if !caps.image && !caps.long_video {
         bail!(
             "{model_name} makes video from text only and cannot continue a video (it cannot be \
              conditioned on a frame); models that can: {}",
-            kino_engine::registry::image_model_names().join(", ")
+            kino_engine::registry::continuing_model_names().join(", ")
         );
     }
     let defaults = pipeline.defaults().clone();
@@ -745,11 +746,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "frames_in_output": source.len(),
     });
     drop(video);
-    let last = source
-        .last()
-        .cloned()
-        .context("the source video has no frames")?;
-    let start = Start::Continue(RgbImage::new(w, h, last.into_data())?);
+    if source.is_empty() {
+        bail!("{}: the source video has no frames", a.input.display());
+    }
+    // The end of the source: its last frame for a first-image model, its last frames (up to
+    // a diffusion-forcing model's overlap_history, at most 97) for a diffusion-forcing one.
+    let tail = if caps.image { 1 } else { 97 };
+    let start = Start::Continue(
+        source[source.len().saturating_sub(tail)..]
+            .iter()
+            .map(|f| RgbImage::new(w, h, f.data().to_vec()))
+            .collect::<kino_engine::Result<Vec<_>>>()?,
+    );
 
     let seed = a
         .seed
