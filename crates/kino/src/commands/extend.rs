@@ -54,15 +54,6 @@ pub struct Args {
     /// Frames per second of the output (default: the model's); the source is re-timed to it.
     #[arg(long)]
     fps: Option<u32>,
-    /// Denoising steps (default: the model's).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale (default: the model's).
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// Flow shift of the noise schedule.
-    #[arg(long)]
-    shift: Option<f64>,
     /// Random seed (segment k uses seed + k).
     #[arg(long)]
     seed: Option<u64>,
@@ -72,18 +63,12 @@ pub struct Args {
     /// Replace the output (and discard an unfinished run of it) if it exists.
     #[arg(long)]
     overwrite: bool,
-    /// Run on the CPU even if a GPU is available.
-    #[arg(long)]
-    cpu: bool,
-    /// Keep every model loaded for the whole run.
-    #[arg(long)]
-    no_low_memory: bool,
-    /// Decode the video in overlapping tiles (less memory for large frames).
-    #[arg(long)]
-    vae_tiling: bool,
     /// Print a machine-readable summary (JSON) on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Sampling and device settings shared with `kino generate`.
+    #[command(flatten)]
+    run: generate::RunArgs,
 }
 
 /// The prompts of a `--script` file: one per non-blank line not starting with `#`.
@@ -690,8 +675,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let size = a.size.as_deref().map(generate::parse_size).transpose()?;
 
     let model_name = generate::model_name(a.model.as_deref());
-    let (model_dir, mut pipeline) =
-        generate::open_pipeline(&model_name, a.cpu, !a.no_low_memory, a.vae_tiling)?;
+    let (model_dir, mut pipeline) = generate::open_pipeline(
+        &model_name,
+        a.run.cpu,
+        !a.run.no_low_memory,
+        a.run.vae_tiling,
+    )?;
     let caps = pipeline.capabilities();
     if !caps.image && !caps.long_video {
         bail!(
@@ -769,9 +758,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             width: Some(w),
             height: Some(h),
             num_frames: a.frames,
-            num_inference_steps: a.steps,
-            guidance_scale: a.guidance,
-            shift: a.shift,
+            num_inference_steps: a.run.steps,
+            guidance_scale: a.run.guidance,
+            shift: a.run.shift,
             seed,
             ..Default::default()
         },

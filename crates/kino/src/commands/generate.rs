@@ -20,6 +20,29 @@ use serde_json::json;
 /// The model `kino generate` uses when none is named.
 pub use kino_engine::registry::DEFAULT_MODEL;
 
+/// The sampling and device options `kino generate` and `kino extend` share.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Denoising steps (default: the model's, 50 for Wan).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default: the model's; 1 or less turns guidance off).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Flow shift of the noise schedule (default: the model's scheduler config).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Run on the CPU even if a GPU is available.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Keep every model loaded for the whole run (faster with plenty of memory).
+    #[arg(long)]
+    pub no_low_memory: bool,
+    /// Decode the video in overlapping 256-pixel tiles (less memory for large frames).
+    #[arg(long)]
+    pub vae_tiling: bool,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// What the video shows (or use --script for one prompt per segment).
@@ -56,15 +79,6 @@ pub struct Args {
     /// Playback frames per second (default: the model's, 16 for Wan2.1).
     #[arg(long)]
     fps: Option<u32>,
-    /// Denoising steps (default: the model's, 50).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale (default 5; 1 or less turns guidance off).
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// Flow shift of the noise schedule (default: the model's scheduler config).
-    #[arg(long)]
-    shift: Option<f64>,
     /// Random seed; the same seed, settings, device and dtype give the same video.
     #[arg(long)]
     seed: Option<u64>,
@@ -74,18 +88,12 @@ pub struct Args {
     /// Replace the output if it exists.
     #[arg(long)]
     overwrite: bool,
-    /// Run on the CPU even if a GPU is available.
-    #[arg(long)]
-    cpu: bool,
-    /// Keep every model loaded for the whole run (faster with plenty of memory).
-    #[arg(long)]
-    no_low_memory: bool,
-    /// Decode the video in overlapping 256-pixel tiles (less memory for large frames).
-    #[arg(long)]
-    vae_tiling: bool,
     /// Print a machine-readable summary (JSON) on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Sampling and device settings shared with `kino extend`.
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
     /// Start from this picture (PNG, JPEG or WebP): image-to-video. It is resized to cover the
     /// video's size and centre-cropped.
     #[arg(long, value_name = "FIRST.png", conflicts_with = "video")]
@@ -531,8 +539,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let video_sha = a.video.as_deref().map(sha256_file).transpose()?;
     check_writable(&output, format, a.overwrite)?;
 
-    let (model_dir, mut pipeline) =
-        open_pipeline(&model_name, a.cpu, !a.no_low_memory, a.vae_tiling)?;
+    let (model_dir, mut pipeline) = open_pipeline(
+        &model_name,
+        a.run.cpu,
+        !a.run.no_low_memory,
+        a.run.vae_tiling,
+    )?;
     let defaults = pipeline.defaults().clone();
     let fps = a.fps.unwrap_or(defaults.fps);
     if fps == 0 || fps > 240 {
@@ -605,9 +617,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         width: size.map(|s| s.0),
         height: size.map(|s| s.1),
         num_frames,
-        num_inference_steps: a.steps,
-        guidance_scale: a.guidance,
-        shift: a.shift,
+        num_inference_steps: a.run.steps,
+        guidance_scale: a.run.guidance,
+        shift: a.run.shift,
         seed: a.seed,
         ..Default::default()
     };
@@ -884,9 +896,9 @@ fn run_long_generate(
             width: Some(w),
             height: Some(h),
             num_frames: a.frames,
-            num_inference_steps: a.steps,
-            guidance_scale: a.guidance,
-            shift: a.shift,
+            num_inference_steps: a.run.steps,
+            guidance_scale: a.run.guidance,
+            shift: a.run.shift,
             seed,
             ..Default::default()
         },
