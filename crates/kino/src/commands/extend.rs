@@ -587,34 +587,6 @@ pub fn run_long(
     Ok(())
 }
 
-/// SHA-256 of a file, read in pieces.
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).with_context(|| {
-        format!(
-            "cannot read {}; check that the file exists and is readable",
-            path.display()
-        )
-    })?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// The source's frames at `fps` (nearest frame), fitted to `w × h`: as many as its duration
 /// holds.
 fn conform_source(video: &Video, w: u32, h: u32, fps: Fps) -> anyhow::Result<Vec<Frame>> {
@@ -644,7 +616,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.input.is_dir() {
         bail!("{} is a folder; give a video file", a.input.display());
     }
-    let source_sha = sha256_file(&a.input)?;
+    let source_sha = generate::sha256_file(&a.input, "the video")?;
     let video = kino_media::read_video(&a.input)
         .map_err(|e| anyhow::anyhow!("cannot read the video {}: {e}", a.input.display()))?;
     let output = a.output.clone().unwrap_or_else(|| {

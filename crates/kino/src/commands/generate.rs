@@ -160,16 +160,17 @@ fn read_input_bytes(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     })
 }
 
-/// SHA-256 (hex) of a --video file, read in pieces (clips can be large).
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
+/// SHA-256 (hex) of an input file, read in pieces (clips can be large); `what` names it in
+/// errors ("--video", "the source video").
+pub(crate) fn sha256_file(path: &Path, what: &str) -> anyhow::Result<String> {
     use sha2::Digest;
     use std::io::Read;
     if path.is_dir() {
-        bail!("--video {} is a folder; give a video file", path.display());
+        bail!("{what} {} is a folder; give a video file", path.display());
     }
     let mut file = std::fs::File::open(path).with_context(|| {
         format!(
-            "cannot read the --video {}; check that the file exists and is readable",
+            "cannot read {what} {}; check that the file exists and is readable",
             path.display()
         )
     })?;
@@ -178,7 +179,7 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
     loop {
         let n = file
             .read(&mut buf)
-            .with_context(|| format!("cannot read the --video {}", path.display()))?;
+            .with_context(|| format!("cannot read {what} {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -536,7 +537,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         inputs.push(f);
         images.push(img);
     }
-    let video_sha = a.video.as_deref().map(sha256_file).transpose()?;
+    let video_sha = a
+        .video
+        .as_deref()
+        .map(|p| sha256_file(p, "the --video"))
+        .transpose()?;
     check_writable(&output, format, a.overwrite)?;
 
     let (model_dir, mut pipeline) = open_pipeline(
