@@ -167,6 +167,45 @@ fn long_create_and_extensions_by_id_upload_and_json_stitch_the_source_first() {
     }
 }
 
+/// A diffusion-forcing model (SkyReels-V2 DF, `fixtures/data/pipeline-df`: 21-frame windows at
+/// 24 fps continuing from the last 5 frames) makes a long create in one call, in its own
+/// windows, and extends a completed video from its last frames.
+#[test]
+fn a_diffusion_forcing_model_goes_long_and_extends_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.models = vec![kino_server::worker::ModelSpec {
+        id: "tiny-df".into(),
+        path: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data/pipeline-df/model"),
+    }];
+    let srv = kino_server::ServerHandle::start(c).unwrap();
+    let a = srv.addr();
+    let long = create(
+        a,
+        json!({"model": "tiny-df", "prompt": "a red square", "seconds": "3", "steps": 2, "seed": 1}),
+    );
+    let id = id_of(&long);
+    let v = wait_done(a, &id, T);
+    assert_eq!(v["status"], "completed", "{v}");
+    // 3 s at 24 fps: 73 frames (4k+1), beyond one 21-frame window.
+    assert_eq!(frames_of(dir.path(), &id), 73);
+    let r = post_json(
+        a,
+        "/v1/videos/extensions",
+        &json!({"video": {"id": id}, "prompt": "it goes on", "seconds": "1", "steps": 2}),
+    );
+    let ext = ok(r);
+    let eid = id_of(&ext);
+    let v = wait_done(a, &eid, T);
+    assert_eq!(v["status"], "completed", "{v}");
+    // The source's 73 frames, then 24 new ones continuing from its last frames.
+    assert_eq!(frames_of(dir.path(), &eid), 73 + 24);
+    let meta = kino_media::read_metadata(mp4(dir.path(), &eid))
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta["conditioning"]["kind"], "continuation", "{meta}");
+}
+
 #[test]
 fn progress_events_name_the_segment() {
     let dir = tempfile::tempdir().unwrap();
