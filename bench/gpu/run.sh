@@ -53,6 +53,31 @@ for k in "$KINO" "${ALT[1]:-}"; do
     "$k" --version || true
 done
 
+[ "${SMOKE_ONLY:-0}" = 1 ] ||
 "$PY" "$HERE/bench.py" --kino "$KINO" --out "$OUTDIR" --work "${WORK:-/tmp/kino-bench-gpu}" \
     --steps "${STEPS:-5}" --guidance "${GUIDANCE:-5}" --timeout "${SIDE_TIMEOUT:-140}" "${ALT[@]}" ${BENCH_ARGS:-}
+# Smoke test of the conditioned pipelines on the card (issue 15: "the wave's new pipelines ...
+# should run once"): every tiny parity fixture of image-to-video, video-to-video, two experts and
+# diffusion forcing through `kino parity` on $SMOKE_DEVICE (default cuda), f32, with the
+# relative error against the reference printed. Seconds in all. `SMOKE_ONLY=1 SMOKE_DEVICE=cpu
+# bench/gpu/run.sh target/release/kino` checks these commands on a CPU machine.
+FIX="$HERE/../../fixtures/data"
+smoke() {  # NAME COMPONENT CASE INPUT EXPECTED ARGS...
+    local name=$1 comp=$2 case=$3 input=$4 expected=$5; shift 5
+    echo "== smoke $name ($comp, ${SMOKE_DEVICE:-cuda})"
+    timeout 120 "$KINO" parity "$comp" --model "$FIX/$case/model" --input "$FIX/$case/$input" \
+        --output "$OUTDIR/smoke-$name.safetensors" --expected "$FIX/$case/$expected" \
+        --device "${SMOKE_DEVICE:-cuda}" "$@" || echo "smoke $name FAILED (exit $?)"
+}
+smoke ti2v pipeline-i2v pipeline-ti2v input.safetensors expected.safetensors --steps 3 --guidance 4
+smoke i2v-wan21 pipeline-i2v pipeline-i2v-wan21 input.safetensors expected.safetensors --steps 3 --guidance 5
+smoke flf2v pipeline-i2v pipeline-flf2v input.safetensors expected.safetensors --steps 3 --guidance 5
+smoke v2v pipeline-v2v pipeline-v2v input-s50.safetensors expected-s50.safetensors --steps 6 --guidance 5 --strength 0.5
+smoke a14b-t2v pipeline pipeline-a14b-t2v input.safetensors expected.safetensors --steps 5 --guidance 4
+smoke a14b-i2v pipeline-i2v pipeline-a14b-i2v input.safetensors expected.safetensors --steps 5 --guidance 3.5
+smoke df-async pipeline-df pipeline-df input-async.safetensors expected-async.safetensors --steps 3 \
+    --guidance 5 --num-frames 37 --base-num-frames 21 --overlap-history 5 --ar-step 1 \
+    --causal-block-size 2 --fps 24
+smoke df-continue pipeline-df pipeline-df input-continue.safetensors expected-continue.safetensors \
+    --steps 3 --guidance 5 --num-frames 25 --base-num-frames 17 --overlap-history 5 --fps 24
 echo "== done $(date -u); results in $OUTDIR"
