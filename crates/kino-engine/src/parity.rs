@@ -157,7 +157,8 @@ pub struct ParityOptions {
 /// `pipeline-df`'s long-video arguments; `None` takes the reference's defaults
 /// (`num_frames` from `latents_0` when there is one window, `base_num_frames` 97, no overlap,
 /// `ar_step` 0, the transformer's causal block, no added noise, 24 fps).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize)]
+#[serde(default)]
 pub struct DfOptions {
     pub num_frames: Option<usize>,
     pub base_num_frames: Option<usize>,
@@ -318,16 +319,13 @@ pub fn run_timed(
             let steps = options.steps.unwrap_or(3);
             let l0 = take(inputs, component, "latents_0")?;
             let d = options.df.unwrap_or_default();
-            let sched_dir = model.join("scheduler");
-            let make = || -> Result<Box<dyn crate::schedulers::Scheduler>> {
-                let mut s = crate::schedulers::from_folder(&sched_dir)?;
-                s.set_timesteps(steps)?;
-                Ok(s)
-            };
-            let scheduler = make()?;
-            let vae: crate::wan::vae::Config =
-                crate::loading::read_config(&model.join("vae"), &["AutoencoderKLWan"])?;
-            let temporal = vae.temporal_compression();
+            let mut scheduler = crate::schedulers::from_folder(&model.join("scheduler"))?;
+            scheduler.set_timesteps(steps)?;
+            let mut opts = PipelineOptions::for_device(device.clone());
+            opts.dtype = dtype;
+            opts.vae_dtype = DType::F32;
+            let mut p = WanPipeline::open(model, opts)?;
+            let temporal = p.frame_step();
             let args = DiffusionForcingArgs {
                 num_frames: d.num_frames.unwrap_or((l0.dim(2)? - 1) * temporal + 1),
                 base_num_frames: d.base_num_frames.unwrap_or(97),
@@ -348,10 +346,6 @@ pub fn run_timed(
                     })?;
                     let f = video.dim(2)?;
                     let tail = video.narrow(2, f - o.min(f), o.min(f))?;
-                    let mut opts = PipelineOptions::for_device(device.clone());
-                    opts.dtype = dtype;
-                    opts.vae_dtype = DType::F32;
-                    let mut p = WanPipeline::open(model, opts)?;
                     Some(p.encode_latents(&tail, &mut crate::progress::ignore)?)
                 }
                 None => None,
@@ -373,7 +367,6 @@ pub fn run_timed(
             let y = diffusion_forcing::denoise_long(
                 &mut m,
                 scheduler.as_ref(),
-                &make,
                 &args,
                 pe,
                 ne,
@@ -516,19 +509,9 @@ pub struct FixtureRun {
     pub guidance: Option<f64>,
     #[serde(default)]
     pub strength: Option<f64>,
-    /// `pipeline-df`: the long-video arguments.
-    #[serde(default)]
-    pub num_frames: Option<usize>,
-    #[serde(default)]
-    pub base_num_frames: Option<usize>,
-    #[serde(default)]
-    pub overlap_history: Option<usize>,
-    #[serde(default)]
-    pub ar_step: Option<usize>,
-    #[serde(default)]
-    pub causal_block_size: Option<usize>,
-    #[serde(default)]
-    pub fps: Option<u32>,
+    /// `pipeline-df`: the long-video arguments, under their own names.
+    #[serde(flatten)]
+    pub df: DfOptions,
 }
 
 /// A fixture's `case.json`. Runs of other (non-CLI) checks have their own fields and are kept raw.
@@ -593,15 +576,7 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     steps: r.steps,
                     guidance: r.guidance,
                     strength: r.strength,
-                    df: (component == Component::PipelineDf).then_some(DfOptions {
-                        num_frames: r.num_frames,
-                        base_num_frames: r.base_num_frames,
-                        overlap_history: r.overlap_history,
-                        ar_step: r.ar_step,
-                        causal_block_size: r.causal_block_size,
-                        addnoise_condition: None,
-                        fps: r.fps,
-                    }),
+                    df: (component == Component::PipelineDf).then_some(r.df),
                     ..Default::default()
                 },
                 &Device::Cpu,

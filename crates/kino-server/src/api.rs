@@ -1089,38 +1089,34 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("the request's task failed: {e}")))?
 }
 
-/// `POST /v1/videos` (with `input_reference` and Kino's `last_image`: image-to-video).
-pub async fn create_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
+/// How a create-like endpoint turns the request's fields into a job and its input files.
+type BuildJob = fn(&AppState, &Fields, Option<String>) -> ApiResult<(Job, PendingFiles)>;
+
+/// Reads the fields, builds the job (every check before anything is stored) and queues it.
+async fn submit(state: AppState, req: Request, build: BuildJob) -> ApiResult<Response> {
     let owner = crate::auth::owner_of(&req);
     let fields = read_fields(&state, req).await?;
     blocking(move || {
-        let (job, files) = build_job(&state, &fields, owner)?;
+        let (job, files) = build(&state, &fields, owner)?;
         enqueue(&state, job, files)
     })
     .await
 }
 
+/// `POST /v1/videos` (with `input_reference` and Kino's `last_image`: image-to-video).
+pub async fn create_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
+    submit(state, req, build_job).await
+}
+
 /// `POST /v1/videos/edits`: video-to-video from an uploaded video or a completed one.
 pub async fn edit_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
-    let owner = crate::auth::owner_of(&req);
-    let fields = read_fields(&state, req).await?;
-    blocking(move || {
-        let (job, files) = build_edit(&state, &fields, owner)?;
-        enqueue(&state, job, files)
-    })
-    .await
+    submit(state, req, build_edit).await
 }
 
 /// `POST /v1/videos/extensions`: continues an uploaded video or a completed one; the result is
 /// the source followed by the new segment(s), one MP4.
 pub async fn extend_video(State(state): State<AppState>, req: Request) -> ApiResult<Response> {
-    let owner = crate::auth::owner_of(&req);
-    let fields = read_fields(&state, req).await?;
-    blocking(move || {
-        let (job, files) = build_extension(&state, &fields, owner)?;
-        enqueue(&state, job, files)
-    })
-    .await
+    submit(state, req, build_extension).await
 }
 
 /// The job `id`, if the caller may see it.

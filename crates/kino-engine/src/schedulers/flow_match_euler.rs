@@ -60,6 +60,7 @@ impl Default for Config {
 }
 
 /// Euler sampler for flow-matching models.
+#[derive(Clone)]
 pub struct FlowMatchEulerDiscreteScheduler {
     config: Config,
     /// The reference's float32 timesteps, held exactly as f64.
@@ -213,6 +214,10 @@ impl super::Scheduler for FlowMatchEulerDiscreteScheduler {
 
         self.step_index += 1;
         Ok(prev_sample.to_dtype(model_output.dtype())?)
+    }
+
+    fn boxed_clone(&self) -> Box<dyn super::Scheduler> {
+        Box::new(self.clone())
     }
 
     fn num_train_timesteps(&self) -> usize {

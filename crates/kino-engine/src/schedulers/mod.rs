@@ -42,6 +42,8 @@ pub trait Scheduler: Send {
     /// each frame's result in place, changes what the next corrector reads. Schedulers without
     /// such state ignore it.
     fn sample_overwritten(&mut self, _new_sample: &Tensor) {}
+    /// A copy with the same configuration, schedule and state (the reference's `deepcopy`).
+    fn boxed_clone(&self) -> Box<dyn Scheduler>;
     /// `config.num_train_timesteps` (Wan: 1000), the scale of `boundary_ratio`.
     fn num_train_timesteps(&self) -> usize;
     /// Makes the next `step` the one at `index` (after `set_timesteps`), with no multistep

@@ -106,6 +106,7 @@ enum SolverType {
 }
 
 /// UniPC multistep sampler (predictor UniP + corrector UniC) for flow-matching models.
+#[derive(Clone)]
 pub struct UniPCMultistepScheduler {
     config: Config,
     solver_type: SolverType,
@@ -594,6 +595,10 @@ impl super::Scheduler for UniPCMultistepScheduler {
         }
         self.step_index += 1;
         Ok(prev_sample)
+    }
+
+    fn boxed_clone(&self) -> Box<dyn super::Scheduler> {
+        Box::new(self.clone())
     }
 
     fn num_train_timesteps(&self) -> usize {

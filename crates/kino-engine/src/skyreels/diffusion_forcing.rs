@@ -236,7 +236,6 @@ pub fn check_args(args: &DiffusionForcingArgs, temporal: usize) -> Result<()> {
 pub fn denoise_long(
     transformer: &mut SkyReelsV2Transformer3DModel,
     scheduler: &dyn Scheduler,
-    make_scheduler: &dyn Fn() -> Result<Box<dyn Scheduler>>,
     args: &DiffusionForcingArgs,
     prompt_embeds: &Tensor,
     negative_prompt_embeds: Option<&Tensor>,
@@ -331,9 +330,9 @@ pub fn denoise_long(
                 *slot = p.narrow(2, f, 1)?.to_dtype(DType::F32)?;
             }
         }
-        let mut schedulers = (0..frames)
-            .map(|_| make_scheduler())
-            .collect::<Result<Vec<_>>>()?;
+        // Every frame steps its own copy of the scheduler (`deepcopy` after `set_timesteps`).
+        let mut schedulers: Vec<Box<dyn Scheduler>> =
+            (0..frames).map(|_| scheduler.boxed_clone()).collect();
         let mut next_index: Vec<Option<usize>> = vec![None; frames];
         let m = generate_timestep_matrix(
             frames,

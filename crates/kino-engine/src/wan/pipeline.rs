@@ -1032,16 +1032,9 @@ impl WanPipeline {
                 .collect();
             Ok(Tensor::from_vec(data, &shape[..], &device)?)
         };
+        // The pipeline's scheduler (shift set by `generate`) after `set_timesteps`: each latent
+        // frame steps a copy of it.
         self.scheduler.set_timesteps(r.num_inference_steps)?;
-        let scheduler_dir = component_dir(&self.root, &self.index, "scheduler")?;
-        let shift = r.shift;
-        let steps = r.num_inference_steps;
-        let make = move || -> Result<Box<dyn Scheduler>> {
-            let mut s = schedulers::from_folder(&scheduler_dir)?;
-            s.set_shift(shift);
-            s.set_timesteps(steps)?;
-            Ok(s)
-        };
         let mut model = self
             .df_transformer
             .take()
@@ -1049,7 +1042,6 @@ impl WanPipeline {
         let result = diffusion_forcing::denoise_long(
             &mut model,
             self.scheduler.as_ref(),
-            &make,
             &args,
             prompt_embeds,
             negative_prompt_embeds,
