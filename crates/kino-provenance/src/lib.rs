@@ -1,0 +1,1 @@
+//! Kino provenance: C2PA signing/reading and the prompt policy.
