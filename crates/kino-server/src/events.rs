@@ -2,9 +2,11 @@
 //! fal's status stream. Events (each `data` is JSON):
 //!
 //! - `queued`: `{"position": N}` (videos ahead of this one),
-//! - `progress`: `{"stage", "step", "total", "progress", "segment", "segments"}` while it runs
-//!   (`segment` k of `segments` n: a video longer than one clip, or an extension, is made in
-//!   segments; `progress` goes 0→100 over all of them),
+//! - `progress`: `{"stage", "step", "total", "progress", "segment", "segments",
+//!   "remaining_seconds"}` while it runs (`segment` k of `segments` n: a video longer than one
+//!   clip, or an extension, is made in segments; `progress` goes 0→100 over all of them;
+//!   `remaining_seconds` estimates the time left from the progress so far, `null` until there is
+//!   some),
 //! - `completed` / `failed`: the final video object, after which the stream ends.
 //!
 //! An event is sent when something changes; a comment keeps the connection alive.
@@ -60,7 +62,7 @@ async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)
                 Status::InProgress => match c.state.shared.live(&j.id) {
                     Some(l) => (
                         "progress",
-                        json!({"stage": l.stage, "step": l.step, "total": l.total, "progress": l.progress.max(j.progress), "segment": l.segment, "segments": l.segments}),
+                        json!({"stage": l.stage, "step": l.step, "total": l.total, "progress": l.progress.max(j.progress), "segment": l.segment, "segments": l.segments, "remaining_seconds": l.remaining_secs}),
                     ),
                     None => (
                         "progress",
