@@ -37,6 +37,9 @@ pub struct Live {
     /// The segment running (1-based) and how many there are (1 of 1 for a one-clip video).
     pub segment: usize,
     pub segments: usize,
+    /// Estimated seconds left for the whole job (from the progress so far in this run), once
+    /// there is some progress to go by.
+    pub remaining_secs: Option<u64>,
 }
 
 /// State shared between the HTTP side and the workers.
@@ -230,6 +233,19 @@ struct ProgressSink<'a> {
     id: &'a str,
     last_pct: u8,
     segment: (usize, usize),
+    /// When this run began and the progress it began at (a resumed job starts past 0).
+    started: Instant,
+    start_pct: u8,
+}
+
+/// Seconds left when `pct` of 100 is done, `start_pct` of it before `elapsed` began.
+fn remaining_secs(elapsed: Duration, start_pct: u8, pct: u8) -> Option<u64> {
+    let done = f64::from(pct.saturating_sub(start_pct));
+    if done < 1.0 {
+        return None;
+    }
+    let left = f64::from(100u8.saturating_sub(pct));
+    Some((elapsed.as_secs_f64() * left / done).ceil() as u64)
 }
 
 impl ProgressSink<'_> {
@@ -249,6 +265,11 @@ impl ProgressSink<'_> {
                 progress: pct.max(self.last_pct),
                 segment: k + 1,
                 segments: n.max(1),
+                remaining_secs: remaining_secs(
+                    self.started.elapsed(),
+                    self.start_pct,
+                    pct.max(self.last_pct),
+                ),
             }),
         );
         if e.stage == Stage::Denoise && e.step == e.total && e.total > 0 {
@@ -418,6 +439,8 @@ impl Worker {
             id,
             last_pct: 0,
             segment: (0, 1),
+            started: Instant::now(),
+            start_pct: 0,
         };
         let mut progress = |e: &ProgressEvent| sink.on(e);
         let mut request = job.params.request.clone();
@@ -518,6 +541,8 @@ fn run_long(
         id,
         last_pct: segments::overall_percent(done, n, 0),
         segment: (done, n),
+        started: Instant::now(),
+        start_pct: segments::overall_percent(done, n, 0),
     };
     let _ = store.set_progress(id, sink.last_pct);
     for k in done..n {

@@ -1,7 +1,8 @@
 //! Drives the web studio in headless Chromium (tests/studio_chromium.py, standard library
 //! only): type a prompt, watch the progress, see the video play, delete it; drop an image, see
 //! the image-to-video result play; drop that video, see the video-to-video edit play; Extend
-//! the image-to-video result from its card and see the longer video play. Needs $KINO_PYTHON
+//! the image-to-video result from its card and see the longer video play; start a long video
+//! and see "segment 2 of 2" and the time left in the queue. Needs $KINO_PYTHON
 //! (default python3) and $KINO_CHROMIUM (default chromium); fails saying so if either is missing.
 
 mod common;

@@ -2,7 +2,8 @@
 --remote-debugging-pipe, so only the standard library is needed): type a prompt, submit, watch
 the queue's progress, see the video play, delete it; then drop an image (image-to-video) and
 the result's MP4 (video-to-video) on the form and see each result play; extend the
-image-to-video result from its card and see the longer video play.
+image-to-video result from its card and see the longer video play; start a long video (two
+segments) and see "segment k of n" and the time left in the queue, then cancel it.
 
 Run by tests/studio.rs with KINO_STUDIO_URL and KINO_CHROMIUM set. Exits non-zero on failure.
 """
@@ -122,6 +123,26 @@ DRIVE = r"""
   summary.extended.seconds = ext.seconds;
   summary.extended.duration = document.querySelectorAll("#gallery .card video")[0].duration;
   summary.image.duration = card().querySelector("video").duration;
+
+  // A long video (4 s of 17-frame clips: 2 segments) shows "segment k of n" and the time left
+  // in the queue while it runs; then it is cancelled.
+  document.querySelector("#clear-file").click();
+  document.querySelector("#model").value = "tiny-ti2v";
+  document.querySelector("#prompt").value = "a red square moving right";
+  document.querySelector("#seconds").value = "4";
+  document.querySelector("#steps").value = "400";
+  document.querySelector("#create button[type=submit]").click();
+  const seen = [];
+  await until(() => {
+    failIfError();
+    const j = document.querySelector("#queue .job .live");
+    const t = j ? j.textContent : "";
+    if (t && seen[seen.length - 1] !== t) seen.push(t);
+    return /segment 2 of 2/.test(t) && /left/.test(t);
+  }, "segment 2 of 2 and the time left in the queue", 180000);
+  summary.live = seen;
+  [...document.querySelectorAll("#queue .job button")].find((b) => b.textContent === "Cancel").click();
+  await until(() => document.querySelector("#queue .empty"), "the long video to be cancelled");
   return summary;
 })()
 """
@@ -224,6 +245,9 @@ try:
     assert ex["status"] == "completed" and ex["model"] == "tiny-ti2v" and ex["size"] == im["size"], s
     assert ex["seconds"] == "3", f"1 s + 2 s: {s}"
     assert ex["duration"] > im["duration"] + 1.5 and ex["playedTo"] > 0.1, f"the long video plays: {s}"
+    lv = s["live"]
+    assert any("segment 2 of 2" in t for t in lv), f"the queue names the segment: {s}"
+    assert any("left" in t for t in lv), f"the queue shows the time left: {s}"
     print("studio OK")
 finally:
     cdp.close()
