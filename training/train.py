@@ -114,10 +114,19 @@ CONFIG = {
     # tokens the clip's timestep (per-token timesteps [B, S]), and frame 0 is left out of the
     # loss (the pipeline overwrites it with the image at every step). The other clips train
     # text-to-video as before (every token at the clip's timestep).
+    # cond_roundtrip, cond_blur, cond_noise: a long video continues from the last frame made so
+    # far, which reaches the model decoded, rounded to 8 bits and encoded again, a little
+    # blurred and off its palette; copying that faithfully compounds the errors segment after
+    # segment (colours drift, squares round off). This fraction of the image-conditioned clips
+    # get as condition the VAE round trip of their frame 0 (decoded, 8-bit, blurred with a
+    # Gaussian of sigma uniform in [0, cond_blur] px, encoded alone) plus Gaussian noise of std
+    # uniform in [0, cond_noise] on the normalised latent, while the frames to predict stay the
+    # clean clip's: the model learns to continue a degraded first frame as the world draws it.
     "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
                   "flow_shift": [10.0, 2.0],
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 0.0,
-                  "shape_weight": 8.0, "shape_max_sigma": 0.8, "image_cond": 0.5, "bf16": True},
+                  "shape_weight": 8.0, "shape_max_sigma": 0.8, "image_cond": 0.5, "bf16": True,
+                  "cond_roundtrip": 0.0, "cond_blur": 0.0, "cond_noise": 0.0},
     "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 5.0},
 }
 
@@ -352,6 +361,38 @@ def check_first_frame_latent(cfg, vae, rng_seed: int, exclude) -> None:
     assert diff < 1e-4, diff
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blurs images [N, C, H, W] with a Gaussian of `sigma` px (reflecting edges)."""
+    if sigma < 1e-3:
+        return x
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def roundtrip_first_frames(vae, latents, mean, std, blur_max: float, seed: int,
+                           batch: int = 64) -> torch.Tensor:
+    """The condition a long video's later segments get, for each clip's frame 0: its normalised
+    latent frame 0 decoded (diffusers' decode, clamped), rounded to 8 bits, blurred by a
+    Gaussian of sigma uniform in [0, blur_max] px, and encoded alone. [N, C, 1, H', W']."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(latents), batch):
+            z = latents[i : i + batch, :, :1].to(DEVICE) * std + mean
+            x = vae.decode(z).sample[:, :, 0]
+            x = torch.round((x + 1) * 127.5) / 127.5 - 1
+            sig = torch.rand(len(x), generator=g) * blur_max
+            x = torch.cat([gaussian_blur(x[j : j + 1], float(sig[j])) for j in range(len(x))])
+            mu = encode_mean(vae, x[:, :, None])
+            out.append(((mu - mean) / std).to(torch.float32).cpu())
+    return torch.cat(out)
+
+
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
@@ -431,6 +472,13 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                     "shape_masks": shape_masks, "combos": combos}, latent_cache)
     assert masks.shape[2:] == latents.shape[2:], (masks.shape, latents.shape)
     assert shape_masks.shape == masks.shape, (shape_masks.shape, masks.shape)
+    roundtrip = None
+    if t["image_cond"] > 0 and t["cond_roundtrip"] > 0:
+        rt_start = time.time()
+        roundtrip = roundtrip_first_frames(vae, latents, mean, std, t["cond_blur"], rng_seed + 15)
+        diff = (roundtrip - latents[:, :, :1]).pow(2).mean().sqrt().item()
+        log(f"round-trip first frames in {time.time() - rt_start:.0f} s: RMS change {diff:.3f} "
+            f"of the normalised latent (std {latents.std():.3f})")
     encode_seconds = time.time() - start
     log(f"latents {tuple(latents.shape)}, std {latents.std():.3f}, object cells "
         f"{masks.float().mean():.3f}, shape cells {shape_masks.float().mean():.3f}")
@@ -471,7 +519,14 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
         cond = (torch.rand(len(idx), generator=g) < t["image_cond"]).to(DEVICE)
         mask = torch.ones_like(x0[:, :1])
         mask[:, :, 0] = (~cond).float().view(-1, 1, 1, 1)
-        xt = (1 - mask) * x0 + mask * xt
+        c0 = x0
+        if roundtrip is not None:
+            deg = (torch.rand(len(idx), generator=g) < t["cond_roundtrip"]).to(DEVICE)
+            first = torch.where(deg.view(-1, 1, 1, 1, 1), roundtrip[idx].to(DEVICE), x0[:, :, :1])
+            amp = torch.rand(len(idx), generator=g).to(DEVICE) * t["cond_noise"] * deg
+            first = first + amp.view(-1, 1, 1, 1, 1) * torch.randn(first.shape, generator=g).to(DEVICE)
+            c0 = torch.cat([first, x0[:, :, 1:]], dim=2)
+        xt = (1 - mask) * c0 + mask * xt
         timestep = (mask[:, 0, ::p_t, ::p_h, ::p_w] * (sigma * 1000).view(-1, 1, 1, 1)).flatten(1)
         with autocast:
             emb = encode_text(tokenizer, text_encoder, prompts, L)
@@ -559,6 +614,14 @@ def main(argv=None):
     ap.add_argument("--image-cond", type=float,
                     help="fraction of clips trained with a clean first frame at timestep 0, the "
                          "Wan2.2 TI2V way (dit_train.image_cond); 0: text-to-video only")
+    ap.add_argument("--cond-roundtrip", type=float,
+                    help="fraction of the image-conditioned clips whose first frame is the VAE "
+                         "round trip of theirs, as a long video's later segments get it "
+                         "(dit_train.cond_roundtrip)")
+    ap.add_argument("--cond-blur", type=float,
+                    help="with --cond-roundtrip: blur the decoded frame by up to this sigma, px")
+    ap.add_argument("--cond-noise", type=float,
+                    help="with --cond-roundtrip: add noise of up to this std to its latent")
     ap.add_argument("--sample-shift", type=float,
                     help="the sampler's flow shift written to the model (inference.flow_shift)")
     ap.add_argument("--latent-cache", type=pathlib.Path,
@@ -598,6 +661,9 @@ def main(argv=None):
         cfg["dit_train"]["image_cond"] = args.image_cond
     if args.clips is not None:
         cfg["dit_train"]["clips"] = args.clips
+    for k in ("cond_roundtrip", "cond_blur", "cond_noise"):
+        if getattr(args, k) is not None:
+            cfg["dit_train"][k] = getattr(args, k)
     torch.set_num_threads(args.threads)
     global DEVICE
     DEVICE = torch.device(args.device)
