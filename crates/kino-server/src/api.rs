@@ -269,6 +269,7 @@ fn required_prompt(state: &AppState, fields: &Map<String, Value>) -> ApiResult<S
             ),
         ));
     }
+    crate::provenance::check_prompt(&state.config.data_dir, &prompt)?;
     Ok(prompt)
 }
 

@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Largest source video (`POST /v1/videos/edits`) in bytes; larger get HTTP 413.
     #[arg(long, default_value_t = crate::DEFAULT_MAX_VIDEO_BYTES)]
     pub max_video_bytes: usize,
+    /// Signing, watermark and prompt-policy settings.
+    #[command(flatten)]
+    pub provenance: kino_provenance::ProvenanceArgs,
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -137,6 +140,10 @@ impl ServeArgs {
         config.max_image_bytes = self.max_image_bytes;
         config.max_video_bytes = self.max_video_bytes;
         config.api_keys = self.api_key.clone();
+        config.provenance = self
+            .provenance
+            .settings()
+            .map_err(|e| ServerError::Provenance(e.to_string()))?;
         if let (Some(url), Some(secret)) = (&self.webhook_url, &self.webhook_secret) {
             config.webhook = Some(crate::webhooks::WebhookConfig {
                 url: url.clone(),

@@ -165,6 +165,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("webhooks: {0}")]
     Webhook(String),
+    #[error("provenance: {0}")]
+    Provenance(String),
     #[error("the worker thread stopped before it was ready")]
     WorkerGone,
 }

@@ -26,6 +26,7 @@ pub mod events;
 pub mod inputs;
 pub mod mapping;
 pub mod output;
+pub mod provenance;
 pub mod segments;
 pub mod store;
 pub mod webhooks;
@@ -85,6 +86,8 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     /// Where to send `video.completed` / `video.failed` (see [`webhooks`]).
     pub webhook: Option<webhooks::WebhookConfig>,
+    /// C2PA signing, the watermark and the prompt policy (see [`provenance`]).
+    pub provenance: kino_provenance::Settings,
 }
 
 impl ServerConfig {
@@ -109,6 +112,7 @@ impl ServerConfig {
             max_video_bytes: DEFAULT_MAX_VIDEO_BYTES,
             api_keys: Vec::new(),
             webhook: None,
+            provenance: kino_provenance::Settings::default(),
         }
     }
 }
@@ -174,6 +178,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/videos/{id}/remix", post(api::remix_video))
         .route("/v1/videos/{id}/cancel", post(api::cancel_video))
         .route("/v1/videos/{id}/events", get(events::video_events))
+        .route(
+            "/v1/content_provenance_checks",
+            post(provenance::create_check),
+        )
         .fallback(api::fallback)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -213,6 +221,7 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
+        provenance::open(&config)?;
         let store = Arc::new(Store::open(&config.data_dir.join("kino.sqlite3"))?);
         let requeued = store.requeue_interrupted()?;
         if requeued > 0 {

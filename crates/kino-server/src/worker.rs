@@ -705,7 +705,8 @@ fn write_outputs(
         metadata: Some(params.to_value()),
         ..Default::default()
     };
-    kino_media::write_mp4(dir.join("video.mp4"), video, &opts).map_err(|e| e.to_string())?;
+    let mp4 = dir.join("video.mp4");
+    crate::provenance::write_video(&mp4, video, &opts, &info.path, &job.id)?;
     kino_media::write_thumbnail(
         dir.join("thumbnail.jpg"),
         video,
@@ -725,6 +726,9 @@ fn write_outputs(
         },
     )
     .map_err(|e| e.to_string())?;
+    for derived in ["thumbnail.jpg", "spritesheet.jpg"] {
+        crate::provenance::sign_derived(&dir.join(derived), &mp4, &job.id)?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,349 @@
+//! Detection: whiten, fold onto one tile at each candidate scale, find the sync pattern by FFT
+//! correlation, read the chips, decode, check the marker.
+
+use kino_media::Frame;
+
+use crate::ecc;
+use crate::fft::{self, C64};
+use crate::pattern::{self, Layout, CHIPS, CODED_BITS, INFO_BITS, MARKER, TILE};
+use crate::Key;
+
+/// Fold resolution: samples per chip along each axis.
+const R: usize = 4;
+/// Side of the folded tile in samples.
+const N: usize = TILE * R;
+/// At most this many frames are read (evenly spread over the clip).
+pub(crate) const MAX_FRAMES: usize = 48;
+/// Scale search: the picture may have been cropped or scaled so that its shorter side is
+/// between `1/MAX_SCALE` and `1/MIN_SCALE` of what the chip size assumes (a 10% crop is
+/// 1/0.9 = 1.11), in steps of `SCALE_STEP` (log).
+const MIN_SCALE: f64 = 0.8;
+const MAX_SCALE: f64 = 1.25;
+const SCALE_STEP: f64 = 0.004;
+/// Sync candidates (distinct scales) whose payload is decoded.
+pub(crate) const CANDIDATES: usize = 4;
+
+/// What [`detect`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detection {
+    /// The key's mark was found: a sync peak whose decoded payload starts with the Kino marker.
+    pub detected: bool,
+    /// The 48-bit id, when detected.
+    pub id: Option<u64>,
+    /// `1 − false_alarm_probability` when detected, 0 when not.
+    pub confidence: f64,
+    /// Upper bound on the probability that an unmarked video (or one marked with another key)
+    /// gives a result at least this strong: `CANDIDATES · 2⁻¹⁶ · min(1, H · Q(sync_score))`
+    /// with `H` sync hypotheses tried and `Q` the standard normal tail (1 when not detected).
+    pub false_alarm_probability: f64,
+    /// The best sync peak in standard deviations of the correlation over all shifts.
+    pub sync_score: f64,
+    /// Coded bits that disagreed with the decoded codeword (corrected errors), of `coded_bits`.
+    pub bit_errors: usize,
+    /// Coded bits per tile.
+    pub coded_bits: usize,
+    /// Frames used (at most 48, evenly spread; frames of another size than the first are skipped).
+    pub frames_used: usize,
+    /// The scale found: the mark's chip size relative to what this frame size implies (1.0 for
+    /// an unscaled or uniformly rescaled video, about 1.11 after a 10% crop).
+    pub scale: f64,
+    /// The 64 decoded payload bits (16-bit marker, 48-bit id) of the best candidate, detected
+    /// or not (for measuring bit accuracy).
+    pub raw_payload: u64,
+}
+
+impl Detection {
+    fn none(frames_used: usize) -> Detection {
+        Detection {
+            detected: false,
+            id: None,
+            confidence: 0.0,
+            false_alarm_probability: 1.0,
+            sync_score: 0.0,
+            bit_errors: 0,
+            coded_bits: CODED_BITS,
+            frames_used,
+            scale: 1.0,
+            raw_payload: 0,
+        }
+    }
+}
+
+/// Looks for the mark of `key` in `frames` (RGB, one video's frames in order; any subset and
+/// any frame rate will do: every frame carries the whole mark).
+pub fn detect(frames: &[Frame], key: &Key) -> Detection {
+    let Some(first) = frames.first() else {
+        return Detection::none(0);
+    };
+    let (w, h) = (first.width(), first.height());
+    let same: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.width() == w && f.height() == h)
+        .collect();
+    let used: Vec<&Frame> = if same.len() <= MAX_FRAMES {
+        same
+    } else {
+        (0..MAX_FRAMES)
+            .map(|i| same[i * same.len() / MAX_FRAMES])
+            .collect()
+    };
+    let c0 = pattern::chip_px(w, h);
+    let b = ((c0 / 4.0).floor() as usize).max(1);
+    let (wd, hd) = (w as usize / b, h as usize / b);
+    if wd < 8 || hd < 8 {
+        return Detection::none(0);
+    }
+    let chip_ds = c0 / b as f64;
+    let mut acc = vec![0f32; wd * hd];
+    for f in &used {
+        let res = whitened(f, b, wd, hd, chip_ds);
+        for (a, r) in acc.iter_mut().zip(res) {
+            *a += r;
+        }
+    }
+    let layout = Layout::new(key);
+    let sync = layout.sync_chips();
+    let mut tmpl = vec![C64::default(); N * N];
+    for a in 0..N {
+        let ay = pattern::axis((a as f64 + 0.5) / R as f64);
+        for bb in 0..N {
+            let ax = pattern::axis((bb as f64 + 0.5) / R as f64);
+            tmpl[a * N + bb].re = f64::from(pattern::value(&sync, ax, ay));
+        }
+    }
+    fft::fft2(&mut tmpl, N, false);
+
+    let n_scales = ((MAX_SCALE / MIN_SCALE).ln() / SCALE_STEP).floor() as usize + 1;
+    let scale_of = |k: usize| MIN_SCALE * (k as f64 * SCALE_STEP).exp();
+    // (z, scale index, dy, dx)
+    let mut peaks: Vec<(f64, usize, usize, usize)> = Vec::with_capacity(n_scales);
+    for k in 0..n_scales {
+        let folded = fold(&acc, wd, hd, b, c0 * scale_of(k));
+        let corr = fft::xcorr(&folded, &tmpl, N);
+        let mean = corr.iter().sum::<f64>() / corr.len() as f64;
+        let var = corr.iter().map(|c| (c - mean) * (c - mean)).sum::<f64>() / corr.len() as f64;
+        let (arg, max) =
+            corr.iter().enumerate().fold(
+                (0, f64::NEG_INFINITY),
+                |m, (i, &c)| if c > m.1 { (i, c) } else { m },
+            );
+        let z = if var > 0.0 {
+            (max - mean) / var.sqrt()
+        } else {
+            0.0
+        };
+        peaks.push((z, k, arg / N, arg % N));
+    }
+    peaks.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut chosen: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for p in peaks {
+        if chosen.len() == CANDIDATES {
+            break;
+        }
+        if chosen.iter().all(|c| c.1.abs_diff(p.1) >= 3) {
+            chosen.push(p);
+        }
+    }
+    let hypotheses = (n_scales * N * N) as f64;
+    let mut best: Option<Detection> = None;
+    for &(z, k, dy, dx) in &chosen {
+        let folded = fold(&acc, wd, hd, b, c0 * scale_of(k));
+        let soft = read_bits(&folded, &layout, dy, dx);
+        let bits = ecc::decode(&soft, INFO_BITS);
+        let code = ecc::encode(&bits);
+        let bit_errors = soft
+            .iter()
+            .zip(&code)
+            .filter(|(&s, &c)| (s > 0.0) != c)
+            .count();
+        let (marker, id) = pattern::unpack(&bits);
+        let raw_payload = (u64::from(marker) << 48) | id;
+        let p_sync = (hypotheses * normal_tail(z)).min(1.0);
+        let detected = marker == MARKER;
+        let pfa = if detected {
+            CANDIDATES as f64 * 2f64.powi(-16) * p_sync
+        } else {
+            1.0
+        };
+        let d = Detection {
+            detected,
+            id: detected.then_some(id),
+            confidence: if detected { 1.0 - pfa } else { 0.0 },
+            false_alarm_probability: pfa,
+            sync_score: z,
+            bit_errors,
+            coded_bits: CODED_BITS,
+            frames_used: used.len(),
+            scale: scale_of(k),
+            raw_payload,
+        };
+        if detected {
+            return d;
+        }
+        best.get_or_insert(d);
+    }
+    best.unwrap_or_else(|| Detection::none(used.len()))
+}
+
+/// Luma of `f` box-downsampled by `b`, high-passed (minus a blur about one chip wide) and
+/// divided by the local strength of that residual, so strong edges weigh no more than texture.
+fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32> {
+    let w = f.width() as usize;
+    let rgb = f.data();
+    let mut d = vec![0f32; wd * hd];
+    for y in 0..hd * b {
+        let row = &rgb[y * w * 3..(y * w + wd * b) * 3];
+        let drow = &mut d[(y / b) * wd..(y / b + 1) * wd];
+        for (x, p) in row.chunks_exact(3).enumerate() {
+            drow[x / b] +=
+                0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
+        }
+    }
+    let inv = 1.0 / (b * b) as f32;
+    d.iter_mut().for_each(|v| *v *= inv);
+    let r = (chip_ds.round() as usize).max(1);
+    let blur = box_blur(&box_blur(&d, wd, hd, r), wd, hd, r);
+    let res: Vec<f32> = d.iter().zip(&blur).map(|(a, b)| a - b).collect();
+    let sq: Vec<f32> = res.iter().map(|v| v * v).collect();
+    let energy = box_blur(&sq, wd, hd, 2 * r);
+    res.iter()
+        .zip(&energy)
+        .map(|(v, e)| v / (e + 1.0))
+        .collect()
+}
+
+/// Separable box blur of radius `r` (edges: mean over the part inside).
+fn box_blur(src: &[f32], w: usize, h: usize, r: usize) -> Vec<f32> {
+    let mut tmp = vec![0f32; w * h];
+    for y in 0..h {
+        blur_line(&src[y * w..(y + 1) * w], &mut tmp[y * w..(y + 1) * w], r);
+    }
+    let mut out = vec![0f32; w * h];
+    let mut col = vec![0f32; h];
+    let mut colo = vec![0f32; h];
+    for x in 0..w {
+        for y in 0..h {
+            col[y] = tmp[y * w + x];
+        }
+        blur_line(&col, &mut colo, r);
+        for y in 0..h {
+            out[y * w + x] = colo[y];
+        }
+    }
+    out
+}
+
+fn blur_line(src: &[f32], dst: &mut [f32], r: usize) {
+    let n = src.len();
+    let mut prefix = Vec::with_capacity(n + 1);
+    prefix.push(0f64);
+    let mut s = 0f64;
+    for &v in src {
+        s += f64::from(v);
+        prefix.push(s);
+    }
+    for (i, d) in dst.iter_mut().enumerate() {
+        let lo = i.saturating_sub(r);
+        let hi = (i + r + 1).min(n);
+        *d = ((prefix[hi] - prefix[lo]) / (hi - lo) as f64) as f32;
+    }
+}
+
+/// Folds the accumulated residual onto one `N × N` tile, assuming chips of `chip_px` original
+/// pixels (the mean per bin; empty bins 0).
+fn fold(acc: &[f32], wd: usize, hd: usize, b: usize, chip_px: f64) -> Vec<f64> {
+    let bin = |x: usize| -> usize {
+        let u = (x as f64 + 0.5) * b as f64 / chip_px;
+        ((u * R as f64).floor() as i64).rem_euclid(N as i64) as usize
+    };
+    let bu: Vec<usize> = (0..wd).map(bin).collect();
+    let mut sum = vec![0f64; N * N];
+    let mut cnt = vec![0u32; N * N];
+    for y in 0..hd {
+        let row = bin(y) * N;
+        for (x, &v) in acc[y * wd..(y + 1) * wd].iter().enumerate() {
+            sum[row + bu[x]] += f64::from(v);
+            cnt[row + bu[x]] += 1;
+        }
+    }
+    for (s, &c) in sum.iter_mut().zip(&cnt) {
+        if c > 0 {
+            *s /= f64::from(c);
+        }
+    }
+    let mean = sum.iter().sum::<f64>() / (N * N) as f64;
+    sum.iter_mut().for_each(|s| *s -= mean);
+    sum
+}
+
+/// Soft coded bits from the folded tile with the sync found at shift `(dy, dx)`, normalised to
+/// unit root-mean-square; positive means 1.
+fn read_bits(folded: &[f64], layout: &Layout, dy: usize, dx: usize) -> Vec<f64> {
+    // Bins around a chip centre: offsets -R/2 .. R + R/2 from the chip's first bin.
+    let offs: Vec<(i64, f64)> = (-(R as i64) / 2..(R + R / 2) as i64)
+        .map(|m| (m, pattern::kernel((m as f64 + 0.5) / R as f64 - 0.5)))
+        .collect();
+    let mut chip_val = [0f64; CHIPS];
+    for (c, v) in chip_val.iter_mut().enumerate() {
+        let (cy, cx) = (c / TILE, c % TILE);
+        let mut s = 0.0;
+        for &(my, ky) in &offs {
+            let yy = ((cy * R + dy) as i64 + my).rem_euclid(N as i64) as usize;
+            for &(mx, kx) in &offs {
+                let xx = ((cx * R + dx) as i64 + mx).rem_euclid(N as i64) as usize;
+                s += folded[yy * N + xx] * ky * kx;
+            }
+        }
+        *v = s;
+    }
+    let soft: Vec<f64> = layout
+        .data
+        .iter()
+        .map(|&c| f64::from(layout.sign[c]) * chip_val[c])
+        .collect();
+    let rms = (soft.iter().map(|s| s * s).sum::<f64>() / soft.len() as f64).sqrt();
+    if rms > 0.0 {
+        soft.iter().map(|s| s / rms).collect()
+    } else {
+        soft
+    }
+}
+
+/// Standard normal upper tail `Q(z) = P(Z > z)`.
+pub(crate) fn normal_tail(z: f64) -> f64 {
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// Complementary error function (Numerical Recipes' Chebyshev fit, relative error < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_values() {
+        assert!((normal_tail(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_tail(3.0) - 1.349_898e-3).abs() < 1e-8);
+        assert!((normal_tail(6.0) - 9.865_876e-10).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,134 @@
+//! Helpers shared by the watermark tests and the benchmark: real ffmpeg for sources, encodes and
+//! attacks; kino-media's reader for decoding.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kino_media::Frame;
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kino-wm-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .expect("ffmpeg must be installed (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `n` RGB frames of `w × h` from an ffmpeg lavfi source graph (e.g. `testsrc2`, or any
+/// filtergraph that produces video); `filter` may use `{w}`, `{h}` placeholders.
+pub fn lavfi_frames(filter: &str, w: u32, h: u32, n: usize) -> Vec<Frame> {
+    let graph = filter
+        .replace("{w}", &w.to_string())
+        .replace("{h}", &h.to_string());
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-f", "lavfi", "-i", &graph])
+        .args(["-vf", &format!("scale={w}:{h}:flags=bicubic,format=rgb24")])
+        .args([
+            "-frames:v",
+            &n.to_string(),
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-",
+        ])
+        .output()
+        .expect("ffmpeg must be installed (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "ffmpeg lavfi {graph}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    split(&out.stdout, w, h)
+}
+
+fn split(bytes: &[u8], w: u32, h: u32) -> Vec<Frame> {
+    let size = (w * h * 3) as usize;
+    bytes
+        .chunks_exact(size)
+        .map(|c| Frame::new(w, h, c.to_vec()).unwrap())
+        .collect()
+}
+
+/// Encodes frames to H.264 MP4 with libx264 at `crf` (yuv420p), `fps` frames per second.
+pub fn encode(frames: &[Frame], fps: u32, crf: u32, path: &Path) {
+    let (w, h) = (frames[0].width(), frames[0].height());
+    let mut child = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24"])
+        .args(["-s", &format!("{w}x{h}"), "-r", &fps.to_string(), "-i", "-"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            &crf.to_string(),
+        ])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ffmpeg must be installed (see .ci/run)");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for f in frames {
+            stdin.write_all(f.data()).unwrap();
+        }
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "ffmpeg encode: {err}");
+}
+
+/// Re-encodes `src` to `dst` with libx264 at `crf` after the filter `vf` (`None`: no filter);
+/// `extra` are more output options (e.g. `-r 30`).
+pub fn transcode(src: &Path, dst: &Path, vf: Option<&str>, crf: u32, extra: &[&str]) {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-v", "error", "-y", "-i"]).arg(src);
+    if let Some(vf) = vf {
+        cmd.args(["-vf", vf]);
+    }
+    cmd.args([
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-crf",
+        &crf.to_string(),
+    ])
+    .args(["-pix_fmt", "yuv420p"])
+    .args(extra)
+    .arg(dst);
+    run(&mut cmd);
+}
+
+/// Decoded RGB frames of a video file (through kino-media, as `kino verify` reads them).
+pub fn decode(path: &Path) -> Vec<Frame> {
+    kino_media::read_video(path).unwrap().into_frames()
+}
