@@ -144,6 +144,64 @@ pub fn conform_video(
         .collect()
 }
 
+/// [`conform_video`] of a file, streamed: the output frames `range` (of `frames`) of
+/// `conform_video(&read_video(path)?, width, height, fps, frames)`, each handed to `each` as it
+/// is made, with one decoded picture in memory at a time (`layout` from
+/// [`crate::scan_video`] of the same file). The same checks and messages as
+/// [`conform_video`].
+#[allow(clippy::too_many_arguments)]
+pub fn conform_video_file(
+    path: &std::path::Path,
+    layout: &crate::VideoLayout,
+    width: u32,
+    height: u32,
+    fps: Fps,
+    frames: usize,
+    range: std::ops::Range<usize>,
+    each: &mut dyn FnMut(usize, Frame) -> Result<()>,
+) -> Result<()> {
+    if frames == 0 {
+        return Err(MediaError::InvalidOption(
+            "asked for 0 frames of the source video; ask for at least 1".to_string(),
+        ));
+    }
+    let src = layout.fps;
+    let needed = source_index(frames - 1, src, fps) + 1;
+    if needed > layout.len() {
+        return Err(MediaError::InvalidVideo(format!(
+            "the source video is too short: it has {} frames ({:.2} s at {} fps), but {frames} \
+             frames at {} fps need {needed} of its frames ({:.2} s); use a longer clip or ask \
+             for fewer frames with --frames or --seconds",
+            layout.len(),
+            layout.duration_secs(),
+            fmt_fps(src),
+            fmt_fps(fps),
+            src.duration_of(needed),
+        )));
+    }
+    FitCrop::plan(layout.width, layout.height, width, height)?;
+    let range = range.start.min(frames)..range.end.min(frames);
+    let sources: Vec<usize> = range.clone().map(|i| source_index(i, src, fps)).collect();
+    let mut i = range.start;
+    crate::stream_video(path, layout, &sources, &mut |_, frame| {
+        let out = fit_crop(frame, width, height)?;
+        each(i, out)?;
+        i += 1;
+        Ok(())
+    })
+}
+
+/// How many frames at `fps` a clip of `len` frames at `src` gives when played to its end: its
+/// duration in output frames (rounded), one fewer when the last would fall past its end.
+pub fn frames_at(len: usize, src: Fps, fps: Fps) -> usize {
+    let want = ((src.duration_of(len) * fps.as_f64()).round() as usize).max(1);
+    if source_index(want - 1, src, fps) < len {
+        want
+    } else {
+        want.saturating_sub(1).max(1)
+    }
+}
+
 fn fmt_fps(f: Fps) -> String {
     if f.den() == 1 {
         f.num().to_string()

@@ -34,7 +34,7 @@ mod util;
 mod video_in;
 
 pub use color::ColorSpace;
-pub use conform::{conform_video, fit_crop, FitCrop};
+pub use conform::{conform_video, conform_video_file, fit_crop, frames_at, FitCrop};
 pub use error::{MediaError, Result};
 pub use frame::{psnr, psnr_video, Fps, Frame, Video, MAX_SIDE};
 pub use gif::{encode_gif, write_gif, GifOptions};
@@ -51,5 +51,6 @@ pub use still::{
     ImageFormat, SpritesheetLayout, SpritesheetOptions, ThumbnailOptions,
 };
 pub use video_in::{
-    decode_video, decode_video_head, read_video, read_video_head, MAX_DECODED_BYTES,
+    decode_video, decode_video_head, read_video, read_video_head, read_video_tail, scan_video,
+    stream_video, VideoLayout, MAX_DECODED_BYTES,
 };

@@ -64,20 +64,8 @@ pub fn decode_video(bytes: &[u8]) -> Result<Video> {
 /// the next one when there is one), otherwise as [`read_video`]. A clip shorter than `seconds`
 /// is read whole, so the result's duration tells how long it is.
 pub fn read_video_head(path: &Path, seconds: f64) -> Result<Video> {
-    init();
-    if path.is_dir() {
-        return Err(MediaError::read(
-            path,
-            std::io::Error::other("it is a folder, not a video file"),
-        ));
-    }
-    // Open ourselves first so a missing or unreadable file gets the usual I/O message.
-    let mut head = Vec::with_capacity(16);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(16).read_to_end(&mut head))
-        .map_err(|e| MediaError::read(path, e))?;
-    refuse_stills(&head).map_err(|e| crate::mp4::with_path(e, path))?;
-    let input = ff::format::input(path).map_err(|e| crate::mp4::with_path(open_error(e), path))?;
+    // Opened ourselves first so a missing or unreadable file gets the usual I/O message.
+    let input = open_file(path)?;
     decode_input(input, seconds).map_err(|e| crate::mp4::with_path(e, path))
 }
 
@@ -172,7 +160,37 @@ struct Decoded {
     time: Option<f64>,
 }
 
-fn decode_input(mut input: Input, seconds: f64) -> Result<Video> {
+fn decode_input(input: Input, seconds: f64) -> Result<Video> {
+    let out = decode(input, seconds, Keep::All)?;
+    to_video(out.frames, out.fps_hint)
+}
+
+/// What a decode keeps of each picture.
+enum Keep<'a> {
+    /// Every picture, in memory ([`read_video`]).
+    All,
+    /// Only the timestamps (and the first picture, for its size): [`scan_video`].
+    Times,
+    /// The pictures whose decoded index `wanted` holds (sorted), each handed to `each` as it is
+    /// decoded and then dropped.
+    Each {
+        wanted: &'a [usize],
+        each: &'a mut dyn FnMut(usize, Frame) -> Result<()>,
+    },
+}
+
+/// What a decode gives back.
+struct DecodeOut {
+    /// With [`Keep::All`].
+    frames: Vec<Decoded>,
+    /// Every picture's timestamp, in presentation order.
+    times: Vec<Option<f64>>,
+    /// With [`Keep::Times`]: the first picture.
+    first: Option<Frame>,
+    fps_hint: Option<Fps>,
+}
+
+fn decode(mut input: Input, seconds: f64, keep: Keep<'_>) -> Result<DecodeOut> {
     let stream = input.streams().best(MediaType::Video).ok_or_else(|| {
         MediaError::Unsupported(
             "the file has no video stream (audio only, or not a video); give a video file"
@@ -220,6 +238,10 @@ fn decode_input(mut input: Input, seconds: f64) -> Result<Video> {
     let mut state = DecodeState {
         scaler: None,
         out: Vec::new(),
+        keep,
+        count: 0,
+        times: Vec::new(),
+        first: None,
         bytes: 0,
         tb,
         start: if start == ff::ffi::AV_NOPTS_VALUE {
@@ -261,7 +283,7 @@ fn decode_input(mut input: Input, seconds: f64) -> Result<Video> {
             Err(e) => {
                 return Err(MediaError::corrupt(
                     WHAT,
-                    format!("picture {} cannot be decoded ({e})", state.out.len() + 1),
+                    format!("picture {} cannot be decoded ({e})", state.count + 1),
                 ))
             }
         }
@@ -274,8 +296,8 @@ fn decode_input(mut input: Input, seconds: f64) -> Result<Video> {
         }
     }
     let stopped_early = state.done;
-    let frames = state.out;
-    if frames.is_empty() {
+    let count = state.count;
+    if count == 0 {
         return Err(MediaError::corrupt(
             WHAT,
             match read_error {
@@ -288,25 +310,32 @@ fn decode_input(mut input: Input, seconds: f64) -> Result<Video> {
         if let Some(e) = read_error {
             return Err(MediaError::corrupt(
                 WHAT,
-                format!("reading stopped after {} pictures: {e}", frames.len()),
+                format!("reading stopped after {count} pictures: {e}"),
             ));
         }
-        if nb_frames > 0 && (frames.len() as u64) < nb_frames {
+        if nb_frames > 0 && (count as u64) < nb_frames {
             return Err(MediaError::corrupt(
                 WHAT,
-                format!(
-                    "the file ends after {} of its {nb_frames} pictures",
-                    frames.len()
-                ),
+                format!("the file ends after {count} of its {nb_frames} pictures"),
             ));
         }
     }
-    to_video(frames, fps_hint)
+    Ok(DecodeOut {
+        frames: state.out,
+        times: state.times,
+        first: state.first,
+        fps_hint,
+    })
 }
 
-struct DecodeState {
+struct DecodeState<'a> {
     scaler: Option<(Scaler, (ff::format::Pixel, u32, u32))>,
     out: Vec<Decoded>,
+    keep: Keep<'a>,
+    /// Pictures decoded so far.
+    count: usize,
+    times: Vec<Option<f64>>,
+    first: Option<Frame>,
     bytes: u64,
     tb: f64,
     start: Option<i64>,
@@ -316,7 +345,7 @@ struct DecodeState {
     rotate: u32,
 }
 
-impl DecodeState {
+impl DecodeState<'_> {
     fn receive(&mut self, decoder: &mut ff::decoder::Video) -> Result<()> {
         let mut yuv = ff::frame::Video::empty();
         loop {
@@ -332,7 +361,7 @@ impl DecodeState {
                 Err(e) => {
                     return Err(MediaError::corrupt(
                         WHAT,
-                        format!("picture {} cannot be decoded ({e})", self.out.len() + 1),
+                        format!("picture {} cannot be decoded ({e})", self.count + 1),
                     ))
                 }
             }
@@ -342,23 +371,39 @@ impl DecodeState {
                     .get_or_insert(self.start.unwrap_or(ts).min(ts));
                 (ts - origin) as f64 * self.tb
             });
-            let frame = self.convert(&yuv)?;
-            let frame = rotate(&frame, self.rotate)?;
-            self.bytes += frame.data().len() as u64;
-            if self.bytes > MAX_DECODED_BYTES {
-                return Err(MediaError::InvalidVideo(format!(
-                    "the clip is too long to decode whole: {} pictures of {}x{} already take more \
-                     than {} GiB; trim it first (e.g. `ffmpeg -i IN -t 10 OUT.mp4`) or read only \
-                     its start",
-                    self.out.len() + 1,
-                    frame.width(),
-                    frame.height(),
-                    MAX_DECODED_BYTES >> 30
-                )));
+            let idx = self.count;
+            self.count += 1;
+            self.times.push(time);
+            let needed = match &self.keep {
+                Keep::All => true,
+                Keep::Times => idx == 0,
+                Keep::Each { wanted, .. } => wanted.binary_search(&idx).is_ok(),
+            };
+            if needed {
+                let frame = self.convert(&yuv)?;
+                let frame = rotate(&frame, self.rotate)?;
+                match &mut self.keep {
+                    Keep::All => {
+                        self.bytes += frame.data().len() as u64;
+                        if self.bytes > MAX_DECODED_BYTES {
+                            return Err(MediaError::InvalidVideo(format!(
+                                "the clip is too long to decode whole: {} pictures of {}x{} \
+                                 already take more than {} GiB; trim it first (e.g. `ffmpeg -i \
+                                 IN -t 10 OUT.mp4`) or read only its start",
+                                self.count,
+                                frame.width(),
+                                frame.height(),
+                                MAX_DECODED_BYTES >> 30
+                            )));
+                        }
+                        self.out.push(Decoded { frame, time });
+                    }
+                    Keep::Times => self.first = Some(frame),
+                    Keep::Each { each, .. } => each(idx, frame)?,
+                }
             }
             let past = time.is_some_and(|t| t >= self.seconds);
-            self.out.push(Decoded { frame, time });
-            if past || (time.is_none() && self.seconds.is_finite() && self.out.len() > 100_000) {
+            if past || (time.is_none() && self.seconds.is_finite() && self.count > 100_000) {
                 self.done = true;
             }
         }
@@ -460,9 +505,13 @@ pub(crate) fn rotate(frame: &Frame, degrees: u32) -> Result<Frame> {
     }
 }
 
-/// Frames with their timestamps onto a constant frame rate.
-fn to_video(frames: Vec<Decoded>, fps_hint: Option<Fps>) -> Result<Video> {
-    let times: Option<Vec<f64>> = frames.iter().map(|d| d.time).collect();
+/// The constant-rate video of pictures with these timestamps: its frame rate (`fps_hint`, or
+/// estimated from the timestamps, or 25) and, for each of its frames, the decoded picture it
+/// shows (the pictures as they are when their timestamps are regular; for a variable frame
+/// rate, the picture with the nearest timestamp at each instant of the grid).
+fn grid(times: &[Option<f64>], fps_hint: Option<Fps>) -> Result<(Fps, Vec<usize>)> {
+    let n = times.len();
+    let times: Option<Vec<f64>> = times.iter().copied().collect();
     let fps = match (fps_hint, &times) {
         (Some(f), _) => f,
         (None, Some(t)) if t.len() > 1 && t[t.len() - 1] > t[0] => {
@@ -470,9 +519,8 @@ fn to_video(frames: Vec<Decoded>, fps_hint: Option<Fps>) -> Result<Video> {
         }
         _ => Fps::integer(25)?,
     };
-    let frames_only = |v: Vec<Decoded>| v.into_iter().map(|d| d.frame).collect::<Vec<_>>();
-    let Some(times) = times else {
-        return Video::new(frames_only(frames), fps);
+    let Some(times) = times.filter(|t| !t.is_empty()) else {
+        return Ok((fps, (0..n).collect()));
     };
     let period = 1.0 / fps.as_f64();
     let t0 = times[0];
@@ -481,7 +529,7 @@ fn to_video(frames: Vec<Decoded>, fps_hint: Option<Fps>) -> Result<Video> {
         .enumerate()
         .all(|(k, t)| (t - t0 - k as f64 * period).abs() < 0.5 * period);
     if regular {
-        return Video::new(frames_only(frames), fps);
+        return Ok((fps, (0..n).collect()));
     }
     // Variable frame rate: for each instant on the constant grid, the nearest frame.
     let last = times[times.len() - 1];
@@ -493,9 +541,162 @@ fn to_video(frames: Vec<Decoded>, fps_hint: Option<Fps>) -> Result<Video> {
         while k + 1 < times.len() && (times[k + 1] - t).abs() <= (times[k] - t).abs() {
             k += 1;
         }
-        out.push(frames[k].frame.clone());
+        out.push(k);
     }
-    Video::new(out, fps)
+    Ok((fps, out))
+}
+
+/// Frames with their timestamps onto a constant frame rate ([`grid`]).
+fn to_video(frames: Vec<Decoded>, fps_hint: Option<Fps>) -> Result<Video> {
+    let times: Vec<Option<f64>> = frames.iter().map(|d| d.time).collect();
+    let (fps, index) = grid(&times, fps_hint)?;
+    if index.len() == frames.len() && index.iter().enumerate().all(|(i, &k)| i == k) {
+        return Video::new(frames.into_iter().map(|d| d.frame).collect(), fps);
+    }
+    Video::new(
+        index.iter().map(|&k| frames[k].frame.clone()).collect(),
+        fps,
+    )
+}
+
+/// A video file's constant-rate layout: what [`read_video`] would give, without the pictures
+/// (their size, the frame rate, how many frames, and which decoded picture each one shows).
+/// Made by [`scan_video`]; [`stream_video`] and [`crate::conform_video_file`] then decode the
+/// frames one at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoLayout {
+    pub width: u32,
+    pub height: u32,
+    pub fps: Fps,
+    index: Vec<usize>,
+}
+
+impl VideoLayout {
+    /// Frames of the constant-rate video (as [`read_video`]'s `len`).
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Seconds (as [`Video::duration_secs`] of [`read_video`]'s result).
+    pub fn duration_secs(&self) -> f64 {
+        self.fps.duration_of(self.len())
+    }
+
+    /// The decoded picture frame `j` shows.
+    pub(crate) fn picture(&self, j: usize) -> usize {
+        self.index[j]
+    }
+}
+
+fn open_file(path: &Path) -> Result<Input> {
+    init();
+    if path.is_dir() {
+        return Err(MediaError::read(
+            path,
+            std::io::Error::other("it is a folder, not a video file"),
+        ));
+    }
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(16).read_to_end(&mut head))
+        .map_err(|e| MediaError::read(path, e))?;
+    refuse_stills(&head).map_err(|e| crate::mp4::with_path(e, path))?;
+    ff::format::input(path).map_err(|e| crate::mp4::with_path(open_error(e), path))
+}
+
+/// Reads a video file's layout ([`VideoLayout`]) by decoding it without keeping its pictures:
+/// memory stays that of one picture however long the clip.
+pub fn scan_video(path: &Path) -> Result<VideoLayout> {
+    let input = open_file(path)?;
+    let out =
+        decode(input, f64::INFINITY, Keep::Times).map_err(|e| crate::mp4::with_path(e, path))?;
+    let first = out.first.ok_or_else(|| {
+        crate::mp4::with_path(
+            MediaError::corrupt(WHAT, "no picture could be decoded"),
+            path,
+        )
+    })?;
+    let (fps, index) = grid(&out.times, out.fps_hint)?;
+    Ok(VideoLayout {
+        width: first.width(),
+        height: first.height(),
+        fps,
+        index,
+    })
+}
+
+/// Decodes the frames `frames` (indices into the constant-rate video of `layout`, in order;
+/// repeats allowed) of the file `layout` was scanned from, handing each to `each` (with its
+/// index) as it is decoded: the same frames [`read_video`] would hold, one picture in memory at
+/// a time.
+pub fn stream_video(
+    path: &Path,
+    layout: &VideoLayout,
+    frames: &[usize],
+    each: &mut dyn FnMut(usize, &Frame) -> Result<()>,
+) -> Result<()> {
+    if let Some(&j) = frames.iter().find(|&&j| j >= layout.len()) {
+        return Err(MediaError::InvalidOption(format!(
+            "frame {j} asked of a video of {} frames",
+            layout.len()
+        )));
+    }
+    let mut wanted: Vec<usize> = frames.iter().map(|&j| layout.picture(j)).collect();
+    if wanted.windows(2).any(|w| w[1] < w[0]) {
+        return Err(MediaError::InvalidOption(
+            "the frames of a video are streamed in order; ask for them in order".into(),
+        ));
+    }
+    wanted.dedup();
+    let mut next = 0usize;
+    let input = open_file(path)?;
+    let mut hand = |k: usize, frame: Frame| -> Result<()> {
+        while next < frames.len() && layout.picture(frames[next]) == k {
+            each(frames[next], &frame)?;
+            next += 1;
+        }
+        Ok(())
+    };
+    decode(
+        input,
+        f64::INFINITY,
+        Keep::Each {
+            wanted: &wanted,
+            each: &mut hand,
+        },
+    )
+    .map_err(|e| crate::mp4::with_path(e, path))?;
+    if next < frames.len() {
+        return Err(crate::mp4::with_path(
+            MediaError::corrupt(
+                WHAT,
+                format!(
+                    "it changed while it was read: frame {} is missing",
+                    frames[next]
+                ),
+            ),
+            path,
+        ));
+    }
+    Ok(())
+}
+
+/// The last `n` frames of a video file (fewer when it is shorter), as [`read_video`] would end
+/// with them, holding only those: the tail decoder for continuing a long clip.
+pub fn read_video_tail(path: &Path, n: usize) -> Result<Video> {
+    let layout = scan_video(path)?;
+    let from = layout.len().saturating_sub(n.max(1));
+    let want: Vec<usize> = (from..layout.len()).collect();
+    let mut frames = Vec::with_capacity(want.len());
+    stream_video(path, &layout, &want, &mut |_, f| {
+        frames.push(f.clone());
+        Ok(())
+    })?;
+    Video::new(frames, layout.fps)
 }
 
 #[cfg(test)]

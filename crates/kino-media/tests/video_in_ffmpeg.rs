@@ -415,6 +415,109 @@ fn head_reading_and_conforming() {
     );
 }
 
+/// Streaming a file (`scan_video`, `stream_video`, `conform_video_file`, `read_video_tail`)
+/// gives exactly what reading it whole gives, for a constant and a variable frame rate.
+#[test]
+fn streaming_gives_what_reading_whole_gives() {
+    if !has_encoder("libx264") {
+        println!("note: skipping: this ffmpeg has no libx264 encoder");
+        return;
+    }
+    let dir = common::temp_dir("vin-stream");
+    let cfr = dir.as_path().join("cfr.mp4");
+    run_ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=96x54:rate=24:duration=3",
+        "-c:v",
+        "libx264",
+        "-bf",
+        "2",
+        "-pix_fmt",
+        "yuv420p",
+        cfr.to_str().unwrap(),
+    ]);
+    // Variable frame rate: frames at irregular times (every 3rd frame held longer).
+    let vfr = dir.as_path().join("vfr.mkv");
+    run_ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=96x54:rate=20:duration=3",
+        "-vf",
+        "setpts='N/20/TB+if(eq(mod(N,3),2),0.03/TB,0)'",
+        "-fps_mode",
+        "vfr",
+        "-r",
+        "20",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        vfr.to_str().unwrap(),
+    ]);
+    for path in [&cfr, &vfr] {
+        let whole = read_video(path).unwrap();
+        let layout = kino_media::scan_video(path).unwrap();
+        assert_eq!(
+            (layout.width, layout.height, layout.fps, layout.len()),
+            (whole.width(), whole.height(), whole.fps(), whole.len()),
+            "{}",
+            path.display()
+        );
+        let all: Vec<usize> = (0..whole.len()).collect();
+        let mut streamed = Vec::new();
+        kino_media::stream_video(path, &layout, &all, &mut |j, f| {
+            streamed.push((j, f.clone()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(streamed.len(), whole.len());
+        assert!(streamed
+            .iter()
+            .enumerate()
+            .all(|(i, (j, f))| *j == i && f == &whole.frames()[i]));
+        let tail = kino_media::read_video_tail(path, 5).unwrap();
+        assert_eq!(tail.frames(), &whole.frames()[whole.len() - 5..]);
+        // Conformed to 8 fps at 32×32, streamed, and only its end.
+        let fps = Fps::integer(8).unwrap();
+        let n = kino_media::frames_at(whole.len(), whole.fps(), fps);
+        let expect = conform_video(&whole, 32, 32, fps, n).unwrap();
+        let mut got = Vec::new();
+        kino_media::conform_video_file(path, &layout, 32, 32, fps, n, 0..n, &mut |_, f| {
+            got.push(f);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, expect);
+        let mut end = Vec::new();
+        kino_media::conform_video_file(path, &layout, 32, 32, fps, n, n - 3..n, &mut |i, f| {
+            end.push((i, f));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            end.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            [n - 3, n - 2, n - 1]
+        );
+        assert!(end.iter().all(|(i, f)| f == &expect[*i]));
+        let e = kino_media::conform_video_file(
+            path,
+            &layout,
+            32,
+            32,
+            fps,
+            n + 10,
+            0..1,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("too short"), "{e}");
+    }
+}
+
 /// Truncated, damaged and non-video files: one clear error each, no panic.
 #[test]
 fn bad_files_are_clear_errors() {
