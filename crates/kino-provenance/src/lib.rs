@@ -18,6 +18,7 @@
 //! [`Provenance`] ties them together for `kino generate`, `kino extend`, `kino mark` and the
 //! server's worker: open it once from [`Settings`], then write outputs through it.
 
+pub mod cli;
 pub mod keys;
 pub mod manifest;
 pub mod model_hash;
@@ -50,6 +51,9 @@ pub enum Error {
     Unsupported(String),
     #[error(transparent)]
     Media(#[from] kino_media::MediaError),
+    /// The prompt policy refused the request.
+    #[error("{0}")]
+    Refused(Refusal),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -33,6 +33,11 @@ enum Command {
     Eval(Box<commands::eval::Args>),
     /// Download a model into the Hugging Face cache.
     Pull(commands::models::PullArgs),
+    /// Check a video or image: its C2PA manifest (trusted / valid / invalid / absent) and Kino's
+    /// invisible watermark.
+    Verify(commands::verify::Args),
+    /// Embed Kino's watermark in any video and sign it: `kino mark IN.mp4 -o OUT.mp4`.
+    Mark(Box<commands::mark::Args>),
     /// Serve the OpenAI Videos API (`base_url=http://HOST:PORT/v1`) with a durable job queue.
     Serve(Box<commands::serve::Args>),
 }
@@ -56,6 +61,8 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval::run(*a),
         Command::Pull(a) => commands::models::pull(a),
         Command::Serve(a) => commands::serve::run(*a),
+        Command::Verify(a) => commands::verify::run(a),
+        Command::Mark(a) => commands::mark::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

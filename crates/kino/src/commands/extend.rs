@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use kino_engine::long_video::{self, LongPlan, LongProgress, LongRequest, Resume, Start};
 use kino_engine::wan::pipeline::{GenerateRequest, RgbImage, WanPipeline};
-use kino_media::{Fps, Frame, Mp4Options, Mp4StreamWriter, Video};
+use kino_media::{Fps, Frame, Mp4Options, Video};
 use serde_json::json;
 
 use super::generate::{self, ProgressView};
@@ -360,7 +360,14 @@ pub fn run_long(
     let (w, h) = (plan.base.width, plan.base.height);
     let fps = Fps::integer(run.fps)?;
     let mut writer =
-        Mp4StreamWriter::create(output, w as u32, h as u32, fps, Mp4Options::default())?;
+        kino_provenance::cli::current()?.stream_writer(
+            output,
+            w as u32,
+            h as u32,
+            fps,
+            Mp4Options::default(),
+            kino_provenance::cli::subject(run.model_dir, output),
+        )?;
     let mut source_frames = 0usize;
     let mut last_frame: Option<Frame> = None;
     let mut source_meta = None;
@@ -613,6 +620,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompts.iter().any(|p| p.trim().is_empty()) {
         bail!("the prompt is empty; say what happens next, e.g. kino extend in.mp4 \"the ball rolls away\" --seconds 8");
     }
+    let checked: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    kino_provenance::cli::open(&a.run.provenance, &checked, "kino extend")?;
     if a.input.is_dir() {
         bail!("{} is a folder; give a video file", a.input.display());
     }

@@ -41,6 +41,9 @@ pub struct RunArgs {
     /// Decode the video in overlapping 256-pixel tiles (less memory for large frames).
     #[arg(long)]
     pub vae_tiling: bool,
+    /// C2PA signing, the invisible watermark and the prompt policy.
+    #[command(flatten)]
+    pub provenance: kino_provenance::ProvenanceArgs,
 }
 
 #[derive(clap::Args)]
@@ -511,6 +514,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty; say what the video should show, e.g. kino generate \"a corgi surfing at sunset\"");
     }
+    let all_prompts = script_prompts.clone().unwrap_or_else(|| vec![prompt.clone()]);
+    let checked: Vec<&str> = all_prompts.iter().map(String::as_str).collect();
+    kino_provenance::cli::open(&a.run.provenance, &checked, "kino generate")?;
     let model_name = model_name(a.model.as_deref());
     let size = a.size.as_deref().map(parse_size).transpose()?;
     let output = a.output.clone().unwrap_or_else(|| default_output(&prompt));
@@ -788,21 +794,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         params.extra.insert("conditioning".into(), c.clone());
     }
     let t_write = Instant::now();
+    let (prov, subject) = (kino_provenance::cli::current()?, kino_provenance::cli::subject(&model_dir, &output));
     match format {
         Format::Mp4 => {
             let opts = Mp4Options {
                 metadata: Some(params.to_value()),
                 ..Default::default()
             };
-            kino_media::write_mp4(&output, &video, &opts)?;
+            prov.write_mp4(&output, &video, &opts, &subject)?;
         }
-        Format::Gif => kino_media::write_gif(&output, &video, &GifOptions::default())?,
+        Format::Gif => {
+            let meta = params.to_value();
+            prov.write_gif(&output, &video, &GifOptions::default(), Some(&meta), &subject)?;
+        }
         Format::PngFolder => {
-            kino_media::write_png_frames(&output, &video)?;
-            std::fs::write(
-                output.join("params.json"),
-                serde_json::to_string_pretty(&params.to_value())?,
-            )?;
+            prov.write_png_frames(&output, &video, Some(&params.to_value()), &subject)?;
         }
     }
     let write_secs = t_write.elapsed().as_secs_f64();

@@ -3,6 +3,8 @@ pub mod eval;
 pub mod extend;
 pub mod generate;
 pub mod info;
+pub mod mark;
 pub mod models;
 pub mod parity;
 pub mod serve;
+pub mod verify;
