@@ -291,11 +291,21 @@ pub struct ModelIndex {
 }
 
 /// Pipeline classes we can run.
-pub const SUPPORTED_PIPELINES: [&str; 4] = [
+pub const SUPPORTED_PIPELINES: [&str; 6] = [
     "WanPipeline",
     "WanImageToVideoPipeline",
     "WanVideoToVideoPipeline",
     "SkyReelsV2DiffusionForcingPipeline",
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+];
+
+/// The SkyReels-V2 diffusion-forcing pipelines: one checkpoint serves all three (text, image
+/// and video conditioned), so a folder saved by any of them opens as a diffusion-forcing model.
+pub const DIFFUSION_FORCING_PIPELINES: [&str; 3] = [
+    "SkyReelsV2DiffusionForcingPipeline",
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
 ];
 
 impl ModelIndex {

@@ -12,7 +12,7 @@
 //! | `pipeline-v2v` | whole model | `video`, `noise`, `prompt_embeds`, `negative_prompt_embeds`; `--strength` | `latents` |
 //! | `image-encoder` | `image_encoder/` (CLIP vision) | `pixel_values` | `image_embeds` (penultimate hidden states) |
 //!
-//! | `pipeline-df` | a SkyReels-V2 diffusion-forcing model | `latents_0`, `latents_1`, … (each window's noise, in the order the reference draws them), `prompt_embeds`, `negative_prompt_embeds`; long-video flags | `latents` (the whole video) |
+//! | `pipeline-df` | a SkyReels-V2 diffusion-forcing model | `latents_0`, `latents_1`, … (each window's noise, in the order the reference draws them), `prompt_embeds`, `negative_prompt_embeds`; optional `video` (continue it) or `image` + optional `last_image` (image-to-video); long-video flags | `latents` (the whole video; with `last_image` ending with its latent frame, as the reference returns them) |
 //!
 //! `transformer` also takes `encoder_hidden_states_image` (Wan2.1 I2V's CLIP tokens), and for a
 //! `SkyReelsV2Transformer3DModel` folder `enable_diffusion_forcing` (any nonzero value) and `fps`
@@ -338,6 +338,21 @@ pub fn run_timed(
                 guidance_scale: guidance,
                 seed: 0,
             };
+            // Image-to-video: `image` (and `last_image`) `[1, 3, H, W]` in [-1, 1], each encoded
+            // alone as one latent frame.
+            let mut encode_image = |name: &str| -> Result<Option<Tensor>> {
+                inputs
+                    .get(name)
+                    .map(|x| p.encode_latents(&x.unsqueeze(2)?, &mut crate::progress::ignore))
+                    .transpose()
+            };
+            let image = encode_image("image")?;
+            let last_image = encode_image("last_image")?;
+            if last_image.is_some() && image.is_none() {
+                return Err(Error::InvalidRequest(
+                    "`last_image` needs `image` too".into(),
+                ));
+            }
             // Video-to-video (continuing `video`): its last overlap_history frames, encoded.
             let prefix = match inputs.get("video") {
                 Some(video) => {
@@ -372,7 +387,19 @@ pub fn run_timed(
                 ne,
                 temporal,
                 &mut noise,
-                prefix.as_ref(),
+                match (&prefix, &image) {
+                    (Some(v), None) => diffusion_forcing::DfCondition::Video(v),
+                    (None, Some(first)) => diffusion_forcing::DfCondition::Image {
+                        first,
+                        last: last_image.as_ref(),
+                    },
+                    (None, None) => diffusion_forcing::DfCondition::Text,
+                    (Some(_), Some(_)) => {
+                        return Err(Error::InvalidRequest(
+                            "give `video` (continue) or `image` (image-to-video), not both".into(),
+                        ))
+                    }
+                },
                 &mut crate::progress::ignore,
                 device,
                 dtype,

@@ -50,4 +50,11 @@ fn every_fixture_matches_the_reference() {
         .filter(|r| r.case == "pipeline-v2v" && r.component == "pipeline-v2v")
         .count();
     assert_eq!(v2v, 2, "video-to-video at two strengths");
+    // Diffusion forcing: text (sync, async), continuing a video, and image-to-video (one
+    // window, with a last image, two windows sync and async).
+    let df = results
+        .iter()
+        .filter(|r| r.case == "pipeline-df" && r.component == "pipeline-df")
+        .count();
+    assert_eq!(df, 7, "diffusion-forcing runs");
 }

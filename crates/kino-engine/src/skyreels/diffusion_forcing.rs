@@ -1,6 +1,7 @@
 //! Diffusion forcing for long videos: mirrors diffusers'
 //! `SkyReelsV2DiffusionForcingPipeline` (`pipelines/skyreels_v2/pipeline_skyreels_v2_diffusion_forcing.py`,
-//! 0.42.1): `generate_timestep_matrix` (every latent frame its own noise level, blocks of
+//! 0.42.1) and its image- and video-conditioned variants (`…_diffusion_forcing_i2v.py`,
+//! `…_diffusion_forcing_v2v.py`, which share the loop; [`DfCondition`]): `generate_timestep_matrix` (every latent frame its own noise level, blocks of
 //! `causal_block_size` frames lagging `ar_step` steps behind the previous block) and the
 //! `__call__` loop over windows of `base_num_frames`, each later window starting from the last
 //! `overlap_history` frames of what exists (as latents, not re-encoded pixels), every latent frame
@@ -14,6 +15,15 @@
 //! a view as its `last_sample`, so the next corrector reads the new sample (3.7% of the result on
 //! the fixture); `addnoise_condition` noises the prefix frames (the reference draws that noise
 //! without the generator; Kino draws it from the run's seed).
+//!
+//! The image-to-video variant differs in three places, copied: the first window starts from the
+//! image's latent (one frame, not cut to the causal block); the timestep matrix is always built
+//! for `base_num_frames` (the text pipeline uses the window's own length in long runs); and a
+//! last image is appended as one more latent frame of the final window, held at timestep 0 and
+//! never stepped, and left in the returned latents (the pipeline drops it before decoding). The
+//! reference fails (index errors) when a long image-to-video run's last window is shorter than
+//! `base_num_frames` and when a last image is given to a run of more than one window; Kino
+//! refuses both with the frame counts that work ([`full_window_frames`]).
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -167,6 +177,36 @@ pub struct DiffusionForcingArgs {
     pub seed: u64,
 }
 
+/// What the first window starts from.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum DfCondition<'a> {
+    /// Text alone (`SkyReelsV2DiffusionForcingPipeline`).
+    #[default]
+    Text,
+    /// The normalised VAE latents of the last `overlap_history` frames of a video to continue
+    /// (`SkyReelsV2DiffusionForcingVideoToVideoPipeline`).
+    Video(&'a Tensor),
+    /// The normalised latents `[B, z, 1, h, w]` of a first image and optionally a last one
+    /// (`SkyReelsV2DiffusionForcingImageToVideoPipeline`).
+    Image {
+        first: &'a Tensor,
+        last: Option<&'a Tensor>,
+    },
+}
+
+/// The smallest frame count ≥ `args.num_frames` whose windows are all `base_num_frames` long
+/// (what the image-to-video pipeline needs in a long run): `base + k · (base − overlap)` latent
+/// frames.
+pub fn full_window_frames(args: &DiffusionForcingArgs, temporal: usize) -> usize {
+    let (_, base, overlap, is_long) = plan_windows(args, temporal, false);
+    if !is_long {
+        return args.num_frames;
+    }
+    let num_latent = (args.num_frames - 1) / temporal + 1;
+    let k = (num_latent.saturating_sub(base)).div_ceil(base - overlap);
+    (base + k * (base - overlap) - 1) * temporal + 1
+}
+
 /// The windows of a run: `(n_iter, base latent frames, overlap latent frames, windowed)`.
 /// Continuing a video (`SkyReelsV2DiffusionForcingVideoToVideoPipeline`) is always windowed:
 /// its first window starts from the video's last `overlap_history` frames.
@@ -228,10 +268,9 @@ pub fn check_args(args: &DiffusionForcingArgs, temporal: usize) -> Result<()> {
 
 /// Runs the windows of `__call__` (sections 5–7) on given per-window noise: `noise(k, frames)`
 /// returns the initial latents `[B, z, frames, h, w]` of window k (the reference's k-th
-/// `randn_tensor` draw). With `source_prefix` (the normalised VAE latents of the last
-/// `overlap_history` frames of a video to continue: the video-to-video pipeline) the first window
-/// starts from it too. Returns the latents of the whole generated video (f32; when continuing,
-/// they begin with the prefix, as the reference's).
+/// `randn_tensor` draw). The first window starts from `condition` ([`DfCondition`]). Returns the
+/// latents of the whole generated video (f32; when continuing, they begin with the prefix, and
+/// with a last image they end with its latent frame, as the reference's).
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_long(
     transformer: &mut SkyReelsV2Transformer3DModel,
@@ -241,12 +280,20 @@ pub fn denoise_long(
     negative_prompt_embeds: Option<&Tensor>,
     temporal: usize,
     noise: &mut dyn FnMut(usize, usize) -> Result<Tensor>,
-    source_prefix: Option<&Tensor>,
+    condition: DfCondition<'_>,
     progress: Progress,
     device: &Device,
     dtype: DType,
 ) -> Result<Tensor> {
     check_args(args, temporal)?;
+    let source_prefix = match condition {
+        DfCondition::Video(v) => Some(v),
+        _ => None,
+    };
+    let (image, last_image) = match condition {
+        DfCondition::Image { first, last } => (Some(first), last),
+        _ => (None, None),
+    };
     if source_prefix.is_some() && args.overlap_history.is_none() {
         return Err(Error::InvalidRequest(
             "continuing a video needs overlap_history (how many of its last frames to continue from; 17 or 37)".into(),
@@ -270,6 +317,24 @@ pub fn denoise_long(
     let (n_iter, base_latent, overlap, is_long) =
         plan_windows(args, temporal, source_prefix.is_some());
     let num_latent = (args.num_frames - 1) / temporal + 1;
+    if image.is_some() && is_long {
+        if last_image.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "a last image works within one window only: {} frames need {n_iter} windows of \
+                 {}; ask for at most {} frames, or leave out the last image",
+                args.num_frames, args.base_num_frames, args.base_num_frames
+            )));
+        }
+        let full = full_window_frames(args, temporal);
+        if full != args.num_frames {
+            return Err(Error::InvalidRequest(format!(
+                "starting from an image, a long video's windows must all be {} frames long \
+                 (the reference fails on a shorter last window): ask for {full} frames instead \
+                 of {}",
+                args.base_num_frames, args.num_frames
+            )));
+        }
+    }
     let pe = prompt_embeds.to_device(device)?.to_dtype(dtype)?;
     let ne = match negative_prompt_embeds {
         Some(n) if do_cfg => Some(n.to_device(device)?.to_dtype(dtype)?),
@@ -285,7 +350,13 @@ pub fn denoise_long(
             (None, None) => None,
         };
         let (frames, prefix) = match &previous {
-            None => (if is_long { base_latent } else { num_latent }, None),
+            None => (
+                if is_long { base_latent } else { num_latent },
+                // The image-to-video pipeline's first window starts from the image's latent.
+                image
+                    .map(|i| i.to_device(device)?.to_dtype(DType::F32))
+                    .transpose()?,
+            ),
             Some(acc) => {
                 let total = acc.dim(2)?;
                 let take = if accumulated.is_some() {
@@ -330,18 +401,44 @@ pub fn denoise_long(
                 *slot = p.narrow(2, f, 1)?.to_dtype(DType::F32)?;
             }
         }
+        // The last image: one more latent frame at the end of the final window (only one
+        // window is allowed above, whose prefix is the first image's one frame).
+        let end_frames = match last_image {
+            Some(l) if iter + 1 == n_iter => {
+                for f in 0..l.dim(2)? {
+                    latents.push(l.narrow(2, f, 1)?.to_device(device)?.to_dtype(DType::F32)?);
+                }
+                prefix_frames
+            }
+            _ => 0,
+        };
+        let frames = frames + end_frames;
         // Every frame steps its own copy of the scheduler (`deepcopy` after `set_timesteps`).
         let mut schedulers: Vec<Box<dyn Scheduler>> =
             (0..frames).map(|_| scheduler.boxed_clone()).collect();
         let mut next_index: Vec<Option<usize>> = vec![None; frames];
-        let m = generate_timestep_matrix(
+        let mut m = generate_timestep_matrix(
             frames,
             &timesteps,
-            if is_long { frames } else { base_latent },
+            // The text pipeline builds a long run's matrix for the window, the image pipeline
+            // always for base_num_frames (+ the last image's frames).
+            if is_long && image.is_none() {
+                frames
+            } else {
+                base_latent + end_frames
+            },
             args.ar_step,
             prefix_frames,
             causal,
         )?;
+        if end_frames > 0 {
+            // `step_matrix[:, -prefix:] = 0; step_update_mask[:, -prefix:] = False`
+            for (row, mask) in m.step_matrix.iter_mut().zip(m.update_mask.iter_mut()) {
+                let n = row.len();
+                row[n - end_frames..].iter_mut().for_each(|t| *t = 0.0);
+                mask[n - end_frames..].iter_mut().for_each(|u| *u = false);
+            }
+        }
         let t0 = std::time::Instant::now();
         let total = m.step_matrix.len();
         progress(&ProgressEvent {

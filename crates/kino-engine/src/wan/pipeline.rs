@@ -33,7 +33,7 @@ use crate::clip::{self, CLIPVisionModel, ImageProcessorConfig};
 use crate::loading::{read_config, ModelIndex};
 use crate::progress::{Progress, ProgressEvent, Stage};
 use crate::schedulers::{self, Scheduler};
-use crate::skyreels::diffusion_forcing::{self, DiffusionForcingArgs};
+use crate::skyreels::diffusion_forcing::{self, DfCondition, DiffusionForcingArgs};
 use crate::skyreels::transformer::SkyReelsV2Transformer3DModel;
 use crate::wan::text_encoder::{WanTextEncoder, MAX_SEQUENCE_LENGTH};
 use crate::wan::transformer::{self, WanTransformer3DModel};
@@ -345,7 +345,8 @@ impl WanPipeline {
         let transformer_dir = component_dir(root, &index, "transformer")?;
         let vae_dir = component_dir(root, &index, "vae")?;
         let scheduler_dir = component_dir(root, &index, "scheduler")?;
-        let diffusion_forcing = index.class_name == "SkyReelsV2DiffusionForcingPipeline";
+        let diffusion_forcing =
+            crate::loading::DIFFUSION_FORCING_PIPELINES.contains(&index.class_name.as_str());
         let transformer_classes: &[&str] = if diffusion_forcing {
             &[crate::skyreels::transformer::CLASS_NAME]
         } else {
@@ -486,12 +487,12 @@ impl WanPipeline {
         let two_images = self.transformer_config.image_dim.is_none()
             || self.transformer_config.pos_embed_seq_len.is_some();
         if self.diffusion_forcing {
-            // The image- and video-conditioned diffusion-forcing pipelines are not ported yet.
-            // It continues videos (Conditioning::Continue) from their last frames.
+            // Text, a first image (and a last one within one window), and continuing videos
+            // from their last frames; not video-to-video restyling with a strength.
             return Capabilities {
                 text: true,
-                image: false,
-                last_image: false,
+                image: true,
+                last_image: true,
                 video: false,
                 long_video: true,
             };
@@ -632,6 +633,15 @@ impl WanPipeline {
                 fits("first image", first)?;
                 if let Some(l) = last {
                     fits("last image", l)?;
+                    let window = self.defaults.base_num_frames.unwrap_or(r.num_frames);
+                    if self.diffusion_forcing && r.num_frames > window {
+                        return Err(Error::InvalidRequest(format!(
+                            "with a last image a diffusion-forcing model makes one window: at \
+                             most {window} frames (asked for {}); leave out the last image for \
+                             a longer video",
+                            r.num_frames
+                        )));
+                    }
                     if r.num_frames < 2 {
                         return Err(Error::InvalidRequest(
                             "a first and a last image need at least 2 frames; try --frames 5"
@@ -664,6 +674,14 @@ impl WanPipeline {
                     ));
                 }
                 Ok(())
+            }
+            Conditioning::Video { .. } if !caps.video && self.diffusion_forcing => {
+                Err(Error::InvalidRequest(
+                    "this diffusion-forcing model continues a video (kino extend, or the API's \
+                     extensions) but does not restyle one with a strength; use a text-to-video \
+                     model (e.g. wan2.1-t2v-1.3b) for video-to-video"
+                        .into(),
+                ))
             }
             Conditioning::Video { .. } if !caps.video => Err(Error::InvalidRequest(
                 "this is an image-to-video model; it cannot restyle a video. Give it an image, \
@@ -800,25 +818,35 @@ impl WanPipeline {
         )?;
         self.scheduler.set_shift(r.shift);
         if self.diffusion_forcing {
-            let context = match &req.conditioning {
-                Conditioning::Continue { frames } => Some(frames.as_slice()),
-                _ => None,
-            };
             let (latents, skip) = self.denoise_diffusion_forcing(
                 &r,
                 &prompt_embeds,
                 negative_embeds.as_ref(),
-                context,
+                &req.conditioning,
                 progress,
             )?;
             drop(prompt_embeds);
             drop(negative_embeds);
-            let video = self.decode(&latents, progress)?;
+            // With a last image the latents end with its frame, which the reference drops
+            // before decoding.
+            let decode_latents = match &req.conditioning {
+                Conditioning::Image { last: Some(_), .. } => {
+                    latents.narrow(2, 0, latents.dim(2)? - 1)?
+                }
+                _ => latents.clone(),
+            };
+            let video = self.decode(&decode_latents, progress)?;
+            drop(decode_latents);
             let mut frames = video_to_frames(&video)?;
-            if context.is_some() {
-                // The decoded prefix repeats the end of the given video: keep the new frames.
-                frames.drain(..skip.min(frames.len()));
-                frames.truncate(r.num_frames - 1);
+            match &req.conditioning {
+                Conditioning::Continue { .. } => {
+                    // The decoded prefix repeats the end of the given video: keep the new frames.
+                    frames.drain(..skip.min(frames.len()));
+                    frames.truncate(r.num_frames - 1);
+                }
+                // A long image-to-video run is made with full windows (see
+                // `denoise_diffusion_forcing`): keep the frames asked for.
+                _ => frames.truncate(r.num_frames),
             }
             return Ok(GenerateOutput {
                 frames,
@@ -979,22 +1007,36 @@ impl WanPipeline {
     /// `SkyReelsV2DiffusionForcingPipeline.__call__` from the prompt embeddings to the latents
     /// of the whole video: windows of `base_num_frames`, each later one continuing from the last
     /// `overlap_history` frames, each window's noise from the run's seed (window k: seed + k).
-    /// With `context` (frames to continue, `SkyReelsV2DiffusionForcingVideoToVideoPipeline`) the
-    /// first window starts from its last `overlap_history` frames, encoded; returns the latents
-    /// and how many decoded frames repeat the context (to drop).
+    /// Continuing frames (`Conditioning::Continue`, `SkyReelsV2DiffusionForcingVideoToVideoPipeline`):
+    /// the first window starts from their last `overlap_history` frames, encoded. A first image
+    /// (and a last one; `SkyReelsV2DiffusionForcingImageToVideoPipeline`): each encoded alone as
+    /// one latent frame; a long run is made with full windows (the reference fails on a shorter
+    /// last one), i.e. up to the next full-window frame count, and the caller keeps the frames
+    /// asked for. Returns the latents and how many decoded frames repeat the context (to drop).
     fn denoise_diffusion_forcing(
         &mut self,
         r: &ResolvedRequest,
         prompt_embeds: &Tensor,
         negative_prompt_embeds: Option<&Tensor>,
-        context: Option<&[RgbImage]>,
+        conditioning: &Conditioning,
         progress: Progress,
     ) -> Result<(Tensor, usize)> {
         let mut args = self.diffusion_forcing_args(r);
         let temporal = self.frame_step();
         let mut prefix = None;
+        let mut images = None;
         let mut skip = 0;
-        if let Some(frames) = context {
+        if let Conditioning::Image { first, last } = conditioning {
+            let mut encode = |p: &mut Self, img: &RgbImage| -> Result<Tensor> {
+                let x = image_to_tensor(img, &p.options.device)?.unsqueeze(2)?;
+                p.encode_latents(&x, progress)
+            };
+            let f = encode(self, first)?;
+            let l = last.as_ref().map(|l| encode(self, l)).transpose()?;
+            args.num_frames = diffusion_forcing::full_window_frames(&args, temporal);
+            images = Some((f, l));
+        }
+        if let Conditioning::Continue { frames } = conditioning {
             // The last 4k+1 frames, at most overlap_history (17 by default).
             let want = args.overlap_history.unwrap_or(17);
             let avail = (frames.len().max(1) - 1) / temporal * temporal + 1;
@@ -1047,7 +1089,14 @@ impl WanPipeline {
             negative_prompt_embeds,
             temporal,
             &mut noise,
-            prefix.as_ref(),
+            match (&prefix, &images) {
+                (Some(p), _) => DfCondition::Video(p),
+                (None, Some((first, last))) => DfCondition::Image {
+                    first,
+                    last: last.as_ref(),
+                },
+                (None, None) => DfCondition::Text,
+            },
             progress,
             &device,
             self.options.dtype,
@@ -1706,7 +1755,7 @@ fn read_defaults(root: &Path, index: &ModelIndex, vae: &vae::Config) -> Result<M
         return Ok(d);
     }
     let mut d = ModelDefaults::default();
-    if index.class_name == "SkyReelsV2DiffusionForcingPipeline" {
+    if crate::loading::DIFFUSION_FORCING_PIPELINES.contains(&index.class_name.as_str()) {
         // SkyReels-V2 DF 540P, as its model card runs it: 960×544, windows of 97 frames at
         // 24 fps continuing from the last 17, 30 steps, guidance 6, added noise 20 (720P
         // checkpoints: pass --size 1280x720).
@@ -2335,7 +2384,8 @@ mod tests {
     #[test]
     fn diffusion_forcing_folders_make_long_videos_in_windows() {
         let p = open("pipeline-df");
-        assert!(p.capabilities().long_video && !p.capabilities().image);
+        let caps = p.capabilities();
+        assert!(caps.long_video && caps.image && caps.last_image && !caps.video);
         // kino.json: 21-frame windows; 37 frames need two, continuing from the last 5.
         let dir = crate::testing::fixtures_dir().join("pipeline-df/model");
         let tmp = std::env::temp_dir().join(format!("kino-df-{}", std::process::id()));
@@ -2366,19 +2416,76 @@ mod tests {
         assert_eq!(out.latents.dim(2).unwrap(), 10);
         let again = p2.generate(&r, &mut crate::progress::ignore).unwrap();
         assert_eq!(again.frames, out.frames);
-        // An image is refused with the models that take one.
+
+        // Image-to-video (SkyReelsV2DiffusionForcingImageToVideoPipeline). 29 frames would end
+        // with a short window (which the reference fails on): it is made as 37 and cut to 29,
+        // so its frames are the first 29 of the 37-frame run.
         let (w, h) = (p.defaults().width, p.defaults().height);
-        let e = p
-            .resolve(&with(
+        let first = image(w, h, 40);
+        let i2v = |n: usize, last: Option<RgbImage>| {
+            with(
                 Conditioning::Image {
-                    first: image(w, h, 1),
-                    last: None,
+                    first: first.clone(),
+                    last,
+                },
+                GenerateRequest {
+                    num_frames: Some(n),
+                    num_inference_steps: Some(2),
+                    ..req("a red circle")
+                },
+            )
+        };
+        let long = p2
+            .generate(&i2v(37, None), &mut crate::progress::ignore)
+            .unwrap();
+        let cut = p2
+            .generate(&i2v(29, None), &mut crate::progress::ignore)
+            .unwrap();
+        assert_eq!((long.frames.len(), cut.frames.len()), (37, 29));
+        assert_eq!(cut.frames[..], long.frames[..29]);
+        assert_ne!(
+            long.frames[..29],
+            out.frames[..29],
+            "the image changes the video"
+        );
+        // Latent frame 0 is the image's latent (the causal VAE decodes frame 0 from it alone).
+        let z = p2
+            .encode_latents(
+                &image_to_tensor(&first, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap(),
+                &mut crate::progress::ignore,
+            )
+            .unwrap();
+        assert!(
+            crate::testing::rel_error(&long.latents.narrow(2, 0, 1).unwrap(), &z).unwrap() < 1e-6
+        );
+        // A last image: one window only; its latent frame is dropped before decoding.
+        let last = image(w, h, 200);
+        let flf = p2
+            .generate(&i2v(21, Some(last.clone())), &mut crate::progress::ignore)
+            .unwrap();
+        assert_eq!(flf.frames.len(), 21);
+        assert_eq!(
+            flf.latents.dim(2).unwrap(),
+            7,
+            "6 latent frames + the last image's"
+        );
+        let e = err(&p2, &i2v(37, Some(last)));
+        assert!(e.contains("one window") && e.contains("at most 21"), "{e}");
+        // Restyling a video with a strength is not what it does.
+        let e = err(
+            &p2,
+            &with(
+                Conditioning::Video {
+                    frames: vec![first.clone(); 21],
+                    strength: 0.5,
                 },
                 req("x"),
-            ))
-            .expect_err("refused")
-            .to_string();
-        assert!(e.contains("text only"), "{e}");
+            ),
+        );
+        assert!(e.contains("continues a video"), "{e}");
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
