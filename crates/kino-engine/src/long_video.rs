@@ -1,29 +1,45 @@
-//! Long videos from a first-image model: a plan of segments of the model's clip length, each
-//! after the first conditioned on the last frame made so far (`Conditioning::Image { first:
-//! last_frame, last: None }`, the Wan2.2 TI2V / Wan2.1 I2V way), run one after the other through
-//! [`WanPipeline::generate`], their frames handed to a callback as each segment finishes (so the
-//! caller streams them into a writer and memory stays that of one segment).
+//! Long videos: a plan of segments of the model's clip length, run one after the other through
+//! [`WanPipeline::generate`], each after the first continuing what came before through
+//! `Conditioning::Continue` with the last frames made so far (as many as the model takes:
+//! [`context_frames`], 1 for first-image models such as Wan2.2 TI2V / Wan2.1 I2V / kino-shapes,
+//! `overlap_history` for SkyReels-V2 diffusion-forcing ones, which make the whole length in one
+//! segment, in their own windows). This is the only segment loop: `kino generate --seconds`,
+//! `kino extend` and the server's long jobs and extensions all run it; where finished segments
+//! go (the CLI's `OUT.kino-partial/`, the server's `DATA_DIR/videos/<id>/segments/`) is the
+//! caller's, through the `on_segment` callback, and a run resumes from what it stored
+//! ([`Resume`]). Planning is a pure function of the model's clip and frame rules
+//! ([`plan_segments`]), so a server node plans without loading a model.
 //!
-//! The seam: a conditioned segment's frame 0 reproduces the frame it was given (after a VAE
-//! round trip), so it is dropped and the segment's frame 1 follows the previous segment's last
-//! frame. The alternative, overlap and blend, has nothing to blend here: the first-image
-//! models take exactly one frame (latent frame 0 is one pixel frame), so the overlap is one
-//! frame that already equals the one before it, and blending it only adds a repeated (still)
-//! frame at every seam. [`SeamStats`] measures the seams of a run (mean absolute pixel jump
-//! at each seam against the jumps between frames inside segments, and how far the dropped
-//! frame 0 was from the condition), so the choice can be checked on any model.
+//! The seam, two ways (the plan's `overlap`):
+//!
+//! - **drop** (`overlap` 0): a continued segment is conditioned on the last frame made; its
+//!   frame 0 reproduces that frame and the engine drops it, so the segment's frame 1 follows;
+//! - **overlap and blend** (`overlap` M > 0): it is conditioned on the frame M before the end,
+//!   so it makes again the M frames the previous segment ended with; those M frames are
+//!   cross-faded, linearly (the new segment's weight (i+1)/(M+1) on the i-th), instead of
+//!   dropping either. The previous segment's last M frames are held back until then.
+//!
+//! Measured on kino-shapes (held-out cases × 4 seeds, 4 segments, `kino eval --long 4 --seeds
+//! 4 --overlap M`; the table is in the README): see [`DEFAULT_OVERLAP`].
+//! [`SeamStats`] measures the seams of any run (the largest frame-to-frame change across each
+//! seam against the changes inside segments, and how much two segments disagree on the frames
+//! they both made). An extension's source is never blended: its first segment continues the
+//! source's last frame(s) and drops the repeat.
 //!
 //! Determinism: segment `k` (0-based) uses seed `seed + k` (wrapping), its prompt is
 //! `prompts[k]` (the last prompt repeats when there are fewer prompts than segments), and its
-//! condition is the last frame of segment `k − 1` (or what the caller started from). The same
-//! plan, start and settings give the same video, also when resumed from finished segments
-//! (given their last frame exactly, e.g. from a lossless file).
+//! condition is the end of what was made before it. The same plan, start and settings give the
+//! same video, also when resumed from finished segments (given back their [`SegmentFrames::tail`]
+//! exactly, e.g. from a lossless file).
 
 use std::time::{Duration, Instant};
 
 use crate::progress::{ProgressEvent, Stage};
 use crate::wan::pipeline::{Conditioning, GenerateRequest, ResolvedRequest, RgbImage, WanPipeline};
 use crate::{Error, Result};
+
+/// Frames cross-faded at each seam when a request does not say (see the module docs).
+pub const DEFAULT_OVERLAP: usize = 0;
 
 /// What a long video starts from.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +85,9 @@ pub struct LongRequest {
     pub prompts: Vec<String>,
     /// Frames the run adds in all; `None`: one full segment per prompt.
     pub total_frames: Option<usize>,
+    /// Frames cross-faded at each seam between two segments (`None`: [`DEFAULT_OVERLAP`]; 0
+    /// drops the repeated frame instead).
+    pub overlap: Option<usize>,
 }
 
 /// One segment of a plan.
@@ -78,14 +97,19 @@ pub struct Segment {
     pub index: usize,
     pub prompt: String,
     pub seed: u64,
-    /// Frames generated (a valid frame count for the model).
+    /// Frames asked of the model (a valid frame count).
     pub num_frames: usize,
-    /// Leading frames dropped (1 for a segment conditioned on the frame before it: its frame 0
-    /// repeats that frame).
+    /// Leading frames the model makes that repeat the frame it continues (1 for a continued
+    /// segment); the engine drops them, so it returns `num_frames − skip` frames.
     pub skip: usize,
-    /// Frames kept after the skipped ones (fewer than generated in a shortened last segment).
+    /// Leading frames (after the skipped ones) that make again the previous segment's last
+    /// frames and are cross-faded with them (the plan's overlap; 0 for the first segment).
+    #[serde(default)]
+    pub blend: usize,
+    /// New frames it adds to the video (fewer than it could in a shortened last segment).
     pub keep: usize,
-    /// Where its first kept frame lands among the frames the run adds.
+    /// Where its first new frame lands among the frames the run adds (its blended frames are
+    /// the `blend` before).
     pub first_frame: usize,
 }
 
@@ -101,21 +125,28 @@ pub struct LongPlan {
     /// Frames the run adds (the sum of the segments' `keep`).
     pub total_frames: usize,
     /// A diffusion-forcing model (SkyReels-V2 DF) makes the whole video in one segment, in its
-    /// own windows, and continues a video from its last frames (`Conditioning::Continue`).
+    /// own windows, and continues a video from its last frames.
     #[serde(default)]
     pub native: bool,
+    /// Frames cross-faded at each seam between two segments of this run.
+    #[serde(default)]
+    pub overlap: usize,
+    /// Frames a continuation is conditioned on ([`context_frames`]).
+    #[serde(default = "one")]
+    pub context: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl LongPlan {
-    /// The request of segment `k`, conditioned on `condition` (the last frame so far).
-    pub fn segment_request(&self, k: usize, condition: Option<RgbImage>) -> GenerateRequest {
+    /// The request of segment `k` with this conditioning.
+    pub fn segment_request(&self, k: usize, conditioning: Conditioning) -> GenerateRequest {
         let s = &self.segments[k];
         let b = &self.base;
         GenerateRequest {
-            conditioning: match condition {
-                Some(first) => Conditioning::Image { first, last: None },
-                None => Conditioning::Text,
-            },
+            conditioning,
             prompt: s.prompt.clone(),
             negative_prompt: Some(b.negative_prompt.clone()),
             width: Some(b.width),
@@ -127,6 +158,30 @@ impl LongPlan {
             seed: Some(s.seed),
         }
     }
+
+    /// How many frames [`generate`] hands to `on_segment` for segment `k`: its blended
+    /// frames and its new ones, less the last ones held back for the next segment's blend.
+    pub fn handed_out(&self, k: usize) -> usize {
+        emitted(&self.segments, k)
+    }
+}
+
+/// Frames handed out for segment `k` of `segments` (see [`LongPlan::handed_out`]).
+pub fn emitted(segments: &[Segment], k: usize) -> usize {
+    let s = &segments[k];
+    let held = segments.get(k + 1).map_or(0, |n| n.blend);
+    s.blend + s.keep - held
+}
+
+/// Frames a continuation of `pipeline`'s model is conditioned on: the last `overlap_history`
+/// (17 unless its config says) for a diffusion-forcing model, else the last one.
+pub fn context_frames(pipeline: &WanPipeline) -> usize {
+    let caps = pipeline.capabilities();
+    if caps.long_video && !caps.image {
+        pipeline.defaults().overlap_history.unwrap_or(17).max(1)
+    } else {
+        1
+    }
 }
 
 /// The models that can continue a video, for messages.
@@ -134,9 +189,146 @@ fn conditioned_models() -> String {
     crate::registry::image_model_names().join(", ")
 }
 
+/// The smallest valid frame count (`step·k + 1`) of at least `n`.
+fn valid_at_least(n: usize, step: usize) -> usize {
+    let step = step.max(1);
+    (n.max(1) - 1).div_ceil(step) * step + 1
+}
+
+/// A model's rules a plan depends on: all a server node needs to plan without the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanRules {
+    /// Frames of a full segment: the request's or the model's clip (a valid count).
+    pub segment_frames: usize,
+    /// Valid frame counts are `frame_step · k + 1`.
+    pub frame_step: usize,
+    /// A diffusion-forcing model: one segment of the whole length, in its own windows.
+    pub native: bool,
+}
+
+/// The segments that add `total_frames` frames (`None`: one full segment per prompt) under
+/// `rules`, continuing a video when `continues` (else the first segment starts it), with
+/// `overlap` frames cross-faded at each seam between two segments. A pure function: the
+/// engine's [`plan`] and the server's API node both use it.
+pub fn plan_segments(
+    rules: &PlanRules,
+    continues: bool,
+    overlap: usize,
+    prompts: &[String],
+    total_frames: Option<usize>,
+    seed: u64,
+) -> Result<Vec<Segment>> {
+    if prompts.is_empty() {
+        return Err(Error::InvalidRequest(
+            "a long video needs a prompt; give every segment one".into(),
+        ));
+    }
+    if total_frames == Some(0) {
+        return Err(Error::InvalidRequest(
+            "a long video needs at least one frame; ask for a positive length".into(),
+        ));
+    }
+    let step = rules.frame_step.max(1);
+    let seg_len = rules.segment_frames;
+    if rules.native {
+        if prompts.len() > 1 {
+            return Err(Error::InvalidRequest(format!(
+                "a diffusion-forcing model makes the whole video from one prompt; a script of \
+                 several shots needs a model that continues from a frame: {}",
+                conditioned_models()
+            )));
+        }
+        let skip = usize::from(continues);
+        let total = total_frames.unwrap_or_else(|| seg_len.saturating_sub(skip).max(1));
+        return Ok(vec![Segment {
+            index: 0,
+            prompt: prompts[0].clone(),
+            seed,
+            num_frames: valid_at_least(total + skip, step),
+            skip,
+            blend: 0,
+            keep: total,
+            first_frame: 0,
+        }]);
+    }
+    let mut segments = Vec::new();
+    let mut made = 0usize;
+    let mut k = 0usize;
+    loop {
+        let skip = usize::from(k > 0 || continues);
+        let blend = if k > 0 { overlap } else { 0 };
+        let full_keep = seg_len.saturating_sub(skip + blend);
+        let keep = match total_frames {
+            Some(total) => {
+                if made >= total {
+                    break;
+                }
+                full_keep.min(total - made)
+            }
+            None => {
+                if k >= prompts.len() {
+                    break;
+                }
+                full_keep
+            }
+        };
+        if full_keep == 0 {
+            return Err(Error::InvalidRequest(if overlap > 0 {
+                format!(
+                    "segments of {seg_len} frames cannot overlap by {overlap} (a continued \
+                     segment repeats one frame and blends {overlap}); use a smaller overlap or \
+                     longer segments"
+                )
+            } else {
+                format!(
+                    "segments of {seg_len} frame cannot continue a video (their only frame \
+                     repeats the one before); use segments of at least {} frames",
+                    step + 1
+                )
+            }));
+        }
+        segments.push(Segment {
+            index: k,
+            prompt: prompts[k.min(prompts.len() - 1)].clone(),
+            seed: seed.wrapping_add(k as u64),
+            num_frames: valid_at_least(keep + skip + blend, step),
+            skip,
+            blend,
+            keep,
+            first_frame: made,
+        });
+        made += keep;
+        k += 1;
+        if k > 100_000 {
+            return Err(Error::InvalidRequest(
+                "that is more than 100000 segments; ask for a shorter video".into(),
+            ));
+        }
+    }
+    // Every segment but the last holds back its last `overlap` frames and is continued from
+    // the frame before them, which must be one it made.
+    if overlap > 0 && segments.len() > 1 {
+        let short = segments[..segments.len() - 1]
+            .iter()
+            .any(|s| s.keep <= overlap);
+        if short {
+            return Err(Error::InvalidRequest(format!(
+                "an overlap of {overlap} frames needs segments of at least {} frames (the next \
+                 segment continues from the frame {overlap} before the end, one this segment \
+                 made); segments here are {seg_len}: use an overlap of at most {} or longer \
+                 segments",
+                2 * overlap + 2,
+                seg_len.saturating_sub(2) / 2
+            )));
+        }
+    }
+    Ok(segments)
+}
+
 /// Plans the segments of `req` starting from `start` on `pipeline`'s model. A plan of more
-/// than one segment, or one that continues a video, needs a model that takes a first image;
-/// any other is refused in plain words with the models that can named.
+/// than one segment, or one that continues a video, needs a model that takes a first image
+/// or a diffusion-forcing one; any other is refused in plain words with the models that can
+/// named.
 pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<LongPlan> {
     let caps = pipeline.capabilities();
     let prompts: Vec<String> = if req.prompts.is_empty() {
@@ -160,158 +352,98 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
             "a long video needs at least one frame; ask for a positive length".into(),
         ));
     }
+    let native = caps.long_video && !caps.image;
+    let overlap = if native {
+        0
+    } else {
+        req.overlap.unwrap_or(DEFAULT_OVERLAP)
+    };
     let mut first = req.request.clone();
     first.prompt = prompts[0].clone();
-    if caps.long_video && !caps.image {
-        return plan_native(pipeline, req, start, first, &prompts);
-    }
-    first.conditioning = match start.image() {
-        Some(img) if caps.image => Conditioning::Image {
-            first: img.clone(),
-            last: None,
-        },
-        _ => Conditioning::Text,
-    };
-    if !caps.image && !matches!(start, Start::Text) {
+    first.conditioning =
+        match start {
+            Start::Image(_) if native => return Err(Error::InvalidRequest(
+                "Kino runs diffusion-forcing models from text or to continue a video; starting \
+                 from a picture (SkyReels-V2's image-to-video pipeline) is not ported yet"
+                    .into(),
+            )),
+            Start::Continue(frames) if native => Conditioning::Continue {
+                frames: frames.clone(),
+            },
+            _ => match start.image() {
+                Some(img) if caps.image => Conditioning::Image {
+                    first: img.clone(),
+                    last: None,
+                },
+                _ => Conditioning::Text,
+            },
+        };
+    if !caps.image && !native && !matches!(start, Start::Text) {
         return Err(Error::InvalidRequest(format!(
             "this model makes video from text only, so it cannot continue a video or start \
              from a picture; models that can: {}",
             conditioned_models()
         )));
     }
-    let base = pipeline.resolve(&first)?;
-    let seg_len = base.num_frames;
-    let step = pipeline.frame_step();
-    let valid_at_least = |n: usize| -> usize { (n.max(1) - 1).div_ceil(step) * step + 1 };
-
-    let mut segments = Vec::new();
-    let mut made = 0usize;
-    let mut k = 0usize;
-    loop {
-        let skip = usize::from(k > 0 || matches!(start, Start::Continue(_)));
-        let full_keep = seg_len - skip;
-        let keep = match req.total_frames {
-            Some(total) => {
-                if made >= total {
-                    break;
-                }
-                full_keep.min(total - made)
-            }
-            None => {
-                if k >= prompts.len() {
-                    break;
-                }
-                full_keep
-            }
-        };
-        if full_keep == 0 {
-            return Err(Error::InvalidRequest(format!(
-                "segments of {seg_len} frame cannot continue a video (their only frame repeats \
-                 the one before); use segments of at least {} frames",
-                step + 1
-            )));
-        }
-        segments.push(Segment {
-            index: k,
-            prompt: prompts[k.min(prompts.len() - 1)].clone(),
-            seed: base.seed.wrapping_add(k as u64),
-            num_frames: valid_at_least(keep + skip),
-            skip,
-            keep,
-            first_frame: made,
-        });
-        made += keep;
-        k += 1;
-        if k > 100_000 {
-            return Err(Error::InvalidRequest(
-                "that is more than 100000 segments; ask for a shorter video".into(),
-            ));
-        }
-    }
-    let needs_condition = segments.len() > 1 || matches!(start, Start::Continue(_));
-    if needs_condition && !caps.image {
+    let continues = matches!(start, Start::Continue(_));
+    let resolved = pipeline.resolve(&first)?;
+    let rules = PlanRules {
+        segment_frames: resolved.num_frames,
+        frame_step: pipeline.frame_step(),
+        native,
+    };
+    let segments = plan_segments(
+        &rules,
+        continues,
+        overlap,
+        &prompts,
+        req.total_frames,
+        resolved.seed,
+    )?;
+    let needs_condition = segments.len() > 1 || continues;
+    if needs_condition && !caps.image && !native {
         return Err(Error::InvalidRequest(format!(
-            "this model makes one clip of at most {seg_len} frames from text and cannot be \
+            "this model makes one clip of at most {} frames from text and cannot be \
              conditioned on a frame, so it cannot make a longer video in segments; models that \
              can: {}",
+            rules.segment_frames,
             conditioned_models()
         )));
     }
+    let base = if native {
+        // The one segment's own length.
+        first.num_frames = Some(segments[0].num_frames);
+        first.seed = Some(resolved.seed);
+        pipeline.resolve(&first)?
+    } else {
+        resolved
+    };
+    let total_frames = segments.iter().map(|s| s.keep).sum();
     Ok(LongPlan {
         start: start.kind().to_string(),
         base,
         segments,
-        total_frames: made,
-        native: false,
+        total_frames,
+        native,
+        overlap,
+        context: context_frames(pipeline),
     })
 }
 
-/// The plan of a diffusion-forcing model: one segment of the whole length (one more frame when
-/// continuing, as the engine drops the one that repeats the given frame).
-fn plan_native(
-    pipeline: &WanPipeline,
-    req: &LongRequest,
-    start: &Start,
-    mut first: GenerateRequest,
-    prompts: &[String],
-) -> Result<LongPlan> {
-    if prompts.len() > 1 {
-        return Err(Error::InvalidRequest(format!(
-            "a diffusion-forcing model makes the whole video from one prompt; a script of \
-             several shots needs a model that continues from a frame: {}",
-            conditioned_models()
-        )));
-    }
-    let continuing =
-        match start {
-            Start::Text => false,
-            Start::Continue(_) => true,
-            Start::Image(_) => return Err(Error::InvalidRequest(
-                "Kino runs diffusion-forcing models from text or to continue a video; starting \
-                 from a picture (SkyReels-V2's image-to-video pipeline) is not ported yet"
-                    .into(),
-            )),
-        };
-    let step = pipeline.frame_step();
-    let total = match req.total_frames {
-        Some(t) => t,
-        None => pipeline.resolve(&first)?.num_frames - usize::from(continuing),
-    };
-    let num_frames = (total + usize::from(continuing)).max(1);
-    let num_frames = (num_frames - 1).div_ceil(step) * step + 1;
-    first.num_frames = Some(num_frames);
-    if let Start::Continue(frames) = start {
-        first.conditioning = Conditioning::Continue {
-            frames: frames.clone(),
-        };
-    }
-    let base = pipeline.resolve(&first)?;
-    Ok(LongPlan {
-        start: start.kind().to_string(),
-        segments: vec![Segment {
-            index: 0,
-            prompt: prompts[0].clone(),
-            seed: base.seed,
-            num_frames,
-            skip: 0,
-            keep: total,
-            first_frame: 0,
-        }],
-        base,
-        total_frames: total,
-        native: true,
-    })
-}
-
-/// The frames one finished segment adds, handed to the caller.
+/// The frames one finished segment hands out, for the caller to store.
 pub struct SegmentFrames<'a> {
     pub segment: &'a Segment,
-    /// The kept frames (`segment.keep` of them), RGB u8 `height × width × 3` each.
+    /// The video's next frames ([`LongPlan::handed_out`] of them), RGB u8 `height × width × 3`
+    /// each: the segment's `blend` cross-faded frames first, then its new ones, less the last
+    /// `overlap` held back for the next segment to blend (the last segment holds none back).
     pub frames: Vec<Vec<u8>>,
     pub width: usize,
     pub height: usize,
     /// The resolved request this segment ran with.
     pub request: ResolvedRequest,
+    /// What the next segment continues from (the end of the video so far, the held-back
+    /// frames as made): store it to resume after this segment ([`Resume::tail`]).
+    pub tail: &'a [RgbImage],
 }
 
 /// Progress of a long run: an engine event inside segment `segment` (0-based) of `segments`.
@@ -325,12 +457,12 @@ pub struct LongProgress<'a> {
     pub remaining: Option<Duration>,
 }
 
-/// Where a resumed run picks up: the next segment to make and the last frame of the ones
-/// already made (exactly as made, e.g. read back from a lossless file).
+/// Where a resumed run picks up: the next segment to make and the [`SegmentFrames::tail`] of
+/// the last one made (exactly as handed out, e.g. read back from a lossless file).
 #[derive(Debug, Clone)]
 pub struct Resume {
     pub next_segment: usize,
-    pub last_frame: RgbImage,
+    pub tail: Vec<RgbImage>,
 }
 
 /// How well the segments join, over the frames this run made (see the module docs).
@@ -338,14 +470,15 @@ pub struct Resume {
 pub struct SeamStats {
     /// Seams measured (joins between two segments made in this run, or to the start frame).
     pub seams: usize,
-    /// Mean absolute pixel difference (0–255) from the last frame before a seam to the first
-    /// kept frame after it.
+    /// Mean over the seams of the largest mean absolute pixel difference (0–255) between
+    /// consecutive frames across the seam: from the last frame before it through its blended
+    /// frames to the first new one.
     pub seam_jump: f64,
     /// The same between consecutive frames inside segments (the motion's own step).
     pub within_jump: f64,
-    /// Mean absolute difference between a conditioned segment's (dropped) frame 0 and the
-    /// frame it was conditioned on: how exactly the model reproduces its condition.
-    pub repeat_error: f64,
+    /// With an overlap: the mean absolute difference between the two segments' versions of
+    /// the frames they both made (how much they disagree where they are blended).
+    pub overlap_disagreement: f64,
 }
 
 /// Mean absolute difference of two equal-length u8 buffers (0–255).
@@ -361,16 +494,24 @@ pub fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
     sum as f64 / a.len() as f64
 }
 
+/// `(1 − w)·a + w·b`, rounded.
+pub fn cross_fade(a: &[u8], b: &[u8], w: f64) -> Vec<u8> {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| ((1.0 - w) * f64::from(x) + w * f64::from(y)).round() as u8)
+        .collect()
+}
+
 #[derive(Default)]
 struct SeamAcc {
     seam: (f64, usize),
     within: (f64, usize),
-    repeat: (f64, usize),
+    disagree: (f64, usize),
 }
 
-/// Runs `plan` from `start` (or from `resume`), handing each finished segment's kept frames to
-/// `on_segment` before the next begins. Returning `Err` from either callback stops the run
-/// (e.g. [`Error::Cancelled`]).
+/// Runs `plan` from `start` (or from `resume`), handing each finished segment's frames (and
+/// what a resumed run would continue from) to `on_segment` before the next begins. Returning
+/// `Err` from either callback stops the run (e.g. [`Error::Cancelled`]).
 pub fn generate(
     pipeline: &mut WanPipeline,
     plan: &LongPlan,
@@ -380,7 +521,8 @@ pub fn generate(
     progress: &mut dyn FnMut(&LongProgress<'_>) -> Result<()>,
 ) -> Result<SeamStats> {
     let n = plan.segments.len();
-    let (first_k, mut condition) = match resume {
+    let context = plan.context.max(1);
+    let (first_k, mut tail) = match resume {
         Some(r) => {
             if r.next_segment > n {
                 return Err(Error::InvalidRequest(format!(
@@ -388,31 +530,53 @@ pub fn generate(
                     r.next_segment + 1
                 )));
             }
-            (r.next_segment, Some(r.last_frame))
+            if r.next_segment > 0 && r.tail.is_empty() {
+                return Err(Error::InvalidRequest(
+                    "cannot resume without the frames the last finished segment ended with".into(),
+                ));
+            }
+            (r.next_segment, r.tail)
         }
-        None => (0, start.image().cloned()),
+        None => match start {
+            Start::Continue(frames) => (0, frames.clone()),
+            _ => (0, Vec::new()),
+        },
     };
+    // The tail keeps the frames a continuation and a blend need.
+    let keep_tail = |len: usize| len.saturating_sub(context + plan.overlap);
     let t0 = Instant::now();
     let mut acc = SeamAcc::default();
     for k in first_k..n {
         let seg = &plan.segments[k];
-        // Segment 0 of a text start has no condition; every other one continues.
-        let cond = if k == 0 && matches!(start, Start::Text) {
-            None
-        } else {
-            condition.clone()
-        };
-        let mut req = plan.segment_request(k, cond.clone());
-        if plan.native {
-            // One call; the engine continues from the last frames itself and returns only the
-            // new ones.
-            req.conditioning = match start {
-                Start::Continue(frames) => Conditioning::Continue {
-                    frames: frames.clone(),
-                },
-                _ => Conditioning::Text,
-            };
+        if seg.blend > tail.len() {
+            return Err(Error::InvalidRequest(format!(
+                "segment {} blends {} frames but only {} came before it",
+                k + 1,
+                seg.blend,
+                tail.len()
+            )));
         }
+        let upto = tail.len() - seg.blend;
+        let conditioning = match start {
+            Start::Text if k == 0 => Conditioning::Text,
+            Start::Image(img) if k == 0 => Conditioning::Image {
+                first: img.clone(),
+                last: None,
+            },
+            _ => {
+                let from = upto.saturating_sub(context);
+                if upto == 0 {
+                    return Err(Error::InvalidRequest(format!(
+                        "segment {} has no frame to continue from",
+                        k + 1
+                    )));
+                }
+                Conditioning::Continue {
+                    frames: tail[from..upto].to_vec(),
+                }
+            }
+        };
+        let req = plan.segment_request(k, conditioning);
         let out = {
             let mut inner = |e: &ProgressEvent| -> Result<()> {
                 let elapsed = t0.elapsed();
@@ -434,51 +598,88 @@ pub fn generate(
             };
             pipeline.generate(&req, &mut inner)?
         };
-        let mut frames = out.frames;
-        if frames.len() < seg.skip + seg.keep {
+        let (w, h) = (out.width, out.height);
+        let mut made = out.frames;
+        if made.len() < seg.blend + seg.keep {
             return Err(Error::InvalidRequest(format!(
                 "segment {} made {} frames, fewer than the {} planned",
                 k + 1,
-                frames.len(),
-                seg.skip + seg.keep
+                made.len(),
+                seg.blend + seg.keep
             )));
         }
-        if let (Some(c), true) = (&cond, seg.skip > 0) {
-            acc.repeat.0 += mean_abs_diff(&frames[0], &c.data);
-            acc.repeat.1 += 1;
+        made.truncate(seg.blend + seg.keep);
+        let fresh = made.split_off(seg.blend);
+        // Cross-fade the frames both segments made: the new one's weight grows (i+1)/(M+1).
+        let held = tail.split_off(upto);
+        let mut frames: Vec<Vec<u8>> = Vec::with_capacity(seg.blend + fresh.len());
+        for (i, (old, new)) in held.iter().zip(&made).enumerate() {
+            acc.disagree.0 += mean_abs_diff(&old.data, new);
+            acc.disagree.1 += 1;
+            let wt = (i + 1) as f64 / (seg.blend + 1) as f64;
+            frames.push(cross_fade(&old.data, new, wt));
         }
-        frames.truncate(seg.skip + seg.keep);
-        let kept: Vec<Vec<u8>> = frames.drain(seg.skip..).collect();
-        drop(frames);
-        if let (Some(c), Some(f)) = (&condition, kept.first()) {
-            if seg.skip > 0 {
-                acc.seam.0 += mean_abs_diff(&c.data, f);
+        drop(made);
+        drop(held);
+        let hold = plan.segments.get(k + 1).map_or(0, |s| s.blend);
+        if hold > fresh.len() {
+            return Err(Error::InvalidRequest(format!(
+                "segment {} made {} new frames, fewer than the {hold} the next one blends",
+                k + 1,
+                fresh.len()
+            )));
+        }
+        for p in fresh.windows(2) {
+            acc.within.0 += mean_abs_diff(&p[0], &p[1]);
+            acc.within.1 += 1;
+        }
+        // Moved, not copied: memory stays that of one segment.
+        let mut fresh = fresh;
+        let held_new = fresh.split_off(fresh.len() - hold);
+        frames.extend(fresh);
+        // Seams: from the last frame before this segment through its blended frames to its
+        // first new one; inside: between its new frames.
+        if let Some(before) = tail.last() {
+            let mut window: Vec<&[u8]> = vec![&before.data];
+            window.extend(frames.iter().take(seg.blend + 1).map(Vec::as_slice));
+            if window.len() > 1 {
+                let jump = window
+                    .windows(2)
+                    .map(|p| mean_abs_diff(p[0], p[1]))
+                    .fold(0.0, f64::max);
+                acc.seam.0 += jump;
                 acc.seam.1 += 1;
             }
         }
-        for w in kept.windows(2) {
-            acc.within.0 += mean_abs_diff(&w[0], &w[1]);
-            acc.within.1 += 1;
+        // The new tail: the video so far, with this segment's held-back frames as made.
+        let total_len = tail.len() + frames.len() + held_new.len();
+        let skip_n = keep_tail(total_len);
+        let mut next_tail: Vec<RgbImage> = Vec::new();
+        let so_far = tail
+            .iter()
+            .map(|i| i.data.as_slice())
+            .chain(frames.iter().map(Vec::as_slice))
+            .chain(held_new.iter().map(Vec::as_slice));
+        for f in so_far.skip(skip_n) {
+            next_tail.push(RgbImage::new(w, h, f.to_vec())?);
         }
-        let last = kept
-            .last()
-            .map(|f| RgbImage::new(out.width, out.height, f.clone()))
-            .transpose()?;
+        drop(held_new);
+        tail = next_tail;
         on_segment(SegmentFrames {
             segment: seg,
-            frames: kept,
-            width: out.width,
-            height: out.height,
+            frames,
+            width: w,
+            height: h,
             request: out.request,
+            tail: &tail,
         })?;
-        condition = last.or(condition);
     }
     let mean = |(s, c): (f64, usize)| if c == 0 { 0.0 } else { s / c as f64 };
     Ok(SeamStats {
         seams: acc.seam.1,
         seam_jump: mean(acc.seam),
         within_jump: mean(acc.within),
-        repeat_error: mean(acc.repeat),
+        overlap_disagreement: mean(acc.disagree),
     })
 }
 
@@ -517,6 +718,7 @@ mod tests {
                 ..Default::default()
             },
             total_frames: Some(30),
+            overlap: Some(0),
             ..Default::default()
         };
         let pl = plan(&p, &req, &Start::Text).unwrap();
@@ -532,6 +734,58 @@ mod tests {
         assert_eq!(seeds, [7, 8, 9, 10]);
         let firsts: Vec<_> = pl.segments.iter().map(|s| s.first_frame).collect();
         assert_eq!(firsts, [0, 9, 17, 25]);
+        assert!(pl.segments.iter().all(|s| s.blend == 0));
+        assert_eq!(pl.context, 1);
+
+        // Overlap 2: each continued segment makes 8 frames, 2 of them blended with the end of
+        // the one before, 6 new; the next continues from the frame 2 before the end.
+        let ov = LongRequest {
+            overlap: Some(2),
+            ..req.clone()
+        };
+        let pl = plan(&p, &ov, &Start::Text).unwrap();
+        let shapes: Vec<_> = pl
+            .segments
+            .iter()
+            .map(|s| (s.num_frames, s.skip, s.blend, s.keep))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (9, 0, 0, 9),
+                (9, 1, 2, 6),
+                (9, 1, 2, 6),
+                (9, 1, 2, 6),
+                (9, 1, 2, 3)
+            ]
+        );
+        assert_eq!(pl.total_frames, 30);
+        let handed: Vec<_> = (0..pl.segments.len()).map(|k| pl.handed_out(k)).collect();
+        assert_eq!(handed, [7, 6, 6, 6, 5]);
+        assert_eq!(handed.iter().sum::<usize>(), 30);
+        // The same plan from the pure function a server node calls without the model.
+        let rules = PlanRules {
+            segment_frames: 9,
+            frame_step: 4,
+            native: false,
+        };
+        let pure = plan_segments(&rules, false, 2, &["a".into()], Some(30), 7).unwrap();
+        assert_eq!(pure, pl.segments);
+        // An overlap the segments cannot hold is refused, saying what fits.
+        let e = plan(
+            &p,
+            &LongRequest {
+                overlap: Some(4),
+                ..req.clone()
+            },
+            &Start::Text,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("at least 10 frames") && e.contains("at most 3"),
+            "{e}"
+        );
 
         // One full segment per prompt; the prompts follow the segments.
         req.total_frames = None;
@@ -614,11 +868,13 @@ mod tests {
             },
             prompts: vec!["a".into(), "b".into(), "c".into()],
             total_frames: None,
+            overlap: Some(0),
         };
         let pl = plan(&p, &req, &Start::Text).unwrap();
         let mut all: Vec<Vec<u8>> = Vec::new();
         let mut order = Vec::new();
         let mut seen_segments = std::collections::BTreeSet::new();
+        let mut tails = Vec::new();
         let stats = generate(
             &mut p,
             &pl,
@@ -627,6 +883,7 @@ mod tests {
             &mut |s| {
                 order.push((s.segment.index, s.frames.len(), s.request.seed));
                 all.extend(s.frames);
+                tails.push(s.tail.to_vec());
                 Ok(())
             },
             &mut |e| {
@@ -645,8 +902,10 @@ mod tests {
         assert!(stats.within_jump > 0.0, "{stats:?}");
         eprintln!("seams (random weights): {stats:?}");
 
-        // Resume at segment 2 from segment 1's last frame: the same frames as before.
-        let last = RgbImage::new(64, 64, all[16].clone()).unwrap();
+        // The tail is the last frame made; resume at segment 2 from segment 1's tail: the
+        // same frames as before.
+        assert_eq!(tails[1].len(), 1);
+        assert_eq!(tails[1][0].data, all[16]);
         let mut tail: Vec<Vec<u8>> = Vec::new();
         generate(
             &mut p,
@@ -654,7 +913,7 @@ mod tests {
             &Start::Text,
             Some(Resume {
                 next_segment: 2,
-                last_frame: last,
+                tail: tails[1].clone(),
             }),
             &mut |s| {
                 tail.extend(s.frames);
@@ -675,6 +934,103 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(e, Error::Cancelled));
+    }
+
+    #[test]
+    fn overlapping_segments_blend_between_both_and_resume_the_same() {
+        let Some(mut p) = open("pipeline-ti2v") else {
+            eprintln!("pipeline-ti2v fixture missing; skipped");
+            return;
+        };
+        let req = LongRequest {
+            request: GenerateRequest {
+                prompt: "a".into(),
+                seed: Some(5),
+                num_inference_steps: Some(2),
+                ..Default::default()
+            },
+            prompts: vec!["a".into(), "b".into(), "c".into()],
+            total_frames: None,
+            overlap: Some(2),
+        };
+        let pl = plan(&p, &req, &Start::Text).unwrap();
+        assert_eq!(pl.total_frames, 9 + 6 + 6);
+        let mut all: Vec<Vec<u8>> = Vec::new();
+        let mut tails = Vec::new();
+        let stats = generate(
+            &mut p,
+            &pl,
+            &Start::Text,
+            None,
+            &mut |s| {
+                assert_eq!(s.frames.len(), pl.handed_out(s.segment.index));
+                all.extend(s.frames);
+                tails.push(s.tail.to_vec());
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(all.len(), pl.total_frames);
+        assert_eq!(stats.seams, 2);
+        assert!(stats.overlap_disagreement > 0.0, "{stats:?}");
+        // Segment 0's tail: the frame segment 1 continues from (the last handed out) and the
+        // two held back, as made.
+        assert_eq!(tails[0].len(), 3);
+        assert_eq!(tails[0][0].data, all[6]);
+        // Segment 1 on its own (Continue from that frame): its first two frames are blended
+        // with the held ones, each blended frame lying between the two versions.
+        let cont = pl.segment_request(
+            1,
+            Conditioning::Continue {
+                frames: vec![tails[0][0].clone()],
+            },
+        );
+        let own = p.generate(&cont, &mut |_| Ok(())).unwrap().frames;
+        for i in 0..2 {
+            let (old, new, mixed) = (&tails[0][1 + i].data, &own[i], &all[7 + i]);
+            let wt = (i + 1) as f64 / 3.0;
+            assert_eq!(mixed, &cross_fade(old, new, wt));
+            assert!(old
+                .iter()
+                .zip(new)
+                .zip(mixed)
+                .all(|((&a, &b), &m)| a.min(b) <= m && m <= a.max(b)));
+        }
+        // Then its new frames as made.
+        assert_eq!(all[9..13], own[2..6]);
+        // Resumed after segment 1: the same frames.
+        let mut rest: Vec<Vec<u8>> = Vec::new();
+        generate(
+            &mut p,
+            &pl,
+            &Start::Text,
+            Some(Resume {
+                next_segment: 2,
+                tail: tails[1].clone(),
+            }),
+            &mut |s| {
+                rest.extend(s.frames);
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        let before: usize = (0..2).map(|k| pl.handed_out(k)).sum();
+        assert_eq!(rest, all[before..]);
+    }
+
+    #[test]
+    fn cross_fade_weights_linearly() {
+        assert_eq!(
+            cross_fade(&[0, 100, 255], &[255, 100, 0], 0.0),
+            [0, 100, 255]
+        );
+        assert_eq!(
+            cross_fade(&[0, 100, 255], &[255, 100, 0], 1.0),
+            [255, 100, 0]
+        );
+        assert_eq!(cross_fade(&[0, 10], &[100, 20], 1.0 / 3.0), [33, 13]);
     }
 
     #[test]

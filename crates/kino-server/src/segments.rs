@@ -1,40 +1,42 @@
 //! Videos longer than one clip, and extensions (`POST /v1/videos/extensions`), made in
-//! segments of the model's clip length.
+//! segments: what of them is the server's.
 //!
-//! A job with [`LongJob`] in its parameters runs one `generate` call per segment. Segment 0 of a
-//! create starts as any video does (text, or `input_reference`); every later segment — and
-//! every segment of an extension — is `Conditioning::Continue` on the last frames made so far
-//! (the last frame for first-image models, the last `overlap_history` frames for SkyReels-V2
-//! diffusion-forcing ones), which returns only the new frames. Segment `k` uses seed `seed + k`.
-//!
-//! This is the server's own minimal segment loop, not `kino_engine::long_video` (which `kino
-//! extend` uses): that planner conditions each segment with `Conditioning::Image` on one last
-//! frame and refuses models without a first image, so it cannot continue with a
-//! diffusion-forcing model's `overlap_history` frames, and its resume takes only a last frame.
-//! The two should become one path once the engine's planner runs `Conditioning::Continue`.
+//! The segment loop is the engine's, [`kino_engine::long_video`] (the one `kino generate
+//! --seconds` and `kino extend` run): segment 0 of a create starts as any video does (text, or
+//! `input_reference`); every later segment, and every segment of an extension, continues the
+//! end of what was made before (`Conditioning::Continue`: the last frame for first-image models,
+//! with the plan's overlap cross-faded; a SkyReels-V2 diffusion-forcing model makes an
+//! extension in one call, in its own windows). Segment `k` uses seed `seed + k`. This module
+//! keeps the server's part: the plan stored in the job's parameters ([`LongJob`], made by the
+//! API node from the model's settings alone, with the engine's pure
+//! [`long_video::plan_segments`]) and the finished segments on disk.
 //!
 //! **Finished segments are kept.** Each one's frames go to
-//! `DATA_DIR/videos/<id>/segments/segment_NNN.rgb` (raw RGB, `height × width × 3` per frame,
-//! written to a temporary name and renamed, so a file there is whole). A job started again
-//! after a crash or restart skips the segments whose file is there, continues from their last
-//! frames, and stitches source + segments into one MP4 when the last one is done; then the
-//! folder is removed. A cancelled or failed job removes it too.
+//! `DATA_DIR/videos/<id>/segments/segment_NNN.rgb` (raw RGB, `height × width × 3` per frame)
+//! and what the next segment continues from to `segment_NNN.tail.rgb`, each written to a
+//! temporary name and renamed (the tail first), so a frames file there is whole. A job started
+//! again after a crash or restart skips the segments whose files are there, continues from the
+//! last one's tail, and stitches source + segments into one MP4 when the last one is done; then
+//! the folder is removed. A cancelled or failed job removes it too.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kino_engine::wan::pipeline::RgbImage;
+use kino_engine::long_video::{self, PlanRules};
 use serde::{Deserialize, Serialize};
+
+use crate::mapping::ModelInfo;
 
 /// One planned segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     /// Frames asked of the model (a valid frame count).
     pub num_frames: usize,
-    /// Frames kept: all of them for a first segment that starts the video; for a continuation
-    /// at most `num_frames − 1` (the model returns only the new ones), fewer in a shortened
-    /// last segment.
+    /// New frames it adds to the video.
     pub keep: usize,
+    /// Leading frames cross-faded with the end of the segment before.
+    #[serde(default)]
+    pub blend: usize,
 }
 
 /// A video made in segments (stored in the job's parameters).
@@ -46,9 +48,56 @@ pub struct LongJob {
     #[serde(default)]
     pub source_frames: usize,
     pub segments: Vec<Segment>,
+    /// Frames cross-faded at each seam between two segments (0: the repeated frame dropped).
+    #[serde(default)]
+    pub overlap: usize,
 }
 
 impl LongJob {
+    /// Plans `new_frames` new frames on `model` (continuing its stored source when
+    /// `extends`), as the engine will run them, with the engine's default overlap.
+    pub fn plan(
+        model: &ModelInfo,
+        new_frames: usize,
+        extends: bool,
+        source_frames: usize,
+    ) -> Result<LongJob, String> {
+        let caps = model.capabilities;
+        let native = caps.long_video && !caps.image;
+        let overlap = if native {
+            0
+        } else {
+            long_video::DEFAULT_OVERLAP
+        };
+        let rules = PlanRules {
+            segment_frames: model.defaults.num_frames,
+            frame_step: model.frame_step,
+            native,
+        };
+        let segs = long_video::plan_segments(
+            &rules,
+            extends,
+            overlap,
+            &[String::new()],
+            Some(new_frames),
+            0,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(LongJob {
+            extends,
+            source_frames,
+            segments: segs
+                .iter()
+                .map(|s| Segment {
+                    num_frames: s.num_frames,
+                    keep: s.keep,
+                    blend: s.blend,
+                })
+                .collect(),
+            overlap,
+        })
+    }
+
     /// Frames the segments add.
     pub fn new_frames(&self) -> usize {
         self.segments.iter().map(|s| s.keep).sum()
@@ -59,43 +108,13 @@ impl LongJob {
         self.source_frames + self.new_frames()
     }
 
-    /// Whether segment `k` continues what came before (else it starts the video).
-    pub fn continues(&self, k: usize) -> bool {
-        self.extends || k > 0
+    /// Frames segment `k`'s file holds: its blended and new frames, less the ones the next
+    /// segment blends ([`long_video::emitted`]).
+    pub fn handed_out(&self, k: usize) -> usize {
+        let s = &self.segments[k];
+        let held = self.segments.get(k + 1).map_or(0, |n| n.blend);
+        s.blend + s.keep - held
     }
-}
-
-/// The smallest valid frame count (`step·k + 1`) of at least `n`.
-fn valid_at_least(n: usize, step: usize) -> usize {
-    let step = step.max(1);
-    (n.max(1) - 1).div_ceil(step) * step + 1
-}
-
-/// Segments of at most `clip` frames that add `new_frames` frames; the first starts the video
-/// unless `extends` (then every segment continues).
-pub fn plan(new_frames: usize, clip: usize, step: usize, extends: bool) -> Vec<Segment> {
-    let clip = clip.max(step.max(1) + 1);
-    let mut segs = Vec::new();
-    let mut left = new_frames;
-    if !extends && left > 0 {
-        let n = left.min(clip);
-        let n = valid_at_least(n, step).min(valid_at_least(clip, step));
-        segs.push(Segment {
-            num_frames: n,
-            keep: n.min(left),
-        });
-        left -= n.min(left);
-    }
-    while left > 0 {
-        let most = clip - 1;
-        let keep = left.min(most);
-        segs.push(Segment {
-            num_frames: valid_at_least(keep + 1, step),
-            keep,
-        });
-        left -= keep;
-    }
-    segs
 }
 
 /// Where a job's finished segments are kept.
@@ -108,28 +127,31 @@ pub fn segment_file(data_dir: &Path, id: &str, k: usize) -> PathBuf {
     segments_dir(data_dir, id).join(format!("segment_{k:03}.rgb"))
 }
 
-/// How many leading segments are finished (their files are there and whole).
+/// The file of segment `k`'s tail (what segment `k + 1` continues from).
+pub fn tail_file(data_dir: &Path, id: &str, k: usize) -> PathBuf {
+    segments_dir(data_dir, id).join(format!("segment_{k:03}.tail.rgb"))
+}
+
+/// How many leading segments are finished (their frames file is there and whole, and their
+/// tail too).
 pub fn finished(data_dir: &Path, id: &str, job: &LongJob, frame_bytes: usize) -> usize {
-    job.segments
-        .iter()
-        .enumerate()
-        .take_while(|(k, s)| {
-            std::fs::metadata(segment_file(data_dir, id, *k))
-                .is_ok_and(|m| m.len() == (s.keep * frame_bytes) as u64)
+    (0..job.segments.len())
+        .take_while(|&k| {
+            let whole = std::fs::metadata(segment_file(data_dir, id, k))
+                .is_ok_and(|m| m.len() == (job.handed_out(k) * frame_bytes) as u64);
+            let tail = std::fs::metadata(tail_file(data_dir, id, k))
+                .is_ok_and(|m| frame_bytes > 0 && m.len() > 0 && m.len() % frame_bytes as u64 == 0);
+            whole && tail
         })
         .count()
 }
 
-/// Writes segment `k`'s frames (a temporary file, then a rename).
-pub fn write_segment(
-    data_dir: &Path,
-    id: &str,
-    k: usize,
-    frames: &[Vec<u8>],
-) -> std::io::Result<()> {
-    let dir = segments_dir(data_dir, id);
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".segment_{k:03}.rgb.tmp"));
+fn write_frames(dir: &Path, to: &Path, frames: &[&[u8]]) -> std::io::Result<()> {
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         for fr in frames {
@@ -137,7 +159,32 @@ pub fn write_segment(
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
-    std::fs::rename(&tmp, segment_file(data_dir, id, k))
+    std::fs::rename(&tmp, to)
+}
+
+/// Writes segment `k`'s frames and its tail (temporary files, then renames: the tail first).
+pub fn write_segment(
+    data_dir: &Path,
+    id: &str,
+    k: usize,
+    frames: &[Vec<u8>],
+    tail: &[&[u8]],
+) -> std::io::Result<()> {
+    let dir = segments_dir(data_dir, id);
+    std::fs::create_dir_all(&dir)?;
+    write_frames(&dir, &tail_file(data_dir, id, k), tail)?;
+    let frames: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    write_frames(&dir, &segment_file(data_dir, id, k), &frames)
+}
+
+/// Reads segment `k`'s tail back.
+pub fn read_tail(
+    data_dir: &Path,
+    id: &str,
+    k: usize,
+    frame_bytes: usize,
+) -> std::io::Result<Vec<Vec<u8>>> {
+    read_raw(&tail_file(data_dir, id, k), k, frame_bytes)
 }
 
 /// Reads segment `k`'s frames back.
@@ -147,7 +194,11 @@ pub fn read_segment(
     k: usize,
     frame_bytes: usize,
 ) -> std::io::Result<Vec<Vec<u8>>> {
-    let bytes = std::fs::read(segment_file(data_dir, id, k))?;
+    read_raw(&segment_file(data_dir, id, k), k, frame_bytes)
+}
+
+fn read_raw(path: &Path, k: usize, frame_bytes: usize) -> std::io::Result<Vec<Vec<u8>>> {
+    let bytes = std::fs::read(path)?;
     if frame_bytes == 0 || bytes.len() % frame_bytes != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -170,15 +221,6 @@ pub fn remove_segments(data_dir: &Path, id: &str) {
     }
 }
 
-/// Keeps the last `n` frames of `tail` after appending `frames`.
-pub fn push_tail(tail: &mut Vec<RgbImage>, frames: Vec<RgbImage>, n: usize) {
-    tail.extend(frames);
-    let n = n.max(1);
-    if tail.len() > n {
-        tail.drain(..tail.len() - n);
-    }
-}
-
 /// The overall progress (0–95) inside segment `k` of `n` when that segment is at `pct` (0–97,
 /// [`crate::worker::progress_percent`]); 95–99 is the stitching.
 pub fn overall_percent(k: usize, n: usize, pct: u8) -> u8 {
@@ -190,44 +232,74 @@ pub fn overall_percent(k: usize, n: usize, pct: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kino_engine::wan::pipeline::{Capabilities, ModelDefaults};
+
+    fn model(clip: usize, image: bool, long_video: bool) -> ModelInfo {
+        ModelInfo {
+            id: "m".into(),
+            path: PathBuf::new(),
+            defaults: ModelDefaults {
+                num_frames: clip,
+                ..Default::default()
+            },
+            size_multiple: (32, 32),
+            frame_step: 4,
+            capabilities: Capabilities {
+                text: true,
+                image,
+                last_image: false,
+                video: !image,
+                long_video,
+            },
+        }
+    }
+
+    fn plan(n: usize, clip: usize, extends: bool) -> Vec<Segment> {
+        let mut j = LongJob::plan(&model(clip, true, false), n, extends, 0).unwrap();
+        assert_eq!(j.overlap, long_video::DEFAULT_OVERLAP);
+        // The shapes below are the drop plan's; the blended plan's are checked in the engine.
+        if j.overlap > 0 {
+            let rules = PlanRules {
+                segment_frames: clip,
+                frame_step: 4,
+                native: false,
+            };
+            j.segments =
+                long_video::plan_segments(&rules, extends, 0, &[String::new()], Some(n), 0)
+                    .unwrap()
+                    .iter()
+                    .map(|s| Segment {
+                        num_frames: s.num_frames,
+                        keep: s.keep,
+                        blend: s.blend,
+                    })
+                    .collect();
+        }
+        j.segments
+    }
 
     #[test]
     fn plans_add_exactly_the_frames_asked() {
+        let seg = |num_frames, keep| Segment {
+            num_frames,
+            keep,
+            blend: 0,
+        };
         // Tiny TI2V: 17-frame clips, step 4. 4 s at 8 fps = 33 frames: 17 + 16.
-        let p = plan(33, 17, 4, false);
-        assert_eq!(
-            p,
-            vec![
-                Segment {
-                    num_frames: 17,
-                    keep: 17
-                },
-                Segment {
-                    num_frames: 17,
-                    keep: 16
-                }
-            ]
-        );
+        assert_eq!(plan(33, 17, false), vec![seg(17, 17), seg(17, 16)]);
         // An extension of 32 frames: two continuations of 16 new frames each.
-        let p = plan(32, 17, 4, true);
+        let p = plan(32, 17, true);
         assert_eq!(p.len(), 2);
         assert!(p.iter().all(|s| s.num_frames == 17 && s.keep == 16));
         // A short last segment asks for the smallest valid count that gives its frames.
-        let p = plan(20, 17, 4, true);
-        assert_eq!(
-            p[1],
-            Segment {
-                num_frames: 5,
-                keep: 4
-            }
-        );
+        assert_eq!(plan(20, 17, true)[1], seg(5, 4));
         for (n, clip, ext) in [
             (81, 81, false),
             (200, 81, false),
             (7, 17, true),
             (1, 17, true),
         ] {
-            let p = plan(n, clip, 4, ext);
+            let p = plan(n, clip, ext);
             assert_eq!(
                 p.iter().map(|s| s.keep).sum::<usize>(),
                 n,
@@ -243,8 +315,11 @@ mod tests {
                 assert!(s.keep <= most, "{s:?}");
             }
         }
-        let one = plan(17, 17, 4, false);
-        assert_eq!(one.len(), 1);
+        assert_eq!(plan(17, 17, false).len(), 1);
+        // A diffusion-forcing model extends in one call, in its own windows.
+        let df = LongJob::plan(&model(21, false, true), 24, true, 73).unwrap();
+        assert_eq!(df.segments, vec![seg(25, 24)]);
+        assert_eq!(df.total_frames(), 97);
     }
 
     #[test]
@@ -254,21 +329,47 @@ mod tests {
         let job = LongJob {
             extends: true,
             source_frames: 3,
-            segments: plan(8, 5, 4, true),
+            segments: plan(8, 5, true),
+            overlap: 0,
         };
         assert_eq!(job.segments.len(), 2);
         assert_eq!(job.total_frames(), 11);
         let fb = 2 * 2 * 3;
         assert_eq!(finished(dir.path(), id, &job, fb), 0);
         let frames: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; fb]).collect();
-        write_segment(dir.path(), id, 0, &frames).unwrap();
+        write_segment(dir.path(), id, 0, &frames, &[&frames[3]]).unwrap();
         assert_eq!(finished(dir.path(), id, &job, fb), 1);
         assert_eq!(read_segment(dir.path(), id, 0, fb).unwrap(), frames);
-        // A torn file does not count.
+        assert_eq!(
+            read_tail(dir.path(), id, 0, fb).unwrap(),
+            [frames[3].clone()]
+        );
+        // A torn file does not count, nor frames without their tail.
         std::fs::write(segment_file(dir.path(), id, 1), [0u8; 5]).unwrap();
+        assert_eq!(finished(dir.path(), id, &job, fb), 1);
+        std::fs::write(segment_file(dir.path(), id, 1), vec![0u8; 4 * fb]).unwrap();
         assert_eq!(finished(dir.path(), id, &job, fb), 1);
         remove_segments(dir.path(), id);
         assert_eq!(finished(dir.path(), id, &job, fb), 0);
+        // With an overlap, a segment's file holds its blended and new frames less the held.
+        let blended = LongJob {
+            extends: false,
+            source_frames: 0,
+            segments: vec![
+                Segment {
+                    num_frames: 17,
+                    keep: 17,
+                    blend: 0,
+                },
+                Segment {
+                    num_frames: 17,
+                    keep: 14,
+                    blend: 2,
+                },
+            ],
+            overlap: 2,
+        };
+        assert_eq!((blended.handed_out(0), blended.handed_out(1)), (15, 16));
     }
 
     #[test]

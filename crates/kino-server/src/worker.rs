@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kino_engine::device::DeviceChoice;
+use kino_engine::long_video::{self, LongRequest, Resume, Start};
 use kino_engine::progress::{ProgressEvent, Stage};
 use kino_engine::wan::pipeline::{
     Conditioning, PipelineOptions, ResolvedRequest, RgbImage, WanPipeline,
@@ -468,9 +469,10 @@ impl Worker {
     }
 }
 
-/// Runs a video made in segments ([`crate::segments`]): skips the segments a previous run
-/// finished, makes the rest (each kept on disk as it finishes), then stitches the source (for
-/// an extension) and every segment into one MP4.
+/// Runs a video made in segments ([`crate::segments`]) through the engine's segment loop
+/// ([`long_video::generate`]): skips the segments a previous run finished (continuing from the
+/// last one's stored tail), keeps each new one on disk as it finishes, then stitches the
+/// source (for an extension) and every segment into one MP4.
 fn run_long(
     data_dir: &Path,
     shared: &Shared,
@@ -491,24 +493,70 @@ fn run_long(
     let n = long.segments.len();
     let fail = |code: &str, msg: String| Outcome::Failed(code.into(), msg);
     let rgb = |data: Vec<u8>| RgbImage::new(w, h, data).map_err(|e| e.to_string());
-    // What a continuation starts from: the last frame, or the last overlap_history frames for a
-    // diffusion-forcing model.
-    let tail_len = info.defaults.overlap_history.unwrap_or(1).max(1);
-    let mut tail: Vec<RgbImage> = Vec::new();
+    let context = long_video::context_frames(pipeline);
+    // What the video starts from: the source's last frames (an extension), or the create's
+    // own start (text or input_reference).
     let mut source: Vec<Vec<u8>> = Vec::new();
-    if long.extends {
+    let start = if long.extends {
         match read_source(data_dir, job, w, h, fps, long.source_frames) {
             Ok(frames) => source = frames,
             Err(msg) => return fail("invalid_input", msg),
         }
-        let from = source.len().saturating_sub(tail_len);
+        let from = source.len().saturating_sub(context);
         match source[from..].iter().cloned().map(rgb).collect() {
-            Ok(t) => tail = t,
+            Ok(t) => Start::Continue(t),
             Err(msg) => return fail("invalid_input", msg),
         }
+    } else {
+        match crate::inputs::conditioning(data_dir, job) {
+            Ok(Conditioning::Text) => Start::Text,
+            Ok(Conditioning::Image { first, last: None }) => Start::Image(first),
+            Ok(_) => {
+                return fail(
+                    "invalid_request",
+                    "a video longer than one clip starts from text or one input_reference \
+                     image; a last image or a source video ends or restyles one clip"
+                        .into(),
+                )
+            }
+            Err(msg) => return fail("invalid_input", msg),
+        }
+    };
+    // The engine plans the segments again from the same settings: the same plan as the API
+    // node's (a pure function of the model's settings), checked.
+    let mut request = r.clone();
+    request.num_frames = None;
+    let req = LongRequest {
+        prompts: vec![r.prompt.clone()],
+        total_frames: Some(long.new_frames()),
+        overlap: Some(long.overlap),
+        request,
+    };
+    let plan = match long_video::plan(pipeline, &req, &start) {
+        Ok(p) => p,
+        Err(e) => return engine_outcome(shared, e),
+    };
+    let shapes: Vec<_> = plan
+        .segments
+        .iter()
+        .map(|s| (s.num_frames, s.keep, s.blend))
+        .collect();
+    let stored: Vec<_> = long
+        .segments
+        .iter()
+        .map(|s| (s.num_frames, s.keep, s.blend))
+        .collect();
+    if shapes != stored {
+        return fail(
+            "invalid_request",
+            format!(
+                "the model's settings changed since the job was queued (segments {stored:?} \
+                 planned, {shapes:?} now); submit it again"
+            ),
+        );
     }
     let done = segments::finished(data_dir, id, long, frame_bytes);
-    if done > 0 {
+    let resume = if done > 0 {
         tracing::info!(
             id,
             finished = done,
@@ -516,24 +564,26 @@ fn run_long(
             "resuming at segment {} of {n}; {done} finished segment(s) kept",
             done + 1
         );
-        for k in 0..done {
-            let frames = match segments::read_segment(data_dir, id, k, frame_bytes) {
-                Ok(f) => f,
-                Err(e) => {
-                    return fail(
-                        "output_failed",
-                        format!("cannot read segment {}: {e}", k + 1),
-                    )
-                }
-            };
-            let from = frames.len().saturating_sub(tail_len);
-            match frames[from..].iter().cloned().map(rgb).collect() {
-                Ok(t) => segments::push_tail(&mut tail, t, tail_len),
-                Err(msg) => return fail("output_failed", msg),
+        let tail = match segments::read_tail(data_dir, id, done - 1, frame_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                return fail(
+                    "output_failed",
+                    format!("cannot read segment {}: {e}", done),
+                )
             }
+        };
+        match tail.into_iter().map(rgb).collect() {
+            Ok(tail) => Some(Resume {
+                next_segment: done,
+                tail,
+            }),
+            Err(msg) => return fail("output_failed", msg),
         }
-    }
-    let base_seed = r.seed.unwrap_or(0);
+    } else {
+        None
+    };
+    let base_seed = plan.base.seed;
     let mut last_request: Option<ResolvedRequest> = None;
     let mut sink = ProgressSink {
         shared,
@@ -545,58 +595,33 @@ fn run_long(
         start_pct: segments::overall_percent(done, n, 0),
     };
     let _ = store.set_progress(id, sink.last_pct);
-    for k in done..n {
-        if shared.is_cancelled(id) {
-            return engine_outcome(shared, kino_engine::Error::Cancelled);
-        }
-        let seg = long.segments[k];
-        let mut req = r.clone();
-        req.num_frames = Some(seg.num_frames);
-        req.seed = Some(base_seed.wrapping_add(k as u64));
-        req.conditioning = if long.continues(k) {
-            Conditioning::Continue {
-                frames: tail.clone(),
+    let mut keep_failed: Option<String> = None;
+    let result = long_video::generate(
+        pipeline,
+        &plan,
+        &start,
+        resume,
+        &mut |s| {
+            let k = s.segment.index;
+            let tail: Vec<&[u8]> = s.tail.iter().map(|t| t.data.as_slice()).collect();
+            if let Err(e) = segments::write_segment(data_dir, id, k, &s.frames, &tail) {
+                keep_failed = Some(format!("cannot keep segment {}: {e}", k + 1));
+                return Err(kino_engine::Error::Cancelled);
             }
-        } else {
-            match crate::inputs::conditioning(data_dir, job) {
-                Ok(c) => c,
-                Err(msg) => return fail("invalid_input", msg),
-            }
-        };
-        sink.segment = (k, n);
-        let out = {
-            let mut progress = |e: &ProgressEvent| sink.on(e);
-            match pipeline.generate(&req, &mut progress) {
-                Ok(o) => o,
-                Err(e) => return engine_outcome(shared, e),
-            }
-        };
-        let mut frames = out.frames;
-        if frames.len() < seg.keep {
-            return fail(
-                "generation_failed",
-                format!(
-                    "segment {} of {n} made {} frames, fewer than the {} planned",
-                    k + 1,
-                    frames.len(),
-                    seg.keep
-                ),
-            );
-        }
-        frames.truncate(seg.keep);
-        if let Err(e) = segments::write_segment(data_dir, id, k, &frames) {
-            return fail(
-                "output_failed",
-                format!("cannot keep segment {}: {e}", k + 1),
-            );
-        }
-        tracing::info!(id, segment = k + 1, segments = n, "segment finished");
-        let from = frames.len().saturating_sub(tail_len);
-        match frames.drain(from..).map(rgb).collect() {
-            Ok(t) => segments::push_tail(&mut tail, t, tail_len),
-            Err(msg) => return fail("generation_failed", msg),
-        }
-        last_request = Some(out.request);
+            tracing::info!(id, segment = k + 1, segments = n, "segment finished");
+            last_request = Some(s.request);
+            Ok(())
+        },
+        &mut |p| {
+            sink.segment = (p.segment, p.segments);
+            sink.on(p.event)
+        },
+    );
+    if let Some(msg) = keep_failed {
+        return fail("output_failed", msg);
+    }
+    if let Err(e) = result {
+        return engine_outcome(shared, e);
     }
     // Stitch: the source, then every segment.
     let _ = store.set_progress(id, 96);
@@ -614,14 +639,7 @@ fn run_long(
     }
     let mut request = match last_request {
         Some(q) => q,
-        None => {
-            let mut q = r.clone();
-            q.num_frames = long.segments.first().map(|s| s.num_frames);
-            match pipeline.resolve(&q) {
-                Ok(q) => q,
-                Err(e) => return engine_outcome(shared, e),
-            }
-        }
+        None => plan.base.clone(),
     };
     request.num_frames = all.len();
     request.seed = base_seed;
@@ -633,6 +651,7 @@ fn run_long(
         "frames": long.segments.iter().map(|s| s.keep).collect::<Vec<_>>(),
         "source_frames": long.source_frames,
         "seeds": format!("{base_seed} + segment index"),
+        "overlap": long.overlap,
     });
     let dir = video_dir(data_dir, id);
     let written = crate::output::frames_to_video(all, w, h, fps)

@@ -1,6 +1,7 @@
 //! Long videos end to end: `kino generate --seconds 60` and `--script` in segments, `kino extend`
 //! of an outside MP4, `--resume` after an interrupted run, peak memory of a 4-segment run
-//! against a 1-segment one, and the errors a user can cause. On the tiny random-weight
+//! against a 1-segment one and of extending a long source against a short one, and the errors
+//! a user can cause. On the tiny random-weight
 //! `pipeline-wan22` folder (Wan2.2 TI2V form: takes a first image; 192×128, 17 frames, 8 fps).
 
 use std::path::{Path, PathBuf};
@@ -339,6 +340,66 @@ fn peak_memory_of_four_segments_is_that_of_one() {
     assert!(
         (four as f64) <= 1.2 * one as f64,
         "4 segments {four} B vs 1 segment {one} B"
+    );
+}
+
+/// `kino extend` streams its source: decoding only the frames it needs and copying them into
+/// the output one at a time, so a 40 s source at 320×240 (1200 pictures, 276 MB decoded) costs
+/// no more memory than a 2 s one.
+#[test]
+fn extending_a_long_source_costs_the_memory_of_a_short_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peak = |seconds: u32| -> u64 {
+        let src = tmp.path().join(format!("src-{seconds}.mp4"));
+        let o = Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+            ])
+            .arg(format!("testsrc=size=320x240:rate=30:duration={seconds}"))
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+            .arg(&src)
+            .output()
+            .expect("ffmpeg is installed (Debian package ffmpeg; .ci/run installs it)");
+        assert!(o.status.success(), "ffmpeg: {}", stderr(&o));
+        let out = tmp.path().join(format!("ext-{seconds}.mp4"));
+        let o = run(kino()
+            .arg("extend")
+            .arg(&src)
+            .args([
+                "it goes on",
+                "--seconds",
+                "2",
+                "--cpu",
+                "--steps",
+                "2",
+                "--json",
+                "-o",
+            ])
+            .arg(&out)
+            .arg("--model")
+            .arg(ti2v()));
+        let j = json_out(&o);
+        assert_eq!(j["source_frames"], seconds as u64 * 8);
+        assert_eq!(ffprobe_frames(&out).0, seconds as u64 * 8 + 16);
+        j["peak_memory_bytes"].as_u64().expect("VmHWM on Linux")
+    };
+    let short = peak(2);
+    let long = peak(40);
+    eprintln!(
+        "peak memory of kino extend: 2 s source {:.1} MiB, 40 s source {:.1} MiB ({:.3}×)",
+        short as f64 / 1048576.0,
+        long as f64 / 1048576.0,
+        long as f64 / short as f64
+    );
+    assert!(
+        (long as f64) <= 1.1 * short as f64,
+        "40 s source {long} B vs 2 s source {short} B"
     );
 }
 

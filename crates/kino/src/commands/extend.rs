@@ -232,11 +232,56 @@ pub struct LongRun<'a> {
     pub resume: bool,
     pub overwrite: bool,
     pub json: bool,
-    /// Extensions: the source's frames, already fitted to the video's size and fps (copied into
-    /// the output first), and what the metadata records about it.
-    pub source: Option<(Vec<Frame>, serde_json::Value, String)>,
+    /// Extensions: the source, copied into the output first (streamed, fitted to the video's
+    /// size and fps).
+    pub source: Option<Source>,
     /// Image-to-video start: the conditioning metadata of `kino generate --image`.
     pub conditioning: Option<serde_json::Value>,
+}
+
+/// An extension's source video: read frame by frame when it is copied into the output.
+pub struct Source {
+    pub path: PathBuf,
+    pub layout: kino_media::VideoLayout,
+    /// Its frames in the output (at the output's fps).
+    pub frames: usize,
+    /// What the metadata records about it.
+    pub meta: serde_json::Value,
+    pub sha256: String,
+}
+
+impl Source {
+    /// Frames `range` of the source at `fps`, fitted to `w × h`, each handed to `each`.
+    fn conformed(
+        &self,
+        w: usize,
+        h: usize,
+        fps: Fps,
+        range: std::ops::Range<usize>,
+        each: &mut dyn FnMut(Frame) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut err = None;
+        let r = kino_media::conform_video_file(
+            &self.path,
+            &self.layout,
+            w as u32,
+            h as u32,
+            fps,
+            self.frames,
+            range,
+            &mut |_, f| {
+                each(f).map_err(|e| {
+                    let m = format!("{e:#}");
+                    err = Some(e);
+                    kino_media::MediaError::InvalidOption(m)
+                })
+            },
+        );
+        if let Some(e) = err {
+            return Err(e);
+        }
+        r.map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))
+    }
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
@@ -269,10 +314,11 @@ fn segment_dir(partial: &Path, k: usize) -> PathBuf {
     partial.join(format!("segment-{k:04}"))
 }
 
-/// Reads a finished segment's frames back from its PNG files.
-fn read_segment(partial: &Path, k: usize, keep: usize) -> anyhow::Result<Vec<Frame>> {
-    let dir = segment_dir(partial, k);
-    (0..keep)
+/// Reads `count` frames of a finished segment back from its PNG files (`tail/` under the
+/// segment's folder holds what the next segment continues from).
+fn read_segment(partial: &Path, k: usize, sub: &str, count: usize) -> anyhow::Result<Vec<Frame>> {
+    let dir = segment_dir(partial, k).join(sub);
+    (0..count)
         .map(|i| {
             let p = dir.join(kino_media::png_frame_name(i));
             kino_media::read_image(&p).with_context(|| {
@@ -288,6 +334,21 @@ fn read_segment(partial: &Path, k: usize, keep: usize) -> anyhow::Result<Vec<Fra
         .collect()
 }
 
+/// How the plan joins its segments, for the metadata.
+fn seams_text(plan: &LongPlan) -> String {
+    if plan.native {
+        "one diffusion-forcing segment (its windows overlap by the model's overlap_history)".into()
+    } else if plan.overlap == 0 {
+        "each continued segment's frame 0 (a copy of the frame it continues) dropped".into()
+    } else {
+        format!(
+            "each segment after the first continues from the frame {0} before the previous one's \
+             end; the {0} frames both made are cross-faded (linear weights)",
+            plan.overlap
+        )
+    }
+}
+
 /// Runs `plan` from `start` into `run.output` (MP4), resuming from `OUT.kino-partial/` when
 /// asked; prints what it does and a summary.
 pub fn run_long(
@@ -299,7 +360,7 @@ pub fn run_long(
     let output = run.output;
     let partial = partial_dir(output);
     let sha = plan_sha(plan)?;
-    let source_sha = run.source.as_ref().map(|(_, _, s)| s.clone());
+    let source_sha = run.source.as_ref().map(|s| s.sha256.clone());
     let mut done = 0usize;
     if partial.exists() {
         if run.resume {
@@ -369,33 +430,40 @@ pub fn run_long(
             kino_provenance::cli::subject(run.model_dir, output),
         )?;
     let mut source_frames = 0usize;
-    let mut last_frame: Option<Frame> = None;
     let mut source_meta = None;
-    if let Some((frames, meta, _)) = run.source {
-        source_frames = frames.len();
-        for chunk in frames.chunks(64) {
-            writer.push(chunk)?;
-        }
-        last_frame = frames.last().cloned();
-        source_meta = Some(meta);
+    if let Some(src) = run.source {
+        // Frame by frame: the source is never held whole.
+        source_frames = src.frames;
+        src.conformed(w, h, fps, 0..src.frames, &mut |f| {
+            writer.push(std::slice::from_ref(&f))?;
+            Ok(())
+        })?;
+        source_meta = Some(src.meta);
     }
-    for (k, seg) in plan.segments.iter().enumerate().take(done) {
-        let frames = read_segment(&partial, k, seg.keep)?;
+    for k in 0..done {
+        let frames = read_segment(&partial, k, "", plan.handed_out(k))?;
         writer.push(&frames)?;
-        last_frame = frames.last().cloned().or(last_frame);
     }
     let resume = if done > 0 {
-        let f = last_frame
-            .clone()
-            .context("internal: no last frame to resume from")?;
+        let tail_dir = segment_dir(&partial, done - 1).join("tail");
+        let count = std::fs::read_dir(&tail_dir).map(|d| d.count()).unwrap_or(0);
+        let tail = read_segment(&partial, done - 1, "tail", count)?
+            .into_iter()
+            .map(|f| RgbImage::new(w, h, f.into_data()))
+            .collect::<kino_engine::Result<Vec<_>>>()?;
+        if tail.is_empty() {
+            bail!(
+                "segment {done} of the unfinished run in {} has no tail/ frames to continue                  from; delete the folder (or pass --overwrite) to start over",
+                partial.display()
+            );
+        }
         Some(Resume {
             next_segment: done,
-            last_frame: RgbImage::new(w, h, f.into_data())?,
+            tail,
         })
     } else {
         None
     };
-    drop(last_frame);
 
     let cancel = generate::cancel_flag();
     let stop_after: Option<usize> = std::env::var("KINO_TEST_STOP_AFTER_SEGMENTS")
@@ -434,6 +502,14 @@ pub fn run_long(
             let _ = std::fs::remove_dir_all(&tmp);
             let video = Video::new(frames, fps).map_err(|e| io(e.into()))?;
             kino_media::write_png_frames(&tmp, &video).map_err(|e| io(e.into()))?;
+            let tail = s
+                .tail
+                .iter()
+                .map(|t| Frame::new(t.width as u32, t.height as u32, t.data.clone()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| io(e.into()))?;
+            let tail = Video::new(tail, fps).map_err(|e| io(e.into()))?;
+            kino_media::write_png_frames(tmp.join("tail"), &tail).map_err(|e| io(e.into()))?;
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::rename(&tmp, &dir)
                 .map_err(|e| io(anyhow::anyhow!("cannot keep segment {}: {e}", k + 1)))?;
@@ -455,7 +531,7 @@ pub fn run_long(
                     .unwrap_or_default();
                 let seg = &plan.segments[p.segment];
                 eprintln!(
-                    "segment {} of {}: \"{}\" ({} frames, seed {}; {} elapsed{left})",
+                    "segment {} of {}: \"{}\" ({} new frames, seed {}; {} elapsed{left})",
                     p.segment + 1,
                     p.segments,
                     seg.prompt,
@@ -516,7 +592,7 @@ pub fn run_long(
         .iter()
         .map(|s| {
             json!({"prompt": s.prompt, "seed": s.seed, "frames": s.keep,
-                   "generated": s.num_frames, "dropped": s.skip,
+                   "generated": s.num_frames, "dropped": s.skip, "blended": s.blend,
                    "first_frame": source_frames + s.first_frame})
         })
         .collect();
@@ -527,7 +603,8 @@ pub fn run_long(
             "segment_frames": base.num_frames,
             "new_frames": plan.total_frames,
             "segments": segments,
-            "seams": "each continued segment's frame 0 (a copy of the frame it continues) dropped",
+            "overlap": plan.overlap,
+            "seams": seams_text(plan),
         }),
     );
     if let Some(m) = &source_meta {
@@ -594,20 +671,6 @@ pub fn run_long(
     Ok(())
 }
 
-/// The source's frames at `fps` (nearest frame), fitted to `w × h`: as many as its duration
-/// holds.
-fn conform_source(video: &Video, w: u32, h: u32, fps: Fps) -> anyhow::Result<Vec<Frame>> {
-    let want = ((video.duration_secs() * fps.as_f64()).round() as usize).max(1);
-    let mut last_err = None;
-    for n in [want, want.saturating_sub(1).max(1)] {
-        match kino_media::conform_video(video, w, h, fps, n) {
-            Ok(f) => return Ok(f),
-            Err(e) => last_err = Some(e),
-        }
-    }
-    Err(last_err.map_or_else(|| anyhow::anyhow!("no frames"), anyhow::Error::from))
-}
-
 pub fn run(a: Args) -> anyhow::Result<()> {
     // Everything a user can get wrong is checked before a model is opened.
     if let Some(s) = a.seconds {
@@ -626,7 +689,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("{} is a folder; give a video file", a.input.display());
     }
     let source_sha = generate::sha256_file(&a.input, "the video")?;
-    let video = kino_media::read_video(&a.input)
+    // Only the layout now (one picture in memory); the frames are read when needed: the last
+    // ones to continue from, then all of them as they are copied into the output.
+    let layout = kino_media::scan_video(&a.input)
         .map_err(|e| anyhow::anyhow!("cannot read the video {}: {e}", a.input.display()))?;
     let output = a.output.clone().unwrap_or_else(|| {
         let stem = a
@@ -680,54 +745,61 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let (w, h) = size.unwrap_or((defaults.width, defaults.height));
     let out_fps = Fps::integer(fps)?;
-    let source = conform_source(&video, w as u32, h as u32, out_fps)
-        .map_err(|e| anyhow::anyhow!("{}: {e:#}", a.input.display()))?;
-    let fit = generate::describe_fit(video.width(), video.height(), w as u32, h as u32)?;
+    let source_len = kino_media::frames_at(layout.len(), layout.fps, out_fps);
+    let fit = generate::describe_fit(layout.width, layout.height, w as u32, h as u32)?;
     let name = a
         .input
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| a.input.display().to_string());
-    let timing = if video.fps() == out_fps {
-        format!("{} frames", source.len())
+    let timing = if layout.fps == out_fps {
+        format!("{source_len} frames")
     } else {
         format!(
-            "{} frames at {fps} fps from {} at {:.3} fps (nearest frame)",
-            source.len(),
-            video.len(),
-            video.fps().as_f64()
+            "{source_len} frames at {fps} fps from {} at {:.3} fps (nearest frame)",
+            layout.len(),
+            layout.fps.as_f64()
         )
     };
     let fitted = format!("{timing}, {fit}, re-encoded");
     eprintln!(
         "source {name} {}×{}, {} frames at {:.3} fps → {fitted}",
-        video.width(),
-        video.height(),
-        video.len(),
-        video.fps().as_f64()
+        layout.width,
+        layout.height,
+        layout.len(),
+        layout.fps.as_f64()
     );
     let source_meta = json!({
         "name": name,
         "sha256": source_sha,
-        "size": format!("{}x{}", video.width(), video.height()),
-        "frames": video.len(),
-        "fps": video.fps().as_f64(),
+        "size": format!("{}x{}", layout.width, layout.height),
+        "frames": layout.len(),
+        "fps": layout.fps.as_f64(),
         "fitted": fitted,
-        "frames_in_output": source.len(),
+        "frames_in_output": source_len,
     });
-    drop(video);
-    if source.is_empty() {
-        bail!("{}: the source video has no frames", a.input.display());
-    }
-    // The end of the source: its last frame for a first-image model, its last frames (up to
-    // a diffusion-forcing model's overlap_history, at most 97) for a diffusion-forcing one.
-    let tail = if caps.image { 1 } else { 97 };
-    let start = Start::Continue(
-        source[source.len().saturating_sub(tail)..]
-            .iter()
-            .map(|f| RgbImage::new(w, h, f.data().to_vec()))
-            .collect::<kino_engine::Result<Vec<_>>>()?,
-    );
+    let source = Source {
+        path: a.input.clone(),
+        layout,
+        frames: source_len,
+        meta: source_meta,
+        sha256: source_sha,
+    };
+    // The end of the source: its last frame for a first-image model, its last
+    // overlap_history frames for a diffusion-forcing one.
+    let tail = long_video::context_frames(&pipeline);
+    let mut last = Vec::with_capacity(tail);
+    source.conformed(
+        w,
+        h,
+        out_fps,
+        source_len.saturating_sub(tail)..source_len,
+        &mut |f| {
+            last.push(RgbImage::new(w, h, f.into_data())?);
+            Ok(())
+        },
+    )?;
+    let start = Start::Continue(last);
 
     let seed = a
         .seed
@@ -747,6 +819,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         prompts,
         total_frames: a.seconds.map(|s| frames_for_seconds(s, fps)).transpose()?,
+        overlap: a.run.overlap,
     };
     let plan = long_video::plan(&pipeline, &req, &start)?;
     run_long(
@@ -761,7 +834,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             resume: a.resume,
             overwrite: a.overwrite,
             json: a.json,
-            source: Some((source, source_meta, source_sha)),
+            source: Some(source),
             conditioning: None,
         },
     )

@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// C2PA signing, the invisible watermark and the prompt policy.
     #[command(flatten)]
     pub provenance: kino_provenance::ProvenanceArgs,
+    /// Long videos in segments: frames cross-faded at each seam (each segment continues from
+    /// the frame M before the previous one's end); 0 drops the repeated frame instead.
+    /// Default: the engine's (see the README's long-video section).
+    #[arg(long, value_name = "M")]
+    pub overlap: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -915,6 +920,7 @@ fn run_long_generate(
         },
         prompts,
         total_frames,
+        overlap: a.run.overlap,
     };
     let plan = long_video::plan(pipeline, &req, &start).map_err(|e| match e {
         kino_engine::Error::InvalidRequest(m) if m.contains("models that can") => {
