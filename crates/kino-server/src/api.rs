@@ -15,7 +15,7 @@ use crate::content::serve_file;
 use crate::error::ApiError;
 use crate::inputs::{self, JobInputs, StoredInput};
 use crate::mapping::{self, ModelInfo};
-use crate::segments::{self, LongJob};
+use crate::segments::LongJob;
 use crate::store::{Job, JobParams, ListResult, Order, Status};
 use crate::{new_video_id, now_unix, valid_video_id, video_dir, AppState};
 
@@ -694,11 +694,9 @@ fn build_job(
     let clip = clip_frames(model);
     let caps = model.capabilities;
     if num_frames > clip && caps.image && !caps.long_video {
-        job.params.long = Some(LongJob {
-            extends: false,
-            source_frames: 0,
-            segments: segments::plan(num_frames, clip, model.frame_step, false),
-        });
+        let long = LongJob::plan(model, num_frames, false, 0)
+            .map_err(|m| ApiError::bad_request(Some("seconds"), "invalid_seconds", m))?;
+        job.params.long = Some(long);
     }
     Ok((job, files))
 }
@@ -887,8 +885,9 @@ fn build_extension(
         ..Default::default()
     };
     let clip = clip_frames(model);
-    let plan = segments::plan(new_frames, clip, model.frame_step, true);
-    let first = plan.first().map_or(clip, |p| p.num_frames);
+    let long = LongJob::plan(model, new_frames, true, source_frames)
+        .map_err(|m| ApiError::bad_request(Some("seconds"), "invalid_seconds", m))?;
+    let first = long.segments.first().map_or(clip, |p| p.num_frames);
     let mut job = make_job(
         state,
         s,
@@ -898,11 +897,6 @@ fn build_extension(
         Some(inputs),
         owner,
     );
-    let long = LongJob {
-        extends: true,
-        source_frames,
-        segments: plan,
-    };
     job.params.request.num_frames = Some(long.total_frames());
     job.params.long = Some(long);
     Ok((job, files))
