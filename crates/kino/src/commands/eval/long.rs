@@ -97,6 +97,7 @@ fn rgb_distance(a: [u8; 3], b: [u8; 3]) -> f64 {
 }
 
 /// Runs the long-video evaluation and prints (or returns as JSON) its table.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     pipeline: &mut kino_engine::wan::pipeline::WanPipeline,
     spec: &EvalSpec,
@@ -105,6 +106,7 @@ pub fn run(
     steps: Option<usize>,
     json: bool,
     model: &str,
+    overlap: Option<usize>,
 ) -> anyhow::Result<()> {
     if segments < 2 {
         bail!("--long {segments}: a long video needs at least 2 segments; try --long 4");
@@ -125,6 +127,7 @@ pub fn run(
                 },
                 prompts,
                 total_frames: None,
+                overlap,
             };
             let plan = long_video::plan(pipeline, &req, &Start::Text)?;
             let mut scores: Vec<SegmentScore> = Vec::new();
@@ -140,13 +143,17 @@ pub fn run(
                     .iter()
                     .map(|f| object_centre(f, s.width, s.height))
                     .collect();
-                let seam_excess = match (last_centre, centres.first().copied().flatten()) {
-                    (Some(a), Some(b)) if k > 0 => {
-                        let jump = (a[0] - b[0]).hypot(a[1] - b[1]);
-                        Some((jump - last_step.unwrap_or(0.0)).max(0.0))
-                    }
-                    _ => None,
-                };
+                // Across the seam: from the last frame before it through the blended frames
+                // (with --overlap) to the first new one, the largest hop.
+                let window: Option<Vec<[f64; 2]>> = std::iter::once(last_centre)
+                    .chain(centres.iter().take(s.segment.blend + 1).copied())
+                    .collect();
+                let seam_jump = window.filter(|w| k > 0 && w.len() > 1).map(|w| {
+                    w.windows(2)
+                        .map(|p| (p[0][0] - p[1][0]).hypot(p[0][1] - p[1][1]))
+                        .fold(0.0, f64::max)
+                });
+                let seam_excess = seam_jump.map(|jump| (jump - last_step.unwrap_or(0.0)).max(0.0));
                 let base = first.get_or_insert_with(|| found.clone());
                 let colour_drift = base.rgb.zip(found.rgb).map(|(a, b)| rgb_distance(a, b));
                 let size_ratio = (base.size > 0.0).then(|| found.size / base.size);

@@ -77,6 +77,10 @@ pub struct Args {
     /// direction per segment and the jumps at the seams (the model must take a first image).
     #[arg(long, value_name = "K", conflicts_with_all = ["video", "image", "save"])]
     long: Option<usize>,
+    /// With --long: frames cross-faded at each seam (0 drops the repeated frame; default: the
+    /// engine's).
+    #[arg(long, value_name = "M", requires = "long")]
+    overlap: Option<usize>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -279,6 +283,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             a.steps,
             a.json,
             &model_name,
+            a.overlap,
         );
     }
     if a.image && !pipeline.capabilities().image {
