@@ -83,24 +83,24 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         repo: "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers",
         description: "SkyReels-V2 diffusion forcing 1.3B (Wan2.1 architecture): long videos in 97-frame windows, 960×544 at 24 fps",
         size_gb: 29.0,
-        takes_image: false,
-        takes_last_image: false,
+        takes_image: true,
+        takes_last_image: true,
     },
     KnownModel {
         alias: "skyreels-v2-df-14b-540p",
         repo: "Skywork/SkyReels-V2-DF-14B-540P-Diffusers",
         description: "SkyReels-V2 diffusion forcing 14B: long videos in 97-frame windows, 960×544 at 24 fps",
         size_gb: 80.0,
-        takes_image: false,
-        takes_last_image: false,
+        takes_image: true,
+        takes_last_image: true,
     },
     KnownModel {
         alias: "skyreels-v2-df-14b-720p",
         repo: "Skywork/SkyReels-V2-DF-14B-720P-Diffusers",
         description: "SkyReels-V2 diffusion forcing 14B: long videos, 1280×720 at 24 fps (--size 1280x720)",
         size_gb: 80.0,
-        takes_image: false,
-        takes_last_image: false,
+        takes_image: true,
+        takes_last_image: true,
     },
 ];
 
@@ -116,17 +116,10 @@ pub fn image_model_names() -> Vec<&'static str> {
     v
 }
 
-/// The models that can continue a video: those that take a first image and the
-/// diffusion-forcing ones.
+/// The models that can continue a video: those that take a first image (the
+/// diffusion-forcing ones among them, which continue from several frames).
 pub fn continuing_model_names() -> Vec<&'static str> {
-    let mut v = image_model_names();
-    v.extend(
-        KNOWN_MODELS
-            .iter()
-            .filter(|m| m.alias.starts_with("skyreels-v2-df"))
-            .map(|m| m.alias),
-    );
-    v
+    image_model_names()
 }
 
 /// The known models that take a first and a last image.
