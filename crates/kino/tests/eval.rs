@@ -277,10 +277,27 @@ fn eval_long_scores_segments_and_seams() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["mode"], "long");
     assert_eq!(v["segments"], 6, "{v}");
-    for key in ["colour_kept", "shape_kept", "direction"] {
+    for key in [
+        "colour_kept",
+        "shape_kept",
+        "size_kept",
+        "colour_as_prompted",
+        "shape_as_prompted",
+        "direction",
+    ] {
         let x = v[key].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&x), "{key}: {v}");
     }
+    // Per segment index: "kept" is against segment 0 of the same video, so segment 0 has none;
+    // "as prompted" is against the case, in every segment.
+    let per = v["per_segment"].as_array().unwrap();
+    assert_eq!(per.len(), 3, "{v}");
+    assert!(per[0]["colour_kept"].is_null() && per[0]["shape_kept"].is_null());
+    assert!(per[1]["colour_kept"].as_f64().is_some());
+    assert!(per[0]["colour_as_prompted"].as_f64().is_some());
+    // Every seam is either measured or counted as one without an object: 2 videos × 2 seams.
+    let seams = v["seams_measured"].as_u64().unwrap() + v["seams_without_object"].as_u64().unwrap();
+    assert_eq!(seams, 4, "{v}");
     let runs = v["runs"].as_array().unwrap();
     let dirs: Vec<&str> = runs[0]["segments"]
         .as_array()
@@ -291,6 +308,23 @@ fn eval_long_scores_segments_and_seams() {
     assert_eq!(dirs, ["right", "down", "left"]);
     // Segment 0 has no seam; the later ones are measured when both sides show the object.
     assert!(runs[0]["segments"][0]["seam_excess"].is_null());
+    for r in runs {
+        let segs = r["segments"].as_array().unwrap();
+        assert!(segs[0]["shape_kept"].is_null(), "{r}");
+        for s in &segs[1..] {
+            // Kept means the same as segment 0 showed.
+            let same = s["detected"]["shape"] == segs[0]["detected"]["shape"];
+            assert_eq!(s["shape_kept"].as_bool(), Some(same), "{r}");
+            match s["seam_excess"].as_f64() {
+                Some(e) => {
+                    let jump = s["seam_jump"].as_f64().unwrap();
+                    assert!(e >= 0.0 && e <= jump + 1e-9, "{r}");
+                    assert_eq!(s["seam_without_object"], false, "{r}");
+                }
+                None => assert_eq!(s["seam_without_object"], true, "{r}"),
+            }
+        }
+    }
     // The plain table, and the refusals.
     let o = run(kino()
         .args([
@@ -300,10 +334,14 @@ fn eval_long_scores_segments_and_seams() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     for row in [
-        "colour kept",
-        "shape kept",
+        "colour kept (vs segment 0)",
+        "shape kept (vs segment 0)",
+        "size kept",
+        "colour as prompted",
+        "shape as prompted",
         "direction as prompted",
         "mean seam jump",
+        "seams without an object",
     ] {
         assert!(out.contains(row), "no `{row}` in\n{out}");
     }

@@ -62,7 +62,8 @@ pub struct Args {
     /// Denoising steps (default: the model's).
     #[arg(long, value_name = "N")]
     steps: Option<usize>,
-    /// Also write every generated video to this folder as MP4.
+    /// Also write every generated video to this folder as MP4 (with --long: each long video
+    /// as one PNG, a row of frames per segment).
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
     /// Analyse this MP4 instead of generating: print what it shows.
@@ -75,7 +76,7 @@ pub struct Args {
     /// Long videos: make every case a video of K segments (each continuing the last frame, the
     /// direction turning clockwise each segment) and score colour, shape and size kept, the
     /// direction per segment and the jumps at the seams (the model must take a first image).
-    #[arg(long, value_name = "K", conflicts_with_all = ["video", "image", "save"])]
+    #[arg(long, value_name = "K", conflicts_with_all = ["video", "image"])]
     long: Option<usize>,
     /// With --long: frames cross-faded at each seam (0 drops the repeated frame; default: the
     /// engine's).
@@ -283,6 +284,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             a.steps,
             a.json,
             &model_name,
+            a.save.as_deref(),
             a.overlap,
         );
     }
