@@ -133,7 +133,8 @@ CONFIG = {
 SMOKE = {"vae_train": {"stats_clips": 2, "phases": [
              {"name": "frames", "steps": 2, "batch": 1, "frames": 5, "crop": None, "lr": 8e-4},
              {"name": "crops-9", "steps": 2, "batch": 1, "frames": 9, "crop": 40, "lr": 5e-4}]},
-         "dit_train": {"steps": 2, "batch": 2, "clips": 2, "warmup": 1, "encode_batch": 2}}
+         "dit_train": {"steps": 2, "batch": 2, "clips": 2, "warmup": 1, "encode_batch": 2,
+                       "cond_roundtrip": 0.5, "cond_blur": 1.0, "cond_noise": 0.1}}
 
 
 def log(msg: str) -> None:
