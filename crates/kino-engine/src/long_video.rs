@@ -177,7 +177,7 @@ pub fn emitted(segments: &[Segment], k: usize) -> usize {
 /// (17 unless its config says) for a diffusion-forcing model, else the last one.
 pub fn context_frames(pipeline: &WanPipeline) -> usize {
     let caps = pipeline.capabilities();
-    if caps.long_video && !caps.image {
+    if caps.long_video {
         pipeline.defaults().overlap_history.unwrap_or(17).max(1)
     } else {
         1
@@ -352,7 +352,7 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
             "a long video needs at least one frame; ask for a positive length".into(),
         ));
     }
-    let native = caps.long_video && !caps.image;
+    let native = caps.long_video;
     let overlap = if native {
         0
     } else {
@@ -360,24 +360,18 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
     };
     let mut first = req.request.clone();
     first.prompt = prompts[0].clone();
-    first.conditioning =
-        match start {
-            Start::Image(_) if native => return Err(Error::InvalidRequest(
-                "Kino runs diffusion-forcing models from text or to continue a video; starting \
-                 from a picture (SkyReels-V2's image-to-video pipeline) is not ported yet"
-                    .into(),
-            )),
-            Start::Continue(frames) if native => Conditioning::Continue {
-                frames: frames.clone(),
+    first.conditioning = match start {
+        Start::Continue(frames) if native => Conditioning::Continue {
+            frames: frames.clone(),
+        },
+        _ => match start.image() {
+            Some(img) if caps.image => Conditioning::Image {
+                first: img.clone(),
+                last: None,
             },
-            _ => match start.image() {
-                Some(img) if caps.image => Conditioning::Image {
-                    first: img.clone(),
-                    last: None,
-                },
-                _ => Conditioning::Text,
-            },
-        };
+            _ => Conditioning::Text,
+        },
+    };
     if !caps.image && !native && !matches!(start, Start::Text) {
         return Err(Error::InvalidRequest(format!(
             "this model makes video from text only, so it cannot continue a video or start \
@@ -809,6 +803,48 @@ mod tests {
         req.total_frames = Some(0);
         let e = plan(&p, &req, &Start::Text).unwrap_err().to_string();
         assert!(e.contains("at least one frame"), "{e}");
+    }
+
+    #[test]
+    fn a_diffusion_forcing_model_starts_a_long_video_from_an_image_in_one_segment() {
+        let Some(mut p) = open("pipeline-df") else {
+            eprintln!("pipeline-df fixture missing; skipped");
+            return;
+        };
+        let (w, h) = (p.defaults().width, p.defaults().height);
+        let img = RgbImage::new(w, h, (0..w * h * 3).map(|i| (i % 251) as u8).collect()).unwrap();
+        let req = LongRequest {
+            request: GenerateRequest {
+                prompt: "a".into(),
+                num_inference_steps: Some(2),
+                seed: Some(5),
+                ..Default::default()
+            },
+            // Two 21-frame windows overlapping by 5 make 37; 29 ends with a short window,
+            // which the engine makes as 37 and cuts.
+            total_frames: Some(29),
+            ..Default::default()
+        };
+        let start = Start::Image(img);
+        let plan = plan(&p, &req, &start).unwrap();
+        assert!(plan.native);
+        assert_eq!(plan.segments.len(), 1);
+        assert_eq!(plan.total_frames, 29);
+        let mut got = 0;
+        generate(
+            &mut p,
+            &plan,
+            &start,
+            None,
+            &mut |s: SegmentFrames<'_>| {
+                got += s.frames.len();
+                assert!(s.frames.iter().all(|f| f.len() == w * h * 3));
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(got, 29);
     }
 
     #[test]

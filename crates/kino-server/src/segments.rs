@@ -63,7 +63,7 @@ impl LongJob {
         source_frames: usize,
     ) -> Result<LongJob, String> {
         let caps = model.capabilities;
-        let native = caps.long_video && !caps.image;
+        let native = caps.long_video;
         let overlap = if native {
             0
         } else {

@@ -579,7 +579,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .filter(|&t| t > clip);
     let caps = pipeline.capabilities();
     // A diffusion-forcing model (SkyReels-V2 DF) makes any length itself, in one call.
-    let native_long = caps.long_video && !caps.image && script_prompts.is_none();
+    let native_long = caps.long_video && script_prompts.is_none();
     if let Some(total) =
         long_total.filter(|_| !caps.image && !native_long && script_prompts.is_none())
     {
