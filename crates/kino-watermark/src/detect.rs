@@ -186,7 +186,8 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
 }
 
 /// Luma of `f` box-downsampled by `b`, high-passed (minus a blur about one chip wide) and
-/// divided by the local strength of that residual, so strong edges weigh no more than texture.
+/// divided by the local energy of that residual (weight 1/σ², optimal for a mark of even
+/// strength in noise of varying strength), so edges and busy texture weigh little.
 fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32> {
     let w = f.width() as usize;
     let rgb = f.data();
@@ -279,6 +280,36 @@ fn fold(acc: &[f32], wd: usize, hd: usize, b: usize, chip_px: f64) -> Vec<f64> {
 /// Soft coded bits from the folded tile with the sync found at shift `(dy, dx)`, normalised to
 /// unit root-mean-square; positive means 1.
 fn read_bits(folded: &[f64], layout: &Layout, dy: usize, dx: usize) -> Vec<f64> {
+    let chip_val = read_chips(folded, dy, dx);
+    let soft: Vec<f64> = layout
+        .data
+        .iter()
+        .map(|&c| f64::from(layout.sign[c]) * chip_val[c])
+        .collect();
+    let rms = (soft.iter().map(|s| s * s).sum::<f64>() / soft.len() as f64).sqrt();
+    if rms > 0.0 {
+        soft.iter().map(|s| s / rms).collect()
+    } else {
+        soft
+    }
+}
+
+/// What the detector reads for each chip of a single frame, unscaled and unshifted (the
+/// embedder's informed step uses it).
+pub(crate) fn chip_readout(f: &Frame) -> [f64; CHIPS] {
+    let (w, h) = (f.width(), f.height());
+    let c0 = pattern::chip_px(w, h);
+    let b = ((c0 / 4.0).floor() as usize).max(1);
+    let (wd, hd) = (w as usize / b, h as usize / b);
+    if wd < 8 || hd < 8 {
+        return [0.0; CHIPS];
+    }
+    let res = whitened(f, b, wd, hd, c0 / b as f64);
+    read_chips(&fold(&res, wd, hd, b, c0), 0, 0)
+}
+
+/// Matched-filter value of every chip from a folded tile with the tile's origin at `(dy, dx)`.
+fn read_chips(folded: &[f64], dy: usize, dx: usize) -> [f64; CHIPS] {
     // Bins around a chip centre: offsets -R/2 .. R + R/2 from the chip's first bin.
     let offs: Vec<(i64, f64)> = (-(R as i64) / 2..(R + R / 2) as i64)
         .map(|m| (m, pattern::kernel((m as f64 + 0.5) / R as f64 - 0.5)))
@@ -296,17 +327,7 @@ fn read_bits(folded: &[f64], layout: &Layout, dy: usize, dx: usize) -> Vec<f64> 
         }
         *v = s;
     }
-    let soft: Vec<f64> = layout
-        .data
-        .iter()
-        .map(|&c| f64::from(layout.sign[c]) * chip_val[c])
-        .collect();
-    let rms = (soft.iter().map(|s| s * s).sum::<f64>() / soft.len() as f64).sqrt();
-    if rms > 0.0 {
-        soft.iter().map(|s| s / rms).collect()
-    } else {
-        soft
-    }
+    chip_val
 }
 
 /// Standard normal upper tail `Q(z) = P(Z > z)`.

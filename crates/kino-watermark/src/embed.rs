@@ -2,17 +2,18 @@
 
 use kino_media::Frame;
 
+use crate::detect;
 use crate::pattern::{self, Layout, CHIPS};
 use crate::Key;
 
 /// Side of the blocks over which texture is measured.
 const BLOCK: usize = 8;
 /// Amplitude (8-bit levels) in flat regions, …
-pub(crate) const AMP_MIN: f32 = 1.5;
+pub(crate) const AMP_MIN: f32 = 2.0;
 /// … at most, …
-pub(crate) const AMP_MAX: f32 = 4.0;
+pub(crate) const AMP_MAX: f32 = 6.0;
 /// … and per level of texture (mean |Laplacian| / 4 of the block's luma).
-pub(crate) const AMP_GAIN: f32 = 0.6;
+pub(crate) const AMP_GAIN: f32 = 1.0;
 /// Root-mean-square cap on the change per frame (levels): 10·log10(255²/2.3²) = 40.9 dB, so
 /// with rounding every marked frame stays above 40 dB PSNR.
 pub(crate) const RMS_CAP: f32 = 2.3;
@@ -23,6 +24,8 @@ pub struct Embedder {
     width: u32,
     height: u32,
     chips: [f32; CHIPS],
+    ax: Vec<pattern::Axis>,
+    ay: Vec<pattern::Axis>,
     /// The pattern (in [-1, 1]) for every pixel of a `width × height` frame.
     pattern: Vec<f32>,
 }
@@ -41,16 +44,17 @@ impl Embedder {
         let ax: Vec<_> = (0..width)
             .map(|x| pattern::axis((f64::from(x) + 0.5) / chip))
             .collect();
-        let mut pat = Vec::with_capacity(width as usize * height as usize);
-        for y in 0..height {
-            let ay = pattern::axis((f64::from(y) + 0.5) / chip);
-            pat.extend(ax.iter().map(|&a| pattern::value(&chips, a, ay)));
-        }
+        let ay: Vec<_> = (0..height)
+            .map(|y| pattern::axis((f64::from(y) + 0.5) / chip))
+            .collect();
+        let pattern = synth(&chips, &ax, &ay);
         Embedder {
             width,
             height,
             chips,
-            pattern: pat,
+            ax,
+            ay,
+            pattern,
         }
     }
 
@@ -79,48 +83,90 @@ impl Embedder {
     fn mark_same_size(&self, frame: &mut Frame) {
         let w = self.width as usize;
         let h = self.height as usize;
-        let rgb = frame.data_mut();
         // Luma (BT.601 weights; adding the same amount to R, G and B changes luma by exactly
         // that amount and leaves the colour difference untouched).
-        let luma: Vec<i16> = rgb
+        let luma: Vec<i16> = frame
+            .data()
             .chunks_exact(3)
             .map(|p| {
                 ((77 * i32::from(p[0]) + 150 * i32::from(p[1]) + 29 * i32::from(p[2]) + 128) >> 8)
                     as i16
             })
             .collect();
-        let amp = amplitude_map(&luma, w, h);
-        // Per-pixel change before the global cap.
-        let bw = w.div_ceil(BLOCK);
-        let bh = h.div_ceil(BLOCK);
-        let col: Vec<(usize, usize, f32)> = (0..w).map(|x| interp_axis(x, bw)).collect();
-        let mut delta = vec![0f32; w * h];
-        let mut sumsq = 0f64;
-        for y in 0..h {
-            let (r0, r1, wy) = interp_axis(y, bh);
-            let a0 = &amp[r0 * bw..(r0 + 1) * bw];
-            let a1 = &amp[r1 * bw..(r1 + 1) * bw];
-            let prow = &self.pattern[y * w..(y + 1) * w];
-            let drow = &mut delta[y * w..(y + 1) * w];
-            let mut rowsq = 0f32;
-            for x in 0..w {
-                let (c0, c1, wx) = col[x];
-                let top = a0[c0] + wx * (a0[c1] - a0[c0]);
-                let bot = a1[c0] + wx * (a1[c1] - a1[c0]);
-                let d = (top + wy * (bot - top)) * prow[x];
-                drow[x] = d;
-                rowsq += d * d;
-            }
-            sumsq += f64::from(rowsq);
+        let amp = pixel_amplitudes(&amplitude_map(&luma, w, h), w, h);
+        // Informed embedding (improved spread spectrum): read each chip the way the detector
+        // will, on the unmarked frame (the host's interference) and on a trial marking (the
+        // mark's gain), then set each chip's strength so the host no longer pushes it the wrong
+        // way.
+        let host = detect::chip_readout(frame);
+        let mut trial = frame.clone();
+        apply(&mut trial, &self.pattern, &amp);
+        let marked = detect::chip_readout(&trial);
+        let mut k = [0f32; CHIPS];
+        for c in 0..CHIPS {
+            let s = f64::from(self.chips[c].signum());
+            let gain = (marked[c] - host[c]) * s;
+            let kc = if gain > 1e-9 {
+                (MU - s * host[c] / gain).clamp(K_MIN, K_MAX)
+            } else {
+                K_MAX
+            };
+            k[c] = self.chips[c] * kc as f32;
         }
-        let rms = (sumsq / (w * h).max(1) as f64).sqrt() as f32;
-        let g = if rms > RMS_CAP { RMS_CAP / rms } else { 1.0 };
-        for (p, &d) in rgb.chunks_exact_mut(3).zip(&delta) {
-            let di = (g * d).round() as i16;
-            if di != 0 {
-                for c in p.iter_mut() {
-                    *c = (i16::from(*c) + di).clamp(0, 255) as u8;
-                }
+        let boosted = synth(&k, &self.ax, &self.ay);
+        apply(frame, &boosted, &amp);
+    }
+}
+
+/// Informed embedding: each chip's read value should reach `MU` times the plain mark's, with
+/// its strength kept within `[K_MIN, K_MAX]` of the plain mark's.
+const MU: f64 = 1.0;
+const K_MIN: f64 = 0.3;
+const K_MAX: f64 = 3.0;
+
+/// The pattern for every pixel from chip values and the per-column / per-row axes.
+fn synth(chips: &[f32; CHIPS], ax: &[pattern::Axis], ay: &[pattern::Axis]) -> Vec<f32> {
+    let mut pat = Vec::with_capacity(ax.len() * ay.len());
+    for &y in ay {
+        pat.extend(ax.iter().map(|&a| pattern::value(chips, a, y)));
+    }
+    pat
+}
+
+/// Per-pixel amplitude from the block map.
+fn pixel_amplitudes(amp: &[f32], w: usize, h: usize) -> Vec<f32> {
+    let bw = w.div_ceil(BLOCK);
+    let bh = h.div_ceil(BLOCK);
+    let col: Vec<(usize, usize, f32)> = (0..w).map(|x| interp_axis(x, bw)).collect();
+    let mut out = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let (r0, r1, wy) = interp_axis(y, bh);
+        let a0 = &amp[r0 * bw..(r0 + 1) * bw];
+        let a1 = &amp[r1 * bw..(r1 + 1) * bw];
+        out.extend(col.iter().map(|&(c0, c1, wx)| {
+            let top = a0[c0] + wx * (a0[c1] - a0[c0]);
+            let bot = a1[c0] + wx * (a1[c1] - a1[c0]);
+            top + wy * (bot - top)
+        }));
+    }
+    out
+}
+
+/// Adds `amp · pattern` to R, G and B (rounded, clamped), scaled down if needed so the
+/// root-mean-square change stays within [`RMS_CAP`].
+fn apply(frame: &mut Frame, pattern: &[f32], amp: &[f32]) {
+    let sumsq: f64 = pattern
+        .iter()
+        .zip(amp)
+        .map(|(&p, &a)| f64::from(p * a) * f64::from(p * a))
+        .sum();
+    let rms = (sumsq / pattern.len().max(1) as f64).sqrt() as f32;
+    let g = if rms > RMS_CAP { RMS_CAP / rms } else { 1.0 };
+    for ((px, &p), &a) in frame.data_mut().chunks_exact_mut(3).zip(pattern).zip(amp) {
+        let di = (g * a * p).round() as i16;
+        if di != 0 {
+            for c in px.iter_mut() {
+                *c = (i16::from(*c) + di).clamp(0, 255) as u8;
             }
         }
     }

@@ -11,8 +11,8 @@ use crate::Key;
 pub(crate) const TILE: usize = 16;
 /// Chips in a tile.
 pub(crate) const CHIPS: usize = TILE * TILE;
-/// Chips along the frame's shorter side (so a tile is half the shorter side) …
-pub(crate) const CHIPS_PER_SHORT_SIDE: f64 = 32.0;
+/// Chips along the frame's shorter side (so a tile is a third of the shorter side) …
+pub(crate) const CHIPS_PER_SHORT_SIDE: f64 = 48.0;
 /// … but never smaller than this many pixels (tiny frames: one tile covers 64×64).
 pub(crate) const MIN_CHIP_PX: f64 = 4.0;
 /// The Kino marker: the first 16 payload bits.
@@ -21,6 +21,7 @@ pub(crate) const MARKER: u16 = 0x4B4E; // "KN"
 pub(crate) const INFO_BITS: usize = 64;
 /// Coded bits (one chip each); the other chips of the tile carry the known sync pattern.
 pub(crate) const CODED_BITS: usize = ecc::coded_len(INFO_BITS);
+#[cfg(test)]
 pub(crate) const SYNC_CHIPS: usize = CHIPS - CODED_BITS;
 
 /// Chip size in pixels for a frame of this size (square chips, tied to the shorter side so a

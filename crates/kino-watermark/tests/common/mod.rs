@@ -72,6 +72,18 @@ fn split(bytes: &[u8], w: u32, h: u32) -> Vec<Frame> {
 
 /// Encodes frames to H.264 MP4 with libx264 at `crf` (yuv420p), `fps` frames per second.
 pub fn encode(frames: &[Frame], fps: u32, crf: u32, path: &Path) {
+    encode_filtered(frames, fps, None, crf, &[], path)
+}
+
+/// [`encode`] after the ffmpeg filter `vf`, with more output options `extra`.
+pub fn encode_filtered(
+    frames: &[Frame],
+    fps: u32,
+    vf: Option<&str>,
+    crf: u32,
+    extra: &[&str],
+    path: &Path,
+) {
     let (w, h) = (frames[0].width(), frames[0].height());
     let mut child = Command::new("ffmpeg")
         .args(["-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24"])
@@ -84,7 +96,9 @@ pub fn encode(frames: &[Frame], fps: u32, crf: u32, path: &Path) {
             "-crf",
             &crf.to_string(),
         ])
+        .args(vf.map(|v| vec!["-vf", v]).unwrap_or_default())
         .args(["-pix_fmt", "yuv420p"])
+        .args(extra)
         .arg(path)
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
