@@ -39,12 +39,13 @@ use crate::wan::pipeline::{Conditioning, GenerateRequest, ResolvedRequest, RgbIm
 use crate::{Error, Result};
 
 /// Frames cross-faded at each seam when a request does not say: none, the repeated frame is
-/// dropped. Measured on kino-shapes (`kino eval --long 4 --seeds 2 --overlap {0,1,2,4}`, 9 of the
-/// 24 held-out cases, 54 seams each way; the README's long-video section has the table): blending
-/// made the object's jump across a seam larger at more seams than it made it smaller (27–33
-/// against 12–19; median jump beyond the motion's step 1.5 px with drop, 2.6–4.1 px blended), and
-/// blending 4 frames cost direction as prompted (97% → 83%); it did keep the colour closer to
-/// segment 0 (drift 18 → 7–14), as it continues from a frame before the end.
+/// dropped. Measured on kino-shapes (`kino eval --long 4 --seeds 2 --overlap {0,1,2,4}`, 12 of
+/// the 24 held-out cases, 72 seams each way; the README's long-video section has the table):
+/// blending made the object's jump across a seam larger at more seams than it made it smaller
+/// (38–46 against 13–19; median jump beyond the motion's step 0.75 px with drop, 1.8–2.7 px
+/// blended), and blending 4 frames cost direction as prompted (98% → 86%); it did keep the
+/// colour closer to segment 0 (drift 14.6 → 5.8–11.0), as it continues from a frame before the
+/// end.
 pub const DEFAULT_OVERLAP: usize = 0;
 
 /// What a long video starts from.
