@@ -101,6 +101,10 @@ DRIVE = r"""
     return { width: v.videoWidth, height: v.videoHeight, playedTo: v.currentTime, model: newest.model, size: newest.size, id: newest.id, status: newest.status };
   };
   summary.image = await playing(1, "the image-to-video result");
+  // Provenance: the finished card gets a badge from /v1/content_provenance_checks.
+  const badgeOf = () => document.querySelector('#gallery .card[data-id="' + summary.image.id + '"] .badge');
+  await until(badgeOf, "the provenance badge");
+  summary.image.badge = badgeOf().textContent;
 
   // Video-to-video: drop that result's MP4.
   const mp4 = await (await fetch("/v1/videos/" + summary.image.id + "/content")).blob();
@@ -238,6 +242,7 @@ try:
     assert im["status"] == "completed" and im["model"] == "tiny-ti2v", s
     assert im["size"] == "96x224" and (im["width"], im["height"]) == (96, 224), f"the image's 1:2 shape: {s}"
     assert im["playedTo"] > 0.1, s
+    assert im["badge"] == "\u2713 verified", f"a signed video shows the verified badge: {s}"
     assert s["strengthShown"], f"a dropped video shows the strength: {s}"
     ed = s["edit"]
     assert ed["status"] == "completed" and ed["id"] != im["id"] and ed["playedTo"] > 0.1, s
