@@ -5,7 +5,7 @@ use kino_media::Frame;
 
 use crate::ecc;
 use crate::fft::{self, C64};
-use crate::pattern::{self, Layout, CHIPS, CODED_BITS, INFO_BITS, MARKER, TILE};
+use crate::pattern::{self, Layout, CHIPS, CODED_BITS, INFO_BITS, TILE};
 use crate::Key;
 
 /// Fold resolution: samples per chip along each axis.
@@ -26,7 +26,8 @@ pub(crate) const CANDIDATES: usize = 4;
 /// What [`detect`] found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Detection {
-    /// The key's mark was found: a sync peak whose decoded payload starts with the Kino marker.
+    /// The key's mark was found: a sync peak whose decoded payload's 16-bit check field (the
+    /// Kino marker XOR the id's CRC-16) matches its id.
     pub detected: bool,
     /// The 48-bit id, when detected.
     pub id: Option<u64>,
@@ -47,8 +48,8 @@ pub struct Detection {
     /// The scale found: the mark's chip size relative to what this frame size implies (1.0 for
     /// an unscaled or uniformly rescaled video, about 1.11 after a 10% crop).
     pub scale: f64,
-    /// The 64 decoded payload bits (16-bit marker, 48-bit id) of the best candidate, detected
-    /// or not (for measuring bit accuracy).
+    /// The 64 decoded payload bits (16-bit check field, 48-bit id) of the best candidate,
+    /// detected or not (for measuring bit accuracy).
     pub raw_payload: u64,
 }
 
@@ -159,7 +160,7 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         let (marker, id) = pattern::unpack(&bits);
         let raw_payload = (u64::from(marker) << 48) | id;
         let p_sync = (hypotheses * normal_tail(z)).min(1.0);
-        let detected = marker == MARKER;
+        let detected = marker == pattern::check_field(id);
         let pfa = if detected {
             CANDIDATES as f64 * 2f64.powi(-16) * p_sync
         } else {

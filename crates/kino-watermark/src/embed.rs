@@ -9,7 +9,7 @@ use crate::Key;
 /// Side of the blocks over which texture is measured.
 const BLOCK: usize = 8;
 /// Amplitude (8-bit levels) in flat regions, …
-pub(crate) const AMP_MIN: f32 = 2.0;
+pub(crate) const AMP_MIN: f32 = 1.0;
 /// … at most, …
 pub(crate) const AMP_MAX: f32 = 6.0;
 /// … and per level of texture (mean |Laplacian| / 4 of the block's luma).
@@ -122,7 +122,7 @@ impl Embedder {
 /// its strength kept within `[K_MIN, K_MAX]` of the plain mark's.
 const MU: f64 = 1.0;
 const K_MIN: f64 = 0.3;
-const K_MAX: f64 = 3.0;
+const K_MAX: f64 = 2.0;
 
 /// The pattern for every pixel from chip values and the per-column / per-row axes.
 fn synth(chips: &[f32; CHIPS], ax: &[pattern::Axis], ay: &[pattern::Axis]) -> Vec<f32> {

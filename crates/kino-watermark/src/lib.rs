@@ -21,7 +21,8 @@
 //!   plus a change of the shorter side (a 10% crop makes chips look 1/0.9 = 1.11 times larger).
 //!   The detector folds the whitened frame onto one tile at each scale from 0.8 to 1.25 (0.4%
 //!   steps) and finds the shift by FFT correlation with the keyed sync chips.
-//! - **Payload with error correction.** 64 bits (a 16-bit Kino marker, then the 48-bit id) are
+//! - **Payload with error correction.** 64 bits (a 16-bit check field, the Kino marker XOR the
+//!   id's CRC-16, then the 48-bit id) are
 //!   coded with the rate-1/2, K=7 convolutional code (140 coded bits, soft Viterbi decoding,
 //!   free distance 10). Each coded bit owns one chip of the tile (repeated in every tile and
 //!   frame); the other 116 chips are sync.
@@ -39,8 +40,8 @@
 //! strength of that residual), sums the frames, folds onto a tile at each of 112 scales, and
 //! correlates with the sync pattern at all 64×64 shifts. The peak's z-score is measured against
 //! the spread of the correlation over all shifts. The payload of the best 4 candidates (distinct
-//! scales) is decoded; the mark is **detected** only when a decoded payload starts with the
-//! 16-bit marker. For an unmarked clip the decoded bits are noise, so the false-positive
+//! scales) is decoded; the mark is **detected** only when a decoded payload's 16-bit check field
+//! matches (so a wrongly corrected id is refused too). For an unmarked clip the decoded bits are noise, so the false-positive
 //! probability is at most `4 · 2⁻¹⁶ ≈ 6.1·10⁻⁵` per clip (1 in 16 000), further multiplied by
 //! the chance of a sync peak that strong (`H · Q(z)`, `H` = hypotheses tried); see
 //! [`Detection::false_alarm_probability`]. The README's Watermark section has measured rates.

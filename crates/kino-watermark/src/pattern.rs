@@ -93,9 +93,27 @@ impl Layout {
     }
 }
 
-/// The 64 payload bits, most significant first: marker (16) then the id's low 48 bits.
+/// The 16-bit check field for an id: the Kino marker XOR the id's CRC-16 (CCITT), so a
+/// decoded payload passes only if the marker *and* every id bit are right.
+pub(crate) fn check_field(id: u64) -> u16 {
+    let mut crc = 0xFFFFu16;
+    for i in (0..6).rev() {
+        crc ^= u16::from((id >> (8 * i)) as u8) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    MARKER ^ crc
+}
+
+/// The 64 payload bits, most significant first: check field (16) then the id's low 48 bits.
 pub(crate) fn payload_bits(id: u64) -> Vec<bool> {
-    let word = (u64::from(MARKER) << 48) | (id & ((1 << 48) - 1));
+    let id = id & ((1 << 48) - 1);
+    let word = (u64::from(check_field(id)) << 48) | id;
     (0..INFO_BITS).rev().map(|i| (word >> i) & 1 == 1).collect()
 }
 
@@ -154,7 +172,11 @@ mod tests {
     #[test]
     fn payload_roundtrip_and_layout_is_keyed() {
         let bits = payload_bits(0xDEAD_BEEF_CAFE_1234);
-        assert_eq!(unpack(&bits), (MARKER, 0xBEEF_CAFE_1234));
+        assert_eq!(
+            unpack(&bits),
+            (check_field(0xBEEF_CAFE_1234), 0xBEEF_CAFE_1234)
+        );
+        assert_ne!(check_field(1), check_field(2));
         let a = Layout::new(&Key::from_bytes(b"a"));
         let b = Layout::new(&Key::from_bytes(b"b"));
         assert_ne!(a.data, b.data);

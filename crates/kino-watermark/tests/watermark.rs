@@ -22,7 +22,7 @@ fn survives_h264_crf28_and_is_keyed() {
     let key = Key::from_bytes(b"kino test key");
     let id = 0x0000_a1b2_c3d4_e5f6;
     // 832×480 (Wan's size); the README's table has the rates for smaller frames.
-    let src = lavfi_frames("testsrc2=size={w}x{h}:rate=16", 832, 480, 16);
+    let src = lavfi_frames("mandelbrot=size={w}x{h}:rate=16", 832, 480, 16);
     let m = marked(&src, &key, id);
     let psnr = psnr_video(&src, &m).unwrap();
     assert!(psnr >= 40.0, "PSNR {psnr:.2} dB is below 40 dB");
