@@ -51,7 +51,10 @@ fn c2pa_python_reads_kino_mp4_valid_then_invalid_after_one_byte() {
     // One byte inside the mdat payload (the H.264 data), flipped.
     let mut bytes = std::fs::read(&good).unwrap();
     let boxes = kino_media::mp4_boxes(&good).unwrap();
-    let mdat = boxes.iter().find(|b| b.kind == "mdat").expect("an mdat box");
+    let mdat = boxes
+        .iter()
+        .find(|b| b.kind == "mdat")
+        .expect("an mdat box");
     let at = (mdat.offset + mdat.size / 2) as usize;
     bytes[at] ^= 0x10;
     let bad = d.path().join("changed.mp4");
@@ -69,6 +72,9 @@ fn c2pa_python_reads_kino_mp4_valid_then_invalid_after_one_byte() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "c2pa_python.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "c2pa_python.py failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("OK"), "{stdout}");
 }

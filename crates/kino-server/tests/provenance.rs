@@ -49,7 +49,10 @@ fn sdk_checks_signed_watermarked_video_and_policy_refusal() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "provenance_sdk.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "provenance_sdk.py failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("OK"), "{stdout}");
 
     // The refusal is in the audit log, with the rule and where it came from.
@@ -62,7 +65,10 @@ fn sdk_checks_signed_watermarked_video_and_policy_refusal() {
     assert_eq!(lines[0]["rule"], format!("term: {term}"));
     assert_eq!(lines[0]["reason"], reason);
     assert_eq!(lines[0]["source"], "kino serve");
-    assert!(lines[0]["prompt"].as_str().unwrap().contains("example person"));
+    assert!(lines[0]["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("example person"));
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -79,7 +79,10 @@ fn generate_signs_and_marks_verify_reads_both_and_mark_restamps_an_edit() {
     let o = kino_in(&data, &["info", "--json", out.to_str().unwrap()]);
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(info["generation"]["provenance"]["c2pa"]["signed"], true);
-    assert_eq!(info["generation"]["provenance"]["watermark"]["id"], id.as_str());
+    assert_eq!(
+        info["generation"]["provenance"]["watermark"]["id"],
+        id.as_str()
+    );
 
     // Plain words too.
     let o = kino_in(&data, &["verify", out.to_str().unwrap()]);
@@ -115,7 +118,10 @@ fn generate_signs_and_marks_verify_reads_both_and_mark_restamps_an_edit() {
     let sha = {
         use std::io::Read;
         let mut b = Vec::new();
-        std::fs::File::open(&re).unwrap().read_to_end(&mut b).unwrap();
+        std::fs::File::open(&re)
+            .unwrap()
+            .read_to_end(&mut b)
+            .unwrap();
         kino_provenance_sha(&b)
     };
     assert_eq!(v["c2pa"]["kino"]["marked_from"]["sha256"], sha.as_str());
