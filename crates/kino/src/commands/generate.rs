@@ -799,7 +799,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         params.extra.insert("conditioning".into(), c.clone());
     }
     let t_write = Instant::now();
-    let (prov, subject) = (kino_provenance::cli::current()?, kino_provenance::cli::subject(&model_dir, &output));
+    let (prov, subject) = (
+        kino_provenance::cli::current()?,
+        kino_provenance::cli::subject(&model_dir, &output),
+    );
     match format {
         Format::Mp4 => {
             let opts = Mp4Options {
@@ -810,7 +813,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         Format::Gif => {
             let meta = params.to_value();
-            prov.write_gif(&output, &video, &GifOptions::default(), Some(&meta), &subject)?;
+            prov.write_gif(
+                &output,
+                &video,
+                &GifOptions::default(),
+                Some(&meta),
+                &subject,
+            )?;
         }
         Format::PngFolder => {
             prov.write_png_frames(&output, &video, Some(&params.to_value()), &subject)?;
