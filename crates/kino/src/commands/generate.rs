@@ -519,7 +519,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty; say what the video should show, e.g. kino generate \"a corgi surfing at sunset\"");
     }
-    let all_prompts = script_prompts.clone().unwrap_or_else(|| vec![prompt.clone()]);
+    let all_prompts = script_prompts
+        .clone()
+        .unwrap_or_else(|| vec![prompt.clone()]);
     let checked: Vec<&str> = all_prompts.iter().map(String::as_str).collect();
     kino_provenance::cli::open(&a.run.provenance, &checked, "kino generate")?;
     let model_name = model_name(a.model.as_deref());
