@@ -151,8 +151,15 @@ impl SigningIdentity {
         let root = dir.join("root-ca.pem");
         let mut created = false;
         if !(chain.is_file() && key.is_file() && root.is_file()) {
-            create_local_ca(&dir)?;
-            created = true;
+            // Several Kino processes may start at once on a fresh machine: one makes the CA,
+            // the others wait for it and use the same one.
+            with_lock(&dir, || {
+                if !(chain.is_file() && key.is_file() && root.is_file()) {
+                    create_local_ca(&dir)?;
+                    created = true;
+                }
+                Ok(())
+            })?;
         }
         let mut id = SigningIdentity::from_files(&key, &chain)?;
         id.local_root_pem = Some(
@@ -162,7 +169,7 @@ impl SigningIdentity {
         id.source = format!("the local Kino CA in {}", dir.display());
         // A signer certificate close to its end is renewed from the same root.
         if !created && expires_within(&id.chain_pem, Duration::from_secs(30 * 86400)) {
-            renew_signer(&dir)?;
+            with_lock(&dir, || renew_signer(&dir))?;
             return SigningIdentity::local(data_dir);
         }
         Ok((id, created))
@@ -374,12 +381,44 @@ pub fn local_watermark_key(data_dir: &Path) -> Result<([u8; 32], bool)> {
     if path.is_file() {
         return Ok((read_watermark_key(&path)?, false));
     }
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
-    let mut key = [0u8; 32];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
-    write_private(&path, format!("{}\n", hex(&key)).as_bytes())?;
-    Ok((key, true))
+    let mut made = None;
+    with_lock(&dir, || {
+        if !path.is_file() {
+            let mut key = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut key);
+            write_private(&path, format!("{}\n", hex(&key)).as_bytes())?;
+            made = Some(key);
+        }
+        Ok(())
+    })?;
+    match made {
+        Some(key) => Ok((key, true)),
+        None => Ok((read_watermark_key(&path)?, false)),
+    }
+}
+
+/// Runs `f` holding an exclusive lock on `dir/.lock` (an OS file lock, released if the process
+/// dies), so that processes starting together make the keys once.
+fn with_lock(dir: &Path, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Config(format!(
+            "cannot create {} for Kino's keys: {e}; set KINO_DATA_DIR to a writable folder, or \
+             pass --signing-key and --signing-cert",
+            dir.display()
+        ))
+    })?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::Config(format!("cannot open {}: {e}", path.display())))?;
+    file.lock()
+        .map_err(|e| Error::Config(format!("cannot lock {}: {e}", path.display())))?;
+    let result = f();
+    let _ = file.unlock();
+    result
 }
 
 /// Reads a watermark key file: 64 hex digits (or 32 raw bytes).

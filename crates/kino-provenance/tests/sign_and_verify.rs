@@ -220,3 +220,33 @@ fn operator_keys_sign_and_a_bad_key_is_explained() {
     let e = kino_provenance::SigningIdentity::from_files(&key, &cert).unwrap_err();
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 }
+
+#[test]
+fn processes_starting_together_make_one_local_identity() {
+    // Eight openers at once on a fresh data dir (as tests or workers starting together on a new
+    // machine): one CA and one watermark key, the same for all.
+    let dir = std::env::temp_dir().join(format!("kino-prov-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let got: Vec<(String, [u8; 32])> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let (id, _) = kino_provenance::SigningIdentity::local(&dir).unwrap();
+                    let (key, _) = kino_provenance::keys::local_watermark_key(&dir).unwrap();
+                    (String::from_utf8(id.chain_pem.clone()).unwrap(), key)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        got.iter().all(|g| g == &got[0]),
+        "all openers share one identity"
+    );
+    let root = kino_provenance::keys::local_root(&dir).unwrap();
+    assert!(
+        got[0].0.contains(root.trim()),
+        "the chain ends with the local root"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
