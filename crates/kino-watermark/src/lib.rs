@@ -11,13 +11,14 @@
 //!   duplicating frames) changes nothing; the detector averages the residual of up to 48 frames,
 //!   so moving content averages out while the mark adds up.
 //! - **Low/mid frequencies.** The mark is a grid of ±1 *chips*, smoothly interpolated (a
-//!   smoothstep, C¹), 32 chips along the frame's shorter side (at least 4 px each). At 832×480 a
-//!   chip is 15 px, at 256×256 8 px: coarse enough that H.264 at CRF 28 keeps it and that it
-//!   survives scaling to half size (the residual of quantisation lives in finer detail).
+//!   smoothstep, C¹), 48 chips along the frame's shorter side (at least 4 px each). At 832×480 a
+//!   chip is 10 px, at 1280×720 15 px: coarse enough that H.264 at CRF 28 keeps most of it and
+//!   that it survives scaling to half size. (At 256×256 chips are 5.3 px and too few for the
+//!   payload after CRF 28: see the README's table.)
 //! - **A normalised grid for scaling.** Chip size is a fraction of the shorter side, so a
 //!   uniformly rescaled video carries the mark at the same place relative to the picture.
 //! - **A periodic tile and a synchronisation search for cropping.** The chips form a 16×16 tile
-//!   (half the shorter side) repeated over the frame, so a crop is a circular shift of the tile
+//!   (a third of the shorter side) repeated over the frame, so a crop is a circular shift of the tile
 //!   plus a change of the shorter side (a 10% crop makes chips look 1/0.9 = 1.11 times larger).
 //!   The detector folds the whitened frame onto one tile at each scale from 0.8 to 1.25 (0.4%
 //!   steps) and finds the shift by FFT correlation with the keyed sync chips.
@@ -30,9 +31,12 @@
 //!   from ChaCha20 seeded with SHA-256 of the 32-byte key: without the key the pattern looks like
 //!   noise and neither sync nor payload can be read.
 //! - **Invisible.** Perceptual masking: the amplitude follows the local texture (mean absolute
-//!   Laplacian per 8×8 block, smoothed): 0.7 levels in flat regions (after rounding, almost
-//!   nothing), up to 4 levels in texture; the frame's root-mean-square change is capped at 2.3
-//!   levels, so PSNR ≥ 40 dB always.
+//!   Laplacian per 8×8 block, smoothed): 1 level in flat regions, up to 6 levels in texture;
+//!   the frame's root-mean-square change is capped at 2.3 levels, so PSNR ≥ 40 dB always.
+//! - **Informed embedding** (improved spread spectrum): the embedder reads every chip of the
+//!   unmarked frame the way the detector will (the picture's own interference) and of a trial
+//!   marking (the mark's gain), then scales each chip (0.3–2×) so the picture no longer pushes
+//!   it towards the wrong sign.
 //!
 //! # Detection statistics
 //!
