@@ -420,24 +420,33 @@ pub fn run_long(
 
     let (w, h) = (plan.base.width, plan.base.height);
     let fps = Fps::integer(run.fps)?;
-    let mut writer =
-        kino_provenance::cli::current()?.stream_writer(
-            output,
-            w as u32,
-            h as u32,
-            fps,
-            Mp4Options::default(),
-            kino_provenance::cli::subject(run.model_dir, output),
-        )?;
+    let mut writer = kino_provenance::cli::current()?.stream_writer(
+        output,
+        w as u32,
+        h as u32,
+        fps,
+        Mp4Options::default(),
+        kino_provenance::cli::subject(run.model_dir, output),
+    )?;
     let mut source_frames = 0usize;
     let mut source_meta = None;
     if let Some(src) = run.source {
-        // Frame by frame: the source is never held whole.
+        // Streamed: the source is never held whole. The writer encodes each push from a key
+        // frame, so frames go to it in batches of a segment's length (one key frame per
+        // segment, as the new frames get; memory stays that of one segment).
         source_frames = src.frames;
+        let per_batch = plan.base.num_frames.max(1);
+        let mut batch: Vec<Frame> = Vec::with_capacity(per_batch);
         src.conformed(w, h, fps, 0..src.frames, &mut |f| {
-            writer.push(std::slice::from_ref(&f))?;
+            batch.push(f);
+            if batch.len() == per_batch {
+                writer.push(&batch)?;
+                batch.clear();
+            }
             Ok(())
         })?;
+        writer.push(&batch)?;
+        drop(batch);
         source_meta = Some(src.meta);
     }
     for k in 0..done {
