@@ -119,29 +119,34 @@ pub fn conform_video(
     fps: Fps,
     frames: usize,
 ) -> Result<Vec<Frame>> {
+    let src = video.fps();
+    check_length(video.len(), video.duration_secs(), src, fps, frames)?;
+    FitCrop::plan(video.width(), video.height(), width, height)?;
+    (0..frames)
+        .map(|i| fit_crop(&video.frames()[source_index(i, src, fps)], width, height))
+        .collect()
+}
+
+/// Checks that a source of `len` frames (`duration` s at `src` fps) has enough for `frames`
+/// output frames at `fps`.
+fn check_length(len: usize, duration: f64, src: Fps, fps: Fps, frames: usize) -> Result<()> {
     if frames == 0 {
         return Err(MediaError::InvalidOption(
             "asked for 0 frames of the source video; ask for at least 1".to_string(),
         ));
     }
-    let src = video.fps();
     let needed = source_index(frames - 1, src, fps) + 1;
-    if needed > video.len() {
+    if needed > len {
         return Err(MediaError::InvalidVideo(format!(
-            "the source video is too short: it has {} frames ({:.2} s at {} fps), but {frames} \
-             frames at {} fps need {needed} of its frames ({:.2} s); use a longer clip or ask \
-             for fewer frames with --frames or --seconds",
-            video.len(),
-            video.duration_secs(),
+            "the source video is too short: it has {len} frames ({duration:.2} s at {} fps), but \
+             {frames} frames at {} fps need {needed} of its frames ({:.2} s); use a longer clip \
+             or ask for fewer frames with --frames or --seconds",
             fmt_fps(src),
             fmt_fps(fps),
             src.duration_of(needed),
         )));
     }
-    FitCrop::plan(video.width(), video.height(), width, height)?;
-    (0..frames)
-        .map(|i| fit_crop(&video.frames()[source_index(i, src, fps)], width, height))
-        .collect()
+    Ok(())
 }
 
 /// [`conform_video`] of a file, streamed: the output frames `range` (of `frames`) of
@@ -160,25 +165,8 @@ pub fn conform_video_file(
     range: std::ops::Range<usize>,
     each: &mut dyn FnMut(usize, Frame) -> Result<()>,
 ) -> Result<()> {
-    if frames == 0 {
-        return Err(MediaError::InvalidOption(
-            "asked for 0 frames of the source video; ask for at least 1".to_string(),
-        ));
-    }
     let src = layout.fps;
-    let needed = source_index(frames - 1, src, fps) + 1;
-    if needed > layout.len() {
-        return Err(MediaError::InvalidVideo(format!(
-            "the source video is too short: it has {} frames ({:.2} s at {} fps), but {frames} \
-             frames at {} fps need {needed} of its frames ({:.2} s); use a longer clip or ask \
-             for fewer frames with --frames or --seconds",
-            layout.len(),
-            layout.duration_secs(),
-            fmt_fps(src),
-            fmt_fps(fps),
-            src.duration_of(needed),
-        )));
-    }
+    check_length(layout.len(), layout.duration_secs(), src, fps, frames)?;
     FitCrop::plan(layout.width, layout.height, width, height)?;
     let range = range.start.min(frames)..range.end.min(frames);
     let sources: Vec<usize> = range.clone().map(|i| source_index(i, src, fps)).collect();
