@@ -20,8 +20,9 @@ pub(crate) const MAX_FRAMES: usize = 48;
 const MIN_SCALE: f64 = 0.8;
 const MAX_SCALE: f64 = 1.25;
 const SCALE_STEP: f64 = 0.004;
-/// Sync candidates (distinct scales) whose payload is decoded.
-pub(crate) const CANDIDATES: usize = 4;
+/// Candidates whose payload is decoded: the strongest sync peaks at distinct scales, and the
+/// best shift at scale 1.
+pub(crate) const CANDIDATES: usize = 8;
 
 /// What [`detect`] found.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,7 +121,7 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
     let mut peaks: Vec<(f64, usize, usize, usize)> = Vec::with_capacity(n_scales);
     for k in 0..n_scales {
         let folded = fold(&acc, wd, hd, b, c0 * scale_of(k));
-        let corr = fft::xcorr(&folded, &tmpl, N);
+        let corr = fft::xcorr_phase(&folded, &tmpl, N);
         let mean = corr.iter().sum::<f64>() / corr.len() as f64;
         let var = corr.iter().map(|c| (c - mean) * (c - mean)).sum::<f64>() / corr.len() as f64;
         let (arg, max) =
@@ -135,23 +136,31 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         };
         peaks.push((z, k, arg / N, arg % N));
     }
+    // The strongest peaks at distinct scales, and the scale nearest 1 (an uncropped video has
+    // its mark there, and after heavy compression its sync peak need not be among the
+    // strongest).
+    let unit = ((1.0 / MIN_SCALE).ln() / SCALE_STEP).round() as usize;
+    let unit_peak = peaks[unit];
     peaks.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut chosen: Vec<(f64, usize, usize, usize)> = Vec::new();
     for p in peaks {
-        if chosen.len() == CANDIDATES {
+        if chosen.len() == CANDIDATES - 1 {
             break;
         }
         if chosen.iter().all(|c| c.1.abs_diff(p.1) >= 3) {
             chosen.push(p);
         }
     }
+    if chosen.iter().all(|c| c.1 != unit) {
+        chosen.push(unit_peak);
+    }
     let hypotheses = (n_scales * N * N) as f64;
     let mut best: Option<Detection> = None;
     for &(z, k, dy, dx) in &chosen {
         let folded = fold(&acc, wd, hd, b, c0 * scale_of(k));
         let soft = read_bits(&folded, &layout, dy, dx);
-        let bits = ecc::decode(&soft, INFO_BITS);
-        let code = ecc::encode(&bits);
+        let bits = ecc::decode(&ecc::depuncture(&soft, INFO_BITS), INFO_BITS);
+        let code = ecc::puncture(&ecc::encode(&bits));
         let bit_errors = soft
             .iter()
             .zip(&code)

@@ -1,22 +1,62 @@
-//! The error-correcting code: the standard rate-1/2, constraint-length-7 convolutional code
-//! (generators 171 and 133 octal, as in 802.11 and DVB), zero-terminated, decoded with a
+//! The error-correcting code: the rate-1/3, constraint-length-7 convolutional code of LTE
+//! (generators 133, 171 and 165 octal, free distance 15), zero-terminated, decoded with a
 //! soft-decision Viterbi decoder.
 
 const K: usize = 7;
-const G0: u32 = 0o171;
-const G1: u32 = 0o133;
+const G: [u32; RATE] = [0o133, 0o171, 0o165];
+/// Coded bits per information bit.
+const RATE: usize = 3;
 const STATES: usize = 1 << (K - 1);
 
-/// Number of coded bits for `info` information bits (two per bit plus the 6-bit tail).
+/// Number of coded bits for `info` information bits (three per bit, with the 6-bit tail).
 pub(crate) const fn coded_len(info: usize) -> usize {
-    2 * (info + K - 1)
+    RATE * (info + K - 1)
 }
 
-fn outputs(reg: u32) -> (bool, bool) {
-    (
-        (reg & G0).count_ones() & 1 == 1,
-        (reg & G1).count_ones() & 1 == 1,
-    )
+/// Puncturing: the third output of every `PUNCTURE`-th step is not sent (0: nothing is
+/// punctured).
+const PUNCTURE: usize = 2;
+
+fn punctured(i: usize) -> bool {
+    PUNCTURE > 0 && i % RATE == 2 && (i / RATE).is_multiple_of(PUNCTURE)
+}
+
+/// Number of coded bits sent for `info` information bits (after puncturing).
+pub(crate) const fn sent_len(info: usize) -> usize {
+    let steps = info + K - 1;
+    if PUNCTURE == 0 {
+        RATE * steps
+    } else {
+        RATE * steps - steps.div_ceil(PUNCTURE)
+    }
+}
+
+/// The coded bits that are sent.
+pub(crate) fn puncture<T: Copy>(coded: &[T]) -> Vec<T> {
+    coded
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !punctured(i))
+        .map(|(_, &c)| c)
+        .collect()
+}
+
+/// Soft values of all coded bits from those sent (0, "unknown", where punctured).
+pub(crate) fn depuncture(sent: &[f64], info: usize) -> Vec<f64> {
+    let mut it = sent.iter();
+    (0..coded_len(info))
+        .map(|i| {
+            if punctured(i) {
+                0.0
+            } else {
+                *it.next().unwrap_or(&0.0)
+            }
+        })
+        .collect()
+}
+
+fn outputs(reg: u32) -> [bool; RATE] {
+    G.map(|g| (reg & g).count_ones() & 1 == 1)
 }
 
 /// Encodes `bits`, appending the tail that returns the encoder to state 0.
@@ -25,9 +65,7 @@ pub(crate) fn encode(bits: &[bool]) -> Vec<bool> {
     let mut reg = 0u32;
     for &b in bits.iter().chain(std::iter::repeat_n(&false, K - 1)) {
         reg = ((reg << 1) | u32::from(b)) & ((1 << K) - 1);
-        let (a, c) = outputs(reg);
-        out.push(a);
-        out.push(c);
+        out.extend(outputs(reg));
     }
     out
 }
@@ -35,13 +73,13 @@ pub(crate) fn encode(bits: &[bool]) -> Vec<bool> {
 /// Viterbi decoding of soft values (positive means 1, larger means surer) into `info` bits.
 pub(crate) fn decode(soft: &[f64], info: usize) -> Vec<bool> {
     let steps = info + K - 1;
-    debug_assert_eq!(soft.len(), 2 * steps);
+    debug_assert_eq!(soft.len(), RATE * steps);
     let mut metric = vec![f64::NEG_INFINITY; STATES];
     metric[0] = 0.0;
     // survivors[t][state] = the previous state.
     let mut survivors = vec![[0u8; STATES]; steps];
     for t in 0..steps {
-        let (s0, s1) = (soft[2 * t], soft[2 * t + 1]);
+        let st = &soft[RATE * t..RATE * (t + 1)];
         let mut next = vec![f64::NEG_INFINITY; STATES];
         for (state, &m) in metric.iter().enumerate() {
             if m == f64::NEG_INFINITY {
@@ -50,8 +88,11 @@ pub(crate) fn decode(soft: &[f64], info: usize) -> Vec<bool> {
             let inputs: &[u32] = if t >= info { &[0] } else { &[0, 1] };
             for &b in inputs {
                 let reg = ((state as u32) << 1) | b;
-                let (a, c) = outputs(reg);
-                let bm = if a { s0 } else { -s0 } + if c { s1 } else { -s1 };
+                let bm: f64 = outputs(reg)
+                    .iter()
+                    .zip(st)
+                    .map(|(&o, &s)| if o { s } else { -s })
+                    .sum();
                 let ns = (reg as usize) & (STATES - 1);
                 if m + bm > next[ns] {
                     next[ns] = m + bm;
@@ -81,7 +122,7 @@ mod tests {
         let code = encode(&bits);
         assert_eq!(code.len(), coded_len(64));
         let mut soft: Vec<f64> = code.iter().map(|&b| if b { 1.0 } else { -1.0 }).collect();
-        // Flip well-spread coded bits (the code's free distance is 10).
+        // Flip well-spread coded bits (the code's free distance is 15).
         for i in (3..soft.len()).step_by(17) {
             soft[i] = -soft[i];
         }

@@ -85,13 +85,37 @@ pub(crate) fn fft2(buf: &mut [C64], n: usize, inverse: bool) {
     }
 }
 
-/// Circular cross-correlation of two real `n × n` grids through the FFT of `b` given:
+/// Circular cross-correlation of two real `n × n` grids through the FFT of `b` given (the
+/// reference for [`xcorr_phase`]'s peak position):
 /// `out[dy][dx] = Σ a[(y+dy)%n][(x+dx)%n] · b[y][x]`.
+#[cfg(test)]
 pub(crate) fn xcorr(a: &[f64], b_fft: &[C64], n: usize) -> Vec<f64> {
     let mut fa: Vec<C64> = a.iter().map(|&re| C64 { re, im: 0.0 }).collect();
     fft2(&mut fa, n, false);
     for (x, y) in fa.iter_mut().zip(b_fft) {
         *x = x.mul_conj(*y);
+    }
+    fft2(&mut fa, n, true);
+    let scale = 1.0 / (n * n) as f64;
+    fa.iter().map(|c| c.re * scale).collect()
+}
+
+/// [`xcorr`] with `a`'s spectrum flattened first (each frequency divided by its magnitude, a
+/// phase-only filter on `a`'s side): the picture's leftover structure in `a`, strong at a few
+/// frequencies, no longer dominates the correlation, while the mark, spread evenly over the
+/// template's band, keeps its peak.
+pub(crate) fn xcorr_phase(a: &[f64], b_fft: &[C64], n: usize) -> Vec<f64> {
+    let mut fa: Vec<C64> = a.iter().map(|&re| C64 { re, im: 0.0 }).collect();
+    fft2(&mut fa, n, false);
+    let mean_mag = fa.iter().map(|c| c.re.hypot(c.im)).sum::<f64>() / fa.len() as f64;
+    let eps = 1e-3 * mean_mag + 1e-12;
+    for (x, y) in fa.iter_mut().zip(b_fft) {
+        let m = x.re.hypot(x.im) + eps;
+        let u = C64 {
+            re: x.re / m,
+            im: x.im / m,
+        };
+        *x = u.mul_conj(*y);
     }
     fft2(&mut fa, n, true);
     let scale = 1.0 / (n * n) as f64;
@@ -125,5 +149,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn phase_correlation_finds_a_shift_under_strong_structure() {
+        let n = 16;
+        let b: Vec<f64> = (0..n * n)
+            .map(|i| {
+                if (i * 7919 + i / 5) % 13 < 6 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
+        // `a` is `b` shifted by (3, 5) plus a strong smooth structure.
+        let a: Vec<f64> = (0..n * n)
+            .map(|i| {
+                let (y, x) = (i / n, i % n);
+                let src = ((y + n - 3) % n) * n + (x + n - 5) % n;
+                b[src] + 40.0 * (x as f64 * 0.39).cos()
+            })
+            .collect();
+        let mut fb: Vec<C64> = b.iter().map(|&re| C64 { re, im: 0.0 }).collect();
+        fft2(&mut fb, n, false);
+        let c = xcorr_phase(&a, &fb, n);
+        let arg = (0..n * n).max_by(|&i, &j| c[i].total_cmp(&c[j])).unwrap();
+        assert_eq!((arg / n, arg % n), (3, 5));
+        // The plain correlation is led astray by the structure.
+        let c = xcorr(&a, &fb, n);
+        let arg = (0..n * n).max_by(|&i, &j| c[i].total_cmp(&c[j])).unwrap();
+        assert_ne!((arg / n, arg % n), (3, 5));
     }
 }

@@ -11,22 +11,27 @@
 //!   duplicating frames) changes nothing; the detector averages the residual of up to 48 frames,
 //!   so moving content averages out while the mark adds up.
 //! - **Low/mid frequencies.** The mark is a grid of ±1 *chips*, smoothly interpolated (a
-//!   smoothstep, C¹), 48 chips along the frame's shorter side (at least 4 px each). At 832×480 a
-//!   chip is 10 px, at 1280×720 15 px: coarse enough that H.264 at CRF 28 keeps most of it and
-//!   that it survives scaling to half size. (At 256×256 chips are 5.3 px and too few for the
-//!   payload after CRF 28: see the README's table.)
+//!   smoothstep, C¹), 48 chips along the frame's shorter side (at least 3 px each, so a 256×256
+//!   video scaled to half size keeps its grid within the scale search). At 832×480 a chip is
+//!   10 px, at 1280×720 15 px: coarse enough that H.264 at CRF 28 keeps most of it and that it
+//!   survives scaling to half size. (At 256×256 chips are 5.3 px, and CRF 28 leaves too little
+//!   of them for reliable detection: see the README's table.)
 //! - **A normalised grid for scaling.** Chip size is a fraction of the shorter side, so a
 //!   uniformly rescaled video carries the mark at the same place relative to the picture.
 //! - **A periodic tile and a synchronisation search for cropping.** The chips form a 16×16 tile
 //!   (a third of the shorter side) repeated over the frame, so a crop is a circular shift of the tile
 //!   plus a change of the shorter side (a 10% crop makes chips look 1/0.9 = 1.11 times larger).
 //!   The detector folds the whitened frame onto one tile at each scale from 0.8 to 1.25 (0.4%
-//!   steps) and finds the shift by FFT correlation with the keyed sync chips.
+//!   steps) and finds the shift by phase-only FFT correlation with the keyed sync chips (the
+//!   folded tile's spectrum is flattened first, so the picture's leftover structure, strong at
+//!   a few frequencies, does not drown the mark's peak).
 //! - **Payload with error correction.** 64 bits (a 16-bit check field, the Kino marker XOR the
-//!   id's CRC-16, then the 48-bit id) are
-//!   coded with the rate-1/2, K=7 convolutional code (140 coded bits, soft Viterbi decoding,
-//!   free distance 10). Each coded bit owns one chip of the tile (repeated in every tile and
-//!   frame); the other 116 chips are sync.
+//!   id's CRC-16, then the 48-bit id) are coded with the rate-1/3, K=7 convolutional code of LTE
+//!   (generators 133, 171, 165 octal, zero tail), punctured to 175 coded bits (the third output
+//!   of every other step is not sent: rate 0.37) and decoded by a soft-decision Viterbi
+//!   decoder. Each coded bit owns one chip of the tile (repeated in every tile and frame); the
+//!   other 81 chips are sync. (The rate-1/2 code with 116 sync chips had more sync than the
+//!   payload could use: after CRF 28 the payload failed first.)
 //! - **Keyed.** Chip signs, which chips are sync, and which chip carries which coded bit all come
 //!   from ChaCha20 seeded with SHA-256 of the 32-byte key: without the key the pattern looks like
 //!   noise and neither sync nor payload can be read.
@@ -43,10 +48,12 @@
 //! The detector whitens each frame (luma minus a blur about one chip wide, divided by the local
 //! strength of that residual), sums the frames, folds onto a tile at each of 112 scales, and
 //! correlates with the sync pattern at all 64×64 shifts. The peak's z-score is measured against
-//! the spread of the correlation over all shifts. The payload of the best 4 candidates (distinct
-//! scales) is decoded; the mark is **detected** only when a decoded payload's 16-bit check field
-//! matches (so a wrongly corrected id is refused too). For an unmarked clip the decoded bits are noise, so the false-positive
-//! probability is at most `4 · 2⁻¹⁶ ≈ 6.1·10⁻⁵` per clip (1 in 16 000), further multiplied by
+//! the spread of the correlation over all shifts. The payload of 8 candidates is decoded: the 7
+//! strongest peaks at distinct scales and the best shift at scale 1 (where an uncropped video
+//! has its mark even when compression has weakened its peak); the mark is **detected** only
+//! when a decoded payload's 16-bit check field matches (so a wrongly corrected id is refused
+//! too). For an unmarked clip the decoded bits are noise, so the false-positive probability is
+//! at most `8 · 2⁻¹⁶ ≈ 1.2·10⁻⁴` per clip (1 in 8 192), further multiplied by
 //! the chance of a sync peak that strong (`H · Q(z)`, `H` = hypotheses tried); see
 //! [`Detection::false_alarm_probability`]. The README's Watermark section has measured rates.
 //!

@@ -13,14 +13,15 @@ pub(crate) const TILE: usize = 16;
 pub(crate) const CHIPS: usize = TILE * TILE;
 /// Chips along the frame's shorter side (so a tile is a third of the shorter side) …
 pub(crate) const CHIPS_PER_SHORT_SIDE: f64 = 48.0;
-/// … but never smaller than this many pixels (tiny frames: one tile covers 64×64).
-pub(crate) const MIN_CHIP_PX: f64 = 4.0;
+/// … but never smaller than this many pixels (so half of a 256×256 frame, 2.7 px chips, is
+/// still within the detector's scale search; one tile covers 48×48 px at least).
+pub(crate) const MIN_CHIP_PX: f64 = 3.0;
 /// The Kino marker: the first 16 payload bits.
 pub(crate) const MARKER: u16 = 0x4B4E; // "KN"
 /// Payload: marker + 48-bit id.
 pub(crate) const INFO_BITS: usize = 64;
 /// Coded bits (one chip each); the other chips of the tile carry the known sync pattern.
-pub(crate) const CODED_BITS: usize = ecc::coded_len(INFO_BITS);
+pub(crate) const CODED_BITS: usize = ecc::sent_len(INFO_BITS);
 #[cfg(test)]
 pub(crate) const SYNC_CHIPS: usize = CHIPS - CODED_BITS;
 
@@ -43,7 +44,7 @@ pub(crate) struct Layout {
 impl Layout {
     pub fn new(key: &Key) -> Layout {
         let mut h = Sha256::new();
-        h.update(b"kino-watermark v1 layout");
+        h.update(b"kino-watermark v2 layout");
         h.update(key.to_bytes());
         let seed: [u8; 32] = h.finalize().into();
         let mut rng = ChaCha20Rng::from_seed(seed);
@@ -71,7 +72,7 @@ impl Layout {
 
     /// Chip values (±1) of the full mark for this payload.
     pub fn chips(&self, id: u64) -> [f32; CHIPS] {
-        let coded = ecc::encode(&payload_bits(id));
+        let coded = ecc::puncture(&ecc::encode(&payload_bits(id)));
         let mut chips = self.sign;
         for (k, &c) in self.data.iter().enumerate() {
             if !coded[k] {

@@ -2,7 +2,11 @@
 //! hundreds of real ffmpeg encodes); run it with
 //! `nice -n 10 cargo test --release -p kino-watermark --test bench -- --ignored --nocapture`.
 //! Optional: `KINO_WM_KINO_CLIPS=DIR` (folders of PNG frames written by `kino generate -o DIR/x`),
-//! `KINO_WM_FP_CLIPS=N` (unmarked clips, default 500).
+//! `KINO_WM_FP_CLIPS=N` (unmarked clips, default 500); for quick iterations
+//! `KINO_WM_SIZES=256x256,832x480` (ffmpeg-source groups to run, default all three),
+//! `KINO_WM_SOURCES=N` (the first N of the 15 sources per group), `KINO_WM_ATTACKS=crf28,half`
+//! (attack keys: crf23 crf28 half crop drop fps30 fps15; default all) and `KINO_WM_KINO=0` (skip
+//! the Kino-output groups).
 
 mod common;
 
@@ -14,6 +18,7 @@ use kino_media::{psnr_video, Frame};
 use kino_watermark::{detect, Embedder, Key};
 
 struct Attack {
+    key: &'static str,
     name: &'static str,
     vf: Option<&'static str>,
     crf: u32,
@@ -22,42 +27,49 @@ struct Attack {
 
 const ATTACKS: &[Attack] = &[
     Attack {
+        key: "crf23",
         name: "H.264 CRF 23",
         vf: None,
         crf: 23,
         extra: &[],
     },
     Attack {
+        key: "crf28",
         name: "H.264 CRF 28",
         vf: None,
         crf: 28,
         extra: &[],
     },
     Attack {
+        key: "half",
         name: "half size (+CRF 23)",
         vf: Some("scale=trunc(iw/4)*2:trunc(ih/4)*2"),
         crf: 23,
         extra: &[],
     },
     Attack {
+        key: "crop",
         name: "crop 10% (+CRF 23)",
         vf: Some("crop=trunc(iw*0.45)*2:trunc(ih*0.45)*2"),
         crf: 23,
         extra: &[],
     },
     Attack {
+        key: "drop",
         name: "drop 1 frame in 4 (+CRF 23)",
         vf: Some("select='not(eq(mod(n\\,4)\\,1))',setpts=N/FRAME_RATE/TB"),
         crf: 23,
         extra: &[],
     },
     Attack {
+        key: "fps30",
         name: "24→30 fps (+CRF 23)",
         vf: Some("fps=30"),
         crf: 23,
         extra: &[],
     },
     Attack {
+        key: "fps15",
         name: "24→15 fps (+CRF 23)",
         vf: Some("fps=15"),
         crf: 23,
@@ -156,8 +168,21 @@ fn upscale(frames: &[Frame], w: u32, h: u32) -> Vec<Frame> {
         .collect()
 }
 
+/// The attacks selected by `KINO_WM_ATTACKS` (all by default).
+fn attacks() -> Vec<&'static Attack> {
+    let sel = std::env::var("KINO_WM_ATTACKS").ok();
+    ATTACKS
+        .iter()
+        .filter(|a| {
+            sel.as_ref()
+                .is_none_or(|s| s.split(',').any(|k| k == a.key))
+        })
+        .collect()
+}
+
 fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &mut String) {
-    let mut tallies = vec![Tally::default(); ATTACKS.len() + 1];
+    let attacks = attacks();
+    let mut tallies = vec![Tally::default(); attacks.len() + 1];
     let mut psnrs = Vec::new();
     for (ci, frames) in clips.iter().enumerate() {
         let id = 0x5eed_0000_0000 + ci as u64 * 7919;
@@ -171,12 +196,17 @@ fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &m
         psnrs.push(psnr_video(frames, &m).unwrap());
         let d = detect(&m, key);
         tallies[0].add(d.detected && d.id == Some(id), d.raw_payload, expected);
-        for (ai, a) in ATTACKS.iter().enumerate() {
+        let mut diag = vec![format!("z {:.1} e {}", d.sync_score, d.bit_errors)];
+        for (ai, a) in attacks.iter().enumerate() {
             let p = dir.join(format!("{name}-{ci}-{ai}.mp4"));
             encode_filtered(&m, 24, a.vf, a.crf, a.extra, &p);
             let d = detect(&decode(&p), key);
             let _ = std::fs::remove_file(&p);
             tallies[ai + 1].add(d.detected && d.id == Some(id), d.raw_payload, expected);
+            diag.push(format!(
+                "{}: z {:.1} e {} s {:.3}",
+                a.key, d.sync_score, d.bit_errors, d.scale
+            ));
         }
         eprintln!(
             "{name} clip {ci}: {}",
@@ -186,6 +216,7 @@ fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &m
                 .collect::<Vec<_>>()
                 .join(" | ")
         );
+        eprintln!("  ({})", diag.join(", "));
     }
     let mean_psnr = psnrs.iter().sum::<f64>() / psnrs.len().max(1) as f64;
     let min_psnr = psnrs.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -207,7 +238,12 @@ fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &m
 fn watermark_table() {
     let dir = scratch("bench");
     let key = Key::from_bytes(b"kino watermark benchmark key");
-    let names: Vec<&str> = ATTACKS.iter().map(|a| a.name).collect();
+    let names: Vec<&str> = attacks().iter().map(|a| a.name).collect();
+    let sizes = std::env::var("KINO_WM_SIZES").ok();
+    let n_sources: usize = std::env::var("KINO_WM_SOURCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX);
     let mut report = format!(
         "| clips | n | PSNR dB mean (min) | no attack | {} |\n|---|---|---|---|{}\n",
         names.join(" | "),
@@ -215,8 +251,15 @@ fn watermark_table() {
     );
     // ffmpeg-generated content at three sizes.
     for (w, h, frames) in [(256, 256, 24), (832, 480, 16), (1280, 720, 12)] {
+        if sizes
+            .as_ref()
+            .is_some_and(|s| !s.split(',').any(|s| s == format!("{w}x{h}")))
+        {
+            continue;
+        }
         let clips: Vec<Vec<Frame>> = natural_sources()
             .iter()
+            .take(n_sources)
             .map(|s| lavfi_frames(s, w, h, frames))
             .collect();
         run_group(
@@ -227,7 +270,11 @@ fn watermark_table() {
             &mut report,
         );
     }
-    let kino = kino_clips();
+    let kino = if std::env::var("KINO_WM_KINO").is_ok_and(|v| v == "0") {
+        Vec::new()
+    } else {
+        kino_clips()
+    };
     if !kino.is_empty() {
         let up: Vec<Vec<Frame>> = kino.iter().map(|(_, f)| upscale(f, 256, 256)).collect();
         run_group(
