@@ -14,9 +14,11 @@
 //!
 //! | `pipeline-df` | a SkyReels-V2 diffusion-forcing model | `latents_0`, `latents_1`, … (each window's noise, in the order the reference draws them), `prompt_embeds`, `negative_prompt_embeds`; optional `video` (continue it) or `image` + optional `last_image` (image-to-video); long-video flags | `latents` (the whole video; with `last_image` ending with its latent frame, as the reference returns them) |
 //!
-//! `transformer` also takes `encoder_hidden_states_image` (Wan2.1 I2V's CLIP tokens), and for a
+//! `transformer` also takes `encoder_hidden_states_image` (Wan2.1 I2V's CLIP tokens), for a
 //! `SkyReelsV2Transformer3DModel` folder `enable_diffusion_forcing` (any nonzero value) and `fps`
-//! (the index into `fps_embedding`, as the pipeline passes it).
+//! (the index into `fps_embedding`, as the pipeline passes it), and for a
+//! `WanVACETransformer3DModel` folder `control_hidden_states` (required) and
+//! `control_hidden_states_scale` (one value per VACE layer; default ones).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,6 +36,7 @@ use crate::skyreels::transformer::SkyReelsV2Transformer3DModel;
 use crate::umt5::UMT5EncoderModel;
 use crate::wan::pipeline::{DenoiseInputs, LatentCondition, PipelineOptions, WanPipeline};
 use crate::wan::transformer::WanTransformer3DModel;
+use crate::wan::transformer_vace::WanVACETransformer3DModel;
 use crate::wan::vae::AutoencoderKLWan;
 use crate::{Error, Result};
 
@@ -255,9 +258,27 @@ pub fn run_timed(
                 .map(|t| t.to_device(device)?.to_dtype(dtype))
                 .transpose()?;
             let class: serde_json::Value = crate::loading::read_json(&model.join("config.json"))?;
-            let skyreels = class.get("_class_name").and_then(|c| c.as_str())
-                == Some(crate::skyreels::transformer::CLASS_NAME);
-            let y = if skyreels {
+            let class_name = class.get("_class_name").and_then(|c| c.as_str());
+            let skyreels = class_name == Some(crate::skyreels::transformer::CLASS_NAME);
+            let vace = class_name == Some(crate::wan::transformer_vace::CLASS_NAME);
+            let y = if vace {
+                let m = WanVACETransformer3DModel::load(model, dtype, device)?;
+                let control = take(inputs, component, "control_hidden_states")?;
+                let scale = inputs
+                    .get("control_hidden_states_scale")
+                    .map(|t| -> Result<Vec<f64>> {
+                        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+                    })
+                    .transpose()?;
+                m.forward(
+                    &x.to_dtype(dtype)?,
+                    &t.to_dtype(DType::F32)?,
+                    &ctx.to_dtype(dtype)?,
+                    img.as_ref(),
+                    &control.to_device(device)?.to_dtype(dtype)?,
+                    scale.as_deref(),
+                )?
+            } else if skyreels {
                 let m = SkyReelsV2Transformer3DModel::load(model, dtype, device)?;
                 let flag = |name: &str| -> Result<Option<i64>> {
                     inputs

@@ -84,6 +84,7 @@ impl SkyReelsV2Transformer3DModel {
                 fps_index,
                 causal_frames: (self.num_frame_per_block > 1).then_some(self.num_frame_per_block),
             },
+            None,
         )
     }
 }

@@ -3,4 +3,5 @@
 pub mod pipeline;
 pub mod text_encoder;
 pub mod transformer;
+pub mod transformer_vace;
 pub mod vae;

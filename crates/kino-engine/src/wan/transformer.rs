@@ -48,9 +48,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{read_config, Weights};
-use cpu::{
-    gated_residual, lin, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace, Lin,
-};
+use cpu::{gated_residual, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace};
+pub(crate) use cpu::{lin, Lin};
 #[cfg(target_arch = "x86_64")]
 use cpu::{use_packed, PackedAttention};
 
@@ -153,6 +152,13 @@ pub struct Config {
     /// SkyReels-V2: frames per causal attention block (1: full attention).
     #[serde(default = "default_one")]
     pub num_frame_per_block: usize,
+    /// VACE (`WanVACETransformer3DModel`): the main layers after which a VACE block's hint is
+    /// added, one VACE block each.
+    #[serde(default)]
+    pub vace_layers: Option<Vec<usize>>,
+    /// VACE: channels of the control latents (2·z_dim + 64: inactive, reactive, mask).
+    #[serde(default)]
+    pub vace_in_channels: Option<usize>,
 }
 
 fn default_one() -> usize {
@@ -180,6 +186,8 @@ impl Default for Config {
             pos_embed_seq_len: None,
             inject_sample_info: false,
             num_frame_per_block: 1,
+            vace_layers: None,
+            vace_in_channels: None,
         }
     }
 }
@@ -225,6 +233,11 @@ impl Config {
             block += 2 * linear(kv, d) + d;
         }
         n += self.num_layers * block;
+        if let Some(layers) = &self.vace_layers {
+            // vace_patch_embedding; each VACE block is a block plus proj_out (block 0: proj_in).
+            n += d * self.vace_in_channels.unwrap_or(0) * p + d;
+            n += layers.len() * (block + linear(d, d)) + linear(d, d);
+        }
         // proj_out, scale_shift_table
         n += linear(d, self.out_channels() * p) + 2 * d;
         n
@@ -278,6 +291,42 @@ impl Config {
         }
         if self.num_frame_per_block == 0 {
             return bad("num_frame_per_block must be at least 1".into());
+        }
+        match (&self.vace_layers, self.vace_in_channels) {
+            (None, None) => {}
+            (Some(layers), Some(c)) => {
+                if c == 0 {
+                    return bad("vace_in_channels must be positive".into());
+                }
+                if !layers.contains(&0) {
+                    return bad(format!(
+                        "vace_layers {layers:?} must include layer 0 (its VACE block takes the \
+                         patch-embedded latents)"
+                    ));
+                }
+                if let Some(l) = layers.iter().find(|&&l| l >= self.num_layers) {
+                    return bad(format!(
+                        "vace_layers names layer {l} but the model has {} layers",
+                        self.num_layers
+                    ));
+                }
+                let mut sorted = layers.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != layers.len() {
+                    return bad(format!(
+                        "vace_layers {layers:?} names a layer twice; the reference would leave \
+                         a VACE block's hint unused"
+                    ));
+                }
+            }
+            _ => {
+                return bad(
+                    "vace_layers and vace_in_channels come together (a VACE transformer has \
+                     both)"
+                        .into(),
+                )
+            }
         }
         Ok(())
     }
@@ -388,7 +437,7 @@ impl WanRotaryPosEmbed {
 }
 
 /// RoPE tables of one forward pass.
-struct Rope {
+pub(crate) struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
@@ -686,7 +735,7 @@ fn modulation_chunks(
 /// `WanTransformerBlock`: modulated self-attention with RoPE, cross-attention to the text,
 /// modulated feed-forward.
 #[derive(Debug, Clone)]
-struct WanTransformerBlock {
+pub(crate) struct WanTransformerBlock {
     attn1: WanAttention,
     attn2: WanAttention,
     /// `norm2` (affine FP32LayerNorm) weight and bias, f32; `None` = identity.
@@ -698,7 +747,7 @@ struct WanTransformerBlock {
 }
 
 impl WanTransformerBlock {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.inner_dim();
         let heads = cfg.num_attention_heads;
         let vb32 = vb.to_dtype(DType::F32);
@@ -729,7 +778,7 @@ impl WanTransformerBlock {
 
     /// `x`: `[B, N, D]` (model dtype); `context`: `[B, L, D]`; `temb`: `timestep_proj`,
     /// `[B, 6, D]` or `[B, S, 6, D]`.
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         context: &Tensor,
@@ -931,17 +980,27 @@ impl WanTimeTextImageEmbedding {
 /// `patch_embedding`: `nn.Conv3d(in, D, kernel=stride=patch_size)`, done as a linear map on
 /// the flattened patches (weight `[D, C, pt, ph, pw]` read as `[D, C·pt·ph·pw]`).
 #[derive(Debug, Clone)]
-struct PatchEmbedding {
+pub(crate) struct PatchEmbedding {
     proj: Lin,
     dim: usize,
 }
 
 impl PatchEmbedding {
     fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_channels(cfg, cfg.in_channels, vb)
+    }
+
+    /// A `Conv3d(channels, inner_dim, patch_size, stride=patch_size)` (VACE's
+    /// `vace_patch_embedding` reads the control latents).
+    pub(crate) fn with_channels(
+        cfg: &Config,
+        channels: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let [pt, ph, pw] = cfg.patch_size;
         let d = cfg.inner_dim();
-        let weight = vb.get((d, cfg.in_channels, pt, ph, pw), "weight")?;
-        let weight = weight.reshape((d, cfg.in_channels * pt * ph * pw))?;
+        let weight = vb.get((d, channels, pt, ph, pw), "weight")?;
+        let weight = weight.reshape((d, channels * pt * ph * pw))?;
         let bias = vb.get(d, "bias")?;
         Ok(Self {
             proj: Lin::new(Linear::new(weight, Some(bias)))?,
@@ -950,7 +1009,11 @@ impl PatchEmbedding {
     }
 
     /// `[B, C, F, H, W]` → `[B, N, D]`, tokens in (f, h, w) order (`flatten(2).transpose(1, 2)`).
-    fn forward(&self, x: &Tensor, [pt, ph, pw]: [usize; 3]) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        [pt, ph, pw]: [usize; 3],
+    ) -> candle_core::Result<Tensor> {
         let (b, c, f, h, w) = x.dims5()?;
         let (ppf, pph, ppw) = (f / pt, h / ph, w / pw);
         let n = ppf * pph * ppw;
@@ -978,6 +1041,23 @@ pub struct WanTransformer3DModel {
     config: Config,
     dtype: DType,
     device: Device,
+}
+
+/// What the blocks of one forward share: the (text and image) context, the timestep
+/// projection, the RoPE tables and the causal block (SkyReels-V2).
+pub(crate) struct BlockInputs<'a> {
+    pub context: &'a Tensor,
+    pub timestep_proj: &'a Tensor,
+    pub rope: &'a Rope,
+    pub causal_block: Option<usize>,
+}
+
+/// A branch that runs beside the main blocks (VACE's control blocks, `crate::wan::transformer_vace`):
+/// shown the patch-embedded tokens before the first block, then handed the hidden states after
+/// each block `i`, which it may add to.
+pub(crate) trait BlockHook {
+    fn begin(&mut self, x: &Tensor, shared: &BlockInputs) -> Result<()>;
+    fn after_block(&mut self, i: usize, x: Tensor, shared: &BlockInputs) -> Result<Tensor>;
 }
 
 /// What a SkyReels-V2 forward adds to the Wan one (`crate::skyreels`).
@@ -1008,12 +1088,30 @@ impl WanTransformer3DModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with(dir, classes, dtype, device, |_, _| Ok(())).map(|(m, ())| m)
+    }
+
+    /// [`Self::load_class`], also building `extra` parts from the same weights (VACE's control
+    /// branch).
+    pub(crate) fn load_with<E>(
+        dir: &Path,
+        classes: &[&str],
+        dtype: DType,
+        device: &Device,
+        extra: impl FnOnce(&Config, VarBuilder) -> candle_core::Result<E>,
+    ) -> Result<(Self, E)> {
         let cfg: Config = read_config(dir, classes)?;
         if (cfg.inject_sample_info || cfg.num_frame_per_block != 1)
             && !classes.contains(&crate::skyreels::transformer::CLASS_NAME)
         {
             return Err(Error::InvalidRequest(
                 "this transformer config has SkyReels-V2 keys (inject_sample_info, num_frame_per_block); load it as SkyReelsV2Transformer3DModel".into(),
+            ));
+        }
+        if cfg.vace_layers.is_some() && !classes.contains(&crate::wan::transformer_vace::CLASS_NAME)
+        {
+            return Err(Error::InvalidRequest(
+                "this transformer config has VACE keys (vace_layers, vace_in_channels); load it as WanVACETransformer3DModel".into(),
             ));
         }
         cfg.validate()?;
@@ -1031,7 +1129,9 @@ impl WanTransformer3DModel {
         }
         let w = Weights::open(dir)?;
         let vb = w.var_builder(dtype, device);
-        Self::new(&cfg, vb).map_err(|e| w.map_err(e))
+        let model = Self::new(&cfg, vb.clone()).map_err(|e| w.map_err(e))?;
+        let extra = extra(&cfg, vb).map_err(|e| w.map_err(e))?;
+        Ok((model, extra))
     }
 
     /// Builds the model from `vb` (its dtype is the compute dtype; the `_keep_in_fp32_modules`
@@ -1117,6 +1217,7 @@ impl WanTransformer3DModel {
             encoder_hidden_states,
             encoder_hidden_states_image,
             ForwardVariant::default(),
+            None,
         )
     }
 
@@ -1128,6 +1229,7 @@ impl WanTransformer3DModel {
         encoder_hidden_states: &Tensor,
         encoder_hidden_states_image: Option<&Tensor>,
         variant: ForwardVariant,
+        mut hook: Option<&mut dyn BlockHook>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let [pt, ph, pw] = cfg.patch_size;
@@ -1325,8 +1427,26 @@ impl WanTransformer3DModel {
         }
 
         let mut x = x;
-        for block in &self.blocks {
+        if let Some(hook) = hook.as_deref_mut() {
+            let shared = BlockInputs {
+                context: &context,
+                timestep_proj: &timestep_proj,
+                rope: &rope,
+                causal_block,
+            };
+            hook.begin(&x, &shared)?;
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, &context, &timestep_proj, &rope, causal_block)?;
+            if let Some(hook) = hook.as_deref_mut() {
+                let shared = BlockInputs {
+                    context: &context,
+                    timestep_proj: &timestep_proj,
+                    rope: &rope,
+                    causal_block,
+                };
+                x = hook.after_block(i, x, &shared)?;
+            }
         }
 
         // Output norm, projection, unpatchify. temb: [B, D] or [B, S, D] → [.., 1, D].
@@ -2089,7 +2209,7 @@ mod cpu {
     /// A `torch.nn.Linear`: on x86-64 CPUs with AVX-512 and f32 weights, the weights are packed
     /// for [`packed_gemm`] (and the original tensor dropped); else candle's `Linear`.
     #[derive(Debug, Clone)]
-    pub(super) enum Lin {
+    pub(crate) enum Lin {
         Candle(Linear),
         #[cfg(target_arch = "x86_64")]
         Packed(std::sync::Arc<PackedLinear>),
@@ -2097,7 +2217,7 @@ mod cpu {
 
     #[cfg(target_arch = "x86_64")]
     #[derive(Debug)]
-    pub(super) struct PackedLinear {
+    pub(crate) struct PackedLinear {
         w: packed_gemm::PackedB,
         bias: Option<Vec<f32>>,
     }
@@ -2167,7 +2287,7 @@ mod cpu {
             Ok(Lin::Candle(linear))
         }
 
-        pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
             self.forward_act(x, false)
         }
 
@@ -2191,7 +2311,7 @@ mod cpu {
     }
 
     /// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`].
-    pub(super) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
+    pub(crate) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
         Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)
     }
 
