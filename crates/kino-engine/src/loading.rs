@@ -291,14 +291,19 @@ pub struct ModelIndex {
 }
 
 /// Pipeline classes we can run.
-pub const SUPPORTED_PIPELINES: [&str; 6] = [
+pub const SUPPORTED_PIPELINES: [&str; 7] = [
     "WanPipeline",
     "WanImageToVideoPipeline",
     "WanVideoToVideoPipeline",
+    VACE_PIPELINE,
     "SkyReelsV2DiffusionForcingPipeline",
     "SkyReelsV2DiffusionForcingImageToVideoPipeline",
     "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
 ];
+
+/// Wan2.1 VACE (`WanVACEPipeline`): masked editing and reference images through the VACE
+/// transformer's control branch.
+pub const VACE_PIPELINE: &str = "WanVACEPipeline";
 
 /// The SkyReels-V2 diffusion-forcing pipelines: one checkpoint serves all three (text, image
 /// and video conditioned), so a folder saved by any of them opens as a diffusion-forcing model.

@@ -52,10 +52,11 @@ pub enum Component {
     PipelineV2v,
     ImageEncoder,
     PipelineDf,
+    PipelineVace,
 }
 
 impl Component {
-    pub const ALL: [Component; 9] = [
+    pub const ALL: [Component; 10] = [
         Component::TextEncoder,
         Component::Transformer,
         Component::VaeEncode,
@@ -65,6 +66,7 @@ impl Component {
         Component::PipelineV2v,
         Component::ImageEncoder,
         Component::PipelineDf,
+        Component::PipelineVace,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +80,7 @@ impl Component {
             Component::PipelineV2v => "pipeline-v2v",
             Component::ImageEncoder => "image-encoder",
             Component::PipelineDf => "pipeline-df",
+            Component::PipelineVace => "pipeline-vace",
         }
     }
 
@@ -89,6 +92,7 @@ impl Component {
                 | Component::PipelineI2v
                 | Component::PipelineV2v
                 | Component::PipelineDf
+                | Component::PipelineVace
         )
     }
 
@@ -119,6 +123,14 @@ impl Component {
                 "negative_prompt_embeds",
                 "video (optional: a video to continue, [1,3,F,H,W] in [-1,1])",
             ],
+            Component::PipelineVace => &[
+                "latents ([1, z, R + T, h, w]: R reference frames first)",
+                "prompt_embeds",
+                "negative_prompt_embeds",
+                "video (optional, [1,3,F,H,W] in [-1,1])",
+                "mask (optional, [1,1,F,H,W] in [0,1], 1 = generate)",
+                "reference_images (optional, [R,3,H,W] in [-1,1], any size)",
+            ],
         }
     }
 }
@@ -139,7 +151,7 @@ impl FromStr for Component {
 }
 
 /// Options of a parity run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ParityOptions {
     /// Denoising steps (pipeline only; default 3).
     pub steps: Option<usize>,
@@ -155,6 +167,12 @@ pub struct ParityOptions {
     pub strength: Option<f64>,
     /// `pipeline-df` only: the long-video arguments.
     pub df: Option<DfOptions>,
+    /// `pipeline-vace` only: `conditioning_scale`, one value for every VACE layer or one per
+    /// layer (default 1.0).
+    pub conditioning_scale: Option<Vec<f64>>,
+    /// Two-expert pipelines: the low-noise expert's guidance (`guidance_scale_2`; default the
+    /// guidance).
+    pub guidance_2: Option<f64>,
 }
 
 /// `pipeline-df`'s long-video arguments; `None` takes the reference's defaults
@@ -230,6 +248,11 @@ pub fn run_timed(
     if options.df.is_some() && component != Component::PipelineDf {
         return Err(Error::InvalidRequest(
             "the long-video arguments apply only to `pipeline-df`".into(),
+        ));
+    }
+    if options.conditioning_scale.is_some() && component != Component::PipelineVace {
+        return Err(Error::InvalidRequest(
+            "the conditioning scale applies only to `pipeline-vace`".into(),
         ));
     }
     if options.strength.is_some() && component != Component::PipelineV2v {
@@ -427,7 +450,10 @@ pub fn run_timed(
             )?;
             out.insert("latents".to_string(), y.to_dtype(DType::F32)?);
         }
-        Component::Pipeline | Component::PipelineI2v | Component::PipelineV2v => {
+        Component::Pipeline
+        | Component::PipelineI2v
+        | Component::PipelineV2v
+        | Component::PipelineVace => {
             let pe = take(inputs, component, "prompt_embeds")?;
             let guidance = options.guidance.unwrap_or(5.0);
             let ne = if guidance > 1.0 {
@@ -482,6 +508,37 @@ pub fn run_timed(
                         p.prepare_video_latents(video, noise, steps, strength, &mut record)?;
                     (latents, LatentCondition::None, t_start, None)
                 }
+                Component::PipelineVace => {
+                    let latents = take(inputs, component, "latents")?.clone();
+                    let refs = match inputs.get("reference_images") {
+                        Some(r) => (0..r.dim(0)?)
+                            .map(|i| r.narrow(0, i, 1))
+                            .collect::<candle_core::Result<Vec<_>>>()?,
+                        None => Vec::new(),
+                    };
+                    let (f, h, w) = match inputs.get("video") {
+                        Some(v) => (v.dim(2)?, v.dim(3)?, v.dim(4)?),
+                        None => {
+                            let s = p.vae_config().spatial_compression();
+                            let t = latents.dim(2)?.saturating_sub(refs.len()).max(1);
+                            (
+                                (t - 1) * p.frame_step() + 1,
+                                latents.dim(3)? * s,
+                                latents.dim(4)? * s,
+                            )
+                        }
+                    };
+                    let scale =
+                        p.vace_scale(options.conditioning_scale.as_deref().unwrap_or(&[]))?;
+                    let control = p.prepare_vace_control(
+                        inputs.get("video"),
+                        inputs.get("mask"),
+                        &refs,
+                        [f, h, w],
+                        &mut record,
+                    )?;
+                    (latents, LatentCondition::Vace { control, scale }, 0, None)
+                }
                 _ => (
                     take(inputs, component, "latents")?.clone(),
                     LatentCondition::None,
@@ -498,7 +555,7 @@ pub fn run_timed(
                     condition: &condition,
                     num_inference_steps: steps,
                     guidance_scale: guidance,
-                    guidance_scale_2: None,
+                    guidance_scale_2: options.guidance_2,
                     t_start,
                 },
                 &mut record,
@@ -560,6 +617,28 @@ pub struct FixtureRun {
     /// `pipeline-df`: the long-video arguments, under their own names.
     #[serde(flatten)]
     pub df: DfOptions,
+    /// `pipeline-vace`: a float or one per VACE layer.
+    #[serde(default)]
+    pub conditioning_scale: Option<ScaleValue>,
+    #[serde(default)]
+    pub guidance_2: Option<f64>,
+}
+
+/// `conditioning_scale` as the reference takes it: one float, or a list.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ScaleValue {
+    One(f64),
+    PerLayer(Vec<f64>),
+}
+
+impl ScaleValue {
+    pub fn to_vec(&self) -> Vec<f64> {
+        match self {
+            ScaleValue::One(v) => vec![*v],
+            ScaleValue::PerLayer(v) => v.clone(),
+        }
+    }
 }
 
 /// A fixture's `case.json`. Runs of other (non-CLI) checks have their own fields and are kept raw.
@@ -625,6 +704,8 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     guidance: r.guidance,
                     strength: r.strength,
                     df: (component == Component::PipelineDf).then_some(r.df),
+                    conditioning_scale: r.conditioning_scale.as_ref().map(ScaleValue::to_vec),
+                    guidance_2: r.guidance_2,
                     ..Default::default()
                 },
                 &Device::Cpu,

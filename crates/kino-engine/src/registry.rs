@@ -18,10 +18,13 @@ pub struct KnownModel {
     pub takes_image: bool,
     /// Takes a last image too (`--last-image`).
     pub takes_last_image: bool,
+    /// A VACE model: masked edits (`kino edit --mask`), outpainting, reference subjects
+    /// (`--reference`), and continuing from several frames.
+    pub takes_vace: bool,
 }
 
 /// The models Kino knows.
-pub const KNOWN_MODELS: [KnownModel; 10] = [
+pub const KNOWN_MODELS: [KnownModel; 12] = [
     KnownModel {
         alias: "wan2.1-t2v-1.3b",
         repo: "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -29,6 +32,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 29.0,
         takes_image: false,
         takes_last_image: false,
+        takes_vace: false,
     },
     KnownModel {
         alias: "wan2.2-ti2v-5b",
@@ -37,6 +41,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 34.0,
         takes_image: true,
         takes_last_image: false,
+        takes_vace: false,
     },
     KnownModel {
         alias: "wan2.1-i2v-14b-480p",
@@ -45,6 +50,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 82.0,
         takes_image: true,
         takes_last_image: false,
+        takes_vace: false,
     },
     KnownModel {
         alias: "wan2.1-i2v-14b-720p",
@@ -53,6 +59,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 82.0,
         takes_image: true,
         takes_last_image: false,
+        takes_vace: false,
     },
     KnownModel {
         alias: "wan2.1-flf2v-14b-720p",
@@ -61,6 +68,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 82.0,
         takes_image: true,
         takes_last_image: true,
+        takes_vace: false,
     },
     KnownModel {
         alias: "wan2.2-t2v-a14b",
@@ -69,6 +77,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 136.0,
         takes_image: false,
         takes_last_image: false,
+        takes_vace: false,
     },
     KnownModel {
         alias: "wan2.2-i2v-a14b",
@@ -77,6 +86,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 136.0,
         takes_image: true,
         takes_last_image: true,
+        takes_vace: false,
     },
     KnownModel {
         alias: "skyreels-v2-df-1.3b-540p",
@@ -85,6 +95,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 29.0,
         takes_image: true,
         takes_last_image: true,
+        takes_vace: false,
     },
     KnownModel {
         alias: "skyreels-v2-df-14b-540p",
@@ -93,6 +104,7 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 80.0,
         takes_image: true,
         takes_last_image: true,
+        takes_vace: false,
     },
     KnownModel {
         alias: "skyreels-v2-df-14b-720p",
@@ -101,6 +113,25 @@ pub const KNOWN_MODELS: [KnownModel; 10] = [
         size_gb: 80.0,
         takes_image: true,
         takes_last_image: true,
+        takes_vace: false,
+    },
+    KnownModel {
+        alias: "wan2.1-vace-1.3b",
+        repo: "Wan-AI/Wan2.1-VACE-1.3B-diffusers",
+        description: "Wan2.1 VACE 1.3B: edit inside a mask, outpaint, keep a subject from reference images; 832×480, 81 frames at 16 fps",
+        size_gb: 33.0,
+        takes_image: true,
+        takes_last_image: true,
+        takes_vace: true,
+    },
+    KnownModel {
+        alias: "wan2.1-vace-14b",
+        repo: "Wan-AI/Wan2.1-VACE-14B-diffusers",
+        description: "Wan2.1 VACE 14B: edit inside a mask, outpaint, reference subjects; 1280×720, 81 frames at 16 fps",
+        size_gb: 75.0,
+        takes_image: true,
+        takes_last_image: true,
+        takes_vace: true,
     },
 ];
 
@@ -114,6 +145,15 @@ pub fn image_model_names() -> Vec<&'static str> {
             .map(|m| m.alias),
     );
     v
+}
+
+/// The known models that take VACE conditioning (masks, references).
+pub fn vace_model_names() -> Vec<&'static str> {
+    KNOWN_MODELS
+        .iter()
+        .filter(|m| m.takes_vace)
+        .map(|m| m.alias)
+        .collect()
 }
 
 /// The models that can continue a video: those that take a first image (the

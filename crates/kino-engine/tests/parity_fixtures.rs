@@ -39,6 +39,8 @@ fn every_fixture_matches_the_reference() {
         "pipeline-a14b-i2v",
         "transformer-skyreels",
         "pipeline-df",
+        "transformer-vace",
+        "pipeline-vace",
     ] {
         assert!(
             results.iter().any(|r| r.case == case),
@@ -57,4 +59,23 @@ fn every_fixture_matches_the_reference() {
         .filter(|r| r.case == "pipeline-df" && r.component == "pipeline-df")
         .count();
     assert_eq!(df, 7, "diffusion-forcing runs");
+    // VACE: the transformer (plain, per-layer scale, short control) and the pipeline with a
+    // video and mask, a soft mask without guidance, references, both, a per-layer scale and two
+    // experts.
+    let vace = |case: &str, component: &str| {
+        results
+            .iter()
+            .filter(|r| r.case == case && r.component == component)
+            .count()
+    };
+    assert_eq!(
+        vace("transformer-vace", "transformer"),
+        3,
+        "VACE transformer runs"
+    );
+    assert_eq!(
+        vace("pipeline-vace", "pipeline-vace"),
+        6,
+        "VACE pipeline runs"
+    );
 }

@@ -1,6 +1,7 @@
 //! The Wan family: transformer, VAE, prompt encoding and the text-to-video pipeline.
 
 pub mod pipeline;
+pub mod pipeline_vace;
 pub mod text_encoder;
 pub mod transformer;
 pub mod transformer_vace;

@@ -37,6 +37,7 @@ use crate::skyreels::diffusion_forcing::{self, DfCondition, DiffusionForcingArgs
 use crate::skyreels::transformer::SkyReelsV2Transformer3DModel;
 use crate::wan::text_encoder::{WanTextEncoder, MAX_SEQUENCE_LENGTH};
 use crate::wan::transformer::{self, WanTransformer3DModel};
+use crate::wan::transformer_vace::{self, WanVACETransformer3DModel};
 use crate::wan::vae::{self, AutoencoderKLWan};
 use crate::{Error, Result};
 
@@ -150,6 +151,66 @@ pub enum Conditioning {
     /// `overlap_history` frames. The output holds only the new frames: `num_frames − 1` of them
     /// (the first generated frame would repeat the given one).
     Continue { frames: Vec<RgbImage> },
+    /// VACE (`WanVACEPipeline`, a VACE model): edit a source video inside a mask, keep a
+    /// subject from reference images, or both. See [`VaceCondition`].
+    Vace(VaceCondition),
+}
+
+/// A one-channel picture (a mask frame): u8, row-major `height × width`. The engine reads
+/// `value / 255`, as the reference's mask preprocessing does (a PIL mask through
+/// `preprocess_video`, then `(m + 1) / 2`); 255 = generate, 0 = keep. Callers threshold user
+/// masks first (see `kino_media`), so masks are binary in practice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrayImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl GrayImage {
+    /// Checks that `data` holds `width × height` bytes.
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 || data.len() != width * height {
+            return Err(Error::InvalidRequest(format!(
+                "a mask of {width}×{height} needs {} bytes, got {}",
+                width * height,
+                data.len()
+            )));
+        }
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
+    }
+
+    /// A mask of one value everywhere.
+    pub fn filled(width: usize, height: usize, value: u8) -> Self {
+        Self {
+            width,
+            height,
+            data: vec![value; width * height],
+        }
+    }
+}
+
+/// What a VACE run is conditioned on (the reference's `video`, `mask`, `reference_images` and
+/// `conditioning_scale`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VaceCondition {
+    /// The source video: exactly the request's `num_frames` frames, of its size. `None`:
+    /// generate every frame (the reference's zeros with an all-ones mask).
+    pub video: Option<Vec<RgbImage>>,
+    /// One mask per source frame, of the request's size, 255 where the model generates and 0
+    /// where it keeps the source. `None` with a video: all 255 (the whole video is regenerated,
+    /// guided by it). Needs `video`.
+    pub mask: Option<Vec<GrayImage>>,
+    /// Reference images (a subject, a style), any size: each is letterboxed on white to the
+    /// request's size and prepended on the time axis (dropped before decoding).
+    pub reference_images: Vec<RgbImage>,
+    /// How strongly the control branch steers: empty = 1.0; one value for every VACE layer, or
+    /// one per layer (`len(vace_layers)`).
+    pub conditioning_scale: Vec<f64>,
 }
 
 impl Conditioning {
@@ -161,6 +222,14 @@ impl Conditioning {
             Conditioning::Image { last: Some(_), .. } => "first-last image",
             Conditioning::Video { .. } => "video",
             Conditioning::Continue { .. } => "continuation",
+            Conditioning::Vace(v) => match (&v.video, &v.mask, v.reference_images.is_empty()) {
+                (Some(_), Some(_), true) => "masked edit",
+                (Some(_), Some(_), false) => "masked edit with references",
+                (Some(_), None, true) => "edit",
+                (Some(_), None, false) => "edit with references",
+                (None, _, false) => "references",
+                (None, _, true) => "vace",
+            },
         }
     }
 }
@@ -178,6 +247,8 @@ pub struct Capabilities {
     pub video: bool,
     /// Makes videos longer than its clip by itself (diffusion forcing, SkyReels-V2 DF).
     pub long_video: bool,
+    /// Takes VACE conditioning: a masked source video, reference images (Wan2.1 VACE).
+    pub vace: bool,
 }
 
 /// What a generation asks for. `None` fields take the model's defaults.
@@ -291,9 +362,43 @@ pub struct WanPipeline {
     /// SkyReels-V2 diffusion forcing (`SkyReelsV2DiffusionForcingPipeline`): its transformer.
     diffusion_forcing: bool,
     df_transformer: Option<SkyReelsV2Transformer3DModel>,
-    transformer: Option<WanTransformer3DModel>,
-    transformer_2: Option<WanTransformer3DModel>,
+    /// Wan2.1 VACE (`WanVACEPipeline`): the experts are `WanVACETransformer3DModel`s.
+    vace: bool,
+    transformer: Option<Denoiser>,
+    transformer_2: Option<Denoiser>,
     vae: Option<AutoencoderKLWan>,
+}
+
+/// A loaded expert: the Wan transformer, or its VACE form (the pipeline's folder says which).
+enum Denoiser {
+    Wan(WanTransformer3DModel),
+    Vace(WanVACETransformer3DModel),
+}
+
+impl Denoiser {
+    /// One prediction; `control` is VACE's control latents and per-layer scale, which a VACE
+    /// expert needs and a Wan one must not be given.
+    fn forward(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        image: Option<&Tensor>,
+        control: Option<(&Tensor, &[f64])>,
+    ) -> Result<Tensor> {
+        match (self, control) {
+            (Denoiser::Wan(m), None) => m.forward_with_image(x, timestep, context, image),
+            (Denoiser::Vace(m), Some((c, scale))) => {
+                m.forward(x, timestep, context, image, c, Some(scale))
+            }
+            (Denoiser::Wan(_), Some(_)) => Err(Error::InvalidRequest(
+                "VACE control latents were given to a transformer without a VACE branch".into(),
+            )),
+            (Denoiser::Vace(_), None) => Err(Error::InvalidRequest(
+                "a VACE transformer needs its control latents".into(),
+            )),
+        }
+    }
 }
 
 /// The conditioning of one run in latent space, as `prepare_latents` of the reference builds it.
@@ -308,6 +413,10 @@ pub enum LatentCondition {
     /// Wan2.1 I2V / FLF2V and Wan2.2 I2V: the mask (4 channels) and the normalised condition
     /// latents, `[B, 4 + z, T, h, w]`, concatenated to the latents on channels at every forward.
     Channels(Tensor),
+    /// VACE: the control latents `[B, 2·z + 64, T, h, w]` (inactive and reactive latents, the
+    /// mask; reference frames first) handed to the control branch at every forward, and the
+    /// scale of each VACE layer.
+    Vace { control: Tensor, scale: Vec<f64> },
 }
 
 /// Everything one denoising loop needs besides the scheduler and the models.
@@ -347,8 +456,11 @@ impl WanPipeline {
         let scheduler_dir = component_dir(root, &index, "scheduler")?;
         let diffusion_forcing =
             crate::loading::DIFFUSION_FORCING_PIPELINES.contains(&index.class_name.as_str());
+        let vace = index.class_name == crate::loading::VACE_PIPELINE;
         let transformer_classes: &[&str] = if diffusion_forcing {
             &[crate::skyreels::transformer::CLASS_NAME]
+        } else if vace {
+            &[transformer_vace::CLASS_NAME]
         } else {
             &[transformer::CLASS_NAME]
         };
@@ -358,9 +470,38 @@ impl WanPipeline {
         let vae_config: vae::Config = read_config(&vae_dir, &["AutoencoderKLWan"])?;
         let scheduler = schedulers::from_folder(&scheduler_dir)?;
         let z = vae_config.z_dim;
+        // VACE: the reference lays the mask out as `vae_scale_factor_spatial²` channels with the
+        // factor taken as 2^len(temperal_downsample); a VAE whose real factor differs (Wan2.2's
+        // 16×) would make another layout than the checkpoint was trained on.
+        let vace_mask_factor = 1usize << vae_config.temperal_downsample.len();
+        if vace && vae_config.spatial_compression() != vace_mask_factor {
+            return Err(Error::BadFile {
+                path: vae_dir.join("config.json"),
+                message: format!(
+                    "a VACE pipeline needs a VAE with spatial factor 2^len(temperal_downsample) = \
+                     {vace_mask_factor} (the mask layout of WanVACEPipeline); this VAE compresses \
+                     {}×",
+                    vae_config.spatial_compression()
+                ),
+            });
+        }
         let check_channels = |cfg: &transformer::Config, dir: &Path| -> Result<()> {
             let c = cfg.in_channels;
-            if c != z && c != 2 * z + 4 {
+            if vace {
+                let want = 2 * z + vace_mask_factor * vace_mask_factor;
+                if c != z || cfg.vace_in_channels != Some(want) {
+                    return Err(Error::BadFile {
+                        path: dir.join("config.json"),
+                        message: format!(
+                            "a VACE transformer here takes {z} latent channels and {want} control \
+                             channels (2·z_dim + {}), found in_channels {c} and vace_in_channels \
+                             {:?}; the components come from different models",
+                            vace_mask_factor * vace_mask_factor,
+                            cfg.vace_in_channels
+                        ),
+                    });
+                }
+            } else if c != z && c != 2 * z + 4 {
                 return Err(Error::BadFile {
                     path: dir.join("config.json"),
                     message: format!(
@@ -401,13 +542,15 @@ impl WanPipeline {
         let transformer_2_config = match (has_t2, boundary_ratio) {
             (true, Some(_)) => {
                 let dir = component_dir(root, &index, "transformer_2")?;
-                let cfg: transformer::Config = read_config(&dir, &["WanTransformer3DModel"])?;
+                let cfg: transformer::Config = read_config(&dir, transformer_classes)?;
                 cfg.validate()?;
                 check_channels(&cfg, &dir)?;
                 if cfg.in_channels != transformer_config.in_channels
                     || cfg.patch_size != transformer_config.patch_size
                     || cfg.text_dim != transformer_config.text_dim
                     || cfg.image_dim != transformer_config.image_dim
+                    || cfg.vace_layers.as_ref().map(Vec::len)
+                        != transformer_config.vace_layers.as_ref().map(Vec::len)
                 {
                     return Err(Error::BadFile {
                         path: dir.join("config.json"),
@@ -453,6 +596,7 @@ impl WanPipeline {
             image_encoder: None,
             diffusion_forcing,
             df_transformer: None,
+            vace,
             transformer: None,
             transformer_2: None,
             vae: None,
@@ -462,6 +606,20 @@ impl WanPipeline {
     /// The folder this pipeline was opened from.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    pub(crate) fn options(&self) -> &PipelineOptions {
+        &self.options
+    }
+
+    /// The (first) transformer's config.
+    pub fn transformer_config(&self) -> &transformer::Config {
+        &self.transformer_config
+    }
+
+    /// The VAE's config.
+    pub fn vae_config(&self) -> &vae::Config {
+        &self.vae_config
     }
 
     /// The model's defaults (size, frames, fps, steps, guidance, shift).
@@ -495,6 +653,19 @@ impl WanPipeline {
                 last_image: true,
                 video: false,
                 long_video: true,
+                vace: false,
+            };
+        }
+        if self.vace {
+            // Text, images (as kept frames of a masked video), continuing from several frames,
+            // masked edits and references; a video is edited through a mask, not a strength.
+            return Capabilities {
+                text: true,
+                image: true,
+                last_image: true,
+                video: false,
+                long_video: false,
+                vace: true,
             };
         }
         Capabilities {
@@ -503,6 +674,7 @@ impl WanPipeline {
             last_image: i2v && !expand && two_images,
             video: !i2v,
             long_video: false,
+            vace: false,
         }
     }
 
@@ -606,7 +778,47 @@ impl WanPipeline {
             }
             Ok(())
         };
+        if let Conditioning::Vace(_) = c {
+            if !caps.vace {
+                let names = crate::registry::vace_model_names().join(", ");
+                return Err(Error::InvalidRequest(format!(
+                    "this model takes no mask or reference images; VACE models do ({names}, or a \
+                     WanVACEPipeline folder)"
+                )));
+            }
+        }
+        if caps.vace {
+            if let Conditioning::Continue { frames } = c {
+                let k = self.vace_context_frames(r.num_frames).min(frames.len());
+                for f in &frames[frames.len() - k..] {
+                    fits("video to continue", f)?;
+                }
+                if r.num_frames <= k {
+                    return Err(Error::InvalidRequest(format!(
+                        "continuing a video with this model keeps its last {k} frames; ask for \
+                         more than {k} frames"
+                    )));
+                }
+                return Ok(());
+            }
+            if let Conditioning::Image { first, last } = c {
+                fits("first image", first)?;
+                if let Some(l) = last {
+                    fits("last image", l)?;
+                    if r.num_frames < 2 {
+                        return Err(Error::InvalidRequest(
+                            "a first and a last image need at least 2 frames; try --frames 5"
+                                .into(),
+                        ));
+                    }
+                }
+                return Ok(());
+            }
+            let v = self.vace_condition(c, r)?;
+            return self.check_vace(&v, r);
+        }
         match c {
+            Conditioning::Vace(_) => Ok(()), // VACE models returned above
             Conditioning::Text if !caps.text => Err(Error::InvalidRequest(
                 "this is an image-to-video model: it needs a first image (--image FIRST.png, or \
                  input_reference in the API)"
@@ -857,6 +1069,9 @@ impl WanPipeline {
                 request: r,
             });
         }
+        if self.vace {
+            return self.generate_vace(req, r, prompt_embeds, negative_embeds, progress);
+        }
         let noise = self.prepare_latents(&r)?;
         let device = self.options.device.clone();
         let mut image_embeds = None;
@@ -888,6 +1103,11 @@ impl WanPipeline {
                 let cond =
                     self.prepare_image_condition(&first, last.as_ref(), r.num_frames, progress)?;
                 (noise, cond, 0)
+            }
+            Conditioning::Vace(_) => {
+                return Err(Error::InvalidRequest(
+                    "this model takes no mask or reference images (a VACE model does)".into(),
+                ))
             }
             Conditioning::Video { frames, strength } => {
                 let video = frames_to_tensor(&frames[..r.num_frames], &device)?;
@@ -925,6 +1145,60 @@ impl WanPipeline {
         if continuing {
             // Frame 0 reproduces the given last frame: the continuation starts after it.
             frames.remove(0);
+        }
+        Ok(GenerateOutput {
+            frames,
+            width: r.width,
+            height: r.height,
+            fps: r.fps,
+            latents,
+            request: r,
+        })
+    }
+
+    /// `generate` for a VACE model (`WanVACEPipeline.__call__` from step 5): control latents,
+    /// noise with the reference frames in front, the shared loop, the reference frames dropped,
+    /// decode; a continuation outputs only the frames after its context.
+    fn generate_vace(
+        &mut self,
+        req: &GenerateRequest,
+        r: ResolvedRequest,
+        prompt_embeds: Tensor,
+        negative_embeds: Option<Tensor>,
+        progress: Progress,
+    ) -> Result<GenerateOutput> {
+        let v = self.vace_condition(&req.conditioning, &r)?;
+        let scale = self.vace_scale(&v.conditioning_scale)?;
+        let control = self.vace_control_for(&v, &r, progress)?;
+        let refs = v.reference_images.len();
+        let mut shape = self.latent_shape(&r);
+        shape[2] += refs;
+        let noise = self.noise(shape, r.seed)?;
+        if self.options.low_memory {
+            self.vae = None;
+        }
+        let latents = self.denoise_with(
+            DenoiseInputs {
+                latents: &noise,
+                prompt_embeds: &prompt_embeds,
+                negative_prompt_embeds: negative_embeds.as_ref(),
+                image_embeds: None,
+                condition: &LatentCondition::Vace { control, scale },
+                num_inference_steps: r.num_inference_steps,
+                guidance_scale: r.guidance_scale,
+                guidance_scale_2: None,
+                t_start: 0,
+            },
+            progress,
+        )?;
+        drop(prompt_embeds);
+        drop(negative_embeds);
+        let latents = latents.narrow(2, refs, latents.dim(2)? - refs)?;
+        let video = self.decode(&latents, progress)?;
+        let mut frames = video_to_frames(&video)?;
+        if let Conditioning::Continue { frames: given } = &req.conditioning {
+            let k = self.vace_context_frames(r.num_frames).min(given.len());
+            frames.drain(..k.min(frames.len()));
         }
         Ok(GenerateOutput {
             frames,
@@ -979,9 +1253,13 @@ impl WanPipeline {
 
     /// Mirrors `prepare_latents`: f32 standard normal noise from our seeded generator.
     pub fn prepare_latents(&self, r: &ResolvedRequest) -> Result<Tensor> {
-        let shape = self.latent_shape(r);
+        self.noise(self.latent_shape(r), r.seed)
+    }
+
+    /// f32 standard normal noise of `shape` from our seeded generator.
+    pub(crate) fn noise(&self, shape: [usize; 5], seed: u64) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(r.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = rand_distr::StandardNormal;
         let data: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         Ok(Tensor::from_vec(data, &shape[..], &self.options.device)?)
@@ -1129,8 +1407,13 @@ impl WanPipeline {
         };
         let dir = component_dir(&self.root, &self.index, name)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
+        let vace = self.vace;
         let model = load_stage(progress, Stage::LoadTransformer, || {
-            WanTransformer3DModel::load(&dir, dtype, &device)
+            if vace {
+                WanVACETransformer3DModel::load(&dir, dtype, &device).map(Denoiser::Vace)
+            } else {
+                WanTransformer3DModel::load(&dir, dtype, &device).map(Denoiser::Wan)
+            }
         })?;
         if which == 1 {
             self.transformer = Some(model);
@@ -1212,6 +1495,41 @@ impl WanPipeline {
                     )));
                 }
             }
+            LatentCondition::Vace { control, scale } => {
+                let cd = control.dims();
+                let vc = c.vace_in_channels.unwrap_or(0);
+                if !self.vace {
+                    return Err(Error::InvalidRequest(
+                        "VACE control latents need a VACE model (WanVACEPipeline)".into(),
+                    ));
+                }
+                if cd.len() != 5
+                    || cd[0] != batch
+                    || cd[1] != vc
+                    || cd[2] > dims[2]
+                    || cd[3..] != dims[3..]
+                {
+                    return Err(Error::InvalidRequest(format!(
+                        "the VACE control latents {cd:?} do not fit latents {dims:?} (expected \
+                         [{batch}, {vc}, ≤{}, {}, {}])",
+                        dims[2], dims[3], dims[4]
+                    )));
+                }
+                let layers = c.vace_layers.as_ref().map_or(0, Vec::len);
+                if scale.len() != layers {
+                    return Err(Error::InvalidRequest(format!(
+                        "{} conditioning scales for {layers} VACE layers",
+                        scale.len()
+                    )));
+                }
+            }
+            _ if self.vace => {
+                return Err(Error::InvalidRequest(
+                    "a VACE model needs its control latents (a masked video, references, or the \
+                     empty condition of text-to-video)"
+                        .into(),
+                ))
+            }
             _ if wants_channels => {
                 return Err(Error::InvalidRequest(
                     "this image-to-video transformer needs the mask and condition latents of a \
@@ -1271,11 +1589,26 @@ impl WanPipeline {
             _ => None,
         };
         let condition = match inp.condition {
-            LatentCondition::None => None,
+            LatentCondition::None | LatentCondition::Vace { .. } => None,
             LatentCondition::FirstFrame(t) | LatentCondition::Channels(t) => {
                 Some(t.to_device(&device)?.to_dtype(DType::F32)?)
             }
         };
+        // VACE: `conditioning_latents.to(transformer_dtype)`, the same at every step; batched
+        // guidance repeats it for the negative half.
+        let (vace_control, vace_scale) = match inp.condition {
+            LatentCondition::Vace { control, scale } => (
+                Some(control.to_device(&device)?.to_dtype(dtype)?),
+                scale.as_slice(),
+            ),
+            _ => (None, &[][..]),
+        };
+        let vace_both = match &vace_control {
+            Some(c) if batched => Some(Tensor::cat(&[c, c], 0)?),
+            _ => None,
+        };
+        let control = vace_control.as_ref().map(|c| (c, vace_scale));
+        let control_both = vace_both.as_ref().map(|c| (c, vace_scale));
 
         self.scheduler.set_timesteps(inp.num_inference_steps)?;
         let timesteps = self.scheduler.timesteps().to_vec();
@@ -1355,32 +1688,35 @@ impl WanPipeline {
                 (Some(both), _) => {
                     let x = Tensor::cat(&[&latent_model_input, &latent_model_input], 0)?;
                     let ts = Tensor::cat(&[&timestep, &timestep], 0)?;
-                    let out = model.forward_with_image(&x, &ts, both, both_images.as_ref())?;
+                    let out = model.forward(&x, &ts, both, both_images.as_ref(), control_both)?;
                     let cond = out.narrow(0, 0, batch)?;
                     let uncond = out.narrow(0, batch, batch)?;
                     (&uncond + ((cond - &uncond)? * g)?)?
                 }
                 (None, Some(neg)) => {
-                    let cond = model.forward_with_image(
+                    let cond = model.forward(
                         &latent_model_input,
                         &timestep,
                         &prompt_embeds,
                         image_embeds.as_ref(),
+                        control,
                     )?;
-                    let uncond = model.forward_with_image(
+                    let uncond = model.forward(
                         &latent_model_input,
                         &timestep,
                         neg,
                         image_embeds.as_ref(),
+                        control,
                     )?;
                     // noise_uncond + g · (noise_pred − noise_uncond)
                     (&uncond + ((cond - &uncond)? * g)?)?
                 }
-                (None, None) => model.forward_with_image(
+                (None, None) => model.forward(
                     &latent_model_input,
                     &timestep,
                     &prompt_embeds,
                     image_embeds.as_ref(),
+                    control,
                 )?,
             };
             latents = self.scheduler.step(&noise_pred, begin + i, &latents)?;

@@ -10,7 +10,7 @@ use kino_engine::parity::{self, Component, ParityOptions};
 #[derive(clap::Args)]
 pub struct Args {
     /// text-encoder, transformer, vae-encode, vae-decode, image-encoder, pipeline, pipeline-i2v,
-    /// pipeline-v2v or pipeline-df.
+    /// pipeline-v2v, pipeline-df or pipeline-vace.
     component: String,
     /// The component folder (text_encoder/, transformer/, vae/, image_encoder/) or, for the
     /// pipeline components, the whole model.
@@ -52,6 +52,14 @@ pub struct Args {
     /// pipeline-df: the video's frame rate (default 24; 16 selects the other fps embedding).
     #[arg(long)]
     fps: Option<u32>,
+    /// pipeline-vace: how strongly the control branch steers, one value for every VACE layer
+    /// or comma-separated, one per layer (e.g. 0.4,1.3; default 1).
+    #[arg(long, value_delimiter = ',')]
+    conditioning_scale: Option<Vec<f64>>,
+    /// Two-expert pipelines: the low-noise expert's guidance (the reference's
+    /// guidance_scale_2; default: --guidance).
+    #[arg(long)]
+    guidance_2: Option<f64>,
     /// Reference outputs to compare with: prints ‖out − ref‖/‖ref‖ for each tensor.
     #[arg(long)]
     expected: Option<PathBuf>,
@@ -94,8 +102,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let component: Component = a.component.parse()?;
     if !component.is_pipeline() && (a.steps.is_some() || a.guidance.is_some() || a.decode) {
         anyhow::bail!(
-            "--steps, --guidance and --decode apply only to the pipeline components (pipeline, pipeline-i2v, pipeline-v2v)"
+            "--steps, --guidance and --decode apply only to the pipeline components (pipeline, pipeline-i2v, pipeline-v2v, pipeline-df, pipeline-vace)"
         );
+    }
+    if component != Component::PipelineVace && a.conditioning_scale.is_some() {
+        anyhow::bail!("--conditioning-scale applies only to `pipeline-vace`");
+    }
+    if !component.is_pipeline() && a.guidance_2.is_some() {
+        anyhow::bail!("--guidance-2 applies only to the pipeline components");
     }
     if component != Component::PipelineV2v && a.strength.is_some() {
         anyhow::bail!("--strength applies only to `pipeline-v2v`");
@@ -138,6 +152,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             decode: a.decode,
             strength: a.strength,
             df,
+            conditioning_scale: a.conditioning_scale,
+            guidance_2: a.guidance_2,
         },
         &dev,
     )
