@@ -206,7 +206,9 @@ pub struct VaceCondition {
     /// guided by it). Needs `video`.
     pub mask: Option<Vec<GrayImage>>,
     /// Reference images (a subject, a style), any size: each is letterboxed on white to the
-    /// request's size and prepended on the time axis (dropped before decoding).
+    /// request's size and prepended on the time axis (dropped before decoding). To match the
+    /// reference exactly, callers first resize each to sides that are multiples of
+    /// [`WanPipeline::vace_reference_multiple`] (Lanczos), as its preprocessing does.
     pub reference_images: Vec<RgbImage>,
     /// How strongly the control branch steers: empty = 1.0; one value for every VACE layer, or
     /// one per layer (`len(vace_layers)`).

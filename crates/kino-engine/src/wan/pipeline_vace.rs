@@ -51,6 +51,14 @@ impl WanPipeline {
         (latent / 4) * step + 1
     }
 
+    /// Reference images are first resized (Lanczos, as PIL) to the largest size whose sides
+    /// are multiples of this, as the reference's `video_processor.preprocess` does
+    /// (`vae_scale_factor_spatial` = 2^len(temperal_downsample): 8 for Wan2.1, 4 for
+    /// kino-shapes); callers do it (`kino_media`), the engine letterboxes what it gets.
+    pub fn vace_reference_multiple(&self) -> usize {
+        1usize << self.vae_config().temperal_downsample.len()
+    }
+
     /// Frames a continuation of this model keeps from what came before (and does not output
     /// again): the VACE context, or 1 (the first-image models, whose frame 0 repeats it).
     pub fn continuation_context(&self, num_frames: usize) -> usize {
