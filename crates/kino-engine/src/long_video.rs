@@ -35,7 +35,10 @@
 use std::time::{Duration, Instant};
 
 use crate::progress::{ProgressEvent, Stage};
-use crate::wan::pipeline::{Conditioning, GenerateRequest, ResolvedRequest, RgbImage, WanPipeline};
+use crate::wan::pipeline::{
+    Capabilities, Conditioning, GenerateRequest, ResolvedRequest, RgbImage, WanPipeline,
+};
+use crate::wan::pipeline_vace::vace_context_frames;
 use crate::{Error, Result};
 
 /// Frames cross-faded at each seam when a request does not say: none, the repeated frame is
@@ -181,11 +184,23 @@ pub fn emitted(segments: &[Segment], k: usize) -> usize {
 }
 
 /// Frames a continuation of `pipeline`'s model is conditioned on: the last `overlap_history`
-/// (17 unless its config says) for a diffusion-forcing model, else the last one.
+/// (17 unless its config says) for a diffusion-forcing model, a VACE model's context (about a
+/// quarter of its clip, [`WanPipeline::vace_context_frames`]), else the last one.
 pub fn context_frames(pipeline: &WanPipeline) -> usize {
     let caps = pipeline.capabilities();
     if caps.long_video {
         pipeline.defaults().overlap_history.unwrap_or(17).max(1)
+    } else {
+        continue_skip(caps, pipeline.defaults().num_frames, pipeline.frame_step())
+    }
+}
+
+/// Frames a continued segment of `segment_frames` keeps from what came before and does not
+/// output again: a VACE model's context ([`vace_context_frames`]), else 1 (the first-image
+/// models' frame 0, which repeats the frame they continue). Pure, for API nodes.
+pub fn continue_skip(caps: Capabilities, segment_frames: usize, frame_step: usize) -> usize {
+    if caps.vace {
+        vace_context_frames(segment_frames, frame_step)
     } else {
         1
     }
@@ -211,6 +226,11 @@ pub struct PlanRules {
     pub frame_step: usize,
     /// A diffusion-forcing model: one segment of the whole length, in its own windows.
     pub native: bool,
+    /// Frames a continued segment keeps from before and does not output ([`continue_skip`]):
+    /// 1, or a VACE model's context. Continued segments of a VACE model are always asked for
+    /// the full `segment_frames` (so the model keeps the same context), and a shortened last
+    /// segment is cut after it is made.
+    pub continue_skip: usize,
 }
 
 /// The segments that add `total_frames` frames (`None`: one full segment per prompt) under
@@ -262,7 +282,11 @@ pub fn plan_segments(
     let mut made = 0usize;
     let mut k = 0usize;
     loop {
-        let skip = usize::from(k > 0 || continues);
+        let skip = if k > 0 || continues {
+            rules.continue_skip.max(1)
+        } else {
+            0
+        };
         let blend = if k > 0 { overlap } else { 0 };
         let full_keep = seg_len.saturating_sub(skip + blend);
         let keep = match total_frames {
@@ -298,7 +322,11 @@ pub fn plan_segments(
             index: k,
             prompt: prompts[k.min(prompts.len() - 1)].clone(),
             seed: seed.wrapping_add(k as u64),
-            num_frames: valid_at_least(keep + skip + blend, step),
+            num_frames: if skip > 1 {
+                seg_len
+            } else {
+                valid_at_least(keep + skip + blend, step)
+            },
             skip,
             blend,
             keep,
@@ -392,6 +420,7 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
         segment_frames: resolved.num_frames,
         frame_step: pipeline.frame_step(),
         native,
+        continue_skip: continue_skip(caps, resolved.num_frames, pipeline.frame_step()),
     };
     let segments = plan_segments(
         &rules,
@@ -427,7 +456,11 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
         total_frames,
         native,
         overlap,
-        context: context_frames(pipeline),
+        context: if native {
+            context_frames(pipeline)
+        } else {
+            rules.continue_skip
+        },
     })
 }
 
@@ -769,6 +802,7 @@ mod tests {
             segment_frames: 9,
             frame_step: 4,
             native: false,
+            continue_skip: 1,
         };
         let pure = plan_segments(&rules, false, 2, &["a".into()], Some(30), 7).unwrap();
         assert_eq!(pure, pl.segments);

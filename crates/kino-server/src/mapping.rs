@@ -198,6 +198,7 @@ mod tests {
                 last_image: false,
                 video: true,
                 long_video: false,
+                vace: false,
             },
         }
     }

@@ -73,6 +73,11 @@ impl LongJob {
             segment_frames: model.defaults.num_frames,
             frame_step: model.frame_step,
             native,
+            continue_skip: long_video::continue_skip(
+                caps,
+                model.defaults.num_frames,
+                model.frame_step,
+            ),
         };
         let segs = long_video::plan_segments(
             &rules,
@@ -250,6 +255,7 @@ mod tests {
                 last_image: false,
                 video: !image,
                 long_video,
+                vace: false,
             },
         }
     }
@@ -263,6 +269,7 @@ mod tests {
                 segment_frames: clip,
                 frame_step: 4,
                 native: false,
+                continue_skip: 1,
             };
             j.segments =
                 long_video::plan_segments(&rules, extends, 0, &[String::new()], Some(n), 0)

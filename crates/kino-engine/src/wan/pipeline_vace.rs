@@ -46,9 +46,7 @@ impl WanPipeline {
     /// The frames a VACE model continues from: about a quarter of the clip, in whole latent
     /// frames (`temporal · m + 1`), at least 1. Wan2.1 VACE's 81 frames: 21; 17 frames: 5.
     pub fn vace_context_frames(&self, num_frames: usize) -> usize {
-        let step = self.frame_step().max(1);
-        let latent = (num_frames.saturating_sub(1)) / step; // latent frames after the first
-        (latent / 4) * step + 1
+        vace_context_frames(num_frames, self.frame_step())
     }
 
     /// Reference images are first resized (Lanczos, as PIL) to the largest size whose sides
@@ -333,6 +331,14 @@ impl WanPipeline {
             progress,
         )
     }
+}
+
+/// [`WanPipeline::vace_context_frames`] from the clip's frames and the frame step (pure, for
+/// planning without a model).
+pub fn vace_context_frames(num_frames: usize, frame_step: usize) -> usize {
+    let step = frame_step.max(1);
+    let latent = num_frames.saturating_sub(1) / step; // latent frames after the first
+    (latent / 4) * step + 1
 }
 
 /// Mask frames as `[1, 1, F, H, W]`, `value / 255`.
