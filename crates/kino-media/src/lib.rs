@@ -26,6 +26,7 @@ mod error;
 mod frame;
 mod gif;
 mod h264;
+mod mask;
 mod meta;
 mod mp4;
 mod probe;
@@ -39,6 +40,11 @@ pub use error::{MediaError, Result};
 pub use frame::{psnr, psnr_video, Fps, Frame, Video, MAX_SIDE};
 pub use gif::{encode_gif, write_gif, GifOptions};
 pub use h264::Quality;
+pub use mask::{
+    check_mask_aspect, conform_mask, decode_mask, fill_masked, outpaint_canvas, outpaint_frame,
+    paste_on_gray, read_mask, snap_to_multiple, MaskFrames, MaskReport, Outpaint, OutpaintPlan,
+    MASK_FILL_GRAY,
+};
 pub use meta::GenerationParams;
 pub use mp4::{
     decode_mp4, encode_mp4, mp4_boxes, read_metadata, read_mp4, write_mp4, Mp4Options,
