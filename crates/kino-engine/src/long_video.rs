@@ -2,8 +2,9 @@
 //! [`WanPipeline::generate`], each after the first continuing what came before through
 //! `Conditioning::Continue` with the last frames made so far (as many as the model takes:
 //! [`context_frames`], 1 for first-image models such as Wan2.2 TI2V / Wan2.1 I2V / kino-shapes,
-//! `overlap_history` for SkyReels-V2 diffusion-forcing ones, which make the whole length in one
-//! segment, in their own windows). This is the only segment loop: `kino generate --seconds`,
+//! about a quarter of the clip for VACE models (5 of 17 frames, 21 of 81: kept frames of a
+//! masked video, not output again), `overlap_history` for SkyReels-V2 diffusion-forcing ones,
+//! which make the whole length in one segment, in their own windows). This is the only segment loop: `kino generate --seconds`,
 //! `kino extend` and the server's long jobs and extensions all run it; where finished segments
 //! go (the CLI's `OUT.kino-partial/`, the server's `DATA_DIR/videos/<id>/segments/`) is the
 //! caller's, through the `on_segment` callback, and a run resumes from what it stored
@@ -1095,6 +1096,85 @@ mod tests {
         .unwrap();
         let before: usize = (0..2).map(|k| pl.handed_out(k)).sum();
         assert_eq!(rest, all[before..]);
+    }
+
+    #[test]
+    fn a_vace_model_continues_from_several_frames() {
+        let Some(mut p) = open("pipeline-vace") else {
+            eprintln!("pipeline-vace fixture missing; skipped");
+            return;
+        };
+        // 17-frame segments: each continued one keeps the last 5 frames and adds 12.
+        let req = LongRequest {
+            request: GenerateRequest {
+                prompt: "a".into(),
+                seed: Some(5),
+                num_frames: Some(17),
+                num_inference_steps: Some(2),
+                ..Default::default()
+            },
+            total_frames: Some(25),
+            overlap: Some(0),
+            ..Default::default()
+        };
+        let pl = plan(&p, &req, &Start::Text).unwrap();
+        assert_eq!(pl.context, 5);
+        let shapes: Vec<_> = pl
+            .segments
+            .iter()
+            .map(|s| (s.num_frames, s.skip, s.keep))
+            .collect();
+        // The shortened last segment still runs the whole clip, so its context stays 5.
+        assert_eq!(shapes, [(17, 0, 17), (17, 5, 8)]);
+        let rules = PlanRules {
+            segment_frames: 17,
+            frame_step: 4,
+            native: false,
+            continue_skip: continue_skip(p.capabilities(), 17, 4),
+        };
+        let pure = plan_segments(&rules, false, 0, &["a".into()], Some(25), 5).unwrap();
+        assert_eq!(pure, pl.segments);
+        let mut all: Vec<Vec<u8>> = Vec::new();
+        let mut tails = Vec::new();
+        generate(
+            &mut p,
+            &pl,
+            &Start::Text,
+            None,
+            &mut |s| {
+                all.extend(s.frames);
+                tails.push(s.tail.to_vec());
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(all.len(), 25);
+        // What the next segment would continue from: the last 5 frames made.
+        assert_eq!(tails[0].len(), 5);
+        assert_eq!(tails[0][4].data, all[16]);
+        assert_eq!(tails[0][0].data, all[12]);
+        // Extending a video continues from its last 5 frames.
+        let source: Vec<RgbImage> = all[..17]
+            .iter()
+            .map(|f| RgbImage::new(p.defaults().width, p.defaults().height, f.clone()).unwrap())
+            .collect();
+        let ext = plan(&p, &req, &Start::Continue(source.clone())).unwrap();
+        assert!(ext.segments.iter().all(|s| s.skip == 5));
+        let mut n = 0;
+        generate(
+            &mut p,
+            &ext,
+            &Start::Continue(source),
+            None,
+            &mut |s| {
+                n += s.frames.len();
+                Ok(())
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(n, 25);
     }
 
     #[test]

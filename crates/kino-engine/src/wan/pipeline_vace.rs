@@ -444,6 +444,175 @@ pub fn letterbox_on_white(image: &Tensor, height: usize, width: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wan::pipeline::{GenerateRequest, PipelineOptions};
+
+    fn open(case: &str) -> WanPipeline {
+        let dir = crate::testing::fixtures_dir().join(case).join("model");
+        WanPipeline::open(&dir, PipelineOptions::for_device(Device::Cpu)).unwrap()
+    }
+
+    fn image(w: usize, h: usize, seed: u8) -> RgbImage {
+        let data = (0..w * h * 3)
+            .map(|i| ((i * 37 + seed as usize * 101) % 251) as u8)
+            .collect();
+        RgbImage::new(w, h, data).unwrap()
+    }
+
+    fn run(p: &mut WanPipeline, c: Conditioning, frames: usize) -> Result<Vec<Vec<u8>>> {
+        let r = GenerateRequest {
+            conditioning: c,
+            prompt: "a red circle".into(),
+            num_frames: Some(frames),
+            num_inference_steps: Some(2),
+            seed: Some(3),
+            ..Default::default()
+        };
+        Ok(p.generate(&r, &mut crate::progress::ignore)?.frames)
+    }
+
+    /// A box mask: 255 inside `(x0..x1, y0..y1)`.
+    fn box_mask(w: usize, h: usize, x0: usize, x1: usize, y0: usize, y1: usize) -> GrayImage {
+        let mut m = GrayImage::filled(w, h, 0);
+        for y in y0..y1 {
+            for x in x0..x1 {
+                m.data[y * w + x] = 255;
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn every_conditioning_runs_on_a_vace_model() {
+        let mut p = open("pipeline-vace");
+        assert!(p.capabilities().vace);
+        let (w, h, n) = (
+            p.defaults().width,
+            p.defaults().height,
+            p.defaults().num_frames,
+        );
+        let video: Vec<RgbImage> = (0..n).map(|i| image(w, h, i as u8)).collect();
+        let mask: Vec<GrayImage> = (0..n).map(|_| box_mask(w, h, 8, 24, 8, 24)).collect();
+        let edit = |mask: Vec<GrayImage>, refs: Vec<RgbImage>| {
+            Conditioning::Vace(VaceCondition {
+                video: Some(video.clone()),
+                mask: Some(mask),
+                reference_images: refs,
+                conditioning_scale: vec![],
+            })
+        };
+        let text = run(&mut p, Conditioning::Text, n).unwrap();
+        assert_eq!(text.len(), n);
+        let masked = run(&mut p, edit(mask.clone(), vec![]), n).unwrap();
+        assert_eq!(masked.len(), n);
+        assert_ne!(masked, text, "the video and mask steer the run");
+        // Deterministic, and every input matters: the mask, references and their order, the
+        // scale.
+        assert_eq!(run(&mut p, edit(mask.clone(), vec![]), n).unwrap(), masked);
+        let other_mask: Vec<GrayImage> = (0..n).map(|_| box_mask(w, h, 0, 16, 0, 32)).collect();
+        assert_ne!(run(&mut p, edit(other_mask, vec![]), n).unwrap(), masked);
+        let (a, b) = (image(20, 12, 7), image(12, 20, 9));
+        let ab = run(&mut p, edit(mask.clone(), vec![a.clone(), b.clone()]), n).unwrap();
+        assert_eq!(ab.len(), n, "reference frames are dropped before decoding");
+        assert_ne!(ab, masked);
+        let ba = run(&mut p, edit(mask.clone(), vec![b, a]), n).unwrap();
+        assert_ne!(ab, ba, "the order of the references matters");
+        let scaled = Conditioning::Vace(VaceCondition {
+            video: Some(video.clone()),
+            mask: Some(mask.clone()),
+            conditioning_scale: vec![0.3, 1.5],
+            ..Default::default()
+        });
+        assert_ne!(run(&mut p, scaled, n).unwrap(), masked);
+        // A first and a last image become kept frames of a gray video.
+        let flf = Conditioning::Image {
+            first: image(w, h, 1),
+            last: Some(image(w, h, 2)),
+        };
+        assert_eq!(run(&mut p, flf, n).unwrap().len(), n);
+        // A continuation keeps the model's context (5 of 17 frames) and outputs the rest.
+        assert_eq!(p.vace_context_frames(17), 5);
+        let cont = Conditioning::Continue {
+            frames: video.clone(),
+        };
+        assert_eq!(run(&mut p, cont, 17).unwrap().len(), 12);
+    }
+
+    #[test]
+    fn bad_vace_inputs_are_refused_in_plain_words() {
+        let mut p = open("pipeline-vace");
+        let (w, h, n) = (
+            p.defaults().width,
+            p.defaults().height,
+            p.defaults().num_frames,
+        );
+        let video: Vec<RgbImage> = (0..n).map(|i| image(w, h, i as u8)).collect();
+        let mask: Vec<GrayImage> = (0..n).map(|_| GrayImage::filled(w, h, 255)).collect();
+        let vace = |v: VaceCondition| Conditioning::Vace(v);
+        let cases = [
+            (
+                vace(VaceCondition {
+                    mask: Some(mask.clone()),
+                    ..Default::default()
+                }),
+                "a mask needs the video",
+            ),
+            (
+                vace(VaceCondition {
+                    video: Some(video[..n - 1].to_vec()),
+                    ..Default::default()
+                }),
+                "frames but the run makes",
+            ),
+            (
+                vace(VaceCondition {
+                    video: Some(video.clone()),
+                    mask: Some(mask[..2].to_vec()),
+                    ..Default::default()
+                }),
+                "one mask frame per video frame",
+            ),
+            (
+                vace(VaceCondition {
+                    video: Some(video.clone()),
+                    mask: Some(vec![GrayImage::filled(w / 2, h, 255); n]),
+                    ..Default::default()
+                }),
+                "the mask must have the video's size",
+            ),
+            (
+                vace(VaceCondition {
+                    conditioning_scale: vec![1.0, 1.0, 1.0],
+                    ..Default::default()
+                }),
+                "this model has 2 VACE layers",
+            ),
+            (
+                Conditioning::Video {
+                    frames: video.clone(),
+                    strength: 0.5,
+                },
+                "through a mask",
+            ),
+        ];
+        for (c, want) in cases {
+            let e = run(&mut p, c, n).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should say {want:?}");
+        }
+        // A model without VACE names the ones that have it.
+        let mut plain = open("pipeline-wan21");
+        let frames = plain.defaults().num_frames;
+        let e = run(
+            &mut plain,
+            vace(VaceCondition {
+                reference_images: vec![image(8, 8, 0)],
+                ..Default::default()
+            }),
+            frames,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("wan2.1-vace-1.3b"), "{e}");
+    }
 
     #[test]
     fn mask_channels_follow_the_reference_layout() {
