@@ -142,7 +142,8 @@ pub struct LongPlan {
     /// Frames cross-faded at each seam between two segments of this run.
     #[serde(default)]
     pub overlap: usize,
-    /// Frames a continuation is conditioned on ([`context_frames`]).
+    /// Frames a continuation is conditioned on ([`context_frames`]; a VACE model's context
+    /// frames are also the ones a continued segment does not output again).
     #[serde(default = "one")]
     pub context: usize,
 }
