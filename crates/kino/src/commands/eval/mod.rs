@@ -5,9 +5,11 @@
 //! background against what the prompt asked for. `--image` gives each case a first image drawn
 //! by the world ([`world`]) and also scores whether the video starts where the image put the
 //! object. `--long K` makes each case a long video of K segments and scores what breaks long
-//! videos ([`long`]). `--video` analyses one existing MP4 instead.
+//! videos ([`long`]). `--edit` and `--reference` score a VACE model's masked recolouring and
+//! reference images ([`edit`]). `--video` analyses one existing MP4 instead.
 
 pub mod analyse;
+pub mod edit;
 pub mod long;
 pub mod world;
 
@@ -36,7 +38,7 @@ pub const START_TOLERANCE: f64 = 3.0;
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  kino eval --model models/kino-shapes --seeds 2\n  kino eval --image --seeds 4\n  kino eval --video clip.mp4 --json\n\n\
+    after_help = "Examples:\n  kino eval --model models/kino-shapes --seeds 2\n  kino eval --image --seeds 4\n  kino eval --edit --model models/kino-shapes-vace --seeds 4\n  kino eval --video clip.mp4 --json\n\n\
     The model folder's kino-eval.json lists the held-out prompts (\"cases\": prompt, colour, shape, \
     motion, background) and the world's palette (\"colours\", \"backgrounds\" as RGB). Every case is \
     generated with seeds 0..N and the model's defaults; the video's background, object colour, \
@@ -46,7 +48,12 @@ pub const START_TOLERANCE: f64 = 3.0;
     colour, shape and background, a size and a start position drawn per case and seed as the \
     training world draws them), and the video must keep that object and move as the prompt says; \
     \"start\" scores whether the object's centre in the video's first frame is within 3 px of the \
-    image's."
+    image's.\n\n\
+    --edit / --reference (VACE models such as models/kino-shapes-vace): --edit draws each case's \
+    scene in another colour, masks the object's box (+3 px, gray) and asks for the case's colour; \
+    it scores the colour and the PSNR outside the mask against a plain VAE round trip of the source \
+    (bar: within 2 dB). --reference gives the object alone as a reference image and a prompt \
+    without colour or shape, and scores whether the video takes both from the reference."
 )]
 pub struct Args {
     /// A model alias or folder whose kino-eval.json lists the cases. Default: $KINO_MODEL or
@@ -78,6 +85,15 @@ pub struct Args {
     /// direction per segment and the jumps at the seams (the model must take a first image).
     #[arg(long, value_name = "K", conflicts_with_all = ["video", "image"])]
     long: Option<usize>,
+    /// VACE edit: recolour each case's object inside a mask (its box, the source drawn in
+    /// another colour), the new colour from the prompt; scores the colour and the PSNR outside
+    /// the mask against a plain VAE round trip (the model must be a VACE one).
+    #[arg(long, conflicts_with_all = ["video", "image", "long", "reference"])]
+    edit: bool,
+    /// VACE reference: each case's object alone as a reference image, the prompt leaving out
+    /// colour and shape; scores whether the video takes the reference's colour and shape.
+    #[arg(long, conflicts_with_all = ["video", "image", "long"])]
+    reference: bool,
     /// With --long: frames cross-faded at each seam (0 drops the repeated frame; default: the
     /// engine's).
     #[arg(long, value_name = "M", requires = "long")]
@@ -262,6 +278,24 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     let (model_dir, mut pipeline) =
         generate::open_pipeline(&model_name, a.cpu, a.low_memory, false)?;
     let fps = pipeline.defaults().fps;
+    if a.edit || a.reference {
+        let mode = if a.edit {
+            edit::Mode::Edit
+        } else {
+            edit::Mode::Reference
+        };
+        return edit::run(
+            &mut pipeline,
+            &spec,
+            mode,
+            a.seeds,
+            a.steps,
+            a.json,
+            &model_name,
+            &model_dir,
+            a.save.as_deref(),
+        );
+    }
     if let Some(k) = a.long {
         if !pipeline.capabilities().image {
             bail!(

@@ -1,0 +1,604 @@
+"""Train kino-shapes-vace: kino-shapes with a VACE control branch (masks, references, continuing).
+
+    python training/train_vace.py --out models/kino-shapes-vace --threads 2     # ~1 h on 2 cores
+    python training/train_vace.py --out /tmp/v --smoke                          # checks the script
+
+Starts from the shipped `models/kino-shapes` (its VAE, text encoder, tokenizer and scheduler
+unchanged): the transformer becomes a diffusers `WanVACETransformer3DModel` with the same config
+plus `vace_layers` and `vace_in_channels` = 2·z_dim + s² (s = 2^len(temperal_downsample) = 4 for
+this VAE: 48). The main blocks keep kino-shapes' weights and are frozen (as is the text encoder):
+only the VACE branch learns (`vace_patch_embedding` and the VACE blocks, each initialised from a
+copy of the main block it feeds, `proj_in` / `proj_out` zero, as the original VACE does), so at
+step 0 the model is exactly kino-shapes, what it learnt for text and shapes cannot be forgotten in
+a short CPU run, and the branch learns only how the control latents change the prediction.
+
+Control latents are built as `WanVACEPipeline` builds them at inference (`control_latents` below
+replicates `preprocess_conditions` / `prepare_video_latents` / `prepare_masks` batched, and
+`check_against_pipeline` asserts equality with those methods, called on a `WanVACEPipeline`, for
+one sample of every task before training starts). The tasks, all from `world.py` scenes (the
+held-out combinations of `world.held_out()` never appear, as source or target):
+
+- edit: a clip of object A; mask = the object's box, dilated, in every frame; the masked region
+  gray 128 (or, for some, the original pixels: `kino edit --keep-masked`); target = the same clip
+  with the object in the caption's colour; the background outside the mask identical;
+- reference: the object alone on white (gray for a white object) at another size and position,
+  prepended as a reference image; no video; the caption leaves out colour, shape or both; target
+  = a clip of that object (the reference's latent frame in front, as the pipeline's noise has it);
+- continue: the first 5 frames kept (mask 0), the rest gray with mask 1 (what
+  `WanPipeline::vace_condition` builds for a continuation of 17 frames); half the clips turn
+  after frame 4 (the caption names the new direction), as a long video's next segment does;
+- text: no video (zeros, mask ones), as plain text-to-video on a VACE model;
+- image: frame 0 kept, the rest gray (a first image on a VACE model).
+
+The samples are rendered and encoded once (the VAE encodes dominate a CPU run); captions are
+re-drawn from the grammar at every step. Checkpoints (EMA) every `--save-every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import platform
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import train  # noqa: E402
+import world  # noqa: E402
+from train import encode_mean, encode_text, log, shift_sigma, to_tensor  # noqa: E402
+
+CONFIG = {
+    "seed": 0,
+    "base": "models/kino-shapes",
+    "vace_layers": [0, 1, 2, 3],
+    # Fractions of the training samples per task.
+    "tasks": {"edit": 0.35, "reference": 0.25, "continue": 0.22, "text": 0.09, "image": 0.09},
+    "samples": 1000,
+    "edit": {"margin": [2, 5], "keep_masked": 0.25},
+    "continue": {"context": 5, "turn": 0.5},
+    "steps": 3000,
+    "batch": 24,
+    "lr": 8e-4,
+    "warmup": 30,
+    "ema": 0.99,
+    "caption_dropout": 0.1,
+    "flow_shift": [10.0, 2.0],
+    "bf16": True,
+    "encode_batch": 16,
+}
+SMOKE = {"samples": 10, "steps": 2, "batch": 4, "warmup": 1, "encode_batch": 4}
+
+# The box kino eval masks an object with (pixels beyond the drawn object, each side).
+EVAL_MARGIN = 3
+GRAY = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+
+
+@dataclasses.dataclass
+class TurnScene(world.Scene):
+    """A scene whose object moves `motion` until frame `turn` and `motion2` after it, at the
+    same speed: the next segment of a long video that turns."""
+
+    motion2: str = "right"
+    turn: int = 4
+
+    def centre(self, frame, frames):
+        step = self.travel / max(frames - 1, 1)
+        k = min(frame, self.turn)
+        dx, dy = world.DIRECTION[self.motion]
+        x, y = self.x0 + dx * step * k, self.y0 + dy * step * k
+        if frame > self.turn:
+            dx2, dy2 = world.DIRECTION[self.motion2]
+            x += dx2 * step * (frame - self.turn)
+            y += dy2 * step * (frame - self.turn)
+        return x, y
+
+
+def sample_turn_scene(combo, motion2, turn, w, h, frames, rng):
+    c, s, m, b = combo
+    for _ in range(1000):
+        size = rng.uniform(*world.SIZE_RANGE)
+        travel = rng.uniform(*world.TRAVEL_RANGE)
+        half = size / 2 + 1
+        sc = TurnScene(c, s, m, b, size, rng.uniform(half, w - half), rng.uniform(half, h - half),
+                       travel, motion2, turn)
+        pts = [sc.centre(f, frames) for f in range(frames)]
+        if all(half <= x <= w - half and half <= y <= h - half for x, y in pts):
+            return sc
+    raise RuntimeError("no turning path fits the frame")
+
+
+def box_masks(scene, w, h, frames, margin) -> np.ndarray:
+    """[frames, h, w] float32: 1 inside the object's bounding box grown by `margin` px."""
+    out = np.zeros((frames, h, w), np.float32)
+    r = scene.size / 2 + margin
+    for f in range(frames):
+        cx, cy = scene.centre(f, frames)
+        x0, x1 = max(0, math.floor(cx - r)), min(w, math.ceil(cx + r))
+        y0, y1 = max(0, math.floor(cy - r)), min(h, math.ceil(cy + r))
+        out[f, y0:y1, x0:x1] = 1.0
+    return out
+
+
+def reference_image(colour, shape, w, h, rng) -> np.ndarray:
+    """[h, w, 3] uint8: the object alone at a random size and place, on white (gray if white)."""
+    size = rng.uniform(*world.SIZE_RANGE)
+    half = size / 2 + 1
+    bg = "gray" if colour == "white" else "white"
+    sc = world.Scene(colour, shape, "right", bg, size, rng.uniform(half, w - half),
+                     rng.uniform(half, h - half), 0.0)
+    return world.render(sc, w, h, 1)[0]
+
+
+def _motion_bg(m, b, rng):
+    mw = rng.choice(world._MOTION_WORDS[m])
+    bw = rng.choice(world._BG_WORDS[b])
+    return f"{mw} on a {bw} background"
+
+
+def reference_caption(colour, shape, motion, background, rng) -> str:
+    """A caption that leaves out the colour, the shape or both (the reference gives them)."""
+    u = rng.random()
+    if u < 0.35:  # no colour
+        sw = rng.choice(world._SHAPE_WORDS[shape])
+        return f"a {sw} {_motion_bg(motion, background, rng)}"
+    if u < 0.6:  # no shape
+        return f"a {colour} object {_motion_bg(motion, background, rng)}"
+    if u < 0.9:  # neither (what kino eval --reference asks)
+        return f"an object {_motion_bg(motion, background, rng)}"
+    return world.caption(colour, shape, motion, background, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# Control latents, as WanVACEPipeline builds them
+
+
+def spatial_factor(vae) -> int:
+    """WanVACEPipeline.vae_scale_factor_spatial: 2 ** len(temperal_downsample)."""
+    return 2 ** len(vae.temperal_downsample)
+
+
+class Encoder:
+    """VAE posterior means, normalised as the pipeline does, memoised by content (the gray and
+    zero videos recur)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        self.memo = {}
+        self.encoded = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, F, H, W] → [B, z, T, h, w]."""
+        keys = [hashlib.sha1(x[i].numpy().tobytes()).hexdigest() for i in range(len(x))]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        todo = list({keys[i]: i for i in todo}.values())
+        if todo:
+            with torch.no_grad():
+                mu = encode_mean(self.vae, x[todo])
+            mu = (mu.float() - self.mean) * self.inv_std
+            for j, i in enumerate(todo):
+                self.memo[keys[i]] = mu[j]
+            self.encoded += len(todo)
+        return torch.stack([self.memo[k] for k in keys])
+
+    def forget_except(self, keep: set):
+        self.memo = {k: v for k, v in self.memo.items() if k in keep}
+
+
+def mask_channels(mask: torch.Tensor, s: int, t_scale: int, refs: int) -> torch.Tensor:
+    """WanVACEPipeline.prepare_masks, batched: mask [B, 1, F, H, W] (raw) → [B, s², R + T, h, w]
+    (patch size 2 divides h and w here)."""
+    b, _, f, h, w = mask.shape
+    t = (f + t_scale - 1) // t_scale
+    m = mask[:, 0].view(b, f, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4).flatten(1, 2)
+    m = F.interpolate(m, size=(t, h // s, w // s), mode="nearest-exact")
+    if refs:
+        m = torch.cat([torch.zeros_like(m[:, :, :refs]), m], dim=2)
+    return m
+
+
+def control_latents(enc: Encoder, video, mask, refs=None) -> torch.Tensor:
+    """WanVACEPipeline.prepare_video_latents + prepare_masks, batched: video [B, 3, F, H, W] in
+    [-1, 1], mask [B, 1, F, H, W] in [0, 1], refs None or [B, 3, H, W] in [-1, 1] (one reference
+    each, already the frame's size: no letterbox) → [B, 2z + s², R + T, h, w]."""
+    mb = torch.where(mask > 0.5, 1.0, 0.0)
+    lat = torch.cat([enc(video * (1 - mb)), enc(video * mb)], dim=1)
+    if refs is not None:
+        r = enc(refs[:, :, None])
+        lat = torch.cat([torch.cat([r, torch.zeros_like(r)], dim=1), lat], dim=2)
+    vae = enc.vae
+    m = mask_channels(mask, spatial_factor(vae), 2 ** sum(vae.temperal_downsample),
+                      0 if refs is None else 1)
+    return torch.cat([lat, m], dim=1)
+
+
+def check_against_pipeline(pipe, enc, samples, w, h, frames):
+    """The batched control latents equal WanVACEPipeline's own for one sample of every task."""
+    from PIL import Image
+
+    seen = set()
+    for s in samples:
+        if s["task"] in seen:
+            continue
+        seen.add(s["task"])
+        video = [Image.fromarray(f) for f in s["video"]] if s["video"] is not None else None
+        mask = ([Image.fromarray(np.repeat((m * 255).astype(np.uint8)[..., None], 3, -1))
+                 for m in s["mask"]] if s["mask"] is not None else None)
+        refs = [Image.fromarray(s["ref"])] if s["ref"] is not None else None
+        with torch.no_grad():
+            v, m, r = pipe.preprocess_conditions(video, mask, refs, 1, h, w, frames, torch.float32,
+                                                 torch.device("cpu"))
+            want = torch.cat([pipe.prepare_video_latents(v, m, r, None, torch.device("cpu")),
+                              pipe.prepare_masks(m, r, None)], dim=1)
+        got = sample_control(enc, [s], w, h, frames)
+        diff = (want - got).abs().max().item()
+        log(f"control latents, task {s['task']}: shape {tuple(got.shape)}, max difference from "
+            f"WanVACEPipeline {diff:.2e}")
+        assert want.shape == got.shape and diff < 1e-4, (want.shape, got.shape, diff)
+
+
+def pixels(clip_u8: np.ndarray) -> torch.Tensor:
+    return to_tensor([clip_u8])
+
+
+def sample_control(enc, group, w, h, frames):
+    """Control latents of samples that share a layout (all with a reference or none)."""
+    vids, masks, refs = [], [], []
+    for s in group:
+        if s["video"] is None:
+            vids.append(torch.zeros(1, 3, frames, h, w))
+            masks.append(torch.ones(1, 1, frames, h, w))
+        else:
+            vids.append(pixels(s["video"]))
+            masks.append(torch.from_numpy(s["mask"])[None, None])
+        if s["ref"] is not None:
+            refs.append(pixels(s["ref"][None])[:, :, 0])
+    return control_latents(enc, torch.cat(vids), torch.cat(masks),
+                           torch.cat(refs) if refs else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+def make_sample(task, rng, combos, cfg, w, h, frames):
+    """A dict: task, target clip (uint8 [F, H, W, 3]), video (uint8 or None), mask (float32
+    [F, H, W] or None), ref (uint8 [H, W, 3] or None), and what the caption is drawn from."""
+    allowed = set(combos)
+    while True:
+        combo = rng.choice(combos)
+        c, s, m, b = combo
+        if task == "edit":
+            c1 = rng.choice([x for x in world.COLOURS if x not in (c, b)])
+            if (c1, s, m, b) not in allowed:
+                continue
+            scene = world.sample_scene(combo, w, h, rng)
+            target = world.render(scene, w, h, frames)
+            source = world.render(dataclasses.replace(scene, colour=c1), w, h, frames)
+            mask = box_masks(scene, w, h, frames, rng.uniform(*cfg["edit"]["margin"]))
+            video = source.copy()
+            if rng.random() >= cfg["edit"]["keep_masked"]:
+                video[mask > 0.5] = GRAY
+            return dict(task=task, target=target, video=video, mask=mask, ref=None,
+                        caption=("full", combo))
+        if task == "reference":
+            scene = world.sample_scene(combo, w, h, rng)
+            return dict(task=task, target=world.render(scene, w, h, frames), video=None, mask=None,
+                        ref=reference_image(c, s, w, h, rng), caption=("reference", combo))
+        if task == "continue":
+            k = cfg["continue"]["context"]
+            m2 = rng.choice([x for x in world.MOTIONS if x != m]) \
+                if rng.random() < cfg["continue"]["turn"] else m
+            if (c, s, m2, b) not in allowed:
+                continue
+            scene = sample_turn_scene(combo, m2, k - 1, w, h, frames, rng)
+            target = world.render(scene, w, h, frames)
+            video = target.copy()
+            video[k:] = GRAY
+            mask = np.ones((frames, h, w), np.float32)
+            mask[:k] = 0
+            return dict(task=task, target=target, video=video, mask=mask, ref=None,
+                        caption=("full", (c, s, m2, b)))
+        scene = world.sample_scene(combo, w, h, rng)
+        target = world.render(scene, w, h, frames)
+        if task == "text":
+            return dict(task=task, target=target, video=None, mask=None, ref=None,
+                        caption=("full", combo))
+        video = np.full_like(target, GRAY)
+        video[0] = target[0]
+        mask = np.ones((frames, h, w), np.float32)
+        mask[0] = 0
+        return dict(task="image", target=target, video=video, mask=mask, ref=None,
+                    caption=("full", combo))
+
+
+def draw_caption(spec, rng):
+    kind, combo = spec
+    return world.caption(*combo, rng) if kind == "full" else reference_caption(*combo, rng)
+
+
+def build_dataset(cfg, enc, combos, w, h, frames, seed, pipe=None):
+    rng = random.Random(seed)
+    n = cfg["samples"]
+    tasks = []
+    for name, frac in cfg["tasks"].items():
+        tasks += [name] * max(1, round(frac * n))
+    rng.shuffle(tasks)
+    samples = [make_sample(t, rng, combos, cfg, w, h, frames) for t in tasks]
+    if pipe is not None:
+        check_against_pipeline(pipe, enc, samples, w, h, frames)
+    start = time.time()
+    data = []
+    eb = cfg["encode_batch"]
+    for ref in (False, True):
+        group = [s for s in samples if (s["ref"] is not None) == ref]
+        for i in range(0, len(group), eb):
+            part = group[i : i + eb]
+            ctrl = sample_control(enc, part, w, h, frames)
+            tgt = enc(to_tensor([s["target"] for s in part]))
+            if ref:
+                r = enc(to_tensor([s["ref"][None] for s in part]))
+                tgt = torch.cat([r, tgt], dim=2)
+            for j, s in enumerate(part):
+                data.append(dict(task=s["task"], caption=s["caption"], x0=tgt[j].clone(),
+                                 control=ctrl[j].clone()))
+            # Only the recurring encodes (gray and zero videos) are worth keeping.
+            enc.forget_except(set(list(enc.memo)[:64]))
+            done = i + len(part)
+            if done % (eb * 8) < eb or done == len(group):
+                log(f"encoded {'reference' if ref else 'video'} samples {done}/{len(group)} "
+                    f"({enc.encoded} VAE encodes, {time.time() - start:.0f} s)")
+    return data, time.time() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def build_transformer(base: pathlib.Path, vace_layers, vae):
+    from diffusers import WanVACETransformer3DModel
+    from safetensors.torch import load_file
+
+    cfg = json.loads((base / "transformer" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    s = spatial_factor(vae)
+    z = vae.config.z_dim
+    tr = WanVACETransformer3DModel(**cfg, vace_layers=list(vace_layers),
+                                   vace_in_channels=2 * z + s * s)
+    sd = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    missing, unexpected = tr.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith("vace_") for k in missing), missing
+    with torch.no_grad():
+        for i, layer in enumerate(vace_layers):
+            vb = tr.vace_blocks[i]
+            src = tr.blocks[layer].state_dict()
+            own = vb.state_dict()
+            vb.load_state_dict({k: src.get(k, v) for k, v in own.items()})
+            for proj in (vb.proj_in, vb.proj_out):
+                if proj is not None:
+                    proj.weight.zero_()
+                    proj.bias.zero_()
+        # The control's patch embedding starts as the main one on each latent group (inactive,
+        # reactive), mask channels zero; it only matters once proj_in leaves zero.
+        pe = tr.patch_embedding.weight
+        vpe = tr.vace_patch_embedding.weight
+        vpe.zero_()
+        vpe[:, :z] = pe * 0.5
+        vpe[:, z : 2 * z] = pe * 0.5
+        tr.vace_patch_embedding.bias.copy_(tr.patch_embedding.bias)
+    for name, p in tr.named_parameters():
+        p.requires_grad_(name.startswith("vace_"))
+    return tr
+
+
+def save(out: pathlib.Path, base: pathlib.Path, pipe_parts, record):
+    from diffusers import WanVACEPipeline
+
+    tok, te, tr, vae, sched = pipe_parts
+    pipe = WanVACEPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in ("kino.json", "kino-eval.json"):
+        shutil.copy(base / f, out / f)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {out}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=pathlib.Path, required=True)
+    ap.add_argument("--base", type=pathlib.Path, help="the kino-shapes folder to start from")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--samples", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--vace-layers", type=int, nargs="+")
+    ap.add_argument("--save-every", type=int, help="save the EMA model every N steps to OUT/step-N")
+    ap.add_argument("--max-minutes", type=float,
+                    help="stop training (and save) after this many minutes of the whole run")
+    ap.add_argument("--data-cache", type=pathlib.Path,
+                    help="keep the encoded samples in this file and reuse them next run")
+    args = ap.parse_args(argv)
+
+    cfg = copy.deepcopy(CONFIG)
+    if args.smoke:
+        cfg.update(SMOKE)
+    for k in ("steps", "samples", "batch", "lr"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if args.vace_layers:
+        cfg["vace_layers"] = args.vace_layers
+    if args.base:
+        cfg["base"] = str(args.base)
+    base = pathlib.Path(cfg["base"])
+    if not base.is_absolute():
+        base = HERE.parent / base
+    torch.set_num_threads(args.threads)
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    t0 = time.time()
+
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanVACEPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    base_train = json.loads((base / "training.json").read_text())
+    kino = json.loads((base / "kino.json").read_text())
+    w, h, frames = kino["width"], kino["height"], kino["num_frames"]
+    L = kino["max_sequence_length"]
+    held = world.held_out(**base_train["config"]["held_out"])
+    combos = [c for c in world.combinations() if c not in set(held)]
+
+    tok = AutoTokenizer.from_pretrained(base / "tokenizer")
+    te = UMT5EncoderModel.from_pretrained(base / "text_encoder").eval()
+    vae = AutoencoderKLWan.from_pretrained(base / "vae").eval()
+    sched = UniPCMultistepScheduler.from_pretrained(base / "scheduler")
+    for p in list(te.parameters()) + list(vae.parameters()):
+        p.requires_grad_(False)
+    tr = build_transformer(base, cfg["vace_layers"], vae)
+    n_all = sum(p.numel() for p in tr.parameters())
+    n_train = sum(p.numel() for p in tr.parameters() if p.requires_grad)
+    log(f"transformer {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained (VACE branch, "
+        f"layers {cfg['vace_layers']}, vace_in_channels {tr.config.vace_in_channels})")
+    pipe = WanVACEPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr)
+
+    record = {
+        "config": cfg,
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": train._cpu_name(),
+                    "threads": args.threads, "gpu": None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": str(cfg["base"]),
+        "transformer": {"parameters": n_all, "trained_parameters": n_train},
+    }
+
+    enc = Encoder(vae)
+    key = {k: cfg[k] for k in ("seed", "tasks", "samples", "edit", "continue")}
+    cached = torch.load(args.data_cache) if args.data_cache and args.data_cache.exists() else {}
+    if cached.get("key") == key:
+        data, enc_s = cached["data"], 0.0
+        log(f"samples from {args.data_cache}")
+    else:
+        data, enc_s = build_dataset(cfg, enc, combos, w, h, frames, cfg["seed"] + 1, pipe)
+        if args.data_cache:
+            torch.save({"key": key, "data": data}, args.data_cache)
+    record["encode_seconds"] = round(enc_s, 1)
+    counts = {}
+    for d in data:
+        counts[d["task"]] = counts.get(d["task"], 0) + 1
+    record["samples"] = counts
+    log(f"{len(data)} samples {counts}, encoded in {enc_s:.0f} s")
+
+    params = [p for p in tr.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
+    ema = copy.deepcopy(tr).eval()
+    ema_params = [p for n, p in ema.named_parameters() if n.startswith("vace_")]
+    rng = random.Random(cfg["seed"] + 2)
+    g = torch.Generator().manual_seed(cfg["seed"] + 3)
+    shifts = torch.tensor(cfg["flow_shift"])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"])
+    tr.train()
+    losses, per_task, start = [], {}, time.time()
+    record["steps_run"] = 0
+
+    def checkpoint(step):
+        save(args.out / f"step-{step}", base, (tok, te, copy.deepcopy(ema), vae, sched),
+             dict(record, checkpoint_step=step))
+
+    for step in range(cfg["steps"]):
+        # With --max-minutes the schedule runs on whichever ends first, steps or time, so a
+        # run cut by the clock still anneals its learning rate.
+        frac = step / max(cfg["steps"], 1)
+        if args.max_minutes:
+            budget = args.max_minutes * 60 - (start - t0)
+            frac = max(frac, (time.time() - start) / max(budget, 1.0))
+            if frac >= 1:
+                log(f"--max-minutes {args.max_minutes} reached after {step} steps")
+                break
+        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) * (
+            0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = [rng.randrange(len(data)) for _ in range(cfg["batch"])]
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        # Samples with a reference have one latent frame more: one forward per length.
+        groups = {}
+        for i in idx:
+            groups.setdefault(data[i]["x0"].shape[1], []).append(i)
+        for ids in groups.values():
+            x0 = torch.stack([data[i]["x0"] for i in ids])
+            ctrl = torch.stack([data[i]["control"] for i in ids])
+            prompts = ["" if rng.random() < cfg["caption_dropout"]
+                       else draw_caption(data[i]["caption"], rng) for i in ids]
+            u = torch.rand(len(ids), generator=g)
+            shift = shifts[torch.randint(len(shifts), (len(ids),), generator=g)]
+            sigma = shift_sigma(u, shift)
+            noise = torch.randn(x0.shape, generator=g)
+            s = sigma.view(-1, 1, 1, 1, 1)
+            xt = (1 - s) * x0 + s * noise
+            with torch.no_grad(), autocast:
+                emb = encode_text(tok, te, prompts, L)
+            with autocast:
+                pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
+                          control_hidden_states=ctrl, return_dict=False)[0]
+            err = (pred.float() - (noise - x0)).pow(2).mean(dim=(1, 2, 3, 4))
+            loss = err.sum() / len(idx)
+            loss.backward()
+            total += loss.item()
+            for i, e in zip(ids, err.tolist()):
+                per_task.setdefault(data[i]["task"], []).append(e)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ps, pd in zip(params, ema_params):
+                pd.lerp_(ps, 1 - decay)
+        losses.append(total)
+        record["steps_run"] = step + 1
+        if step % 10 == 0 or step == cfg["steps"] - 1:
+            el = time.time() - start
+            tasks = " ".join(f"{k} {np.mean(v[-100:]):.3f}" for k, v in sorted(per_task.items()))
+            log(f"step {step + 1}/{cfg['steps']} loss {np.mean(losses[-10:]):.4f} ({tasks}) "
+                f"lr {lr:.2e} {el / (step + 1):.2f} s/step")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < cfg["steps"]:
+            record["loss_last_100"] = float(np.mean(losses[-100:]))
+            checkpoint(step + 1)
+    record["train_seconds"] = round(time.time() - start, 1)
+    record["total_seconds"] = round(time.time() - t0, 1)
+    record["loss_last_100"] = float(np.mean(losses[-100:]))
+    record["loss_per_task_last_100"] = {k: float(np.mean(v[-100:])) for k, v in per_task.items()}
+    save(args.out, base, (tok, te, ema, vae, sched), record)
+
+
+if __name__ == "__main__":
+    main()
