@@ -43,7 +43,7 @@ pub use h264::Quality;
 pub use mask::{
     check_mask_aspect, conform_mask, decode_mask, fill_masked, outpaint_canvas, outpaint_frame,
     paste_on_gray, read_mask, snap_to_multiple, MaskFrames, MaskReport, Outpaint, OutpaintPlan,
-    MASK_FILL_GRAY,
+    MASK_ALL_BLACK, MASK_FILL_GRAY,
 };
 pub use meta::GenerationParams;
 pub use mp4::{

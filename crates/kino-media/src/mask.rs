@@ -110,6 +110,11 @@ impl MaskFrames {
         })
     }
 
+    /// Whether no pixel of any frame reaches 128 (nothing would be regenerated).
+    pub fn is_all_black(&self) -> bool {
+        self.frames.iter().all(|f| f.iter().all(|&v| v < 128))
+    }
+
     /// One still mask from luma bytes (`width × height`).
     pub fn still(width: u32, height: u32, data: Vec<u8>) -> Result<MaskFrames> {
         if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
@@ -181,11 +186,12 @@ pub fn read_mask(path: impl AsRef<Path>) -> Result<MaskFrames> {
 /// A video reader's "not a video" said for a mask.
 fn not_a_mask(e: MediaError) -> MediaError {
     match e {
-        MediaError::Corrupt { reason, .. } => MediaError::Corrupt {
+        MediaError::Corrupt { .. } | MediaError::Unsupported(_) => MediaError::Corrupt {
             format: "mask",
-            reason: format!(
-                "{reason}; a mask is a PNG, JPEG or WebP picture or a video (MP4, MOV, WebM, MKV)"
-            ),
+            reason: "it is neither a picture (PNG, JPEG or WebP) nor a video FFmpeg can read \
+                     (MP4, MOV, WebM, MKV); a mask is a black-and-white picture (white = \
+                     regenerate) or a video of them"
+                .to_string(),
         },
         other => other,
     }
@@ -217,6 +223,10 @@ impl MaskReport {
         })
     }
 }
+
+/// What an all-black mask is told.
+pub const MASK_ALL_BLACK: &str = "the mask is all black, so nothing would be edited; paint white \
+     (255) where the video should change and black (0) where it should stay";
 
 /// Checks that a `mask_w × mask_h` mask has the shape of the `video_w × video_h` source it is
 /// drawn on (within 1%, or a pixel of rounding), so that fitting both the same way keeps them
@@ -354,9 +364,7 @@ pub fn conform_mask(
                  source's shape"
             )
         } else {
-            "the mask is all black, so nothing would be edited; paint white (255) where the \
-             video should change and black (0) where it should stay"
-                .to_string()
+            MASK_ALL_BLACK.to_string()
         }));
     }
     Ok((out, report))
