@@ -21,6 +21,10 @@ enum Command {
     /// Continue a video (any MP4, MOV, WebM, …) with new segments from a model that takes a
     /// first image: `kino extend IN.mp4 "what happens next" --seconds 8 -o OUT.mp4`.
     Extend(Box<commands::extend::Args>),
+    /// Edit a video with a VACE model: regenerate a masked region (`--mask MASK.png|MASK.mp4`,
+    /// white = regenerate), widen the frame (`--outpaint 1.5x`, `--canvas WxH`), keep a subject
+    /// (`--reference subject.png`).
+    Edit(Box<commands::edit::Args>),
     /// Show a video's format, size, frames, fps and the parameters it was made with.
     Info(commands::info::Args),
     /// Run one model component on tensors from a file (for checking against the reference).
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => commands::generate::run(*a),
         Command::Extend(a) => commands::extend::run(*a),
+        Command::Edit(a) => commands::edit::run(*a),
         Command::Info(a) => commands::info::run(a),
         Command::Parity(a) => commands::parity::run(*a),
         Command::Bench(a) => commands::bench::run(a),

@@ -117,6 +117,14 @@ pub struct Args {
     /// values change it little (default 0.7; only with --video).
     #[arg(long, requires = "video")]
     strength: Option<f64>,
+    /// A reference image (a subject, a style) to keep (VACE models); repeat for several, order
+    /// kept. Works with text and with --image.
+    #[arg(long, value_name = "subject.png", conflicts_with = "video")]
+    reference: Vec<PathBuf>,
+    /// How strongly VACE's control steers: one number, or one per VACE layer separated by
+    /// commas (default 1; with --reference).
+    #[arg(long, value_name = "F or F,F,…", requires = "reference")]
+    conditioning_scale: Option<String>,
 }
 
 /// One input file: where it came from, what it was, and (once fitted) what was done to it.
@@ -253,14 +261,14 @@ fn others(names: Vec<&str>, current: &str) -> String {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     Mp4,
     Gif,
     PngFolder,
 }
 
 impl Format {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Format::Mp4 => "mp4",
             Format::Gif => "gif",
@@ -288,7 +296,7 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
     Ok((w, h))
 }
 
-fn format_of(path: &Path) -> anyhow::Result<Format> {
+pub(crate) fn format_of(path: &Path) -> anyhow::Result<Format> {
     if path.is_dir() {
         return Ok(Format::PngFolder);
     }
@@ -341,7 +349,7 @@ fn default_output(prompt: &str) -> PathBuf {
 }
 
 /// Checks we can write `path` before spending minutes on the video.
-fn check_writable(path: &Path, format: Format, overwrite: bool) -> anyhow::Result<()> {
+pub(crate) fn check_writable(path: &Path, format: Format, overwrite: bool) -> anyhow::Result<()> {
     if format != Format::PngFolder && path.exists() && !overwrite {
         bail!(
             "{} already exists; choose another name with -o, or pass --overwrite",
@@ -388,7 +396,7 @@ pub(crate) struct ProgressView {
     bar: Option<ProgressBar>,
     stage: Option<Stage>,
     last_line: Instant,
-    stage_times: BTreeMap<&'static str, f64>,
+    pub(crate) stage_times: BTreeMap<&'static str, f64>,
 }
 
 impl ProgressView {
@@ -550,6 +558,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         inputs.push(f);
         images.push(img);
     }
+    let mut references = super::edit::load_references(&a.reference)?;
+    let vace_scale = a
+        .conditioning_scale
+        .as_deref()
+        .map(super::edit::parse_conditioning_scale)
+        .transpose()?
+        .unwrap_or_default();
     let video_sha = a
         .video
         .as_deref()
@@ -563,6 +578,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !a.run.no_low_memory,
         a.run.vae_tiling,
     )?;
+    if !references.is_empty() {
+        super::edit::require_vace(&pipeline, &model_name)?;
+    }
     let defaults = pipeline.defaults().clone();
     let fps = a.fps.unwrap_or(defaults.fps);
     if fps == 0 || fps > 240 {
@@ -598,6 +616,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
     } else if script_prompts.is_some() || (long_total.is_some() && !native_long) {
+        if !references.is_empty() {
+            bail!(
+                "--reference keeps a subject in one clip; a long video (segments, --script) \
+                 does not take reference images yet: ask for at most {clip} frames"
+            );
+        }
         return run_long_generate(
             &a,
             &model_name,
@@ -737,6 +761,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             strength,
         };
     }
+    if !references.is_empty() {
+        let imgs = super::edit::vace_references(&pipeline, &mut references)?;
+        req.conditioning = super::edit::with_references(&pipeline, &req, imgs, vace_scale.clone())?;
+    }
     let resolved = pipeline.resolve(&req)?;
     req.seed = Some(resolved.seed);
     for f in &inputs {
@@ -796,7 +824,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let r = &out.request;
     let video = kino_server::output::frames_to_video(out.frames, out.width, out.height, fps)?;
     let mut params = kino_server::output::generation_params(r, &model_name, fps);
-    let conditioning = conditioning_metadata(&inputs, r.conditioning.as_str(), r.strength);
+    let mut conditioning = conditioning_metadata(&inputs, r.conditioning.as_str(), r.strength);
+    if !references.is_empty() {
+        let c = conditioning.get_or_insert_with(|| json!({ "kind": r.conditioning }));
+        c["references"] = json!(references
+            .iter()
+            .map(|f| f.meta.clone())
+            .collect::<Vec<_>>());
+        if !vace_scale.is_empty() {
+            c["conditioning_scale"] = json!(vace_scale);
+        }
+    }
     if let Some(c) = &conditioning {
         params.extra.insert("conditioning".into(), c.clone());
     }

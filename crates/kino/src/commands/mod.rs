@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod edit;
 pub mod eval;
 pub mod extend;
 pub mod generate;
