@@ -11,9 +11,10 @@ use kino_engine::wan::pipeline::GenerateRequest;
 use kino_media::Frame;
 use serde_json::{json, Map, Value};
 
+use crate::characters;
 use crate::content::serve_file;
 use crate::error::ApiError;
-use crate::inputs::{self, JobInputs, StoredInput};
+use crate::inputs::{self, CharacterInput, JobInputs, StoredInput};
 use crate::mapping::{self, ModelInfo};
 use crate::segments::LongJob;
 use crate::store::{Job, JobParams, ListResult, Order, Status};
@@ -58,14 +59,15 @@ pub struct Fields {
 /// Fields that carry an image (`input_reference`, `last_image`) or a video (`video`).
 fn input_limit(state: &AppState, name: &str) -> Option<(usize, &'static str)> {
     match name {
-        "input_reference" | "last_image" => Some((state.config.max_image_bytes, "image")),
-        "video" => Some((state.config.max_video_bytes, "video")),
+        "input_reference" | "last_image" | "image" => Some((state.config.max_image_bytes, "image")),
+        // A mask may be a video.
+        "video" | "mask" => Some((state.config.max_video_bytes, "video")),
         _ => None,
     }
 }
 
 /// 413 for one input over its limit.
-fn input_too_large(name: &str, limit: usize, kind: &str) -> ApiError {
+pub(crate) fn input_too_large(name: &str, limit: usize, kind: &str) -> ApiError {
     ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!(
@@ -78,8 +80,21 @@ fn input_too_large(name: &str, limit: usize, kind: &str) -> ApiError {
     }
 }
 
-/// Puts `name` (or `outer[inner]`) into `map`.
+/// Puts `name` (or `outer[inner]`) into `map`; repeated `name[]` fields (how the openai SDK
+/// sends a list in multipart) become an array.
 fn insert_field(map: &mut Map<String, Value>, name: String, value: Value) {
+    if let Some(outer) = name.strip_suffix("[]").filter(|o| !o.is_empty()) {
+        let entry = map
+            .entry(outer.to_string())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if !entry.is_array() {
+            *entry = Value::Array(Vec::new());
+        }
+        if let Value::Array(a) = entry {
+            a.push(value);
+        }
+        return;
+    }
     if let Some((outer, rest)) = name.split_once('[') {
         if let Some(inner) = rest
             .strip_suffix(']')
@@ -101,7 +116,7 @@ fn insert_field(map: &mut Map<String, Value>, name: String, value: Value) {
 }
 
 /// The fields of a request, from JSON or multipart.
-async fn read_fields(state: &AppState, req: Request) -> ApiResult<Fields> {
+pub(crate) async fn read_fields(state: &AppState, req: Request) -> ApiResult<Fields> {
     let ctype = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -432,7 +447,7 @@ fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str)
         Need::Text => m.capabilities.text,
         Need::Image => m.capabilities.image,
         Need::LastImage => m.capabilities.last_image,
-        Need::Video => m.capabilities.video,
+        Need::Video => m.capabilities.video || m.capabilities.vace,
         Need::Continue => m.capabilities.image || m.capabilities.long_video,
     };
     if can(model) {
@@ -476,13 +491,13 @@ fn require(state: &AppState, model: &ModelInfo, need: Need, param: &'static str)
 }
 
 /// An image input as sent: its name and bytes.
-struct RawInput {
-    name: String,
-    bytes: Vec<u8>,
+pub(crate) struct RawInput {
+    pub name: String,
+    pub bytes: Vec<u8>,
 }
 
 /// Decodes a `data:` URL.
-fn data_url(param: &'static str, url: &str, limit: usize) -> ApiResult<Vec<u8>> {
+fn data_url(param: &'static str, url: &str, limit: usize, kind: &str) -> ApiResult<Vec<u8>> {
     let bad = |why: &str| {
         ApiError::bad_request(
             Some(param),
@@ -501,7 +516,7 @@ fn data_url(param: &'static str, url: &str, limit: usize) -> ApiResult<Vec<u8>> 
         return Err(bad("only base64 data URLs are taken (…;base64,…)"));
     }
     if payload.len() / 4 * 3 > limit + 3 {
-        return Err(input_too_large(param, limit, "image"));
+        return Err(input_too_large(param, limit, kind));
     }
     use base64::Engine;
     let clean: String = payload
@@ -515,14 +530,14 @@ fn data_url(param: &'static str, url: &str, limit: usize) -> ApiResult<Vec<u8>> 
         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(clean.as_bytes()))
         .map_err(|e| bad(&format!("the base64 does not decode ({e})")))?;
     if bytes.len() > limit {
-        return Err(input_too_large(param, limit, "image"));
+        return Err(input_too_large(param, limit, kind));
     }
     Ok(bytes)
 }
 
 /// An image input (`input_reference` or `last_image`): an upload, a data URL, or
 /// `{"image_url": "data:…"}`. `{"file_id": …}` and remote URLs are refused.
-fn image_input(
+pub(crate) fn image_input(
     state: &AppState,
     fields: &Fields,
     param: &'static str,
@@ -592,7 +607,7 @@ fn image_input(
     }
     Ok(Some(RawInput {
         name: "data URL".into(),
-        bytes: data_url(param, &url, limit)?,
+        bytes: data_url(param, &url, limit, "image")?,
     }))
 }
 
@@ -633,6 +648,191 @@ fn check_image(param: &'static str, role: &str, raw: &RawInput) -> ApiResult<(St
 /// Files to store with a job: `(file name, bytes)`.
 type PendingFiles = Vec<(String, Vec<u8>)>;
 
+/// A 400 for VACE-only input (`what`: "a mask", "characters") sent to a model that is not a
+/// VACE model; it names the VACE models (served ones first).
+fn vace_needed(state: &AppState, model: &ModelInfo, param: &'static str, what: &str) -> ApiError {
+    let able: Vec<&str> = state
+        .models
+        .iter()
+        .filter(|m| m.capabilities.vace)
+        .map(|m| m.id.as_str())
+        .collect();
+    let known = kino_engine::registry::vace_model_names().join(", ");
+    let hint = if able.is_empty() {
+        format!("this server runs none; serve one with --model (VACE models: {known}, or a WanVACEPipeline folder)")
+    } else {
+        format!(
+            "the served VACE models: {} (pass \"model\": \"{}\")",
+            able.join(", "),
+            able[0]
+        )
+    };
+    ApiError::bad_request(
+        Some(param),
+        "unsupported_input",
+        format!(
+            "model `{}` takes no {what}: that needs a VACE model; {hint}",
+            model.id
+        ),
+    )
+}
+
+/// The `characters` extension field: character ids in order, from a JSON array (of ids or
+/// `{"id": …}`), repeated multipart `characters[]` fields, or one text field holding ids
+/// separated by commas (or a JSON array).
+fn character_ids(fields: &Map<String, Value>) -> ApiResult<Vec<String>> {
+    let bad = || {
+        ApiError::bad_request(
+            Some("characters"),
+            "invalid_type",
+            "`characters` must be a list of character ids, e.g. {\"characters\": [\"char_0123…\"]} (multipart: characters[]=char_…; with the openai SDK: extra_body={\"characters\": [id]})",
+        )
+    };
+    let items: Vec<Value> = match fields.get("characters") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a.clone(),
+        Some(Value::String(s)) => {
+            let t = s.trim();
+            if t.starts_with('[') {
+                serde_json::from_str::<Vec<Value>>(t).map_err(|_| bad())?
+            } else {
+                t.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| Value::String(x.to_string()))
+                    .collect()
+            }
+        }
+        Some(_) => return Err(bad()),
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            Value::String(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            Value::Object(o) => match o.get("id") {
+                Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        })
+        .collect()
+}
+
+/// The characters a request names, checked (a VACE model, known ids, at most
+/// [`characters::MAX_CHARACTERS_PER_VIDEO`]); their images are added to `files`.
+fn use_characters(
+    state: &AppState,
+    model: &ModelInfo,
+    fields: &Fields,
+    owner: &Option<String>,
+    files: &mut PendingFiles,
+) -> ApiResult<Vec<CharacterInput>> {
+    let ids = character_ids(&fields.map)?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !model.capabilities.vace {
+        return Err(vace_needed(
+            state,
+            model,
+            "characters",
+            "characters (reference images)",
+        ));
+    }
+    let max = characters::MAX_CHARACTERS_PER_VIDEO;
+    if ids.len() > max {
+        return Err(ApiError::bad_request(
+            Some("characters"),
+            "too_many_characters",
+            format!(
+                "{} characters given; a video takes at most {max}",
+                ids.len()
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let c = characters::find_character(state, id, owner, "characters")?;
+        let path = characters::image_path(&state.config.data_dir, &c);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            ApiError::internal(format!(
+                "cannot read character {id}'s image {}: {e}",
+                path.display()
+            ))
+        })?;
+        let file = format!("character_{i}.png");
+        out.push(CharacterInput {
+            id: c.id.clone(),
+            image: StoredInput {
+                name: c.name.clone(),
+                sha256: inputs::sha256_hex(&bytes),
+                bytes: bytes.len() as u64,
+                file: file.clone(),
+                format: "png".into(),
+                width: c.info.width,
+                height: c.info.height,
+                frames: None,
+                fps: None,
+            },
+        });
+        files.push((file, bytes));
+    }
+    Ok(out)
+}
+
+/// The `mask` of an edit (Kino extension): a multipart file, or a data URL (also as
+/// `{"image_url": "data:…"}`), of a still or a video.
+fn mask_input(state: &AppState, fields: &Fields) -> ApiResult<Option<RawInput>> {
+    let limit = state.config.max_video_bytes;
+    if let Some(u) = fields.files.get("mask") {
+        if u.data.len() > limit {
+            return Err(input_too_large("mask", limit, "video"));
+        }
+        return Ok(Some(RawInput {
+            name: u
+                .filename
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "mask".into()),
+            bytes: u.data.clone(),
+        }));
+    }
+    let usage = "upload the mask (a PNG, or a video with one mask per frame; white = regenerate) as the multipart file field `mask`, or pass {\"mask\": \"data:image/png;base64,…\"} (with the openai SDK: extra_body={\"mask\": …})";
+    let url = match fields.map.get("mask") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => match o.get("image_url").or_else(|| o.get("video_url")) {
+            Some(Value::String(s)) => s.clone(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    Some("mask"),
+                    "invalid_type",
+                    format!("`mask` must be an image or a video; {usage}"),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                Some("mask"),
+                "invalid_type",
+                format!("`mask` must be an image or a video; {usage}"),
+            ))
+        }
+    };
+    if !url.trim_start().to_ascii_lowercase().starts_with("data:") {
+        return Err(ApiError::bad_request(
+            Some("mask"),
+            "invalid_type",
+            format!("`mask` is neither a file nor a data URL (Kino does not fetch URLs); {usage}"),
+        ));
+    }
+    Ok(Some(RawInput {
+        name: "data URL".into(),
+        bytes: data_url("mask", &url, limit, "video")?,
+    }))
+}
+
 /// Turns create fields into a job (and the input files to store with it).
 fn build_job(
     state: &AppState,
@@ -659,7 +859,12 @@ fn build_job(
         require(state, model, Need::LastImage, "last_image")?;
     }
     let mut files = PendingFiles::new();
-    let mut job_inputs = JobInputs::default();
+    let characters = use_characters(state, model, fields, &owner, &mut files)?;
+    let mut job_inputs = JobInputs {
+        vace: !characters.is_empty(),
+        characters,
+        ..Default::default()
+    };
     let mut image_size = None;
     if let Some(raw) = first {
         let (stored, frame) = check_image("input_reference", "image", &raw)?;
@@ -679,6 +884,18 @@ fn build_job(
         (v, mapping::seconds_string(v))
     });
     let num_frames = mapping::frames_for(model, secs);
+    let clip = clip_frames(model);
+    if job_inputs.vace && num_frames > clip {
+        return Err(ApiError::bad_request(
+            Some("seconds"),
+            "invalid_seconds",
+            format!(
+                "characters keep a subject within one clip: at most {clip} frames ({} s at {} fps), but {seconds} s make {num_frames}; ask for fewer seconds, or extend the video afterwards",
+                mapping::seconds_string((clip - 1) as f64 / f64::from(model.defaults.fps)),
+                model.defaults.fps
+            ),
+        ));
+    }
     let inputs = (job_inputs != JobInputs::default()).then_some(job_inputs);
     let mut job = make_job(
         state,
@@ -691,7 +908,6 @@ fn build_job(
     );
     // Longer than one clip: a model that continues videos makes it in segments (a
     // diffusion-forcing model makes a long num_frames by itself; any other one clip as asked).
-    let clip = clip_frames(model);
     let caps = model.capabilities;
     if num_frames > clip && caps.image && !caps.long_video {
         let long = LongJob::plan(model, num_frames, false, 0)
@@ -704,7 +920,7 @@ fn build_job(
 /// The source video of an edit or extension: an upload (multipart file `video`), or a completed
 /// video of this server named by `{"video": {"id": …}}` (multipart `video[id]`) or `"video":
 /// "video_…"`. `verb` says what is done to it ("edited", "extended").
-fn source_video(
+pub(crate) fn source_video(
     state: &AppState,
     fields: &Fields,
     owner: &Option<String>,
@@ -903,7 +1119,7 @@ fn build_extension(
 }
 
 /// Turns edit fields (prompt + a video upload or `{"id": "video_…"}`) into a video-to-video
-/// job.
+/// job; on a VACE model a VACE edit (inside the optional `mask`, with optional `characters`).
 fn build_edit(
     state: &AppState,
     fields: &Fields,
@@ -917,15 +1133,31 @@ fn build_edit(
         state
             .models
             .iter()
-            .find(|m| m.id == j.params.model_id && m.capabilities.video)
+            .find(|m| m.id == j.params.model_id && (m.capabilities.video || m.capabilities.vace))
             .map(|m| m.id.clone())
     });
     let s = read_settings(state, &fields.map, default_model.as_deref())?;
     let model = &state.models[s.model];
     require(state, model, Need::Video, "model")?;
-    let strength: f64 =
-        number_field(&fields.map, &["strength"], "a number")?.unwrap_or(inputs::DEFAULT_STRENGTH);
-    if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+    let vace = model.capabilities.vace;
+    let mask_raw = mask_input(state, fields)?;
+    if mask_raw.is_some() && !vace {
+        return Err(vace_needed(state, model, "mask", "mask"));
+    }
+    let mut files = PendingFiles::new();
+    let characters = use_characters(state, model, fields, &owner, &mut files)?;
+    let given_strength: Option<f64> = number_field(&fields.map, &["strength"], "a number")?;
+    if vace && given_strength.is_some() {
+        return Err(ApiError::bad_request(
+            Some("strength"),
+            "unsupported_parameter",
+            format!("model `{}` is a VACE model: it regenerates the white part of `mask` (or, without a mask, the whole video guided by the source) and takes no `strength`; leave it out", model.id),
+        ));
+    }
+    let strength = given_strength.unwrap_or(inputs::DEFAULT_STRENGTH);
+    if vace {
+        // No strength to check.
+    } else if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
         return Err(ApiError::bad_request(
             Some("strength"),
             "invalid_strength",
@@ -934,7 +1166,7 @@ fn build_edit(
     }
     let steps = s.steps.unwrap_or(model.defaults.num_inference_steps);
     let (_, run) = kino_engine::schedulers::strength_start(steps, strength);
-    if run == 0 {
+    if run == 0 && !vace {
         let min = 1.0 / steps as f64;
         return Err(ApiError::bad_request(
             Some("strength"),
@@ -1026,11 +1258,64 @@ fn build_edit(
         frames: Some(video.len() as u64),
         fps: Some(video.fps().as_f64()),
     };
-    let files = vec![(stored.file.clone(), raw.bytes)];
+    // The mask: decoded, checked against the source and the output, before anything is
+    // stored.
+    let mut mask = None;
+    if let Some(m) = mask_raw {
+        let src = crate::vace::decode_mask(&m.bytes, head).map_err(|e| {
+            ApiError::bad_request(
+                Some("mask"),
+                "invalid_mask",
+                format!("the mask ({}) is not a readable image or video: {e}; send a PNG (white = regenerate, black = keep) or a video with one mask per frame", m.name),
+            )
+        })?;
+        let grey = crate::vace::grey_fraction(&src);
+        crate::vace::check_mask(
+            &src,
+            &m.name,
+            (video.width(), video.height()),
+            (width as u32, height as u32),
+            fps,
+            num_frames,
+        )
+        .map_err(|(code, msg)| ApiError::bad_request(Some("mask"), code, msg))?;
+        if grey > 0.05 {
+            tracing::warn!(
+                "the mask {} has {:.0}% grey pixels (between 32 and 224); thresholded at 128",
+                m.name,
+                grey * 100.0
+            );
+        }
+        let format = inputs::sniff_image(&m.bytes)
+            .map(|f| if f == "jpeg" { "jpg" } else { f })
+            .or_else(|| inputs::sniff_video(&m.bytes))
+            .unwrap_or("mp4");
+        let (frames, mfps) = match &src {
+            crate::vace::MaskSource::Still(_) => (None, None),
+            crate::vace::MaskSource::Video(v) => (Some(v.len() as u64), Some(v.fps().as_f64())),
+        };
+        let stored = StoredInput {
+            name: m.name.clone(),
+            sha256: inputs::sha256_hex(&m.bytes),
+            bytes: m.bytes.len() as u64,
+            file: format!("mask.{format}"),
+            format: format.to_string(),
+            width: src.width(),
+            height: src.height(),
+            frames,
+            fps: mfps,
+        };
+        files.push((stored.file.clone(), m.bytes));
+        mask = Some(stored);
+    }
+    files.push((stored.file.clone(), raw.bytes));
     let inputs = JobInputs {
         video: Some(stored),
-        strength: Some(strength),
+        strength: (!vace).then_some(strength),
         source_video_id: source_job.map(|j| j.id),
+        vace,
+        mask,
+        characters,
         ..Default::default()
     };
     let job = make_job(
@@ -1076,7 +1361,7 @@ fn enqueue(state: &AppState, mut job: Job, files: PendingFiles) -> ApiResult<Res
 }
 
 /// Runs request work that decodes media or touches files off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
@@ -1309,7 +1594,7 @@ pub async fn remix_video(
         let mut files = PendingFiles::new();
         if let Some(inputs) = &job.params.inputs {
             let dir = inputs::inputs_dir(&state.config.data_dir, &src.id);
-            for (_, stored) in inputs.files() {
+            for stored in inputs.all_files() {
                 let path = dir.join(&stored.file);
                 let bytes = std::fs::read(&path).map_err(|e| {
                     ApiError::internal(format!("cannot read the input {}: {e}", path.display()))

@@ -60,6 +60,26 @@ pub struct JobInputs {
     /// The video is continued (`POST /v1/videos/extensions`), not restyled.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub extends: bool,
+    /// The job runs on a VACE model with VACE conditioning (a masked or guided edit, reference
+    /// images); see [`crate::vace`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vace: bool,
+    /// An edit's mask (Kino extension): a still (applies to every frame) or a video (one mask
+    /// per frame), white = regenerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<StoredInput>,
+    /// Characters (`"characters": ["char_…"]`): their reference images, copied into the job's
+    /// inputs, in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub characters: Vec<CharacterInput>,
+}
+
+/// One character a job uses: its id and its image as stored with the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CharacterInput {
+    pub id: String,
+    #[serde(flatten)]
+    pub image: StoredInput,
 }
 
 impl JobInputs {
@@ -67,6 +87,23 @@ impl JobInputs {
     pub fn kind(&self) -> &'static str {
         if self.extends {
             return "continuation";
+        }
+        if self.vace {
+            let refs = !self.characters.is_empty();
+            return match (&self.video, &self.mask, &self.image, refs) {
+                (Some(_), Some(_), _, false) => "masked edit",
+                (Some(_), Some(_), _, true) => "masked edit with references",
+                (Some(_), None, _, false) => "edit",
+                (Some(_), None, _, true) => "edit with references",
+                (None, _, Some(_), true) if self.last_image.is_some() => {
+                    "first-last image with references"
+                }
+                (None, _, Some(_), true) => "image with references",
+                (None, _, None, true) => "references",
+                (None, _, Some(_), false) if self.last_image.is_some() => "first-last image",
+                (None, _, Some(_), false) => "image",
+                (None, _, None, false) => "text",
+            };
         }
         match (&self.image, &self.last_image, &self.video) {
             (_, _, Some(_)) => "video",
@@ -76,15 +113,24 @@ impl JobInputs {
         }
     }
 
-    /// Each stored file with its role (`image`, `last_image`, `video`).
+    /// Each stored file with its role (`image`, `last_image`, `video`, `mask`); characters'
+    /// images are in [`JobInputs::all_files`].
     pub fn files(&self) -> impl Iterator<Item = (&'static str, &StoredInput)> {
         [
             ("image", &self.image),
             ("last_image", &self.last_image),
             ("video", &self.video),
+            ("mask", &self.mask),
         ]
         .into_iter()
         .filter_map(|(role, s)| s.as_ref().map(|s| (role, s)))
+    }
+
+    /// Every stored file, characters' images included.
+    pub fn all_files(&self) -> impl Iterator<Item = &StoredInput> {
+        self.files()
+            .map(|(_, s)| s)
+            .chain(self.characters.iter().map(|c| &c.image))
     }
 
     /// What the MP4's metadata records (`conditioning`, the shape `kino generate` writes and
@@ -107,6 +153,21 @@ impl JobInputs {
                 f["fps"] = json!(fps);
             }
             m.insert(role.into(), f);
+        }
+        if !self.characters.is_empty() {
+            let list: Vec<Value> = self
+                .characters
+                .iter()
+                .map(|c| {
+                    json!({
+                        "id": c.id,
+                        "name": c.image.name,
+                        "sha256": c.image.sha256,
+                        "size": format!("{}x{}", c.image.width, c.image.height),
+                    })
+                })
+                .collect();
+            m.insert("characters".into(), Value::Array(list));
         }
         if let Some(st) = self.strength {
             m.insert("strength".into(), json!(st));

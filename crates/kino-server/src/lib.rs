@@ -13,12 +13,16 @@
 //! - One worker thread per device runs jobs in arrival order ([`worker`]).
 //! - `input_reference` (and Kino's `last_image`) on create, and `POST /v1/videos/edits`
 //!   (video-to-video), store their files with the job ([`inputs`]).
+//! - On a VACE model, `POST /v1/videos/edits` edits inside an optional `mask`, and
+//!   `POST /v1/videos/characters` / `GET /v1/videos/characters/{id}` store subjects that a
+//!   create names with `"characters": ["char_…"]` ([`characters`], [`vace`]).
 //! - `POST /v1/videos/extensions` continues a video, and `seconds` beyond one clip on create are
 //!   made in segments that survive a restart ([`segments`]).
 //! - `GET /` is a small web studio embedded in the binary (prompt, queue, gallery).
 
 pub mod api;
 pub mod auth;
+pub mod characters;
 pub mod cli;
 pub mod content;
 pub mod error;
@@ -29,6 +33,7 @@ pub mod output;
 pub mod provenance;
 pub mod segments;
 pub mod store;
+pub mod vace;
 pub mod webhooks;
 pub mod worker;
 
@@ -169,6 +174,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(api::list_models))
         .route("/v1/videos", post(api::create_video).get(api::list_videos))
         .route("/v1/videos/edits", post(api::edit_video))
+        .route("/v1/videos/characters", post(characters::create_character))
+        .route("/v1/videos/characters/{id}", get(characters::get_character))
+        .route(
+            "/v1/videos/characters/{id}/content",
+            get(characters::character_content),
+        )
         .route("/v1/videos/extensions", post(api::extend_video))
         .route(
             "/v1/videos/{id}",
@@ -233,6 +244,7 @@ impl Server {
                 inputs::remove_inputs(&config.data_dir, &id);
             }
         }
+        characters::remove_orphans(&config.data_dir, &store.character_ids()?);
         if let Some(w) = &config.webhook {
             webhooks::parse_url(&w.url).map_err(ServerError::Webhook)?;
             webhooks::secret_key(&w.secret).map_err(ServerError::Webhook)?;

@@ -3,6 +3,9 @@
 //! One row per video. Jobs run in arrival order (`seq`, an autoincrement). A job that was
 //! `in_progress` when the process died is put back to `queued` when the store is opened by a
 //! new server ([`Store::requeue_interrupted`]), so nothing queued or running is lost.
+//!
+//! Characters (`POST /v1/videos/characters`, [`crate::characters`]) live in the same file, one
+//! row each in `characters`; their reference image is `DATA_DIR/characters/<id>/image.png`.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -94,6 +97,17 @@ pub struct Job {
     pub owner: Option<String>,
 }
 
+/// A stored character: a reference image a create can name (`"characters": ["char_…"]`).
+#[derive(Debug, Clone)]
+pub struct Character {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    /// The API key's name that created it (when keys are on).
+    pub owner: Option<String>,
+    pub info: crate::characters::CharacterInfo,
+}
+
 /// The order of a listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -147,7 +161,15 @@ impl Store {
                 params TEXT NOT NULL,
                 owner TEXT
             );
-            CREATE INDEX IF NOT EXISTS videos_status ON videos(status, seq);",
+            CREATE INDEX IF NOT EXISTS videos_status ON videos(status, seq);
+            CREATE TABLE IF NOT EXISTS characters (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL UNIQUE,
+                name TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                owner TEXT,
+                info TEXT NOT NULL
+            );",
         )?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -314,6 +336,62 @@ impl Store {
                 (*s, n)
             })
             .collect())
+    }
+
+    /// Adds a character (its image file is written first, by the caller).
+    pub fn insert_character(&self, c: &Character) -> Result<(), StoreError> {
+        let info = serde_json::to_string(&c.info).map_err(|e| StoreError::BadRow {
+            id: c.id.clone(),
+            message: e.to_string(),
+        })?;
+        self.conn()?.execute(
+            "INSERT INTO characters (id, name, created_at, owner, info) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![c.id, c.name, c.created_at, c.owner, info],
+        )?;
+        Ok(())
+    }
+
+    /// The character with this id.
+    pub fn get_character(&self, id: &str) -> Result<Option<Character>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(
+            "SELECT id, name, created_at, owner, info FROM characters WHERE id = ?1",
+        )?;
+        let row = st
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .optional()?;
+        row.map(|(id, name, created_at, owner, info)| {
+            let info = serde_json::from_str(&info).map_err(|e| StoreError::BadRow {
+                id: id.clone(),
+                message: e.to_string(),
+            })?;
+            Ok(Character {
+                id,
+                name,
+                created_at,
+                owner,
+                info,
+            })
+        })
+        .transpose()
+    }
+
+    /// The ids of every character (to remove image folders whose row is gone).
+    pub fn character_ids(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached("SELECT id FROM characters")?;
+        let ids = st
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
     }
 
     /// How many jobs wait ahead of `seq` (0 = next to run).

@@ -445,7 +445,13 @@ impl Worker {
         };
         let mut progress = |e: &ProgressEvent| sink.on(e);
         let mut request = job.params.request.clone();
-        match crate::inputs::conditioning(&self.data_dir, job) {
+        let vace = job.params.inputs.as_ref().is_some_and(|i| i.vace);
+        let conditioning = if vace {
+            crate::vace::conditioning(&self.data_dir, job, pipeline)
+        } else {
+            crate::inputs::conditioning(&self.data_dir, job)
+        };
+        match conditioning {
             Ok(c) => request.conditioning = c,
             Err(msg) => return Outcome::Failed("invalid_input".into(), msg),
         }
