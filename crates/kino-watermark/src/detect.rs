@@ -22,7 +22,9 @@ const MAX_SCALE: f64 = 1.25;
 const SCALE_STEP: f64 = 0.004;
 /// Candidates whose payload is decoded: the strongest sync peaks at distinct scales, and the
 /// best shift at scale 1.
-pub(crate) const CANDIDATES: usize = 8;
+pub(crate) const CANDIDATES: usize = 12;
+/// Of which this many are the strongest anchored peaks (besides the anchor at scale 1).
+const ANCHORED_CANDIDATES: usize = 6;
 
 /// What [`detect`] found.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +73,75 @@ impl Detection {
     }
 }
 
+/// Decodes the payload at a given sync (scale, shift): for development probes only.
+#[doc(hidden)]
+pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) -> Detection {
+    let Some(first) = frames.first() else {
+        return Detection::none(0);
+    };
+    let (w, h) = (first.width(), first.height());
+    let used: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.width() == w && f.height() == h)
+        .take(MAX_FRAMES)
+        .collect();
+    let c0 = pattern::chip_px(w, h);
+    let b = ((c0 / 4.0).floor() as usize).max(1);
+    let (wd, hd) = (w as usize / b, h as usize / b);
+    let chip_ds = c0 / b as f64;
+    let mut acc = vec![0f32; wd * hd];
+    for f in &used {
+        for (a, r) in acc.iter_mut().zip(whitened(f, b, wd, hd, chip_ds)) {
+            *a += r;
+        }
+    }
+    let layout = Layout::new(key);
+    let folded = payload_fold(&acc, wd, hd, b, c0 * scale);
+    let soft = read_bits(&folded, &layout, dy, dx);
+    let bits = ecc::decode(&soft, INFO_BITS);
+    let code = ecc::encode(&bits);
+    let bit_errors = soft
+        .iter()
+        .zip(&code)
+        .filter(|(&s, &c)| (s > 0.0) != c)
+        .count();
+    let (marker, id) = pattern::unpack(&bits);
+    let detected = marker == pattern::check_field(id);
+    Detection {
+        detected,
+        id: detected.then_some(id),
+        confidence: 0.0,
+        false_alarm_probability: 1.0,
+        sync_score: 0.0,
+        bit_errors,
+        coded_bits: CODED_BITS,
+        frames_used: used.len(),
+        scale,
+        raw_payload: (u64::from(marker) << 48) | id,
+    }
+}
+
+/// Signed chip readouts (sign × matched filter, positive = agrees with the key's chip sign for a
+/// 1 bit / the sync sign) of every chip at a given sync: for development probes only.
+#[doc(hidden)]
+pub fn chip_soft(frames: &[Frame], key: &Key, scale: f64) -> Vec<f64> {
+    let (w, h) = (frames[0].width(), frames[0].height());
+    let c0 = pattern::chip_px(w, h);
+    let b = ((c0 / 4.0).floor() as usize).max(1);
+    let (wd, hd) = (w as usize / b, h as usize / b);
+    let mut acc = vec![0f32; wd * hd];
+    for f in frames.iter().take(MAX_FRAMES) {
+        for (a, r) in acc.iter_mut().zip(whitened(f, b, wd, hd, c0 / b as f64)) {
+            *a += r;
+        }
+    }
+    let layout = Layout::new(key);
+    let v = read_chips(&fold(&acc, wd, hd, b, c0 * scale), 0, 0);
+    (0..CHIPS)
+        .map(|c| v[c] * f64::from(layout.sign[c]))
+        .collect()
+}
+
 /// Looks for the mark of `key` in `frames` (RGB, one video's frames in order; any subset and
 /// any frame rate will do: every frame carries the whole mark).
 pub fn detect(frames: &[Frame], key: &Key) -> Detection {
@@ -117,50 +188,72 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
 
     let n_scales = ((MAX_SCALE / MIN_SCALE).ln() / SCALE_STEP).floor() as usize + 1;
     let scale_of = |k: usize| MIN_SCALE * (k as f64 * SCALE_STEP).exp();
-    // (z, scale index, dy, dx)
-    let mut peaks: Vec<(f64, usize, usize, usize)> = Vec::with_capacity(n_scales);
+    // Per scale: the best peak anywhere (an arbitrary crop), and the best within one bin of the
+    // two anchored shifts: the frame's top-left corner (re-encoding, rescaling and frame edits
+    // keep the mark's origin there) and the frame's centre (a centred crop keeps it).
+    let mut free: Vec<Peak> = Vec::with_capacity(n_scales);
+    let mut anchored: Vec<Peak> = Vec::with_capacity(2 * n_scales);
     for k in 0..n_scales {
-        let folded = fold(&acc, wd, hd, b, c0 * scale_of(k));
+        let s = scale_of(k);
+        let folded = fold(&acc, wd, hd, b, c0 * s);
         let corr = fft::xcorr_phase(&folded, &tmpl, N);
         let mean = corr.iter().sum::<f64>() / corr.len() as f64;
         let var = corr.iter().map(|c| (c - mean) * (c - mean)).sum::<f64>() / corr.len() as f64;
-        let (arg, max) =
-            corr.iter().enumerate().fold(
-                (0, f64::NEG_INFINITY),
-                |m, (i, &c)| if c > m.1 { (i, c) } else { m },
-            );
-        let z = if var > 0.0 {
-            (max - mean) / var.sqrt()
-        } else {
-            0.0
-        };
-        peaks.push((z, k, arg / N, arg % N));
+        let sd = var.sqrt().max(1e-300);
+        let z = |i: usize| (corr[i] - mean) / sd;
+        let arg = (0..corr.len()).fold(0, |m, i| if corr[i] > corr[m] { i } else { m });
+        free.push(Peak {
+            z: z(arg),
+            k,
+            dy: arg / N,
+            dx: arg % N,
+            anchored: false,
+        });
+        for (ay, ax) in [(0, 0), centre_shift(w, h, c0, s)] {
+            let mut best = Peak {
+                z: f64::NEG_INFINITY,
+                k,
+                dy: 0,
+                dx: 0,
+                anchored: true,
+            };
+            for oy in [N - 1, 0, 1] {
+                for ox in [N - 1, 0, 1] {
+                    let (dy, dx) = ((ay + oy) % N, (ax + ox) % N);
+                    let zz = z(dy * N + dx);
+                    if zz > best.z {
+                        best = Peak {
+                            z: zz,
+                            k,
+                            dy,
+                            dx,
+                            anchored: true,
+                        };
+                    }
+                }
+            }
+            anchored.push(best);
+        }
     }
-    // The strongest peaks at distinct scales, and the scale nearest 1 (an uncropped video has
-    // its mark there, and after heavy compression its sync peak need not be among the
-    // strongest).
     let unit = ((1.0 / MIN_SCALE).ln() / SCALE_STEP).round() as usize;
-    let unit_peak = peaks[unit];
-    peaks.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut chosen: Vec<(f64, usize, usize, usize)> = Vec::new();
-    for p in peaks {
-        if chosen.len() == CANDIDATES - 1 {
-            break;
-        }
-        if chosen.iter().all(|c| c.1.abs_diff(p.1) >= 3) {
-            chosen.push(p);
-        }
-    }
-    if chosen.iter().all(|c| c.1 != unit) {
-        chosen.push(unit_peak);
-    }
-    let hypotheses = (n_scales * N * N) as f64;
+    let chosen = candidates(free, anchored, unit);
+    // Sync hypotheses tried: every shift at every scale, plus 9 shifts around each anchor.
+    let h_free = (n_scales * N * N) as f64;
+    let h_anchored = (n_scales * 2 * 9) as f64;
     let mut best: Option<Detection> = None;
-    for &(z, k, dy, dx) in &chosen {
-        let folded = fold(&acc, wd, hd, b, c0 * scale_of(k));
+    for &Peak {
+        z,
+        k,
+        dy,
+        dx,
+        anchored,
+    } in &chosen
+    {
+        let hypotheses = if anchored { h_anchored } else { h_free };
+        let folded = payload_fold(&acc, wd, hd, b, c0 * scale_of(k));
         let soft = read_bits(&folded, &layout, dy, dx);
-        let bits = ecc::decode(&ecc::depuncture(&soft, INFO_BITS), INFO_BITS);
-        let code = ecc::puncture(&ecc::encode(&bits));
+        let bits = ecc::decode(&soft, INFO_BITS);
+        let code = ecc::encode(&bits);
         let bit_errors = soft
             .iter()
             .zip(&code)
@@ -193,6 +286,51 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         best.get_or_insert(d);
     }
     best.unwrap_or_else(|| Detection::none(used.len()))
+}
+
+/// A sync hypothesis: z-score, scale index, shift, and whether the shift was anchored.
+#[derive(Clone, Copy, Debug)]
+struct Peak {
+    z: f64,
+    k: usize,
+    dy: usize,
+    dx: usize,
+    anchored: bool,
+}
+
+/// The payload candidates, at most [`CANDIDATES`]: the anchored shift at scale 1, the strongest
+/// anchored peaks and the strongest free peaks (each at scales at least 3 steps apart from the
+/// others of its kind), without repeats.
+fn candidates(mut free: Vec<Peak>, anchored: Vec<Peak>, unit: usize) -> Vec<Peak> {
+    let mut chosen: Vec<Peak> = vec![anchored[2 * unit]];
+    let same = |a: &Peak, b: &Peak| a.k == b.k && a.dy == b.dy && a.dx == b.dx;
+    let pick = |list: &mut Vec<Peak>, n: usize, chosen: &mut Vec<Peak>| {
+        list.sort_by(|a, b| b.z.total_cmp(&a.z));
+        let mut taken: Vec<usize> = Vec::new();
+        for p in list.iter() {
+            if taken.len() == n {
+                break;
+            }
+            if taken.iter().all(|&k| k.abs_diff(p.k) >= 3) && chosen.iter().all(|c| !same(c, p)) {
+                taken.push(p.k);
+                chosen.push(*p);
+            }
+        }
+    };
+    let mut anchored = anchored;
+    pick(&mut anchored, ANCHORED_CANDIDATES, &mut chosen);
+    pick(&mut free, CANDIDATES - 1 - ANCHORED_CANDIDATES, &mut chosen);
+    chosen
+}
+
+/// The shift (in fold bins) at which the mark's origin lies if the frame is a centred crop of
+/// a frame `s` times larger (with the chip size `c0 · s` that frame implied).
+fn centre_shift(w: u32, h: u32, c0: f64, s: f64) -> (usize, usize) {
+    let at = |side: u32| -> usize {
+        let off_chips = f64::from(side) * (s - 1.0) / (2.0 * c0 * s);
+        ((-off_chips * R as f64).round() as i64).rem_euclid(N as i64) as usize
+    };
+    (at(h), at(w))
 }
 
 /// Luma of `f` box-downsampled by `b`, high-passed (minus a blur about one chip wide) and
@@ -287,6 +425,53 @@ fn fold(acc: &[f32], wd: usize, hd: usize, b: usize, chip_px: f64) -> Vec<f64> {
     sum
 }
 
+/// Scale ratios at which the fold holds no mark (its tiles do not line up), used to measure the
+/// spectrum of what is not the mark.
+const OFF_SCALES: [f64; 4] = [0.77, 0.87, 1.15, 1.3];
+
+/// The folded tile at `chip_px` for reading the payload, whitened: divided, frequency by
+/// frequency, by the power spectrum of folds at scales where the mark does not add up (the
+/// picture's leftover and the codec's noise), so that the chips' matched filters weigh each
+/// frequency by how clean it is.
+fn payload_fold(acc: &[f32], wd: usize, hd: usize, b: usize, chip_px: f64) -> Vec<f64> {
+    let folded = fold(acc, wd, hd, b, chip_px);
+    let mut psd = vec![0f64; N * N];
+    for r in OFF_SCALES {
+        let mut g: Vec<C64> = fold(acc, wd, hd, b, chip_px * r)
+            .iter()
+            .map(|&re| C64 { re, im: 0.0 })
+            .collect();
+        fft::fft2(&mut g, N, false);
+        for (p, c) in psd.iter_mut().zip(&g) {
+            *p += c.re * c.re + c.im * c.im;
+        }
+    }
+    // Smooth the estimate over neighbouring frequencies (3×3, circular).
+    let mut smooth = vec![0f64; N * N];
+    for y in 0..N {
+        for x in 0..N {
+            let mut s = 0.0;
+            for oy in [N - 1, 0, 1] {
+                for ox in [N - 1, 0, 1] {
+                    s += psd[((y + oy) % N) * N + (x + ox) % N];
+                }
+            }
+            smooth[y * N + x] = s;
+        }
+    }
+    let mean = smooth.iter().sum::<f64>() / (N * N) as f64;
+    let mut f: Vec<C64> = folded.iter().map(|&re| C64 { re, im: 0.0 }).collect();
+    fft::fft2(&mut f, N, false);
+    for (c, &p) in f.iter_mut().zip(&smooth) {
+        let d = p + 1e-3 * mean + 1e-300;
+        c.re /= d;
+        c.im /= d;
+    }
+    f[0] = C64::default();
+    fft::fft2(&mut f, N, true);
+    f.iter().map(|c| c.re).collect()
+}
+
 /// Soft coded bits from the folded tile with the sync found at shift `(dy, dx)`, normalised to
 /// unit root-mean-square; positive means 1.
 fn read_bits(folded: &[f64], layout: &Layout, dy: usize, dx: usize) -> Vec<f64> {
@@ -302,20 +487,6 @@ fn read_bits(folded: &[f64], layout: &Layout, dy: usize, dx: usize) -> Vec<f64> 
     } else {
         soft
     }
-}
-
-/// What the detector reads for each chip of a single frame, unscaled and unshifted (the
-/// embedder's informed step uses it).
-pub(crate) fn chip_readout(f: &Frame) -> [f64; CHIPS] {
-    let (w, h) = (f.width(), f.height());
-    let c0 = pattern::chip_px(w, h);
-    let b = ((c0 / 4.0).floor() as usize).max(1);
-    let (wd, hd) = (w as usize / b, h as usize / b);
-    if wd < 8 || hd < 8 {
-        return [0.0; CHIPS];
-    }
-    let res = whitened(f, b, wd, hd, c0 / b as f64);
-    read_chips(&fold(&res, wd, hd, b, c0), 0, 0)
 }
 
 /// Matched-filter value of every chip from a folded tile with the tile's origin at `(dy, dx)`.

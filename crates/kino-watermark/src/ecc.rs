@@ -1,6 +1,6 @@
 //! The error-correcting code: the rate-1/3, constraint-length-7 convolutional code of LTE
-//! (generators 133, 171 and 165 octal, free distance 15), zero-terminated, decoded with a
-//! soft-decision Viterbi decoder.
+//! (generators 133, 171 and 165 octal, free distance 15), zero-terminated, unpunctured, decoded
+//! with a soft-decision Viterbi decoder.
 
 const K: usize = 7;
 const G: [u32; RATE] = [0o133, 0o171, 0o165];
@@ -11,48 +11,6 @@ const STATES: usize = 1 << (K - 1);
 /// Number of coded bits for `info` information bits (three per bit, with the 6-bit tail).
 pub(crate) const fn coded_len(info: usize) -> usize {
     RATE * (info + K - 1)
-}
-
-/// Puncturing: the third output of every `PUNCTURE`-th step is not sent (0: nothing is
-/// punctured).
-const PUNCTURE: usize = 2;
-
-fn punctured(i: usize) -> bool {
-    PUNCTURE > 0 && i % RATE == 2 && (i / RATE).is_multiple_of(PUNCTURE)
-}
-
-/// Number of coded bits sent for `info` information bits (after puncturing).
-pub(crate) const fn sent_len(info: usize) -> usize {
-    let steps = info + K - 1;
-    if PUNCTURE == 0 {
-        RATE * steps
-    } else {
-        RATE * steps - steps.div_ceil(PUNCTURE)
-    }
-}
-
-/// The coded bits that are sent.
-pub(crate) fn puncture<T: Copy>(coded: &[T]) -> Vec<T> {
-    coded
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| !punctured(i))
-        .map(|(_, &c)| c)
-        .collect()
-}
-
-/// Soft values of all coded bits from those sent (0, "unknown", where punctured).
-pub(crate) fn depuncture(sent: &[f64], info: usize) -> Vec<f64> {
-    let mut it = sent.iter();
-    (0..coded_len(info))
-        .map(|i| {
-            if punctured(i) {
-                0.0
-            } else {
-                *it.next().unwrap_or(&0.0)
-            }
-        })
-        .collect()
 }
 
 fn outputs(reg: u32) -> [bool; RATE] {

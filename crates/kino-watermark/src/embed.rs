@@ -2,7 +2,6 @@
 
 use kino_media::Frame;
 
-use crate::detect;
 use crate::pattern::{self, Layout, CHIPS};
 use crate::Key;
 
@@ -24,8 +23,6 @@ pub struct Embedder {
     width: u32,
     height: u32,
     chips: [f32; CHIPS],
-    ax: Vec<pattern::Axis>,
-    ay: Vec<pattern::Axis>,
     /// The pattern (in [-1, 1]) for every pixel of a `width × height` frame.
     pattern: Vec<f32>,
 }
@@ -52,8 +49,6 @@ impl Embedder {
             width,
             height,
             chips,
-            ax,
-            ay,
             pattern,
         }
     }
@@ -94,35 +89,9 @@ impl Embedder {
             })
             .collect();
         let amp = pixel_amplitudes(&amplitude_map(&luma, w, h), w, h);
-        // Informed embedding (improved spread spectrum): read each chip the way the detector
-        // will, on the unmarked frame (the host's interference) and on a trial marking (the
-        // mark's gain), then set each chip's strength so the host no longer pushes it the wrong
-        // way.
-        let host = detect::chip_readout(frame);
-        let mut trial = frame.clone();
-        apply(&mut trial, &self.pattern, &amp);
-        let marked = detect::chip_readout(&trial);
-        let mut k = [0f32; CHIPS];
-        for c in 0..CHIPS {
-            let s = f64::from(self.chips[c].signum());
-            let gain = (marked[c] - host[c]) * s;
-            let kc = if gain > 1e-9 {
-                (MU - s * host[c] / gain).clamp(K_MIN, K_MAX)
-            } else {
-                K_MAX
-            };
-            k[c] = self.chips[c] * kc as f32;
-        }
-        let boosted = synth(&k, &self.ax, &self.ay);
-        apply(frame, &boosted, &amp);
+        apply(frame, &self.pattern, &amp);
     }
 }
-
-/// Informed embedding: each chip's read value should reach `MU` times the plain mark's, with
-/// its strength kept within `[K_MIN, K_MAX]` of the plain mark's.
-const MU: f64 = 1.0;
-const K_MIN: f64 = 0.3;
-const K_MAX: f64 = 2.0;
 
 /// The pattern for every pixel from chip values and the per-column / per-row axes.
 fn synth(chips: &[f32; CHIPS], ax: &[pattern::Axis], ay: &[pattern::Axis]) -> Vec<f32> {

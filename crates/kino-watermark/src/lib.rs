@@ -89,7 +89,7 @@ use std::fmt;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-pub use detect::{detect, Detection};
+pub use detect::{chip_soft, decode_at, detect, Detection};
 pub use embed::Embedder;
 
 /// A watermark key: 32 secret bytes. Whoever holds it can mark and detect; without it the mark

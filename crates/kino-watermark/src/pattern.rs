@@ -21,7 +21,7 @@ pub(crate) const MARKER: u16 = 0x4B4E; // "KN"
 /// Payload: marker + 48-bit id.
 pub(crate) const INFO_BITS: usize = 64;
 /// Coded bits (one chip each); the other chips of the tile carry the known sync pattern.
-pub(crate) const CODED_BITS: usize = ecc::sent_len(INFO_BITS);
+pub(crate) const CODED_BITS: usize = ecc::coded_len(INFO_BITS);
 #[cfg(test)]
 pub(crate) const SYNC_CHIPS: usize = CHIPS - CODED_BITS;
 
@@ -44,7 +44,7 @@ pub(crate) struct Layout {
 impl Layout {
     pub fn new(key: &Key) -> Layout {
         let mut h = Sha256::new();
-        h.update(b"kino-watermark v2 layout");
+        h.update(b"kino-watermark v3 layout");
         h.update(key.to_bytes());
         let seed: [u8; 32] = h.finalize().into();
         let mut rng = ChaCha20Rng::from_seed(seed);
@@ -72,7 +72,7 @@ impl Layout {
 
     /// Chip values (±1) of the full mark for this payload.
     pub fn chips(&self, id: u64) -> [f32; CHIPS] {
-        let coded = ecc::puncture(&ecc::encode(&payload_bits(id)));
+        let coded = ecc::encode(&payload_bits(id));
         let mut chips = self.sign;
         for (k, &c) in self.data.iter().enumerate() {
             if !coded[k] {
