@@ -416,17 +416,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .replace("--frames or --seconds", "--frames (4k+1)");
         anyhow::anyhow!("the source video {}: {e}", a.input.display())
     })?;
-    let needed_note = if layout.len() > frames || layout.fps != out_fps {
-        let timing = if layout.fps == out_fps {
-            format!("its first {frames} frames (of {})", layout.len())
-        } else {
-            format!(
-                "{frames} frames at {fps} fps from {} fps (nearest frame; it has {})",
-                fmt_fps(layout.fps),
-                layout.len()
-            )
-        };
-        timing
+    let needed_note = if layout.fps != out_fps {
+        format!(
+            "{frames} frames at {fps} fps from {} fps (nearest frame; it has {})",
+            fmt_fps(layout.fps),
+            layout.len()
+        )
+    } else if layout.len() > frames {
+        format!("its first {frames} frames (of {})", layout.len())
     } else {
         format!("all {frames} frames")
     };
