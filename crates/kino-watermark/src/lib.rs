@@ -9,7 +9,9 @@
 //!   exactly a luma change for BT.601/709 weights, so colours do not shift). Because every frame
 //!   carries the whole payload, cutting frames or changing the frame rate (dropping or
 //!   duplicating frames) changes nothing; the detector averages the residual of up to 48 frames,
-//!   so moving content averages out while the mark adds up.
+//!   so moving content averages out while the mark adds up. (After H.264 this helps less than
+//!   it seems: predicted frames copy the key frame's mark together with its coding errors, and
+//!   at 256×256, CRF 28, the first frame alone decodes about as often as all 24.)
 //! - **Low/mid frequencies.** The mark is a grid of ±1 *chips*, smoothly interpolated (a
 //!   smoothstep, C¹), 48 chips along the frame's shorter side (at least 3 px each, so a 256×256
 //!   video scaled to half size keeps its grid within the scale search). At 832×480 a chip is
@@ -18,43 +20,51 @@
 //!   of them for reliable detection: see the README's table.)
 //! - **A normalised grid for scaling.** Chip size is a fraction of the shorter side, so a
 //!   uniformly rescaled video carries the mark at the same place relative to the picture.
-//! - **A periodic tile and a synchronisation search for cropping.** The chips form a 16×16 tile
-//!   (a third of the shorter side) repeated over the frame, so a crop is a circular shift of the tile
-//!   plus a change of the shorter side (a 10% crop makes chips look 1/0.9 = 1.11 times larger).
-//!   The detector folds the whitened frame onto one tile at each scale from 0.8 to 1.25 (0.4%
-//!   steps) and finds the shift by phase-only FFT correlation with the keyed sync chips (the
-//!   folded tile's spectrum is flattened first, so the picture's leftover structure, strong at
-//!   a few frequencies, does not drown the mark's peak).
+//! - **A periodic tile, anchored sync and a synchronisation search for cropping.** The chips
+//!   form a 16×16 tile (a third of the shorter side) repeated over the frame. Re-encoding,
+//!   rescaling, frame cuts and frame-rate changes keep the tile's origin at the frame's top-left
+//!   corner, and a centred crop keeps it at a known offset from the frame's centre (a 10% crop
+//!   makes chips look 1/0.9 = 1.11 times larger); any other crop is a circular shift of the
+//!   tile. The detector folds the whitened frames onto one tile at each scale from 0.8 to 1.25
+//!   (0.4% steps) and correlates the fold with the keyed sync chips by phase-only FFT
+//!   correlation (the fold's spectrum is flattened first, so the picture's leftover structure,
+//!   strong at a few frequencies, does not drown the peak). At every scale it keeps the best
+//!   shift anywhere (*free*) and the best within one bin of the two *anchored* shifts (corner,
+//!   centre). Anchored hypotheses are few (2 × 9 per scale instead of 64 × 64), so a weak mark
+//!   is found there long after the free search has lost it in noise.
 //! - **Payload with error correction.** 64 bits (a 16-bit check field, the Kino marker XOR the
 //!   id's CRC-16, then the 48-bit id) are coded with the rate-1/3, K=7 convolutional code of LTE
-//!   (generators 133, 171, 165 octal, zero tail), punctured to 175 coded bits (the third output
-//!   of every other step is not sent: rate 0.37) and decoded by a soft-decision Viterbi
-//!   decoder. Each coded bit owns one chip of the tile (repeated in every tile and frame); the
-//!   other 81 chips are sync. (The rate-1/2 code with 116 sync chips had more sync than the
-//!   payload could use: after CRF 28 the payload failed first.)
+//!   (generators 133, 171, 165 octal, zero tail, not punctured: 210 coded bits) and decoded by a
+//!   soft-decision Viterbi decoder. Each coded bit owns one chip of the tile (repeated in every
+//!   tile and frame); the other 46 chips are sync. Before the payload is read, the fold is
+//!   whitened: divided, frequency by frequency, by the power spectrum of folds at scales where
+//!   the mark does not line up (the picture's leftover and the codec's noise).
 //! - **Keyed.** Chip signs, which chips are sync, and which chip carries which coded bit all come
-//!   from ChaCha20 seeded with SHA-256 of the 32-byte key: without the key the pattern looks like
-//!   noise and neither sync nor payload can be read.
+//!   from ChaCha20 seeded with SHA-256 of the 32-byte key (layout "v3"): without the key the
+//!   pattern looks like noise and neither sync nor payload can be read. Marks of the earlier
+//!   layouts (v1, v2) are not detected.
 //! - **Invisible.** Perceptual masking: the amplitude follows the local texture (mean absolute
 //!   Laplacian per 8×8 block, smoothed): 1 level in flat regions, up to 6 levels in texture;
 //!   the frame's root-mean-square change is capped at 2.3 levels, so PSNR ≥ 40 dB always.
-//! - **Informed embedding** (improved spread spectrum): the embedder reads every chip of the
-//!   unmarked frame the way the detector will (the picture's own interference) and of a trial
-//!   marking (the mark's gain), then scales each chip (0.3–2×) so the picture no longer pushes
-//!   it towards the wrong sign.
+//! - **Plain spread spectrum.** v2 scaled each chip so the unmarked picture's own interference
+//!   was cancelled (informed embedding). Measured at 256×256 (`examples/wm_snr.rs`): the
+//!   picture's interference survives H.264 almost unchanged (correlation 0.74–1.0 before/after
+//!   CRF 28) while the mark keeps only 17–45% of its strength in most clips, so the cancellation
+//!   was lost while its cost remained; equal-strength chips decode more clips after CRF 23 and
+//!   28 (`examples/wm_diag.rs`), and marking is cheaper.
 //!
 //! # Detection statistics
 //!
 //! The detector whitens each frame (luma minus a blur about one chip wide, divided by the local
 //! strength of that residual), sums the frames, folds onto a tile at each of 112 scales, and
-//! correlates with the sync pattern at all 64×64 shifts. The peak's z-score is measured against
-//! the spread of the correlation over all shifts. The payload of 8 candidates is decoded: the 7
-//! strongest peaks at distinct scales and the best shift at scale 1 (where an uncropped video
-//! has its mark even when compression has weakened its peak); the mark is **detected** only
-//! when a decoded payload's 16-bit check field matches (so a wrongly corrected id is refused
-//! too). For an unmarked clip the decoded bits are noise, so the false-positive probability is
-//! at most `8 · 2⁻¹⁶ ≈ 1.2·10⁻⁴` per clip (1 in 8 192), further multiplied by
-//! the chance of a sync peak that strong (`H · Q(z)`, `H` = hypotheses tried); see
+//! correlates with the sync pattern at all 64×64 shifts. A peak's z-score is measured against
+//! the spread of the correlation over all shifts. The payload of at most 12 candidates is
+//! decoded: the anchored corner shift at scale 1, the 6 strongest anchored peaks and the 5
+//! strongest free peaks (at scales at least 3 steps apart); the mark is **detected** only when
+//! a decoded payload's 16-bit check field matches (so a wrongly corrected id is refused too).
+//! For an unmarked clip the decoded bits are noise, so the false-positive probability is at
+//! most `12 · 2⁻¹⁶ ≈ 1.8·10⁻⁴` per clip (1 in 5 461), further multiplied by the chance of a sync
+//! peak that strong (`H · Q(z)`, `H` = hypotheses of its kind tried); see
 //! [`Detection::false_alarm_probability`]. The README's Watermark section has measured rates.
 //!
 //! ```
