@@ -1269,30 +1269,26 @@ fn build_edit(
                 format!("the mask ({}) is not a readable image or video: {e}; send a PNG (white = regenerate, black = keep) or a video with one mask per frame", m.name),
             )
         })?;
-        let grey = crate::vace::grey_fraction(&src);
-        crate::vace::check_mask(
+        let (_, report) = crate::vace::check_mask(
             &src,
-            &m.name,
             (video.width(), video.height()),
             (width as u32, height as u32),
             fps,
             num_frames,
         )
-        .map_err(|(code, msg)| ApiError::bad_request(Some("mask"), code, msg))?;
-        if grey > 0.05 {
-            tracing::warn!(
-                "the mask {} has {:.0}% grey pixels (between 32 and 224); thresholded at 128",
-                m.name,
-                grey * 100.0
-            );
+        .map_err(|(code, msg)| {
+            ApiError::bad_request(Some("mask"), code, format!("`mask` ({}): {msg}", m.name))
+        })?;
+        if let Some(w) = report.warning() {
+            tracing::warn!("mask {}: {w}", m.name);
         }
         let format = inputs::sniff_image(&m.bytes)
             .map(|f| if f == "jpeg" { "jpg" } else { f })
             .or_else(|| inputs::sniff_video(&m.bytes))
             .unwrap_or("mp4");
-        let (frames, mfps) = match &src {
-            crate::vace::MaskSource::Still(_) => (None, None),
-            crate::vace::MaskSource::Video(v) => (Some(v.len() as u64), Some(v.fps().as_f64())),
+        let (frames, mfps) = match src.fps {
+            None => (None, None),
+            Some(r) => (Some(src.len() as u64), Some(r.as_f64())),
         };
         let stored = StoredInput {
             name: m.name.clone(),
@@ -1300,8 +1296,8 @@ fn build_edit(
             bytes: m.bytes.len() as u64,
             file: format!("mask.{format}"),
             format: format.to_string(),
-            width: src.width(),
-            height: src.height(),
+            width: src.width,
+            height: src.height,
             frames,
             fps: mfps,
         };

@@ -141,8 +141,7 @@ pub fn clearest_frame(frames: &[Frame]) -> Option<(usize, f64, usize)> {
     best.map(|(i, s)| (i, s, picks.len()))
 }
 
-fn name_field(state: &AppState, fields: &Fields) -> Result<String, ApiError> {
-    let _ = state;
+fn name_field(fields: &Fields) -> Result<String, ApiError> {
     let name = match fields.map.get("name") {
         Some(Value::String(s)) => s.trim().to_string(),
         None | Some(Value::Null) => String::new(),
@@ -178,7 +177,7 @@ fn build_character(
     fields: &Fields,
     owner: &Option<String>,
 ) -> Result<(String, CharacterInfo, Frame), ApiError> {
-    let name = name_field(state, fields)?;
+    let name = name_field(fields)?;
     let usage = "send the video as the multipart file field `video` (with the openai SDK: client.videos.create_character(name=…, video=open(\"clip.mp4\", \"rb\"))), an image as `video` or `image`, or name a completed video of this server with {\"video\": {\"id\": \"video_…\"}}";
     let raw = if !fields.files.contains_key("video") && !fields.map.contains_key("video") {
         match api::image_input(state, fields, "image")? {

@@ -52,7 +52,7 @@ struct Media {
     mask_png: Vec<u8>,
     black_png: Vec<u8>,
     square_png: Vec<u8>,
-    /// 16 frames of a white box moving right.
+    /// 16 frames of a white 32×32 box moving right 4 px a frame.
     mask_mp4: Vec<u8>,
     /// 3 frames only.
     short_mask_mp4: Vec<u8>,
@@ -121,8 +121,12 @@ fn media(dir: &Path) -> Media {
                 "lavfi",
                 "-i",
                 "color=black:size=96x64:rate=8",
-                "-vf",
-                "drawbox=x='4*n':y=16:w=32:h=32:color=white:t=fill",
+                "-f",
+                "lavfi",
+                "-i",
+                "color=white:size=32x32:rate=8",
+                "-filter_complex",
+                "[0][1]overlay=x='4*n':y=16",
                 "-frames:v",
                 "16",
                 "-pix_fmt",
@@ -415,7 +419,7 @@ fn bad_masks_and_characters_get_one_error_each_and_queue_nothing() {
             edit(("square.png", &m.square_png), &[]),
             400,
             "mask",
-            "64×64",
+            "64x64",
         ),
         (
             "undecodable mask",
@@ -429,7 +433,7 @@ fn bad_masks_and_characters_get_one_error_each_and_queue_nothing() {
             edit(("short.mp4", &m.short_mask_mp4), &[]),
             400,
             "mask",
-            "the edit makes 9",
+            "the edit needs 9",
         ),
         (
             "strength on a VACE model",

@@ -159,7 +159,7 @@ def edit_with(mask_path):
 msg = expect_error(openai.BadRequestError, 400, "mask", "empty_mask", lambda: edit_with(black))
 check("all black" in msg, msg)
 msg = expect_error(openai.BadRequestError, 400, "mask", "mask_size_mismatch", lambda: edit_with(square))
-check("64×64" in msg and "96×64" in msg, msg)
+check("64x64" in msg and "96x64" in msg, msg)
 missing = "char_" + "0" * 32
 msg = expect_error(openai.NotFoundError, 404, "characters", "character_not_found",
                    lambda: client.videos.create(prompt="x", seconds="1", extra_body={"characters": [missing]}))
