@@ -1,6 +1,7 @@
 //! Development probe: for each ffmpeg source at one size, mark, attack, and print what the
 //! detector found next to a decode at the true sync (scale 1, shift 0: no crop).
-//! `cargo run --release -p kino-watermark --example wm_diag -- W H N ATTACK` (ATTACK: crf28, half, crf23)
+//! `cargo run --release -p kino-watermark --example wm_diag -- W H N ATTACK` (ATTACK: crf28, crf23,
+//! half, raw, cropoff: the true-sync column is meaningless for cropoff)
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::*;
@@ -48,6 +49,12 @@ fn main() {
             "crf23" => (None, 23, 1.0),
             "half" => (Some("scale=trunc(iw/4)*2:trunc(ih/4)*2"), 23, -1.0),
             "raw" => (None, 0, 1.0),
+            // An off-centre 10% crop: only the free search can find it.
+            "cropoff" => (
+                Some("crop=trunc(iw*0.45)*2:trunc(ih*0.45)*2:37:11"),
+                23,
+                1.0,
+            ),
             _ => (None, 28, 1.0),
         };
         let back = if attack == "raw" {
