@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod loading;
 pub mod long_video;
+pub mod lora;
 pub mod parity;
 pub mod progress;
 pub mod registry;

@@ -138,7 +138,14 @@ pub struct Weights {
     inner: Arc<candle_core::safetensors::MmapedSafetensors>,
     location: PathBuf,
     last_error: Arc<Mutex<Option<LoadError>>>,
+    /// LoRA adapters applied to these weights (see `crate::lora`): folded into the weights and
+    /// biases they adapt, and (on the fly) served as `LAYER.lora_down` / `LAYER.lora_up`.
+    lora: Option<Arc<crate::lora::LoraSet>>,
 }
+
+/// The virtual tensor names a layer's on-the-fly LoRA pair is served under.
+pub(crate) const LORA_DOWN: &str = "lora_down";
+pub(crate) const LORA_UP: &str = "lora_up";
 
 impl Weights {
     /// Maps every safetensors file of `dir`.
@@ -160,7 +167,14 @@ impl Weights {
             inner: Arc::new(inner),
             location: dir.to_path_buf(),
             last_error: Arc::new(Mutex::new(None)),
+            lora: None,
         })
+    }
+
+    /// These weights with LoRA adapters applied.
+    pub fn with_lora(mut self, lora: Option<Arc<crate::lora::LoraSet>>) -> Self {
+        self.lora = lora;
+        self
     }
 
     /// A `VarBuilder` over these weights that converts to `dtype` on `device`.
@@ -266,16 +280,36 @@ impl SimpleBackend for Weights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(lora) = &self.lora {
+            if let Some((layer, which)) = name.rsplit_once('.') {
+                if which == LORA_DOWN || which == LORA_UP {
+                    let (down, up) = lora.low_rank(layer)?.ok_or_else(|| {
+                        candle_core::Error::Msg(format!("no LoRA on the fly for `{layer}`"))
+                    })?;
+                    let t = if which == LORA_DOWN { down } else { up };
+                    return t.to_device(dev)?.to_dtype(dtype);
+                }
+            }
+        }
         if self.inner.get(name).is_err() {
             return Err(self.record(LoadError::Missing {
                 name: name.to_string(),
                 location: self.location.clone(),
             }));
         }
-        self.inner.load(name, dev)?.to_dtype(dtype)
+        let t = self.inner.load(name, dev)?;
+        match &self.lora {
+            Some(lora) => lora.adjust(name, t)?.to_dtype(dtype),
+            None => t.to_dtype(dtype),
+        }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if let (Some(lora), Some((layer, which))) = (&self.lora, name.rsplit_once('.')) {
+            if which == LORA_DOWN || which == LORA_UP {
+                return lora.on_the_fly(layer);
+            }
+        }
         self.inner.get(name).is_ok()
     }
 }

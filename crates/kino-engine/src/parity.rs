@@ -173,6 +173,11 @@ pub struct ParityOptions {
     /// Two-expert pipelines: the low-noise expert's guidance (`guidance_scale_2`; default the
     /// guidance).
     pub guidance_2: Option<f64>,
+    /// Pipeline components: LoRA adapters for `transformer` and `transformer_2`, applied on the
+    /// fly or fused at load.
+    pub lora: Vec<crate::lora::LoraSpec>,
+    pub lora_2: Vec<crate::lora::LoraSpec>,
+    pub fuse_lora: bool,
 }
 
 /// `pipeline-df`'s long-video arguments; `None` takes the reference's defaults
@@ -248,6 +253,12 @@ pub fn run_timed(
     if options.df.is_some() && component != Component::PipelineDf {
         return Err(Error::InvalidRequest(
             "the long-video arguments apply only to `pipeline-df`".into(),
+        ));
+    }
+    let has_lora = !(options.lora.is_empty() && options.lora_2.is_empty());
+    if has_lora && !component.is_pipeline() {
+        return Err(Error::InvalidRequest(
+            "LoRA adapters apply to the pipeline components".into(),
         ));
     }
     if options.conditioning_scale.is_some() && component != Component::PipelineVace {
@@ -464,6 +475,9 @@ pub fn run_timed(
             let mut opts = PipelineOptions::for_device(device.clone());
             opts.dtype = dtype;
             opts.vae_dtype = DType::F32;
+            opts.lora = options.lora.clone();
+            opts.lora_2 = options.lora_2.clone();
+            opts.lora_fuse = options.fuse_lora;
             let mut p = WanPipeline::open(model, opts)?;
             let steps = options.steps.unwrap_or(3);
             // Synchronize at each event so that the times are the device's, not launch times.
@@ -622,6 +636,13 @@ pub struct FixtureRun {
     pub conditioning_scale: Option<ScaleValue>,
     #[serde(default)]
     pub guidance_2: Option<f64>,
+    /// LoRA adapters, `FILE[:SCALE]` relative to the case folder.
+    #[serde(default)]
+    pub lora: Vec<String>,
+    #[serde(default)]
+    pub lora_2: Vec<String>,
+    #[serde(default)]
+    pub fuse: bool,
 }
 
 /// `conditioning_scale` as the reference takes it: one float, or a list.
@@ -694,6 +715,15 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                 message: format!("bad run: {e}"),
             })?;
             let inputs = read_tensors(&case.join(&r.input))?;
+            let specs = |list: &[String]| -> Result<Vec<crate::lora::LoraSpec>> {
+                list.iter()
+                    .map(|s| {
+                        let mut spec: crate::lora::LoraSpec = s.parse()?;
+                        spec.path = case.join(&spec.path);
+                        Ok(spec)
+                    })
+                    .collect()
+            };
             let expected = read_tensors(&case.join(&r.expected))?;
             let out = run(
                 component,
@@ -706,6 +736,9 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     df: (component == Component::PipelineDf).then_some(r.df),
                     conditioning_scale: r.conditioning_scale.as_ref().map(ScaleValue::to_vec),
                     guidance_2: r.guidance_2,
+                    lora: specs(&r.lora)?,
+                    lora_2: specs(&r.lora_2)?,
+                    fuse_lora: r.fuse,
                     ..Default::default()
                 },
                 &Device::Cpu,

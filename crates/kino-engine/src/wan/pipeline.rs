@@ -23,6 +23,7 @@
 //!   the Wan2.2 5B VAE), and a `strength` that leaves no step is refused.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -31,6 +32,7 @@ use rand_distr::Distribution;
 
 use crate::clip::{self, CLIPVisionModel, ImageProcessorConfig};
 use crate::loading::{read_config, ModelIndex};
+use crate::lora::{LoraSet, LoraSpec};
 use crate::progress::{Progress, ProgressEvent, Stage};
 use crate::schedulers::{self, Scheduler};
 use crate::skyreels::diffusion_forcing::{self, DfCondition, DiffusionForcingArgs};
@@ -325,6 +327,13 @@ pub struct PipelineOptions {
     /// prompt together) instead of two forwards of batch B, as the reference does. Same numbers
     /// (each sample is computed independently); fewer, larger kernels, which pays off on GPUs.
     pub batched_cfg: bool,
+    /// LoRA adapters for the transformer (`FILE[:SCALE]`, in order; see `crate::lora`).
+    pub lora: Vec<LoraSpec>,
+    /// LoRA adapters for `transformer_2` (the low-noise expert of a two-expert folder; the
+    /// reference's `load_into_transformer_2=True`).
+    pub lora_2: Vec<LoraSpec>,
+    /// Fold the adapters into the weights at load instead of applying them on the fly.
+    pub lora_fuse: bool,
 }
 
 impl PipelineOptions {
@@ -340,6 +349,9 @@ impl PipelineOptions {
             check_memory: true,
             vae_tiling: None,
             batched_cfg,
+            lora: Vec::new(),
+            lora_2: Vec::new(),
+            lora_fuse: false,
         }
     }
 }
@@ -369,6 +381,9 @@ pub struct WanPipeline {
     transformer: Option<Denoiser>,
     transformer_2: Option<Denoiser>,
     vae: Option<AutoencoderKLWan>,
+    /// The LoRA adapters of `options.lora` and `options.lora_2`, read once at open.
+    lora: Option<Arc<LoraSet>>,
+    lora_2: Option<Arc<LoraSet>>,
 }
 
 /// A loaded expert: the Wan transformer, or its VACE form (the pipeline's folder says which).
@@ -583,6 +598,27 @@ impl WanPipeline {
             None
         };
         let defaults = read_defaults(root, &index, &vae_config)?;
+        if diffusion_forcing && !(options.lora.is_empty() && options.lora_2.is_empty()) {
+            return Err(Error::InvalidRequest(
+                "LoRA adapters are not supported on diffusion-forcing (SkyReels-V2 DF) models yet"
+                    .into(),
+            ));
+        }
+        if !options.lora_2.is_empty() && transformer_2_config.is_none() {
+            return Err(Error::InvalidRequest(
+                "adapters for transformer_2 need a two-expert model (Wan2.2 A14B); this folder has one transformer"
+                    .into(),
+            ));
+        }
+        let load_set = |specs: &[LoraSpec]| -> Result<Option<Arc<LoraSet>>> {
+            Ok(if specs.is_empty() {
+                None
+            } else {
+                Some(Arc::new(LoraSet::load(specs, options.lora_fuse)?))
+            })
+        };
+        let lora = load_set(&options.lora)?;
+        let lora_2 = load_set(&options.lora_2)?;
         Ok(Self {
             root: root.to_path_buf(),
             index,
@@ -602,6 +638,8 @@ impl WanPipeline {
             transformer: None,
             transformer_2: None,
             vae: None,
+            lora,
+            lora_2,
         })
     }
 
@@ -1410,11 +1448,19 @@ impl WanPipeline {
         let dir = component_dir(&self.root, &self.index, name)?;
         let (dtype, device) = (self.options.dtype, self.options.device.clone());
         let vace = self.vace;
+        // `--lora` adapters go into `transformer`, `--lora-2` ones into `transformer_2` (as
+        // `load_lora_weights` with `load_into_transformer_2`).
+        let lora = if which == 1 {
+            self.lora.clone()
+        } else {
+            self.lora_2.clone()
+        };
         let model = load_stage(progress, Stage::LoadTransformer, || {
             if vace {
-                WanVACETransformer3DModel::load(&dir, dtype, &device).map(Denoiser::Vace)
+                WanVACETransformer3DModel::load_with_lora(&dir, dtype, &device, lora)
+                    .map(Denoiser::Vace)
             } else {
-                WanTransformer3DModel::load(&dir, dtype, &device).map(Denoiser::Wan)
+                WanTransformer3DModel::load_with_lora(&dir, dtype, &device, lora).map(Denoiser::Wan)
             }
         })?;
         if which == 1 {

@@ -48,7 +48,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::loading::{read_config, Weights};
-use cpu::{gated_residual, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace};
+use cpu::{gated_residual, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace, LinBase};
 pub(crate) use cpu::{lin, Lin};
 #[cfg(target_arch = "x86_64")]
 use cpu::{use_packed, PackedAttention};
@@ -693,7 +693,10 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = match &self.proj_in {
-            Lin::Candle(l) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            Lin {
+                base: LinBase::Candle(l),
+                lora: None,
+            } if x.device().is_cpu() && x.dtype() == DType::F32 => {
                 // Bias and GELU fused into one in-place pass over the [N, ffn_dim] activations.
                 let (b, n, d) = x.dims3()?;
                 let h = x
@@ -1088,7 +1091,18 @@ impl WanTransformer3DModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Self::load_with(dir, classes, dtype, device, |_, _| Ok(())).map(|(m, ())| m)
+        Self::load_with(dir, classes, dtype, device, None, |_, _| Ok(())).map(|(m, ())| m)
+    }
+
+    /// [`Self::load`] with LoRA adapters (`crate::lora`), fused or on the fly as the set says;
+    /// every adapter layer must be one of the model's.
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        lora: Option<std::sync::Arc<crate::lora::LoraSet>>,
+    ) -> Result<Self> {
+        Self::load_with(dir, &[CLASS_NAME], dtype, device, lora, |_, _| Ok(())).map(|(m, ())| m)
     }
 
     /// [`Self::load_class`], also building `extra` parts from the same weights (VACE's control
@@ -1098,6 +1112,7 @@ impl WanTransformer3DModel {
         classes: &[&str],
         dtype: DType,
         device: &Device,
+        lora: Option<std::sync::Arc<crate::lora::LoraSet>>,
         extra: impl FnOnce(&Config, VarBuilder) -> candle_core::Result<E>,
     ) -> Result<(Self, E)> {
         let cfg: Config = read_config(dir, classes)?;
@@ -1127,10 +1142,13 @@ impl WanTransformer3DModel {
                     .into(),
             ));
         }
-        let w = Weights::open(dir)?;
+        let w = Weights::open(dir)?.with_lora(lora.clone());
         let vb = w.var_builder(dtype, device);
         let model = Self::new(&cfg, vb.clone()).map_err(|e| w.map_err(e))?;
         let extra = extra(&cfg, vb).map_err(|e| w.map_err(e))?;
+        if let Some(l) = &lora {
+            l.check_all_used(&format!("the transformer in {}", dir.display()))?;
+        }
         Ok((model, extra))
     }
 
@@ -2209,10 +2227,19 @@ mod cpu {
     /// A `torch.nn.Linear`: on x86-64 CPUs with AVX-512 and f32 weights, the weights are packed
     /// for [`packed_gemm`] (and the original tensor dropped); else candle's `Linear`.
     #[derive(Debug, Clone)]
-    pub(crate) enum Lin {
+    pub(crate) enum LinBase {
         Candle(Linear),
         #[cfg(target_arch = "x86_64")]
         Packed(std::sync::Arc<PackedLinear>),
+    }
+
+    /// A linear layer and, when LoRA adapters run on the fly, their low-rank pair (`down`
+    /// `[R, in]`, `up` `[out, R]` with the scales folded in; see `crate::lora`): `W·x + b +
+    /// up·(down·x)`.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Lin {
+        pub(crate) base: LinBase,
+        pub(crate) lora: Option<(Tensor, Tensor)>,
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -2261,6 +2288,42 @@ mod cpu {
 
     impl Lin {
         pub(super) fn new(linear: Linear) -> candle_core::Result<Self> {
+            Ok(Self {
+                base: LinBase::new(linear)?,
+                lora: None,
+            })
+        }
+
+        pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.forward_act(x, false)
+        }
+
+        /// `gelu_tanh(linear(x))` when `gelu`.
+        pub(super) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+            let Some((down, up)) = &self.lora else {
+                return self.base.forward_act(x, gelu);
+            };
+            let y = self.base.forward_act(x, false)?;
+            let dims = x.dims().to_vec();
+            let k = dims.last().copied().unwrap_or(0);
+            let rows = x.elem_count() / k.max(1);
+            let low = x
+                .contiguous()?
+                .reshape((rows, k))?
+                .matmul(&down.t()?)?
+                .matmul(&up.t()?)?;
+            let low = low.reshape(y.shape())?;
+            let y = (y + low)?;
+            if gelu {
+                y.gelu()
+            } else {
+                Ok(y)
+            }
+        }
+    }
+
+    impl LinBase {
+        pub(super) fn new(linear: Linear) -> candle_core::Result<Self> {
             #[cfg(target_arch = "x86_64")]
             {
                 let w = linear.weight();
@@ -2281,20 +2344,16 @@ mod cpu {
                         w: packed_gemm::PackedB::from_rows(wv, n, k, k),
                         bias,
                     };
-                    return Ok(Lin::Packed(std::sync::Arc::new(packed)));
+                    return Ok(LinBase::Packed(std::sync::Arc::new(packed)));
                 }
             }
-            Ok(Lin::Candle(linear))
-        }
-
-        pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-            self.forward_act(x, false)
+            Ok(LinBase::Candle(linear))
         }
 
         /// `gelu_tanh(linear(x))` when `gelu`.
         pub(super) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
             match self {
-                Lin::Candle(l) => {
+                LinBase::Candle(l) => {
                     let y = l.forward(x)?;
                     if gelu {
                         y.gelu()
@@ -2303,16 +2362,36 @@ mod cpu {
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                Lin::Packed(p) => x
+                LinBase::Packed(p) => x
                     .contiguous()?
                     .apply_op1_no_bwd(&PackedLinearOp { lin: p, gelu }),
             }
         }
     }
 
-    /// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`].
+    /// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`], with the layer's LoRA pair
+    /// when adapters run on the fly (served by the weights as `lora_down` / `lora_up`).
     pub(crate) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
-        Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)
+        let lora = if vb.contains_tensor(crate::loading::LORA_DOWN) {
+            let down = vb.get_unchecked(crate::loading::LORA_DOWN)?;
+            let up = vb.get_unchecked(crate::loading::LORA_UP)?;
+            let r = down.dim(0)?;
+            if down.dims() != [r, in_dim] || up.dims() != [out_dim, r] {
+                candle_core::bail!(
+                    "LoRA layer `{}` has lora_A {:?} and lora_B {:?}, but the layer maps {in_dim} \
+                     inputs to {out_dim} outputs; the adapter was made for another model",
+                    vb.prefix(),
+                    down.dims(),
+                    up.dims()
+                );
+            }
+            Some((down, up))
+        } else {
+            None
+        };
+        let mut l = Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)?;
+        l.lora = lora;
+        Ok(l)
     }
 
     /// Scaled dot-product attention on x86-64 CPUs with AVX-512 (f32), blocked per (batch, head,

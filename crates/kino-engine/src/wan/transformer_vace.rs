@@ -98,8 +98,23 @@ pub struct WanVACETransformer3DModel {
 impl WanVACETransformer3DModel {
     /// Loads a diffusers `transformer/` folder of class `WanVACETransformer3DModel`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let (inner, (vace_patch_embedding, vace_blocks)) =
-            WanTransformer3DModel::load_with(dir, &[CLASS_NAME], dtype, device, |cfg, vb| {
+        Self::load_with_lora(dir, dtype, device, None)
+    }
+
+    /// [`Self::load`] with LoRA adapters (`crate::lora`).
+    pub fn load_with_lora(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        lora: Option<std::sync::Arc<crate::lora::LoraSet>>,
+    ) -> Result<Self> {
+        let (inner, (vace_patch_embedding, vace_blocks)) = WanTransformer3DModel::load_with(
+            dir,
+            &[CLASS_NAME],
+            dtype,
+            device,
+            lora,
+            |cfg, vb| {
                 let (layers, channels) = match (&cfg.vace_layers, cfg.vace_in_channels) {
                     (Some(l), Some(c)) => (l.len(), c),
                     _ => candle_core::bail!(
@@ -114,7 +129,8 @@ impl WanVACETransformer3DModel {
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok((embed, blocks))
-            })?;
+            },
+        )?;
         let mut hint_layers = inner.config().vace_layers.clone().unwrap_or_default();
         hint_layers.sort_unstable();
         Ok(Self {

@@ -60,6 +60,17 @@ pub struct Args {
     /// guidance_scale_2; default: --guidance).
     #[arg(long)]
     guidance_2: Option<f64>,
+    /// Pipeline components: a LoRA adapter for the transformer, FILE or FILE:SCALE (scale 1 if
+    /// left out); repeat for several (their scales as `set_adapters` weights).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
+    /// A LoRA adapter for transformer_2 (two-expert models; `load_into_transformer_2`).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora_2: Vec<String>,
+    /// Fold the adapters into the weights at load (`fuse_lora`) instead of applying them on the
+    /// fly.
+    #[arg(long)]
+    fuse_lora: bool,
     /// Reference outputs to compare with: prints ‖out − ref‖/‖ref‖ for each tensor.
     #[arg(long)]
     expected: Option<PathBuf>,
@@ -154,6 +165,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             df,
             conditioning_scale: a.conditioning_scale,
             guidance_2: a.guidance_2,
+            lora: a.lora.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+            lora_2: a
+                .lora_2
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()?,
+            fuse_lora: a.fuse_lora,
         },
         &dev,
     )
