@@ -677,6 +677,26 @@ fn vace_needed(state: &AppState, model: &ModelInfo, param: &'static str, what: &
     )
 }
 
+/// A 400 when the request has field `name` (an upload or a non-empty value), which this
+/// endpoint does not take; `why` says where it goes.
+fn refuse_field(fields: &Fields, name: &'static str, why: &str) -> ApiResult<()> {
+    let given = fields.files.contains_key(name)
+        || match fields.map.get(name) {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) => !s.trim().is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+    if given {
+        return Err(ApiError::bad_request(
+            Some(name),
+            "unsupported_parameter",
+            format!("this endpoint takes no `{name}`: {why}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The `characters` extension field: character ids in order, from a JSON array (of ids or
 /// `{"id": …}`), repeated multipart `characters[]` fields, or one text field holding ids
 /// separated by commas (or a JSON array).
@@ -840,6 +860,11 @@ fn build_job(
     owner: Option<String>,
 ) -> ApiResult<(Job, PendingFiles)> {
     let s = read_settings(state, &fields.map, None)?;
+    refuse_field(
+        fields,
+        "mask",
+        "a mask edits an existing video: send it with the video to POST /v1/videos/edits",
+    )?;
     let model = &state.models[s.model];
     let first = image_input(state, fields, "input_reference")?;
     let last = image_input(state, fields, "last_image")?;
@@ -1023,6 +1048,16 @@ fn build_extension(
     owner: Option<String>,
 ) -> ApiResult<(Job, PendingFiles)> {
     let usage = "send the video to extend as the multipart file field `video`, or name a completed video of this server with {\"video\": {\"id\": \"video_…\"}} (multipart: video[id]; with the openai SDK: extra_body={\"video\": {\"id\": …}})";
+    refuse_field(
+        fields,
+        "mask",
+        "a mask edits a video in place: send it to POST /v1/videos/edits",
+    )?;
+    refuse_field(
+        fields,
+        "characters",
+        "characters are used on POST /v1/videos and POST /v1/videos/edits; an extension continues the video as it is",
+    )?;
     let (raw, source_job) = source_video(state, fields, &owner, usage, "extended")?;
     // Without a model, an extension of one of our videos uses the model that made it (if it
     // still runs here and can continue a video).

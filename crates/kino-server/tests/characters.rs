@@ -472,6 +472,29 @@ fn bad_masks_and_characters_get_one_error_each_and_queue_nothing() {
             "list of character ids",
         ),
         (
+            "a mask on create",
+            post_json(
+                addr,
+                "/v1/videos",
+                &json!({"prompt": "x", "mask": "data:image/png;base64,AAAA"}),
+            ),
+            400,
+            "mask",
+            "/v1/videos/edits",
+        ),
+        (
+            "characters on an extension",
+            post_multipart(
+                addr,
+                "/v1/videos/extensions",
+                &[("prompt", "x"), ("characters[]", "char_0123")],
+                &[("video", "source.mp4", &m.source)],
+            ),
+            400,
+            "characters",
+            "extension",
+        ),
+        (
             "character without a video",
             post_multipart(addr, "/v1/videos/characters", &[("name", "nobody")], &[]),
             400,
