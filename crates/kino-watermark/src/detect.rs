@@ -37,10 +37,13 @@ pub struct Detection {
     /// `1 − false_alarm_probability` when detected, 0 when not.
     pub confidence: f64,
     /// Upper bound on the probability that an unmarked video (or one marked with another key)
-    /// gives a result at least this strong: `CANDIDATES · 2⁻¹⁶ · min(1, H · Q(sync_score))`
-    /// with `H` sync hypotheses tried and `Q` the standard normal tail (1 when not detected).
+    /// gives a result at least this strong: `12 · 2⁻¹⁶ · min(1, H · Q(sync_score))` (12
+    /// candidates decoded) with `H` the sync hypotheses of the reported candidate's kind tried
+    /// (anchored: 2 · 9 per scale; free: 64 · 64 per scale) and `Q` the standard normal tail
+    /// (1 when not detected).
     pub false_alarm_probability: f64,
-    /// The best sync peak in standard deviations of the correlation over all shifts.
+    /// The reported candidate's sync peak (the detected one, else the one with the fewest
+    /// `bit_errors`) in standard deviations of the correlation over all shifts.
     pub sync_score: f64,
     /// Coded bits that disagreed with the decoded codeword (corrected errors), of `coded_bits`.
     pub bit_errors: usize,
@@ -51,7 +54,7 @@ pub struct Detection {
     /// The scale found: the mark's chip size relative to what this frame size implies (1.0 for
     /// an unscaled or uniformly rescaled video, about 1.11 after a 10% crop).
     pub scale: f64,
-    /// The 64 decoded payload bits (16-bit check field, 48-bit id) of the best candidate,
+    /// The 64 decoded payload bits (16-bit check field, 48-bit id) of the reported candidate,
     /// detected or not (for measuring bit accuracy).
     pub raw_payload: u64,
 }
@@ -283,7 +286,11 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         if detected {
             return d;
         }
-        best.get_or_insert(d);
+        // Not detected: report the candidate whose coded bits fit a codeword best (the likeliest
+        // right sync), so `raw_payload` is the best guess.
+        if best.as_ref().is_none_or(|b| d.bit_errors < b.bit_errors) {
+            best = Some(d);
+        }
     }
     best.unwrap_or_else(|| Detection::none(used.len()))
 }

@@ -81,3 +81,29 @@ fn psnr_at_least_40db_on_varied_content() {
         assert!(p.is_finite(), "{src}: nothing was marked");
     }
 }
+
+#[test]
+fn centred_and_off_centre_crops_are_found() {
+    let dir = scratch("crops");
+    let key = Key::from_bytes(b"kino test key");
+    let id = 0x0000_0bad_cafe_0042;
+    let src = lavfi_frames("testsrc2=size={w}x{h}:rate=16", 832, 480, 12);
+    let m = marked(&src, &key, id);
+    let master = dir.join("master.mp4");
+    encode(&m, 16, 18, &master);
+    // Centred (found at the centre anchor) and off-centre (found only by the free search).
+    for (name, vf) in [
+        ("centred", "crop=748:432"),
+        ("off-centre", "crop=748:432:37:11"),
+    ] {
+        let p = dir.join(format!("{name}.mp4"));
+        transcode(&master, &p, Some(vf), 23, &[]);
+        let d = detect(&decode(&p), &key);
+        eprintln!("{name} crop: {d:?}");
+        assert_eq!(d.id, Some(id), "{name}: {d:?}");
+        // 480 / 432: the chips look 1.11 times larger than a 432-px-high frame implies.
+        assert!((d.scale - 480.0 / 432.0).abs() < 0.02, "{name}: {d:?}");
+        assert!(d.false_alarm_probability < 1e-3, "{name}: {d:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
