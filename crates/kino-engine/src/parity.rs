@@ -178,6 +178,9 @@ pub struct ParityOptions {
     pub lora: Vec<crate::lora::LoraSpec>,
     pub lora_2: Vec<crate::lora::LoraSpec>,
     pub fuse_lora: bool,
+    /// `pipeline`, `pipeline-i2v`, `pipeline-v2v`: a step cache (`crate::hooks`), MagCache's
+    /// ratios included.
+    pub cache: Option<crate::hooks::CacheConfig>,
 }
 
 /// `pipeline-df`'s long-video arguments; `None` takes the reference's defaults
@@ -245,6 +248,35 @@ pub fn run_timed(
     options: ParityOptions,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, Timings)> {
+    run_report(component, model, inputs, options, device).map(|(out, t, _)| (out, t))
+}
+
+/// [`run_timed`], also returning the step cache's report (forwards run and skipped; a
+/// `mag:calibrate` run's ratios) when `options.cache` is set.
+pub fn run_report(
+    component: Component,
+    model: &Path,
+    inputs: &HashMap<String, Tensor>,
+    options: ParityOptions,
+    device: &Device,
+) -> Result<(
+    HashMap<String, Tensor>,
+    Timings,
+    Option<crate::hooks::CacheReport>,
+)> {
+    if let Some(cache) = &options.cache {
+        if !matches!(
+            component,
+            Component::Pipeline | Component::PipelineI2v | Component::PipelineV2v
+        ) {
+            return Err(Error::InvalidRequest(format!(
+                "step caches (--cache {}) apply to `pipeline`, `pipeline-i2v` and `pipeline-v2v`; \
+                 the reference hooks VACE and diffusion-forcing models differently",
+                cache.name()
+            )));
+        }
+    }
+    let mut report = None;
     if options.decode && !component.is_pipeline() {
         return Err(Error::InvalidRequest(
             "decode applies only to the pipeline components".into(),
@@ -478,6 +510,7 @@ pub fn run_timed(
             opts.lora = options.lora.clone();
             opts.lora_2 = options.lora_2.clone();
             opts.lora_fuse = options.fuse_lora;
+            opts.cache = options.cache.clone();
             let mut p = WanPipeline::open(model, opts)?;
             let steps = options.steps.unwrap_or(3);
             // Synchronize at each event so that the times are the device's, not launch times.
@@ -574,6 +607,12 @@ pub fn run_timed(
                 },
                 &mut record,
             )?;
+            if let Some(stats) = p.cache_stats() {
+                report = Some(crate::hooks::CacheReport {
+                    stats,
+                    mag_ratios: p.mag_calibration().map(<[f64]>::to_vec),
+                });
+            }
             if options.decode {
                 let video = p.decode(&y, &mut record)?;
                 device.synchronize()?;
@@ -589,7 +628,7 @@ pub fn run_timed(
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    Ok((out, timings))
+    Ok((out, timings, report))
 }
 
 /// Reads a safetensors file of inputs (on the CPU).
@@ -643,6 +682,17 @@ pub struct FixtureRun {
     pub lora_2: Vec<String>,
     #[serde(default)]
     pub fuse: bool,
+    /// A step cache in the CLI syntax (`first-block:0.5`, `mag:0.1`, `taylorseer:2,…`).
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// MagCache's ratios, a JSON list file relative to the case folder.
+    #[serde(default)]
+    pub mag_ratios: Option<String>,
+    /// The transformer forwards the reference skipped (Kino must skip as many) and ran.
+    #[serde(default)]
+    pub skipped: Option<usize>,
+    #[serde(default)]
+    pub forwards: Option<usize>,
 }
 
 /// `conditioning_scale` as the reference takes it: one float, or a list.
@@ -677,12 +727,17 @@ pub struct FixtureResult {
     /// ‖out − ref‖ / ‖ref‖
     pub rel_error: f64,
     pub tolerance: f64,
+    /// A cached run: the cache setting, Kino's (skipped, forwards) and the fixture's.
+    pub cache: Option<String>,
+    pub skipped: Option<(usize, usize)>,
+    pub expected_skipped: Option<(usize, usize)>,
 }
 
 impl FixtureResult {
-    /// Within tolerance (NaN is not).
+    /// Within tolerance (NaN is not), and a cached run skipped as many forwards as the
+    /// reference.
     pub fn passed(&self) -> bool {
-        self.rel_error <= self.tolerance
+        self.rel_error <= self.tolerance && self.skipped == self.expected_skipped
     }
 }
 
@@ -725,7 +780,29 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     .collect()
             };
             let expected = read_tensors(&case.join(&r.expected))?;
-            let out = run(
+            let cache = match &r.cache {
+                Some(spec) => {
+                    let c: crate::hooks::CacheConfig = spec.parse()?;
+                    Some(match &r.mag_ratios {
+                        Some(f) => {
+                            c.with_mag_ratios(crate::hooks::read_mag_ratios(&case.join(f))?)?
+                        }
+                        None => c,
+                    })
+                }
+                None => None,
+            };
+            let expected_skipped = match (r.skipped, r.forwards) {
+                (Some(s), Some(f)) => Some((s, f)),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::BadFile {
+                        path: case.join("case.json"),
+                        message: "a cached run gives both `skipped` and `forwards`".into(),
+                    })
+                }
+            };
+            let (out, _, report) = run_report(
                 component,
                 &case.join(&r.model),
                 &inputs,
@@ -739,10 +816,12 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     lora: specs(&r.lora)?,
                     lora_2: specs(&r.lora_2)?,
                     fuse_lora: r.fuse,
+                    cache,
                     ..Default::default()
                 },
                 &Device::Cpu,
             )?;
+            let skipped = report.map(|c| (c.stats.skipped, c.stats.forwards));
             for (k, v) in &out {
                 let Some(e) = expected.get(k) else {
                     return Err(Error::InvalidRequest(format!(
@@ -757,6 +836,9 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
                     output: k.clone(),
                     rel_error: err,
                     tolerance: r.tolerance,
+                    cache: r.cache.clone(),
+                    skipped,
+                    expected_skipped,
                 });
             }
         }

@@ -31,6 +31,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::clip::{self, CLIPVisionModel, ImageProcessorConfig};
+use crate::hooks::{CacheConfig, CacheReport, CacheStats, StepCache};
 use crate::loading::{read_config, ModelIndex};
 use crate::lora::{LoraSet, LoraSpec};
 use crate::progress::{Progress, ProgressEvent, Stage};
@@ -307,6 +308,8 @@ pub struct GenerateOutput {
     /// Final latents, before the VAE (f32, `[1, z, F', H', W']`).
     pub latents: Tensor,
     pub request: ResolvedRequest,
+    /// With a step cache (`PipelineOptions::cache`): the transformer forwards run and skipped.
+    pub cache_stats: Option<CacheStats>,
 }
 
 /// How to run the pipeline.
@@ -334,6 +337,10 @@ pub struct PipelineOptions {
     pub lora_2: Vec<LoraSpec>,
     /// Fold the adapters into the weights at load instead of applying them on the fly.
     pub lora_fuse: bool,
+    /// A step cache (`crate::hooks`: First Block Cache, MagCache, TaylorSeer), fresh for each
+    /// generation. With guidance the conditional and unconditional passes then run as two
+    /// forwards (cache contexts "cond" and "uncond"), even with `batched_cfg`.
+    pub cache: Option<CacheConfig>,
 }
 
 impl PipelineOptions {
@@ -352,6 +359,7 @@ impl PipelineOptions {
             lora: Vec::new(),
             lora_2: Vec::new(),
             lora_fuse: false,
+            cache: None,
         }
     }
 }
@@ -384,6 +392,8 @@ pub struct WanPipeline {
     /// The LoRA adapters of `options.lora` and `options.lora_2`, read once at open.
     lora: Option<Arc<LoraSet>>,
     lora_2: Option<Arc<LoraSet>>,
+    /// The step cache's report of the last denoising loop.
+    last_cache: Option<CacheReport>,
 }
 
 /// A loaded expert: the Wan transformer, or its VACE form (the pipeline's folder says which).
@@ -413,6 +423,23 @@ impl Denoiser {
             )),
             (Denoiser::Vace(_), None) => Err(Error::InvalidRequest(
                 "a VACE transformer needs its control latents".into(),
+            )),
+        }
+    }
+
+    /// [`Self::forward`] through a step cache (Wan experts only).
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        image: Option<&Tensor>,
+        cache: &mut StepCache,
+    ) -> Result<Tensor> {
+        match self {
+            Denoiser::Wan(m) => m.forward_cached(x, timestep, context, image, cache),
+            Denoiser::Vace(_) => Err(Error::InvalidRequest(
+                "step caches do not apply to VACE models".into(),
             )),
         }
     }
@@ -604,6 +631,25 @@ impl WanPipeline {
                     .into(),
             ));
         }
+        if let Some(cache) = &options.cache {
+            let why = if diffusion_forcing {
+                Some("diffusion-forcing (SkyReels-V2 DF) models")
+            } else if vace {
+                Some("VACE models")
+            } else if transformer_2_config.is_some() {
+                Some("two-expert (Wan2.2 A14B) models")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::InvalidRequest(format!(
+                    "step caches (--cache {}) are not supported on {why}: the reference hooks \
+                     them differently; run without --cache",
+                    cache.name()
+                )));
+            }
+            cache.validate()?;
+        }
         if !options.lora_2.is_empty() && transformer_2_config.is_none() {
             return Err(Error::InvalidRequest(
                 "adapters for transformer_2 need a two-expert model (Wan2.2 A14B); this folder has one transformer"
@@ -619,6 +665,12 @@ impl WanPipeline {
         };
         let lora = load_set(&options.lora)?;
         let lora_2 = load_set(&options.lora_2)?;
+        if let Some(l) = &lora {
+            l.check_blocks(transformer_config.num_layers, "this model's transformer")?;
+        }
+        if let (Some(l), Some(c)) = (&lora_2, &transformer_2_config) {
+            l.check_blocks(c.num_layers, "this model's transformer_2")?;
+        }
         Ok(Self {
             root: root.to_path_buf(),
             index,
@@ -640,7 +692,22 @@ impl WanPipeline {
             vae: None,
             lora,
             lora_2,
+            last_cache: None,
         })
+    }
+
+    /// With a step cache: the transformer forwards the last denoising loop ran and skipped
+    /// (conditional and unconditional passes counted separately).
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.last_cache.as_ref().map(|r| r.stats)
+    }
+
+    /// After a `mag:calibrate` run: the magnitude ratios it measured ("cond" context), one per
+    /// step, for `--mag-ratios` of later runs.
+    pub fn mag_calibration(&self) -> Option<&[f64]> {
+        self.last_cache
+            .as_ref()
+            .and_then(|r| r.mag_ratios.as_deref())
     }
 
     /// The folder this pipeline was opened from.
@@ -1107,6 +1174,7 @@ impl WanPipeline {
                 fps: r.fps,
                 latents,
                 request: r,
+                cache_stats: None,
             });
         }
         if self.vace {
@@ -1193,6 +1261,7 @@ impl WanPipeline {
             fps: r.fps,
             latents,
             request: r,
+            cache_stats: self.cache_stats(),
         })
     }
 
@@ -1247,6 +1316,7 @@ impl WanPipeline {
             fps: r.fps,
             latents,
             request: r,
+            cache_stats: self.cache_stats(),
         })
     }
 
@@ -1625,7 +1695,18 @@ impl WanPipeline {
             Some(e) if c.image_dim.is_some() => Some(e.to_device(&device)?.to_dtype(dtype)?),
             _ => None,
         };
-        let batched = self.options.batched_cfg && negative.is_some();
+        // A step cache keeps one state per pass ("cond", "uncond"): the passes run apart.
+        let mut cache = match &self.options.cache {
+            Some(cfg) => Some(StepCache::new(
+                cfg,
+                c.num_layers,
+                c.added_kv_proj_dim.is_some(),
+                inp.num_inference_steps.saturating_sub(inp.t_start),
+            )?),
+            None => None,
+        };
+        self.last_cache = None;
+        let batched = self.options.batched_cfg && negative.is_some() && cache.is_none();
         // Batched guidance: [prompt; negative] along the batch, built once (the image tokens,
         // the same for both, repeated).
         let both = match &negative {
@@ -1732,6 +1813,27 @@ impl WanPipeline {
             } else {
                 Tensor::full(t as f32, batch, &device)?
             };
+            let mut forward = |context: &Tensor, name: &str| -> Result<Tensor> {
+                match cache.as_mut() {
+                    Some(cache) => {
+                        cache.set_context(name);
+                        model.forward_cached(
+                            &latent_model_input,
+                            &timestep,
+                            context,
+                            image_embeds.as_ref(),
+                            cache,
+                        )
+                    }
+                    None => model.forward(
+                        &latent_model_input,
+                        &timestep,
+                        context,
+                        image_embeds.as_ref(),
+                        control,
+                    ),
+                }
+            };
             let noise_pred = match (&both, &negative) {
                 (Some(both), _) => {
                     let x = Tensor::cat(&[&latent_model_input, &latent_model_input], 0)?;
@@ -1742,30 +1844,12 @@ impl WanPipeline {
                     (&uncond + ((cond - &uncond)? * g)?)?
                 }
                 (None, Some(neg)) => {
-                    let cond = model.forward(
-                        &latent_model_input,
-                        &timestep,
-                        &prompt_embeds,
-                        image_embeds.as_ref(),
-                        control,
-                    )?;
-                    let uncond = model.forward(
-                        &latent_model_input,
-                        &timestep,
-                        neg,
-                        image_embeds.as_ref(),
-                        control,
-                    )?;
+                    let cond = forward(&prompt_embeds, "cond")?;
+                    let uncond = forward(neg, "uncond")?;
                     // noise_uncond + g · (noise_pred − noise_uncond)
                     (&uncond + ((cond - &uncond)? * g)?)?
                 }
-                (None, None) => model.forward(
-                    &latent_model_input,
-                    &timestep,
-                    &prompt_embeds,
-                    image_embeds.as_ref(),
-                    control,
-                )?,
+                (None, None) => forward(&prompt_embeds, "cond")?,
             };
             latents = self.scheduler.step(&noise_pred, begin + i, &latents)?;
             emit(progress, Stage::Denoise, i + 1, run.len(), t0)?;
@@ -1776,6 +1860,11 @@ impl WanPipeline {
             } else {
                 cond.clone()
             };
+        }
+        if let Some(cache) = cache {
+            let report = cache.finish();
+            tracing::info!("{}", report.stats.message());
+            self.last_cache = Some(report);
         }
         if self.options.low_memory {
             self.transformer = None;

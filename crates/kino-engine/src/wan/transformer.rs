@@ -47,6 +47,7 @@ use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::hooks::{Attn, MagDecision, StepCache};
 use crate::loading::{read_config, Weights};
 use cpu::{gated_residual, modulated_layer_norm, softmax_last_dim_owned, BiasGeluInPlace, LinBase};
 pub(crate) use cpu::{lin, Lin};
@@ -814,6 +815,48 @@ impl WanTransformerBlock {
         let ff = self.ffn.forward(&norm)?;
         gated_residual(&x, &ff, c_gate_msa)?.to_dtype(dtype)
     }
+
+    /// [`Self::forward`] with TaylorSeer around the attention modules (`crate::hooks`); the
+    /// same operations otherwise.
+    pub(crate) fn forward_cached(
+        &self,
+        index: usize,
+        x: &Tensor,
+        context: &Tensor,
+        temb: &Tensor,
+        rope: &Rope,
+        causal_block: Option<usize>,
+        cache: &mut StepCache,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let e = modulation_chunks(&self.scale_shift_table, temb, 6)?;
+        let (shift_msa, scale_msa, gate_msa) = (&e[0], &e[1], &e[2]);
+        let (c_shift_msa, c_scale_msa, c_gate_msa) = (&e[3], &e[4], &e[5]);
+
+        // 1. Self-attention
+        let norm =
+            modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?.to_dtype(dtype)?;
+        let attn = cache.taylor_module(index, Attn::Attn1, || {
+            self.attn1.forward(&norm, None, Some(rope), causal_block)
+        })?;
+        let x = gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?;
+
+        // 2. Cross-attention
+        let norm = match &self.norm2 {
+            Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
+            None => x.clone(),
+        };
+        let attn = cache.taylor_module(index, Attn::Attn2, || {
+            self.attn2.forward(&norm, Some(context), None, None)
+        })?;
+        let x = (x + attn)?;
+
+        // 3. Feed-forward
+        let norm =
+            modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?.to_dtype(dtype)?;
+        let ff = self.ffn.forward(&norm)?;
+        Ok(gated_residual(&x, &ff, c_gate_msa)?.to_dtype(dtype)?)
+    }
 }
 
 /// `WanImageEmbedding`: (`pos_embed` +) `norm1` (FP32LayerNorm) → `ff` (Linear, exact GELU,
@@ -1239,6 +1282,28 @@ impl WanTransformer3DModel {
         )
     }
 
+    /// [`Self::forward_with_image`] with a step cache (`crate::hooks`): MagCache decides before
+    /// the blocks, First Block Cache after block 0, TaylorSeer around the attention modules.
+    /// The cache's current context (`StepCache::set_context`) keeps its own state.
+    pub fn forward_cached(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: Option<&Tensor>,
+        cache: &mut StepCache,
+    ) -> Result<Tensor> {
+        self.forward_inner(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            ForwardVariant::default(),
+            None,
+            Some(cache),
+        )
+    }
+
     /// The one forward of Wan and SkyReels-V2.
     pub(crate) fn forward_variant(
         &self,
@@ -1247,7 +1312,83 @@ impl WanTransformer3DModel {
         encoder_hidden_states: &Tensor,
         encoder_hidden_states_image: Option<&Tensor>,
         variant: ForwardVariant,
+        hook: Option<&mut dyn BlockHook>,
+    ) -> Result<Tensor> {
+        self.forward_inner(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            variant,
+            hook,
+            None,
+        )
+    }
+
+    /// The blocks of one forward with a step cache.
+    fn blocks_cached(
+        &self,
+        x: Tensor,
+        shared: &BlockInputs,
+        cache: &mut StepCache,
+    ) -> Result<Tensor> {
+        let (context, temb, rope, causal) = (
+            shared.context,
+            shared.timestep_proj,
+            shared.rope,
+            shared.causal_block,
+        );
+        let run = |i: usize, x: &Tensor, cache: &mut StepCache| -> Result<Tensor> {
+            self.blocks[i].forward_cached(i, x, context, temb, rope, causal, cache)
+        };
+        let n = self.blocks.len();
+        cache.begin_forward();
+        let out = if cache.is_mag() {
+            match cache.mag_begin(&x)? {
+                MagDecision::Skip(out) => out,
+                MagDecision::Compute => {
+                    let mut h = x.clone();
+                    for i in 0..n {
+                        h = run(i, &h, cache)?;
+                    }
+                    cache.mag_end(&x, &h)?;
+                    h
+                }
+            }
+        } else if cache.is_first_block() {
+            let h0 = run(0, &x, cache)?;
+            match cache.fbc_head(&x, &h0)? {
+                Some(out) => out,
+                None => {
+                    let mut h = h0;
+                    for i in 1..n {
+                        h = run(i, &h, cache)?;
+                    }
+                    cache.fbc_tail(&h)?;
+                    h
+                }
+            }
+        } else {
+            let mut h = x;
+            for i in 0..n {
+                h = run(i, &h, cache)?;
+            }
+            h
+        };
+        cache.end_forward();
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_inner(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: Option<&Tensor>,
+        variant: ForwardVariant,
         mut hook: Option<&mut dyn BlockHook>,
+        cache: Option<&mut StepCache>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let [pt, ph, pw] = cfg.patch_size;
@@ -1454,16 +1595,31 @@ impl WanTransformer3DModel {
             };
             hook.begin(&x, &shared)?;
         }
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &context, &timestep_proj, &rope, causal_block)?;
-            if let Some(hook) = hook.as_deref_mut() {
-                let shared = BlockInputs {
-                    context: &context,
-                    timestep_proj: &timestep_proj,
-                    rope: &rope,
-                    causal_block,
-                };
-                x = hook.after_block(i, x, &shared)?;
+        if let Some(cache) = cache {
+            if hook.is_some() {
+                return Err(Error::InvalidRequest(
+                    "step caches do not apply to VACE models".into(),
+                ));
+            }
+            let shared = BlockInputs {
+                context: &context,
+                timestep_proj: &timestep_proj,
+                rope: &rope,
+                causal_block,
+            };
+            x = self.blocks_cached(x, &shared, cache)?;
+        } else {
+            for (i, block) in self.blocks.iter().enumerate() {
+                x = block.forward(&x, &context, &timestep_proj, &rope, causal_block)?;
+                if let Some(hook) = hook.as_deref_mut() {
+                    let shared = BlockInputs {
+                        context: &context,
+                        timestep_proj: &timestep_proj,
+                        rope: &rope,
+                        causal_block,
+                    };
+                    x = hook.after_block(i, x, &shared)?;
+                }
             }
         }
 

@@ -71,6 +71,19 @@ pub struct Args {
     /// fly.
     #[arg(long)]
     fuse_lora: bool,
+    /// pipeline, pipeline-i2v, pipeline-v2v: a step cache, as diffusers' hooks with their
+    /// option names: first-block:THRESHOLD, mag:THRESHOLD[,max_skip_steps=N,retention_ratio=R]
+    /// (with --mag-ratios), mag:calibrate (with --write-mag-ratios) or
+    /// taylorseer:INTERVAL[,max_order=N,disable_cache_before_step=N,cache_identifiers=REGEX].
+    #[arg(long, value_name = "CACHE")]
+    cache: Option<String>,
+    /// MagCache's magnitude ratios for this model: a JSON list of numbers, one per step (made
+    /// by a `--cache mag:calibrate` run).
+    #[arg(long, value_name = "FILE")]
+    mag_ratios: Option<PathBuf>,
+    /// With --cache mag:calibrate: where to write the measured ratios (a JSON list).
+    #[arg(long, value_name = "FILE")]
+    write_mag_ratios: Option<PathBuf>,
     /// Reference outputs to compare with: prints ‖out − ref‖/‖ref‖ for each tensor.
     #[arg(long)]
     expected: Option<PathBuf>,
@@ -143,6 +156,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let cache = match &a.cache {
+        Some(spec) => {
+            let c: kino_engine::hooks::CacheConfig = spec.parse()?;
+            let c = match &a.mag_ratios {
+                Some(f) => c.with_mag_ratios(kino_engine::hooks::read_mag_ratios(f)?)?,
+                None => c,
+            };
+            c.validate()?;
+            let calibrate = matches!(&c, kino_engine::hooks::CacheConfig::Mag(m) if m.calibrate);
+            if calibrate != a.write_mag_ratios.is_some() {
+                anyhow::bail!(if calibrate {
+                    "--cache mag:calibrate needs --write-mag-ratios FILE (where the ratios go)"
+                } else {
+                    "--write-mag-ratios goes with --cache mag:calibrate"
+                });
+            }
+            Some(c)
+        }
+        None if a.mag_ratios.is_some() || a.write_mag_ratios.is_some() => {
+            anyhow::bail!("--mag-ratios and --write-mag-ratios go with --cache mag:…")
+        }
+        None => None,
+    };
     let choice = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let dev = device::open(choice).with_context(|| {
@@ -152,7 +188,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         )
     })?;
     let inputs = parity::read_tensors(&a.input)?;
-    let (out, timings) = parity::run_timed(
+    let (out, timings, cache_report) = parity::run_report(
         component,
         &a.model,
         &inputs,
@@ -172,11 +208,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .map(|s| s.parse())
                 .collect::<Result<_, _>>()?,
             fuse_lora: a.fuse_lora,
+            cache,
         },
         &dev,
     )
     .with_context(|| format!("running {} from {}", component.name(), a.model.display()))?;
     parity::write_tensors(&a.output, &out)?;
+    if let Some(report) = &cache_report {
+        println!("{}", report.stats.message());
+        if let (Some(path), Some(ratios)) = (&a.write_mag_ratios, &report.mag_ratios) {
+            kino_engine::hooks::write_mag_ratios(path, ratios)?;
+            println!(
+                "wrote {} MagCache ratios to {}",
+                ratios.len(),
+                path.display()
+            );
+        }
+    }
     if let Some(path) = &a.timings {
         let json = serde_json::to_string_pretty(&timings)?;
         std::fs::write(path, json + "\n")
