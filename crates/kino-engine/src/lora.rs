@@ -744,6 +744,29 @@ impl LoraSet {
         Ok(Some((Tensor::cat(&downs, 0)?, Tensor::cat(&ups, 1)?)))
     }
 
+    /// Before loading anything: adapters of blocks past the model's last are refused at once
+    /// (the full check of every layer and shape happens when the weights load).
+    pub fn check_blocks(&self, num_layers: usize, what: &str) -> Result<()> {
+        for (a, _) in &self.adapters {
+            for m in a.modules.keys() {
+                let block = m
+                    .strip_prefix("blocks.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let Some(b) = block.filter(|&b| b >= num_layers) {
+                    return Err(Error::BadFile {
+                        path: a.path.clone(),
+                        message: format!(
+                            "LoRA layer `{m}` (block {b}) is not a layer of {what}, which has \
+                             {num_layers} blocks; the adapter was made for another model"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// After the model is built: every adapted layer must have been one of the model's.
     pub fn check_all_used(&self, what: &str) -> Result<()> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();

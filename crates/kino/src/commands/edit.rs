@@ -337,12 +337,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     generate::check_writable(&output, format, a.overwrite)?;
 
-    let (model_dir, pipeline) = generate::open_pipeline(
-        &model_name,
-        a.run.cpu,
-        !a.run.no_low_memory,
-        a.run.vae_tiling,
-    )?;
+    let lora_meta = a.run.lora_metadata()?;
+    let (model_dir, pipeline) = a.run.open(&model_name)?;
     require_vace(&pipeline, &model_name)?;
     let defaults = pipeline.defaults().clone();
     let fps = a.fps.unwrap_or(defaults.fps);
@@ -569,6 +565,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         format,
         fps,
         conditioning,
+        lora_meta,
         a.json,
     )
 }
@@ -585,6 +582,7 @@ fn generate_and_write(
     format: Format,
     fps: u32,
     conditioning: serde_json::Value,
+    lora_meta: Option<serde_json::Value>,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let r0 = pipeline.resolve(req)?;
@@ -629,6 +627,9 @@ fn generate_and_write(
     params
         .extra
         .insert("conditioning".into(), conditioning.clone());
+    if let Some(l) = &lora_meta {
+        params.extra.insert("lora".into(), l.clone());
+    }
     let t_write = Instant::now();
     let (prov, subject) = (
         kino_provenance::cli::current()?,

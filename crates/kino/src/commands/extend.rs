@@ -237,6 +237,8 @@ pub struct LongRun<'a> {
     pub source: Option<Source>,
     /// Image-to-video start: the conditioning metadata of `kino generate --image`.
     pub conditioning: Option<serde_json::Value>,
+    /// The LoRA adapters' metadata ([`generate::RunArgs::lora_metadata`]).
+    pub lora: Option<serde_json::Value>,
 }
 
 /// An extension's source video: read frame by frame when it is copied into the output.
@@ -622,6 +624,9 @@ pub fn run_long(
     if let Some(c) = &run.conditioning {
         params.extra.insert("conditioning".into(), c.clone());
     }
+    if let Some(l) = &run.lora {
+        params.extra.insert("lora".into(), l.clone());
+    }
     writer.set_metadata(Some(params.to_value()))?;
     let t_write = Instant::now();
     writer.finish()?;
@@ -730,12 +735,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let size = a.size.as_deref().map(generate::parse_size).transpose()?;
 
     let model_name = generate::model_name(a.model.as_deref());
-    let (model_dir, mut pipeline) = generate::open_pipeline(
-        &model_name,
-        a.run.cpu,
-        !a.run.no_low_memory,
-        a.run.vae_tiling,
-    )?;
+    let (model_dir, mut pipeline) = a.run.open(&model_name)?;
     let caps = pipeline.capabilities();
     if !caps.image && !caps.long_video {
         bail!(
@@ -845,6 +845,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             json: a.json,
             source: Some(source),
             conditioning: None,
+            lora: a.run.lora_metadata()?,
         },
     )
 }

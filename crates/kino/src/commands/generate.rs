@@ -49,6 +49,67 @@ pub struct RunArgs {
     /// Default: the engine's (see the README's long-video section).
     #[arg(long, value_name = "M")]
     pub overlap: Option<usize>,
+    /// A LoRA adapter for the transformer, FILE or FILE:SCALE (scale 1 if left out; diffusers,
+    /// original Wan / ComfyUI and kohya files); repeat for several.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
+    /// A LoRA adapter for the low-noise expert (transformer_2) of a two-expert model.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora_2: Vec<String>,
+    /// Fold the adapters into the weights once at load (no extra work per step, a little more
+    /// load time) instead of applying them on the fly.
+    #[arg(long)]
+    pub fuse_lora: bool,
+}
+
+impl RunArgs {
+    /// The adapters of `--lora` / `--lora-2`, parsed.
+    pub fn lora_specs(
+        &self,
+    ) -> anyhow::Result<(
+        Vec<kino_engine::lora::LoraSpec>,
+        Vec<kino_engine::lora::LoraSpec>,
+    )> {
+        let parse = |list: &[String]| -> anyhow::Result<Vec<kino_engine::lora::LoraSpec>> {
+            list.iter()
+                .map(|s| s.parse().map_err(anyhow::Error::from))
+                .collect()
+        };
+        Ok((parse(&self.lora)?, parse(&self.lora_2)?))
+    }
+
+    /// What the output's metadata records about the adapters (file name, SHA-256, scale,
+    /// expert, fused), or `None` without any.
+    pub fn lora_metadata(&self) -> anyhow::Result<Option<serde_json::Value>> {
+        let (l1, l2) = self.lora_specs()?;
+        if l1.is_empty() && l2.is_empty() {
+            return Ok(None);
+        }
+        let mut list = Vec::new();
+        for (expert, specs) in [("transformer", &l1), ("transformer_2", &l2)] {
+            for s in specs {
+                list.push(json!({
+                    "file": s.path.file_name().map(|n| n.to_string_lossy().to_string()),
+                    "sha256": sha256_file(&s.path, "the LoRA file")?,
+                    "scale": s.scale,
+                    "expert": expert,
+                }));
+            }
+        }
+        Ok(Some(json!({ "adapters": list, "fused": self.fuse_lora })))
+    }
+
+    /// [`open_pipeline`] with these options (device, memory, tiling, adapters).
+    pub fn open(&self, model_name: &str) -> anyhow::Result<(PathBuf, WanPipeline)> {
+        let (lora, lora_2) = self.lora_specs()?;
+        open_pipeline_with(
+            model_name,
+            self.cpu,
+            !self.no_low_memory,
+            self.vae_tiling,
+            (lora, lora_2, self.fuse_lora),
+        )
+    }
 }
 
 #[derive(clap::Args)]
@@ -494,6 +555,27 @@ pub fn open_pipeline(
     low_memory: bool,
     vae_tiling: bool,
 ) -> anyhow::Result<(PathBuf, WanPipeline)> {
+    open_pipeline_with(
+        model_name,
+        cpu,
+        low_memory,
+        vae_tiling,
+        (Vec::new(), Vec::new(), false),
+    )
+}
+
+/// [`open_pipeline`] with LoRA adapters (for `transformer`, for `transformer_2`, fused).
+pub fn open_pipeline_with(
+    model_name: &str,
+    cpu: bool,
+    low_memory: bool,
+    vae_tiling: bool,
+    (lora, lora_2, fuse): (
+        Vec<kino_engine::lora::LoraSpec>,
+        Vec<kino_engine::lora::LoraSpec>,
+        bool,
+    ),
+) -> anyhow::Result<(PathBuf, WanPipeline)> {
     let model_dir = kino_engine::registry::resolve(model_name)?;
     let dev = device::open(if cpu {
         DeviceChoice::Cpu
@@ -502,6 +584,9 @@ pub fn open_pipeline(
     })?;
     let mut opts = PipelineOptions::for_device(dev);
     opts.low_memory = low_memory;
+    opts.lora = lora;
+    opts.lora_2 = lora_2;
+    opts.lora_fuse = fuse;
     if vae_tiling {
         opts.vae_tiling = Some(Default::default());
     }
@@ -572,12 +657,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .transpose()?;
     check_writable(&output, format, a.overwrite)?;
 
-    let (model_dir, mut pipeline) = open_pipeline(
-        &model_name,
-        a.run.cpu,
-        !a.run.no_low_memory,
-        a.run.vae_tiling,
-    )?;
+    let lora_meta = a.run.lora_metadata()?;
+    let (model_dir, mut pipeline) = a.run.open(&model_name)?;
     if !references.is_empty() {
         super::edit::require_vace(&pipeline, &model_name)?;
     }
@@ -838,6 +919,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(c) = &conditioning {
         params.extra.insert("conditioning".into(), c.clone());
     }
+    if let Some(l) = &lora_meta {
+        params.extra.insert("lora".into(), l.clone());
+    }
     let t_write = Instant::now();
     let (prov, subject) = (
         kino_provenance::cli::current()?,
@@ -992,6 +1076,7 @@ fn run_long_generate(
             json: a.json,
             source: None,
             conditioning,
+            lora: a.run.lora_metadata()?,
         },
     )
 }
