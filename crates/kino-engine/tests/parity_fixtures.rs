@@ -78,4 +78,30 @@ fn every_fixture_matches_the_reference() {
         6,
         "VACE pipeline runs"
     );
+    // Step caches (issue 18): each cache at settings where it skips forwards, Kino skipping
+    // exactly as many as the reference (checked by `passed`), and the uncached baseline.
+    let cached: Vec<_> = results
+        .iter()
+        .filter(|r| r.case == "pipeline-cache" && r.component == "pipeline" && r.cache.is_some())
+        .collect();
+    for r in &cached {
+        println!(
+            "{:<24} {:<70} skipped {:?} (reference {:?})",
+            r.case,
+            r.cache.as_deref().unwrap_or(""),
+            r.skipped,
+            r.expected_skipped
+        );
+        let (skipped, forwards) = r.skipped.expect("a cached run reports its counts");
+        assert!(skipped > 0 && skipped < forwards, "{r:?}");
+    }
+    for kind in ["first-block:", "mag:", "taylorseer:"] {
+        assert!(
+            cached
+                .iter()
+                .any(|r| r.cache.as_deref().is_some_and(|c| c.starts_with(kind))),
+            "no cached run with {kind}"
+        );
+    }
+    assert_eq!(cached.len(), 6, "pipeline-cache runs with a cache");
 }

@@ -639,4 +639,104 @@ mod tests {
             "skipped 2 of 4 transformer forwards"
         );
     }
+
+    /// On the pipeline-cache fixture (diffusers 0.42.1's tiny Wan): calibration, separate
+    /// passes under batched guidance, state reset between generations, refused models.
+    mod on_the_fixture {
+        use super::*;
+        use crate::parity::read_tensors;
+        use crate::testing::{fixtures_dir, rel_error};
+        use crate::wan::pipeline::{PipelineOptions, WanPipeline};
+        use candle_core::Device;
+
+        fn case() -> std::path::PathBuf {
+            fixtures_dir().join("pipeline-cache")
+        }
+
+        fn pipeline(cache: CacheConfig, batched_cfg: bool) -> WanPipeline {
+            let options = PipelineOptions {
+                cache: Some(cache),
+                batched_cfg,
+                low_memory: false,
+                ..PipelineOptions::for_device(Device::Cpu)
+            };
+            WanPipeline::open(&case().join("model"), options).unwrap()
+        }
+
+        fn denoise(p: &mut WanPipeline) -> Tensor {
+            let x = read_tensors(&case().join("input.safetensors")).unwrap();
+            p.denoise(
+                &x["latents"],
+                &x["prompt_embeds"],
+                Some(&x["negative_prompt_embeds"]),
+                10,
+                5.0,
+                &mut crate::progress::ignore,
+            )
+            .unwrap()
+        }
+
+        #[test]
+        fn calibration_reproduces_the_reference_ratios() {
+            let mut p = pipeline("mag:calibrate".parse().unwrap(), false);
+            denoise(&mut p);
+            assert_eq!(p.cache_stats().unwrap().skipped, 0);
+            let got = p.mag_calibration().unwrap().to_vec();
+            let want = read_mag_ratios(&case().join("mag_ratios.json")).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - *w as f64).abs() < 1e-5, "{got:?} vs {want:?}");
+            }
+            // Written and read back as a ratio file.
+            let path = std::env::temp_dir().join(format!("kino-mag-{}.json", std::process::id()));
+            write_mag_ratios(&path, &got).unwrap();
+            assert_eq!(read_mag_ratios(&path).unwrap().len(), 10);
+            std::fs::remove_file(&path).ok();
+        }
+
+        #[test]
+        fn batched_guidance_runs_the_passes_apart_and_each_generation_starts_over() {
+            let ratios = read_mag_ratios(&case().join("mag_ratios.json")).unwrap();
+            let cfg = "mag:0.1"
+                .parse::<CacheConfig>()
+                .unwrap()
+                .with_mag_ratios(ratios)
+                .unwrap();
+            let mut apart = pipeline(cfg.clone(), false);
+            let a = denoise(&mut apart);
+            let stats = apart.cache_stats().unwrap();
+            let mut batched = pipeline(cfg, true);
+            let b = denoise(&mut batched);
+            assert_eq!(batched.cache_stats(), Some(stats));
+            assert!(rel_error(&a, &b).unwrap() < 1e-6);
+            // A second generation on the same pipeline: the same skips and result.
+            let c = denoise(&mut apart);
+            assert_eq!(apart.cache_stats(), Some(stats));
+            assert!(rel_error(&a, &c).unwrap() < 1e-6);
+            assert_eq!(stats.forwards, 20);
+            assert!(stats.skipped > 0);
+        }
+
+        #[test]
+        fn vace_diffusion_forcing_and_two_expert_models_are_refused() {
+            for (dir, says) in [
+                ("pipeline-vace/model", "VACE"),
+                ("pipeline-df/model", "diffusion-forcing"),
+                ("pipeline-a14b-t2v/model", "two-expert"),
+            ] {
+                let options = PipelineOptions {
+                    cache: Some("first-block:0.1".parse().unwrap()),
+                    ..PipelineOptions::for_device(Device::Cpu)
+                };
+                let e = WanPipeline::open(&fixtures_dir().join(dir), options)
+                    .err()
+                    .unwrap()
+                    .to_string();
+                assert!(
+                    e.contains(says) && e.contains("without --cache"),
+                    "{dir}: {e}"
+                );
+            }
+        }
+    }
 }
