@@ -268,9 +268,12 @@ mod tests {
         };
         c.validate().unwrap();
         assert!(MagCacheConfig::default().validate().is_err());
-        let mut s = MagState::default();
-        s.previous_residual =
-            Some(Tensor::zeros(1, DType::F32, &candle_core::Device::Cpu).unwrap());
+        let mut s = MagState {
+            previous_residual: Some(
+                Tensor::zeros(1, DType::F32, &candle_core::Device::Cpu).unwrap(),
+            ),
+            ..Default::default()
+        };
         assert!(should_compute(&c, &[], 2, &mut s));
         s.calibration_ratios.push(1.0);
         assert!(advance_step(2, &mut s).is_none());

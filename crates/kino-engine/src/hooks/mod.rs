@@ -102,7 +102,9 @@ fn fraction(spec: &str, key: &str, v: &str, lo_open: bool) -> Result<f64> {
 
 /// Splits `a,b=c,key=REGEX,WITH,COMMAS` into the leading value and `key=value` pairs: a part
 /// that does not start with `name=` continues the previous identifiers regex.
-fn split_options(spec: &str, rest: &str) -> Result<(Option<String>, Vec<(String, String)>)> {
+type Options = (Option<String>, Vec<(String, String)>);
+
+fn split_options(spec: &str, rest: &str) -> Result<Options> {
     let mut first = None;
     let mut pairs: Vec<(String, String)> = Vec::new();
     for (i, part) in rest.split(',').enumerate() {

@@ -382,8 +382,10 @@ mod tests {
         let z = s.predict(Mode::Zeros).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(z, [0.0]);
         // Order 1 keeps two factors; nothing stored: a plain-words error.
-        let mut s = TaylorState::default();
-        s.current_step = 0;
+        let mut s = TaylorState {
+            current_step: 0,
+            ..Default::default()
+        };
         assert!(s
             .predict(Mode::Predict)
             .unwrap_err()

@@ -818,6 +818,7 @@ impl WanTransformerBlock {
 
     /// [`Self::forward`] with TaylorSeer around the attention modules (`crate::hooks`); the
     /// same operations otherwise.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_cached(
         &self,
         index: usize,
