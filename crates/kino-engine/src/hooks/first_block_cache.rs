@@ -43,7 +43,10 @@ pub(crate) fn should_compute(
     };
     let absmean = (residual - prev)?.abs()?.mean_all()?;
     let prev_absmean = prev.abs()?.mean_all()?;
-    let diff = (absmean / prev_absmean)?.to_scalar::<f32>()? as f64;
+    // In the model dtype as the reference (`.item()` of the ratio).
+    let diff = (absmean / prev_absmean)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_scalar::<f32>()? as f64;
     Ok(decide(threshold, diff))
 }
 

@@ -642,6 +642,107 @@ mod tests {
         );
     }
 
+    /// Measurement on the bundled kino-shapes model (20 steps, guidance 3: 40 forwards per
+    /// video): forwards skipped, time and how far the video moves from the uncached one, for
+    /// each cache at settings recommended for Wan. Prints a table; run with
+    /// `cargo test --release -p kino-engine --lib hooks::tests::kino_shapes_measure -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement (about a minute on 2 cores), not a check"]
+    fn kino_shapes_measure() {
+        use crate::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
+        use candle_core::Device;
+        let dir = crate::testing::fixtures_dir().join("../../models/kino-shapes");
+        let open = |cache: Option<CacheConfig>| {
+            let options = PipelineOptions {
+                cache,
+                low_memory: false,
+                ..PipelineOptions::for_device(Device::Cpu)
+            };
+            WanPipeline::open(&dir, options).unwrap()
+        };
+        let prompts = [
+            "a red circle moving right",
+            "a blue square moving down",
+            "a green triangle moving left",
+            "a yellow circle moving up",
+        ];
+        let run = |p: &mut WanPipeline| {
+            let t = std::time::Instant::now();
+            let outs: Vec<_> = prompts
+                .iter()
+                .map(|prompt| {
+                    let req = GenerateRequest {
+                        prompt: prompt.to_string(),
+                        seed: Some(0),
+                        ..Default::default()
+                    };
+                    let o = p.generate(&req, &mut crate::progress::ignore).unwrap();
+                    (o.frames, o.cache_stats)
+                })
+                .collect();
+            (outs, t.elapsed().as_secs_f64() / prompts.len() as f64)
+        };
+        let frame_diff = |a: &[Vec<u8>], b: &[Vec<u8>]| -> f64 {
+            let (mut d, mut n) = (0f64, 0usize);
+            for (x, y) in a.iter().zip(b) {
+                for (u, v) in x.iter().zip(y) {
+                    d += (*u as f64 - *v as f64).abs();
+                    n += 1;
+                }
+            }
+            d / n as f64
+        };
+        let (base, base_s) = run(&mut open(None));
+        println!("no cache: {base_s:.2} s/video, 40 forwards");
+        let mut cal = open(Some("mag:calibrate".parse().unwrap()));
+        run(&mut cal);
+        let ratios: Vec<f32> = cal
+            .mag_calibration()
+            .unwrap()
+            .iter()
+            .map(|&r| r as f32)
+            .collect();
+        println!("mag ratios (kino-shapes, 20 steps, cond): {ratios:?}");
+        let mut settings: Vec<(String, CacheConfig)> = Vec::new();
+        for spec in ["first-block:0.05", "first-block:0.1", "first-block:0.2"] {
+            settings.push((spec.into(), spec.parse().unwrap()));
+        }
+        for spec in ["mag:0.06", "mag:0.12", "mag:0.24,max_skip_steps=4"] {
+            let c = spec
+                .parse::<CacheConfig>()
+                .unwrap()
+                .with_mag_ratios(ratios.clone())
+                .unwrap();
+            settings.push((spec.into(), c));
+        }
+        for spec in [
+            r"taylorseer:2,cache_identifiers=^blocks\.\d+\.attn[12]$",
+            r"taylorseer:3,cache_identifiers=^blocks\.\d+\.attn[12]$",
+            r"taylorseer:3,max_order=2,cache_identifiers=^blocks\.\d+\.attn[12]$",
+        ] {
+            settings.push((spec.into(), spec.parse().unwrap()));
+        }
+        for (name, cfg) in settings {
+            let (outs, s) = run(&mut open(Some(cfg)));
+            let stats = outs[0].1.unwrap();
+            let skipped: usize = outs.iter().map(|o| o.1.unwrap().skipped).sum();
+            let forwards: usize = outs.iter().map(|o| o.1.unwrap().forwards).sum();
+            let diff: f64 = outs
+                .iter()
+                .zip(&base)
+                .map(|(o, b)| frame_diff(&o.0, &b.0))
+                .sum::<f64>()
+                / prompts.len() as f64;
+            println!(
+                "{name:<70} skipped {skipped}/{forwards} ({:.2}x fewer forwards; first video {}), \
+                 {s:.2} s/video ({:.2}x), mean |Δpixel| {diff:.2}/255",
+                forwards as f64 / (forwards - skipped) as f64,
+                stats.message(),
+                base_s / s
+            );
+        }
+    }
+
     /// On the pipeline-cache fixture (diffusers 0.42.1's tiny Wan): calibration, separate
     /// passes under batched guidance, state reset between generations, refused models.
     mod on_the_fixture {
