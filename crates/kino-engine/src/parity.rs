@@ -845,3 +845,54 @@ pub fn check_fixtures(root: &Path) -> Result<Vec<FixtureResult>> {
     }
     Ok(results)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_run_fails_when_it_skips_another_count_than_the_reference() {
+        let r = FixtureResult {
+            case: "pipeline-cache".into(),
+            component: "pipeline".into(),
+            output: "latents".into(),
+            rel_error: 1e-6,
+            tolerance: 1e-3,
+            cache: Some("first-block:0.5".into()),
+            skipped: Some((11, 20)),
+            expected_skipped: Some((11, 20)),
+        };
+        assert!(r.passed());
+        let other = FixtureResult {
+            skipped: Some((10, 20)),
+            ..r.clone()
+        };
+        assert!(!other.passed());
+        let uncounted = FixtureResult { skipped: None, ..r };
+        assert!(!uncounted.passed());
+    }
+
+    #[test]
+    fn caches_are_refused_on_vace_and_diffusion_forcing() {
+        let cache: crate::hooks::CacheConfig = "first-block:0.1".parse().unwrap();
+        for component in [
+            Component::PipelineVace,
+            Component::PipelineDf,
+            Component::Transformer,
+        ] {
+            let e = run(
+                component,
+                Path::new("/nonexistent"),
+                &HashMap::new(),
+                ParityOptions {
+                    cache: Some(cache.clone()),
+                    ..Default::default()
+                },
+                &Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("apply to `pipeline`"), "{e}");
+        }
+    }
+}
