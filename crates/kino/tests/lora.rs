@@ -141,3 +141,75 @@ fn adapters_that_do_not_fit_are_refused_and_nothing_is_written() {
         assert!(!out.exists(), "nothing is written on error");
     }
 }
+
+/// The step caches from the command line: `skipped N of M transformer forwards` printed and
+/// recorded, MagCache ratios that Kino measures itself (`mag:calibrate`) then used, and a bad
+/// spec refused before anything runs.
+#[test]
+fn step_caches_skip_forwards_and_calibrate_their_own_ratios() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = repo().join("fixtures/data/pipeline-cache/model");
+    let gen = |out: &Path, extra: &[&str]| {
+        run(kino()
+            .args(["generate", "a red circle", "--model"])
+            .arg(&model)
+            .args(["--steps", "10", "--seed", "2", "--no-watermark", "-o"])
+            .arg(out)
+            .args(extra))
+    };
+    let skipped = |e: &str| -> (usize, usize) {
+        let line = e
+            .lines()
+            .find(|l| l.contains("transformer forwards"))
+            .unwrap_or_else(|| panic!("no cache report in {e}"));
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let i = w.iter().position(|x| *x == "skipped").unwrap();
+        (w[i + 1].parse().unwrap(), w[i + 3].parse().unwrap())
+    };
+    let out = tmp.path().join("fb.mp4");
+    let o = gen(&out, &["--cache", "first-block:0.5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (n, m) = skipped(&stderr(&o));
+    assert!(n > 0 && n < m && m == 20, "{n} of {m}");
+    let info = run(kino().args(["info", "--json"]).arg(&out));
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["generation"]["cache"]["skipped"], n);
+
+    let ratios = tmp.path().join("ratios.json");
+    let o = gen(
+        &tmp.path().join("cal.mp4"),
+        &["--cache", "mag:calibrate", "--write-mag-ratios"],
+    );
+    // --write-mag-ratios needs its file: the flag alone is a usage error.
+    assert!(!o.status.success());
+    let o = gen(
+        &tmp.path().join("cal.mp4"),
+        &[
+            "--cache",
+            "mag:calibrate",
+            "--write-mag-ratios",
+            ratios.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list: Vec<f64> = serde_json::from_slice(&std::fs::read(&ratios).unwrap()).unwrap();
+    assert_eq!(list.len(), 10, "one ratio per step");
+    let o = gen(
+        &tmp.path().join("mag.mp4"),
+        &[
+            "--cache",
+            "mag:0.5,max_skip_steps=2",
+            "--mag-ratios",
+            ratios.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (n, _) = skipped(&stderr(&o));
+    assert!(n > 0, "MagCache with its own ratios skipped nothing");
+
+    let bad = tmp.path().join("bad.mp4");
+    let o = gen(&bad, &["--cache", "sometimes"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("first-block"), "{}", stderr(&o));
+    assert!(!bad.exists());
+}

@@ -566,6 +566,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         fps,
         conditioning,
         lora_meta,
+        &a.run,
         a.json,
     )
 }
@@ -583,6 +584,7 @@ fn generate_and_write(
     fps: u32,
     conditioning: serde_json::Value,
     lora_meta: Option<serde_json::Value>,
+    run: &generate::RunArgs,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let r0 = pipeline.resolve(req)?;
@@ -621,6 +623,7 @@ fn generate_and_write(
         Err(e) => return Err(e.into()),
     };
     let gen_secs = started.elapsed().as_secs_f64();
+    let cache_meta = generate::report_cache(run, &pipeline)?;
     let r = &out.request;
     let video = kino_server::output::frames_to_video(out.frames, out.width, out.height, fps)?;
     let mut params = kino_server::output::generation_params(r, model_name, fps);
@@ -629,6 +632,9 @@ fn generate_and_write(
         .insert("conditioning".into(), conditioning.clone());
     if let Some(l) = &lora_meta {
         params.extra.insert("lora".into(), l.clone());
+    }
+    if let Some(c) = &cache_meta {
+        params.extra.insert("cache".into(), c.clone());
     }
     let t_write = Instant::now();
     let (prov, subject) = (

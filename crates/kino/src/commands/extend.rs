@@ -239,6 +239,8 @@ pub struct LongRun<'a> {
     pub conditioning: Option<serde_json::Value>,
     /// The LoRA adapters' metadata ([`generate::RunArgs::lora_metadata`]).
     pub lora: Option<serde_json::Value>,
+    /// The step cache's spec (`--cache`), if any.
+    pub cache: Option<String>,
 }
 
 /// An extension's source video: read frame by frame when it is copied into the output.
@@ -627,6 +629,9 @@ pub fn run_long(
     if let Some(l) = &run.lora {
         params.extra.insert("lora".into(), l.clone());
     }
+    if let Some(c) = &run.cache {
+        params.extra.insert("cache".into(), json!({ "spec": c }));
+    }
     writer.set_metadata(Some(params.to_value()))?;
     let t_write = Instant::now();
     writer.finish()?;
@@ -846,6 +851,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             source: Some(source),
             conditioning: None,
             lora: a.run.lora_metadata()?,
+            cache: a.run.cache.clone(),
         },
     )
 }

@@ -60,6 +60,75 @@ pub struct RunArgs {
     /// load time) instead of applying them on the fly.
     #[arg(long)]
     pub fuse_lora: bool,
+    /// A step cache that skips transformer forwards whose output barely changes, as diffusers'
+    /// hooks with their settings: first-block:THRESHOLD,
+    /// mag:THRESHOLD[,max_skip_steps=N,retention_ratio=R] (with --mag-ratios), mag:calibrate
+    /// (with --write-mag-ratios), taylorseer:INTERVAL[,max_order=N,cache_identifiers=REGEX].
+    #[arg(long, value_name = "SPEC")]
+    pub cache: Option<String>,
+    /// MagCache: the model's magnitude ratios (a JSON list, e.g. from a mag:calibrate run).
+    #[arg(long, value_name = "FILE")]
+    pub mag_ratios: Option<PathBuf>,
+    /// With --cache mag:calibrate: where to write the measured ratios.
+    #[arg(long, value_name = "FILE")]
+    pub write_mag_ratios: Option<PathBuf>,
+}
+
+/// `--cache SPEC [--mag-ratios FILE] [--write-mag-ratios FILE]` as a cache config, checked
+/// (`kino generate`/`extend`/`edit` and `kino parity` share it).
+pub fn cache_config(
+    cache: Option<&str>,
+    mag_ratios: Option<&Path>,
+    write_mag_ratios: Option<&Path>,
+) -> anyhow::Result<Option<kino_engine::hooks::CacheConfig>> {
+    let Some(spec) = cache else {
+        if mag_ratios.is_some() || write_mag_ratios.is_some() {
+            bail!("--mag-ratios and --write-mag-ratios go with --cache mag:…");
+        }
+        return Ok(None);
+    };
+    let c: kino_engine::hooks::CacheConfig = spec.parse()?;
+    let c = match mag_ratios {
+        Some(f) => c.with_mag_ratios(kino_engine::hooks::read_mag_ratios(f)?)?,
+        None => c,
+    };
+    c.validate()?;
+    let calibrate = matches!(&c, kino_engine::hooks::CacheConfig::Mag(m) if m.calibrate);
+    if calibrate != write_mag_ratios.is_some() {
+        bail!(if calibrate {
+            "--cache mag:calibrate needs --write-mag-ratios FILE (where the ratios go)"
+        } else {
+            "--write-mag-ratios goes with --cache mag:calibrate"
+        });
+    }
+    Ok(Some(c))
+}
+
+/// After a single-clip run with a step cache: prints `skipped N of M transformer forwards`,
+/// writes calibrated MagCache ratios where asked, and returns what the metadata records.
+pub(crate) fn report_cache(
+    run: &RunArgs,
+    pipeline: &WanPipeline,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(spec) = &run.cache else {
+        return Ok(None);
+    };
+    let mut meta = json!({ "spec": spec });
+    if let Some(stats) = pipeline.cache_stats() {
+        eprintln!("kino: {}", stats.message());
+        meta["forwards"] = json!(stats.forwards);
+        meta["skipped"] = json!(stats.skipped);
+    }
+    if let (Some(path), Some(ratios)) = (&run.write_mag_ratios, pipeline.mag_calibration()) {
+        kino_engine::hooks::write_mag_ratios(path, ratios)?;
+        eprintln!(
+            "kino: wrote {} magnitude ratios to {} (use them with --cache mag:THRESHOLD --mag-ratios {})",
+            ratios.len(),
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(Some(meta))
 }
 
 impl RunArgs {
@@ -102,12 +171,18 @@ impl RunArgs {
     /// [`open_pipeline`] with these options (device, memory, tiling, adapters).
     pub fn open(&self, model_name: &str) -> anyhow::Result<(PathBuf, WanPipeline)> {
         let (lora, lora_2) = self.lora_specs()?;
+        let cache = cache_config(
+            self.cache.as_deref(),
+            self.mag_ratios.as_deref(),
+            self.write_mag_ratios.as_deref(),
+        )?;
         open_pipeline_with(
             model_name,
             self.cpu,
             !self.no_low_memory,
             self.vae_tiling,
             (lora, lora_2, self.fuse_lora),
+            cache,
         )
     }
 }
@@ -561,6 +636,7 @@ pub fn open_pipeline(
         low_memory,
         vae_tiling,
         (Vec::new(), Vec::new(), false),
+        None,
     )
 }
 
@@ -575,6 +651,7 @@ pub fn open_pipeline_with(
         Vec<kino_engine::lora::LoraSpec>,
         bool,
     ),
+    cache: Option<kino_engine::hooks::CacheConfig>,
 ) -> anyhow::Result<(PathBuf, WanPipeline)> {
     let model_dir = kino_engine::registry::resolve(model_name)?;
     let dev = device::open(if cpu {
@@ -587,6 +664,7 @@ pub fn open_pipeline_with(
     opts.lora = lora;
     opts.lora_2 = lora_2;
     opts.lora_fuse = fuse;
+    opts.cache = cache;
     if vae_tiling {
         opts.vae_tiling = Some(Default::default());
     }
@@ -901,6 +979,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let gen_secs = started.elapsed().as_secs_f64();
+    let cache_meta = report_cache(&a.run, &pipeline)?;
 
     let r = &out.request;
     let video = kino_server::output::frames_to_video(out.frames, out.width, out.height, fps)?;
@@ -921,6 +1000,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if let Some(l) = &lora_meta {
         params.extra.insert("lora".into(), l.clone());
+    }
+    if let Some(c) = &cache_meta {
+        params.extra.insert("cache".into(), c.clone());
     }
     let t_write = Instant::now();
     let (prov, subject) = (
@@ -1077,6 +1159,7 @@ fn run_long_generate(
             source: None,
             conditioning,
             lora: a.run.lora_metadata()?,
+            cache: a.run.cache.clone(),
         },
     )
 }
