@@ -22,9 +22,10 @@ use crate::{new_video_id, now_unix, valid_video_id, video_dir, AppState};
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The OpenAI `Video` object for a job (exactly OpenAI's fields).
+/// The OpenAI `Video` object for a job (OpenAI's fields; plus `lora` / `cache` when the job
+/// used Kino's extensions).
 pub fn video_object(job: &Job) -> Value {
-    json!({
+    let mut v = json!({
         "id": job.id,
         "object": "video",
         "status": job.status.as_str(),
@@ -38,7 +39,15 @@ pub fn video_object(job: &Job) -> Value {
         "prompt": job.prompt,
         "remixed_from_video_id": job.remixed_from_video_id,
         "error": job.error.as_ref().map(|(code, message)| json!({"code": code, "message": message})),
-    })
+    });
+    // Kino's extensions, only when used.
+    if !job.params.lora.is_empty() {
+        v["lora"] = crate::adapters::lora_value(&job.params.lora);
+    }
+    if let Some(c) = &job.params.cache {
+        v["cache"] = crate::adapters::cache_value(c, false);
+    }
+    v
 }
 
 /// A file sent in a multipart body.
@@ -321,6 +330,9 @@ struct Settings {
     seed: Option<u64>,
     steps: Option<usize>,
     guidance: Option<f64>,
+    /// Kino's extensions: LoRA adapters from `--lora-dir`, a step cache.
+    lora: Vec<crate::adapters::JobLora>,
+    cache: Option<crate::adapters::JobCache>,
 }
 
 /// Reads and checks the settings; `default_model` is used when the request names none.
@@ -369,6 +381,18 @@ fn read_settings(
             ));
         }
     }
+    let lora = crate::adapters::read_lora(fields, state.config.lora_dir.as_deref(), model)?;
+    if !lora.is_empty() && model.capabilities.long_video {
+        return Err(ApiError::bad_request(
+            Some("lora"),
+            "unsupported_parameter",
+            format!(
+                "model `{}` (diffusion forcing) takes no LoRA adapters yet; leave `lora` out",
+                model.id
+            ),
+        ));
+    }
+    let cache = crate::adapters::read_cache(fields, state.config.mag_ratios.as_deref(), model)?;
     Ok(Settings {
         prompt,
         model_name,
@@ -379,6 +403,8 @@ fn read_settings(
         seed,
         steps,
         guidance,
+        lora,
+        cache,
     })
 }
 
@@ -425,6 +451,8 @@ fn make_job(
             fps: model.defaults.fps,
             inputs,
             long: None,
+            lora: s.lora,
+            cache: s.cache,
         },
         owner,
     }
@@ -1689,7 +1717,9 @@ pub async fn list_models(State(state): State<AppState>) -> Response {
     for alias in mapping::SORA_ALIASES {
         data.push(json!({"id": alias, "object": "model", "created": 0, "owned_by": "kino"}));
     }
-    Json(json!({"object": "list", "data": data})).into_response()
+    // Kino's extension: the LoRA adapters a request may name (`"lora": ["name"]`).
+    let adapters = crate::adapters::listed(state.config.lora_dir.as_deref());
+    Json(json!({"object": "list", "data": data, "adapters": adapters})).into_response()
 }
 
 /// `GET /`: the web studio (one embedded page; it talks to the API above).

@@ -62,6 +62,14 @@ pub struct ServeArgs {
     /// Largest source video (`POST /v1/videos/edits`) in bytes; larger get HTTP 413.
     #[arg(long, default_value_t = crate::DEFAULT_MAX_VIDEO_BYTES)]
     pub max_video_bytes: usize,
+    /// A folder of LoRA adapters (`*.safetensors`) that requests may name by file name
+    /// (`"lora": ["anime", "clay:0.8"]`); without it, requests name none.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// MagCache calibration (a JSON list of ratios) for `"cache": "mag:…"` requests that send
+    /// no `mag_ratios`.
+    #[arg(long, value_name = "FILE")]
+    pub mag_ratios: Option<PathBuf>,
     /// Signing, watermark and prompt-policy settings.
     #[command(flatten)]
     pub provenance: kino_provenance::ProvenanceArgs,
@@ -140,6 +148,11 @@ impl ServeArgs {
         config.max_image_bytes = self.max_image_bytes;
         config.max_video_bytes = self.max_video_bytes;
         config.api_keys = self.api_key.clone();
+        config.lora_dir = self.lora_dir.clone();
+        if let Some(f) = &self.mag_ratios {
+            config.mag_ratios =
+                Some(kino_engine::hooks::read_mag_ratios(f).map_err(ServerError::MagRatios)?);
+        }
         config.provenance = self
             .provenance
             .settings()

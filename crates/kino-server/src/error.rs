@@ -169,4 +169,8 @@ pub enum ServerError {
     Provenance(String),
     #[error("the worker thread stopped before it was ready")]
     WorkerGone,
+    #[error("--lora-dir {}: {why}", path.display())]
+    LoraDir { path: PathBuf, why: String },
+    #[error("--mag-ratios: {0}")]
+    MagRatios(kino_engine::Error),
 }

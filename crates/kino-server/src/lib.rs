@@ -20,6 +20,7 @@
 //!   made in segments that survive a restart ([`segments`]).
 //! - `GET /` is a small web studio embedded in the binary (prompt, queue, gallery).
 
+pub mod adapters;
 pub mod api;
 pub mod auth;
 pub mod characters;
@@ -93,6 +94,10 @@ pub struct ServerConfig {
     pub webhook: Option<webhooks::WebhookConfig>,
     /// C2PA signing, the watermark and the prompt policy (see [`provenance`]).
     pub provenance: kino_provenance::Settings,
+    /// The LoRA adapters requests may name: the `*.safetensors` files here (see [`adapters`]).
+    pub lora_dir: Option<PathBuf>,
+    /// MagCache calibration for `"cache": "mag:…"` requests that send no `mag_ratios`.
+    pub mag_ratios: Option<Vec<f32>>,
 }
 
 impl ServerConfig {
@@ -118,6 +123,8 @@ impl ServerConfig {
             api_keys: Vec::new(),
             webhook: None,
             provenance: kino_provenance::Settings::default(),
+            lora_dir: None,
+            mag_ratios: None,
         }
     }
 }
@@ -233,6 +240,14 @@ impl Server {
             source,
         })?;
         provenance::open(&config)?;
+        if let Some(dir) = &config.lora_dir {
+            if !dir.is_dir() {
+                return Err(ServerError::LoraDir {
+                    path: dir.clone(),
+                    why: "not a directory; give the folder holding the *.safetensors adapters clients may name".into(),
+                });
+            }
+        }
         let store = Arc::new(Store::open(&config.data_dir.join("kino.sqlite3"))?);
         let requeued = store.requeue_interrupted()?;
         if requeued > 0 {

@@ -34,6 +34,12 @@ pub struct ModelInfo {
     pub frame_step: usize,
     /// What it can start from besides text (an image, a last image, a video).
     pub capabilities: Capabilities,
+    /// The transformer's block count (to check a LoRA adapter's blocks before queueing).
+    #[serde(skip)]
+    pub num_layers: usize,
+    /// A two-expert folder (Wan2.2 A14B: `transformer_2`).
+    #[serde(skip)]
+    pub two_experts: bool,
 }
 
 /// OpenAI's model names that are served as aliases.
@@ -200,6 +206,8 @@ mod tests {
                 long_video: false,
                 vace: false,
             },
+            num_layers: 1,
+            two_experts: false,
         }
     }
 

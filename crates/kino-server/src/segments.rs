@@ -257,6 +257,8 @@ mod tests {
                 long_video,
                 vace: false,
             },
+            num_layers: 1,
+            two_experts: false,
         }
     }
 

@@ -71,6 +71,12 @@ pub struct JobParams {
     /// ([`crate::segments`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub long: Option<crate::segments::LongJob>,
+    /// LoRA adapters from the server's `--lora-dir` ([`crate::adapters`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora: Vec<crate::adapters::JobLora>,
+    /// A step cache (and, once run, its forwards / skipped counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::adapters::JobCache>,
 }
 
 /// One video job.
@@ -298,6 +304,20 @@ impl Store {
         self.conn()?.execute(
             "UPDATE videos SET progress = ?2 WHERE id = ?1 AND status = 'in_progress' AND progress < ?2",
             params![id, progress.min(100)],
+        )?;
+        Ok(())
+    }
+
+    /// Replaces a job's parameters (the worker records what a run measured, e.g. the step
+    /// cache's counts).
+    pub fn set_params(&self, id: &str, p: &JobParams) -> Result<(), StoreError> {
+        let json = serde_json::to_string(p).map_err(|e| StoreError::BadRow {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        self.conn()?.execute(
+            "UPDATE videos SET params = ?2 WHERE id = ?1",
+            params![id, json],
         )?;
         Ok(())
     }

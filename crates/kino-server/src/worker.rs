@@ -170,7 +170,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name(format!("kino-worker-{device:?}"))
         .spawn(move || {
-            let pipelines = match open_models(device, &models) {
+            let (pipelines, base) = match open_models(device, &models) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -181,8 +181,11 @@ pub fn spawn(
             if tx.send(Ok(infos)).is_err() {
                 return;
             }
+            let keys = vec![options_key(&[], None); pipelines.len()];
             let mut w = Worker {
                 pipelines,
+                keys,
+                base,
                 store,
                 shared,
                 data_dir,
@@ -199,12 +202,36 @@ pub fn spawn(
     }
 }
 
-fn open_models(
-    device: DeviceChoice,
-    models: &[ModelSpec],
-) -> Result<Vec<(ModelInfo, WanPipeline)>, ServerError> {
+/// The options a pipeline was opened with beyond the device's defaults (adapters, cache), as a
+/// comparable key.
+fn options_key(
+    lora: &[crate::adapters::JobLora],
+    cache: Option<&crate::adapters::JobCache>,
+) -> String {
+    let lora: Vec<_> = lora.iter().map(|l| (&l.path, l.scale)).collect();
+    let cache = cache.map(|c| (&c.spec, &c.mag_ratios));
+    serde_json::to_string(&(lora, cache)).unwrap_or_default()
+}
+
+/// Whether a folder is a two-expert one (`transformer_2` in its model_index.json).
+fn has_transformer_2(root: &Path) -> bool {
+    std::fs::read_to_string(root.join("model_index.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("transformer_2").cloned())
+        .is_some_and(|t| match t {
+            serde_json::Value::Array(a) => a.first().is_some_and(|x| !x.is_null()),
+            serde_json::Value::Null => false,
+            _ => true,
+        })
+}
+
+type Opened = (Vec<(ModelInfo, WanPipeline)>, PipelineOptions);
+
+fn open_models(device: DeviceChoice, models: &[ModelSpec]) -> Result<Opened, ServerError> {
     let dev = kino_engine::device::open(device).map_err(ServerError::Device)?;
-    models
+    let base = PipelineOptions::for_device(dev.clone());
+    let opened = models
         .iter()
         .map(|m| {
             let p = WanPipeline::open(&m.path, PipelineOptions::for_device(dev.clone())).map_err(
@@ -220,10 +247,13 @@ fn open_models(
                 size_multiple: p.size_multiple(),
                 frame_step: p.frame_step(),
                 capabilities: p.capabilities(),
+                num_layers: p.transformer_config().num_layers,
+                two_experts: has_transformer_2(&m.path),
             };
             Ok((info, p))
         })
-        .collect()
+        .collect::<Result<Vec<_>, ServerError>>()?;
+    Ok((opened, base))
 }
 
 /// Turns engine progress events into the job's live state and stored progress, and answers
@@ -312,7 +342,12 @@ fn engine_outcome(shared: &Shared, e: kino_engine::Error) -> Outcome {
 }
 
 struct Worker {
+    /// One open pipeline per model, and the adapters / cache it was opened with
+    /// ([`options_key`]): a job with other ones reopens it (at most one per model).
     pipelines: Vec<(ModelInfo, WanPipeline)>,
+    keys: Vec<String>,
+    /// The device's default options.
+    base: PipelineOptions,
     store: Arc<Store>,
     shared: Arc<Shared>,
     data_dir: PathBuf,
@@ -407,11 +442,59 @@ impl Worker {
         }
     }
 
+    /// Reopens pipeline `i` with the job's adapters and step cache when they differ from the
+    /// ones it has.
+    fn prepare(&mut self, i: usize, job: &Job) -> Result<(), Outcome> {
+        let key = options_key(&job.params.lora, job.params.cache.as_ref());
+        if self.keys[i] == key {
+            return Ok(());
+        }
+        let mut opts = self.base.clone();
+        opts.lora = job
+            .params
+            .lora
+            .iter()
+            .map(|l| kino_engine::lora::LoraSpec {
+                path: l.path.clone(),
+                scale: l.scale,
+            })
+            .collect();
+        if let Some(c) = &job.params.cache {
+            match c.config() {
+                Ok(cfg) => opts.cache = Some(cfg),
+                Err(e) => {
+                    return Err(Outcome::Failed(
+                        "invalid_request".into(),
+                        format!("cache `{}`: {e}", c.spec),
+                    ))
+                }
+            }
+        }
+        let path = self.pipelines[i].0.path.clone();
+        match WanPipeline::open(&path, opts) {
+            Ok(p) => {
+                tracing::info!(
+                    model = self.pipelines[i].0.id,
+                    adapters = job.params.lora.len(),
+                    cache = job.params.cache.as_ref().map(|c| c.spec.as_str()),
+                    "model reopened with the job's adapters / step cache"
+                );
+                self.pipelines[i].1 = p;
+                self.keys[i] = key;
+                Ok(())
+            }
+            Err(e) => Err(Outcome::Failed(
+                "invalid_request".into(),
+                format!("cannot use the job's adapters or step cache: {e}"),
+            )),
+        }
+    }
+
     fn run_job(&mut self, job: &Job) -> Outcome {
-        let Some((info, pipeline)) = self
+        let Some(i) = self
             .pipelines
-            .iter_mut()
-            .find(|(i, _)| i.id == job.params.model_id)
+            .iter()
+            .position(|(i, _)| i.id == job.params.model_id)
         else {
             return Outcome::Failed(
                 "model_not_found".into(),
@@ -421,6 +504,10 @@ impl Worker {
                 ),
             );
         };
+        if let Err(o) = self.prepare(i, job) {
+            return o;
+        }
+        let (info, pipeline) = &mut self.pipelines[i];
         if let Some(long) = &job.params.long {
             let shared = self.shared.clone();
             let store = self.store.clone();
@@ -460,11 +547,21 @@ impl Worker {
             Err(e) => return engine_outcome(&self.shared, e),
         };
         let _ = self.store.set_progress(id, 97);
+        // Record what the step cache skipped (video object and metadata).
+        let mut job = job.clone();
+        if let (Some(c), Some(st)) = (job.params.cache.as_mut(), out.cache_stats) {
+            c.forwards = Some(st.forwards);
+            c.skipped = Some(st.skipped);
+            tracing::info!(id, "{}", st.message());
+            if let Err(e) = self.store.set_params(id, &job.params) {
+                tracing::warn!(id, "cannot record the cache's counts: {e}");
+            }
+        }
         let dir = video_dir(&self.data_dir, id);
         let written =
             crate::output::frames_to_video(out.frames, out.width, out.height, job.params.fps)
                 .map_err(|e| e.to_string())
-                .and_then(|video| write_outputs(&dir, info, job, &video, &out.request, None));
+                .and_then(|video| write_outputs(&dir, info, &job, &video, &out.request, None));
         match written {
             Ok(()) => Outcome::Done,
             Err(msg) => {
@@ -720,6 +817,14 @@ fn write_outputs(
         params
             .extra
             .insert("conditioning".into(), inputs.metadata(width, height));
+    }
+    if let Some(l) = crate::adapters::lora_metadata(&job.params.lora)? {
+        params.extra.insert("lora".into(), l);
+    }
+    if let Some(c) = &job.params.cache {
+        params
+            .extra
+            .insert("cache".into(), crate::adapters::cache_value(c, true));
     }
     if let Some(src) = &job.remixed_from_video_id {
         params
