@@ -156,29 +156,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let cache = match &a.cache {
-        Some(spec) => {
-            let c: kino_engine::hooks::CacheConfig = spec.parse()?;
-            let c = match &a.mag_ratios {
-                Some(f) => c.with_mag_ratios(kino_engine::hooks::read_mag_ratios(f)?)?,
-                None => c,
-            };
-            c.validate()?;
-            let calibrate = matches!(&c, kino_engine::hooks::CacheConfig::Mag(m) if m.calibrate);
-            if calibrate != a.write_mag_ratios.is_some() {
-                anyhow::bail!(if calibrate {
-                    "--cache mag:calibrate needs --write-mag-ratios FILE (where the ratios go)"
-                } else {
-                    "--write-mag-ratios goes with --cache mag:calibrate"
-                });
-            }
-            Some(c)
-        }
-        None if a.mag_ratios.is_some() || a.write_mag_ratios.is_some() => {
-            anyhow::bail!("--mag-ratios and --write-mag-ratios go with --cache mag:…")
-        }
-        None => None,
-    };
+    let cache = super::generate::cache_config(
+        a.cache.as_deref(),
+        a.mag_ratios.as_deref(),
+        a.write_mag_ratios.as_deref(),
+    )?;
     let choice = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let dev = device::open(choice).with_context(|| {
