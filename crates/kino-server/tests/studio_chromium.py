@@ -151,6 +151,37 @@ DRIVE = r"""
 })()
 """
 
+# KINO_STUDIO_DRIVE=adapters (a server with --lora-dir): pick an adapter and a step cache in the
+# form, generate, and read the gallery card.
+DRIVE_ADAPTERS = r"""
+(async () => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const until = async (f, what, ms = 90000) => {
+    const t = Date.now();
+    for (;;) {
+      const v = f();
+      if (v) return v;
+      if (Date.now() - t > ms) throw new Error("timed out waiting for " + what);
+      await sleep(25);
+    }
+  };
+  await until(() => document.querySelector("#lora option"), "the adapter list");
+  const options = Array.from(document.querySelectorAll("#lora option")).map((o) => o.value);
+  const boxShown = getComputedStyle(document.querySelector("#lora-box")).display !== "none";
+  document.querySelector("#lora option[value=peft]").selected = true;
+  document.querySelector("#cache").value = "first-block:0.9";
+  document.querySelector("#prompt").value = "a red square";
+  document.querySelector("#seconds").value = "1";
+  document.querySelector("#create button[type=submit]").click();
+  const video = await until(() => {
+    const v = document.querySelector("#gallery .card video");
+    return v && v.readyState >= 2 && v.videoWidth > 0 && v;
+  }, "the finished video in the gallery");
+  return { options, boxShown, params: document.querySelector("#gallery .card .params").textContent, width: video.videoWidth };
+})()
+"""
+ADAPTERS = os.environ.get("KINO_STUDIO_DRIVE") == "adapters"
+
 
 class Cdp:
     def __init__(self):
@@ -225,12 +256,19 @@ try:
         time.sleep(0.05)
     else:
         sys.exit(f"the studio page {URL} did not load")
-    r = cdp.call("Runtime.evaluate", {"expression": DRIVE, "awaitPromise": True, "returnByValue": True}, session)
+    drive = DRIVE_ADAPTERS if ADAPTERS else DRIVE
+    r = cdp.call("Runtime.evaluate", {"expression": drive, "awaitPromise": True, "returnByValue": True}, session)
     if "exceptionDetails" in r:
         d = r["exceptionDetails"]
         sys.exit("studio test failed in the page: " + str(d.get("exception", {}).get("description", d)))
     s = r["result"]["value"]
     print(json.dumps(s))
+    if ADAPTERS:
+        assert s["options"] == ["peft", "wan"] and s["boxShown"], f"the adapters from GET /v1/models: {s}"
+        assert "adapters peft" in s["params"], f"the card names the adapter: {s}"
+        assert "cache first-block:0.9 (skipped " in s["params"], f"the card shows the cache and its count: {s}"
+        print("studio adapters OK")
+        sys.exit(0)
     assert s["prompt"] == "a corgi surfing at sunset", s
     assert s["width"] > s["height"] > 0, s
     assert s["playedTo"] > 0.2, s
