@@ -271,17 +271,29 @@ fn step_cache_skips_forwards_and_reports_them() {
     let model = fixtures().join("pipeline-cache/model");
     // (The fixture's thresholds skip on its own inputs; with a prompt through the tiny text
     // encoder these settings skip some but not all forwards.)
-    let srv = server(data.path(), "tiny-cache", model, None);
+    let ratios_file = fixtures().join("pipeline-cache/mag_ratios.json");
+    let ratios: Value =
+        serde_json::from_str(&std::fs::read_to_string(&ratios_file).unwrap()).unwrap();
+    // The server's default ratios (`--mag-ratios FILE`) for requests that send none.
+    let mut c = ServerConfig::new(
+        "127.0.0.1:0",
+        data.path(),
+        vec![ModelSpec {
+            id: "tiny-cache".into(),
+            path: model,
+        }],
+    );
+    c.devices = vec![DeviceChoice::Cpu];
+    c.mag_ratios = Some(kino_engine::hooks::read_mag_ratios(&ratios_file).unwrap());
+    let srv = ServerHandle::start(c).unwrap();
     let a = srv.addr();
-    let ratios: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("pipeline-cache/mag_ratios.json")).unwrap(),
-    )
-    .unwrap();
     for body in [
         json!({"prompt": "a red square", "seconds": "1", "steps": 10, "guidance": 5.0,
                "cache": "first-block:0.9"}),
         json!({"prompt": "a red square", "seconds": "1", "steps": 10, "guidance": 5.0,
                "cache": "mag:0.5,max_skip_steps=2,retention_ratio=0.1", "mag_ratios": ratios}),
+        json!({"prompt": "a red square", "seconds": "1", "steps": 10, "guidance": 5.0,
+               "cache": "mag:0.5,max_skip_steps=2,retention_ratio=0.1"}),
     ] {
         let v = create(a, body.clone());
         assert_eq!(v["cache"]["spec"], body["cache"], "{v}");
@@ -296,7 +308,7 @@ fn step_cache_skips_forwards_and_reports_them() {
         assert_eq!(meta["cache"]["forwards"], c["forwards"], "{meta}");
         assert_eq!(meta["cache"]["skipped"], c["skipped"], "{meta}");
         assert_eq!(meta["cache"]["spec"], body["cache"]);
-        if body.get("mag_ratios").is_some() {
+        if body["cache"].as_str().unwrap().starts_with("mag") {
             assert_eq!(
                 meta["cache"]["mag_ratios"].as_array().map(Vec::len),
                 Some(10)
@@ -332,4 +344,22 @@ fn openai_sdk_sends_adapters_in_extra_body() {
         .unwrap();
     assert_eq!(meta["lora"]["adapters"][0]["file"], "peft.safetensors");
     assert_eq!(meta["lora"]["adapters"][0]["scale"], 0.5);
+}
+
+#[test]
+fn a_missing_lora_dir_stops_the_server_at_start() {
+    let data = tempfile::tempdir().unwrap();
+    let missing = data.path().join("no-such-dir");
+    let mut c = ServerConfig::new(
+        "127.0.0.1:0",
+        data.path(),
+        vec![ModelSpec {
+            id: "tiny-lora".into(),
+            path: fixtures().join("pipeline-lora/model"),
+        }],
+    );
+    c.devices = vec![DeviceChoice::Cpu];
+    c.lora_dir = Some(missing);
+    let err = ServerHandle::start(c).err().expect("refused");
+    assert!(err.to_string().contains("--lora-dir"), "{err}");
 }
