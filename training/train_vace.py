@@ -1,6 +1,7 @@
 """Train kino-shapes-vace: kino-shapes with a VACE control branch (masks, references, continuing).
 
-    python training/train_vace.py --out models/kino-shapes-vace --threads 2     # ~1 h on 2 cores
+    python training/train_vace.py --out models/kino-shapes-vace --threads 2 --max-minutes 52
+                                                          # the shipped run's settings (2 cores)
     python training/train_vace.py --out /tmp/v --smoke                          # checks the script
 
 Starts from the shipped `models/kino-shapes` (its VAE, text encoder, tokenizer and scheduler
@@ -71,7 +72,7 @@ CONFIG = {
     "edit": {"margin": [2, 5], "keep_masked": 0.25},
     "continue": {"context": 5, "turn": 0.5},
     "steps": 3000,
-    "batch": 24,
+    "batch": 8,
     "lr": 8e-4,
     "warmup": 30,
     "ema": 0.99,
