@@ -46,6 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !settings.sign && !settings.watermark {
         bail!("--no-sign and --no-watermark together leave nothing to do");
     }
+    let watermark_on = settings.watermark;
     let mut prov = kino_provenance::Provenance::open(settings)?;
     prov.announce();
     let sha = kino_provenance::sha256_file(&a.input)?;
@@ -70,6 +71,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Video::new(frames, fps)?
     } else {
         video
+    };
+    // A clip that already carries a Kino watermark keeps its id: a second id laid over the
+    // first interferes with it, and either may then fail to read back.
+    let id = match (&a.id, watermark_on) {
+        (None, true) => {
+            let found = prov.detect(video.frames());
+            match (found.detected, found.id) {
+                (true, Some(existing)) => {
+                    eprintln!(
+                        "kino mark: {} already carries Kino watermark id {}; embedding that id \
+                         again (a second id would interfere with it; --id sets one anyway)",
+                        a.input.display(),
+                        kino_provenance::fmt_watermark_id(existing)
+                    );
+                    existing
+                }
+                _ => id,
+            }
+        }
+        _ => id,
     };
     let name = a
         .input
