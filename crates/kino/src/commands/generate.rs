@@ -168,7 +168,7 @@ impl RunArgs {
         Ok(Some(json!({ "adapters": list, "fused": self.fuse_lora })))
     }
 
-    /// [`open_pipeline`] with these options (device, memory, tiling, adapters).
+    /// [`open_pipeline_with`] with these options (device, memory, tiling, adapters, cache).
     pub fn open(&self, model_name: &str) -> anyhow::Result<(PathBuf, WanPipeline)> {
         let (lora, lora_2) = self.lora_specs()?;
         let cache = cache_config(
@@ -623,24 +623,8 @@ pub fn model_name(arg: Option<&str>) -> String {
 }
 
 /// Resolves a model alias or folder and opens it on the GPU if there is one (the CPU with
-/// `cpu`). Returns the model folder and the pipeline.
-pub fn open_pipeline(
-    model_name: &str,
-    cpu: bool,
-    low_memory: bool,
-    vae_tiling: bool,
-) -> anyhow::Result<(PathBuf, WanPipeline)> {
-    open_pipeline_with(
-        model_name,
-        cpu,
-        low_memory,
-        vae_tiling,
-        (Vec::new(), Vec::new(), false),
-        None,
-    )
-}
-
-/// [`open_pipeline`] with LoRA adapters (for `transformer`, for `transformer_2`, fused).
+/// `cpu`), with LoRA adapters (for `transformer`, for `transformer_2`, fused) and a step cache.
+/// Returns the model folder and the pipeline.
 pub fn open_pipeline_with(
     model_name: &str,
     cpu: bool,

@@ -108,6 +108,16 @@ pub struct Args {
     /// video reloads the models).
     #[arg(long)]
     low_memory: bool,
+    /// Score the model with LoRA adapters (FILE[:SCALE], repeatable), as `kino generate --lora`.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
+    /// Score the model with a step cache, as `kino generate --cache` (the forwards run and
+    /// skipped over all videos are printed).
+    #[arg(long, value_name = "SPEC")]
+    cache: Option<String>,
+    /// MagCache: the model's magnitude ratios (a JSON list from a mag:calibrate run).
+    #[arg(long, value_name = "FILE")]
+    mag_ratios: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -275,8 +285,22 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the --save folder {}", dir.display()))?;
     }
-    let (model_dir, mut pipeline) =
-        generate::open_pipeline(&model_name, a.cpu, a.low_memory, false)?;
+    let lora = a
+        .lora
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<kino_engine::lora::LoraSpec>, _>>()?;
+    let cache = generate::cache_config(a.cache.as_deref(), a.mag_ratios.as_deref(), None)?;
+    let (model_dir, mut pipeline) = generate::open_pipeline_with(
+        &model_name,
+        a.cpu,
+        a.low_memory,
+        false,
+        (lora, Vec::new(), false),
+        cache,
+    )?;
+    // Transformer forwards run and skipped over every video (with --cache).
+    let mut forwards = (0usize, 0usize);
     let fps = pipeline.defaults().fps;
     if a.edit || a.reference {
         let mode = if a.edit {
@@ -380,6 +404,10 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
                     &mut kino_engine::progress::ignore,
                 )
                 .with_context(|| format!("generating {:?} with seed {seed}", case.prompt))?;
+            if let Some(st) = pipeline.cache_stats() {
+                forwards.0 += st.forwards;
+                forwards.1 += st.skipped;
+            }
             let found = analyse(&out.frames, out.width, out.height, &spec)?;
             let start = image
                 .as_ref()
@@ -463,6 +491,9 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             "videos": n,
             "seconds": secs,
             "accuracy": accuracy,
+            "lora": a.lora,
+            "cache": a.cache,
+            "transformer_forwards": {"run": forwards.0 - forwards.1, "skipped": forwards.1, "total": forwards.0},
             "misses": misses,
             "runs": runs,
         });
@@ -491,6 +522,18 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     }
     let all_label = if a.image { "all five" } else { "all four" };
     println!("{all_label:<12} {all:>7} {n:>6} {:>8.1}%", pct(all));
+    if let Some(c) = &a.cache {
+        let run = forwards.0 - forwards.1;
+        println!(
+            "cache {c}: skipped {} of {} transformer forwards ({:.2}× fewer)",
+            forwards.1,
+            forwards.0,
+            forwards.0 as f64 / run.max(1) as f64
+        );
+    }
+    if !a.lora.is_empty() {
+        println!("adapters: {}", a.lora.join(", "));
+    }
     if a.image {
         println!("(start: the object's centre in frame 0 within {START_TOLERANCE} px of the first image's)");
     }
