@@ -104,22 +104,8 @@ fn lora_items(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
             "`lora` must be a list of adapter names, each NAME or NAME:SCALE, e.g. {\"lora\": [\"anime\", \"clay:0.8\"]} (multipart: lora[]=anime; with the openai SDK: extra_body={\"lora\": [\"anime\"]}); GET /v1/models lists the adapters".into(),
         )
     };
-    let items: Vec<Value> = match fields.get("lora") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(a)) => a.clone(),
-        Some(Value::String(s)) => {
-            let t = s.trim();
-            if t.starts_with('[') {
-                serde_json::from_str::<Vec<Value>>(t).map_err(|_| usage())?
-            } else {
-                t.split(',')
-                    .map(str::trim)
-                    .filter(|x| !x.is_empty())
-                    .map(|x| Value::String(x.to_string()))
-                    .collect()
-            }
-        }
-        Some(_) => return Err(usage()),
+    let Some(items) = crate::api::list_field(fields, "lora").map_err(|()| usage())? else {
+        return Ok(Vec::new());
     };
     items
         .into_iter()

@@ -725,6 +725,32 @@ fn refuse_field(fields: &Fields, name: &'static str, why: &str) -> ApiResult<()>
     Ok(())
 }
 
+/// A list-valued extension field (`characters`, `lora`): a JSON array, repeated multipart
+/// `NAME[]` fields (gathered into an array), or one text field holding a JSON array or items
+/// separated by commas. `Ok(None)` when absent; `Err(())` when it is none of these.
+pub(crate) fn list_field(
+    fields: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<Vec<Value>>, ()> {
+    Ok(Some(match fields.get(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a.clone(),
+        Some(Value::String(s)) => {
+            let t = s.trim();
+            if t.starts_with('[') {
+                serde_json::from_str::<Vec<Value>>(t).map_err(|_| ())?
+            } else {
+                t.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| Value::String(x.to_string()))
+                    .collect()
+            }
+        }
+        Some(_) => return Err(()),
+    }))
+}
+
 /// The `characters` extension field: character ids in order, from a JSON array (of ids or
 /// `{"id": …}`), repeated multipart `characters[]` fields, or one text field holding ids
 /// separated by commas (or a JSON array).
@@ -736,22 +762,8 @@ fn character_ids(fields: &Map<String, Value>) -> ApiResult<Vec<String>> {
             "`characters` must be a list of character ids, e.g. {\"characters\": [\"char_0123…\"]} (multipart: characters[]=char_…; with the openai SDK: extra_body={\"characters\": [id]})",
         )
     };
-    let items: Vec<Value> = match fields.get("characters") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(a)) => a.clone(),
-        Some(Value::String(s)) => {
-            let t = s.trim();
-            if t.starts_with('[') {
-                serde_json::from_str::<Vec<Value>>(t).map_err(|_| bad())?
-            } else {
-                t.split(',')
-                    .map(str::trim)
-                    .filter(|x| !x.is_empty())
-                    .map(|x| Value::String(x.to_string()))
-                    .collect()
-            }
-        }
-        Some(_) => return Err(bad()),
+    let Some(items) = list_field(fields, "characters").map_err(|()| bad())? else {
+        return Ok(Vec::new());
     };
     items
         .into_iter()

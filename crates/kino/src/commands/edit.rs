@@ -664,35 +664,21 @@ fn generate_and_write(
         }
     }
     let write_secs = t_write.elapsed().as_secs_f64();
-    eprintln!(
-        "wrote {} ({} frames, {:.1} s of video) in {:.1} s",
-        output.display(),
-        video.len(),
-        video.duration_secs(),
-        gen_secs + write_secs
-    );
-    if json_out {
-        let summary = json!({
-            "output": output,
-            "format": format.name(),
-            "model": model_name,
-            "model_path": model_dir,
-            "width": r.width,
-            "height": r.height,
-            "frames": r.num_frames,
-            "fps": fps,
-            "steps": r.num_inference_steps,
-            "guidance": r.guidance_scale,
-            "shift": r.shift,
-            "seed": r.seed,
-            "prompt": r.prompt,
-            "negative_prompt": r.negative_prompt,
-            "conditioning": conditioning,
-            "seconds": { "generate": gen_secs, "write": write_secs, "stages": view.stage_times },
-        });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    Ok(())
+    generate::report_written(
+        &generate::Written {
+            output,
+            format,
+            model_name,
+            model_dir,
+            fps,
+            frames: video.len(),
+            duration: video.duration_secs(),
+        },
+        r,
+        &conditioning,
+        (gen_secs, write_secs, &view.stage_times),
+        json_out,
+    )
 }
 
 #[cfg(test)]

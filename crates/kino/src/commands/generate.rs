@@ -1016,31 +1016,68 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let write_secs = t_write.elapsed().as_secs_f64();
+    report_written(
+        &Written {
+            output: &output,
+            format,
+            model_name: &model_name,
+            model_dir: &model_dir,
+            fps,
+            frames: video.len(),
+            duration: video.duration_secs(),
+        },
+        r,
+        &json!(conditioning),
+        (gen_secs, write_secs, &view.stage_times),
+        a.json,
+    )
+}
+
+/// What a single-clip run wrote, for [`report_written`].
+pub(crate) struct Written<'a> {
+    pub output: &'a Path,
+    pub format: Format,
+    pub model_name: &'a str,
+    pub model_dir: &'a Path,
+    pub fps: u32,
+    pub frames: usize,
+    pub duration: f64,
+}
+
+/// After a single-clip run (`kino generate`, `kino edit`): the "wrote …" line, and with `--json`
+/// the run's summary on stdout.
+pub(crate) fn report_written(
+    w: &Written<'_>,
+    r: &kino_engine::wan::pipeline::ResolvedRequest,
+    conditioning: &serde_json::Value,
+    (gen_secs, write_secs, stages): (f64, f64, &BTreeMap<&'static str, f64>),
+    json_out: bool,
+) -> anyhow::Result<()> {
     eprintln!(
         "wrote {} ({} frames, {:.1} s of video) in {:.1} s",
-        output.display(),
-        video.len(),
-        video.duration_secs(),
+        w.output.display(),
+        w.frames,
+        w.duration,
         gen_secs + write_secs
     );
-    if a.json {
-        let summary = serde_json::json!({
-            "output": output,
-            "format": format.name(),
-            "model": model_name,
-            "model_path": model_dir,
+    if json_out {
+        let summary = json!({
+            "output": w.output,
+            "format": w.format.name(),
+            "model": w.model_name,
+            "model_path": w.model_dir,
             "width": r.width,
             "height": r.height,
             "frames": r.num_frames,
-            "fps": fps,
+            "fps": w.fps,
             "steps": r.num_inference_steps,
             "guidance": r.guidance_scale,
             "shift": r.shift,
             "seed": r.seed,
             "prompt": r.prompt,
-        "negative_prompt": r.negative_prompt,
+            "negative_prompt": r.negative_prompt,
             "conditioning": conditioning,
-            "seconds": { "generate": gen_secs, "write": write_secs, "stages": view.stage_times },
+            "seconds": { "generate": gen_secs, "write": write_secs, "stages": stages },
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
