@@ -894,7 +894,8 @@ impl WanPipeline {
                 )));
             }
         }
-        if caps.vace {
+        // A VACE model checks images as every image model does (below); the rest as VACE.
+        if caps.vace && !matches!(c, Conditioning::Image { .. }) {
             if let Conditioning::Continue { frames } = c {
                 let k = self.vace_context_frames(r.num_frames).min(frames.len());
                 for f in &frames[frames.len() - k..] {
@@ -905,19 +906,6 @@ impl WanPipeline {
                         "continuing a video with this model keeps its last {k} frames; ask for \
                          more than {k} frames"
                     )));
-                }
-                return Ok(());
-            }
-            if let Conditioning::Image { first, last } = c {
-                fits("first image", first)?;
-                if let Some(l) = last {
-                    fits("last image", l)?;
-                    if r.num_frames < 2 {
-                        return Err(Error::InvalidRequest(
-                            "a first and a last image need at least 2 frames; try --frames 5"
-                                .into(),
-                        ));
-                    }
                 }
                 return Ok(());
             }
