@@ -74,6 +74,9 @@ fn check_dir(dir: &Path) -> Result<()> {
 /// single file.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     check_dir(dir)?;
+    if let Some(note) = crate::single_file::Note::read(dir)? {
+        return Ok(vec![note.file]);
+    }
     for index in INDEX_NAMES {
         let path = dir.join(index);
         if path.exists() {
@@ -141,6 +144,9 @@ pub struct Weights {
     /// LoRA adapters applied to these weights (see `crate::lora`): folded into the weights and
     /// biases they adapt, and (on the fly) served as `LAYER.lora_down` / `LAYER.lora_up`.
     lora: Option<Arc<crate::lora::LoraSet>>,
+    /// A single file with other names (`crate::single_file`): diffusers names → the file's, and
+    /// the scales of fp8 "scaled" weights.
+    renamed: Option<Arc<crate::single_file::NameMap>>,
 }
 
 /// The virtual tensor names a layer's on-the-fly LoRA pair is served under.
@@ -150,6 +156,7 @@ pub(crate) const LORA_UP: &str = "lora_up";
 impl Weights {
     /// Maps every safetensors file of `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
+        let note = crate::single_file::Note::read(dir)?;
         let files = weight_files(dir)?;
         for f in &files {
             check_safetensors(f)?;
@@ -163,12 +170,28 @@ impl Weights {
                     message: format!("not a valid safetensors file: {e}"),
                 }
             })?;
+        let renamed = match &note {
+            Some(note) => {
+                let names: Vec<String> = inner.tensors().into_iter().map(|(n, _)| n).collect();
+                Some(Arc::new(crate::single_file::name_map(note, &names)?))
+            }
+            None => None,
+        };
         Ok(Self {
             inner: Arc::new(inner),
-            location: dir.to_path_buf(),
+            location: note.map(|n| n.file).unwrap_or_else(|| dir.to_path_buf()),
             last_error: Arc::new(Mutex::new(None)),
             lora: None,
+            renamed,
         })
+    }
+
+    /// The name a tensor has in the files (the same but for single files with other names).
+    fn file_name<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        match &self.renamed {
+            Some(map) => map.names.get(name).map(String::as_str),
+            None => Some(name),
+        }
     }
 
     /// These weights with LoRA adapters applied.
@@ -185,7 +208,10 @@ impl Weights {
 
     /// Names of all tensors (for diagnostics and tests).
     pub fn names(&self) -> Vec<String> {
-        self.inner.tensors().into_iter().map(|(n, _)| n).collect()
+        match &self.renamed {
+            Some(map) => map.names.keys().cloned().collect(),
+            None => self.inner.tensors().into_iter().map(|(n, _)| n).collect(),
+        }
     }
 
     /// Converts an error raised while building a model from these weights into our typed error.
@@ -291,13 +317,23 @@ impl SimpleBackend for Weights {
                 }
             }
         }
-        if self.inner.get(name).is_err() {
+        let Some(file_name) = self.file_name(name).filter(|n| self.inner.get(n).is_ok()) else {
             return Err(self.record(LoadError::Missing {
                 name: name.to_string(),
                 location: self.location.clone(),
             }));
+        };
+        let mut t = self.inner.load(file_name, dev)?;
+        // ComfyUI's fp8 "scaled" weights: the stored value times its per-tensor scale.
+        if let Some(scale) = self.renamed.as_ref().and_then(|m| m.scales.get(name)) {
+            let s = self.inner.load(scale, dev)?.to_dtype(DType::F32)?;
+            let s = if s.elem_count() == 1 {
+                s.flatten_all()?.reshape(())?
+            } else {
+                s
+            };
+            t = t.to_dtype(DType::F32)?.broadcast_mul(&s)?;
         }
-        let t = self.inner.load(name, dev)?;
         match &self.lora {
             Some(lora) => lora.adjust(name, t)?.to_dtype(dtype),
             None => t.to_dtype(dtype),
@@ -310,7 +346,8 @@ impl SimpleBackend for Weights {
                 return lora.on_the_fly(layer);
             }
         }
-        self.inner.get(name).is_ok()
+        self.file_name(name)
+            .is_some_and(|n| self.inner.get(n).is_ok())
     }
 }
 
@@ -465,8 +502,9 @@ impl SimpleBackend for RandomWeights {
         )))
     }
 
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
+    /// Every weight a model asks for, but no LoRA factors (random weights carry no adapter).
+    fn contains_tensor(&self, name: &str) -> bool {
+        !(name.ends_with(LORA_DOWN) || name.ends_with(LORA_UP))
     }
 }
 

@@ -143,6 +143,17 @@ impl LoraAdapter {
                 other.len()
             )));
         }
+        // diffusers' own saved naming (`convert_state_dict_to_diffusers`: `….lora.down.weight`,
+        // `….lora.up.weight`, what `save_lora_weights` writes from its training scripts) is
+        // turned into PEFT naming as `load_lora_adapter` does (`convert_unet_state_dict_to_peft`,
+        // on every key when the first, in sorted order, is not PEFT-named: that function names
+        // only the attention projections the old way, so files mix both namings).
+        if sd.keys().next().is_some_and(|k| !k.contains("lora_A")) {
+            sd = sd
+                .into_iter()
+                .map(|(k, v)| (unet_to_peft_name(&k), v))
+                .collect();
+        }
         let config = PeftConfig::from_metadata(metadata.as_ref()).map_err(bad)?;
         // Per layer: lora_A, lora_B, lora_B.bias.
         type Parts = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
@@ -286,8 +297,44 @@ impl PeftConfig {
     }
 }
 
+/// diffusers' `convert_unet_state_dict_to_peft` on one key: `KEYS_TO_ALWAYS_REPLACE`, then each
+/// the first pattern of `UNET_TO_DIFFUSERS` (in its order) that the key holds.
+fn unet_to_peft_name(key: &str) -> String {
+    const UNET_TO_DIFFUSERS: [(&str, &str); 11] = [
+        (".to_out_lora.up", ".to_out.0.lora_B"),
+        (".to_out_lora.down", ".to_out.0.lora_A"),
+        (".to_q_lora.down", ".to_q.lora_A"),
+        (".to_q_lora.up", ".to_q.lora_B"),
+        (".to_k_lora.down", ".to_k.lora_A"),
+        (".to_k_lora.up", ".to_k.lora_B"),
+        (".to_v_lora.down", ".to_v.lora_A"),
+        (".to_v_lora.up", ".to_v.lora_B"),
+        (".lora.up", ".lora_B"),
+        (".lora.down", ".lora_A"),
+        (
+            ".to_out.lora_magnitude_vector",
+            ".to_out.0.lora_magnitude_vector",
+        ),
+    ];
+    let mut k = key.replace(".processor.", ".");
+    for (from, to) in UNET_TO_DIFFUSERS {
+        if k.contains(from) {
+            k = k.replace(from, to);
+            break;
+        }
+    }
+    k
+}
+
 /// The `__metadata__` `lora_adapter_metadata` JSON of a safetensors file, if any.
 fn read_metadata(path: &Path) -> Result<Option<serde_json::Value>> {
+    read_metadata_json(path, "lora_adapter_metadata")
+}
+
+/// The JSON string under `key` in a safetensors file's `__metadata__`, parsed, if any (the
+/// header alone is read). Kino's own adapters keep what they are and their presets under
+/// `kino` ([`crate::preset`]).
+pub fn read_metadata_json(path: &Path, key: &str) -> Result<Option<serde_json::Value>> {
     use std::io::Read;
     let bad = |message: String| Error::BadFile {
         path: path.to_path_buf(),
@@ -308,12 +355,12 @@ fn read_metadata(path: &Path) -> Result<Option<serde_json::Value>> {
         serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt header: {e}")))?;
     let meta = v
         .get("__metadata__")
-        .and_then(|m| m.get("lora_adapter_metadata"))
+        .and_then(|m| m.get(key))
         .and_then(|s| s.as_str());
     match meta {
         Some(s) => serde_json::from_str(s)
             .map(Some)
-            .map_err(|e| bad(format!("lora_adapter_metadata is not JSON: {e}"))),
+            .map_err(|e| bad(format!("{key} in the metadata is not JSON: {e}"))),
         None => Ok(None),
     }
 }
@@ -842,6 +889,78 @@ mod tests {
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default()
+    }
+
+    #[test]
+    fn diffusers_saved_naming_reads_as_peft_naming() {
+        // What `save_lora_weights` writes from `convert_state_dict_to_diffusers(...)`.
+        let a = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 4))
+            .unwrap();
+        let b = Tensor::ones((4, 2), DType::F32, &Device::Cpu).unwrap();
+        let old = write(
+            "saved.safetensors",
+            &[
+                (
+                    "transformer.blocks.0.attn1.to_q.lora.down.weight",
+                    a.clone(),
+                ),
+                ("transformer.blocks.0.attn1.to_q.lora.up.weight", b.clone()),
+                (
+                    "transformer.blocks.0.attn1.processor.to_k.lora.down.weight",
+                    a.clone(),
+                ),
+                (
+                    "transformer.blocks.0.attn1.processor.to_k.lora.up.weight",
+                    b.clone(),
+                ),
+                // The feed-forward layers keep PEFT naming in such files.
+                ("transformer.blocks.0.ffn.net.2.lora_A.weight", a.clone()),
+                ("transformer.blocks.0.ffn.net.2.lora_B.weight", b.clone()),
+            ],
+        );
+        let peft = write(
+            "peft-named.safetensors",
+            &[
+                ("transformer.blocks.0.attn1.to_q.lora_A.weight", a.clone()),
+                ("transformer.blocks.0.attn1.to_q.lora_B.weight", b.clone()),
+                ("transformer.blocks.0.attn1.to_k.lora_A.weight", a.clone()),
+                ("transformer.blocks.0.attn1.to_k.lora_B.weight", b.clone()),
+                ("transformer.blocks.0.ffn.net.2.lora_A.weight", a),
+                ("transformer.blocks.0.ffn.net.2.lora_B.weight", b),
+            ],
+        );
+        let (x, y) = (
+            LoraAdapter::load(&old).unwrap(),
+            LoraAdapter::load(&peft).unwrap(),
+        );
+        assert_eq!(
+            x.layers().collect::<Vec<_>>(),
+            [
+                "blocks.0.attn1.to_k",
+                "blocks.0.attn1.to_q",
+                "blocks.0.ffn.net.2"
+            ]
+        );
+        assert_eq!(
+            x.layers().collect::<Vec<_>>(),
+            y.layers().collect::<Vec<_>>()
+        );
+        for (m, n) in x.modules.values().zip(y.modules.values()) {
+            let d = (&m.down - &n.down)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            assert_eq!(m.scaling, n.scaling);
+        }
+        assert_eq!(
+            unet_to_peft_name("x.to_out_lora.up.weight"),
+            "x.to_out.0.lora_B.weight"
+        );
     }
 
     #[test]

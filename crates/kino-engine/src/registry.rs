@@ -269,8 +269,32 @@ pub fn manual_install_hint(model: &KnownModel) -> String {
     )
 }
 
-/// Resolves `--model`: an existing folder, or a known alias that has been pulled.
+/// Kino's own cache: `$KINO_CACHE`, else `$XDG_CACHE_HOME/kino`, else `~/.cache/kino`.
+pub fn kino_cache() -> PathBuf {
+    if let Some(p) = std::env::var_os("KINO_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("kino");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/kino")
+}
+
+/// Resolves `--model`: an existing folder, a known alias that has been pulled, or single files
+/// (comma-separated `.safetensors` pieces or a ComfyUI `models/` folder, with a folder or alias
+/// for the configs; see `crate::single_file`).
 pub fn resolve(model: &str) -> Result<PathBuf> {
+    if crate::single_file::is_single_file_spec(model) {
+        return crate::single_file::layout(model, &kino_cache(), &resolve_folder);
+    }
+    resolve_folder(model)
+}
+
+/// [`resolve`] for one folder or alias.
+fn resolve_folder(model: &str) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());

@@ -16,7 +16,20 @@ struct Cache {
     files: BTreeMap<String, (u64, u128, String)>,
 }
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The note a single-file model's component folder holds instead of weights (kino-engine's
+/// `single_file::NOTE`): `{"file": "/abs/path.safetensors", …}`.
+const SINGLE_FILE_NOTE: &str = "kino-single-file.json";
+
+/// Every file of the model as (path relative to the model, path to read), links followed; a
+/// single-file note also brings in the file it points at (named `<folder>/<file name>`, so the
+/// hash does not depend on where the file lives).
+fn files_under(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+    let rel = |p: &Path| {
+        p.strip_prefix(root)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .replace('\\', "/")
+    };
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name();
@@ -27,9 +40,17 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         // Follow links (the Hugging Face cache links snapshots to blobs).
         let meta = std::fs::metadata(&p)?;
         if meta.is_dir() {
-            files_under(&p, out)?;
+            files_under(root, &p, out)?;
         } else if meta.is_file() {
-            out.push(p);
+            if name == SINGLE_FILE_NOTE {
+                let note: serde_json::Value = serde_json::from_slice(&std::fs::read(&p)?)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", p.display())))?;
+                if let Some(file) = note.get("file").and_then(|f| f.as_str()).map(PathBuf::from) {
+                    let file_name = file.file_name().unwrap_or_default().to_string_lossy();
+                    out.push((rel(&dir.join(file_name.as_ref())), file));
+                }
+            }
+            out.push((rel(&p), p));
         }
     }
     Ok(())
@@ -58,9 +79,9 @@ pub fn model_sha256(model: &Path, cache_dir: Option<&Path>) -> Result<String> {
     let meta = std::fs::metadata(model).map_err(io)?;
     let mut files = Vec::new();
     if meta.is_dir() {
-        files_under(model, &mut files).map_err(io)?;
+        files_under(model, model, &mut files).map_err(io)?;
     } else {
-        files.push(model.to_path_buf());
+        files.push((String::new(), model.to_path_buf()));
     }
     files.sort();
     let cache_path = cache_dir.map(|d| d.join("model-hashes.json"));
@@ -71,7 +92,7 @@ pub fn model_sha256(model: &Path, cache_dir: Option<&Path>) -> Result<String> {
         .unwrap_or_default();
     let mut changed = false;
     let mut top = Sha256::new();
-    for f in &files {
+    for (rel, f) in &files {
         let m = std::fs::metadata(f).map_err(io)?;
         let mtime = m
             .modified()
@@ -93,8 +114,7 @@ pub fn model_sha256(model: &Path, cache_dir: Option<&Path>) -> Result<String> {
             }
         };
         if meta.is_dir() {
-            let rel = f.strip_prefix(model).unwrap_or(f);
-            top.update(rel.to_string_lossy().replace('\\', "/").as_bytes());
+            top.update(rel.as_bytes());
             top.update(b"\t");
             top.update(sha.as_bytes());
             top.update(b"\n");
@@ -136,5 +156,23 @@ mod tests {
         assert_eq!(model_sha256(&m, Some(&cache)).unwrap(), a);
         std::fs::write(m.join("vae/w.safetensors"), b"other weights").unwrap();
         assert_ne!(model_sha256(&m, Some(&cache)).unwrap(), a);
+    }
+
+    #[test]
+    fn a_single_file_note_brings_in_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("model");
+        std::fs::create_dir_all(m.join("vae")).unwrap();
+        let w = d.path().join("wan_vae.safetensors");
+        std::fs::write(&w, b"weights").unwrap();
+        let note = serde_json::json!({"file": w, "part": "vae"});
+        std::fs::write(m.join("vae").join(SINGLE_FILE_NOTE), note.to_string()).unwrap();
+        let a = model_sha256(&m, None).unwrap();
+        std::fs::write(&w, b"other weights").unwrap();
+        assert_ne!(
+            model_sha256(&m, None).unwrap(),
+            a,
+            "the file's content counts"
+        );
     }
 }

@@ -9,6 +9,10 @@
 //! - **Step caches.** `"cache": "first-block:0.05"` (or `mag:…`, `taylorseer:…`), parsed as
 //!   `kino generate --cache` parses it; MagCache takes its calibration from `"mag_ratios":
 //!   [floats]` or the server's `--mag-ratios FILE`.
+//! - **Presets.** `"preset": "fast"` applies a named preset as `kino generate --preset` does:
+//!   from the request's adapters' metadata (a few-step adapter names the steps and guidance it
+//!   was distilled for) or the model folder's `kino.json`; steps and guidance given explicitly
+//!   win.
 //!
 //! Both are checked before anything is queued, kept with the job (a remix keeps them) and
 //! recorded in the MP4's metadata and the video object.
@@ -243,6 +247,73 @@ pub fn read_lora(
         });
     }
     Ok(out)
+}
+
+/// The request's `preset`: found among its adapters' presets (a few-step adapter names the
+/// settings it was distilled for) and the model folder's `kino.json` ones, as `kino generate
+/// --preset` finds it; not found, the message lists what there is (without server paths).
+pub fn read_preset(
+    name: &str,
+    lora: &[JobLora],
+    model: &ModelInfo,
+) -> Result<kino_engine::preset::Preset, ApiError> {
+    let specs: Vec<LoraSpec> = lora
+        .iter()
+        .map(|l| LoraSpec {
+            path: l.path.clone(),
+            scale: l.scale,
+        })
+        .collect();
+    let presets = kino_engine::preset::all(&model.path, &specs).map_err(|e| {
+        tracing::warn!(error = %e, model = %model.id, "reading presets");
+        bad(
+            "preset",
+            "invalid_preset",
+            format!("the presets of model `{}` or its adapters cannot be read; the operator's log says why", model.id),
+        )
+    })?;
+    match presets.iter().find(|p| p.name == name) {
+        Some(p) => Ok(p.clone()),
+        None => Err(bad(
+            "preset",
+            "unknown_preset",
+            format!(
+                "there is no preset `{name}` for model `{}` with the adapters given: {}. A few-step adapter that names one is sent with it, e.g. {{\"lora\": [\"fast\"], \"preset\": \"fast\"}}",
+                model.id,
+                kino_engine::preset::listing(&presets)
+            ),
+        )),
+    }
+}
+
+/// The adapters a model folder's preset adds (files in the model folder, which the operator
+/// controls), checked against the model as a request's are.
+pub fn preset_lora(
+    p: &kino_engine::preset::Preset,
+    model: &ModelInfo,
+) -> Result<Vec<JobLora>, ApiError> {
+    p.lora
+        .iter()
+        .map(|l| {
+            let name = l
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            check_file(&l.path, model.num_layers).map_err(|why| {
+                bad(
+                    "preset",
+                    "invalid_preset",
+                    format!("preset `{}` names the adapter `{name}`, which cannot be used with model `{}`: {why}", p.name, model.id),
+                )
+            })?;
+            Ok(JobLora {
+                name,
+                path: l.path.clone(),
+                scale: l.scale,
+            })
+        })
+        .collect()
 }
 
 /// The request's `cache` (and `mag_ratios`) fields, checked.

@@ -12,13 +12,13 @@ use kino_media::Frame;
 use serde_json::{json, Map, Value};
 
 use crate::characters;
-use crate::content::serve_file;
+use crate::content::serve_object;
 use crate::error::ApiError;
 use crate::inputs::{self, CharacterInput, JobInputs, StoredInput};
 use crate::mapping::{self, ModelInfo};
 use crate::segments::LongJob;
 use crate::store::{Job, JobParams, ListResult, Order, Status};
-use crate::{new_video_id, now_unix, valid_video_id, video_dir, AppState};
+use crate::{new_video_id, now_unix, valid_video_id, AppState};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -46,6 +46,9 @@ pub fn video_object(job: &Job) -> Value {
     }
     if let Some(c) = &job.params.cache {
         v["cache"] = crate::adapters::cache_value(c, false);
+    }
+    if let Some(p) = &job.params.preset {
+        v["preset"] = json!(p);
     }
     v
 }
@@ -330,9 +333,12 @@ struct Settings {
     seed: Option<u64>,
     steps: Option<usize>,
     guidance: Option<f64>,
-    /// Kino's extensions: LoRA adapters from `--lora-dir`, a step cache.
+    /// Kino's extensions: LoRA adapters from `--lora-dir`, a step cache, a named preset (its
+    /// settings already folded into `steps`, `guidance`, `shift` and `lora`).
     lora: Vec<crate::adapters::JobLora>,
     cache: Option<crate::adapters::JobCache>,
+    shift: Option<f64>,
+    preset: Option<String>,
 }
 
 /// Reads and checks the settings; `default_model` is used when the request names none.
@@ -381,7 +387,17 @@ fn read_settings(
             ));
         }
     }
-    let lora = crate::adapters::read_lora(fields, state.config.lora_dir.as_deref(), model)?;
+    let mut lora = crate::adapters::read_lora(fields, state.config.lora_dir.as_deref(), model)?;
+    let (mut steps, mut guidance, mut shift) = (steps, guidance, None);
+    let preset = text_field(fields, "preset")?.filter(|p| !p.trim().is_empty());
+    if let Some(name) = &preset {
+        let p = crate::adapters::read_preset(name, &lora, model)?;
+        // Explicit settings win over the preset's.
+        steps = steps.or(p.num_inference_steps.map(|n| n.min(state.config.max_steps)));
+        guidance = guidance.or(p.guidance_scale);
+        shift = p.shift;
+        lora.extend(crate::adapters::preset_lora(&p, model)?);
+    }
     if !lora.is_empty() && model.capabilities.long_video {
         return Err(ApiError::bad_request(
             Some("lora"),
@@ -405,6 +421,8 @@ fn read_settings(
         guidance,
         lora,
         cache,
+        shift,
+        preset,
     })
 }
 
@@ -427,7 +445,7 @@ fn make_job(
         num_frames: Some(num_frames),
         num_inference_steps: Some(s.steps.unwrap_or(model.defaults.num_inference_steps)),
         guidance_scale: Some(s.guidance.unwrap_or(model.defaults.guidance_scale)),
-        shift: None,
+        shift: s.shift,
         seed: Some(s.seed.unwrap_or_else(rand::random)),
         ..Default::default()
     };
@@ -453,8 +471,10 @@ fn make_job(
             long: None,
             lora: s.lora,
             cache: s.cache,
+            preset: s.preset,
         },
         owner,
+        output_attempt: None,
     }
 }
 
@@ -1055,9 +1075,12 @@ pub(crate) fn source_video(
                 ),
             ));
         }
-        let path = video_dir(&state.config.data_dir, &id).join("video.mp4");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
+        let key = state
+            .outputs
+            .key(&id, src.output_attempt, crate::worker::OUTPUT_FILES[0]);
+        let bytes = crate::rt::block_on(state.outputs.read(&key))
+            .map_err(ApiError::internal)?
+            .to_vec();
         source_job = Some(src);
         RawInput { name: id, bytes }
     };
@@ -1413,10 +1436,26 @@ fn enqueue(state: &AppState, mut job: Job, files: PendingFiles) -> ApiResult<Res
             )));
         }
     }
+    // With a shared store, workers on other machines fetch the inputs from the bucket.
+    if state.store.lease_duration().is_some() {
+        for (name, bytes) in &files {
+            let key = state.outputs.input_key(&job.id, name);
+            if let Err(e) = crate::rt::block_on(state.outputs.put_bytes(&key, bytes.clone())) {
+                inputs::remove_inputs(data_dir, &job.id);
+                let _ = crate::rt::block_on(state.outputs.remove_inputs(&job.id));
+                return Err(ApiError::internal(format!(
+                    "cannot store the input {name}: {e}"
+                )));
+            }
+        }
+    }
     job.seq = match state.store.insert(&job) {
         Ok(seq) => seq,
         Err(e) => {
             inputs::remove_inputs(data_dir, &job.id);
+            if state.store.lease_duration().is_some() {
+                let _ = crate::rt::block_on(state.outputs.remove_inputs(&job.id));
+            }
             return Err(e.into());
         }
     };
@@ -1569,9 +1608,17 @@ pub async fn delete_video(
     if job.status == Status::InProgress {
         state.shared.request_cancel(&id);
     }
+    // With Postgres, deleting the row also tells the node that runs it to stop.
     let deleted = state.store.delete(&id)?;
-    crate::worker::remove_outputs(&state.config.data_dir, &id);
+    if let Err(e) = state.outputs.remove_video(&id, None).await {
+        tracing::warn!(id, "{e}");
+    }
     inputs::remove_inputs(&state.config.data_dir, &id);
+    if state.store.lease_duration().is_some() {
+        if let Err(e) = state.outputs.remove_inputs(&id).await {
+            tracing::warn!(id, "{e}");
+        }
+    }
     Ok(Json(json!({"id": id, "object": "video.deleted", "deleted": deleted})).into_response())
 }
 
@@ -1597,6 +1644,8 @@ pub async fn cancel_video(
         }
         Status::InProgress => {
             state.shared.request_cancel(&id);
+            // The node that runs it may be another one.
+            state.store.request_cancel(&id)?;
             // Wait briefly for the worker to stop so the answer shows the final state.
             for _ in 0..100 {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -1659,6 +1708,7 @@ pub async fn remix_video(
         error: None,
         params,
         owner,
+        output_attempt: None,
     };
     // A remix starts from what its source started from: copy the inputs.
     blocking(move || {
@@ -1667,9 +1717,22 @@ pub async fn remix_video(
             let dir = inputs::inputs_dir(&state.config.data_dir, &src.id);
             for stored in inputs.all_files() {
                 let path = dir.join(&stored.file);
-                let bytes = std::fs::read(&path).map_err(|e| {
-                    ApiError::internal(format!("cannot read the input {}: {e}", path.display()))
-                })?;
+                let bytes = match std::fs::read(&path) {
+                    Ok(b) => b,
+                    // Queued through another API node: the bucket has it.
+                    Err(_) if state.store.lease_duration().is_some() => {
+                        let key = state.outputs.input_key(&src.id, &stored.file);
+                        crate::rt::block_on(state.outputs.read(&key))
+                            .map_err(ApiError::internal)?
+                            .to_vec()
+                    }
+                    Err(e) => {
+                        return Err(ApiError::internal(format!(
+                            "cannot read the input {}: {e}",
+                            path.display()
+                        )))
+                    }
+                };
                 files.push((stored.file.clone(), bytes));
             }
         }
@@ -1710,13 +1773,24 @@ pub async fn video_content(
             ),
         ));
     }
-    let path = video_dir(&state.config.data_dir, &id).join(file);
+    let key = state.outputs.key(&id, job.output_attempt, file);
     let name = if variant == "video" || variant.is_empty() {
         format!("{id}.{ext}")
     } else {
         format!("{id}-{variant}.{ext}")
     };
-    serve_file(&path, ctype, &name, &headers).await
+    if let Some(ttl) = state.config.presign {
+        if let Some(url) = state.outputs.presign(&key, ttl).await {
+            let url = url.map_err(ApiError::internal)?;
+            return Response::builder()
+                .status(StatusCode::FOUND)
+                .header(header::LOCATION, url)
+                .header(header::CACHE_CONTROL, "no-store")
+                .body(axum::body::Body::empty())
+                .map_err(|e| ApiError::internal(format!("response: {e}")));
+        }
+    }
+    serve_object(&state.outputs, &key, ctype, &name, &headers).await
 }
 
 /// `GET /v1/models`
@@ -1811,6 +1885,52 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         "kino_denoise_seconds_total {}",
         sh.denoise_micros.load(Ordering::Relaxed) as f64 / 1e6
     );
+    let _ = writeln!(
+        s,
+        "# HELP kino_lease_expiries_total Jobs this node took over because their worker's lease ran out."
+    );
+    let _ = writeln!(s, "# TYPE kino_lease_expiries_total counter");
+    let _ = writeln!(
+        s,
+        "kino_lease_expiries_total {}",
+        sh.lease_expiries.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        s,
+        "# HELP kino_leases_lost_total Jobs this node stopped because its lease was taken over, cancelled or deleted."
+    );
+    let _ = writeln!(s, "# TYPE kino_leases_lost_total counter");
+    let _ = writeln!(
+        s,
+        "kino_leases_lost_total {}",
+        sh.leases_lost.load(Ordering::Relaxed)
+    );
+    if let Ok(h) = sh.durations.lock() {
+        let _ = writeln!(
+            s,
+            "# HELP kino_job_duration_seconds How long the jobs this node finished took."
+        );
+        let _ = writeln!(s, "# TYPE kino_job_duration_seconds histogram");
+        let mut cum = 0;
+        for (b, n) in h.bounds.iter().zip(&h.counts) {
+            cum += n;
+            let _ = writeln!(s, "kino_job_duration_seconds_bucket{{le=\"{b}\"}} {cum}");
+        }
+        cum += h.counts.last().copied().unwrap_or(0);
+        let _ = writeln!(s, "kino_job_duration_seconds_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(s, "kino_job_duration_seconds_sum {}", h.sum);
+        let _ = writeln!(s, "kino_job_duration_seconds_count {cum}");
+    }
+    if state.store.lease_duration().is_some() {
+        let _ = writeln!(
+            s,
+            "# HELP kino_workers Live workers (seen within two leases) per model they hold."
+        );
+        let _ = writeln!(s, "# TYPE kino_workers gauge");
+        for (m, n) in state.store.workers_per_model()? {
+            let _ = writeln!(s, "kino_workers{{model=\"{m}\"}} {n}");
+        }
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

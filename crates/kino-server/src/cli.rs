@@ -70,9 +70,60 @@ pub struct ServeArgs {
     /// no `mag_ratios`.
     #[arg(long, value_name = "FILE")]
     pub mag_ratios: Option<PathBuf>,
+    /// Keep jobs in Postgres (postgres://USER:PASSWORD@HOST:PORT/DB) instead of
+    /// DATA_DIR/kino.sqlite3, so that several nodes share one queue. Create the tables first
+    /// with `kino migrate --database URL`.
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// Keep outputs in an S3-compatible bucket (s3://BUCKET/PREFIX) instead of DATA_DIR/videos.
+    /// Endpoint and credentials: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION.
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
+    /// What this node does: all (API and jobs), api (requests only) or worker (jobs only;
+    /// /health and /metrics). api and worker need --database.
+    #[arg(long, value_enum, default_value_t = crate::Role::All)]
+    pub role: crate::Role,
+    /// Seconds a worker's lease on a job lasts without a heartbeat (with --database): a job
+    /// whose worker died runs again after at most this long.
+    #[arg(long, default_value_t = crate::DEFAULT_LEASE.as_secs(), value_name = "SECS")]
+    pub lease_secs: u64,
+    /// Answer content downloads with a redirect to a presigned URL valid this many seconds
+    /// (with an s3:// --storage), so that the bucket, not this node, sends the bytes.
+    #[arg(long, value_name = "SECS")]
+    pub presign_secs: Option<u64>,
     /// Signing, watermark and prompt-policy settings.
     #[command(flatten)]
     pub provenance: kino_provenance::ProvenanceArgs,
+}
+
+/// `kino migrate`: creates or updates the Postgres tables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// The Postgres database (postgres://USER:PASSWORD@HOST:PORT/DB).
+    #[arg(long, value_name = "URL")]
+    pub database: String,
+}
+
+/// Runs `kino migrate`.
+pub fn migrate(args: &MigrateArgs) -> Result<(), ServerError> {
+    let applied = crate::pg::migrate(&args.database)?;
+    let db = crate::pg::redact(&args.database);
+    if applied.is_empty() {
+        eprintln!(
+            "kino migrate: {db} is up to date (schema version {})",
+            crate::pg::schema_version()
+        );
+    } else {
+        for m in &applied {
+            eprintln!("kino migrate: applied {m}");
+        }
+        eprintln!(
+            "kino migrate: {db} is at schema version {}",
+            crate::pg::schema_version()
+        );
+    }
+    Ok(())
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -149,6 +200,25 @@ impl ServeArgs {
         config.max_video_bytes = self.max_video_bytes;
         config.api_keys = self.api_key.clone();
         config.lora_dir = self.lora_dir.clone();
+        config.database = self.database.clone();
+        config.storage = self.storage.clone();
+        config.role = self.role;
+        if self.lease_secs < 3 {
+            return Err(ServerError::Role(format!(
+                "--lease-secs {} is too short; heartbeats come every third of it (use 3 or more)",
+                self.lease_secs
+            )));
+        }
+        config.lease = std::time::Duration::from_secs(self.lease_secs);
+        if let Some(p) = self.presign_secs {
+            if self.storage.is_none() {
+                return Err(ServerError::Role(
+                    "--presign-secs needs an s3:// --storage (files in --data-dir have no URL)"
+                        .into(),
+                ));
+            }
+            config.presign = Some(std::time::Duration::from_secs(p));
+        }
         if let Some(f) = &self.mag_ratios {
             config.mag_ratios =
                 Some(kino_engine::hooks::read_mag_ratios(f).map_err(ServerError::MagRatios)?);
@@ -187,8 +257,13 @@ pub fn run(args: &ServeArgs) -> Result<(), ServerError> {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
         let names: Vec<&str> = server.models().iter().map(|m| m.id.as_str()).collect();
+        let role = match args.role {
+            crate::Role::All => "",
+            crate::Role::Api => " [api node]",
+            crate::Role::Worker => " [worker node: /health, /metrics]",
+        };
         eprintln!(
-            "kino serve: http://{addr}/v1 (models: {}; sora-2 → {}); Ctrl-C to stop",
+            "kino serve: http://{addr}/v1{role} (models: {}; sora-2 → {}); Ctrl-C to stop",
             names.join(", "),
             names.first().copied().unwrap_or("?")
         );

@@ -68,21 +68,19 @@ pub fn parse_range(header: Option<&str>, len: u64) -> RangeAnswer {
     RangeAnswer::Partial { start, end }
 }
 
-/// A file as a response, honouring `Range`.
-pub async fn serve_file(
-    path: &Path,
-    content_type: &'static str,
-    download_name: &str,
-    headers: &HeaderMap,
-) -> Result<Response, ApiError> {
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?
-        .len();
+/// What to send for a file of `len` bytes: the response head and the byte range, or a
+/// finished response (416).
+enum Plan {
+    Send {
+        builder: axum::http::response::Builder,
+        status: StatusCode,
+        start: u64,
+        n: u64,
+    },
+    Done(Response),
+}
+
+fn plan(len: u64, content_type: &'static str, download_name: &str, headers: &HeaderMap) -> Plan {
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let disposition = HeaderValue::from_str(&format!("inline; filename=\"{download_name}\""))
         .unwrap_or_else(|_| HeaderValue::from_static("inline"));
@@ -114,8 +112,40 @@ pub async fn serve_file(
             }
             r.headers_mut()
                 .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-            return Ok(r);
+            return Plan::Done(r);
         }
+    };
+    Plan::Send {
+        builder,
+        status,
+        start,
+        n,
+    }
+}
+
+/// A file as a response, honouring `Range`.
+pub async fn serve_file(
+    path: &Path,
+    content_type: &'static str,
+    download_name: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    let (builder, status, start, n) = match plan(len, content_type, download_name, headers) {
+        Plan::Done(r) => return Ok(r),
+        Plan::Send {
+            builder,
+            status,
+            start,
+            n,
+        } => (builder, status, start, n),
     };
     if start > 0 {
         file.seek(SeekFrom::Start(start))
@@ -127,6 +157,42 @@ pub async fn serve_file(
         .status(status)
         .header(header::CONTENT_LENGTH, n)
         .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(format!("response: {e}")))
+}
+
+/// A stored output ([`crate::storage`]: the data directory or a bucket) as a response,
+/// honouring `Range`.
+pub async fn serve_object(
+    outputs: &crate::storage::Outputs,
+    key: &object_store::path::Path,
+    content_type: &'static str,
+    download_name: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let len = outputs.size(key).await.map_err(ApiError::internal)?;
+    let (builder, status, start, n) = match plan(len, content_type, download_name, headers) {
+        Plan::Done(r) => return Ok(r),
+        Plan::Send {
+            builder,
+            status,
+            start,
+            n,
+        } => (builder, status, start, n),
+    };
+    let body = if n == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(
+            outputs
+                .stream(key, start..start + n)
+                .await
+                .map_err(ApiError::internal)?,
+        )
+    };
+    builder
+        .status(status)
+        .header(header::CONTENT_LENGTH, n)
+        .body(body)
         .map_err(|e| ApiError::internal(format!("response: {e}")))
 }
 

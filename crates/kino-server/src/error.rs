@@ -117,7 +117,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Errors of the SQLite job store.
+/// Errors of the job store (SQLite or Postgres).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {}: {source}", path.display())]
@@ -131,6 +131,8 @@ pub enum StoreError {
     BadRow { id: String, message: String },
     #[error("the job store lock was poisoned by a panic")]
     Poisoned,
+    #[error("database: {0}")]
+    Postgres(#[from] sqlx::Error),
 }
 
 /// Errors starting or running the server.
@@ -173,4 +175,13 @@ pub enum ServerError {
     LoraDir { path: PathBuf, why: String },
     #[error("--mag-ratios: {0}")]
     MagRatios(kino_engine::Error),
+    /// The Postgres job store cannot be used (bad URL, unreachable, no schema, …).
+    #[error("--database {url}: {why}")]
+    Database { url: String, why: String },
+    /// The output storage cannot be used (unreachable, missing bucket, bad credentials, …).
+    #[error("--storage {url}: {why}")]
+    Storage { url: String, why: String },
+    /// `--role` does not fit the other options.
+    #[error("--role: {0}")]
+    Role(String),
 }

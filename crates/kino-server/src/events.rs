@@ -64,10 +64,17 @@ async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)
                         "progress",
                         json!({"stage": l.stage, "step": l.step, "total": l.total, "progress": l.progress.max(j.progress), "segment": l.segment, "segments": l.segments, "remaining_seconds": l.remaining_secs}),
                     ),
-                    None => (
-                        "progress",
-                        json!({"stage": null, "step": 0, "total": 0, "progress": j.progress}),
-                    ),
+                    // Running on another node: what it recorded in the shared store.
+                    None => match c.state.store.live(&j.id).ok().flatten() {
+                        Some(l) => (
+                            "progress",
+                            json!({"stage": l["stage"], "step": l["step"], "total": l["total"], "progress": l["progress"].as_u64().unwrap_or(0).max(u64::from(j.progress)), "segment": l["segment"], "segments": l["segments"], "remaining_seconds": l["remaining_secs"]}),
+                        ),
+                        None => (
+                            "progress",
+                            json!({"stage": null, "step": 0, "total": 0, "progress": j.progress}),
+                        ),
+                    },
                 },
                 Status::Completed | Status::Failed => {
                     c.done = true;
@@ -81,7 +88,15 @@ async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)
             c.last = Some(key);
             return Some((Ok(Event::default().event(name).data(text)), c));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if c.state.store.lease_duration().is_some() {
+            // Another node's change arrives as a NOTIFY; polling covers a lost one.
+            tokio::select! {
+                _ = c.state.shared.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -10,6 +10,9 @@
 //! - Jobs live in SQLite (`DATA_DIR/kino.sqlite3`, see [`store`]); outputs in
 //!   `DATA_DIR/videos/<id>/{video.mp4, thumbnail.jpg, spritesheet.jpg}`, the MP4 carrying the
 //!   generation parameters.
+//! - On several machines: jobs in Postgres (`--database postgres://…`, [`pg`]: leases with
+//!   heartbeats, completion conditioned on the lease) and outputs in an S3-compatible bucket
+//!   (`--storage s3://…`, [`storage`]), with `--role api|worker|all` per node.
 //! - One worker thread per device runs jobs in arrival order ([`worker`]).
 //! - `input_reference` (and Kino's `last_image`) on create, and `POST /v1/videos/edits`
 //!   (video-to-video), store their files with the job ([`inputs`]).
@@ -31,8 +34,11 @@ pub mod events;
 pub mod inputs;
 pub mod mapping;
 pub mod output;
+pub mod pg;
 pub mod provenance;
+pub mod rt;
 pub mod segments;
+pub mod storage;
 pub mod store;
 pub mod vace;
 pub mod webhooks;
@@ -55,8 +61,24 @@ pub use error::{ApiError, ServerError};
 pub use mapping::ModelInfo;
 pub use worker::ModelSpec;
 
-use store::Store;
+use storage::Outputs;
+use store::{JobStore, Store};
 use worker::Shared;
+
+/// What a node does (`--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Role {
+    /// Takes API requests and runs jobs (one machine, or one of many).
+    #[default]
+    All,
+    /// Takes API requests and serves outputs; runs no jobs (needs --database).
+    Api,
+    /// Runs jobs; answers only /health and /metrics (needs --database).
+    Worker,
+}
+
+/// How long a lease lasts by default (a dead worker's job runs again within this).
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Default request body limit (room for a video upload, or an image as a base64 data URL).
 pub const DEFAULT_MAX_UPLOAD_BYTES: usize = 96 * 1024 * 1024;
@@ -98,6 +120,15 @@ pub struct ServerConfig {
     pub lora_dir: Option<PathBuf>,
     /// MagCache calibration for `"cache": "mag:…"` requests that send no `mag_ratios`.
     pub mag_ratios: Option<Vec<f32>>,
+    /// A Postgres URL: jobs live there (shared by several nodes) instead of in SQLite.
+    pub database: Option<String>,
+    /// `s3://BUCKET/PREFIX`: outputs go there instead of `DATA_DIR/videos`.
+    pub storage: Option<String>,
+    pub role: Role,
+    /// How long a worker's lease on a job lasts without a heartbeat (Postgres).
+    pub lease: std::time::Duration,
+    /// Answer content downloads with a redirect to a presigned URL valid this long (S3).
+    pub presign: Option<std::time::Duration>,
 }
 
 impl ServerConfig {
@@ -125,6 +156,11 @@ impl ServerConfig {
             provenance: kino_provenance::Settings::default(),
             lora_dir: None,
             mag_ratios: None,
+            database: None,
+            storage: None,
+            role: Role::All,
+            lease: DEFAULT_LEASE,
+            presign: None,
         }
     }
 }
@@ -132,7 +168,8 @@ impl ServerConfig {
 /// State shared by the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn JobStore>,
+    pub outputs: Arc<Outputs>,
     pub shared: Arc<Shared>,
     pub models: Arc<Vec<ModelInfo>>,
     pub config: Arc<ServerConfig>,
@@ -174,6 +211,17 @@ async fn poll_header(State(state): State<AppState>, req: Request, next: Next) ->
 /// The HTTP routes.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_upload_bytes;
+    if state.config.role == Role::Worker {
+        return Router::new()
+            .route("/health", get(api::health))
+            .route("/metrics", get(api::metrics))
+            .fallback(api::fallback)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::check,
+            ))
+            .with_state(state);
+    }
     Router::new()
         .route("/", get(api::studio))
         .route("/health", get(api::health))
@@ -229,6 +277,14 @@ impl Server {
         if config.models.is_empty() {
             return Err(ServerError::NoModel);
         }
+        if config.role != Role::All && config.database.is_none() {
+            return Err(ServerError::Role(
+                "api and worker nodes share their jobs through Postgres: add --database \
+                 postgres://USER:PASSWORD@HOST/DB (and --storage s3://BUCKET/PREFIX for the \
+                 outputs), or leave --role out to run everything in this process"
+                    .into(),
+            ));
+        }
         for (i, m) in config.models.iter().enumerate() {
             if config.models[..i].iter().any(|o| o.id == m.id) {
                 return Err(ServerError::DuplicateModel(m.id.clone()));
@@ -248,7 +304,21 @@ impl Server {
                 });
             }
         }
-        let store = Arc::new(Store::open(&config.data_dir.join("kino.sqlite3"))?);
+        // The shared backends first: a wrong URL or credential is one error at start-up.
+        let (store, pg): (Arc<dyn JobStore>, Option<Arc<pg::PgStore>>) = match &config.database {
+            None => (
+                Arc::new(Store::open(&config.data_dir.join("kino.sqlite3"))?),
+                None,
+            ),
+            Some(url) => {
+                let pg = Arc::new(pg::PgStore::connect(url, config.lease)?);
+                (pg.clone(), Some(pg))
+            }
+        };
+        let outputs = Arc::new(match &config.storage {
+            None => Outputs::local(&config.data_dir)?,
+            Some(url) => Outputs::s3(url)?,
+        });
         let requeued = store.requeue_interrupted()?;
         if requeued > 0 {
             tracing::info!("{requeued} interrupted video(s) queued again");
@@ -265,6 +335,10 @@ impl Server {
             webhooks::secret_key(&w.secret).map_err(ServerError::Webhook)?;
         }
         let shared = Arc::new(Shared::default());
+        if let Some(pg) = &pg {
+            let sh = shared.clone();
+            pg.listen(Arc::new(move |payload: &str| sh.on_remote_event(payload)));
+        }
         let webhook_rx = config.webhook.as_ref().map(|_| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             shared.set_events(tx);
@@ -272,7 +346,11 @@ impl Server {
         });
         let mut workers = Vec::new();
         let mut models = None;
-        let devices = if config.devices.is_empty() {
+        let devices = if config.role == Role::Api {
+            // An API node runs nothing: it reads the models' settings to check requests.
+            models = Some(worker::model_infos(&config.models)?);
+            Vec::new()
+        } else if config.devices.is_empty() {
             vec![DeviceChoice::Auto]
         } else {
             config.devices.clone()
@@ -282,6 +360,7 @@ impl Server {
                 d,
                 config.models.clone(),
                 store.clone(),
+                outputs.clone(),
                 shared.clone(),
                 config.data_dir.clone(),
             );
@@ -313,6 +392,7 @@ impl Server {
         };
         let state = AppState {
             store,
+            outputs,
             shared,
             models: Arc::new(models.unwrap_or_default()),
             config: Arc::new(config),

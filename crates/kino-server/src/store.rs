@@ -36,7 +36,7 @@ impl Status {
         }
     }
 
-    fn parse(s: &str) -> Option<Status> {
+    pub(crate) fn parse(s: &str) -> Option<Status> {
         Some(match s {
             "queued" => Status::Queued,
             "in_progress" => Status::InProgress,
@@ -77,6 +77,10 @@ pub struct JobParams {
     /// A step cache (and, once run, its forwards / skipped counts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::adapters::JobCache>,
+    /// The preset the request named (`"preset": "fast"`), its settings already in `request`
+    /// and `lora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
 }
 
 /// One video job.
@@ -101,6 +105,127 @@ pub struct Job {
     pub params: JobParams,
     /// The API key's name that created it (when keys are on).
     pub owner: Option<String>,
+    /// The lease attempt whose outputs are this video's (a shared store keeps each attempt's
+    /// outputs under its own keys, see [`crate::storage`]); `None` in the SQLite store.
+    pub output_attempt: Option<i64>,
+}
+
+/// A worker's hold on a running job: who runs it and which attempt this is. Everything a
+/// worker records about its job is conditioned on still holding the lease (a shared store),
+/// so a worker whose lease expired and was taken over can never complete the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub worker: String,
+    pub attempt: i64,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Still ours (lease extended); `cancel` when someone asked to stop the job.
+    Held { cancel: bool },
+    /// Taken over, finished by someone else, or the row is gone: stop working on it.
+    Lost,
+}
+
+/// The job store: SQLite ([`Store`], one machine) or Postgres ([`crate::pg::PgStore`], many).
+///
+/// Methods are synchronous and cheap; the Postgres store waits on its connection pool through
+/// [`crate::rt::block_on`].
+pub trait JobStore: Send + Sync {
+    /// Adds a job; its `seq` is assigned here (arrival order).
+    fn insert(&self, job: &Job) -> Result<i64, StoreError>;
+    /// The job with this id.
+    fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    /// One page of jobs (of `owner`, or all when `None`) after the cursor `after`.
+    fn list(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        order: Order,
+    ) -> Result<ListResult, StoreError>;
+    /// Removes a job's row. Returns whether it existed.
+    fn delete(&self, id: &str) -> Result<bool, StoreError>;
+    /// Leases the oldest queued job (or one whose lease expired) of one of `models` to
+    /// `worker`. The flag says whether it was taken over from an expired lease.
+    fn claim_next(
+        &self,
+        worker: &str,
+        models: &[String],
+    ) -> Result<Option<(Job, Lease, bool)>, StoreError>;
+    /// Extends the lease (a shared store) and reports a cancel request.
+    fn heartbeat(&self, id: &str, lease: &Lease) -> Result<LeaseState, StoreError>;
+    /// Sets the progress of a running job (never backwards).
+    fn set_progress(&self, id: &str, lease: &Lease, progress: u8) -> Result<(), StoreError>;
+    /// Records a running job's live state (stage, step) for API nodes on other machines.
+    fn set_live(
+        &self,
+        _id: &str,
+        _lease: &Lease,
+        _live: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The live state another node recorded ([`JobStore::set_live`]).
+    fn live(&self, _id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        Ok(None)
+    }
+    /// Replaces a job's parameters (what a run measured, e.g. the step cache's counts).
+    fn set_params(&self, id: &str, lease: &Lease, p: &JobParams) -> Result<(), StoreError>;
+    /// Marks a running job completed, if `lease` still holds it.
+    fn complete(&self, id: &str, lease: &Lease, now: i64) -> Result<bool, StoreError>;
+    /// Marks a queued or running job failed (a cancel from the API).
+    fn fail(&self, id: &str, code: &str, message: &str, now: i64) -> Result<bool, StoreError>;
+    /// Marks a running job failed, if `lease` still holds it.
+    fn fail_leased(
+        &self,
+        id: &str,
+        lease: &Lease,
+        code: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Gives a running job back to the queue (its worker is stopping). The SQLite store leaves
+    /// it `in_progress` until the next start ([`Store::requeue_interrupted`]).
+    fn release(&self, _id: &str, _lease: &Lease) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Asks whichever node runs `id` to stop it (a shared store; one process uses
+    /// [`crate::worker::Shared::request_cancel`]).
+    fn request_cancel(&self, _id: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Jobs per status.
+    fn counts(&self) -> Result<Vec<(Status, i64)>, StoreError>;
+    /// How many jobs wait ahead of `seq` (0 = next to run).
+    fn queue_position(&self, seq: i64) -> Result<i64, StoreError>;
+    /// Adds a character (its image file is written first, by the caller).
+    fn insert_character(&self, c: &Character) -> Result<(), StoreError>;
+    /// The character with this id.
+    fn get_character(&self, id: &str) -> Result<Option<Character>, StoreError>;
+    /// The ids of every character.
+    fn character_ids(&self) -> Result<Vec<String>, StoreError>;
+    /// Puts jobs that were running when the previous process died back in the queue (one
+    /// machine only; a shared store relies on lease expiry instead).
+    fn requeue_interrupted(&self) -> Result<usize, StoreError>;
+    /// How long a lease lasts before another worker may take the job over; `None` for a
+    /// store that only one process uses (no heartbeats needed).
+    fn lease_duration(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Records that `worker` is alive and holds `models` (a shared store).
+    fn register_worker(&self, _worker: &str, _models: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Removes a stopping worker's record.
+    fn unregister_worker(&self, _worker: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Live workers per model (a shared store).
+    fn workers_per_model(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A stored character: a reference image a create can name (`"characters": ["char_…"]`).
@@ -425,23 +550,24 @@ impl Store {
 }
 
 /// A row before its JSON and status are checked.
-struct RawJob {
-    id: String,
-    seq: i64,
-    status: String,
-    progress: i64,
-    created_at: i64,
-    completed_at: Option<i64>,
-    expires_at: Option<i64>,
-    model: String,
-    size: String,
-    seconds: String,
-    prompt: String,
-    remixed_from_video_id: Option<String>,
-    error_code: Option<String>,
-    error_message: Option<String>,
-    params: String,
-    owner: Option<String>,
+pub(crate) struct RawJob {
+    pub(crate) id: String,
+    pub(crate) seq: i64,
+    pub(crate) status: String,
+    pub(crate) progress: i64,
+    pub(crate) created_at: i64,
+    pub(crate) completed_at: Option<i64>,
+    pub(crate) expires_at: Option<i64>,
+    pub(crate) model: String,
+    pub(crate) size: String,
+    pub(crate) seconds: String,
+    pub(crate) prompt: String,
+    pub(crate) remixed_from_video_id: Option<String>,
+    pub(crate) error_code: Option<String>,
+    pub(crate) error_message: Option<String>,
+    pub(crate) params: String,
+    pub(crate) owner: Option<String>,
+    pub(crate) output_attempt: Option<i64>,
 }
 
 fn row_to_raw(r: &Row<'_>) -> rusqlite::Result<RawJob> {
@@ -462,11 +588,12 @@ fn row_to_raw(r: &Row<'_>) -> rusqlite::Result<RawJob> {
         error_message: r.get(13)?,
         params: r.get(14)?,
         owner: r.get(15)?,
+        output_attempt: None,
     })
 }
 
 impl RawJob {
-    fn into_job(self) -> Result<Job, StoreError> {
+    pub(crate) fn into_job(self) -> Result<Job, StoreError> {
         let bad = |message: String| StoreError::BadRow {
             id: self.id.clone(),
             message,
@@ -496,6 +623,92 @@ impl RawJob {
             error,
             params,
             owner: self.owner,
+            output_attempt: self.output_attempt,
         })
+    }
+}
+
+/// The lease of the one process that uses a SQLite store.
+pub const LOCAL_WORKER: &str = "local";
+
+impl JobStore for Store {
+    fn insert(&self, job: &Job) -> Result<i64, StoreError> {
+        Store::insert(self, job)
+    }
+    fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Store::get(self, id)
+    }
+    fn list(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        order: Order,
+    ) -> Result<ListResult, StoreError> {
+        Store::list(self, owner, after, limit, order)
+    }
+    fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        Store::delete(self, id)
+    }
+    fn claim_next(
+        &self,
+        _worker: &str,
+        _models: &[String],
+    ) -> Result<Option<(Job, Lease, bool)>, StoreError> {
+        // One process serves every model of its jobs; a job for a model it no longer serves
+        // fails with `model_not_found` (see the worker).
+        Ok(Store::claim_next(self)?.map(|j| {
+            let lease = Lease {
+                worker: LOCAL_WORKER.into(),
+                attempt: 0,
+            };
+            (j, lease, false)
+        }))
+    }
+    fn heartbeat(&self, id: &str, _lease: &Lease) -> Result<LeaseState, StoreError> {
+        Ok(match Store::get(self, id)? {
+            Some(j) if j.status == Status::InProgress => LeaseState::Held { cancel: false },
+            _ => LeaseState::Lost,
+        })
+    }
+    fn set_progress(&self, id: &str, _lease: &Lease, progress: u8) -> Result<(), StoreError> {
+        Store::set_progress(self, id, progress)
+    }
+    fn set_params(&self, id: &str, _lease: &Lease, p: &JobParams) -> Result<(), StoreError> {
+        Store::set_params(self, id, p)
+    }
+    fn complete(&self, id: &str, _lease: &Lease, now: i64) -> Result<bool, StoreError> {
+        Store::complete(self, id, now)
+    }
+    fn fail(&self, id: &str, code: &str, message: &str, now: i64) -> Result<bool, StoreError> {
+        Store::fail(self, id, code, message, now)
+    }
+    fn fail_leased(
+        &self,
+        id: &str,
+        _lease: &Lease,
+        code: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        Store::fail(self, id, code, message, now)
+    }
+    fn counts(&self) -> Result<Vec<(Status, i64)>, StoreError> {
+        Store::counts(self)
+    }
+    fn queue_position(&self, seq: i64) -> Result<i64, StoreError> {
+        Store::queue_position(self, seq)
+    }
+    fn insert_character(&self, c: &Character) -> Result<(), StoreError> {
+        Store::insert_character(self, c)
+    }
+    fn get_character(&self, id: &str) -> Result<Option<Character>, StoreError> {
+        Store::get_character(self, id)
+    }
+    fn character_ids(&self) -> Result<Vec<String>, StoreError> {
+        Store::character_ids(self)
+    }
+    fn requeue_interrupted(&self) -> Result<usize, StoreError> {
+        Store::requeue_interrupted(self)
     }
 }

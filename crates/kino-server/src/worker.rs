@@ -18,7 +18,8 @@ use kino_media::{ImageFormat, Mp4Options, SpritesheetOptions, ThumbnailOptions, 
 
 use crate::error::ServerError;
 use crate::mapping::ModelInfo;
-use crate::store::{Job, Store};
+use crate::storage::Outputs;
+use crate::store::{Job, JobStore, Lease, LeaseState};
 use crate::{now_unix, video_dir};
 
 /// A model to serve: the name clients use and its folder.
@@ -61,6 +62,50 @@ pub struct Shared {
     pub jobs_run: AtomicU64,
     /// Webhook events go here when webhooks are on.
     events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::webhooks::Event>>>,
+    /// Jobs running on this node.
+    running: Mutex<HashSet<String>>,
+    /// Woken when another node reports a change (Postgres NOTIFY), so event streams answer at
+    /// once instead of at their next poll.
+    pub changed: tokio::sync::Notify,
+    /// Jobs this node took over from a worker whose lease ran out.
+    pub lease_expiries: AtomicU64,
+    /// Jobs this node lost to another worker (its lease ran out while it ran them).
+    pub leases_lost: AtomicU64,
+    /// How long the jobs this node finished took.
+    pub durations: Mutex<Histogram>,
+}
+
+/// A Prometheus histogram of job durations in seconds.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    /// Count per bound (not cumulative), plus one for `+Inf`.
+    pub counts: Vec<u64>,
+    pub sum: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds = vec![1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+        let n = bounds.len() + 1;
+        Histogram {
+            bounds,
+            counts: vec![0; n],
+            sum: 0.0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, secs: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i] += 1;
+        self.sum += secs;
+    }
 }
 
 impl Shared {
@@ -119,6 +164,30 @@ impl Shared {
             || self.cancel.lock().map(|c| c.contains(id)).unwrap_or(false)
     }
 
+    /// An event from another node (`cancel:ID`, `progress:ID`, `done:ID`, `queued`).
+    pub fn on_remote_event(&self, payload: &str) {
+        if let Some(id) = payload.strip_prefix("cancel:") {
+            let here = self.running.lock().map(|r| r.contains(id)).unwrap_or(false);
+            if here {
+                self.request_cancel(id);
+            }
+        }
+        if payload == "queued" {
+            self.notify();
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn set_running(&self, id: &str, on: bool) {
+        if let Ok(mut r) = self.running.lock() {
+            if on {
+                r.insert(id.to_string());
+            } else {
+                r.remove(id);
+            }
+        }
+    }
+
     /// The live state of a running job.
     pub fn live(&self, id: &str) -> Option<Live> {
         self.live.lock().ok().and_then(|l| l.get(id).copied())
@@ -162,7 +231,8 @@ pub fn progress_percent(e: &ProgressEvent) -> u8 {
 pub fn spawn(
     device: DeviceChoice,
     models: Vec<ModelSpec>,
-    store: Arc<Store>,
+    store: Arc<dyn JobStore>,
+    outputs: Arc<Outputs>,
     shared: Arc<Shared>,
     data_dir: PathBuf,
 ) -> Result<(std::thread::JoinHandle<()>, Vec<ModelInfo>), ServerError> {
@@ -183,10 +253,12 @@ pub fn spawn(
             }
             let keys = vec![options_key(&[], None); pipelines.len()];
             let mut w = Worker {
+                name: worker_name(device),
                 pipelines,
                 keys,
                 base,
                 store,
+                outputs,
                 shared,
                 data_dir,
             };
@@ -199,6 +271,87 @@ pub fn spawn(
             Err(e)
         }
         Err(_) => Err(ServerError::WorkerGone),
+    }
+}
+
+/// A name for this worker that no other worker has: host, process, device and a random tag.
+fn worker_name(device: DeviceChoice) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kino".into());
+    let dev = match device {
+        DeviceChoice::Auto => "auto".to_string(),
+        DeviceChoice::Cpu => "cpu".to_string(),
+        DeviceChoice::Metal => "metal".to_string(),
+        DeviceChoice::Cuda(i) => format!("cuda{i}"),
+    };
+    format!(
+        "{host}-{}-{dev}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
+}
+
+/// Keeps a shared store's lease alive while a job runs (a heartbeat every third of the lease)
+/// and turns a cancel request or a lost lease into a stop request for the run.
+struct LeaseKeeper {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    fn start(
+        store: Arc<dyn JobStore>,
+        shared: Arc<Shared>,
+        id: String,
+        lease: Lease,
+        every: Duration,
+        models: Vec<String>,
+    ) -> LeaseKeeper {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kino-lease".into())
+            .spawn(move || loop {
+                match rx.recv_timeout(every) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                match store.heartbeat(&id, &lease) {
+                    Ok(LeaseState::Held { cancel: false }) => {}
+                    Ok(LeaseState::Held { cancel: true }) => shared.request_cancel(&id),
+                    Ok(LeaseState::Lost) => {
+                        tracing::warn!(
+                            id,
+                            "lease lost (taken over, cancelled or deleted); stopping"
+                        );
+                        shared.leases_lost.fetch_add(1, Ordering::Relaxed);
+                        shared.request_cancel(&id);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(id, "heartbeat failed: {e}; retrying"),
+                }
+                // The worker stays listed as alive while it runs a long job.
+                if let Err(e) = store.register_worker(&lease.worker, &models) {
+                    tracing::warn!("worker: cannot register: {e}");
+                }
+            })
+            .ok();
+        LeaseKeeper {
+            stop: Some(tx),
+            thread,
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -227,6 +380,16 @@ fn has_transformer_2(root: &Path) -> bool {
 }
 
 type Opened = (Vec<(ModelInfo, WanPipeline)>, PipelineOptions);
+
+/// The models' settings without running anything (an API node checks requests against them;
+/// opening a pipeline reads its configuration, the weights load when a job runs).
+pub fn model_infos(models: &[ModelSpec]) -> Result<Vec<ModelInfo>, ServerError> {
+    Ok(open_models(DeviceChoice::Cpu, models)?
+        .0
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect())
+}
 
 fn open_models(device: DeviceChoice, models: &[ModelSpec]) -> Result<Opened, ServerError> {
     let dev = kino_engine::device::open(device).map_err(ServerError::Device)?;
@@ -260,8 +423,11 @@ fn open_models(device: DeviceChoice, models: &[ModelSpec]) -> Result<Opened, Ser
 /// cancellation. `segment` is `(k, n)` (0-based k) for a video made in segments.
 struct ProgressSink<'a> {
     shared: &'a Shared,
-    store: &'a Store,
+    store: &'a dyn JobStore,
+    lease: &'a Lease,
     id: &'a str,
+    /// When the live state was last recorded in the store (for other nodes).
+    live_sent: Option<Instant>,
     last_pct: u8,
     segment: (usize, usize),
     /// When this run began and the progress it began at (a resumed job starts past 0).
@@ -287,22 +453,32 @@ impl ProgressSink<'_> {
         } else {
             progress_percent(e)
         };
-        self.shared.set_live(
-            self.id,
-            Some(Live {
-                stage: e.stage,
-                step: e.step,
-                total: e.total,
-                progress: pct.max(self.last_pct),
-                segment: k + 1,
-                segments: n.max(1),
-                remaining_secs: remaining_secs(
-                    self.started.elapsed(),
-                    self.start_pct,
-                    pct.max(self.last_pct),
-                ),
-            }),
-        );
+        let live = Live {
+            stage: e.stage,
+            step: e.step,
+            total: e.total,
+            progress: pct.max(self.last_pct),
+            segment: k + 1,
+            segments: n.max(1),
+            remaining_secs: remaining_secs(
+                self.started.elapsed(),
+                self.start_pct,
+                pct.max(self.last_pct),
+            ),
+        };
+        self.shared.set_live(self.id, Some(live));
+        if self.store.lease_duration().is_some()
+            && self
+                .live_sent
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
+        {
+            self.live_sent = Some(Instant::now());
+            if let Ok(v) = serde_json::to_value(live) {
+                if let Err(err) = self.store.set_live(self.id, self.lease, &v) {
+                    tracing::warn!(id = self.id, "cannot store live progress: {err}");
+                }
+            }
+        }
         if e.stage == Stage::Denoise && e.step == e.total && e.total > 0 {
             self.shared
                 .denoise_steps
@@ -313,7 +489,7 @@ impl ProgressSink<'_> {
         }
         if pct > self.last_pct {
             self.last_pct = pct;
-            if let Err(err) = self.store.set_progress(self.id, pct) {
+            if let Err(err) = self.store.set_progress(self.id, self.lease, pct) {
                 tracing::warn!(id = self.id, "cannot store progress: {err}");
             }
         }
@@ -342,13 +518,16 @@ fn engine_outcome(shared: &Shared, e: kino_engine::Error) -> Outcome {
 }
 
 struct Worker {
+    /// This worker's name in leases.
+    name: String,
     /// One open pipeline per model, and the adapters / cache it was opened with
     /// ([`options_key`]): a job with other ones reopens it (at most one per model).
     pipelines: Vec<(ModelInfo, WanPipeline)>,
     keys: Vec<String>,
     /// The device's default options.
     base: PipelineOptions,
-    store: Arc<Store>,
+    store: Arc<dyn JobStore>,
+    outputs: Arc<Outputs>,
     shared: Arc<Shared>,
     data_dir: PathBuf,
 }
@@ -361,9 +540,30 @@ enum Outcome {
 }
 
 impl Worker {
+    /// The model ids this worker holds (a shared store leases it only their jobs).
+    fn model_ids(&self) -> Vec<String> {
+        self.pipelines.iter().map(|(i, _)| i.id.clone()).collect()
+    }
+
+    /// With a shared store, outputs go under the lease attempt's own keys.
+    fn output_attempt(&self, lease: &Lease) -> Option<i64> {
+        self.store.lease_duration().map(|_| lease.attempt)
+    }
+
     fn run(&mut self) {
+        let models = self.model_ids();
+        let beat = self.store.lease_duration().map(|d| d / 3);
+        let mut registered: Option<Instant> = None;
         while !self.shared.stop.load(Ordering::SeqCst) {
-            let job = match self.store.claim_next() {
+            if let Some(every) = beat {
+                if registered.is_none_or(|t| t.elapsed() >= every) {
+                    match self.store.register_worker(&self.name, &models) {
+                        Ok(()) => registered = Some(Instant::now()),
+                        Err(e) => tracing::warn!("worker: cannot register: {e}"),
+                    }
+                }
+            }
+            let (job, lease, took_over) = match self.store.claim_next(&self.name, &models) {
                 Ok(Some(j)) => j,
                 Ok(None) => {
                     self.shared.wait(Duration::from_millis(500));
@@ -376,26 +576,47 @@ impl Worker {
                 }
             };
             let id = job.id.clone();
-            tracing::info!(id, prompt = %job.prompt, "job started");
+            if took_over {
+                self.shared.lease_expiries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    id,
+                    attempt = lease.attempt,
+                    "taking over a job whose worker stopped answering (its lease ran out)"
+                );
+            }
+            tracing::info!(id, prompt = %job.prompt, worker = self.name, "job started");
+            self.shared.set_running(&id, true);
+            let keeper = beat.map(|every| {
+                LeaseKeeper::start(
+                    self.store.clone(),
+                    self.shared.clone(),
+                    id.clone(),
+                    lease.clone(),
+                    every,
+                    models.clone(),
+                )
+            });
             let started = Instant::now();
             // A panic in the engine fails this job instead of killing the worker.
-            let outcome =
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(&job)))
-                {
-                    Ok(o) => o,
-                    Err(p) => {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
-                        remove_outputs(&self.data_dir, &id);
-                        Outcome::Failed(
-                            "internal_error".into(),
-                            format!("the generation crashed: {msg}"),
-                        )
-                    }
-                };
+            let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_job(&job, &lease)
+            })) {
+                Ok(o) => o,
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    remove_outputs(&self.data_dir, &id);
+                    Outcome::Failed(
+                        "internal_error".into(),
+                        format!("the generation crashed: {msg}"),
+                    )
+                }
+            };
+            drop(keeper);
+            self.shared.set_running(&id, false);
             self.shared.set_live(&id, None);
             let was_cancelled = self.shared.take_cancel(&id);
             let now = now_unix();
@@ -404,40 +625,73 @@ impl Worker {
             } else {
                 "video.failed"
             };
+            let done = matches!(outcome, Outcome::Done);
             let stored = match outcome {
-                Outcome::Done => self.store.complete(&id, now),
+                Outcome::Done => self.store.complete(&id, &lease, now),
                 Outcome::Stopped => {
-                    tracing::info!(id, "server stopping; the job runs again on restart");
+                    if let Err(e) = self.store.release(&id, &lease) {
+                        tracing::warn!(id, "cannot give the job back: {e}");
+                    }
+                    tracing::info!(id, "server stopping; the job runs again (here on restart, or on another worker)");
                     return;
                 }
-                Outcome::Cancelled => self.store.fail(
+                Outcome::Cancelled => self.store.fail_leased(
                     &id,
+                    &lease,
                     "cancelled",
                     "the video was cancelled before it finished",
                     now,
                 ),
                 Outcome::Failed(code, msg) => {
                     tracing::warn!(id, "job failed: {msg}");
-                    self.store.fail(&id, &code, &msg, now)
+                    self.store.fail_leased(&id, &lease, &code, &msg, now)
                 }
             };
             self.shared.jobs_run.fetch_add(1, Ordering::Relaxed);
+            let attempt = self.output_attempt(&lease);
+            if attempt.is_some() {
+                // This machine's copy of the inputs (the bucket keeps them).
+                crate::inputs::remove_inputs(&self.data_dir, &id);
+            }
             match stored {
                 Ok(true) => {
-                    tracing::info!(
-                        id,
-                        secs = started.elapsed().as_secs_f64(),
-                        cancelled = was_cancelled,
-                        "job finished"
-                    );
+                    let secs = started.elapsed().as_secs_f64();
+                    tracing::info!(id, secs, cancelled = was_cancelled, "job finished");
+                    if let Ok(mut h) = self.shared.durations.lock() {
+                        h.observe(secs);
+                    }
                     self.shared.emit(event, &id);
+                    // What earlier attempts (killed or overtaken workers) left behind.
+                    if done && attempt.is_some() {
+                        if let Err(e) = crate::rt::block_on(self.outputs.remove_video(&id, attempt))
+                        {
+                            tracing::warn!(id, "cannot remove earlier attempts' files: {e}");
+                        }
+                    }
                 }
-                // The row is gone: the video was deleted while it ran.
+                // The row is gone (the video was deleted while it ran), or, with a shared
+                // store, another worker holds the job now: this attempt's files are not the
+                // video's.
                 Ok(false) => {
-                    remove_outputs(&self.data_dir, &id);
-                    crate::inputs::remove_inputs(&self.data_dir, &id);
+                    if let Some(a) = attempt {
+                        if let Err(e) = crate::rt::block_on(self.outputs.remove_attempt(&id, a)) {
+                            tracing::warn!(id, "cannot remove this attempt's files: {e}");
+                        }
+                        if matches!(self.store.get(&id), Ok(None)) {
+                            let _ = crate::rt::block_on(self.outputs.remove_video(&id, None));
+                            crate::inputs::remove_inputs(&self.data_dir, &id);
+                        }
+                    } else {
+                        remove_outputs(&self.data_dir, &id);
+                        crate::inputs::remove_inputs(&self.data_dir, &id);
+                    }
                 }
                 Err(e) => tracing::error!(id, "cannot record the job's end: {e}"),
+            }
+        }
+        if beat.is_some() {
+            if let Err(e) = self.store.unregister_worker(&self.name) {
+                tracing::warn!("worker: cannot unregister: {e}");
             }
         }
     }
@@ -490,7 +744,29 @@ impl Worker {
         }
     }
 
-    fn run_job(&mut self, job: &Job) -> Outcome {
+    /// With a shared store, the job's input files were stored in the bucket by the API node
+    /// that took the request: fetch the ones this machine lacks.
+    fn fetch_inputs(&self, job: &Job) -> Result<(), String> {
+        let Some(inputs) = &job.params.inputs else {
+            return Ok(());
+        };
+        if self.store.lease_duration().is_none() {
+            return Ok(());
+        }
+        let dir = crate::inputs::inputs_dir(&self.data_dir, &job.id);
+        for stored in inputs.all_files() {
+            if dir.join(&stored.file).is_file() {
+                continue;
+            }
+            let key = self.outputs.input_key(&job.id, &stored.file);
+            let bytes = crate::rt::block_on(self.outputs.read(&key))?;
+            crate::inputs::write_input(&self.data_dir, &job.id, &stored.file, &bytes)
+                .map_err(|e| format!("cannot keep the input {}: {e}", stored.file))?;
+        }
+        Ok(())
+    }
+
+    fn run_job(&mut self, job: &Job, lease: &Lease) -> Outcome {
         let Some(i) = self
             .pipelines
             .iter()
@@ -507,11 +783,28 @@ impl Worker {
         if let Err(o) = self.prepare(i, job) {
             return o;
         }
+        if let Err(msg) = self.fetch_inputs(job) {
+            return Outcome::Failed("invalid_input".into(), msg);
+        }
         let (info, pipeline) = &mut self.pipelines[i];
         if let Some(long) = &job.params.long {
             let shared = self.shared.clone();
             let store = self.store.clone();
-            let outcome = run_long(&self.data_dir, &shared, &store, info, pipeline, job, long);
+            let target = OutputTarget {
+                outputs: &self.outputs,
+                attempt: self.store.lease_duration().map(|_| lease.attempt),
+            };
+            let outcome = run_long(
+                &self.data_dir,
+                &shared,
+                &*store,
+                lease,
+                &target,
+                info,
+                pipeline,
+                job,
+                long,
+            );
             if !matches!(outcome, Outcome::Stopped) {
                 crate::segments::remove_segments(&self.data_dir, &job.id);
             }
@@ -523,7 +816,9 @@ impl Worker {
         let id = job.id.as_str();
         let mut sink = ProgressSink {
             shared: &self.shared,
-            store: &self.store,
+            store: &*self.store,
+            lease,
+            live_sent: None,
             id,
             last_pct: 0,
             segment: (0, 1),
@@ -546,22 +841,29 @@ impl Worker {
             Ok(o) => o,
             Err(e) => return engine_outcome(&self.shared, e),
         };
-        let _ = self.store.set_progress(id, 97);
+        let _ = self.store.set_progress(id, lease, 97);
         // Record what the step cache skipped (video object and metadata).
         let mut job = job.clone();
         if let (Some(c), Some(st)) = (job.params.cache.as_mut(), out.cache_stats) {
             c.forwards = Some(st.forwards);
             c.skipped = Some(st.skipped);
             tracing::info!(id, "{}", st.message());
-            if let Err(e) = self.store.set_params(id, &job.params) {
+            if let Err(e) = self.store.set_params(id, lease, &job.params) {
                 tracing::warn!(id, "cannot record the cache's counts: {e}");
             }
         }
-        let dir = video_dir(&self.data_dir, id);
+        let target = OutputTarget {
+            outputs: &self.outputs,
+            attempt: self.store.lease_duration().map(|_| lease.attempt),
+        };
         let written =
             crate::output::frames_to_video(out.frames, out.width, out.height, job.params.fps)
                 .map_err(|e| e.to_string())
-                .and_then(|video| write_outputs(&dir, info, &job, &video, &out.request, None));
+                .and_then(|video| {
+                    target.write(&self.data_dir, &job, |dir| {
+                        write_outputs(dir, info, &job, &video, &out.request, None)
+                    })
+                });
         match written {
             Ok(()) => Outcome::Done,
             Err(msg) => {
@@ -576,10 +878,13 @@ impl Worker {
 /// ([`long_video::generate`]): skips the segments a previous run finished (continuing from the
 /// last one's stored tail), keeps each new one on disk as it finishes, then stitches the
 /// source (for an extension) and every segment into one MP4.
+#[allow(clippy::too_many_arguments)]
 fn run_long(
     data_dir: &Path,
     shared: &Shared,
-    store: &Store,
+    store: &dyn JobStore,
+    lease: &Lease,
+    target: &OutputTarget<'_>,
     info: &ModelInfo,
     pipeline: &mut WanPipeline,
     job: &Job,
@@ -691,13 +996,15 @@ fn run_long(
     let mut sink = ProgressSink {
         shared,
         store,
+        lease,
+        live_sent: None,
         id,
         last_pct: segments::overall_percent(done, n, 0),
         segment: (done, n),
         started: Instant::now(),
         start_pct: segments::overall_percent(done, n, 0),
     };
-    let _ = store.set_progress(id, sink.last_pct);
+    let _ = store.set_progress(id, lease, sink.last_pct);
     let mut keep_failed: Option<String> = None;
     let result = long_video::generate(
         pipeline,
@@ -727,7 +1034,7 @@ fn run_long(
         return engine_outcome(shared, e);
     }
     // Stitch: the source, then every segment.
-    let _ = store.set_progress(id, 96);
+    let _ = store.set_progress(id, lease, 96);
     let mut all = source;
     for k in 0..n {
         match segments::read_segment(data_dir, id, k, frame_bytes) {
@@ -756,10 +1063,13 @@ fn run_long(
         "seeds": format!("{base_seed} + segment index"),
         "overlap": long.overlap,
     });
-    let dir = video_dir(data_dir, id);
     let written = crate::output::frames_to_video(all, w, h, fps)
         .map_err(|e| e.to_string())
-        .and_then(|video| write_outputs(&dir, info, job, &video, &request, Some(segs)));
+        .and_then(|video| {
+            target.write(data_dir, job, |dir| {
+                write_outputs(dir, info, job, &video, &request, Some(segs))
+            })
+        });
     match written {
         Ok(()) => Outcome::Done,
         Err(msg) => fail("output_failed", msg),
@@ -792,6 +1102,42 @@ fn read_source(
     )
 }
 
+/// The files a finished video has.
+pub const OUTPUT_FILES: [&str; 3] = ["video.mp4", "thumbnail.jpg", "spritesheet.jpg"];
+
+/// Where a finished video's files go: straight into `DATA_DIR/videos/<id>/` (outputs in the
+/// data directory, one process), or a staging folder that is then uploaded under the video's
+/// (attempt's) keys ([`crate::storage`]). Either way this happens before the job is completed.
+struct OutputTarget<'a> {
+    outputs: &'a Outputs,
+    attempt: Option<i64>,
+}
+
+impl OutputTarget<'_> {
+    fn write(
+        &self,
+        data_dir: &Path,
+        job: &Job,
+        make: impl FnOnce(&Path) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.outputs.is_local() && self.attempt.is_none() {
+            return make(&video_dir(data_dir, &job.id));
+        }
+        let stage =
+            data_dir
+                .join("staging")
+                .join(format!("{}-a{}", job.id, self.attempt.unwrap_or(0)));
+        let made = make(&stage).and_then(|()| {
+            crate::rt::block_on(
+                self.outputs
+                    .publish(&job.id, self.attempt, &stage, &OUTPUT_FILES),
+            )
+        });
+        let _ = std::fs::remove_dir_all(&stage);
+        made
+    }
+}
+
 fn write_outputs(
     dir: &Path,
     info: &ModelInfo,
@@ -820,6 +1166,9 @@ fn write_outputs(
     }
     if let Some(l) = crate::adapters::lora_metadata(&job.params.lora)? {
         params.extra.insert("lora".into(), l);
+    }
+    if let Some(p) = &job.params.preset {
+        params.extra.insert("preset".into(), serde_json::json!(p));
     }
     if let Some(c) = &job.params.cache {
         params

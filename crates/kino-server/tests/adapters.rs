@@ -363,3 +363,91 @@ fn a_missing_lora_dir_stops_the_server_at_start() {
     let err = ServerHandle::start(c).err().expect("refused");
     assert!(err.to_string().contains("--lora-dir"), "{err}");
 }
+
+/// A copy of `src` (a safetensors file) whose `__metadata__` also holds `kino` = `kino_json`.
+fn with_kino_metadata(src: &Path, dst: &Path, kino_json: &str) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    if header.get("__metadata__").is_none() {
+        header["__metadata__"] = json!({});
+    }
+    header["__metadata__"]["kino"] = json!(kino_json);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    // Keep the data 8-byte aligned, as safetensors writers do.
+    while !(8 + h.len()).is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(dst, out).unwrap();
+}
+
+#[test]
+fn a_preset_named_by_an_adapter_sets_steps_and_guidance_and_is_recorded() {
+    let data = tempfile::tempdir().unwrap();
+    let loras = lora_dir();
+    with_kino_metadata(
+        &loras.path().join("peft.safetensors"),
+        &loras.path().join("quick.safetensors"),
+        r#"{"presets": {"fast": {"num_inference_steps": 2, "guidance_scale": 1.0}}}"#,
+    );
+    let model = fixtures().join("pipeline-lora/model");
+    let srv = server(data.path(), "tiny-lora", model, Some(loras.path()));
+    let a = srv.addr();
+
+    let v = create(
+        a,
+        json!({"prompt": "a red square", "seconds": "1", "seed": 5,
+               "lora": ["quick"], "preset": "fast"}),
+    );
+    assert_eq!(v["preset"], "fast", "{v}");
+    let done = completed(a, &v);
+    let meta = kino_media::read_metadata(mp4(data.path(), done["id"].as_str().unwrap()))
+        .unwrap()
+        .expect("metadata");
+    assert_eq!(meta["steps"], 2, "{meta}");
+    assert_eq!(meta["guidance"], 1.0, "{meta}");
+    assert_eq!(meta["preset"], "fast", "{meta}");
+    assert_eq!(meta["lora"]["adapters"][0]["file"], "quick.safetensors");
+
+    // Explicit settings win over the preset's.
+    let v = create(
+        a,
+        json!({"prompt": "a red square", "seconds": "1", "seed": 5,
+               "lora": ["quick"], "preset": "fast", "steps": 3}),
+    );
+    let done = completed(a, &v);
+    let meta = kino_media::read_metadata(mp4(data.path(), done["id"].as_str().unwrap()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta["steps"], 3, "{meta}");
+    assert_eq!(meta["guidance"], 1.0, "{meta}");
+
+    // A preset nobody names: 400, naming the presets there are; nothing queued.
+    let before = video_count(a);
+    let r = post_json(
+        a,
+        "/v1/videos",
+        &json!({"prompt": "x", "lora": ["quick"], "preset": "turbo"}),
+    );
+    let e = r.assert_error(400, Some("preset"));
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("no preset `turbo`"), "{msg}");
+    assert!(msg.contains("fast (from quick.safetensors)"), "{msg}");
+    assert!(
+        !msg.contains(loras.path().to_str().unwrap()),
+        "no server paths: {msg}"
+    );
+    let r = post_json(a, "/v1/videos", &json!({"prompt": "x", "preset": "fast"}));
+    let e = r.assert_error(400, Some("preset"));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("name any preset"),
+        "{e}"
+    );
+    assert_eq!(video_count(a), before, "nothing queued on a 400");
+}

@@ -177,7 +177,15 @@ DRIVE_ADAPTERS = r"""
     const v = document.querySelector("#gallery .card video");
     return v && v.readyState >= 2 && v.videoWidth > 0 && v;
   }, "the finished video in the gallery");
-  return { options, boxShown, params: document.querySelector("#gallery .card .params").textContent, width: video.videoWidth };
+  const params = document.querySelector("#gallery .card .params").textContent;
+  // A preset none of the adapters names: the server's 400 shows under the form.
+  document.querySelector("#preset").value = "turbo";
+  document.querySelector("#create button[type=submit]").click();
+  const presetError = await until(() => {
+    const t = document.querySelector("#err").textContent;
+    return t.includes("preset") && t;
+  }, "the preset error");
+  return { options, boxShown, params, width: video.videoWidth, presetError };
 })()
 """
 ADAPTERS = os.environ.get("KINO_STUDIO_DRIVE") == "adapters"
@@ -267,6 +275,7 @@ try:
         assert s["options"] == ["peft", "wan"] and s["boxShown"], f"the adapters from GET /v1/models: {s}"
         assert "adapters peft" in s["params"], f"the card names the adapter: {s}"
         assert "cache first-block:0.9 (skipped " in s["params"], f"the card shows the cache and its count: {s}"
+        assert "no preset `turbo`" in s["presetError"], f"the preset field is sent and its error shown: {s}"
         print("studio adapters OK")
         sys.exit(0)
     assert s["prompt"] == "a corgi surfing at sunset", s

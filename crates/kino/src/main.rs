@@ -29,7 +29,8 @@ enum Command {
     Info(commands::info::Args),
     /// Run one model component on tensors from a file (for checking against the reference).
     Parity(Box<commands::parity::Args>),
-    /// Time one transformer forward or VAE decode against PyTorch on the same machine.
+    /// Time one transformer forward or VAE decode against PyTorch on the same machine, or
+    /// (`video`) a whole video at the 1.3B size with and without a cache and few steps.
     Bench(commands::bench::Args),
     /// List the models Kino knows and whether each is here.
     Models(commands::models::ModelsArgs),
@@ -44,6 +45,8 @@ enum Command {
     Mark(Box<commands::mark::Args>),
     /// Serve the OpenAI Videos API (`base_url=http://HOST:PORT/v1`) with a durable job queue.
     Serve(Box<commands::serve::Args>),
+    /// Create or update the Postgres tables of `kino serve --database URL` (run once per upgrade).
+    Migrate(commands::migrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval::run(*a),
         Command::Pull(a) => commands::models::pull(a),
         Command::Serve(a) => commands::serve::run(*a),
+        Command::Migrate(a) => commands::migrate::run(a),
         Command::Verify(a) => commands::verify::run(a),
         Command::Mark(a) => commands::mark::run(*a),
     };

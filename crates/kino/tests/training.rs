@@ -2,6 +2,10 @@
 //! steps of every stage on a tiny batch and writes a complete model folder, which `kino generate`
 //! then loads and runs like any Wan model.
 //!
+//! `training/train_lora.py --smoke` does the same for the adapters of the bundled model: a few
+//! steps of each kind, and `kino generate --lora FILE` (with `--preset fast` for the few-step
+//! one, whose file names the preset) loads what it wrote.
+//!
 //! Needs Python with the reference stack (`pip install -r fixtures/requirements.txt`), found as
 //! $KINO_PYTHON (default `python3`); `.ci/run` installs it.
 
@@ -12,11 +16,25 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-#[test]
-fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
+/// Runs `cmd`; its exit status and stdout + stderr.
+fn run_logged(cmd: &mut Command) -> (bool, String) {
+    let o = cmd.output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), log)
+}
+
+/// The interpreter with the reference stack, checked.
+fn python() -> String {
     let python = std::env::var("KINO_PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = Command::new(&python)
-        .args(["-c", "import torch, diffusers, transformers, tokenizers"])
+        .args([
+            "-c",
+            "import torch, diffusers, transformers, tokenizers, peft",
+        ])
         .output()
         .unwrap_or_else(|e| {
             panic!("cannot run `{python}` ({e}); install Python 3 or set KINO_PYTHON")
@@ -27,23 +45,23 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
          (or set KINO_PYTHON to an interpreter that has it)\n{}",
         String::from_utf8_lossy(&probe.stderr)
     );
+    python
+}
 
+#[test]
+fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
+    let python = python();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model");
-    let o = Command::new(&python)
-        .arg(repo().join("training/train.py"))
-        .args(["--smoke", "--threads", "1", "--save-every", "1", "--out"])
-        .arg(&out)
-        .arg("--latent-cache")
-        .arg(tmp.path().join("latents.pt"))
-        .output()
-        .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/train.py"))
+            .args(["--smoke", "--threads", "1", "--save-every", "1", "--out"])
+            .arg(&out)
+            .arg("--latent-cache")
+            .arg(tmp.path().join("latents.pt")),
     );
-    assert!(o.status.success(), "train.py --smoke failed:\n{log}");
+    assert!(ok, "train.py --smoke failed:\n{log}");
     assert!(
         log.contains("frames step 2/2") && log.contains("dit step 2/2"),
         "{log}"
@@ -121,4 +139,77 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     );
     let info = kino_media::probe(&video).unwrap();
     assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
+}
+
+#[test]
+fn adapter_training_script_runs_a_few_steps_and_kino_loads_the_adapters() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    for kind in ["concept", "fast"] {
+        let out = tmp.path().join(format!("{kind}.safetensors"));
+        let (ok, log) = run_logged(
+            Command::new(&python)
+                .arg(repo().join("training/train_lora.py"))
+                .args([kind, "--smoke", "--threads", "1", "--out"])
+                .arg(&out),
+        );
+        assert!(ok, "train_lora.py {kind} --smoke failed:\n{log}");
+        assert!(log.contains(&format!("{kind} step 2/2")), "{log}");
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+                .unwrap();
+        let loss = record["train"]["final_loss"].as_f64().unwrap_or(f64::NAN);
+        assert!(loss.is_finite() && loss > 0.0, "{kind}: final loss {loss}");
+        if kind == "concept" {
+            let eval: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.with_extension("eval.json")).unwrap(),
+            )
+            .unwrap();
+            assert!(
+                eval["cases"].as_array().is_some_and(|c| !c.is_empty()),
+                "{eval}"
+            );
+        }
+
+        // Kino loads the adapter; the few-step one brings its preset.
+        let video = tmp.path().join(format!("{kind}.mp4"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kino"));
+        cmd.args([
+            "generate",
+            "a red circle moving diagonally on a black background",
+        ])
+        .args(["--seed", "1", "--lora"])
+        .arg(&out)
+        .arg("-o")
+        .arg(&video)
+        .arg("--model")
+        .arg(repo().join("models/kino-shapes"));
+        if kind == "fast" {
+            cmd.args(["--preset", "fast"]);
+        } else {
+            cmd.args(["--steps", "2"]);
+        }
+        let o = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "kino generate --lora {kind}: {stderr}");
+        let meta = kino_media::read_metadata(&video)
+            .unwrap()
+            .expect("metadata");
+        assert_eq!(
+            meta["lora"]["adapters"][0]["file"],
+            format!("{kind}.safetensors"),
+            "{meta}"
+        );
+        if kind == "fast" {
+            assert!(
+                stderr.contains("preset `fast`: 4 steps, guidance off"),
+                "{stderr}"
+            );
+            assert_eq!(meta["steps"], 4, "{meta}");
+            assert_eq!(meta["guidance"], 1.0, "{meta}");
+            assert_eq!(meta["lora"]["preset"]["name"], "fast", "{meta}");
+        } else {
+            assert!(meta["lora"].get("preset").is_none(), "{meta}");
+        }
+    }
 }

@@ -671,6 +671,21 @@ impl WanPipeline {
         if let (Some(l), Some(c)) = (&lora_2, &transformer_2_config) {
             l.check_blocks(c.num_layers, "this model's transformer_2")?;
         }
+        if options.device.is_cpu() {
+            // A small model runs on one thread (threads that wait for a busy neighbour's core
+            // cost more than they give; see `device::SMALL_MODEL_BLOCK_PARAMS`).
+            let cfg = &transformer_config;
+            let d = cfg.num_attention_heads * cfg.attention_head_dim;
+            let blocks = cfg.num_layers + cfg.vace_layers.as_ref().map_or(0, Vec::len);
+            let block_params = blocks * (8 * d * d + 2 * d * cfg.ffn_dim);
+            if let Some(n) = crate::device::choose_cpu_threads(block_params) {
+                tracing::info!(
+                    "small model ({:.1} M block parameters): {n} CPU thread (set \
+                     RAYON_NUM_THREADS to choose)",
+                    block_params as f64 / 1e6
+                );
+            }
+        }
         Ok(Self {
             root: root.to_path_buf(),
             index,

@@ -279,7 +279,7 @@ enum Region {
     Outpaint(Outpaint),
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     if a.prompt.trim().is_empty() {
         bail!(
             "the prompt is empty; say what the edited region should show, e.g. kino edit IN.mp4 \
@@ -288,6 +288,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     kino_provenance::cli::open(&a.run.provenance, &[a.prompt.as_str()], "kino edit")?;
     let model_name = generate::model_name(a.model.as_deref());
+    a.run.apply_preset(&model_name)?;
     let size = a.size.as_deref().map(generate::parse_size).transpose()?;
     let scale = a
         .conditioning_scale

@@ -690,7 +690,7 @@ pub fn run_long(
     Ok(())
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     // Everything a user can get wrong is checked before a model is opened.
     if let Some(s) = a.seconds {
         frames_for_seconds(s, 1)?;
@@ -740,6 +740,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let size = a.size.as_deref().map(generate::parse_size).transpose()?;
 
     let model_name = generate::model_name(a.model.as_deref());
+    a.run.apply_preset(&model_name)?;
     let (model_dir, mut pipeline) = a.run.open(&model_name)?;
     let caps = pipeline.capabilities();
     if !caps.image && !caps.long_video {

@@ -72,6 +72,14 @@ pub struct RunArgs {
     /// With --cache mag:calibrate: where to write the measured ratios.
     #[arg(long, value_name = "FILE")]
     pub write_mag_ratios: Option<PathBuf>,
+    /// A named preset of steps, guidance and shift (and, from a model folder, adapters): e.g.
+    /// `fast` for a few-step model or adapter. From a --lora file's metadata or the model
+    /// folder's kino.json; --steps/--guidance/--shift given explicitly win.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// The preset applied by [`RunArgs::apply_preset`].
+    #[arg(skip)]
+    pub applied_preset: Option<kino_engine::preset::Preset>,
 }
 
 /// `--cache SPEC [--mag-ratios FILE] [--write-mag-ratios FILE]` as a cache config, checked
@@ -131,6 +139,16 @@ pub(crate) fn report_cache(
     Ok(Some(meta))
 }
 
+/// A preset as the output's metadata records it: its name, where it came from (file name) and
+/// what it set.
+fn preset_metadata(p: &kino_engine::preset::Preset) -> serde_json::Value {
+    json!({
+        "name": p.name,
+        "from": p.source.file_name().map(|n| n.to_string_lossy().to_string()),
+        "settings": p.describe(),
+    })
+}
+
 impl RunArgs {
     /// The adapters of `--lora` / `--lora-2`, parsed.
     pub fn lora_specs(
@@ -147,12 +165,39 @@ impl RunArgs {
         Ok((parse(&self.lora)?, parse(&self.lora_2)?))
     }
 
+    /// `--preset NAME`: finds the preset (a --lora file's, else the model folder's) and fills
+    /// in the steps, guidance and shift not given explicitly, and adds the adapters a model's
+    /// preset names. Without --preset, says which loaded adapters name presets.
+    pub fn apply_preset(&mut self, model_name: &str) -> anyhow::Result<()> {
+        let (lora, _) = self.lora_specs()?;
+        let Some(name) = self.preset.clone() else {
+            for hint in kino_engine::preset::hints(&lora) {
+                eprintln!("kino: note: {hint}");
+            }
+            return Ok(());
+        };
+        let model_dir = kino_engine::registry::resolve(model_name)?;
+        let p = kino_engine::preset::find(&model_dir, &lora, &name)?;
+        self.steps = self.steps.or(p.num_inference_steps);
+        self.guidance = self.guidance.or(p.guidance_scale);
+        self.shift = self.shift.or(p.shift);
+        for l in &p.lora {
+            self.lora.push(format!("{}:{}", l.path.display(), l.scale));
+        }
+        eprintln!("kino: preset `{name}`: {}", p.describe());
+        self.applied_preset = Some(p);
+        Ok(())
+    }
+
     /// What the output's metadata records about the adapters (file name, SHA-256, scale,
-    /// expert, fused), or `None` without any.
+    /// expert, fused) and the preset, or `None` without either.
     pub fn lora_metadata(&self) -> anyhow::Result<Option<serde_json::Value>> {
         let (l1, l2) = self.lora_specs()?;
         if l1.is_empty() && l2.is_empty() {
-            return Ok(None);
+            return Ok(self
+                .applied_preset
+                .as_ref()
+                .map(|p| json!({ "adapters": [], "fused": false, "preset": preset_metadata(p) })));
         }
         let mut list = Vec::new();
         for (expert, specs) in [("transformer", &l1), ("transformer_2", &l2)] {
@@ -165,7 +210,11 @@ impl RunArgs {
                 }));
             }
         }
-        Ok(Some(json!({ "adapters": list, "fused": self.fuse_lora })))
+        let mut meta = json!({ "adapters": list, "fused": self.fuse_lora });
+        if let Some(p) = &self.applied_preset {
+            meta["preset"] = preset_metadata(p);
+        }
+        Ok(Some(meta))
     }
 
     /// [`open_pipeline_with`] with these options (device, memory, tiling, adapters, cache).
@@ -657,7 +706,7 @@ pub fn open_pipeline_with(
     Ok((model_dir, pipeline))
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     let script_prompts = a
         .script
         .as_deref()
@@ -680,6 +729,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let checked: Vec<&str> = all_prompts.iter().map(String::as_str).collect();
     kino_provenance::cli::open(&a.run.provenance, &checked, "kino generate")?;
     let model_name = model_name(a.model.as_deref());
+    a.run.apply_preset(&model_name)?;
     let size = a.size.as_deref().map(parse_size).transpose()?;
     let output = a.output.clone().unwrap_or_else(|| default_output(&prompt));
     let format = format_of(&output)?;

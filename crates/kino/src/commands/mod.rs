@@ -5,6 +5,7 @@ pub mod extend;
 pub mod generate;
 pub mod info;
 pub mod mark;
+pub mod migrate;
 pub mod models;
 pub mod parity;
 pub mod serve;

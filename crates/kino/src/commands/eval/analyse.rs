@@ -16,7 +16,9 @@
 //!   where the anti-aliased shape's edge is;
 //! - **motion**: the least-squares slope of the mask centroid over time, times the clip length,
 //!   gives the displacement (dx, dy) in pixels (image y grows downward); the dominant axis and its
-//!   sign name the motion, "none" under [`MIN_DISPLACEMENT`] px;
+//!   sign name the motion, "none" under [`MIN_DISPLACEMENT`] px. When the spec's motions include
+//!   [`DIAGONAL`] ("diagonally": up and to the right, the kino-shapes concept adapter's motion), a
+//!   displacement within 22.5° of (1, −1) is that instead (halfway to the neighbouring axes);
 //! - **shape**: two medians over frames: `fill` = object area / bounding-box area (≈1 square,
 //!   ≈π/4 circle, ≈½ triangle), measured on coverage (distance / contrast) rather than on the
 //!   mask, so that blur, which rounds a thresholded square's corners, leaves it alone; and
@@ -40,6 +42,8 @@ pub const NONE: &str = "none";
 pub const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
 /// The motions the analyser can tell apart (image y grows downward: "down" is +y).
 pub const MOTIONS: [&str; 4] = ["left", "right", "up", "down"];
+/// A motion the analyser also tells apart when a spec lists it: up and to the right at 45°.
+pub const DIAGONAL: &str = "diagonally";
 /// Below this displacement (px over the clip) the motion is "none".
 pub const MIN_DISPLACEMENT: f64 = 4.0;
 /// Taper (top-half area / bottom-half area) under which a shape is a triangle.
@@ -151,7 +155,11 @@ impl EvalSpec {
         }
         for (what, names, known) in [
             ("shape", &self.shapes, &SHAPES[..]),
-            ("motion", &self.motions, &MOTIONS[..]),
+            (
+                "motion",
+                &self.motions,
+                &[&MOTIONS[..], &[DIAGONAL]].concat()[..],
+            ),
         ] {
             if let Some(n) = names.iter().find(|n| !known.contains(&n.as_str())) {
                 bail!(
@@ -393,8 +401,13 @@ pub fn analyse<F: AsRef<[u8]>>(
     let ts: Vec<f64> = blobs.iter().map(|(t, _)| *t as f64).collect();
     let dx = slope(&ts, &blobs.iter().map(|(_, b)| b.cx).collect::<Vec<_>>()) * (n - 1) as f64;
     let dy = slope(&ts, &blobs.iter().map(|(_, b)| b.cy).collect::<Vec<_>>()) * (n - 1) as f64;
+    // cos 22.5°: the displacement's angle to (1, −1) is under 22.5°.
+    let diagonal = spec.motions.iter().any(|m| m == DIAGONAL)
+        && (dx - dy) / (std::f64::consts::SQRT_2 * dx.hypot(dy)) > 0.923_879_532_5;
     let motion = if dx.abs().max(dy.abs()) < MIN_DISPLACEMENT {
         NONE
+    } else if diagonal {
+        DIAGONAL
     } else if dx.abs() >= dy.abs() {
         if dx > 0.0 {
             "right"
@@ -739,6 +752,10 @@ pub(crate) mod tests {
             "right" => (1.0, 0.0),
             "up" => (0.0, -1.0),
             "down" => (0.0, 1.0),
+            DIAGONAL => (
+                std::f64::consts::FRAC_1_SQRT_2,
+                -std::f64::consts::FRAC_1_SQRT_2,
+            ),
             _ => (0.0, 0.0),
         };
         // A start point that keeps the whole path inside the frame (1 px margin).
@@ -965,6 +982,39 @@ pub(crate) mod tests {
                 "{a:?}"
             );
         }
+    }
+
+    #[test]
+    fn diagonal_motion_is_told_apart_only_when_the_spec_lists_it() {
+        let axes = spec();
+        let mut with = spec();
+        with.motions.push(DIAGONAL.into());
+        for (motion, seed) in [(DIAGONAL, 3), ("right", 4), ("up", 5)] {
+            let frames = render(
+                &Clip {
+                    shape: "square",
+                    colour: [220, 40, 40],
+                    background: [0, 0, 0],
+                    motion,
+                    size: 20.0,
+                    displacement: 24.0,
+                    blur: 0.8,
+                    noise: 4.0,
+                    seed,
+                },
+                64,
+                64,
+            );
+            let a = analyse(&frames, 64, 64, &with).unwrap();
+            assert_eq!(a.motion, motion, "{a:?}");
+            // Without "diagonally" in the spec: one of the axes, as before.
+            let b = analyse(&frames, 64, 64, &axes).unwrap();
+            assert!(MOTIONS.contains(&b.motion.as_str()), "{b:?}");
+        }
+        let e = EvalSpec::parse(r#"{"colours": {"red": [220, 40, 40]}, "backgrounds": {"black": [0, 0, 0]}, "motions": ["sideways"], "cases": []}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("diagonally"), "{e}");
     }
 
     #[test]

@@ -197,7 +197,7 @@ pub fn run(
     spec: &EvalSpec,
     mode: Mode,
     seeds: u64,
-    steps: Option<usize>,
+    sampling: super::Sampling,
     json: bool,
     model: &str,
     model_dir: &Path,
@@ -215,7 +215,9 @@ pub fn run(
     let fps = pipeline.defaults().fps;
     let probe = pipeline.resolve(&GenerateRequest {
         prompt: spec.cases[0].prompt.clone(),
-        num_inference_steps: steps,
+        num_inference_steps: sampling.steps,
+        guidance_scale: sampling.guidance,
+        shift: sampling.shift,
         ..Default::default()
     })?;
     let (w, h, n) = (probe.width, probe.height, probe.num_frames);
@@ -299,7 +301,9 @@ pub fn run(
             let req = GenerateRequest {
                 prompt: prompt.clone(),
                 seed: Some(seed),
-                num_inference_steps: steps,
+                num_inference_steps: sampling.steps,
+                guidance_scale: sampling.guidance,
+                shift: sampling.shift,
                 conditioning: Conditioning::Vace(condition),
                 ..Default::default()
             };

@@ -149,7 +149,7 @@ pub fn run(
     spec: &EvalSpec,
     segments: usize,
     seeds: u64,
-    steps: Option<usize>,
+    sampling: super::Sampling,
     json: bool,
     model: &str,
     save: Option<&Path>,
@@ -169,7 +169,9 @@ pub fn run(
                 request: GenerateRequest {
                     prompt: case.prompt.clone(),
                     seed: Some(seed),
-                    num_inference_steps: steps,
+                    num_inference_steps: sampling.steps,
+                    guidance_scale: sampling.guidance,
+                    shift: sampling.shift,
                     ..Default::default()
                 },
                 prompts,

@@ -118,6 +118,23 @@ pub struct Args {
     /// MagCache: the model's magnitude ratios (a JSON list from a mag:calibrate run).
     #[arg(long, value_name = "FILE")]
     mag_ratios: Option<PathBuf>,
+    /// Classifier-free guidance scale (default: the model's; 1 or less turns guidance off).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Flow shift of the noise schedule (default: the model's).
+    #[arg(long)]
+    shift: Option<f64>,
+    /// A named preset, as `kino generate --preset` (e.g. `fast` with a few-step adapter).
+    #[arg(long, value_name = "NAME")]
+    preset: Option<String>,
+}
+
+/// The sampling settings every generated video of a run gets (`None`: the model's).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sampling {
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub shift: Option<f64>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -285,11 +302,31 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the --save folder {}", dir.display()))?;
     }
-    let lora = a
+    let mut lora = a
         .lora
         .iter()
         .map(|s| s.parse())
         .collect::<Result<Vec<kino_engine::lora::LoraSpec>, _>>()?;
+    let mut sampling = Sampling {
+        steps: a.steps,
+        guidance: a.guidance,
+        shift: a.shift,
+    };
+    let mut preset_meta = None;
+    if let Some(name) = &a.preset {
+        let dir = kino_engine::registry::resolve(&model_name)?;
+        let p = kino_engine::preset::find(&dir, &lora, name)?;
+        sampling.steps = sampling.steps.or(p.num_inference_steps);
+        sampling.guidance = sampling.guidance.or(p.guidance_scale);
+        sampling.shift = sampling.shift.or(p.shift);
+        lora.extend(p.lora.iter().cloned());
+        eprintln!("kino eval: preset `{name}`: {}", p.describe());
+        preset_meta = Some(serde_json::json!({ "name": name, "settings": p.describe() }));
+    } else {
+        for hint in kino_engine::preset::hints(&lora) {
+            eprintln!("kino eval: note: {hint}");
+        }
+    }
     let cache = generate::cache_config(a.cache.as_deref(), a.mag_ratios.as_deref(), None)?;
     let (model_dir, mut pipeline) = generate::open_pipeline_with(
         &model_name,
@@ -313,7 +350,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             &spec,
             mode,
             a.seeds,
-            a.steps,
+            sampling,
             a.json,
             &model_name,
             &model_dir,
@@ -339,7 +376,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             &spec,
             k,
             a.seeds,
-            a.steps,
+            sampling,
             a.json,
             &model_name,
             a.save.as_deref(),
@@ -357,7 +394,9 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     let request = |case: &Case, seed: u64, image: Option<RgbImage>| GenerateRequest {
         prompt: case.prompt.clone(),
         seed: Some(seed),
-        num_inference_steps: a.steps,
+        num_inference_steps: sampling.steps,
+        guidance_scale: sampling.guidance,
+        shift: sampling.shift,
         conditioning: match image {
             Some(first) => Conditioning::Image { first, last: None },
             None => Conditioning::Text,
@@ -488,6 +527,9 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             "cases": spec.cases.len(),
             "seeds": a.seeds,
             "steps": first.num_inference_steps,
+            "guidance": first.guidance_scale,
+            "shift": first.shift,
+            "preset": preset_meta,
             "videos": n,
             "seconds": secs,
             "accuracy": accuracy,

@@ -2,6 +2,10 @@
 //! video tokens, 512 text tokens) or one Wan2.1 VAE decode (17 frames at 256×256), f32 on the CPU,
 //! with random weights, against PyTorch + diffusers on the same shapes in the same run. Each side
 //! runs in its own process so that peak memory is its own. Prints a table with the ratios.
+//!
+//! `kino bench video`: time per video at the Wan2.1-1.3B size ([`video`]).
+
+mod video;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,14 +16,15 @@ use candle_core::{DType, Device, Tensor};
 use kino_engine::loading::RandomWeights;
 use kino_engine::wan::{transformer, vae};
 
-const REFERENCE_PY: &str = include_str!("../../../../bench/cpu/reference.py");
+const REFERENCE_PY: &str = include_str!("../../../../../bench/cpu/reference.py");
 
 #[derive(clap::Args)]
 pub struct Args {
     /// `transformer`, `vae` or `all`.
     #[arg(default_value = "all")]
     what: String,
-    /// CPU threads for both sides.
+    /// CPU threads for both sides (`transformer`, `vae`; `video` runs in this process with
+    /// $RAYON_NUM_THREADS threads, default all cores).
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Python with torch and diffusers for the reference side (default: $KINO_PYTHON or python3).
@@ -28,6 +33,24 @@ pub struct Args {
     /// Only time Kino.
     #[arg(long)]
     no_reference: bool,
+    /// `video`: the frame size, WxH.
+    #[arg(long, default_value = "256x256", value_name = "WxH")]
+    size: String,
+    /// `video`: frames per video (4k+1).
+    #[arg(long, default_value_t = 17)]
+    frames: usize,
+    /// `video`: the step cache of the cached row (`kino generate --cache` syntax). The default,
+    /// TaylorSeer on the attention modules, skips by a fixed pattern, so its count is the same
+    /// with random weights as with trained ones.
+    #[arg(
+        long,
+        default_value = r"taylorseer:2,cache_identifiers=^blocks\.\d+\.attn[12]$"
+    )]
+    cache: String,
+    /// `video`: where the random-weight 1.3B model folder is written (about 6 GB, kept for
+    /// the next run). Default: $TMPDIR/kino-bench-wan2.1-1.3b-random.
+    #[arg(long, value_name = "DIR")]
+    model_dir: Option<PathBuf>,
     /// Internal: run one side in this process and print JSON.
     #[arg(long, hide = true)]
     child: bool,
@@ -44,7 +67,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "all" => vec!["transformer", "vae"],
         "transformer" => vec!["transformer"],
         "vae" => vec!["vae"],
-        other => bail!("unknown benchmark `{other}`; choose transformer, vae or all"),
+        "video" => return video::run(&a),
+        other => bail!("unknown benchmark `{other}`; choose transformer, vae, all or video"),
     };
     if a.child {
         let m = measure_kino(what[0])?;

@@ -1,0 +1,297 @@
+//! `--model` from single files (issue 19, item 3): the bundled kino-shapes written as a
+//! ComfyUI-style trio — a diffusion model and a VAE with the original Wan tensor names (the
+//! renames below are written out here, independently of Kino's), a UMT5 text encoder in
+//! transformers' names, plain or ComfyUI's `fp8_e4m3fn` "scaled" — makes the same video as the
+//! diffusers folder; a ComfyUI `models/` folder works too; mistakes get one clear error each.
+//!
+//! Writes the files with Python and safetensors (`$KINO_PYTHON`, default `python3`, with torch;
+//! `.ci/run` installs it).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Writes `wan.safetensors`, `vae.safetensors`, `umt5.safetensors`, `umt5_fp8_scaled.safetensors`
+/// and `wan_broken.safetensors` (no `head.head.weight`) from a diffusers folder.
+const WRITER: &str = r#"
+import re, sys, torch
+from safetensors.torch import load_file, save_file
+
+src, out = sys.argv[1], sys.argv[2]
+nrb = int(sys.argv[3])  # the VAE's num_res_blocks
+
+def transformer_original(k):
+    top = {
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "proj_out": "head.head",
+    }
+    if k == "scale_shift_table":
+        return "head.modulation"
+    for a, b in top.items():
+        if k.startswith(a + "."):
+            return b + k[len(a):]
+    m = re.match(r"blocks\.(\d+)\.(.*)$", k)
+    if not m:
+        return k
+    n, rest = m.groups()
+    attn = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "norm_q": "norm_q", "norm_k": "norm_k"}
+    for d, o in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+        if rest.startswith(d + "."):
+            r = rest[len(d) + 1:]
+            for a, b in attn.items():
+                if r.startswith(a + "."):
+                    return f"blocks.{n}.{o}.{b}{r[len(a):]}"
+    if rest == "scale_shift_table":
+        return f"blocks.{n}.modulation"
+    rest = rest.replace("ffn.net.0.proj.", "ffn.0.").replace("ffn.net.2.", "ffn.2.")
+    rest = re.sub(r"^norm2\.", "norm3.", rest)  # diffusers' norm2 is the original norm3
+    return f"blocks.{n}.{rest}"
+
+RESNET = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6.", "conv_shortcut.": "shortcut."}
+
+def resnet_original(r):
+    for a, b in RESNET.items():
+        if r.startswith(a):
+            return b + r[len(a):]
+    return r
+
+def vae_original(k):
+    for a, b in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
+        if k.startswith(a):
+            return b + k[len(a):]
+    side, rest = k.split(".", 1)
+    if rest.startswith("conv_in."):
+        return f"{side}.conv1.{rest[8:]}"
+    if rest.startswith("norm_out."):
+        return f"{side}.head.0.{rest[9:]}"
+    if rest.startswith("conv_out."):
+        return f"{side}.head.2.{rest[9:]}"
+    m = re.match(r"mid_block\.resnets\.(\d)\.(.*)$", rest)
+    if m:
+        return f"{side}.middle.{2 * int(m.group(1))}.{resnet_original(m.group(2))}"
+    if rest.startswith("mid_block.attentions.0."):
+        return f"{side}.middle.1.{rest[len('mid_block.attentions.0.'):]}"
+    m = re.match(r"down_blocks\.(\d+)\.(.*)$", rest)
+    if m:
+        return f"{side}.downsamples.{m.group(1)}.{resnet_original(m.group(2))}"
+    m = re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)$", rest)
+    if m:
+        i = int(m.group(1)) * (nrb + 2) + int(m.group(2))
+        return f"{side}.upsamples.{i}.{resnet_original(m.group(3))}"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)$", rest)
+    if m:
+        i = int(m.group(1)) * (nrb + 2) + nrb + 1
+        return f"{side}.upsamples.{i}.{m.group(2)}"
+    raise SystemExit(f"no original name for {k}")
+
+t = load_file(f"{src}/transformer/diffusion_pytorch_model.safetensors")
+wan = {"model.diffusion_model." + transformer_original(k): v for k, v in t.items()}
+save_file(wan, f"{out}/wan.safetensors")
+broken = {k: v for k, v in wan.items() if not k.endswith("head.head.weight")}
+save_file(broken, f"{out}/wan_broken.safetensors")
+
+v = load_file(f"{src}/vae/diffusion_pytorch_model.safetensors")
+vae = {vae_original(k): x for k, x in v.items()}
+assert len(vae) == len(v)
+save_file(vae, f"{out}/vae.safetensors")
+
+te = load_file(f"{src}/text_encoder/model.safetensors")
+save_file(te, f"{out}/umt5.safetensors")
+# ComfyUI's scaled fp8: linear weights of the blocks in float8 e4m3 with a per-tensor scale,
+# the rest in fp16, and a `scaled_fp8` marker.
+fp8 = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+for k, x in te.items():
+    if k.startswith("encoder.block.") and x.dim() == 2 and "relative_attention_bias" not in k:
+        scale = x.abs().max().float() / 448.0
+        fp8[k] = (x.float() / scale).to(torch.float8_e4m3fn)
+        fp8[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(())
+    else:
+        fp8[k] = x.half()
+save_file(fp8, f"{out}/umt5_fp8_scaled.safetensors")
+"#;
+
+fn python() -> String {
+    std::env::var("KINO_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn write_trio(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = dir.join("write_trio.py");
+    std::fs::write(&script, WRITER).unwrap();
+    let o = Command::new(python())
+        .arg(&script)
+        .arg(repo().join("models/kino-shapes"))
+        .arg(dir)
+        .arg("1")
+        .output()
+        .expect("Python runs (set KINO_PYTHON to an interpreter with torch and safetensors)");
+    assert!(
+        o.status.success(),
+        "writing the trio failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `kino generate` into a PNG folder with a fixed seed; returns the frames.
+fn generate(model: &str, out: &Path, cache: &Path) -> Result<Vec<kino_media::Frame>, String> {
+    generate_prompt(model, RED, out, cache)
+}
+
+const RED: &str = "a red square moving right on a black background";
+
+fn generate_prompt(
+    model: &str,
+    prompt: &str,
+    out: &Path,
+    cache: &Path,
+) -> Result<Vec<kino_media::Frame>, String> {
+    let o = run(kino()
+        .args(["generate", prompt])
+        .args(["--model", model, "--seed", "3", "--steps", "6"])
+        .args(["--no-sign", "--no-watermark", "-o"])
+        .arg(out)
+        .env("KINO_CACHE", cache));
+    if !o.status.success() {
+        return Err(stderr(&o));
+    }
+    let mut pngs: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    pngs.sort();
+    Ok(pngs
+        .iter()
+        .map(|p| kino_media::read_image(p).unwrap())
+        .collect())
+}
+
+/// Mean and largest absolute difference in 8-bit levels.
+fn diff(a: &[kino_media::Frame], b: &[kino_media::Frame]) -> (f64, u8) {
+    assert_eq!(a.len(), b.len(), "frame counts differ");
+    let (mut sum, mut n, mut max) = (0u64, 0u64, 0u8);
+    for (x, y) in a.iter().zip(b) {
+        for (&p, &q) in x.data().iter().zip(y.data()) {
+            let d = p.abs_diff(q);
+            sum += u64::from(d);
+            n += 1;
+            max = max.max(d);
+        }
+    }
+    (sum as f64 / n as f64, max)
+}
+
+#[test]
+fn a_comfyui_trio_makes_the_same_video_as_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("files");
+    write_trio(&files);
+    let cache = tmp.path().join("cache");
+    let shapes = repo().join("models/kino-shapes");
+    let shapes = shapes.to_str().unwrap();
+    let f = |name: &str| files.join(name).display().to_string();
+
+    let base = generate(shapes, &tmp.path().join("base"), &cache).unwrap();
+    assert_eq!(base.len(), 17);
+
+    // Original names, f32: the same numbers, so the same pixels.
+    let trio = format!(
+        "{},{},{},{shapes}",
+        f("wan.safetensors"),
+        f("umt5.safetensors"),
+        f("vae.safetensors")
+    );
+    let same = generate(&trio, &tmp.path().join("trio"), &cache).unwrap();
+    assert_eq!(diff(&base, &same), (0.0, 0), "trio with the original names");
+
+    // A ComfyUI models/ folder with the same files.
+    let models = tmp.path().join("ComfyUI/models");
+    for (sub, name) in [
+        ("diffusion_models", "wan.safetensors"),
+        ("text_encoders", "umt5.safetensors"),
+        ("vae", "vae.safetensors"),
+    ] {
+        std::fs::create_dir_all(models.join(sub)).unwrap();
+        std::fs::copy(files.join(name), models.join(sub).join(name)).unwrap();
+    }
+    let comfy = generate(
+        &format!("{},kino-shapes", models.display()),
+        &tmp.path().join("comfy"),
+        &cache,
+    )
+    .unwrap();
+    assert_eq!(diff(&base, &comfy), (0.0, 0), "ComfyUI models folder");
+
+    // fp8 "scaled" text encoder: the embeddings carry fp8's rounding (3 mantissa bits), so the
+    // video differs by that rounding; stated, and bounded.
+    let fp8 = format!(
+        "{},{},{},{shapes}",
+        f("wan.safetensors"),
+        f("umt5_fp8_scaled.safetensors"),
+        f("vae.safetensors")
+    );
+    let rounded = generate(&fp8, &tmp.path().join("fp8"), &cache).unwrap();
+    let (mean, max) = diff(&base, &rounded);
+    println!("fp8-scaled text encoder vs the folder: mean {mean:.3} levels of 255, max {max}");
+    // The scales are applied: without them the fp8 values are up to 448 times too large and
+    // the prompt is lost. A different prompt moves the video far more than the rounding.
+    let blue = "a blue circle moving left on a white background";
+    let other = generate_prompt(shapes, blue, &tmp.path().join("other"), &cache).unwrap();
+    let (other_mean, _) = diff(&base, &other);
+    println!("another prompt vs the folder: mean {other_mean:.3} levels");
+    assert!(
+        mean < 4.0 && mean * 5.0 < other_mean,
+        "fp8 text encoder: mean difference {mean} levels (another prompt: {other_mean})"
+    );
+}
+
+#[test]
+fn single_file_mistakes_get_one_clear_error_each() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("files");
+    write_trio(&files);
+    let cache = tmp.path().join("cache");
+    let f = |name: &str| files.join(name).display().to_string();
+    let lora = repo().join("models/kino-shapes/lora/fast.safetensors");
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (f("wan.safetensors"), vec!["no configs", "model alias"]),
+        (
+            format!(
+                "{},{},kino-shapes",
+                f("wan.safetensors"),
+                f("wan_broken.safetensors")
+            ),
+            vec!["two files for a Wan diffusion model"],
+        ),
+        (
+            format!("{},kino-shapes", lora.display()),
+            vec![
+                "fast.safetensors",
+                "not a Wan diffusion model, a UMT5 text encoder or a Wan VAE",
+            ],
+        ),
+        (
+            format!("{},kino-shapes", f("wan_broken.safetensors")),
+            vec!["proj_out.weight", "wan_broken.safetensors"],
+        ),
+        (
+            format!("{},kino-shapes,kino-shapes", f("wan.safetensors")),
+            vec!["two model folders"],
+        ),
+    ];
+    for (model, want) in cases {
+        let out = tmp.path().join("out");
+        let err = generate(&model, &out, &cache).expect_err(&model);
+        for w in want {
+            assert!(err.contains(w), "--model {model}: want `{w}` in:\n{err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
