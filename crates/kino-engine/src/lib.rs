@@ -5,6 +5,7 @@
 pub mod clip;
 pub mod device;
 pub mod error;
+pub mod gguf;
 pub mod hooks;
 pub mod loading;
 pub mod long_video;

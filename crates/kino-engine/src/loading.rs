@@ -135,10 +135,41 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(any)
 }
 
+/// Where a component's tensors live: memory-mapped safetensors, or a GGUF file.
+#[derive(Clone)]
+enum Store {
+    Safetensors(Arc<candle_core::safetensors::MmapedSafetensors>),
+    Gguf(Arc<crate::gguf::GgufFile>),
+}
+
+impl Store {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Store::Safetensors(s) => s.tensors().into_iter().map(|(n, _)| n).collect(),
+            Store::Gguf(g) => g.names(),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Store::Safetensors(s) => s.get(name).is_ok(),
+            Store::Gguf(g) => g.contains(name),
+        }
+    }
+
+    /// A dense tensor in its stored float type (GGUF: dequantized to f32).
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Store::Safetensors(s) => s.load(name, dev),
+            Store::Gguf(g) => g.tensor(name)?.to_device(dev),
+        }
+    }
+}
+
 /// Memory-mapped weights of one component folder, with errors that name the tensor and shapes.
 #[derive(Clone)]
 pub struct Weights {
-    inner: Arc<candle_core::safetensors::MmapedSafetensors>,
+    inner: Store,
     location: PathBuf,
     last_error: Arc<Mutex<Option<LoadError>>>,
     /// LoRA adapters applied to these weights (see `crate::lora`): folded into the weights and
@@ -158,6 +189,17 @@ impl Weights {
     pub fn open(dir: &Path) -> Result<Self> {
         let note = crate::single_file::Note::read(dir)?;
         let files = weight_files(dir)?;
+        if let Some(note) = note.as_ref().filter(|n| crate::gguf::is_gguf(&n.file)) {
+            let inner = Store::Gguf(crate::gguf::GgufFile::open(&note.file)?);
+            let map = crate::single_file::name_map(note, &inner.names())?;
+            return Ok(Self {
+                inner,
+                location: note.file.clone(),
+                last_error: Arc::new(Mutex::new(None)),
+                lora: None,
+                renamed: Some(Arc::new(map)),
+            });
+        }
         for f in &files {
             check_safetensors(f)?;
         }
@@ -170,15 +212,16 @@ impl Weights {
                     message: format!("not a valid safetensors file: {e}"),
                 }
             })?;
+        let inner = Store::Safetensors(Arc::new(inner));
         let renamed = match &note {
-            Some(note) => {
-                let names: Vec<String> = inner.tensors().into_iter().map(|(n, _)| n).collect();
-                Some(Arc::new(crate::single_file::name_map(note, &names)?))
-            }
+            Some(note) => Some(Arc::new(crate::single_file::name_map(
+                note,
+                &inner.names(),
+            )?)),
             None => None,
         };
         Ok(Self {
-            inner: Arc::new(inner),
+            inner,
             location: note.map(|n| n.file).unwrap_or_else(|| dir.to_path_buf()),
             last_error: Arc::new(Mutex::new(None)),
             lora: None,
@@ -210,7 +253,35 @@ impl Weights {
     pub fn names(&self) -> Vec<String> {
         match &self.renamed {
             Some(map) => map.names.keys().cloned().collect(),
-            None => self.inner.tensors().into_iter().map(|(n, _)| n).collect(),
+            None => self.inner.names(),
+        }
+    }
+
+    /// The blocks of a quantized matrix `name` (diffusers name), kept quantized, when these
+    /// weights come from a GGUF file that stores it so, on `device`; `None` for a plain tensor
+    /// (and whenever LoRA adapters are applied: they need the dense weight).
+    pub fn quantized(
+        &self,
+        name: &str,
+        device: &Device,
+    ) -> candle_core::Result<Option<candle_core::quantized::QTensor>> {
+        let Store::Gguf(g) = &self.inner else {
+            return Ok(None);
+        };
+        if self.lora.is_some() {
+            return Ok(None);
+        }
+        let Some(file_name) = self.file_name(name) else {
+            return Ok(None);
+        };
+        match g.dtype(file_name) {
+            Some(dt)
+                if crate::gguf::is_quantized(dt)
+                    && g.shape(file_name).is_some_and(|s| s.len() == 2) =>
+            {
+                Ok(Some(g.qtensor(file_name, device)?))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -317,7 +388,7 @@ impl SimpleBackend for Weights {
                 }
             }
         }
-        let Some(file_name) = self.file_name(name).filter(|n| self.inner.get(n).is_ok()) else {
+        let Some(file_name) = self.file_name(name).filter(|n| self.inner.contains(n)) else {
             return Err(self.record(LoadError::Missing {
                 name: name.to_string(),
                 location: self.location.clone(),
@@ -346,9 +417,34 @@ impl SimpleBackend for Weights {
                 return lora.on_the_fly(layer);
             }
         }
-        self.file_name(name)
-            .is_some_and(|n| self.inner.get(n).is_ok())
+        self.file_name(name).is_some_and(|n| self.inner.contains(n))
     }
+}
+
+thread_local! {
+    /// The weights a model is being built from on this thread, for [`quantized_weight`].
+    static BUILDING_FROM: std::cell::RefCell<Option<Weights>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (a model's constructor) with `w` as the source of [`quantized_weight`], so linear
+/// layers can keep a GGUF file's quantized matrices instead of dense copies.
+pub fn building_from<R>(w: &Weights, f: impl FnOnce() -> R) -> R {
+    let prev = BUILDING_FROM.with(|b| b.replace(Some(w.clone())));
+    let r = f();
+    BUILDING_FROM.with(|b| *b.borrow_mut() = prev);
+    r
+}
+
+/// The quantized blocks of the matrix `name` of the model being built (see [`building_from`]),
+/// when its weights keep it quantized.
+pub fn quantized_weight(
+    name: &str,
+    device: &Device,
+) -> candle_core::Result<Option<candle_core::quantized::QTensor>> {
+    BUILDING_FROM.with(|b| match b.borrow().as_ref() {
+        Some(w) => w.quantized(name, device),
+        None => Ok(None),
+    })
 }
 
 /// `model_index.json` of a whole pipeline folder.
@@ -456,8 +552,12 @@ pub struct RandomWeights {
 impl RandomWeights {
     /// A `VarBuilder` making random weights in `dtype` on `device`.
     pub fn var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights { seed });
-        VarBuilder::from_backend(backend, dtype, device.clone())
+        VarBuilder::from_backend(Self::backend(seed), dtype, device.clone())
+    }
+
+    /// The backend itself (for wrapping, e.g. `crate::testing::save_random_weights`).
+    pub fn backend(seed: u64) -> Box<dyn SimpleBackend> {
+        Box::new(RandomWeights { seed })
     }
 }
 

@@ -40,6 +40,9 @@ pub enum Naming {
     /// A UMT5 encoder in transformers' names, possibly ComfyUI's fp8 "scaled" layout (`X.weight`
     /// in float8 e4m3 with a `X.scale_weight`).
     Umt5,
+    /// A UMT5 encoder in llama.cpp's T5 names (`enc.blk.0.attn_q.weight`), as the community's
+    /// GGUF files have them ([`umt5_gguf_name`]).
+    Umt5Gguf,
 }
 
 /// The component a single file provides.
@@ -130,6 +133,7 @@ pub fn name_map(note: &Note, file_names: &[String]) -> Result<NameMap> {
             Naming::Diffusers => f.clone(),
             Naming::WanOriginal => transformer_name(f),
             Naming::WanVaeOriginal => vae_name(f, note.num_res_blocks.unwrap_or(2)),
+            Naming::Umt5Gguf => umt5_gguf_name(f),
             Naming::Umt5 => {
                 // ComfyUI's scaled fp8: `scaled_fp8` marks the file; `X.scale_weight` scales
                 // `X.weight`; `X.scale_input` is for fp8 matmuls on the input (not used: Kino
@@ -212,6 +216,134 @@ pub fn transformer_name(key: &str) -> String {
         k = k.replace(from, to);
     }
     k
+}
+
+/// llama.cpp's T5 names → transformers' (ComfyUI-GGUF's `T5_SD_MAP`, applied in its order).
+pub const T5_GGUF_NAMES: [(&str, &str); 14] = [
+    ("enc.", "encoder."),
+    (".blk.", ".block."),
+    ("token_embd", "shared"),
+    ("output_norm", "final_layer_norm"),
+    ("attn_q", "layer.0.SelfAttention.q"),
+    ("attn_k", "layer.0.SelfAttention.k"),
+    ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"),
+    ("attn_norm", "layer.0.layer_norm"),
+    (
+        "attn_rel_b",
+        "layer.0.SelfAttention.relative_attention_bias",
+    ),
+    ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"),
+    ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+    ("ffn_norm", "layer.1.layer_norm"),
+];
+
+/// A UMT5 tensor name of a GGUF file (llama.cpp's T5 names) in transformers' names.
+pub fn umt5_gguf_name(key: &str) -> String {
+    let mut k = key.to_string();
+    for (from, to) in T5_GGUF_NAMES {
+        k = k.replace(from, to);
+    }
+    k
+}
+
+/// transformers' UMT5 names → llama.cpp's (the inverse of [`umt5_gguf_name`]), for
+/// `kino quantize --part text_encoder`.
+pub fn umt5_gguf_original(name: &str) -> String {
+    let mut k = name.to_string();
+    for (gguf, hf) in T5_GGUF_NAMES.iter().rev() {
+        k = k.replace(hf, gguf);
+    }
+    k
+}
+
+/// Diffusers' Wan transformer names → the original Wan names (the inverse of
+/// [`transformer_name`]), for `kino quantize --part transformer`: files as the community
+/// publishes them.
+pub fn transformer_original(name: &str) -> String {
+    const TOP: [(&str, &str); 6] = [
+        (
+            "condition_embedder.time_embedder.linear_1.",
+            "time_embedding.0.",
+        ),
+        (
+            "condition_embedder.time_embedder.linear_2.",
+            "time_embedding.2.",
+        ),
+        (
+            "condition_embedder.text_embedder.linear_1.",
+            "text_embedding.0.",
+        ),
+        (
+            "condition_embedder.text_embedder.linear_2.",
+            "text_embedding.2.",
+        ),
+        ("condition_embedder.time_proj.", "time_projection.1."),
+        ("proj_out.", "head.head."),
+    ];
+    const IMAGE: [(&str, &str); 4] = [
+        (
+            "condition_embedder.image_embedder.norm1.",
+            "img_emb.proj.0.",
+        ),
+        (
+            "condition_embedder.image_embedder.ff.net.0.proj.",
+            "img_emb.proj.1.",
+        ),
+        (
+            "condition_embedder.image_embedder.ff.net.2.",
+            "img_emb.proj.3.",
+        ),
+        (
+            "condition_embedder.image_embedder.norm2.",
+            "img_emb.proj.4.",
+        ),
+    ];
+    if name == "scale_shift_table" {
+        return "head.modulation".into();
+    }
+    for (d, o) in TOP.iter().chain(IMAGE.iter()) {
+        if let Some(rest) = name.strip_prefix(d) {
+            return format!("{o}{rest}");
+        }
+    }
+    let Some(rest) = name.strip_prefix("blocks.") else {
+        return name.to_string();
+    };
+    let (n, part) = rest.split_once('.').unwrap_or((rest, ""));
+    if part == "scale_shift_table" {
+        return format!("blocks.{n}.modulation");
+    }
+    for (d, o) in [("attn1.", "self_attn."), ("attn2.", "cross_attn.")] {
+        if let Some(r) = part.strip_prefix(d) {
+            for (a, b) in [
+                ("to_q.", "q."),
+                ("to_k.", "k."),
+                ("to_v.", "v."),
+                ("to_out.0.", "o."),
+                ("add_k_proj.", "k_img."),
+                ("add_v_proj.", "v_img."),
+                ("norm_added_k.", "norm_k_img."),
+            ] {
+                if let Some(t) = r.strip_prefix(a) {
+                    return format!("blocks.{n}.{o}{b}{t}");
+                }
+            }
+            return format!("blocks.{n}.{o}{r}");
+        }
+    }
+    for (d, o) in [
+        ("ffn.net.0.proj.", "ffn.0."),
+        ("ffn.net.2.", "ffn.2."),
+        ("norm2.", "norm3."),
+        ("norm3.", "norm2."),
+    ] {
+        if let Some(r) = part.strip_prefix(d) {
+            return format!("blocks.{n}.{o}{r}");
+        }
+    }
+    format!("blocks.{n}.{part}")
 }
 
 /// `convert_wan_vae_to_diffusers` for one key, with the decoder's flat `upsamples` list grouped
@@ -310,6 +442,9 @@ pub fn classify(names: &[String]) -> Option<(Part, Naming)> {
     {
         return Some((Part::TextEncoder, Naming::Umt5));
     }
+    if has("enc.output_norm.weight") || has("enc.blk.0.attn_q.weight") {
+        return Some((Part::TextEncoder, Naming::Umt5Gguf));
+    }
     if has("condition_embedder.time_embedder.linear_1.weight") && has("scale_shift_table") {
         return Some((Part::Transformer, Naming::Diffusers));
     }
@@ -319,9 +454,20 @@ pub fn classify(names: &[String]) -> Option<(Part, Naming)> {
     None
 }
 
-/// Tensor names and dtypes in a safetensors file's header (the file is not mapped).
+/// Tensor names and dtypes in a safetensors (or GGUF) file's header (the file is not mapped).
 pub fn header(path: &Path) -> Result<BTreeMap<String, String>> {
     use std::io::Read;
+    if crate::gguf::is_gguf(path) {
+        let g = crate::gguf::GgufFile::open(path)?;
+        return Ok(g
+            .names()
+            .into_iter()
+            .map(|n| {
+                let dt = format!("{:?}", g.dtype(&n));
+                (n, dt)
+            })
+            .collect());
+    }
     let bad = |message: String| Error::BadFile {
         path: path.to_path_buf(),
         message,
@@ -358,7 +504,12 @@ pub fn is_single_file_spec(spec: &str) -> bool {
     if p.is_dir() {
         return is_comfy_models_dir(p);
     }
-    spec.contains(',') || has_ext(p, "safetensors")
+    spec.contains(',') || is_weight_file(p)
+}
+
+/// A single weight file Kino reads: safetensors or GGUF.
+fn is_weight_file(p: &Path) -> bool {
+    has_ext(p, "safetensors") || has_ext(p, "gguf")
 }
 
 fn has_ext(p: &Path, ext: &str) -> bool {
@@ -399,9 +550,9 @@ pub fn layout(
     for piece in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let p = Path::new(piece);
         if p.is_file() {
-            if !has_ext(p, "safetensors") {
+            if !is_weight_file(p) {
                 return Err(Error::InvalidRequest(format!(
-                    "--model piece `{piece}`: Kino reads single files in safetensors format (.safetensors)"
+                    "--model piece `{piece}`: Kino reads single files in safetensors (.safetensors) or GGUF (.gguf) format"
                 )));
             }
             files.push(p.to_path_buf());
@@ -574,7 +725,7 @@ fn comfy_files(models: &Path) -> Result<Vec<PathBuf>> {
         };
         let mut found: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && has_ext(p, "safetensors"))
+            .filter(|p| p.is_file() && is_weight_file(p))
             .collect();
         found.sort();
         match found.len() {
@@ -737,6 +888,47 @@ mod tests {
             vae_name("decoder.upsamples.4.residual.0.gamma", 1),
             "decoder.up_blocks.1.resnets.1.norm1.gamma"
         );
+    }
+
+    #[test]
+    fn inverse_names_round_trip() {
+        for d in [
+            "blocks.7.attn1.to_q.weight",
+            "blocks.7.attn2.to_out.0.bias",
+            "blocks.7.attn2.add_k_proj.weight",
+            "blocks.7.attn2.norm_added_k.weight",
+            "blocks.7.attn1.norm_k.weight",
+            "blocks.7.norm2.weight",
+            "blocks.7.ffn.net.0.proj.weight",
+            "blocks.7.ffn.net.2.bias",
+            "blocks.7.scale_shift_table",
+            "scale_shift_table",
+            "proj_out.weight",
+            "patch_embedding.weight",
+            "condition_embedder.time_proj.bias",
+            "condition_embedder.text_embedder.linear_2.weight",
+            "condition_embedder.image_embedder.ff.net.2.weight",
+        ] {
+            assert_eq!(transformer_name(&transformer_original(d)), d, "{d}");
+        }
+        for d in [
+            "shared.weight",
+            "encoder.final_layer_norm.weight",
+            "encoder.block.3.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.block.3.layer.0.SelfAttention.o.weight",
+            "encoder.block.3.layer.0.layer_norm.weight",
+            "encoder.block.3.layer.1.DenseReluDense.wi_0.weight",
+            "encoder.block.3.layer.1.DenseReluDense.wi_1.weight",
+            "encoder.block.3.layer.1.DenseReluDense.wo.weight",
+            "encoder.block.3.layer.1.layer_norm.weight",
+        ] {
+            let g = umt5_gguf_original(d);
+            assert!(
+                g.starts_with("enc.") || g == "token_embd.weight",
+                "{d} -> {g}"
+            );
+            assert_eq!(umt5_gguf_name(&g), d, "{d}");
+        }
     }
 
     #[test]

@@ -59,3 +59,62 @@ pub fn copy_dir(from: &Path, to: &Path) -> crate::Result<()> {
     }
     Ok(())
 }
+
+/// Writes the random weights ([`crate::loading::RandomWeights`], seed `seed`) that `build` asks
+/// for to a safetensors file, so tests can make real-size model folders without a download.
+pub fn save_random_weights(
+    seed: u64,
+    path: &Path,
+    build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<()>,
+) -> crate::Result<()> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::{Device, Shape};
+    use candle_nn::var_builder::SimpleBackend;
+
+    struct Recording {
+        random: Box<dyn SimpleBackend>,
+        seen: Arc<Mutex<HashMap<String, Tensor>>>,
+    }
+    impl SimpleBackend for Recording {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            let t = self.random.get(s, name, h, dtype, dev)?;
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.insert(name.to_string(), t.clone());
+            }
+            Ok(t)
+        }
+        fn get_unchecked(
+            &self,
+            name: &str,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.random.get_unchecked(name, dtype, dev)
+        }
+        fn contains_tensor(&self, name: &str) -> bool {
+            self.random.contains_tensor(name)
+        }
+    }
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let random = crate::loading::RandomWeights::backend(seed);
+    let backend: Box<dyn SimpleBackend> = Box::new(Recording {
+        random,
+        seen: seen.clone(),
+    });
+    let vb = candle_nn::VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
+    build(vb)?;
+    let seen = seen
+        .lock()
+        .map_err(|_| crate::Error::InvalidRequest("poisoned".into()))?;
+    candle_core::safetensors::save(&seen, path)?;
+    Ok(())
+}

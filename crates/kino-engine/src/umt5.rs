@@ -26,7 +26,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::loading::{read_config, Weights};
@@ -266,9 +266,62 @@ impl LayerNorm {
     }
 }
 
+/// The token table: dense, or a GGUF file's quantized blocks (rows dequantized on lookup).
+#[derive(Debug, Clone)]
+enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+}
+
+/// A bias-free `nn.Linear`: dense, or kept quantized when the weights come from a GGUF file
+/// that stores the matrix so (`crate::loading::quantized_weight`).
+#[derive(Debug, Clone)]
+enum Linear {
+    Dense(candle_nn::Linear),
+    /// Expanded to f32 at each forward (the activations keep full precision).
+    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+}
+
+impl Linear {
+    /// The dense weight (`None` when kept quantized).
+    #[cfg(test)]
+    fn weight(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense(l) => Some(l.weight()),
+            Linear::Quantized(_) => None,
+        }
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Dense(l) => l.forward(x),
+            Linear::Quantized(q) => {
+                let dtype = x.dtype();
+                let w = q.dequantize(x.device())?;
+                candle_nn::Linear::new(w, None)
+                    .forward(&x.to_dtype(DType::F32)?)?
+                    .to_dtype(dtype)
+            }
+        }
+    }
+}
+
 fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let name = format!("{}.weight", vb.prefix());
+    if let Some(q) = crate::loading::quantized_weight(&name, vb.device())? {
+        if q.shape().dims() != [out_dim, in_dim] {
+            candle_core::bail!(
+                "tensor `{name}` has shape {:?}, but the config asks for {:?}",
+                q.shape().dims(),
+                [out_dim, in_dim]
+            );
+        }
+        return Ok(Linear::Quantized(std::sync::Arc::new(q)));
+    }
     let w = vb.get((out_dim, in_dim), "weight")?;
-    Ok(Linear::new(w, None))
+    Ok(Linear::Dense(candle_nn::Linear::new(w, None)))
 }
 
 /// `UMT5Attention` of an encoder layer (`has_relative_attention_bias=True`, scaling 1.0).
@@ -447,7 +500,7 @@ fn clamp_f16(x: Tensor) -> candle_core::Result<Tensor> {
 /// `UMT5EncoderModel`: token embedding, the encoder blocks and the final layer norm.
 #[derive(Debug, Clone)]
 pub struct UMT5EncoderModel {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     blocks: Vec<Block>,
     final_layer_norm: LayerNorm,
     cfg: Config,
@@ -466,7 +519,7 @@ impl UMT5EncoderModel {
         })?;
         let w = Weights::open(dir)?;
         let vb = w.var_builder(dtype, device);
-        Self::new(&cfg, vb).map_err(|e| w.map_err(e))
+        crate::loading::building_from(&w, || Self::new(&cfg, vb)).map_err(|e| w.map_err(e))
     }
 
     /// Builds the model from weights under transformers' names.
@@ -481,13 +534,23 @@ impl UMT5EncoderModel {
         } else {
             "shared.weight"
         };
-        let emb = vb.get((cfg.vocab_size, cfg.d_model), name)?;
+        // A GGUF file's quantized token table stays quantized: only the rows of the prompt's
+        // tokens are dequantized (UMT5-XXL's table is 256,384 × 4,096: 4.2 GB in f32).
+        let embed_tokens = match crate::loading::quantized_weight(name, vb.device())? {
+            Some(q) if q.shape().dims() == [cfg.vocab_size, cfg.d_model] => {
+                TokenEmbedding::Quantized(std::sync::Arc::new(q))
+            }
+            _ => TokenEmbedding::Dense(Embedding::new(
+                vb.get((cfg.vocab_size, cfg.d_model), name)?,
+                cfg.d_model,
+            )),
+        };
         let enc = vb.pp("encoder");
         let blocks = (0..cfg.num_layers)
             .map(|i| Block::new(cfg, enc.pp(format!("block.{i}"))))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            embed_tokens: Embedding::new(emb, cfg.d_model),
+            embed_tokens,
             blocks,
             final_layer_norm: LayerNorm::new(
                 cfg.d_model,
@@ -545,10 +608,11 @@ impl UMT5EncoderModel {
         };
         let buckets = self.bucket_indices(l)?;
         let ids = Tensor::from_vec(ids_u32, b * l, &self.device)?;
-        let mut x = self
-            .embed_tokens
-            .forward(&ids)?
-            .reshape((b, l, self.cfg.d_model))?;
+        let rows = match &self.embed_tokens {
+            TokenEmbedding::Dense(e) => e.forward(&ids)?,
+            TokenEmbedding::Quantized(q) => q.embedding(&ids)?.to_dtype(self.dtype)?,
+        };
+        let mut x = rows.reshape((b, l, self.cfg.d_model))?;
         for block in &self.blocks {
             x = block.forward(&x, &buckets, mask.as_ref())?;
         }
@@ -678,8 +742,11 @@ mod tests {
     fn f16_keeps_wo_in_f32() -> Result<()> {
         let dir = case().join("text_encoder");
         let model = UMT5EncoderModel::load(&dir, DType::F16, &Device::Cpu)?;
-        assert_eq!(model.blocks[0].ff.wo.weight().dtype(), DType::F32);
-        assert_eq!(model.blocks[0].ff.wi_0.weight().dtype(), DType::F16);
+        assert_eq!(model.blocks[0].ff.wo.weight().unwrap().dtype(), DType::F32);
+        assert_eq!(
+            model.blocks[0].ff.wi_0.weight().unwrap().dtype(),
+            DType::F16
+        );
         let input = candle_core::safetensors::load(case().join("input.safetensors"), &Device::Cpu)?;
         let expected =
             candle_core::safetensors::load(case().join("expected.safetensors"), &Device::Cpu)?;

@@ -47,6 +47,9 @@ enum Command {
     Serve(Box<commands::serve::Args>),
     /// Create or update the Postgres tables of `kino serve --database URL` (run once per upgrade).
     Migrate(commands::migrate::Args),
+    /// Write a model's transformer or text encoder as a GGUF file with quantized matrices
+    /// (Q8_0, Q6_K, Q5_K, Q4_K); use it with `--model FILE.gguf,FOLDER`.
+    Quantize(commands::quantize::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Pull(a) => commands::models::pull(a),
         Command::Serve(a) => commands::serve::run(*a),
         Command::Migrate(a) => commands::migrate::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Verify(a) => commands::verify::run(a),
         Command::Mark(a) => commands::mark::run(*a),
     };

@@ -8,5 +8,6 @@ pub mod mark;
 pub mod migrate;
 pub mod models;
 pub mod parity;
+pub mod quantize;
 pub mod serve;
 pub mod verify;

@@ -51,6 +51,12 @@ pub struct Args {
     /// the next run). Default: $TMPDIR/kino-bench-wan2.1-1.3b-random.
     #[arg(long, value_name = "DIR")]
     model_dir: Option<PathBuf>,
+    /// `transformer`: Kino's weight formats to time, comma-separated: `f32` (random weights
+    /// built in memory), or a GGUF format (`q8_0`, `q6_k`, `q5_k`, `q4_k`, `f16`): the
+    /// random-weight 1.3B folder of `video` quantized by `kino quantize` (once, kept beside it)
+    /// and loaded from the file, matrices kept quantized.
+    #[arg(long, default_value = "f32")]
+    format: String,
     /// Internal: run one side in this process and print JSON.
     #[arg(long, hide = true)]
     child: bool,
@@ -70,8 +76,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "video" => return video::run(&a),
         other => bail!("unknown benchmark `{other}`; choose transformer, vae, all or video"),
     };
+    let formats: Vec<String> = a
+        .format
+        .split(',')
+        .map(|f| f.trim().to_lowercase())
+        .filter(|f| !f.is_empty())
+        .collect();
+    for f in &formats {
+        if f != "f32" {
+            kino_engine::gguf::parse_quant_type(f)?;
+        }
+    }
     if a.child {
-        let m = measure_kino(what[0])?;
+        let m = match (what[0], formats.first().map(String::as_str)) {
+            ("transformer", Some(f)) if f != "f32" => measure_gguf_transformer(&a, f)?,
+            (w, _) => measure_kino(w)?,
+        };
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
     }
@@ -82,11 +102,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("python3"));
     let mut rows = Vec::new();
     for w in what {
-        eprintln!("{w}: timing Kino ({} threads)…", a.threads);
-        let exe = std::env::current_exe().context("cannot find the kino executable")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["bench", w, "--child"]);
-        let kino = run_child(cmd, a.threads).with_context(|| format!("Kino {w} benchmark"))?;
+        let mut kinos = Vec::new();
+        let formats: Vec<&str> = if w == "transformer" {
+            formats.iter().map(String::as_str).collect()
+        } else {
+            vec!["f32"]
+        };
+        for f in formats {
+            eprintln!("{w}: timing Kino, {f} ({} threads)…", a.threads);
+            if f != "f32" {
+                // Quantize here, so the child's peak memory is the forward's alone.
+                gguf_folder(&a, f)?;
+            }
+            let exe = std::env::current_exe().context("cannot find the kino executable")?;
+            let mut cmd = Command::new(exe);
+            cmd.args(["bench", w, "--child", "--format", f]);
+            if let Some(d) = &a.model_dir {
+                cmd.arg("--model-dir").arg(d);
+            }
+            let m = run_child(cmd, a.threads).with_context(|| format!("Kino {w} {f} benchmark"))?;
+            kinos.push((f.to_string(), m));
+        }
         let reference = if a.no_reference {
             None
         } else {
@@ -104,17 +140,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&script);
             Some(r?)
         };
-        rows.push((w, kino, reference));
+        for (f, kino) in kinos {
+            let name = if f == "f32" {
+                w.to_string()
+            } else {
+                format!("{w} {f}")
+            };
+            rows.push((name, kino, reference));
+        }
     }
     println!(
-        "{:<12} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
+        "{:<18} {:>12} {:>12} {:>8} {:>12} {:>12} {:>8}",
         "component", "PyTorch s", "Kino s", "ratio", "PyTorch GB", "Kino GB", "ratio"
     );
     let gb = |b: u64| b as f64 / 1e9;
     for (w, k, r) in rows {
         match r {
             Some(r) => println!(
-                "{:<12} {:>12.2} {:>12.2} {:>8.3} {:>12.2} {:>12.2} {:>8.3}",
+                "{:<18} {:>12.2} {:>12.2} {:>8.3} {:>12.2} {:>12.2} {:>8.3}",
                 w,
                 r.seconds,
                 k.seconds,
@@ -124,7 +167,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 k.peak_rss_bytes as f64 / r.peak_rss_bytes as f64
             ),
             None => println!(
-                "{:<12} {:>12} {:>12.2} {:>8} {:>12} {:>12.2} {:>8}",
+                "{:<18} {:>12} {:>12.2} {:>8} {:>12} {:>12.2} {:>8}",
                 w,
                 "-",
                 k.seconds,
@@ -136,6 +179,56 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A transformer folder whose weights are the random-weight 1.3B folder's transformer in GGUF
+/// format `f` (quantized once, kept beside it).
+fn gguf_folder(a: &Args, f: &str) -> anyhow::Result<PathBuf> {
+    use kino_engine::single_file::{Naming, Note, Part, NOTE};
+    let root = video::model_folder(a)?;
+    let file = root.join(format!("transformer-{f}.gguf"));
+    if !file.is_file() {
+        eprintln!("transformer: quantizing to {}…", file.display());
+        kino_engine::gguf::quantize_component(
+            &root.join("transformer"),
+            Part::Transformer,
+            kino_engine::gguf::parse_quant_type(f)?,
+            &file,
+            |_, _| {},
+        )?;
+    }
+    let dir = root.join(format!("transformer-{f}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(
+        root.join("transformer/config.json"),
+        dir.join("config.json"),
+    )?;
+    let note = Note {
+        file,
+        part: Part::Transformer,
+        naming: Naming::WanOriginal,
+        num_res_blocks: None,
+    };
+    std::fs::write(dir.join(NOTE), serde_json::to_string_pretty(&note)?)?;
+    Ok(dir)
+}
+
+/// One forward of the 1.3B transformer loaded from its GGUF file in format `f`.
+fn measure_gguf_transformer(a: &Args, f: &str) -> anyhow::Result<Measure> {
+    let dev = Device::Cpu;
+    let dir = gguf_folder(a, f)?;
+    let model = transformer::WanTransformer3DModel::load(&dir, DType::F32, &dev)?;
+    let x = randn(&[1, 16, 5, 32, 32], 1)?;
+    let t = Tensor::new(&[500f32], &dev)?;
+    let ctx = randn(&[1, 512, 4096], 2)?;
+    let start = Instant::now();
+    let y = model.forward(&x, &t, &ctx)?;
+    let seconds = start.elapsed().as_secs_f64();
+    anyhow::ensure!(y.dims() == [1, 16, 5, 32, 32], "unexpected output shape");
+    Ok(Measure {
+        seconds,
+        peak_rss_bytes: peak_rss(),
+    })
 }
 
 fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {

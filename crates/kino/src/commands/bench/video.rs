@@ -8,14 +8,11 @@
 //! out: every setting encodes the same two prompts once (UMT5-XXL, 5.7 B parameters, is the
 //! same cost whatever the sampler does), so the rows get random 512×4096 prompt embeddings.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use kino_engine::loading::RandomWeights;
 use kino_engine::wan::pipeline::{PipelineOptions, WanPipeline};
@@ -50,40 +47,7 @@ fn scheduler_config() -> serde_json::Value {
     })
 }
 
-/// Random weights that also keep every tensor handed out, to be written as safetensors.
-struct Recording {
-    random: RandomWeights,
-    /// Shared with [`write_component`], which saves them once the component is built.
-    kept: std::sync::Arc<Mutex<HashMap<String, Tensor>>>,
-}
-
-impl SimpleBackend for Recording {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        init: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.random.get(s, name, init, DType::F32, dev)?;
-        self.kept
-            .lock()
-            .expect("weights lock")
-            .insert(name.to_string(), t.clone());
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.random.get_unchecked(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.random.contains_tensor(name)
-    }
-}
-
-/// Builds a component with recorded random weights and writes them with its config.
+/// Builds a component with random weights and writes them with its config.
 fn write_component(
     dir: &Path,
     config: &serde_json::Value,
@@ -91,16 +55,11 @@ fn write_component(
     build: impl FnOnce(VarBuilder<'static>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let kept = std::sync::Arc::new(Mutex::new(HashMap::new()));
-    let backend: Box<dyn SimpleBackend> = Box::new(Recording {
-        random: RandomWeights { seed },
-        kept: kept.clone(),
-    });
-    build(VarBuilder::from_backend(backend, DType::F32, Device::Cpu))?;
-    let kept = std::mem::take(&mut *kept.lock().expect("weights lock"));
     let file = dir.join("diffusion_pytorch_model.safetensors");
-    candle_core::safetensors::save(&kept, &file)
-        .with_context(|| format!("cannot write {}", file.display()))?;
+    kino_engine::testing::save_random_weights(seed, &file, |vb| {
+        build(vb).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    })
+    .with_context(|| format!("cannot write {}", file.display()))?;
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(config)?,
@@ -109,7 +68,7 @@ fn write_component(
 }
 
 /// The random-weight model folder, written if it is not there yet.
-fn model_folder(a: &Args) -> anyhow::Result<PathBuf> {
+pub(super) fn model_folder(a: &Args) -> anyhow::Result<PathBuf> {
     let dir = a
         .model_dir
         .clone()

@@ -1,0 +1,536 @@
+//! GGUF weight files, as the community publishes Wan models (ComfyUI-GGUF's conversions: the
+//! original Wan tensor names, 1-D and small tensors in F32, matrices in Q8_0 / Q5_K / Q4_K …,
+//! `comfy.gguf.orig_shape.NAME` metadata for a tensor stored reshaped; UMT5 encoders with
+//! llama.cpp's T5 names, see [`crate::single_file::umt5_gguf_name`]).
+//!
+//! Tensors are read through candle's GGUF reader. [`GgufFile::tensor`] dequantizes to a dense
+//! tensor; [`GgufFile::qtensor`] keeps the blocks as they are for the quantized matrix products
+//! of the transformer's and the text encoder's linear layers (`crate::loading::quantized_weight`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Metadata key prefix of ComfyUI-GGUF for a tensor stored in another shape than its own.
+pub const ORIG_SHAPE: &str = "comfy.gguf.orig_shape.";
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone)]
+struct TensorInfo {
+    dtype: GgmlDType,
+    /// Row-major dims (the file stores them innermost first).
+    dims: Vec<usize>,
+    /// Offset from the start of the data section.
+    offset: u64,
+}
+
+/// An open GGUF file: its header, and the file to read tensors from on demand.
+///
+/// The header is parsed here rather than by candle's reader, which refuses tensors of more than
+/// four dimensions: ComfyUI-GGUF's Wan files carry the 5-D `patch_embedding.weight` as it is.
+pub struct GgufFile {
+    path: PathBuf,
+    tensors: HashMap<String, TensorInfo>,
+    data_start: u64,
+    file: Mutex<std::fs::File>,
+    /// Shapes to restore (from `comfy.gguf.orig_shape.*`).
+    orig_shapes: HashMap<String, Vec<usize>>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GgufFile({})", self.path.display())
+    }
+}
+
+/// A metadata value, as far as Kino reads them (numbers, strings, lists).
+#[derive(Debug, Clone)]
+enum Meta {
+    Int(i128),
+    Float,
+    Bool,
+    Str,
+    List(Vec<Meta>),
+}
+
+/// Little-endian reads from the header.
+struct Reader<R: std::io::Read> {
+    r: R,
+    pos: u64,
+}
+
+impl<R: std::io::Read> Reader<R> {
+    fn bytes(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.r.read_exact(&mut b)?;
+        self.pos += n as u64;
+        Ok(b)
+    }
+    fn u32(&mut self) -> std::io::Result<u32> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> std::io::Result<u64> {
+        let b = self.bytes(8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self) -> std::io::Result<String> {
+        let n = self.u64()?;
+        if n > 1 << 24 {
+            return Err(std::io::Error::other(format!("a string of {n} bytes")));
+        }
+        let b = self.bytes(n as usize)?;
+        String::from_utf8(b).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> std::io::Result<Meta> {
+        let int = |b: Vec<u8>, signed: bool| -> i128 {
+            let mut x = [0u8; 16];
+            x[..b.len()].copy_from_slice(&b);
+            if signed && b.last().is_some_and(|l| l & 0x80 != 0) {
+                x[b.len()..].fill(0xff);
+            }
+            i128::from_le_bytes(x)
+        };
+        Ok(match ty {
+            0 => Meta::Int(int(self.bytes(1)?, false)),
+            1 => Meta::Int(int(self.bytes(1)?, true)),
+            2 => Meta::Int(int(self.bytes(2)?, false)),
+            3 => Meta::Int(int(self.bytes(2)?, true)),
+            4 => Meta::Int(int(self.bytes(4)?, false)),
+            5 => Meta::Int(int(self.bytes(4)?, true)),
+            6 => {
+                self.bytes(4)?;
+                Meta::Float
+            }
+            7 => {
+                self.bytes(1)?;
+                Meta::Bool
+            }
+            8 => {
+                self.string()?;
+                Meta::Str
+            }
+            9 => {
+                if depth > 4 {
+                    return Err(std::io::Error::other("lists nested too deep"));
+                }
+                let item = self.u32()?;
+                let n = self.u64()?;
+                if n > 1 << 26 {
+                    return Err(std::io::Error::other(format!("a list of {n} values")));
+                }
+                let mut v = Vec::with_capacity(n.min(1 << 16) as usize);
+                for _ in 0..n {
+                    v.push(self.value(item, depth + 1)?);
+                }
+                Meta::List(v)
+            }
+            10 => Meta::Int(int(self.bytes(8)?, false)),
+            11 => Meta::Int(int(self.bytes(8)?, true)),
+            12 => {
+                self.bytes(8)?;
+                Meta::Float
+            }
+            other => return Err(std::io::Error::other(format!("unknown value type {other}"))),
+        })
+    }
+}
+
+/// GGML's type numbers (ggml.h) → candle's block types.
+fn ggml_dtype(t: u32) -> Option<GgmlDType> {
+    Some(match t {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+impl GgufFile {
+    /// Reads the header of a GGUF file (versions 2 and 3).
+    pub fn open(path: &Path) -> Result<Arc<Self>> {
+        let bad = |message: String| Error::BadFile {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        let mut r = Reader {
+            r: std::io::BufReader::new(&file),
+            pos: 0,
+        };
+        let trunc = |e: std::io::Error| {
+            bad(format!(
+                "not a valid GGUF file ({e}); it may be truncated: download it again"
+            ))
+        };
+        if r.bytes(4).map_err(trunc)? != b"GGUF" {
+            return Err(bad("not a GGUF file (no GGUF magic)".into()));
+        }
+        let version = r.u32().map_err(trunc)?;
+        if !(2..=3).contains(&version) {
+            return Err(bad(format!(
+                "GGUF version {version}; Kino reads versions 2 and 3"
+            )));
+        }
+        let n_tensors = r.u64().map_err(trunc)?;
+        let n_kv = r.u64().map_err(trunc)?;
+        let mut alignment = 32u64;
+        let mut orig_shapes = HashMap::new();
+        for _ in 0..n_kv {
+            let key = r.string().map_err(trunc)?;
+            let ty = r.u32().map_err(trunc)?;
+            let v = r.value(ty, 0).map_err(trunc)?;
+            if key == "general.alignment" {
+                if let Meta::Int(a) = v {
+                    alignment = u64::try_from(a).unwrap_or(32).max(1);
+                }
+            } else if let Some(name) = key.strip_prefix(ORIG_SHAPE) {
+                let dims = match &v {
+                    Meta::List(items) => items
+                        .iter()
+                        .map(|d| match d {
+                            Meta::Int(x) => usize::try_from(*x).ok(),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<usize>>>(),
+                    _ => None,
+                }
+                .ok_or_else(|| bad(format!("metadata {key} is not a list of sizes")))?;
+                orig_shapes.insert(name.to_string(), dims);
+            }
+        }
+        let mut tensors = HashMap::new();
+        for _ in 0..n_tensors {
+            let name = r.string().map_err(trunc)?;
+            let n_dims = r.u32().map_err(trunc)?;
+            if n_dims > 8 {
+                return Err(bad(format!("tensor `{name}` has {n_dims} dimensions")));
+            }
+            let mut dims = (0..n_dims)
+                .map(|_| r.u64().map(|d| d as usize))
+                .collect::<std::io::Result<Vec<usize>>>()
+                .map_err(trunc)?;
+            dims.reverse();
+            let t = r.u32().map_err(trunc)?;
+            let dtype = ggml_dtype(t).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has GGML type {t}, which Kino cannot read (it reads F32, F16, BF16, Q4_0…Q8_1 and the K-quants)"
+                ))
+            })?;
+            let offset = r.u64().map_err(trunc)?;
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    dims,
+                    offset,
+                },
+            );
+        }
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+        for (name, info) in &tensors {
+            let end = data_start + info.offset + byte_size(info) as u64;
+            if end > len {
+                return Err(bad(format!(
+                    "tensor `{name}` ends at byte {end} but the file has {len}: it is truncated; download it again"
+                )));
+            }
+            if let Some(s) = orig_shapes.get(name) {
+                let n: usize = info.dims.iter().product();
+                if s.iter().product::<usize>() != n {
+                    return Err(bad(format!(
+                        "tensor `{name}`: its original shape {s:?} does not hold its {n} values"
+                    )));
+                }
+            }
+        }
+        Ok(Arc::new(Self {
+            path: path.to_path_buf(),
+            tensors,
+            data_start,
+            file: Mutex::new(file),
+            orig_shapes,
+        }))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of all tensors.
+    pub fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    /// Whether the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The storage type of a tensor.
+    pub fn dtype(&self, name: &str) -> Option<GgmlDType> {
+        self.tensors.get(name).map(|i| i.dtype)
+    }
+
+    /// A tensor's shape as the model sees it (the original shape where one was recorded).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some(s) = self.orig_shapes.get(name) {
+            return Some(s.clone());
+        }
+        self.tensors.get(name).map(|i| i.dims.clone())
+    }
+
+    /// The tensor's blocks as stored (quantized or not), on `device`.
+    pub fn qtensor(&self, name: &str, device: &Device) -> candle_core::Result<QTensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}` in the file")))?;
+        let n: usize = info.dims.iter().product();
+        if n % info.dtype.block_size() != 0 {
+            candle_core::bail!(
+                "tensor `{name}`: {n} values are not whole blocks of {:?}",
+                info.dtype
+            );
+        }
+        let mut raw = vec![0u8; byte_size(info)];
+        {
+            let mut f = self
+                .file
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
+            f.seek(SeekFrom::Start(self.data_start + info.offset))?;
+            f.read_exact(&mut raw)?;
+        }
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            info.dtype,
+            &raw,
+            info.dims.clone(),
+            device,
+        )
+    }
+
+    /// The tensor dequantized to f32 on the CPU, in its original shape.
+    pub fn tensor(&self, name: &str) -> candle_core::Result<Tensor> {
+        let q = self.qtensor(name, &Device::Cpu)?;
+        let t = q.dequantize(&Device::Cpu)?;
+        match self.orig_shapes.get(name) {
+            Some(s) => t.reshape(s.as_slice()),
+            None => Ok(t),
+        }
+    }
+}
+
+/// Bytes a tensor takes in the file.
+fn byte_size(info: &TensorInfo) -> usize {
+    let n: usize = info.dims.iter().product();
+    n / info.dtype.block_size() * info.dtype.type_size()
+}
+
+/// Whether a storage type is a block quantization (not a plain float).
+pub fn is_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Whether a path names a GGUF file.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The block types `kino quantize` writes.
+pub const QUANT_TYPES: [(&str, GgmlDType); 5] = [
+    ("q8_0", GgmlDType::Q8_0),
+    ("q6_k", GgmlDType::Q6K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q4_k", GgmlDType::Q4K),
+    ("f16", GgmlDType::F16),
+];
+
+/// What [`quantize_component`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeReport {
+    pub tensors: usize,
+    /// Matrices stored in the block type asked for.
+    pub quantized: usize,
+    /// Tensors kept in F32 (1-D, small, `.modulation`, or rows not a multiple of the block).
+    pub kept_f32: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Writes one component of a diffusers folder (`transformer` or `text_encoder`) as a GGUF file
+/// the way the community publishes Wan models (ComfyUI-GGUF's recipe): the original tensor names
+/// (Wan's for the transformer, llama.cpp's T5 names for the UMT5 encoder), matrices in `dtype`,
+/// 1-D tensors, tensors of at most 1,024 values and `.modulation` in F32, and a matrix whose rows
+/// are not a multiple of the block size in F32 too (K-quants need 256).
+pub fn quantize_component(
+    component_dir: &Path,
+    part: crate::single_file::Part,
+    dtype: GgmlDType,
+    out: &Path,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<QuantizeReport> {
+    use crate::single_file::{transformer_original, umt5_gguf_original, Part};
+    let w = crate::loading::Weights::open(component_dir)?;
+    let mut names = w.names();
+    names.sort();
+    let rename = |d: &str| match part {
+        Part::Transformer => transformer_original(d),
+        Part::TextEncoder => umt5_gguf_original(d),
+        Part::Vae => d.to_string(),
+    };
+    if part == Part::Vae {
+        return Err(Error::InvalidRequest(
+            "kino quantize takes the transformer or the text encoder; the VAE is small and runs in f32".into(),
+        ));
+    }
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    let mut report = QuantizeReport {
+        tensors: 0,
+        quantized: 0,
+        kept_f32: 0,
+        bytes_in: crate::loading::weight_files(component_dir)?
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum(),
+        bytes_out: 0,
+    };
+    use candle_nn::var_builder::SimpleBackend;
+    for (i, name) in names.iter().enumerate() {
+        progress(i, names.len());
+        let t = w
+            .get_unchecked(name, candle_core::DType::F32, &Device::Cpu)
+            .map_err(|e| w.map_err(e))?;
+        let dims = t.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let keep = dims.len() != 2
+            || n <= 1024
+            || name.ends_with("scale_shift_table")
+            || dims[1] % dtype.block_size() != 0;
+        let q = if keep {
+            report.kept_f32 += 1;
+            QTensor::quantize(&t, GgmlDType::F32)?
+        } else {
+            report.quantized += 1;
+            QTensor::quantize(&t, dtype)?
+        };
+        report.bytes_out += q.storage_size_in_bytes() as u64;
+        tensors.push((rename(name), q));
+    }
+    report.tensors = tensors.len();
+    let arch = match part {
+        Part::Transformer => "wan",
+        _ => "t5encoder",
+    };
+    let arch_v = gguf_file::Value::String(arch.into());
+    let version = gguf_file::Value::U32(2);
+    let by = gguf_file::Value::String(format!("kino {}", env!("CARGO_PKG_VERSION")));
+    let metadata: Vec<(&str, &gguf_file::Value)> = vec![
+        ("general.architecture", &arch_v),
+        ("general.quantization_version", &version),
+        ("general.quantized_by", &by),
+    ];
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let tmp = out.with_extension("gguf.partial");
+    let io = |e: std::io::Error| Error::BadFile {
+        path: out.to_path_buf(),
+        message: e.to_string(),
+    };
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        gguf_file::write(&mut f, &metadata, &refs)?;
+        use std::io::Write;
+        f.flush().map_err(io)?;
+    }
+    std::fs::rename(&tmp, out).map_err(io)?;
+    Ok(report)
+}
+
+/// The block type named `s` (`q8_0`, `q6_k`, `q5_k`, `q4_k`, `f16`).
+pub fn parse_quant_type(s: &str) -> Result<GgmlDType> {
+    QUANT_TYPES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(s))
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "unknown quantization `{s}`; choose one of {}",
+                QUANT_TYPES.map(|(n, _)| n).join(", ")
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, tensors: &[(&str, &QTensor)]) {
+        let arch = gguf_file::Value::String("wan".into());
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], tensors).unwrap();
+    }
+
+    #[test]
+    fn reads_back_quantized_and_five_dimensional_tensors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.gguf");
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).unwrap();
+        let conv = Tensor::randn(0f32, 1.0, (8, 4, 1, 2, 2), &Device::Cpu).unwrap();
+        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let c = QTensor::quantize(&conv, GgmlDType::F32).unwrap();
+        write(
+            &p,
+            &[
+                ("a.weight", &q8),
+                ("b.weight", &q4),
+                ("patch_embedding.weight", &c),
+            ],
+        );
+        let g = GgufFile::open(&p).unwrap();
+        assert_eq!(g.dtype("a.weight"), Some(GgmlDType::Q8_0));
+        assert_eq!(g.shape("patch_embedding.weight"), Some(vec![8, 4, 1, 2, 2]));
+        let back = g.tensor("patch_embedding.weight").unwrap();
+        let diff = (back - &conv).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        for (name, bar) in [("a.weight", 1e-2), ("b.weight", 1e-1)] {
+            let t = g.tensor(name).unwrap();
+            let err = crate::testing::rel_error(&t, &w).unwrap();
+            assert!(err < bar, "{name}: {err}");
+        }
+        // A cut file is refused with a sentence, not a panic.
+        let bytes = std::fs::read(&p).unwrap();
+        for cut in [3, 20, bytes.len() / 2, bytes.len() - 1] {
+            let q = d.path().join(format!("cut{cut}.gguf"));
+            std::fs::write(&q, &bytes[..cut]).unwrap();
+            let e = GgufFile::open(&q).unwrap_err().to_string();
+            assert!(
+                e.contains("download it again") || e.contains("not a GGUF"),
+                "{cut}: {e}"
+            );
+        }
+    }
+}
