@@ -307,7 +307,7 @@ impl GgufFile {
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}` in the file")))?;
         let n: usize = info.dims.iter().product();
-        if n % info.dtype.block_size() != 0 {
+        if !n.is_multiple_of(info.dtype.block_size()) {
             candle_core::bail!(
                 "tensor `{name}`: {n} values are not whole blocks of {:?}",
                 info.dtype
@@ -513,6 +513,11 @@ mod tests {
         let g = GgufFile::open(&p).unwrap();
         assert_eq!(g.dtype("a.weight"), Some(GgmlDType::Q8_0));
         assert_eq!(g.shape("patch_embedding.weight"), Some(vec![8, 4, 1, 2, 2]));
+        // Kino's Q8_0 expansion is candle's, value for value.
+        let fast = dequantize(&q8, &Device::Cpu).unwrap();
+        let slow = q8.dequantize(&Device::Cpu).unwrap();
+        let dd = (fast - slow).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(dd.to_scalar::<f32>().unwrap(), 0.0);
         let back = g.tensor("patch_embedding.weight").unwrap();
         let diff = (back - &conv).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
@@ -533,4 +538,32 @@ mod tests {
             );
         }
     }
+}
+
+/// `q` as a dense f32 tensor on `device`: Q8_0 (the format most Wan GGUF files use) expanded
+/// by Kino in parallel, other types by candle. The quantized layers call this at every forward,
+/// so it is on the hot path (candle's scalar expansion doubled a 1.3B forward).
+pub fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
+    if q.dtype() == GgmlDType::Q8_0 && device.is_cpu() {
+        if let Ok(raw) = q.data() {
+            use rayon::prelude::*;
+            const BLOCK: usize = 34; // f16 scale + 32 × i8
+            let n = q.shape().elem_count();
+            if raw.len() == n / 32 * BLOCK {
+                let mut out = vec![0f32; n];
+                out.par_chunks_mut(32 * 256)
+                    .zip(raw.par_chunks(BLOCK * 256))
+                    .for_each(|(o, r)| {
+                        for (ob, rb) in o.chunks_exact_mut(32).zip(r.chunks_exact(BLOCK)) {
+                            let d = half::f16::from_le_bytes([rb[0], rb[1]]).to_f32();
+                            for (v, &b) in ob.iter_mut().zip(&rb[2..]) {
+                                *v = d * f32::from(b as i8);
+                            }
+                        }
+                    });
+                return Tensor::from_vec(out, q.shape().clone(), device);
+            }
+        }
+    }
+    q.dequantize(device)
 }

@@ -299,7 +299,7 @@ impl candle_core::Module for Linear {
             Linear::Dense(l) => l.forward(x),
             Linear::Quantized(q) => {
                 let dtype = x.dtype();
-                let w = q.dequantize(x.device())?;
+                let w = crate::gguf::dequantize(q, x.device())?;
                 candle_nn::Linear::new(w, None)
                     .forward(&x.to_dtype(DType::F32)?)?
                     .to_dtype(dtype)

@@ -69,7 +69,9 @@ fn quantized_forward_stays_close_to_f32() {
     let x = Tensor::randn(0f32, 1.0, (1, 16, 5, 32, 32), &dev).unwrap();
     let t = Tensor::new(&[500f32], &dev).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (1, 512, 4096), &dev).unwrap();
+    let t0 = std::time::Instant::now();
     let want = reference.forward(&x, &t, &ctx).unwrap();
+    println!("f32 forward {:.2} s", t0.elapsed().as_secs_f64());
     drop(reference);
 
     let bars = [("q8_0", 1e-2), ("q5_k", 5e-2), ("q4_k", 1e-1)];
@@ -94,7 +96,9 @@ fn quantized_forward_stays_close_to_f32() {
         };
         std::fs::write(dir.join(NOTE), serde_json::to_string(&note).unwrap()).unwrap();
         let model = WanTransformer3DModel::load(&dir, DType::F32, &dev).unwrap();
+        let t0 = std::time::Instant::now();
         let got = model.forward(&x, &t, &ctx).unwrap();
+        println!("{q} forward {:.2} s", t0.elapsed().as_secs_f64());
         let err = rel_error(&got, &want).unwrap();
         println!(
             "{q}: relative error {err:.2e} (bar {bar:.0e}); {} of {} tensors quantized, file {:.1} MB of f32's {:.1} MB",

@@ -2529,16 +2529,13 @@ mod cpu {
                     .contiguous()?
                     .apply_op1_no_bwd(&PackedLinearOp { lin: p, gelu }),
                 LinBase::Quantized(q, bias) => {
+                    // Expanded for this call only, then through the same kernels as a dense
+                    // layer (packed AVX-512 where the CPU has it).
                     let dtype = x.dtype();
-                    let w = q.dequantize(x.device())?;
-                    let y = Linear::new(w, Some(bias.clone()))
-                        .forward(&x.to_dtype(DType::F32)?)?
-                        .to_dtype(dtype)?;
-                    if gelu {
-                        y.gelu()
-                    } else {
-                        Ok(y)
-                    }
+                    let w = crate::gguf::dequantize(q, x.device())?;
+                    LinBase::new(Linear::new(w, Some(bias.clone())))?
+                        .forward_act(&x.to_dtype(DType::F32)?, gelu)?
+                        .to_dtype(dtype)
                 }
             }
         }
