@@ -304,9 +304,9 @@ impl Weights {
     }
 }
 
-/// Reads a safetensors header and checks it is sound and that the data section fits the file,
-/// so a truncated download is reported as such and not as a crash later.
-fn check_safetensors(path: &Path) -> Result<()> {
+/// The JSON header of a safetensors file, the header's size and the file's length (only the
+/// header is read).
+pub fn safetensors_header(path: &Path) -> Result<(serde_json::Value, u64, u64)> {
     use std::io::Read;
     let bad = |message: String| Error::BadFile {
         path: path.to_path_buf(),
@@ -326,11 +326,22 @@ fn check_safetensors(path: &Path) -> Result<()> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+    let v = serde_json::from_slice(&header).map_err(|e| {
         bad(format!(
             "corrupt safetensors header ({e}); download it again"
         ))
     })?;
+    Ok((v, n, len))
+}
+
+/// Reads a safetensors header and checks it is sound and that the data section fits the file,
+/// so a truncated download is reported as such and not as a crash later.
+fn check_safetensors(path: &Path) -> Result<()> {
+    let bad = |message: String| Error::BadFile {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (v, n, len) = safetensors_header(path)?;
     let mut max_end = 0u64;
     if let Some(obj) = v.as_object() {
         for (k, t) in obj {
@@ -445,6 +456,28 @@ pub fn quantized_weight(
         Some(w) => w.quantized(name, device),
         None => Ok(None),
     })
+}
+
+/// [`quantized_weight`] for the `[out_dim, in_dim]` matrix `PREFIX.weight` of a linear layer,
+/// its shape checked against the config.
+pub fn quantized_matrix(
+    prefix: &str,
+    out_dim: usize,
+    in_dim: usize,
+    device: &Device,
+) -> candle_core::Result<Option<candle_core::quantized::QTensor>> {
+    let name = format!("{prefix}.weight");
+    let Some(q) = quantized_weight(&name, device)? else {
+        return Ok(None);
+    };
+    if q.shape().dims() != [out_dim, in_dim] {
+        candle_core::bail!(
+            "tensor `{name}` has shape {:?}, but the config asks for {:?}",
+            q.shape().dims(),
+            [out_dim, in_dim]
+        );
+    }
+    Ok(Some(q))
 }
 
 /// `model_index.json` of a whole pipeline folder.

@@ -335,24 +335,11 @@ fn read_metadata(path: &Path) -> Result<Option<serde_json::Value>> {
 /// header alone is read). Kino's own adapters keep what they are and their presets under
 /// `kino` ([`crate::preset`]).
 pub fn read_metadata_json(path: &Path, key: &str) -> Result<Option<serde_json::Value>> {
-    use std::io::Read;
     let bad = |message: String| Error::BadFile {
         path: path.to_path_buf(),
         message,
     };
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| bad("too short to be a safetensors file".into()))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100_000_000 {
-        return Err(bad("corrupt safetensors header".into()));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|_| bad("truncated safetensors header".into()))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt header: {e}")))?;
+    let (v, _, _) = crate::loading::safetensors_header(path)?;
     let meta = v
         .get("__metadata__")
         .and_then(|m| m.get(key))

@@ -456,7 +456,6 @@ pub fn classify(names: &[String]) -> Option<(Part, Naming)> {
 
 /// Tensor names and dtypes in a safetensors (or GGUF) file's header (the file is not mapped).
 pub fn header(path: &Path) -> Result<BTreeMap<String, String>> {
-    use std::io::Read;
     if crate::gguf::is_gguf(path) {
         let g = crate::gguf::GgufFile::open(path)?;
         return Ok(g
@@ -468,23 +467,7 @@ pub fn header(path: &Path) -> Result<BTreeMap<String, String>> {
             })
             .collect());
     }
-    let bad = |message: String| Error::BadFile {
-        path: path.to_path_buf(),
-        message,
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| bad("too short to be a safetensors file".into()))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100_000_000 {
-        return Err(bad("not a safetensors file (corrupt header)".into()));
-    }
-    let mut h = vec![0u8; n as usize];
-    f.read_exact(&mut h)
-        .map_err(|_| bad("not a safetensors file (truncated header)".into()))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&h).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let (v, _, _) = crate::loading::safetensors_header(path)?;
     let mut out = BTreeMap::new();
     if let Some(obj) = v.as_object() {
         for (k, t) in obj {

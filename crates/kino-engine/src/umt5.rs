@@ -309,15 +309,7 @@ impl candle_core::Module for Linear {
 }
 
 fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let name = format!("{}.weight", vb.prefix());
-    if let Some(q) = crate::loading::quantized_weight(&name, vb.device())? {
-        if q.shape().dims() != [out_dim, in_dim] {
-            candle_core::bail!(
-                "tensor `{name}` has shape {:?}, but the config asks for {:?}",
-                q.shape().dims(),
-                [out_dim, in_dim]
-            );
-        }
+    if let Some(q) = crate::loading::quantized_matrix(&vb.prefix(), out_dim, in_dim, vb.device())? {
         return Ok(Linear::Quantized(std::sync::Arc::new(q)));
     }
     let w = vb.get((out_dim, in_dim), "weight")?;

@@ -2561,15 +2561,9 @@ mod cpu {
         } else {
             None
         };
-        let name = format!("{}.weight", vb.prefix());
-        if let Some(q) = crate::loading::quantized_weight(&name, vb.device())? {
-            if q.shape().dims() != [out_dim, in_dim] {
-                candle_core::bail!(
-                    "tensor `{name}` has shape {:?}, but the config asks for {:?}",
-                    q.shape().dims(),
-                    [out_dim, in_dim]
-                );
-            }
+        if let Some(q) =
+            crate::loading::quantized_matrix(&vb.prefix(), out_dim, in_dim, vb.device())?
+        {
             let bias = vb.to_dtype(DType::F32).get(out_dim, "bias")?;
             return Ok(Lin {
                 base: LinBase::Quantized(std::sync::Arc::new(q), bias),

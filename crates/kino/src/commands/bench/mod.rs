@@ -218,8 +218,13 @@ fn measure_gguf_transformer(a: &Args, f: &str) -> anyhow::Result<Measure> {
     let dev = Device::Cpu;
     let dir = gguf_folder(a, f)?;
     let model = transformer::WanTransformer3DModel::load(&dir, DType::F32, &dev)?;
+    time_forward(&model)
+}
+
+/// One forward at the benchmark's shapes (1,280 video + 512 text tokens), timed.
+fn time_forward(model: &transformer::WanTransformer3DModel) -> anyhow::Result<Measure> {
     let x = randn(&[1, 16, 5, 32, 32], 1)?;
-    let t = Tensor::new(&[500f32], &dev)?;
+    let t = Tensor::new(&[500f32], &Device::Cpu)?;
     let ctx = randn(&[1, 512, 4096], 2)?;
     let start = Instant::now();
     let y = model.forward(&x, &t, &ctx)?;
@@ -288,17 +293,7 @@ fn measure_kino(what: &str) -> anyhow::Result<Measure> {
                 "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024
             }))?;
             let model = transformer::WanTransformer3DModel::new(&cfg, vb)?;
-            let x = randn(&[1, 16, 5, 32, 32], 1)?;
-            let t = Tensor::new(&[500f32], &dev)?;
-            let ctx = randn(&[1, 512, 4096], 2)?;
-            let start = Instant::now();
-            let y = model.forward(&x, &t, &ctx)?;
-            let seconds = start.elapsed().as_secs_f64();
-            anyhow::ensure!(y.dims() == [1, 16, 5, 32, 32], "unexpected output shape");
-            Ok(Measure {
-                seconds,
-                peak_rss_bytes: peak_rss(),
-            })
+            time_forward(&model)
         }
         "vae" => {
             let cfg: vae::Config =
