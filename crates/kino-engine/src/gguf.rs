@@ -359,14 +359,36 @@ pub fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-/// The block types `kino quantize` writes.
-pub const QUANT_TYPES: [(&str, GgmlDType); 5] = [
+/// The block types `kino quantize` writes. `q4_k_m` is llama.cpp's mix: Q4_K, with the
+/// matrices that suffer most from 4 bits (attention values, the feed-forward's down projection)
+/// in Q6_K.
+pub const QUANT_TYPES: [(&str, GgmlDType); 6] = [
     ("q8_0", GgmlDType::Q8_0),
     ("q6_k", GgmlDType::Q6K),
     ("q5_k", GgmlDType::Q5K),
+    ("q4_k_m", GgmlDType::Q4K),
     ("q4_k", GgmlDType::Q4K),
     ("f16", GgmlDType::F16),
 ];
+
+/// A quantization recipe: the block type of the matrices, and another for the sensitive ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantKind {
+    pub base: GgmlDType,
+    pub sensitive: Option<GgmlDType>,
+}
+
+/// Diffusers / transformers names of the matrices a `_m` mix keeps at more bits.
+fn is_sensitive(name: &str) -> bool {
+    [
+        ".to_v.",
+        ".ffn.net.2.",
+        ".SelfAttention.v.",
+        ".DenseReluDense.wo.",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+}
 
 /// What [`quantize_component`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -388,7 +410,7 @@ pub struct QuantizeReport {
 pub fn quantize_component(
     component_dir: &Path,
     part: crate::single_file::Part,
-    dtype: GgmlDType,
+    kind: QuantKind,
     out: &Path,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<QuantizeReport> {
@@ -426,6 +448,10 @@ pub fn quantize_component(
             .map_err(|e| w.map_err(e))?;
         let dims = t.dims().to_vec();
         let n: usize = dims.iter().product();
+        let dtype = match kind.sensitive {
+            Some(t) if is_sensitive(name) => t,
+            _ => kind.base,
+        };
         let keep = dims.len() != 2
             || n <= 1024
             || name.ends_with("scale_shift_table")
@@ -469,18 +495,49 @@ pub fn quantize_component(
     Ok(report)
 }
 
-/// The block type named `s` (`q8_0`, `q6_k`, `q5_k`, `q4_k`, `f16`).
-pub fn parse_quant_type(s: &str) -> Result<GgmlDType> {
+/// The recipe named `s` (`q8_0`, `q6_k`, `q5_k`, `q4_k_m`, `q4_k`, `f16`).
+pub fn parse_quant_type(s: &str) -> Result<QuantKind> {
     QUANT_TYPES
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(s))
-        .map(|(_, t)| *t)
+        .map(|(n, t)| QuantKind {
+            base: *t,
+            sensitive: n.ends_with("_m").then_some(GgmlDType::Q6K),
+        })
         .ok_or_else(|| {
             Error::InvalidRequest(format!(
                 "unknown quantization `{s}`; choose one of {}",
                 QUANT_TYPES.map(|(n, _)| n).join(", ")
             ))
         })
+}
+
+/// `q` as a dense f32 tensor on `device`: Q8_0 (the format most Wan GGUF files use) expanded
+/// by Kino in parallel, other types by candle. The quantized layers call this at every forward,
+/// so it is on the hot path (candle's scalar expansion doubled a 1.3B forward).
+pub fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
+    if q.dtype() == GgmlDType::Q8_0 && device.is_cpu() {
+        if let Ok(raw) = q.data() {
+            use rayon::prelude::*;
+            const BLOCK: usize = 34; // f16 scale + 32 × i8
+            let n = q.shape().elem_count();
+            if raw.len() == n / 32 * BLOCK {
+                let mut out = vec![0f32; n];
+                out.par_chunks_mut(32 * 256)
+                    .zip(raw.par_chunks(BLOCK * 256))
+                    .for_each(|(o, r)| {
+                        for (ob, rb) in o.chunks_exact_mut(32).zip(r.chunks_exact(BLOCK)) {
+                            let d = half::f16::from_le_bytes([rb[0], rb[1]]).to_f32();
+                            for (v, &b) in ob.iter_mut().zip(&rb[2..]) {
+                                *v = d * f32::from(b as i8);
+                            }
+                        }
+                    });
+                return Tensor::from_vec(out, q.shape().clone(), device);
+            }
+        }
+    }
+    q.dequantize(device)
 }
 
 #[cfg(test)]
@@ -538,32 +595,4 @@ mod tests {
             );
         }
     }
-}
-
-/// `q` as a dense f32 tensor on `device`: Q8_0 (the format most Wan GGUF files use) expanded
-/// by Kino in parallel, other types by candle. The quantized layers call this at every forward,
-/// so it is on the hot path (candle's scalar expansion doubled a 1.3B forward).
-pub fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
-    if q.dtype() == GgmlDType::Q8_0 && device.is_cpu() {
-        if let Ok(raw) = q.data() {
-            use rayon::prelude::*;
-            const BLOCK: usize = 34; // f16 scale + 32 × i8
-            let n = q.shape().elem_count();
-            if raw.len() == n / 32 * BLOCK {
-                let mut out = vec![0f32; n];
-                out.par_chunks_mut(32 * 256)
-                    .zip(raw.par_chunks(BLOCK * 256))
-                    .for_each(|(o, r)| {
-                        for (ob, rb) in o.chunks_exact_mut(32).zip(r.chunks_exact(BLOCK)) {
-                            let d = half::f16::from_le_bytes([rb[0], rb[1]]).to_f32();
-                            for (v, &b) in ob.iter_mut().zip(&rb[2..]) {
-                                *v = d * f32::from(b as i8);
-                            }
-                        }
-                    });
-                return Tensor::from_vec(out, q.shape().clone(), device);
-            }
-        }
-    }
-    q.dequantize(device)
 }

@@ -74,7 +74,12 @@ fn quantized_forward_stays_close_to_f32() {
     println!("f32 forward {:.2} s", t0.elapsed().as_secs_f64());
     drop(reference);
 
-    let bars = [("q8_0", 1e-2), ("q5_k", 5e-2), ("q4_k", 1e-1)];
+    let bars = [
+        ("q8_0", 1e-2),
+        ("q5_k", 5e-2),
+        ("q4_k_m", 1e-1),
+        ("q4_k", 1e-1),
+    ];
     let mut failed = Vec::new();
     for (q, bar) in bars {
         let file = tmp.path().join(format!("{q}.gguf"));

@@ -1,5 +1,5 @@
 //! `kino quantize`: one component of a diffusers folder as a GGUF file with quantized matrices
-//! (Q8_0, Q6_K, Q5_K, Q4_K), named as the community's Wan GGUF files are; pass it to `--model`
+//! (Q8_0, Q6_K, Q5_K, Q4_K_M, Q4_K), named as the community's Wan GGUF files are; pass it to `--model`
 //! with the folder (`--model OUT.gguf,FOLDER`).
 
 use std::path::PathBuf;
@@ -15,7 +15,8 @@ pub struct Args {
     /// Which component: transformer or text_encoder.
     #[arg(long, default_value = "transformer")]
     part: String,
-    /// Block type: q8_0, q6_k, q5_k, q4_k or f16.
+    /// Block type: q8_0, q6_k, q5_k, q4_k_m (Q4_K with Q6_K for attention values and the
+    /// feed-forward's down projection, llama.cpp's mix), q4_k or f16.
     #[arg(long = "type", default_value = "q8_0")]
     qtype: String,
     /// Output file (.gguf).
