@@ -755,20 +755,7 @@ impl JobStore for PgStore {
             .bind(id)
             .fetch_optional(&self.pool),
         )?;
-        row.map(|(id, name, created_at, owner, info)| {
-            let info = serde_json::from_str(&info).map_err(|e| StoreError::BadRow {
-                id: id.clone(),
-                message: e.to_string(),
-            })?;
-            Ok(Character {
-                id,
-                name,
-                created_at,
-                owner,
-                info,
-            })
-        })
-        .transpose()
+        row.map(Character::from_row).transpose()
     }
 
     fn character_ids(&self) -> Result<Vec<String>, StoreError> {

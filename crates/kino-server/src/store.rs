@@ -239,6 +239,25 @@ pub struct Character {
     pub info: crate::characters::CharacterInfo,
 }
 
+impl Character {
+    /// A character from its stored row (`info` as JSON), for the SQLite and Postgres stores.
+    pub(crate) fn from_row(
+        (id, name, created_at, owner, info): (String, String, i64, Option<String>, String),
+    ) -> Result<Character, StoreError> {
+        let info = serde_json::from_str(&info).map_err(|e| StoreError::BadRow {
+            id: id.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Character {
+            id,
+            name,
+            created_at,
+            owner,
+            info,
+        })
+    }
+}
+
 /// The order of a listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -513,20 +532,7 @@ impl Store {
                 ))
             })
             .optional()?;
-        row.map(|(id, name, created_at, owner, info)| {
-            let info = serde_json::from_str(&info).map_err(|e| StoreError::BadRow {
-                id: id.clone(),
-                message: e.to_string(),
-            })?;
-            Ok(Character {
-                id,
-                name,
-                created_at,
-                owner,
-                info,
-            })
-        })
-        .transpose()
+        row.map(Character::from_row).transpose()
     }
 
     /// The ids of every character (to remove image folders whose row is gone).
