@@ -52,6 +52,10 @@ use crate::{Error, Result};
 /// end.
 pub const DEFAULT_OVERLAP: usize = 0;
 
+/// Whether continued segments are colour-matched to what they continue when a request does
+/// not say ([`match_colours`]).
+pub const DEFAULT_COLOR_MATCH: bool = false;
+
 /// What a long video starts from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
@@ -99,6 +103,9 @@ pub struct LongRequest {
     /// Frames cross-faded at each seam between two segments (`None`: [`DEFAULT_OVERLAP`]; 0
     /// drops the repeated frame instead).
     pub overlap: Option<usize>,
+    /// Colour-match every continued segment to the frames it continues ([`match_colours`];
+    /// `None`: [`DEFAULT_COLOR_MATCH`]).
+    pub color_match: Option<bool>,
 }
 
 /// One segment of a plan.
@@ -146,6 +153,10 @@ pub struct LongPlan {
     /// frames are also the ones a continued segment does not output again).
     #[serde(default = "one")]
     pub context: usize,
+    /// Every continued segment's colours are matched to the frames it continues
+    /// ([`match_colours`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub color_match: bool,
 }
 
 fn one() -> usize {
@@ -463,6 +474,7 @@ pub fn plan(pipeline: &WanPipeline, req: &LongRequest, start: &Start) -> Result<
         } else {
             rules.continue_skip
         },
+        color_match: req.color_match.unwrap_or(DEFAULT_COLOR_MATCH) && !native,
     })
 }
 
@@ -536,6 +548,80 @@ pub fn cross_fade(a: &[u8], b: &[u8], w: f64) -> Vec<u8> {
         .zip(b)
         .map(|(&x, &y)| ((1.0 - w) * f64::from(x) + w * f64::from(y)).round() as u8)
         .collect()
+}
+
+/// Matches the colours of `frames` (RGB, 8-bit) to those of `reference`, channel by channel:
+/// one look-up table per channel maps each level of the frames (pooled) to the level at the
+/// same quantile of the reference (pooled), interpolated between levels, and is applied to
+/// every frame (one map per segment, so it cannot flicker). This is the histogram variant of
+/// the colour matching long-video tools apply to keep a continuation from drifting away from
+/// what it continues (e.g. the "ColorMatch" node that ComfyUI workflows put after each Wan
+/// extension); it changes levels, never positions. Frames of another size than the
+/// reference's are matched all the same (the histograms are normalised).
+pub fn match_colours(frames: &mut [Vec<u8>], reference: &[Vec<u8>]) {
+    let hist = |bufs: &mut dyn Iterator<Item = &[u8]>| {
+        let mut h = [[0u64; 256]; 3];
+        for b in bufs {
+            for px in b.chunks_exact(3) {
+                for c in 0..3 {
+                    h[c][px[c] as usize] += 1;
+                }
+            }
+        }
+        h
+    };
+    let src = hist(&mut frames.iter().map(Vec::as_slice));
+    let dst = hist(&mut reference.iter().map(Vec::as_slice));
+    let mut luts = [[0u8; 256]; 3];
+    for c in 0..3 {
+        luts[c] = quantile_map(&src[c], &dst[c]);
+    }
+    for f in frames.iter_mut() {
+        for px in f.chunks_exact_mut(3) {
+            for c in 0..3 {
+                px[c] = luts[c][px[c] as usize];
+            }
+        }
+    }
+}
+
+/// The level map taking histogram `src` to histogram `dst`: level `v` goes to the level of
+/// `dst` at the quantile of `v`'s middle in `src` (identity where either is empty).
+fn quantile_map(src: &[u64; 256], dst: &[u64; 256]) -> [u8; 256] {
+    let mut lut = [0u8; 256];
+    let (ns, nd) = (src.iter().sum::<u64>(), dst.iter().sum::<u64>());
+    if ns == 0 || nd == 0 {
+        for (v, l) in lut.iter_mut().enumerate() {
+            *l = v as u8;
+        }
+        return lut;
+    }
+    // The reference's levels as a piecewise-linear quantile function: level u covers the
+    // quantiles [cum(u−1), cum(u)), its centre at the middle.
+    let mut centres: Vec<(f64, f64)> = Vec::new();
+    let mut cum = 0u64;
+    for (u, &n) in dst.iter().enumerate() {
+        if n > 0 {
+            centres.push(((cum as f64 + n as f64 / 2.0) / nd as f64, u as f64));
+            cum += n;
+        }
+    }
+    let mut cum = 0u64;
+    for (v, &n) in src.iter().enumerate() {
+        let q = (cum as f64 + n as f64 / 2.0) / ns as f64;
+        cum += n;
+        let i = centres.partition_point(|&(cq, _)| cq < q);
+        let u = if i == 0 {
+            centres[0].1
+        } else if i == centres.len() {
+            centres[i - 1].1
+        } else {
+            let ((q0, u0), (q1, u1)) = (centres[i - 1], centres[i]);
+            u0 + (u1 - u0) * (q - q0) / (q1 - q0)
+        };
+        lut[v] = u.round().clamp(0.0, 255.0) as u8;
+    }
+    lut
 }
 
 #[derive(Default)]
@@ -612,6 +698,13 @@ pub fn generate(
                 }
             }
         };
+        // What a continued segment's colours are matched to: the frames it continues.
+        let reference: Vec<Vec<u8>> = match &conditioning {
+            Conditioning::Continue { frames } if plan.color_match => {
+                frames.iter().map(|f| f.data.clone()).collect()
+            }
+            _ => Vec::new(),
+        };
         let req = plan.segment_request(k, conditioning);
         let out = {
             let mut inner = |e: &ProgressEvent| -> Result<()> {
@@ -645,6 +738,9 @@ pub fn generate(
             )));
         }
         made.truncate(seg.blend + seg.keep);
+        if !reference.is_empty() {
+            match_colours(&mut made, &reference);
+        }
         let fresh = made.split_off(seg.blend);
         // Cross-fade the frames both segments made: the new one's weight grows (i+1)/(M+1).
         let held = tail.split_off(upto);
@@ -948,6 +1044,7 @@ mod tests {
             prompts: vec!["a".into(), "b".into(), "c".into()],
             total_frames: None,
             overlap: Some(0),
+            color_match: None,
         };
         let pl = plan(&p, &req, &Start::Text).unwrap();
         let mut all: Vec<Vec<u8>> = Vec::new();
@@ -1031,6 +1128,7 @@ mod tests {
             prompts: vec!["a".into(), "b".into(), "c".into()],
             total_frames: None,
             overlap: Some(2),
+            color_match: None,
         };
         let pl = plan(&p, &req, &Start::Text).unwrap();
         assert_eq!(pl.total_frames, 9 + 6 + 6);
@@ -1176,6 +1274,68 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n, 25);
+    }
+
+    /// A frame of `bg` with a `size`² square of `obj` at (x, y), 3 channels.
+    fn scene(w: usize, bg: [u8; 3], obj: [u8; 3], x: usize, y: usize, size: usize) -> Vec<u8> {
+        let mut f = Vec::with_capacity(w * w * 3);
+        for j in 0..w {
+            for i in 0..w {
+                let inside = (x..x + size).contains(&i) && (y..y + size).contains(&j);
+                f.extend_from_slice(if inside { &obj } else { &bg });
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn colour_matching_brings_a_drifted_object_back_and_keeps_positions() {
+        // The reference: a purple square on dark gray; the continuation drew it bluer, moving.
+        let reference = vec![scene(32, [20, 20, 20], [150, 60, 200], 4, 4, 8)];
+        let mut frames: Vec<Vec<u8>> = (0..5)
+            .map(|t| scene(32, [20, 20, 20], [90, 60, 230], 6 + 2 * t, 4, 8))
+            .collect();
+        match_colours(&mut frames, &reference);
+        for (t, f) in frames.iter().enumerate() {
+            assert_eq!(
+                f,
+                &scene(32, [20, 20, 20], [150, 60, 200], 6 + 2 * t, 4, 8),
+                "frame {t}: the object takes the reference's colour where it now is"
+            );
+        }
+        // Frames that already match are left as they are.
+        let mut same = reference.clone();
+        match_colours(&mut same, &reference);
+        assert_eq!(same, reference);
+    }
+
+    #[test]
+    fn quantile_map_is_monotone_and_the_identity_on_equal_histograms() {
+        let mut h = [0u64; 256];
+        for (v, n) in h.iter_mut().enumerate() {
+            *n = (v as u64 * 37) % 11;
+        }
+        let id = quantile_map(&h, &h);
+        for v in 0..256 {
+            if h[v] > 0 {
+                assert_eq!(id[v] as usize, v);
+            }
+        }
+        // A histogram shifted by +20 levels maps back by −20.
+        let (mut low, mut shifted) = ([0u64; 256], [0u64; 256]);
+        for v in 0..200 {
+            low[v] = h[v];
+            shifted[v + 20] = h[v];
+        }
+        let back = quantile_map(&shifted, &low);
+        for v in 20..220 {
+            if shifted[v] > 0 {
+                assert_eq!(back[v] as usize, v - 20, "level {v}");
+            }
+        }
+        assert!(back.windows(2).all(|p| p[0] <= p[1]), "{back:?}");
+        // An empty side maps nothing.
+        assert_eq!(quantile_map(&[0; 256], &h)[77], 77);
     }
 
     #[test]

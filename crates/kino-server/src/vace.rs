@@ -120,6 +120,7 @@ pub fn conditioning(
         let frames = frames.into_iter().map(rgb).collect::<Result<Vec<_>, _>>()?;
         return Ok(Conditioning::Vace(VaceCondition {
             video: Some(frames),
+            composite: mask.is_some(),
             mask,
             reference_images,
             conditioning_scale: Vec::new(),

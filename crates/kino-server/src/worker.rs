@@ -938,6 +938,7 @@ fn run_long(
         prompts: vec![r.prompt.clone()],
         total_frames: Some(long.new_frames()),
         overlap: Some(long.overlap),
+        color_match: None,
         request,
     };
     let plan = match long_video::plan(pipeline, &req, &start) {

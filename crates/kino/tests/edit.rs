@@ -192,6 +192,67 @@ fn png_mask_edit_makes_the_model_clip_and_records_it() {
     assert!(shown.contains("mask.png"), "{shown}");
 }
 
+/// PSNR of `a` against `b` over the pixels outside the box `(x0..x1, y0..y1)` grown by 2 px.
+fn psnr_outside(
+    a: &kino_media::Frame,
+    b: &kino_media::Frame,
+    x0: usize,
+    x1: usize,
+    y0: usize,
+    y1: usize,
+) -> f64 {
+    let w = a.width() as usize;
+    let (da, db) = (a.data(), b.data());
+    let (mut se, mut n) = (0.0f64, 0usize);
+    for (p, (pa, pb)) in da.chunks_exact(3).zip(db.chunks_exact(3)).enumerate() {
+        let (x, y) = (p % w, p / w);
+        if (x0.saturating_sub(2)..x1 + 2).contains(&x)
+            && (y0.saturating_sub(2)..y1 + 2).contains(&y)
+        {
+            continue;
+        }
+        for c in 0..3 {
+            let d = f64::from(pa[c]) - f64::from(pb[c]);
+            se += d * d;
+        }
+        n += 3;
+    }
+    10.0 * (255.0f64 * 255.0 / (se / n as f64).max(1e-10)).log10()
+}
+
+#[test]
+fn outside_the_mask_the_source_comes_back_unless_no_composite() {
+    let inputs = Inputs::new();
+    let mask = inputs.path("mask.png");
+    let mask = mask.to_str().unwrap();
+    let kept = inputs.path("kept.mp4");
+    let o = edit(&inputs, &kept, &vace(), &["--mask", mask]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metadata(&kept)["conditioning"]["composite"], true);
+    let raw = inputs.path("raw.mp4");
+    let o = edit(&inputs, &raw, &vace(), &["--mask", mask, "--no-composite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metadata(&raw)["conditioning"]["composite"], false);
+    // The source fitted to the model's 48×32 (the 96×64 mask box 24..72 × 16..48 → 12..36 × 8..24).
+    let src = kino_media::read_video(&inputs.path("src.mp4")).unwrap();
+    let (k, r) = (
+        kino_media::read_mp4(&kept).unwrap(),
+        kino_media::read_mp4(&raw).unwrap(),
+    );
+    for t in 0..9 {
+        let fitted = kino_media::fit_crop(&src.frames()[t], 48, 32).unwrap();
+        let pk = psnr_outside(&k.frames()[t], &fitted, 12, 36, 8, 24);
+        let pr = psnr_outside(&r.frames()[t], &fitted, 12, 36, 8, 24);
+        // Random weights make noise outside the mask (about 7 dB); put back, the source is
+        // there up to the watermark, the fit's filter and H.264 at 48×32 on testsrc's sharp
+        // edges (about 20 dB).
+        assert!(
+            pk > 17.0 && pk > pr + 8.0,
+            "frame {t}: {pk:.1} dB put back, {pr:.1} dB raw"
+        );
+    }
+}
+
 #[test]
 fn mp4_mask_gives_one_mask_per_frame() {
     let inputs = Inputs::new();

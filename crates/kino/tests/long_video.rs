@@ -145,6 +145,55 @@ fn a_script_makes_one_segment_per_line() {
         ["moving right", "moving down", "moving left", "moving up"]
     );
     assert!(stderr(&o).contains("segment 4 of 4: \"moving up\""));
+    assert_eq!(m["long_video"]["color_match"], false);
+
+    // --color-match: the same plan, each continued segment's colours matched to the frame it
+    // continues; recorded, and the first segment (nothing to match) unchanged.
+    let matched = tmp.path().join("shots-matched.mp4");
+    let o = run(kino()
+        .args(["generate", "--script"])
+        .arg(&script)
+        .args([
+            "--cpu",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--color-match",
+            "-o",
+        ])
+        .arg(&matched)
+        .arg("--model")
+        .arg(ti2v()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ffprobe_frames(&matched).0, 17 + 3 * 16);
+    let mm = metadata(&matched);
+    assert_eq!(mm["long_video"]["color_match"], true);
+    assert!(
+        mm["long_video"]["seams"]
+            .as_str()
+            .unwrap()
+            .contains("colours matched"),
+        "{mm}"
+    );
+    let (a, b) = (
+        kino_media::read_mp4(&out).unwrap(),
+        kino_media::read_mp4(&matched).unwrap(),
+    );
+    // (Each file carries its own watermark id, so frames agree only to the mark's level.)
+    let psnr = |r: std::ops::Range<usize>| {
+        let v: Vec<f64> = r
+            .map(|i| kino_media::psnr(&a.frames()[i], &b.frames()[i]).unwrap())
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (first, later) = (psnr(0..17), psnr(17..65));
+    eprintln!("PSNR plain vs matched: segment 0 {first:.1} dB, later {later:.1} dB");
+    assert!(first > 33.0, "segment 0 is not matched: {first:.1} dB");
+    assert!(
+        later < first - 6.0,
+        "later segments are: {later:.1} vs {first:.1} dB"
+    );
 }
 
 /// An H.264 High (B-frames) clip from the ffmpeg command line: 1.5 s of testsrc at 24 fps.

@@ -216,6 +216,13 @@ pub struct VaceCondition {
     /// How strongly the control branch steers: empty = 1.0; one value for every VACE layer, or
     /// one per layer (`len(vace_layers)`).
     pub conditioning_scale: Vec<f64>,
+    /// With a video and a mask: after decoding, put the source's pixels back where the mask
+    /// keeps them (`output·m + source·(1 − m)`, `m` = mask / 255, as diffusers'
+    /// `VaeImageProcessor.apply_overlay` does for its inpainting pipelines), so what the user
+    /// did not mask comes out exactly as given instead of through the VAE. Not part of
+    /// `WanVACEPipeline` itself (its latents are unchanged); `kino edit --mask` and the
+    /// server's masked edits turn it on.
+    pub composite: bool,
 }
 
 impl Conditioning {
@@ -1308,6 +1315,9 @@ impl WanPipeline {
         let latents = latents.narrow(2, refs, latents.dim(2)? - refs)?;
         let video = self.decode(&latents, progress)?;
         let mut frames = video_to_frames(&video)?;
+        if let (true, Some(source), Some(mask)) = (v.composite, &v.video, &v.mask) {
+            crate::wan::pipeline_vace::apply_overlay(&mut frames, source, mask)?;
+        }
         if let Conditioning::Continue { frames: given } = &req.conditioning {
             let k = self.vace_context_frames(r.num_frames).min(given.len());
             frames.drain(..k.min(frames.len()));

@@ -359,6 +359,51 @@ pub fn masks_to_tensor(masks: &[GrayImage], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (1, 1, masks.len(), h, w), device)?)
 }
 
+/// Diffusers' `VaeImageProcessor.apply_overlay` for a video: each output frame becomes
+/// `output·m + source·(1 − m)` with `m` = the frame's mask / 255 (binary masks: the source's
+/// pixels exactly where the mask keeps them). `frames` are RGB bytes of the masks' size.
+pub fn apply_overlay(
+    frames: &mut [Vec<u8>],
+    source: &[RgbImage],
+    mask: &[GrayImage],
+) -> Result<()> {
+    if source.len() < frames.len() || mask.len() < frames.len() {
+        return Err(Error::InvalidRequest(format!(
+            "cannot put back the source outside the mask: {} output frames, {} source frames, {} \
+             mask frames",
+            frames.len(),
+            source.len(),
+            mask.len()
+        )));
+    }
+    for ((out, src), m) in frames.iter_mut().zip(source).zip(mask) {
+        if out.len() != src.data.len() || m.data.len() * 3 != out.len() {
+            return Err(Error::InvalidRequest(
+                "cannot put back the source outside the mask: the output, source and mask \
+                 differ in size"
+                    .into(),
+            ));
+        }
+        for ((o, s), &a) in out
+            .chunks_exact_mut(3)
+            .zip(src.data.chunks_exact(3))
+            .zip(&m.data)
+        {
+            match a {
+                255 => {}
+                0 => o.copy_from_slice(s),
+                a => {
+                    let a = f32::from(a) / 255.0;
+                    for c in 0..3 {
+                        o[c] = (f32::from(o[c]) * a + f32::from(s[c]) * (1.0 - a)).round() as u8;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `prepare_masks` for one video: `[1, 1, F, H, W]` → `[s², T, H/s, W/s]`: the pixel at
 /// `(y·s + i, x·s + j)` goes to channel `i·s + j`; frames resized to `t` with PyTorch's
 /// `nearest-exact` (source frame `min(floor((k + 0.5) · F / t), F − 1)`, the scale in f32).
@@ -451,6 +496,49 @@ mod tests {
         WanPipeline::open(&dir, PipelineOptions::for_device(Device::Cpu)).unwrap()
     }
 
+    #[test]
+    fn apply_overlay_puts_the_source_back_where_the_mask_keeps_it() {
+        let (w, h) = (4, 2);
+        let source = vec![image(w, h, 1), image(w, h, 2)];
+        let made: Vec<Vec<u8>> = vec![image(w, h, 7).data, image(w, h, 8).data];
+        // Frame 0: the left half regenerated; frame 1: one pixel half-way.
+        let left: Vec<u8> = (0..w * h)
+            .map(|p| if p % w < 2 { 255 } else { 0 })
+            .collect();
+        let mut half = vec![0u8; w * h];
+        half[5] = 128;
+        let mask = vec![
+            GrayImage::new(w, h, left.clone()).unwrap(),
+            GrayImage::new(w, h, half).unwrap(),
+        ];
+        let mut out = made.clone();
+        apply_overlay(&mut out, &source, &mask).unwrap();
+        for p in 0..w * h {
+            let px = |v: &[u8]| v[p * 3..p * 3 + 3].to_vec();
+            let want0 = if left[p] == 255 {
+                px(&made[0])
+            } else {
+                px(&source[0].data)
+            };
+            assert_eq!(px(&out[0]), want0, "frame 0, pixel {p}");
+            if p != 5 {
+                assert_eq!(px(&out[1]), px(&source[1].data), "frame 1, pixel {p}");
+            }
+        }
+        let a = 128.0 / 255.0;
+        for c in 0..3 {
+            let (m, s) = (made[1][15 + c] as f32, source[1].data[15 + c] as f32);
+            assert_eq!(out[1][15 + c], (m * a + s * (1.0 - a)).round() as u8);
+        }
+        // Sizes that do not fit are refused, not cut.
+        let mut short = made.clone();
+        let err = apply_overlay(&mut short, &source[..1], &mask).unwrap_err();
+        assert!(
+            err.to_string().contains("2 output frames, 1 source frames"),
+            "{err}"
+        );
+    }
+
     fn image(w: usize, h: usize, seed: u8) -> RgbImage {
         let data = (0..w * h * 3)
             .map(|i| ((i * 37 + seed as usize * 101) % 251) as u8)
@@ -498,6 +586,7 @@ mod tests {
                 mask: Some(mask),
                 reference_images: refs,
                 conditioning_scale: vec![],
+                composite: false,
             })
         };
         let text = run(&mut p, Conditioning::Text, n).unwrap();
@@ -523,6 +612,28 @@ mod tests {
             ..Default::default()
         });
         assert_ne!(run(&mut p, scaled, n).unwrap(), masked);
+        // Composited: the source exactly outside the mask, the same run inside it.
+        let composited = Conditioning::Vace(VaceCondition {
+            video: Some(video.clone()),
+            mask: Some(mask.clone()),
+            composite: true,
+            ..Default::default()
+        });
+        let c = run(&mut p, composited, n).unwrap();
+        for (t, (f, made)) in c.iter().zip(&masked).enumerate() {
+            for px in 0..w * h {
+                let want = if mask[t].data[px] == 255 {
+                    made
+                } else {
+                    &video[t].data
+                };
+                assert_eq!(
+                    f[px * 3..px * 3 + 3],
+                    want[px * 3..px * 3 + 3],
+                    "frame {t} px {px}"
+                );
+            }
+        }
         // A first and a last image become kept frames of a gray video.
         let flf = Conditioning::Image {
             first: image(w, h, 1),

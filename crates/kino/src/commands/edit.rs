@@ -48,6 +48,11 @@ pub struct Args {
     /// region is made anew.
     #[arg(long, requires = "mask")]
     keep_masked: bool,
+    /// Keep the model's own pixels outside the mask (and, outpainting, over the source)
+    /// instead of putting the source's back there. Default: the source outside the mask comes
+    /// out exactly as given (diffusers' `apply_overlay`), not through the VAE.
+    #[arg(long)]
+    no_composite: bool,
     /// Outpainting: widen the frame by this factor, e.g. 1.5x (both sides) or 2x1 (twice as
     /// wide, as tall); the source is fitted inside the model's size (or --size) and the
     /// canvas rounded to the model's size multiple.
@@ -528,6 +533,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         (Region::Outpaint(_), None) => bail!("internal: outpainting without a plan"),
     };
     conditioning.insert("video".into(), video_meta);
+    conditioning.insert("composite".into(), json!(!a.no_composite));
     let reference_images = vace_references(&pipeline, &mut references)?;
     if !references.is_empty() {
         conditioning.insert(
@@ -552,6 +558,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         ),
         reference_images,
         conditioning_scale: scale,
+        composite: !a.no_composite,
     });
     let resolved = pipeline.resolve(&req)?;
     conditioning.insert("kind".into(), json!(resolved.conditioning));

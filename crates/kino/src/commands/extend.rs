@@ -216,6 +216,12 @@ fn plan_differences(old: &Manifest, new: &LongPlan, model: &str, fps: u32) -> St
     if a.negative_prompt != b.negative_prompt {
         d.push("negative prompt".into());
     }
+    if old.plan.overlap != new.overlap {
+        d.push(format!("overlap {} → {}", old.plan.overlap, new.overlap));
+    }
+    if old.plan.color_match != new.color_match {
+        d.push("--color-match".into());
+    }
     if d.is_empty() {
         "settings".into()
     } else {
@@ -340,6 +346,15 @@ fn read_segment(partial: &Path, k: usize, sub: &str, count: usize) -> anyhow::Re
 
 /// How the plan joins its segments, for the metadata.
 fn seams_text(plan: &LongPlan) -> String {
+    let text = seams_joined(plan);
+    if plan.color_match {
+        format!("{text}; each continued segment's colours matched to the frames it continues")
+    } else {
+        text
+    }
+}
+
+fn seams_joined(plan: &LongPlan) -> String {
     if plan.native {
         "one diffusion-forcing segment (its windows overlap by the model's overlap_history)".into()
     } else if plan.overlap == 0 {
@@ -617,6 +632,7 @@ pub fn run_long(
             "new_frames": plan.total_frames,
             "segments": segments,
             "overlap": plan.overlap,
+            "color_match": plan.color_match,
             "seams": seams_text(plan),
         }),
     );
@@ -835,6 +851,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
         prompts,
         total_frames: a.seconds.map(|s| frames_for_seconds(s, fps)).transpose()?,
         overlap: a.run.overlap,
+        color_match: a.run.color_match.then_some(true),
     };
     let plan = long_video::plan(&pipeline, &req, &start)?;
     run_long(

@@ -49,6 +49,12 @@ pub struct RunArgs {
     /// Default: the engine's (see the README's long-video section).
     #[arg(long, value_name = "M")]
     pub overlap: Option<usize>,
+    /// Long videos in segments: match each continued segment's colours to the frames it
+    /// continues (per-channel histogram matching, one map per segment), against colour drift.
+    /// Off by default: it can also undo a colour change a later prompt asks for, and on
+    /// kino-shapes it kept colour better but shape slightly worse (README, long videos).
+    #[arg(long)]
+    pub color_match: bool,
     /// A LoRA adapter for the transformer, FILE or FILE:SCALE (scale 1 if left out; diffusers,
     /// original Wan / ComfyUI and kohya files); repeat for several.
     #[arg(long, value_name = "FILE[:SCALE]")]
@@ -1207,6 +1213,7 @@ fn run_long_generate(
         prompts,
         total_frames,
         overlap: a.run.overlap,
+        color_match: a.run.color_match.then_some(true),
     };
     let plan = long_video::plan(pipeline, &req, &start).map_err(|e| match e {
         kino_engine::Error::InvalidRequest(m) if m.contains("models that can") => {

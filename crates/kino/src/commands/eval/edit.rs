@@ -202,6 +202,7 @@ pub fn run(
     model: &str,
     model_dir: &Path,
     save: Option<&Path>,
+    composite: bool,
 ) -> anyhow::Result<()> {
     if !pipeline.capabilities().vace {
         bail!(
@@ -269,6 +270,7 @@ pub fn run(
                         VaceCondition {
                             video: Some(frames_to_images(&video, w, h)?),
                             mask: Some(masks.clone()),
+                            composite,
                             ..Default::default()
                         },
                     )
@@ -373,6 +375,7 @@ pub fn run(
         started.elapsed().as_secs_f64(),
         json,
         model,
+        composite,
     )
 }
 
@@ -391,6 +394,7 @@ fn report(
     secs: f64,
     json: bool,
     model: &str,
+    composite: bool,
 ) -> anyhow::Result<()> {
     let n = runs.len();
     let share = |f: &dyn Fn(&VaceRun) -> bool| runs.iter().filter(|r| f(r)).count();
@@ -440,6 +444,7 @@ fn report(
                 "bar_db": PSNR_GAP_BAR,
             });
             v["edit_margin_px"] = serde_json::json!(EDIT_MARGIN);
+            v["composite"] = serde_json::json!(composite);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -453,7 +458,12 @@ fn report(
     match mode {
         Mode::Edit => println!(
             "edit: the case's scene drawn in another colour, its box (+{EDIT_MARGIN} px) masked \
-             gray; the prompt names the case's colour"
+             gray; the prompt names the case's colour; outside the mask {}",
+            if composite {
+                "the source put back, as kino edit does (--no-composite: the model's own pixels)"
+            } else {
+                "the model's own pixels (--no-composite)"
+            }
         ),
         Mode::Reference => println!(
             "reference: the object alone on white as the reference image; the prompt leaves out \

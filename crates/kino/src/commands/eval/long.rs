@@ -154,6 +154,7 @@ pub fn run(
     model: &str,
     save: Option<&Path>,
     overlap: Option<usize>,
+    color_match: bool,
 ) -> anyhow::Result<()> {
     if segments < 2 {
         bail!("--long {segments}: a long video needs at least 2 segments; try --long 4");
@@ -177,6 +178,7 @@ pub fn run(
                 prompts,
                 total_frames: None,
                 overlap,
+                color_match: Some(color_match),
             };
             let plan = long_video::plan(pipeline, &req, &Start::Text)?;
             let mut scores: Vec<SegmentScore> = Vec::new();

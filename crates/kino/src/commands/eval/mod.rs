@@ -98,6 +98,14 @@ pub struct Args {
     /// engine's).
     #[arg(long, value_name = "M", requires = "long")]
     overlap: Option<usize>,
+    /// With --long: match each continued segment's colours to the frames it continues (as
+    /// `kino generate --color-match`).
+    #[arg(long, requires = "long")]
+    color_match: bool,
+    /// With --edit: score the model's own pixels outside the mask, as `kino edit
+    /// --no-composite` makes them (default: as `kino edit` makes them, the source's put back).
+    #[arg(long)]
+    no_composite: bool,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -355,6 +363,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             &model_name,
             &model_dir,
             a.save.as_deref(),
+            !a.no_composite,
         );
     }
     if let Some(k) = a.long {
@@ -381,6 +390,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             &model_name,
             a.save.as_deref(),
             a.overlap,
+            a.color_match,
         );
     }
     if a.image && !pipeline.capabilities().image {
