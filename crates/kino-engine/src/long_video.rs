@@ -1323,10 +1323,8 @@ mod tests {
         }
         // A histogram shifted by +20 levels maps back by −20.
         let (mut low, mut shifted) = ([0u64; 256], [0u64; 256]);
-        for v in 0..200 {
-            low[v] = h[v];
-            shifted[v + 20] = h[v];
-        }
+        low[..200].copy_from_slice(&h[..200]);
+        shifted[20..220].copy_from_slice(&h[..200]);
         let back = quantile_map(&shifted, &low);
         for v in 20..220 {
             if shifted[v] > 0 {
