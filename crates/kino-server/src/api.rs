@@ -255,6 +255,21 @@ fn text_field(fields: &Map<String, Value>, name: &'static str) -> ApiResult<Opti
     }
 }
 
+/// A yes/no field: a JSON boolean or the text `true`/`false` (multipart sends text).
+fn bool_field(fields: &Map<String, Value>, name: &'static str) -> ApiResult<Option<bool>> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(t)) if t.trim().eq_ignore_ascii_case("true") => Ok(Some(true)),
+        Some(Value::String(t)) if t.trim().eq_ignore_ascii_case("false") => Ok(Some(false)),
+        Some(other) => Err(ApiError::bad_request(
+            Some(name),
+            "invalid_type",
+            format!("`{name}` must be true or false, not {other}"),
+        )),
+    }
+}
+
 /// A number field given as a JSON number or a numeric string.
 fn number_field<T: std::str::FromStr>(
     fields: &Map<String, Value>,
@@ -995,8 +1010,9 @@ fn build_job(
     // diffusion-forcing model makes a long num_frames by itself; any other one clip as asked).
     let caps = model.capabilities;
     if num_frames > clip && caps.image && !caps.long_video {
-        let long = LongJob::plan(model, num_frames, false, 0)
+        let mut long = LongJob::plan(model, num_frames, false, 0)
             .map_err(|m| ApiError::bad_request(Some("seconds"), "invalid_seconds", m))?;
+        long.color_match = bool_field(&fields.map, "color_match")?.unwrap_or(false);
         job.params.long = Some(long);
     }
     Ok((job, files))
@@ -1199,8 +1215,9 @@ fn build_extension(
         ..Default::default()
     };
     let clip = clip_frames(model);
-    let long = LongJob::plan(model, new_frames, true, source_frames)
+    let mut long = LongJob::plan(model, new_frames, true, source_frames)
         .map_err(|m| ApiError::bad_request(Some("seconds"), "invalid_seconds", m))?;
+    long.color_match = bool_field(&fields.map, "color_match")?.unwrap_or(false);
     let first = long.segments.first().map_or(clip, |p| p.num_frames);
     let mut job = make_job(
         state,

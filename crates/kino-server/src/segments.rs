@@ -51,6 +51,10 @@ pub struct LongJob {
     /// Frames cross-faded at each seam between two segments (0: the repeated frame dropped).
     #[serde(default)]
     pub overlap: usize,
+    /// Continued segments' colours matched to the frames they continue (the create or
+    /// extension field `color_match`, as `kino generate --color-match`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub color_match: bool,
 }
 
 impl LongJob {
@@ -100,6 +104,7 @@ impl LongJob {
                 })
                 .collect(),
             overlap,
+            color_match: false,
         })
     }
 
@@ -340,6 +345,7 @@ mod tests {
             source_frames: 3,
             segments: plan(8, 5, true),
             overlap: 0,
+            color_match: false,
         };
         assert_eq!(job.segments.len(), 2);
         assert_eq!(job.total_frames(), 11);
@@ -377,6 +383,7 @@ mod tests {
                 },
             ],
             overlap: 2,
+            color_match: false,
         };
         assert_eq!((blended.handed_out(0), blended.handed_out(1)), (15, 16));
     }

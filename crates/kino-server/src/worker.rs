@@ -938,7 +938,7 @@ fn run_long(
         prompts: vec![r.prompt.clone()],
         total_frames: Some(long.new_frames()),
         overlap: Some(long.overlap),
-        color_match: None,
+        color_match: Some(long.color_match),
         request,
     };
     let plan = match long_video::plan(pipeline, &req, &start) {
@@ -1063,6 +1063,7 @@ fn run_long(
         "source_frames": long.source_frames,
         "seeds": format!("{base_seed} + segment index"),
         "overlap": long.overlap,
+        "color_match": long.color_match,
     });
     let written = crate::output::frames_to_video(all, w, h, fps)
         .map_err(|e| e.to_string())

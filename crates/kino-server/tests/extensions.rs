@@ -142,6 +142,7 @@ fn long_create_and_extensions_by_id_upload_and_json_stitch_the_source_first() {
             ("seconds", "1"),
             ("video[id]", &id),
             ("steps", "1"),
+            ("color_match", "true"),
         ],
         &[],
     ));
@@ -164,6 +165,13 @@ fn long_create_and_extensions_by_id_upload_and_json_stitch_the_source_first() {
         let d = wait_done(a, &id_of(v), T);
         assert_eq!(d["status"], "completed", "{d}");
         assert_eq!(frames_of(dir.path(), &id_of(v)), 33 + 8);
+    }
+    // `color_match` (as `kino extend --color-match`) is recorded with the segments.
+    for (v, want) in [(&by_field, true), (&up, false)] {
+        let meta = kino_media::read_metadata(mp4(dir.path(), &id_of(v)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(meta["segments"]["color_match"], want, "{meta}");
     }
 }
 
@@ -323,6 +331,11 @@ fn bad_extensions_each_get_one_clear_error_and_queue_nothing() {
     }
     ext(json!({"seconds": "2", "video": {"id": done_id}, "model": "tiny-ti2v"}))
         .assert_error(400, Some("prompt"));
+    ext(
+        json!({"prompt": "p", "seconds": "2", "video": {"id": done_id}, "model": "tiny-ti2v",
+               "color_match": "maybe"}),
+    )
+    .assert_error(400, Some("color_match"));
     // Uploads that are not readable videos.
     post_multipart(
         a,
