@@ -101,7 +101,7 @@ pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) 
     let layout = Layout::new(key);
     let folded = payload_fold(&acc, wd, hd, b, c0 * scale);
     let soft = read_bits(&folded, &layout, dy, dx);
-    let bits = ecc::decode(&soft, INFO_BITS);
+    let (bits, detected) = decode_payload(&soft);
     let code = ecc::encode(&bits);
     let bit_errors = soft
         .iter()
@@ -109,7 +109,6 @@ pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) 
         .filter(|(&s, &c)| (s > 0.0) != c)
         .count();
     let (marker, id) = pattern::unpack(&bits);
-    let detected = marker == pattern::check_field(id);
     Detection {
         detected,
         id: detected.then_some(id),
@@ -143,6 +142,32 @@ pub fn chip_soft(frames: &[Frame], key: &Key, scale: f64) -> Vec<f64> {
     (0..CHIPS)
         .map(|c| v[c] * f64::from(layout.sign[c]))
         .collect()
+}
+
+/// Matched-filter values of the 256 chips of a tile with chips of `chip_px` pixels, origin at
+/// the frame's corner, read from the plane with RGB weights `plane` (0: luma, 1: Cb, 2: Cr),
+/// from the plain fold (`whiten_fold` false) or the payload fold: for development probes only.
+#[doc(hidden)]
+pub fn probe_chips(frames: &[Frame], plane: usize, chip_px: f64, whiten_fold: bool) -> Vec<f64> {
+    let (w, h) = (frames[0].width(), frames[0].height());
+    let b = ((chip_px / 4.0).floor() as usize).max(1);
+    let (wd, hd) = (w as usize / b, h as usize / b);
+    let wt = [LUMA, CB, CR][plane];
+    let mut acc = vec![0f32; wd * hd];
+    for f in frames.iter().take(MAX_FRAMES) {
+        for (a, r) in acc
+            .iter_mut()
+            .zip(whitened_plane(f, wt, b, wd, hd, chip_px / b as f64))
+        {
+            *a += r;
+        }
+    }
+    let folded = if whiten_fold {
+        payload_fold(&acc, wd, hd, b, chip_px)
+    } else {
+        fold(&acc, wd, hd, b, chip_px)
+    };
+    read_chips(&folded, 0, 0).to_vec()
 }
 
 /// Looks for the mark of `key` in `frames` (RGB, one video's frames in order; any subset and
@@ -255,7 +280,7 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         let hypotheses = if anchored { h_anchored } else { h_free };
         let folded = payload_fold(&acc, wd, hd, b, c0 * scale_of(k));
         let soft = read_bits(&folded, &layout, dy, dx);
-        let bits = ecc::decode(&soft, INFO_BITS);
+        let (bits, detected) = decode_payload(&soft);
         let code = ecc::encode(&bits);
         let bit_errors = soft
             .iter()
@@ -265,9 +290,8 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         let (marker, id) = pattern::unpack(&bits);
         let raw_payload = (u64::from(marker) << 48) | id;
         let p_sync = (hypotheses * normal_tail(z)).min(1.0);
-        let detected = marker == pattern::check_field(id);
         let pfa = if detected {
-            CANDIDATES as f64 * 2f64.powi(-16) * p_sync
+            (CANDIDATES * list_size()) as f64 * 2f64.powi(-16) * p_sync
         } else {
             1.0
         };
@@ -293,6 +317,30 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         }
     }
     best.unwrap_or_else(|| Detection::none(used.len()))
+}
+
+/// Messages kept by the list Viterbi decoder per candidate: the first whose check field matches
+/// is taken (CRC-aided list decoding).
+pub(crate) const LIST: usize = 8;
+
+fn list_size() -> usize {
+    std::env::var("KINO_WM_LIST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LIST)
+}
+
+/// The payload from soft coded bits: the first of the list decoder's messages whose check field
+/// matches (`true`), else the most likely message (`false`).
+fn decode_payload(soft: &[f64]) -> (Vec<bool>, bool) {
+    let list = ecc::list_decode(soft, INFO_BITS, list_size());
+    for m in &list {
+        let (marker, id) = pattern::unpack(m);
+        if marker == pattern::check_field(id) {
+            return (m.clone(), true);
+        }
+    }
+    (list.into_iter().next().unwrap_or_default(), false)
 }
 
 /// A sync hypothesis: z-score, scale index, shift, and whether the shift was anchored.
@@ -344,6 +392,25 @@ fn centre_shift(w: u32, h: u32, c0: f64, s: f64) -> (usize, usize) {
 /// divided by the local energy of that residual (weight 1/σ², optimal for a mark of even
 /// strength in noise of varying strength), so edges and busy texture weigh little.
 fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32> {
+    whitened_plane(f, LUMA, b, wd, hd, chip_ds)
+}
+
+/// RGB weights of the luma plane (BT.601).
+pub(crate) const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+/// RGB weights of the blue-difference plane Cb (BT.601, full range).
+pub(crate) const CB: [f32; 3] = [-0.168_736, -0.331_264, 0.5];
+/// RGB weights of the red-difference plane Cr (BT.601, full range).
+pub(crate) const CR: [f32; 3] = [0.5, -0.418_688, -0.081_312];
+
+/// [`whitened`] for any plane given by its RGB weights.
+fn whitened_plane(
+    f: &Frame,
+    wt: [f32; 3],
+    b: usize,
+    wd: usize,
+    hd: usize,
+    chip_ds: f64,
+) -> Vec<f32> {
     let w = f.width() as usize;
     let rgb = f.data();
     let mut d = vec![0f32; wd * hd];
@@ -352,7 +419,7 @@ fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32>
         let drow = &mut d[(y / b) * wd..(y / b + 1) * wd];
         for (x, p) in row.chunks_exact(3).enumerate() {
             drow[x / b] +=
-                0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
+                wt[0] * f32::from(p[0]) + wt[1] * f32::from(p[1]) + wt[2] * f32::from(p[2]);
         }
     }
     let inv = 1.0 / (b * b) as f32;

@@ -99,8 +99,8 @@ use std::fmt;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-pub use detect::{chip_soft, decode_at, detect, Detection};
-pub use embed::Embedder;
+pub use detect::{chip_soft, decode_at, detect, probe_chips, Detection};
+pub use embed::{probe_amplitude, probe_pattern, Embedder};
 
 /// A watermark key: 32 secret bytes. Whoever holds it can mark and detect; without it the mark
 /// can be neither found nor read.
