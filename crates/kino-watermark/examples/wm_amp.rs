@@ -25,8 +25,14 @@ fn main() {
     let profiles: Vec<(&str, Box<dyn Fn(f32) -> f32>)> = vec![
         ("v3 1+act max 6", Box::new(|a| a)),
         ("1+act max 3", Box::new(|a: f32| a.min(3.0))),
-        ("1+2act max 3", Box::new(|a: f32| (1.0 + 2.0 * (a - 1.0)).min(3.0))),
-        ("1+2act max 4", Box::new(|a: f32| (1.0 + 2.0 * (a - 1.0)).min(4.0))),
+        (
+            "1+2act max 3",
+            Box::new(|a: f32| (1.0 + 2.0 * (a - 1.0)).min(3.0)),
+        ),
+        (
+            "1+2act max 4",
+            Box::new(|a: f32| (1.0 + 2.0 * (a - 1.0)).min(4.0)),
+        ),
         ("1+0.5act max 6", Box::new(|a: f32| 1.0 + 0.5 * (a - 1.0))),
         ("flat 1.5 (ref)", Box::new(|_| 1.5)),
         ("flat 2 (ref)", Box::new(|_| 2.0)),
@@ -34,7 +40,10 @@ fn main() {
     let dir = scratch("amp");
     let mut srcs = Vec::new();
     for seed in 0..3 {
-        srcs.push(format!("testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}", seed * 40));
+        srcs.push(format!(
+            "testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}",
+            seed * 40
+        ));
         srcs.push(format!(
             "mandelbrot=size={{w}}x{{h}}:rate=24:start_scale={}",
             [3.0, 1.5, 0.8][seed]
@@ -52,7 +61,11 @@ fn main() {
     let chips: Vec<f32> = (0..256)
         .map(|_| {
             st = st.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            if st >> 63 == 1 { 1.0 } else { -1.0 }
+            if st >> 63 == 1 {
+                1.0
+            } else {
+                -1.0
+            }
         })
         .collect();
     let pat = probe_pattern(&chips, c0, w, h);
@@ -65,7 +78,11 @@ fn main() {
                 .iter()
                 .map(|fr| {
                     let amp: Vec<f32> = probe_amplitude(fr).into_iter().map(f).collect();
-                    let rms = (pat.iter().zip(&amp).map(|(p, a)| f64::from(p * a).powi(2)).sum::<f64>()
+                    let rms = (pat
+                        .iter()
+                        .zip(&amp)
+                        .map(|(p, a)| f64::from(p * a).powi(2))
+                        .sum::<f64>()
                         / pat.len() as f64)
                         .sqrt() as f32;
                     let g = if rms > 2.3 { 2.3 / rms } else { 1.0 };
@@ -84,10 +101,18 @@ fn main() {
             encode(&marked, 24, crf, &p);
             let back = decode(&p);
             let v = probe_chips(&back, 0, c0, true);
-            let s: Vec<f64> = v.iter().zip(&chips).map(|(v, c)| v * f64::from(*c)).collect();
+            let s: Vec<f64> = v
+                .iter()
+                .zip(&chips)
+                .map(|(v, c)| v * f64::from(*c))
+                .collect();
             let (m, sd) = stats(&s);
             let v = probe_chips(&marked, 0, c0, true);
-            let s: Vec<f64> = v.iter().zip(&chips).map(|(v, c)| v * f64::from(*c)).collect();
+            let s: Vec<f64> = v
+                .iter()
+                .zip(&chips)
+                .map(|(v, c)| v * f64::from(*c))
+                .collect();
             let (m0, sd0) = stats(&s);
             sum[k].0 += m / sd;
             sum[k].1 += m0 / sd0;
@@ -99,7 +124,12 @@ fn main() {
     println!("\nluma profiles, {w}×{h}, CRF {crf}, {n} sources: per-chip SNR after (before) the attack, mean PSNR");
     for (k, (name, _)) in profiles.iter().enumerate() {
         let m = n as f64;
-        println!("{name}: {:.2} ({:.2}), {:.1} dB", sum[k].0 / m, sum[k].1 / m, sum[k].2 / m);
+        println!(
+            "{name}: {:.2} ({:.2}), {:.1} dB",
+            sum[k].0 / m,
+            sum[k].1 / m,
+            sum[k].2 / m
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -66,20 +66,68 @@ fn main() {
     let nf: usize = a.get(6).and_then(|s| s.parse().ok()).unwrap_or(24);
     let c0 = (f64::from(w.min(h)) / 48.0).max(3.0);
     let cfgs = [
-        Cfg { name: "Y  flat 1x", plane: 0, mult: 1.0, masked: false },
-        Cfg { name: "Y  mask 1x", plane: 0, mult: 1.0, masked: true },
-        Cfg { name: "Y  mask 2x", plane: 0, mult: 2.0, masked: true },
-        Cfg { name: "Cb flat 1x", plane: 1, mult: 1.0, masked: false },
-        Cfg { name: "Cb flat 2x", plane: 1, mult: 2.0, masked: false },
-        Cfg { name: "Cr flat 1x", plane: 2, mult: 1.0, masked: false },
-        Cfg { name: "Cr flat 2x", plane: 2, mult: 2.0, masked: false },
-        Cfg { name: "Cb mask 2x", plane: 1, mult: 2.0, masked: true },
-        Cfg { name: "Cr mask 2x", plane: 2, mult: 2.0, masked: true },
+        Cfg {
+            name: "Y  flat 1x",
+            plane: 0,
+            mult: 1.0,
+            masked: false,
+        },
+        Cfg {
+            name: "Y  mask 1x",
+            plane: 0,
+            mult: 1.0,
+            masked: true,
+        },
+        Cfg {
+            name: "Y  mask 2x",
+            plane: 0,
+            mult: 2.0,
+            masked: true,
+        },
+        Cfg {
+            name: "Cb flat 1x",
+            plane: 1,
+            mult: 1.0,
+            masked: false,
+        },
+        Cfg {
+            name: "Cb flat 2x",
+            plane: 1,
+            mult: 2.0,
+            masked: false,
+        },
+        Cfg {
+            name: "Cr flat 1x",
+            plane: 2,
+            mult: 1.0,
+            masked: false,
+        },
+        Cfg {
+            name: "Cr flat 2x",
+            plane: 2,
+            mult: 2.0,
+            masked: false,
+        },
+        Cfg {
+            name: "Cb mask 2x",
+            plane: 1,
+            mult: 2.0,
+            masked: true,
+        },
+        Cfg {
+            name: "Cr mask 2x",
+            plane: 2,
+            mult: 2.0,
+            masked: true,
+        },
     ];
     let dir = scratch("chroma");
     let mut srcs = Vec::new();
     for seed in 0..3 {
-        srcs.push(format!("testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}", seed * 40));
+        srcs.push(format!(
+            "testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}",
+            seed * 40
+        ));
         srcs.push(format!(
             "mandelbrot=size={{w}}x{{h}}:rate=24:start_scale={}",
             [3.0, 1.5, 0.8][seed]
@@ -98,7 +146,11 @@ fn main() {
     let chips: Vec<f32> = (0..256)
         .map(|_| {
             st = st.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            if st >> 63 == 1 { 1.0 } else { -1.0 }
+            if st >> 63 == 1 {
+                1.0
+            } else {
+                -1.0
+            }
         })
         .collect();
     // snr[cfg] = per-source (raw, attacked, host-only sd / attacked mark mean)
@@ -111,10 +163,18 @@ fn main() {
         for (k, c) in cfgs.iter().enumerate() {
             let chip = c0 * c.mult;
             let pat = probe_pattern(&chips, chip, w, h);
-            let amp: Vec<f32> = if c.masked { amp0.clone() } else { vec![1.0; pat.len()] };
+            let amp: Vec<f32> = if c.masked {
+                amp0.clone()
+            } else {
+                vec![1.0; pat.len()]
+            };
             let col = COL[c.plane];
             let cost = (col.iter().map(|v| v * v).sum::<f32>() / 3.0).sqrt();
-            let rms = (pat.iter().zip(&amp).map(|(p, a)| f64::from(p * a).powi(2)).sum::<f64>()
+            let rms = (pat
+                .iter()
+                .zip(&amp)
+                .map(|(p, a)| f64::from(p * a).powi(2))
+                .sum::<f64>()
                 / pat.len() as f64)
                 .sqrt() as f32;
             let g = target / (rms * cost);
@@ -125,7 +185,11 @@ fn main() {
             let back = decode(&p);
             let snr = |fr: &[Frame]| {
                 let v = probe_chips(fr, c.plane, chip, true);
-                let s: Vec<f64> = v.iter().zip(&chips).map(|(v, c)| v * f64::from(*c)).collect();
+                let s: Vec<f64> = v
+                    .iter()
+                    .zip(&chips)
+                    .map(|(v, c)| v * f64::from(*c))
+                    .collect();
                 let (m, sd) = stats(&s);
                 m / sd
             };
@@ -144,22 +208,40 @@ fn main() {
         // Cb) tile, 1x chips, flat, filling the PSNR headroom up to a total RGB RMS of `cap`.
         for cap in [2.3f32, 2.55] {
             let pat = probe_pattern(&chips, c0, w, h);
-            let rmsl = (pat.iter().zip(&amp0).map(|(p, a)| f64::from(p * a).powi(2)).sum::<f64>()
+            let rmsl = (pat
+                .iter()
+                .zip(&amp0)
+                .map(|(p, a)| f64::from(p * a).powi(2))
+                .sum::<f64>()
                 / pat.len() as f64)
                 .sqrt() as f32;
             let gl = if rmsl > 2.3 { 2.3 / rmsl } else { 1.0 };
             let dl: Vec<f32> = pat.iter().zip(&amp0).map(|(p, a)| gl * p * a).collect();
             let used = (gl * rmsl).min(2.3);
             let left = (cap * cap - used * used).max(0.0).sqrt();
-            let chips2: Vec<f32> = chips.iter().enumerate().map(|(i, c)| if (i * 7 + i / 5) % 3 == 0 { -c } else { *c }).collect();
-            let chips3: Vec<f32> = chips.iter().enumerate().map(|(i, c)| if (i * 11 + i / 3) % 2 == 0 { -c } else { *c }).collect();
+            let chips2: Vec<f32> = chips
+                .iter()
+                .enumerate()
+                .map(|(i, c)| if (i * 7 + i / 5) % 3 == 0 { -c } else { *c })
+                .collect();
+            let chips3: Vec<f32> = chips
+                .iter()
+                .enumerate()
+                .map(|(i, c)| if (i * 11 + i / 3) % 2 == 0 { -c } else { *c })
+                .collect();
             let mut line = format!("   cap {cap}: luma rms {used:.2}, chroma rms {left:.2}");
             for both in [false, true] {
                 let mut deltas = vec![(0usize, dl.clone())];
-                let planes: Vec<(usize, &Vec<f32>)> = if both { vec![(2, &chips2), (1, &chips3)] } else { vec![(2, &chips2)] };
+                let planes: Vec<(usize, &Vec<f32>)> = if both {
+                    vec![(2, &chips2), (1, &chips3)]
+                } else {
+                    vec![(2, &chips2)]
+                };
                 for &(pl, ch) in &planes {
                     let pt = probe_pattern(ch, c0, w, h);
-                    let rp = (pt.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>() / pt.len() as f64).sqrt() as f32;
+                    let rp = (pt.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>()
+                        / pt.len() as f64)
+                        .sqrt() as f32;
                     let col = COL[pl];
                     let cost = (col.iter().map(|v| v * v).sum::<f32>() / 3.0).sqrt();
                     let g = left / (planes.len() as f32).sqrt() / (rp * cost);
@@ -176,12 +258,20 @@ fn main() {
                 let mut parts = String::new();
                 for (pl, ch) in chans {
                     let v = probe_chips(&back, pl, c0, true);
-                    let s: Vec<f64> = v.iter().zip(ch.iter()).map(|(v, c)| v * f64::from(*c)).collect();
+                    let s: Vec<f64> = v
+                        .iter()
+                        .zip(ch.iter())
+                        .map(|(v, c)| v * f64::from(*c))
+                        .collect();
                     let (m, sd) = stats(&s);
                     comb2 += (m / sd).max(0.0).powi(2);
                     parts.push_str(&format!(" {:.2}", m / sd));
                 }
-                line.push_str(&format!(" | {} psnr {psnr:.1}: per plane{parts} -> MRC {:.2}", if both { "Y+Cr+Cb" } else { "Y+Cr" }, comb2.sqrt()));
+                line.push_str(&format!(
+                    " | {} psnr {psnr:.1}: per plane{parts} -> MRC {:.2}",
+                    if both { "Y+Cr+Cb" } else { "Y+Cr" },
+                    comb2.sqrt()
+                ));
             }
             println!("{line}");
         }

@@ -101,7 +101,7 @@ pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) 
     let layout = Layout::new(key);
     let folded = payload_fold(&acc, wd, hd, b, c0 * scale);
     let soft = read_bits(&folded, &layout, dy, dx);
-    let (bits, detected) = decode_payload(&soft);
+    let bits = ecc::decode(&soft, INFO_BITS);
     let code = ecc::encode(&bits);
     let bit_errors = soft
         .iter()
@@ -109,6 +109,7 @@ pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) 
         .filter(|(&s, &c)| (s > 0.0) != c)
         .count();
     let (marker, id) = pattern::unpack(&bits);
+    let detected = marker == pattern::check_field(id);
     Detection {
         detected,
         id: detected.then_some(id),
@@ -145,8 +146,9 @@ pub fn chip_soft(frames: &[Frame], key: &Key, scale: f64) -> Vec<f64> {
 }
 
 /// Matched-filter values of the 256 chips of a tile with chips of `chip_px` pixels, origin at
-/// the frame's corner, read from the plane with RGB weights `plane` (0: luma, 1: Cb, 2: Cr),
-/// from the plain fold (`whiten_fold` false) or the payload fold: for development probes only.
+/// the frame's corner, read from plane `plane` (0: luma, 1: Cb, 2: Cr) after the detector's
+/// whitening, from the plain fold (`whiten_fold` false) or the payload fold: for development
+/// probes only (`examples/wm_chroma.rs`, `examples/wm_amp.rs`).
 #[doc(hidden)]
 pub fn probe_chips(frames: &[Frame], plane: usize, chip_px: f64, whiten_fold: bool) -> Vec<f64> {
     let (w, h) = (frames[0].width(), frames[0].height());
@@ -280,7 +282,7 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         let hypotheses = if anchored { h_anchored } else { h_free };
         let folded = payload_fold(&acc, wd, hd, b, c0 * scale_of(k));
         let soft = read_bits(&folded, &layout, dy, dx);
-        let (bits, detected) = decode_payload(&soft);
+        let bits = ecc::decode(&soft, INFO_BITS);
         let code = ecc::encode(&bits);
         let bit_errors = soft
             .iter()
@@ -290,8 +292,9 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         let (marker, id) = pattern::unpack(&bits);
         let raw_payload = (u64::from(marker) << 48) | id;
         let p_sync = (hypotheses * normal_tail(z)).min(1.0);
+        let detected = marker == pattern::check_field(id);
         let pfa = if detected {
-            (CANDIDATES * list_size()) as f64 * 2f64.powi(-16) * p_sync
+            CANDIDATES as f64 * 2f64.powi(-16) * p_sync
         } else {
             1.0
         };
@@ -317,30 +320,6 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         }
     }
     best.unwrap_or_else(|| Detection::none(used.len()))
-}
-
-/// Messages kept by the list Viterbi decoder per candidate: the first whose check field matches
-/// is taken (CRC-aided list decoding).
-pub(crate) const LIST: usize = 8;
-
-fn list_size() -> usize {
-    std::env::var("KINO_WM_LIST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(LIST)
-}
-
-/// The payload from soft coded bits: the first of the list decoder's messages whose check field
-/// matches (`true`), else the most likely message (`false`).
-fn decode_payload(soft: &[f64]) -> (Vec<bool>, bool) {
-    let list = ecc::list_decode(soft, INFO_BITS, list_size());
-    for m in &list {
-        let (marker, id) = pattern::unpack(m);
-        if marker == pattern::check_field(id) {
-            return (m.clone(), true);
-        }
-    }
-    (list.into_iter().next().unwrap_or_default(), false)
 }
 
 /// A sync hypothesis: z-score, scale index, shift, and whether the shift was anchored.
@@ -396,11 +375,11 @@ fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32>
 }
 
 /// RGB weights of the luma plane (BT.601).
-pub(crate) const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
 /// RGB weights of the blue-difference plane Cb (BT.601, full range).
-pub(crate) const CB: [f32; 3] = [-0.168_736, -0.331_264, 0.5];
+const CB: [f32; 3] = [-0.168_736, -0.331_264, 0.5];
 /// RGB weights of the red-difference plane Cr (BT.601, full range).
-pub(crate) const CR: [f32; 3] = [0.5, -0.418_688, -0.081_312];
+const CR: [f32; 3] = [0.5, -0.418_688, -0.081_312];
 
 /// [`whitened`] for any plane given by its RGB weights.
 fn whitened_plane(
