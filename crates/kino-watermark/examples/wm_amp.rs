@@ -9,6 +9,9 @@ use common::*;
 use kino_media::Frame;
 use kino_watermark::{probe_amplitude, probe_chips, probe_pattern};
 
+/// A named map from the embedder's amplitude to a new one.
+type Profile = (&'static str, Box<dyn Fn(f32) -> f32>);
+
 fn stats(v: &[f64]) -> (f64, f64) {
     let m = v.iter().sum::<f64>() / v.len() as f64;
     let s = (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len() as f64).sqrt();
@@ -22,7 +25,7 @@ fn main() {
     let n: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(15);
     let crf: u32 = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(28);
     let c0 = (f64::from(w.min(h)) / 48.0).max(3.0);
-    let profiles: Vec<(&str, Box<dyn Fn(f32) -> f32>)> = vec![
+    let profiles: Vec<Profile> = vec![
         ("v3 1+act max 6", Box::new(|a| a)),
         ("1+act max 3", Box::new(|a: f32| a.min(3.0))),
         (
