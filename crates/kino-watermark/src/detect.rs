@@ -145,6 +145,33 @@ pub fn chip_soft(frames: &[Frame], key: &Key, scale: f64) -> Vec<f64> {
         .collect()
 }
 
+/// Matched-filter values of the 256 chips of a tile with chips of `chip_px` pixels, origin at
+/// the frame's corner, read from plane `plane` (0: luma, 1: Cb, 2: Cr) after the detector's
+/// whitening, from the plain fold (`whiten_fold` false) or the payload fold: for development
+/// probes only (`examples/wm_chroma.rs`, `examples/wm_amp.rs`).
+#[doc(hidden)]
+pub fn probe_chips(frames: &[Frame], plane: usize, chip_px: f64, whiten_fold: bool) -> Vec<f64> {
+    let (w, h) = (frames[0].width(), frames[0].height());
+    let b = ((chip_px / 4.0).floor() as usize).max(1);
+    let (wd, hd) = (w as usize / b, h as usize / b);
+    let wt = [LUMA, CB, CR][plane];
+    let mut acc = vec![0f32; wd * hd];
+    for f in frames.iter().take(MAX_FRAMES) {
+        for (a, r) in acc
+            .iter_mut()
+            .zip(whitened_plane(f, wt, b, wd, hd, chip_px / b as f64))
+        {
+            *a += r;
+        }
+    }
+    let folded = if whiten_fold {
+        payload_fold(&acc, wd, hd, b, chip_px)
+    } else {
+        fold(&acc, wd, hd, b, chip_px)
+    };
+    read_chips(&folded, 0, 0).to_vec()
+}
+
 /// Looks for the mark of `key` in `frames` (RGB, one video's frames in order; any subset and
 /// any frame rate will do: every frame carries the whole mark).
 pub fn detect(frames: &[Frame], key: &Key) -> Detection {
@@ -344,6 +371,25 @@ fn centre_shift(w: u32, h: u32, c0: f64, s: f64) -> (usize, usize) {
 /// divided by the local energy of that residual (weight 1/σ², optimal for a mark of even
 /// strength in noise of varying strength), so edges and busy texture weigh little.
 fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32> {
+    whitened_plane(f, LUMA, b, wd, hd, chip_ds)
+}
+
+/// RGB weights of the luma plane (BT.601).
+const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+/// RGB weights of the blue-difference plane Cb (BT.601, full range).
+const CB: [f32; 3] = [-0.168_736, -0.331_264, 0.5];
+/// RGB weights of the red-difference plane Cr (BT.601, full range).
+const CR: [f32; 3] = [0.5, -0.418_688, -0.081_312];
+
+/// [`whitened`] for any plane given by its RGB weights.
+fn whitened_plane(
+    f: &Frame,
+    wt: [f32; 3],
+    b: usize,
+    wd: usize,
+    hd: usize,
+    chip_ds: f64,
+) -> Vec<f32> {
     let w = f.width() as usize;
     let rgb = f.data();
     let mut d = vec![0f32; wd * hd];
@@ -352,7 +398,7 @@ fn whitened(f: &Frame, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32>
         let drow = &mut d[(y / b) * wd..(y / b + 1) * wd];
         for (x, p) in row.chunks_exact(3).enumerate() {
             drow[x / b] +=
-                0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
+                wt[0] * f32::from(p[0]) + wt[1] * f32::from(p[1]) + wt[2] * f32::from(p[2]);
         }
     }
     let inv = 1.0 / (b * b) as f32;

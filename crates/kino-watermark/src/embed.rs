@@ -93,6 +93,37 @@ impl Embedder {
     }
 }
 
+/// The smooth pattern (in [-1, 1]) of a tile of these 256 chip values with chips of `chip_px`
+/// pixels, origin at the corner, for a `width × height` frame: for development probes only.
+#[doc(hidden)]
+pub fn probe_pattern(chips: &[f32], chip_px: f64, width: u32, height: u32) -> Vec<f32> {
+    let mut c = [0f32; CHIPS];
+    c.copy_from_slice(chips);
+    let ax: Vec<_> = (0..width)
+        .map(|x| pattern::axis((f64::from(x) + 0.5) / chip_px))
+        .collect();
+    let ay: Vec<_> = (0..height)
+        .map(|y| pattern::axis((f64::from(y) + 0.5) / chip_px))
+        .collect();
+    synth(&c, &ax, &ay)
+}
+
+/// The perceptual amplitude (levels) per pixel that [`Embedder::mark`] would use for this
+/// frame before the RMS cap: for development probes only.
+#[doc(hidden)]
+pub fn probe_amplitude(frame: &Frame) -> Vec<f32> {
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    let luma: Vec<i16> = frame
+        .data()
+        .chunks_exact(3)
+        .map(|p| {
+            ((77 * i32::from(p[0]) + 150 * i32::from(p[1]) + 29 * i32::from(p[2]) + 128) >> 8)
+                as i16
+        })
+        .collect();
+    pixel_amplitudes(&amplitude_map(&luma, w, h), w, h)
+}
+
 /// The pattern for every pixel from chip values and the per-column / per-row axes.
 fn synth(chips: &[f32; CHIPS], ax: &[pattern::Axis], ay: &[pattern::Axis]) -> Vec<f32> {
     let mut pat = Vec::with_capacity(ax.len() * ay.len());
