@@ -159,7 +159,9 @@ unsafe fn mask8(n: usize) -> __m256i {
     )
 }
 
-/// C[R, 16] (= or +=) A[R, kc] · B[kc, 16], as [`kernel_avx512`] with 8-lane halves.
+/// C[R, 16] (= or +=) A[R, kc] · B[kc, 16], as [`kernel_avx512`] with 8-lane halves; `masks`
+/// select the columns of a partial tile (plain loads and stores for a full one: masked
+/// stores are slow on some CPUs).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_avx2<const R: usize>(
@@ -170,27 +172,21 @@ unsafe fn kernel_avx2<const R: usize>(
     c: *mut f32,
     ldc: usize,
     init: Init,
-    m0: __m256i,
-    m1: __m256i,
+    masks: Option<(__m256i, __m256i)>,
 ) {
     const NR: usize = 16;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     match init {
         Init::Zero => {}
         Init::Bias(bias) => {
-            let b0 = _mm256_maskload_ps(bias, m0);
-            let b1 = _mm256_maskload_ps(bias.add(8), m1);
+            let b = load16_avx2(bias, masks);
             for row in acc.iter_mut() {
-                *row = [b0, b1];
+                *row = b;
             }
         }
         Init::Load => {
             for (r, row) in acc.iter_mut().enumerate() {
-                let cr = c.add(r * ldc);
-                *row = [
-                    _mm256_maskload_ps(cr, m0),
-                    _mm256_maskload_ps(cr.add(8), m1),
-                ];
+                *row = load16_avx2(c.add(r * ldc), masks);
             }
         }
     }
@@ -206,8 +202,25 @@ unsafe fn kernel_avx2<const R: usize>(
     }
     for (r, row) in acc.iter().enumerate() {
         let cr = c.add(r * ldc);
-        _mm256_maskstore_ps(cr, m0, row[0]);
-        _mm256_maskstore_ps(cr.add(8), m1, row[1]);
+        match masks {
+            None => {
+                _mm256_storeu_ps(cr, row[0]);
+                _mm256_storeu_ps(cr.add(8), row[1]);
+            }
+            Some((m0, m1)) => {
+                _mm256_maskstore_ps(cr, m0, row[0]);
+                _mm256_maskstore_ps(cr.add(8), m1, row[1]);
+            }
+        }
+    }
+}
+
+/// 16 floats from `p`: all (`masks` `None`), or the lanes the two masks select (others zero).
+#[target_feature(enable = "avx2")]
+unsafe fn load16_avx2(p: *const f32, masks: Option<(__m256i, __m256i)>) -> [__m256; 2] {
+    match masks {
+        None => [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))],
+        Some((m0, m1)) => [_mm256_maskload_ps(p, m0), _mm256_maskload_ps(p.add(8), m1)],
     }
 }
 
@@ -225,10 +238,10 @@ unsafe fn gemm_avx2(
     init: Init,
     cols: usize,
 ) {
-    let (m0, m1) = (mask8(cols), mask8(cols.saturating_sub(8)));
+    let masks = (cols < 16).then(|| (mask8(cols), mask8(cols.saturating_sub(8))));
     macro_rules! k {
         ($r:literal) => {
-            kernel_avx2::<$r>(kc, a, lda, b, c, ldc, init, m0, m1)
+            kernel_avx2::<$r>(kc, a, lda, b, c, ldc, init, masks)
         };
     }
     match rows {
