@@ -13,7 +13,12 @@ fn kino_cpu_isa_is_honoured() {
     if let Ok(expect) = std::env::var(CHILD) {
         // In the child: the variable was read at the first call.
         let isa = kernels::isa();
-        assert_eq!(isa.name(), expect, "KINO_CPU_ISA={:?}", std::env::var("KINO_CPU_ISA"));
+        assert_eq!(
+            isa.name(),
+            expect,
+            "KINO_CPU_ISA={:?}",
+            std::env::var("KINO_CPU_ISA")
+        );
         assert!(isa.supported());
         let kernel = kernels::packed_gemm().map(|k| k.name);
         match isa {
@@ -36,7 +41,12 @@ fn kino_cpu_isa_is_honoured() {
     cases.push(("no-such-isa", best, true));
     for (value, expect, warns) in cases {
         let out = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "kino_cpu_isa_is_honoured", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "kino_cpu_isa_is_honoured",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("KINO_CPU_ISA", value)
             .env(CHILD, expect.name())
             .output()
@@ -53,6 +63,9 @@ fn kino_cpu_isa_is_honoured() {
             warns,
             "KINO_CPU_ISA={value}: {stderr}"
         );
-        println!("KINO_CPU_ISA={value} → {expect}{}", if warns { " (warned)" } else { "" });
+        println!(
+            "KINO_CPU_ISA={value} → {expect}{}",
+            if warns { " (warned)" } else { "" }
+        );
     }
 }
