@@ -30,7 +30,7 @@
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
 //! | VAE direct conv (row kernel)  | 12×32 (asm)      | 6×16             | 6×16             | implicit GEMM (`gemm` crate) |
 //! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
-//! | LayerNorm, gated residual, RMS norm+SiLU | portable code, one pass, threaded | | | |
+//! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
@@ -47,8 +47,8 @@ use std::sync::OnceLock;
 
 pub use conv::rms_norm_silu;
 pub use ops::{
-    attention, bias_gelu_inplace, gated_residual, modulated_layer_norm, softmax_last_dim_owned,
-    PackedLinear,
+    attention, bias_gelu_inplace, dequantize_q8_0, gated_residual, modulated_layer_norm,
+    softmax_last_dim_owned, PackedLinear,
 };
 
 /// An instruction set the kernels have a path for.

@@ -583,3 +583,22 @@ fn attention_packed(
         }
     });
 }
+
+// -------------------------------------------------------------------------------------------------
+// Quantized blocks.
+// -------------------------------------------------------------------------------------------------
+
+/// `n` values from GGUF Q8_0 blocks (`raw`: `n / 32` blocks of 34 bytes), expanded to f32 in
+/// parallel (rayon); `None` when the sizes do not fit.
+pub fn dequantize_q8_0(raw: &[u8], n: usize) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 34; // f16 scale + 32 × i8
+    if !n.is_multiple_of(32) || raw.len() != n / 32 * BLOCK {
+        return None;
+    }
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(32 * 256)
+        .zip(raw.par_chunks(BLOCK * 256))
+        .for_each(|(o, r)| portable::dequantize_q8_0(r, o));
+    Some(out)
+}

@@ -142,6 +142,40 @@ pub fn rms_norm_silu_rows(src: &[f32], g: &[f32], out: &mut [f32]) {
     }
 }
 
+/// An IEEE half-precision float (its bits) as f32, exactly (subnormals, infinities and NaNs
+/// included; a NaN comes back quiet).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    match exp {
+        0 => {
+            // Zero or subnormal: man · 2⁻²⁴, exact in f32.
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            if sign != 0 {
+                -v
+            } else {
+                v
+            }
+        }
+        31 if man == 0 => f32::from_bits(sign | 0x7f80_0000),
+        31 => f32::from_bits(sign | 0x7fc0_0000 | (man << 13)),
+        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
+    }
+}
+
+/// GGUF's Q8_0 blocks (34 bytes: a little-endian f16 scale, then 32 × i8) expanded into `out`,
+/// 32 floats per block: `scale · q`.
+pub fn dequantize_q8_0(raw: &[u8], out: &mut [f32]) {
+    for (ob, rb) in out.chunks_exact_mut(32).zip(raw.chunks_exact(34)) {
+        let d = f16_to_f32(u16::from_le_bytes([rb[0], rb[1]]));
+        for (v, &b) in ob.iter_mut().zip(&rb[2..]) {
+            *v = d * f32::from(b as i8);
+        }
+    }
+}
+
 // -------------------------------------------------------------------------------------------------
 // GEMM microkernel (the reference for the ISA ones).
 // -------------------------------------------------------------------------------------------------

@@ -271,3 +271,31 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn f16_conversion_is_exact_and_q8_0_expands_as_candle() -> candle_core::Result<()> {
+    for bits in 0..=u16::MAX {
+        let (got, want) = (
+            portable::f16_to_f32(bits),
+            half::f16::from_bits(bits).to_f32(),
+        );
+        if want.is_nan() {
+            assert!(got.is_nan(), "{bits:#06x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+        }
+    }
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let w = Tensor::randn(0f32, 1.0, (8, 96), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+    let raw = q.data()?;
+    let got = dequantize_q8_0(&raw, 8 * 96).expect("sizes fit");
+    let want = q
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(got, want);
+    assert!(dequantize_q8_0(&raw, 8 * 96 + 32).is_none());
+    Ok(())
+}
