@@ -518,21 +518,7 @@ pub fn parse_quant_type(s: &str) -> Result<QuantKind> {
 pub fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
     if q.dtype() == GgmlDType::Q8_0 && device.is_cpu() {
         if let Ok(raw) = q.data() {
-            use rayon::prelude::*;
-            const BLOCK: usize = 34; // f16 scale + 32 × i8
-            let n = q.shape().elem_count();
-            if raw.len() == n / 32 * BLOCK {
-                let mut out = vec![0f32; n];
-                out.par_chunks_mut(32 * 256)
-                    .zip(raw.par_chunks(BLOCK * 256))
-                    .for_each(|(o, r)| {
-                        for (ob, rb) in o.chunks_exact_mut(32).zip(r.chunks_exact(BLOCK)) {
-                            let d = half::f16::from_le_bytes([rb[0], rb[1]]).to_f32();
-                            for (v, &b) in ob.iter_mut().zip(&rb[2..]) {
-                                *v = d * f32::from(b as i8);
-                            }
-                        }
-                    });
+            if let Some(out) = crate::kernels::dequantize_q8_0(&raw, q.shape().elem_count()) {
                 return Tensor::from_vec(out, q.shape().clone(), device);
             }
         }

@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod hooks;
+pub mod kernels;
 pub mod loading;
 pub mod long_video;
 pub mod lora;

@@ -1,5 +1,6 @@
 //! The Wan family: transformer, VAE, prompt encoding and the text-to-video pipeline.
 
+pub mod linear;
 pub mod pipeline;
 pub mod pipeline_vace;
 pub mod text_encoder;

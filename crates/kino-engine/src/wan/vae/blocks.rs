@@ -9,7 +9,6 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::conv::{last_frames, FeatCache, Slot, WanCausalConv3d, CACHE_T};
-use super::cpu_conv;
 
 /// `WanRMS_norm`: `F.normalize(x, dim=channels) * dim**0.5 * gamma` (no bias in the VAE).
 /// The normalisation runs in f32 for half-precision inputs, as in the reference.
@@ -55,7 +54,7 @@ impl WanRmsNorm {
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         match &self.gamma_cpu {
             Some(g) if x.device().is_cpu() && x.dtype() == DType::F32 => {
-                cpu_conv::rms_norm_silu(&x.contiguous()?, g)
+                crate::kernels::rms_norm_silu(&x.contiguous()?, g)
             }
             _ => self.forward(x)?.silu(),
         }

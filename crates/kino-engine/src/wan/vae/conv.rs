@@ -3,16 +3,16 @@
 //!
 //! Layout: inside the VAE every video is held per sample channels-last as `[T, H, W, C]`, so a
 //! frame is one contiguous `[H, W, C]` block and the RMS norm is over the last dim. candle has
-//! no conv3d. On the CPU in f32 the causal conv runs in [`super::cpu_conv`] (a direct AVX-512
-//! kernel or an implicit GEMM). Elsewhere each output frame is ONE candle conv2d (NCHW) whose
-//! input is the window of `kt` consecutive frames seen as `kt·C` channels, with the weight
+//! no conv3d. On the CPU in f32 the causal conv runs in [`crate::kernels::conv`] (a direct
+//! kernel per ISA, or an implicit GEMM). Elsewhere each output frame is ONE candle conv2d (NCHW)
+//! whose input is the window of `kt` consecutive frames seen as `kt·C` channels, with the weight
 //! stored as `[out, kt·in, kh, kw]`. In both, taps that fall on the zero frames of the causal
 //! padding are left out of the sum instead of multiplying zeros.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_conv;
+use crate::kernels::conv;
 
 /// Number of frames a causal conv keeps from the previous chunk (reference `CACHE_T`).
 pub const CACHE_T: usize = 2;
@@ -87,10 +87,11 @@ pub fn next_cache(x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// How the conv runs: the CPU f32 kernels of [`super::cpu_conv`], or candle's conv2d elsewhere.
+/// How the conv runs: the CPU f32 kernels of [`crate::kernels::conv`], or candle's conv2d
+/// elsewhere.
 #[derive(Debug, Clone)]
 enum Kernel {
-    /// Weights `[kt, ks, ks, in, out]` and the bias, for [`super::cpu_conv`].
+    /// Weights `[kt, ks, ks, in, out]` and the bias, for [`crate::kernels::conv`].
     Cpu { taps: Tensor, bias: Vec<f32> },
     /// `[out, kt·in, ks, ks]` (taps `k` outermost in the channel dim: channel `k·in + c`) and
     /// the bias `[1, out, 1, 1]`.
@@ -275,21 +276,21 @@ impl WanCausalConv3d {
         let cache = cache.map(|t| t.contiguous()).transpose()?;
         let residual = residual.map(|t| t.contiguous()).transpose()?;
         let (xg, xl) = x.storage_and_layout();
-        let xd = cpu_conv::cpu_f32(&xg, xl)?;
+        let xd = conv::cpu_f32(&xg, xl)?;
         let cache_guard = cache.as_ref().map(|t| t.storage_and_layout());
         let res_guard = residual.as_ref().map(|t| t.storage_and_layout());
         let fsize = h * w * c;
         let mut frames: Vec<&[f32]> = Vec::new();
         if let Some((cg, cl)) = &cache_guard {
-            frames.extend(cpu_conv::cpu_f32(cg, cl)?.chunks(fsize));
+            frames.extend(conv::cpu_f32(cg, cl)?.chunks(fsize));
         }
         frames.extend(xd.chunks(fsize));
         let res = match &res_guard {
-            Some((rg, rl)) => Some(cpu_conv::cpu_f32(rg, rl)?),
+            Some((rg, rl)) => Some(conv::cpu_f32(rg, rl)?),
             None => None,
         };
         let (tg, tl) = taps.storage_and_layout();
-        let g = cpu_conv::Geom {
+        let g = conv::Geom {
             c,
             h,
             w,
@@ -300,7 +301,7 @@ impl WanCausalConv3d {
             stride_t: self.stride_t,
             stride_s: self.stride_s,
         };
-        cpu_conv::causal_conv(&frames, zeros, g, cpu_conv::cpu_f32(&tg, tl)?, bias, res)
+        conv::causal_conv(&frames, zeros, g, conv::cpu_f32(&tg, tl)?, bias, res)
     }
 
     /// candle conv2d (NCHW) per output frame over the window of `kt` frames seen as `kt·C`

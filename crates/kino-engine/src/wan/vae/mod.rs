@@ -18,7 +18,6 @@
 
 pub mod blocks;
 pub mod conv;
-pub mod cpu_conv;
 pub mod decoder;
 pub mod encoder;
 

@@ -109,7 +109,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             vec!["f32"]
         };
         for f in formats {
-            eprintln!("{w}: timing Kino, {f} ({} threads)…", a.threads);
+            eprintln!(
+                "{w}: timing Kino, {f} ({} threads, {} CPU kernels)…",
+                a.threads,
+                kino_engine::kernels::isa()
+            );
             if f != "f32" {
                 // Quantize here, so the child's peak memory is the forward's alone.
                 gguf_folder(&a, f)?;

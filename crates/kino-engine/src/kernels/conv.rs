@@ -1,0 +1,326 @@
+//! The VAE's CPU f32 kernels: the causal conv (`WanCausalConv3d` and the stride-1
+//! `nn.Conv2d`s) and the fused `WanRMS_norm` + SiLU, on channels-last frames `[H, W, C]`.
+//!
+//! The conv runs in tasks of a few output rows of one output frame. Each task first copies the
+//! input rows it needs (for every temporal tap) into a small zero-bordered scratch band, so
+//! spatial padding costs no full-size copy. Then:
+//! * with a direct row kernel for the ISA ([`super::conv_row`]: AVX-512 and `out % 16 == 0`,
+//!   AVX2+FMA and `out % 8 == 0`, NEON and `out % 4 == 0`): a register-blocked direct
+//!   convolution (12 pixels × 32 output channels of accumulators on AVX-512, 6 × 16 on AVX2 and
+//!   NEON; per input channel one weight load per vector of channels and one broadcast per
+//!   pixel), the scheme of oneDNN's direct conv kernels;
+//! * otherwise: an implicit GEMM per (temporal tap, kernel row) with `gemm`, whose K dimension
+//!   is `(dx, c)`, contiguous in channels-last rows.
+//!
+//! Taps that fall on the zero frames of the causal padding are skipped. An optional residual
+//! (`x + h` of `WanResidualBlock`) is added when the output is stored.
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::portable::{self, ConvRow};
+use super::{isa, Isa};
+
+/// Geometry of one causal conv call.
+#[derive(Debug, Clone, Copy)]
+pub struct Geom {
+    /// Input channels, height, width.
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Output channels.
+    pub co: usize,
+    /// Temporal taps and spatial kernel size (square).
+    pub kt: usize,
+    pub ks: usize,
+    /// Spatial zero padding `[top, bottom, left, right]`.
+    pub pad: [usize; 4],
+    pub stride_t: usize,
+    /// Spatial stride (same for rows and columns).
+    pub stride_s: usize,
+}
+
+/// The f32 data of a contiguous CPU tensor.
+pub fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("cpu kernel: tensor is not contiguous")
+    }
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            let n = layout.shape().elem_count();
+            v.get(start..start + n)
+                .ok_or_else(|| candle_core::Error::Msg("cpu kernel: storage too small".into()))
+        }
+        _ => candle_core::bail!("cpu kernel: expected an f32 CPU tensor"),
+    }
+}
+
+/// Output pointer shared by the tasks; each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs the causal conv over `zeros` zero frames followed by the real `frames` (each
+/// `[H, W, C]`), with tap weights `taps` `[kt, ks, ks, C, Co]` and `bias` `[Co]`, adding
+/// `residual` (`[T_out, H_out, W_out, Co]`) if given. Returns `[T_out, H_out, W_out, Co]`.
+pub fn causal_conv(
+    frames: &[&[f32]],
+    zeros: usize,
+    g: Geom,
+    taps: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+) -> Result<Tensor> {
+    let Geom {
+        c,
+        h,
+        w,
+        co,
+        kt,
+        ks,
+        pad,
+        stride_t,
+        stride_s,
+    } = g;
+    let [pt, pb, pl, pr] = pad;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    if hp < ks
+        || wp < ks
+        || zeros + frames.len() < kt
+        || stride_t == 0
+        || stride_s == 0
+        || c == 0
+        || co == 0
+    {
+        candle_core::bail!("cpu conv: input too small for the kernel")
+    }
+    if taps.len() != kt * ks * ks * c * co || bias.len() != co {
+        candle_core::bail!("cpu conv: weight size does not match the geometry")
+    }
+    if frames.iter().any(|f| f.len() != h * w * c) {
+        candle_core::bail!("cpu conv: frame size does not match the geometry")
+    }
+    let (h_out, w_out) = ((hp - ks) / stride_s + 1, (wp - ks) / stride_s + 1);
+    let t_out = (zeros + frames.len() - kt) / stride_t + 1;
+    let out_len = t_out * h_out * w_out * co;
+    if residual.is_some_and(|r| r.len() != out_len) {
+        candle_core::bail!("cpu conv: residual size does not match the output")
+    }
+    let isa = isa();
+
+    // Rows per task: bound the scratch band, and give every thread several tasks.
+    let threads = rayon::current_num_threads().max(1);
+    let row_bytes = wp * c * 4 * kt;
+    let mut rows = (2 << 20) / row_bytes.max(1);
+    rows = rows.clamp(1, 8).min(h_out);
+    let per_frame_min = (4 * threads).div_ceil(t_out);
+    if h_out.div_ceil(rows) < per_frame_min {
+        rows = h_out.div_ceil(per_frame_min).max(1);
+    }
+    let tiles_per_frame = h_out.div_ceil(rows);
+
+    let mut out = vec![0f32; out_len];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..t_out * tiles_per_frame)
+        .into_par_iter()
+        .for_each(|task| {
+            let t = task / tiles_per_frame;
+            let y0 = (task % tiles_per_frame) * rows;
+            let nrows = rows.min(h_out - y0);
+            let w0 = t * stride_t;
+            let k0 = zeros.saturating_sub(w0).min(kt);
+            // Scratch band: [kt - k0][band rows][wp][c], zero outside the input. Output row
+            // y0 + r reads band rows r·stride + dy.
+            let band = (nrows - 1) * stride_s + ks;
+            let fstride = band * wp * c;
+            let mut scratch = vec![0f32; (kt - k0) * fstride];
+            for a in k0..kt {
+                let fr = frames[w0 + a - zeros];
+                let dst = &mut scratch[(a - k0) * fstride..][..fstride];
+                for r in 0..band {
+                    let yi = (y0 * stride_s + r) as isize - pt as isize;
+                    if yi < 0 || yi >= h as isize {
+                        continue;
+                    }
+                    let yi = yi as usize;
+                    dst[(r * wp + pl) * c..][..w * c].copy_from_slice(&fr[yi * w * c..][..w * c]);
+                }
+            }
+            let out_base = t * h_out * w_out * co;
+            let res_base = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
+            // SAFETY: rows y0..y0+nrows of output frame t belong to this task only.
+            let out_frame = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add(out_base), h_out * w_out * co)
+            };
+            let ctx = TaskCtx {
+                g,
+                k0,
+                band,
+                wp,
+                w_out,
+                scratch: &scratch,
+                taps,
+                bias,
+            };
+            let mut offsets = Vec::with_capacity((kt - k0) * ks * ks);
+            for r in 0..nrows {
+                let y = y0 + r;
+                let orow = &mut out_frame[y * w_out * co..][..w_out * co];
+                let rrow = res_base.map(|rb| &rb[y * w_out * co..][..w_out * co]);
+                if !direct_row(&ctx, isa, r, &mut offsets, orow, rrow) {
+                    gemm_row(&ctx, r, orow, rrow);
+                }
+            }
+        });
+    Tensor::from_vec(out, (t_out, h_out, w_out, co), &candle_core::Device::Cpu)
+}
+
+/// What a task's row kernels need.
+struct TaskCtx<'a> {
+    g: Geom,
+    k0: usize,
+    band: usize,
+    wp: usize,
+    w_out: usize,
+    scratch: &'a [f32],
+    taps: &'a [f32],
+    bias: &'a [f32],
+}
+
+/// Output row `r` of the task's band with the direct row kernel of `isa`, if it has one for
+/// this geometry (`offsets`: scratch for the tap offsets). Returns whether it ran.
+fn direct_row(
+    ctx: &TaskCtx,
+    isa: Isa,
+    r: usize,
+    offsets: &mut Vec<(usize, usize)>,
+    orow: &mut [f32],
+    rrow: Option<&[f32]>,
+) -> bool {
+    if isa == Isa::Portable {
+        return false;
+    }
+    let Geom {
+        c,
+        co,
+        kt,
+        ks,
+        stride_s,
+        ..
+    } = ctx.g;
+    offsets.clear();
+    for a in ctx.k0..kt {
+        for dy in 0..ks {
+            for dx in 0..ks {
+                let xo = (((a - ctx.k0) * ctx.band + r * stride_s + dy) * ctx.wp + dx) * c;
+                let wo = ((a * ks + dy) * ks + dx) * c * co;
+                offsets.push((xo, wo));
+            }
+        }
+    }
+    let p = ConvRow {
+        x: ctx.scratch,
+        w: ctx.taps,
+        taps: offsets,
+        ps: stride_s * c,
+        c,
+        co,
+        w_out: ctx.w_out,
+        bias: ctx.bias,
+        res: rrow,
+    };
+    super::conv_row(isa, &p, orow).is_some()
+}
+
+/// One output row by implicit GEMM: for each (temporal tap, kernel row) one `gemm` with
+/// `K = ks·C` (the `dx` taps and channels are contiguous in a channels-last row).
+fn gemm_row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
+    let Geom {
+        c,
+        co,
+        kt,
+        ks,
+        stride_s,
+        ..
+    } = ctx.g;
+    let (wp, w_out) = (ctx.wp, ctx.w_out);
+    let n = w_out;
+    let mut tile = vec![0f32; n * co];
+    let mut first = true;
+    for a in ctx.k0..kt {
+        for dy in 0..ks {
+            let row = ((a - ctx.k0) * ctx.band + r * stride_s + dy) * wp * c;
+            let x = &ctx.scratch[row..][..wp * c];
+            let wt = &ctx.taps[(a * ks + dy) * ks * c * co..][..ks * c * co];
+            // dst[o, p] at p·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, p] at p·s·c + kk.
+            // Last rhs element: ((n − 1)·s + ks)·c − 1 ≤ wp·c − 1.
+            // SAFETY: all three operands stay inside the slices above.
+            unsafe {
+                gemm::gemm(
+                    co,
+                    n,
+                    ks * c,
+                    tile.as_mut_ptr(),
+                    co as isize,
+                    1,
+                    !first,
+                    wt.as_ptr(),
+                    co as isize,
+                    1,
+                    x.as_ptr(),
+                    (stride_s * c) as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            first = false;
+        }
+    }
+    for p in 0..n {
+        let d = &mut orow[p * co..][..co];
+        let s = &tile[p * co..][..co];
+        match rrow {
+            Some(rr) => {
+                for (((dv, sv), bv), rv) in d.iter_mut().zip(s).zip(ctx.bias).zip(&rr[p * co..]) {
+                    *dv = sv + bv + rv;
+                }
+            }
+            None => {
+                for ((dv, sv), bv) in d.iter_mut().zip(s).zip(ctx.bias) {
+                    *dv = sv + bv;
+                }
+            }
+        }
+    }
+}
+
+/// Fused `WanRMS_norm` + SiLU over the last (channel) dim of a contiguous f32 CPU tensor:
+/// `silu(x / max(‖x‖₂, 1e-12) · g)` with `g = gamma·sqrt(C)`.
+pub fn rms_norm_silu(x: &Tensor, g: &[f32]) -> Result<Tensor> {
+    let c = g.len();
+    let (xg, xl) = x.storage_and_layout();
+    let xs = cpu_f32(&xg, xl)?;
+    if c == 0 || xs.len() % c != 0 || x.dims().last() != Some(&c) {
+        candle_core::bail!("rms_norm_silu: channel count mismatch")
+    }
+    let mut out = vec![0f32; xs.len()];
+    let px = (16_384 / c).max(1);
+    out.par_chunks_mut(px * c)
+        .zip(xs.par_chunks(px * c))
+        .for_each(|(o, s)| portable::rms_norm_silu_rows(s, g, o));
+    Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
+}

@@ -1,0 +1,285 @@
+//! Kino's CPU kernels, all in one place, with run-time dispatch per instruction set (the model
+//! files call them by what they compute: `kernels::modulated_layer_norm`, `PackedLinear`,
+//! `kernels::attention`, `conv::causal_conv`, ...). The layout follows llama.cpp's ggml-cpu:
+//!
+//! | file            | what                                                               |
+//! |-----------------|--------------------------------------------------------------------|
+//! | `mod.rs`        | [`Isa`], its detection and the `KINO_CPU_ISA` cap; the dispatch     |
+//! | `portable.rs`   | plain-Rust kernels: element-wise passes, reference microkernels      |
+//! | `gemm.rs`       | the packed matmul (packing, tiling) over any microkernel            |
+//! | `x86_64.rs`     | AVX-512F and AVX2+FMA microkernels (GEMM, direct conv)               |
+//! | `aarch64.rs`    | NEON microkernels (GEMM, direct conv)                                |
+//! | `ops.rs`        | candle glue: custom ops, storage/layout helpers, the thread pool    |
+//! | `conv.rs`       | the VAE's causal conv (scratch bands, tasks) and RMS norm + SiLU     |
+//! | `neon_check.rs` | a `main` that checks the NEON paths against the portable ones       |
+//!
+//! `portable.rs`, `gemm.rs`, `x86_64.rs` and `aarch64.rs` are pure (slices in, slices out; no
+//! candle, no crates) and compile standalone, which is how the NEON code is tested on x86-64
+//! machines: `scripts/test-neon.sh` cross-compiles `neon_check.rs` for aarch64 and runs it under
+//! qemu-user.
+//!
+//! Which paths run ([`isa`]): the best the CPU has (AVX-512F, else AVX2+FMA on x86-64; NEON on
+//! aarch64; else portable), capped by the environment variable `KINO_CPU_ISA`
+//! (`avx512|avx2|neon|portable`), e.g. `KINO_CPU_ISA=avx2` to run an AVX-512 machine as an
+//! AVX2-only one. An ISA the CPU lacks is refused with a warning (the best one it has runs
+//! instead); unsupported instructions never run.
+//!
+//! | kernel                        | AVX-512          | AVX2+FMA         | NEON             | portable |
+//! |-------------------------------|------------------|------------------|------------------|----------|
+//! | packed GEMM (linear layers)   | 12×32 microkernel| 6×16 microkernel | 6×16 microkernel | candle's matmul |
+//! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
+//! | VAE direct conv (row kernel)  | 12×32 (asm)      | 6×16             | 6×16             | implicit GEMM (`gemm` crate) |
+//! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
+//! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
+
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+pub mod conv;
+pub mod gemm;
+mod ops;
+pub mod portable;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+use std::sync::OnceLock;
+
+pub use conv::rms_norm_silu;
+pub use ops::{
+    attention, bias_gelu_inplace, dequantize_q8_0, gated_residual, modulated_layer_norm,
+    softmax_last_dim_owned, PackedLinear,
+};
+
+/// An instruction set the kernels have a path for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX-512F.
+    Avx512,
+    /// x86-64 with AVX2 and FMA.
+    Avx2Fma,
+    /// aarch64 Advanced SIMD.
+    Neon,
+    /// Plain Rust and candle's own kernels.
+    Portable,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2Fma, Isa::Neon, Isa::Portable];
+
+    /// The name `KINO_CPU_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2",
+            Isa::Neon => "neon",
+            Isa::Portable => "portable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        let s = s.trim().to_ascii_lowercase();
+        Isa::ALL.into_iter().find(|i| i.name() == s)
+    }
+
+    /// Whether this CPU can run the ISA's kernels.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            Isa::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The best ISA this CPU has.
+    pub fn best() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Portable)
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The ISA to run given the value of `KINO_CPU_ISA` (if set), which ISAs the CPU supports and
+/// the best of them: the requested one when the CPU has it, else `best` with a warning to log.
+pub fn select(
+    request: Option<&str>,
+    supported: impl Fn(Isa) -> bool,
+    best: Isa,
+) -> (Isa, Option<String>) {
+    let Some(req) = request.map(str::trim).filter(|r| !r.is_empty()) else {
+        return (best, None);
+    };
+    match Isa::parse(req) {
+        Some(isa) if supported(isa) => (isa, None),
+        Some(isa) => (
+            best,
+            Some(format!(
+                "KINO_CPU_ISA={req}: this CPU cannot run {isa} instructions; using {best}, the \
+                 best it has"
+            )),
+        ),
+        None => (
+            best,
+            Some(format!(
+                "KINO_CPU_ISA={req} is not one of avx512, avx2, neon, portable; using {best}"
+            )),
+        ),
+    }
+}
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests ([`with_isa`]) to run other paths on this thread.
+    static FORCED: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// The ISA whose kernels run: detected once, capped by `KINO_CPU_ISA`. Never one the CPU
+/// lacks.
+pub fn isa() -> Isa {
+    #[cfg(test)]
+    if let Some(isa) = FORCED.with(|f| f.get()) {
+        return isa;
+    }
+    *ISA.get_or_init(|| {
+        let request = std::env::var("KINO_CPU_ISA").ok();
+        let (isa, warning) = select(request.as_deref(), Isa::supported, Isa::best());
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+            eprintln!("warning: {w}");
+        }
+        tracing::debug!("CPU kernels: {isa}");
+        isa
+    })
+}
+
+/// Runs `f` with the kernels of `isa` chosen on this thread (decisions taken on other threads,
+/// e.g. inside the pool, follow the calling thread's). Panics if the CPU lacks `isa`.
+#[cfg(test)]
+pub(crate) fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    assert!(isa.supported(), "{isa} is not supported here");
+    struct Reset(Option<Isa>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FORCED.with(|f| f.set(self.0));
+        }
+    }
+    let _reset = Reset(FORCED.with(|f| f.replace(Some(isa))));
+    f()
+}
+
+/// The packed-GEMM microkernel of `isa`, if it has one (the portable ISA uses candle's matmul).
+pub fn gemm_kernel(isa: Isa) -> Option<&'static gemm::Kernel> {
+    if !isa.supported() {
+        return None;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(&x86_64::AVX512),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => Some(&x86_64::AVX2),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => Some(&aarch64::NEON),
+        _ => None,
+    }
+}
+
+/// The packed-GEMM microkernel of [`isa`], if it has one: the linear layers pack their weights
+/// for it and the attention runs on it.
+pub fn packed_gemm() -> Option<&'static gemm::Kernel> {
+    gemm_kernel(isa())
+}
+
+/// Defines `fn $name(isa, args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when `isa`
+/// is one of them (the body's loops auto-vectorize to that width), else for the baseline target
+/// (on aarch64 that includes NEON).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        pub fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                match isa {
+                    // SAFETY: `Isa::supported` checked, the CPU has the features.
+                    Isa::Avx512 if isa.supported() => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Isa::Avx2Fma if isa.supported() => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            let _ = isa;
+            imp($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// [`portable::softmax_rows_unnormalized`] compiled for `isa`.
+    fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], scale: f32) {
+        portable::softmax_rows_unnormalized(rows, m, sums, scale)
+    }
+}
+
+multiversion! {
+    /// [`portable::bias_gelu_row`] compiled for `isa`.
+    fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
+        portable::bias_gelu_row(row, bias)
+    }
+}
+
+multiversion! {
+    /// [`portable::gelu_row`] compiled for `isa`.
+    fn gelu_row(row: &mut [f32]) {
+        portable::gelu_row(row)
+    }
+}
+
+/// The direct convolution of one row with the kernel of `isa`, if it has one for these channel
+/// counts and taps (else `None`: the caller takes the implicit-GEMM path).
+pub fn conv_row(isa: Isa, p: &portable::ConvRow, out: &mut [f32]) -> Option<()> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if p.co.is_multiple_of(16) && p.taps.len() <= x86_64::MAX_TAPS => {
+            x86_64::conv_row_avx512(p, out);
+            Some(())
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if p.co.is_multiple_of(8) && p.taps.len() <= x86_64::MAX_TAPS => {
+            x86_64::conv_row_avx2(p, out);
+            Some(())
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if p.co.is_multiple_of(4) => {
+            aarch64::conv_row_neon(p, out);
+            Some(())
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,604 @@
+//! candle glue of the CPU kernels: custom ops over `CpuStorage` (storage and layout checks),
+//! the thread pool helpers, and the tensor-level entry points the model files call. Each entry
+//! point also runs on other devices (or without a packed kernel) as plain candle ops computing
+//! the same thing.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+use super::gemm::{self, Kernel, PackedB};
+use super::{isa, portable, Isa};
+
+// -------------------------------------------------------------------------------------------------
+// Storage, layout and threads.
+// -------------------------------------------------------------------------------------------------
+
+/// Rows `[d]` of a `[b|1, n|1, d]` f32 tensor with unit stride in the last dim, indexed by
+/// (batch, token) of a `[b, n, d]` tensor: the modulation broadcast without copies.
+struct Rows<'a> {
+    data: &'a [f32],
+    offset: usize,
+    stride_b: usize,
+    stride_n: usize,
+    d: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn new(data: &'a [f32], l: &Layout, b: usize, n: usize, d: usize) -> candle_core::Result<Self> {
+        let (lb, ln, ld) = l.shape().dims3()?;
+        let st = l.stride();
+        if ld != d || !(lb == 1 || lb == b) || !(ln == 1 || ln == n) || (d > 1 && st[2] != 1) {
+            candle_core::bail!(
+                "modulation of shape {:?} (strides {st:?}) does not broadcast to [{b}, {n}, {d}]",
+                l.dims()
+            );
+        }
+        let stride_b = if lb == 1 { 0 } else { st[0] };
+        let stride_n = if ln == 1 { 0 } else { st[1] };
+        let last = l.start_offset() + (lb - 1) * st[0] + (ln - 1) * st[1] + d;
+        if last > data.len() {
+            candle_core::bail!("modulation layout out of bounds");
+        }
+        Ok(Self {
+            data,
+            offset: l.start_offset(),
+            stride_b,
+            stride_n,
+            d,
+        })
+    }
+
+    fn row(&self, bi: usize, ni: usize) -> &[f32] {
+        let o = self.offset + bi * self.stride_b + ni * self.stride_n;
+        &self.data[o..o + self.d]
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what}: expected f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(data) => Ok(data),
+        _ => candle_core::bail!("{what}: expected f32, got {:?}", s.dtype()),
+    }
+}
+
+fn contiguous_f32_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what}: expected f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs a share of [`pool_run`] work.
+    static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` over ranges covering `0..n_items` on candle's CPU thread pool. Nested calls (from
+/// inside `f`, on any thread, the calling one included) run inline: candle's pool would
+/// deadlock on its call lock if the calling thread re-entered it.
+pub(crate) fn pool_run(n_items: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if IN_POOL.with(|c| c.get()) {
+        f(0..n_items);
+        return;
+    }
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_POOL.with(|c| c.set(self.0));
+        }
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
+        let _reset = Reset(IN_POOL.with(|c| c.replace(true)));
+        f(range);
+    });
+}
+
+/// Runs `f(row_index, row)` over the `n_rows` rows of `dst` on candle's CPU thread pool.
+pub(crate) fn par_rows(dst: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if row_len == 0 {
+        return;
+    }
+    let n_rows = dst.len() / row_len;
+    let ptr = dst.as_mut_ptr() as usize;
+    pool_run(n_rows, |range| {
+        for r in range {
+            // SAFETY: `r < n_rows`, so the row lies inside `dst`; every row is handed to exactly
+            // one worker, so the mutable slices are disjoint; `dst` outlives this call.
+            let row = unsafe {
+                std::slice::from_raw_parts_mut((ptr as *mut f32).add(r * row_len), row_len)
+            };
+            f(r, row);
+        }
+    });
+}
+
+// -------------------------------------------------------------------------------------------------
+// Element-wise passes.
+// -------------------------------------------------------------------------------------------------
+
+/// Softmax of one row, in place.
+fn softmax_row(isa: Isa, row: &mut [f32]) {
+    let mut sum = [0f32];
+    super::softmax_rows_unnormalized(isa, row, row.len(), &mut sum, 1.0);
+    let inv = 1.0 / sum[0];
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Softmax over the last dim, in place (contiguous f32).
+struct SoftmaxInPlace;
+
+impl candle_core::InplaceOp1 for SoftmaxInPlace {
+    fn name(&self) -> &'static str {
+        "wan-softmax-inplace"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let d = l.dims().last().copied().unwrap_or(1);
+        let data = contiguous_f32_mut(s, l, "softmax")?;
+        let isa = isa();
+        par_rows(data, d, |_, row| softmax_row(isa, row));
+        Ok(())
+    }
+}
+
+/// `x = gelu_tanh(x + bias)` in place, `x` `[.., F]` contiguous f32, `bias` `[F]`.
+struct BiasGeluInPlace;
+
+impl candle_core::InplaceOp2 for BiasGeluInPlace {
+    fn name(&self) -> &'static str {
+        "wan-bias-gelu-inplace"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        let bias = contiguous_f32(b, bl, "gelu bias")?;
+        let f = bias.len();
+        if l.dims().last() != Some(&f) {
+            candle_core::bail!("gelu bias {:?} does not fit {:?}", bl.dims(), l.dims());
+        }
+        let data = contiguous_f32_mut(s, l, "gelu input")?;
+        let isa = isa();
+        par_rows(data, f, |_, row| super::bias_gelu_row(isa, row, bias));
+        Ok(())
+    }
+}
+
+/// Softmax over the last dim; in place on the CPU (`s` must not be shared).
+pub fn softmax_last_dim_owned(s: Tensor) -> candle_core::Result<Tensor> {
+    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+        s.inplace_op1(&SoftmaxInPlace)?;
+        Ok(s)
+    } else {
+        candle_nn::ops::softmax_last_dim(&s)
+    }
+}
+
+/// `gelu_tanh(h + bias)` of a `[.., F]` tensor and a `[F]` bias; in place on the CPU in f32
+/// (`h` must not be shared).
+pub fn bias_gelu_inplace(h: Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    if h.device().is_cpu() && h.dtype() == DType::F32 && h.is_contiguous() {
+        h.inplace_op2(bias, &BiasGeluInPlace)?;
+        Ok(h)
+    } else {
+        h.broadcast_add(bias)?.gelu()
+    }
+}
+
+/// `LayerNorm(x) * (1 + scale) + shift` (or `* scale + shift` when `one_plus` is false, i.e. an
+/// affine LayerNorm), LayerNorm without affine, over the last dim of a contiguous f32
+/// `[B, N, D]` tensor; `scale`/`shift` are `[B|1, N|1, D]`.
+struct ModulatedLayerNorm {
+    eps: f64,
+    one_plus: bool,
+}
+
+impl CustomOp3 for ModulatedLayerNorm {
+    fn name(&self) -> &'static str {
+        "wan-modulated-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "layer norm input")?;
+        let (b, n, d) = l1.shape().dims3()?;
+        let scale = Rows::new(f32_data(s2, "layer norm scale")?, l2, b, n, d)?;
+        let shift = Rows::new(f32_data(s3, "layer norm shift")?, l3, b, n, d)?;
+        let mut dst = vec![0f32; b * n * d];
+        let (eps, one_plus) = (self.eps, self.one_plus);
+        par_rows(&mut dst, d, |r, out| {
+            let src = &x[r * d..(r + 1) * d];
+            let (bi, ni) = (r / n, r % n);
+            let (sc, sh) = (scale.row(bi, ni), shift.row(bi, ni));
+            portable::modulated_layer_norm_row(src, sc, sh, eps, one_plus, out);
+        });
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
+
+/// `x + y * gate` for contiguous f32 `[B, N, D]` `x`, `y` and a `[B|1, N|1, D]` gate.
+struct GatedResidual;
+
+impl CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "wan-gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "residual")?;
+        let y = contiguous_f32(s2, l2, "residual branch")?;
+        let (b, n, d) = l1.shape().dims3()?;
+        if l2.dims() != l1.dims() {
+            candle_core::bail!("residual shapes differ: {:?} vs {:?}", l1.dims(), l2.dims());
+        }
+        let gate = Rows::new(f32_data(s3, "gate")?, l3, b, n, d)?;
+        let mut dst = vec![0f32; b * n * d];
+        par_rows(&mut dst, d, |r, out| {
+            let g = gate.row(r / n, r % n);
+            let (xs, ys) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+            portable::gated_residual_row(xs, ys, g, out);
+        });
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
+
+/// `FP32LayerNorm(x.float()) * (1 + scale) + shift` in f32 (`one_plus`), or the affine
+/// `FP32LayerNorm` with weight `scale` and bias `shift` (`!one_plus`). `x` is `[B, N, D]`.
+pub fn modulated_layer_norm(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+    one_plus: bool,
+) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    if x.device().is_cpu() {
+        return x.apply_op3_no_bwd(scale, shift, &ModulatedLayerNorm { eps, one_plus });
+    }
+    let d = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(d, DType::F32, x.device())?;
+    let zeros = Tensor::zeros(d, DType::F32, x.device())?;
+    let y = candle_nn::ops::layer_norm(&x, &ones, &zeros, eps as f32)?;
+    let scale = if one_plus {
+        (scale + 1.0)?
+    } else {
+        scale.clone()
+    };
+    y.broadcast_mul(&scale)?.broadcast_add(shift)
+}
+
+/// `x.float() + y.float() * gate` (f32 result).
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = y.to_dtype(DType::F32)?.contiguous()?;
+    if x.device().is_cpu() {
+        return x.apply_op3_no_bwd(&y, gate, &GatedResidual);
+    }
+    x + y.broadcast_mul(gate)?
+}
+
+// -------------------------------------------------------------------------------------------------
+// Linear layers on the packed GEMM.
+// -------------------------------------------------------------------------------------------------
+
+/// `C[m, n] = A[m, k] · Wᵀ (+ bias)` with the MC × NC tiles on candle's CPU thread pool, then
+/// `post(row_segment, first_column)` on each finished row segment of C (while it is in cache).
+fn matmul_par(
+    a: &[f32],
+    m: usize,
+    w: &PackedB,
+    bias: Option<&[f32]>,
+    post: gemm::Post,
+) -> Vec<f32> {
+    let n = w.n;
+    let mut c = vec![0f32; m * n];
+    assert!(a.len() >= m * w.k && bias.is_none_or(|b| b.len() >= n));
+    let (tiles_m, tiles_n) = gemm::tiles(m, w);
+    let c_ptr = c.as_mut_ptr() as usize;
+    pool_run(tiles_m * tiles_n, |range| {
+        for t in range {
+            let (ti, tj) = (t % tiles_m, t / tiles_m);
+            // SAFETY: `a` has m·k floats, `c` m·n, the bias n; each tile writes only its own
+            // rows and columns of C, so the tiles are disjoint, and `c` outlives the pool call.
+            unsafe {
+                let c = c_ptr as *mut f32;
+                gemm::tile(a.as_ptr(), w.k, m, w, bias, c, n, (ti, tj), post);
+            }
+        }
+    });
+    c
+}
+
+/// Packs `[n, k]` weights in parallel (`from_rows`: `W[j, kk] = src[j·ld + kk]`; else
+/// `W[j, kk] = src[kk·ld + j]`).
+fn pack(
+    kernel: &'static Kernel,
+    src: &[f32],
+    n: usize,
+    k: usize,
+    ld: usize,
+    rows: bool,
+) -> PackedB {
+    let mut w = PackedB::zeroed(kernel, n, k);
+    let nr = kernel.nr;
+    let (data, len) = w.panels_mut();
+    par_rows(data, len, |p, panel| {
+        if rows {
+            gemm::fill_rows_panel(src, n, k, ld, nr, p, panel)
+        } else {
+            gemm::fill_cols_panel(src, n, k, ld, nr, p, panel)
+        }
+    });
+    w
+}
+
+/// A `torch.nn.Linear` with f32 weights packed once for a GEMM microkernel (the original
+/// tensor can be dropped).
+#[derive(Debug)]
+pub struct PackedLinear {
+    w: PackedB,
+    bias: Option<Vec<f32>>,
+}
+
+impl PackedLinear {
+    /// Packs a contiguous f32 CPU weight `[out, in]` and its bias `[out]`.
+    pub fn new(
+        kernel: &'static Kernel,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((o1, o2))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("linear weight: expected a contiguous f32 CPU tensor");
+        };
+        if !kernel.supported() {
+            candle_core::bail!("the {} kernel does not run on this CPU", kernel.name);
+        }
+        let bias = match bias {
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Self {
+            w: pack(kernel, &data[o1..o2], n, k, k, true),
+            bias,
+        })
+    }
+
+    /// The microkernel the weights are packed for.
+    pub fn kernel(&self) -> &'static Kernel {
+        self.w.kernel()
+    }
+
+    /// `linear(x)`, then `gelu_tanh` when `gelu` (applied as each output tile is finished).
+    pub fn forward(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+        x.contiguous()?
+            .apply_op1_no_bwd(&PackedLinearOp { lin: self, gelu })
+    }
+}
+
+/// Runs a [`PackedLinear`], optionally with GELU(tanh) applied to the output.
+struct PackedLinearOp<'a> {
+    lin: &'a PackedLinear,
+    gelu: bool,
+}
+
+impl CustomOp1 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "wan-packed-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "linear input")?;
+        let k = self.lin.w.k;
+        let dims = l.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear input {dims:?} does not end in {k}");
+        }
+        let m = x.len().checked_div(k).unwrap_or(0);
+        let isa = isa();
+        let noop = |_: &mut [f32], _: usize| {};
+        let gelu = |row: &mut [f32], _: usize| super::gelu_row(isa, row);
+        let post: gemm::Post = if self.gelu { &gelu } else { &noop };
+        let out = matmul_par(x, m, &self.lin.w, self.lin.bias.as_deref(), post);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.lin.w.n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Attention on the packed GEMM.
+// -------------------------------------------------------------------------------------------------
+
+/// Scaled dot-product attention without mask on the CPU in f32, blocked per (batch, head,
+/// query block) on the packed GEMM of `kernel`: K and V of each (batch, head) are packed once;
+/// each task computes the scores `Q·Kᵀ` of a block of query rows, the softmax (kept in cache)
+/// and `P·V`, written straight into the `[B, N, H·d]` output. q/k/v are read in their
+/// `[B, N, H, d]` layout through strides; nothing is transposed. Inputs: q `[B, N, H, d]`, k and
+/// v `[B, M, H, d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    kernel: &'static Kernel,
+) -> candle_core::Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    q.apply_op3_no_bwd(&k, &v, &PackedAttention { scale, kernel })
+}
+
+struct PackedAttention {
+    scale: f32,
+    kernel: &'static Kernel,
+}
+
+impl CustomOp3 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "wan-packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, "attention q")?;
+        let k = contiguous_f32(s2, l2, "attention k")?;
+        let v = contiguous_f32(s3, l3, "attention v")?;
+        let (b, n, h, d) = l1.shape().dims4()?;
+        let (kb, m, kh, kd) = l2.shape().dims4()?;
+        if (kb, kh, kd) != (b, h, d) || l3.dims() != l2.dims() {
+            candle_core::bail!(
+                "attention shapes q {:?} k {:?} v {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        if !self.kernel.supported() {
+            candle_core::bail!("the {} kernel does not run on this CPU", self.kernel.name);
+        }
+        let mut out = vec![0f32; b * n * h * d];
+        if !out.is_empty() && m > 0 {
+            // Query rows per block: as many as fit a 16 MiB score buffer per thread (bigger
+            // blocks make bigger matmuls), but enough blocks to keep all threads busy.
+            let threads = candle_core::utils::get_num_threads().max(1);
+            let blocks_per_head = (2 * threads).div_ceil(b * h);
+            let bq = ((4usize << 20) / m)
+                .max(16)
+                .min(n.div_ceil(blocks_per_head).max(1));
+            let shape = (b, n, m, h, d);
+            attention_packed(self.kernel, q, k, v, shape, bq, self.scale, &mut out);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
+    }
+}
+
+/// The work of [`PackedAttention`]: `bq` query rows per task.
+#[allow(clippy::too_many_arguments)]
+fn attention_packed(
+    kernel: &'static Kernel,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, n, m, h, d): (usize, usize, usize, usize, usize),
+    bq: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::sync::OnceLock;
+    let isa = isa();
+    let row = h * d; // stride between tokens in q, k, v and out
+    let packed: Vec<(OnceLock<PackedB>, OnceLock<PackedB>)> = (0..b * h)
+        .map(|_| (OnceLock::new(), OnceLock::new()))
+        .collect();
+    pool_run(b * h, |range| {
+        for bh in range {
+            let off = (bh / h) * m * row + (bh % h) * d;
+            // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
+            let _ = packed[bh]
+                .0
+                .set(PackedB::from_rows(kernel, &k[off..], m, d, row));
+            let _ = packed[bh]
+                .1
+                .set(PackedB::from_cols(kernel, &v[off..], d, m, row));
+        }
+    });
+    let n_blocks = n.div_ceil(bq);
+    let out_ptr = out.as_mut_ptr() as usize;
+    pool_run(b * h * n_blocks, |range| {
+        let mut scores = vec![0f32; bq * m];
+        let mut sums = vec![0f32; bq];
+        for task in range {
+            let (bh, blk) = (task / n_blocks, task % n_blocks);
+            let (Some(kp), Some(vp)) = (packed[bh].0.get(), packed[bh].1.get()) else {
+                continue; // unreachable: every slot was set above
+            };
+            let n0 = blk * bq;
+            let rows = bq.min(n - n0);
+            let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
+            // SAFETY: q rows n0..n0+rows with stride `row` and d columns lie inside `q`;
+            // `scores` has rows·m floats; the task writes only its own rows and head columns of
+            // `out`, which outlives the pool call, so writes of different tasks are disjoint.
+            unsafe {
+                gemm::gemm_serial(q.as_ptr().add(q_off), row, rows, kp, scores.as_mut_ptr(), m);
+                super::softmax_rows_unnormalized(isa, &mut scores[..rows * m], m, &mut sums, scale);
+                let dst = (out_ptr as *mut f32).add(q_off);
+                gemm::gemm_serial(scores.as_ptr(), m, rows, vp, dst, row);
+                for (r, &sum) in sums[..rows].iter().enumerate() {
+                    let o = std::slice::from_raw_parts_mut(dst.add(r * row), d);
+                    let inv = 1.0 / sum;
+                    for x in o {
+                        *x *= inv;
+                    }
+                }
+            }
+        }
+    });
+}
+
+// -------------------------------------------------------------------------------------------------
+// Quantized blocks.
+// -------------------------------------------------------------------------------------------------
+
+/// `n` values from GGUF Q8_0 blocks (`raw`: `n / 32` blocks of 34 bytes), expanded to f32 in
+/// parallel (rayon); `None` when the sizes do not fit.
+pub fn dequantize_q8_0(raw: &[u8], n: usize) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 34; // f16 scale + 32 × i8
+    if !n.is_multiple_of(32) || raw.len() != n / 32 * BLOCK {
+        return None;
+    }
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(32 * 256)
+        .zip(raw.par_chunks(BLOCK * 256))
+        .for_each(|(o, r)| portable::dequantize_q8_0(r, o));
+    Some(out)
+}

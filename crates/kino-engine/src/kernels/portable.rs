@@ -1,0 +1,304 @@
+//! Portable kernels: plain Rust, no `std::arch`, no crate dependencies (slices in, slices out).
+//! They are the reference the ISA paths are tested against, and the scalar code the element-wise
+//! passes run everywhere (compiled per ISA by `multiversion!` in `mod.rs`, where the loops
+//! auto-vectorize).
+//!
+//! This file compiles standalone (`neon_check.rs` includes it with `#[path]`).
+
+use super::gemm::{Init, Kernel};
+
+/// `exp(x)` in f32 without libm calls, so loops over it vectorize: Cephes' `expf` (range
+/// reduction by ln 2, degree-6 polynomial), about 1 ulp; inputs are clamped to [-87.3, 88.7].
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.3, 88.7);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    f32::from_bits(e.to_bits().wrapping_add(n_bits << 23))
+}
+
+/// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
+/// the identical `x · sigmoid(2·inner)`.
+#[inline(always)]
+pub fn gelu_tanh_f32(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp_f32(-2.0 * inner))
+}
+
+/// Lanes of the partial maxima and sums in [`softmax_rows_unnormalized`].
+const LANES: usize = 16;
+
+/// Replaces each row of `rows` (`[r, m]`) by `exp((x - max(row))·scale)` and stores the row
+/// sums in `sums[..r]`: a softmax of `scale·x` whose division by the sum is left to the caller.
+#[inline(always)]
+pub fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], scale: f32) {
+    for (row, sum) in rows.chunks_exact_mut(m).zip(sums.iter_mut()) {
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &v in mx.iter().chain(chunks.remainder()) {
+            max = if v > max { v } else { max };
+        }
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                let e = exp_f32((c[i] - max) * scale);
+                c[i] = e;
+                acc[i] += e;
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            let e = exp_f32((*v - max) * scale);
+            *v = e;
+            s += e;
+        }
+        *sum = s;
+    }
+}
+
+/// `row = gelu_tanh(row + bias)`.
+#[inline(always)]
+pub fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
+    for (v, &b) in row.iter_mut().zip(bias) {
+        *v = gelu_tanh_f32(*v + b);
+    }
+}
+
+/// `row = gelu_tanh(row)`.
+#[inline(always)]
+pub fn gelu_row(row: &mut [f32]) {
+    for v in row.iter_mut() {
+        *v = gelu_tanh_f32(*v);
+    }
+}
+
+/// LayerNorm without affine of `src` (mean and variance in f64), then `· (1 + scale) + shift`
+/// when `one_plus`, else `· scale + shift`, into `out`.
+pub fn modulated_layer_norm_row(
+    src: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    eps: f64,
+    one_plus: bool,
+    out: &mut [f32],
+) {
+    let d = src.len();
+    let mean = src.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+    let var = src
+        .iter()
+        .map(|&v| {
+            let c = v as f64 - mean;
+            c * c
+        })
+        .sum::<f64>()
+        / d as f64;
+    let rstd = (1.0 / (var + eps).sqrt()) as f32;
+    let mean = mean as f32;
+    if one_plus {
+        for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(scale).zip(shift) {
+            *o = ((v - mean) * rstd) * (1.0 + s) + t;
+        }
+    } else {
+        for (((o, &v), &s), &t) in out.iter_mut().zip(src).zip(scale).zip(shift) {
+            *o = ((v - mean) * rstd) * s + t;
+        }
+    }
+}
+
+/// `out = x + y · gate`.
+pub fn gated_residual_row(x: &[f32], y: &[f32], gate: &[f32], out: &mut [f32]) {
+    for (((o, &a), &c), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
+        *o = a + c * g;
+    }
+}
+
+/// `WanRMS_norm` + SiLU of the pixels (`c` channels each) of `src` into `out`:
+/// `silu(x / max(‖x‖₂, 1e-12) · g)`.
+pub fn rms_norm_silu_rows(src: &[f32], g: &[f32], out: &mut [f32]) {
+    let c = g.len();
+    for (op, sp) in out.chunks_mut(c).zip(src.chunks(c)) {
+        let ss: f32 = sp.iter().map(|v| v * v).sum();
+        let denom = ss.sqrt().max(1e-12);
+        for ((ov, &sv), &gv) in op.iter_mut().zip(sp).zip(g) {
+            let v = sv / denom * gv;
+            *ov = v / (1.0 + (-v).exp());
+        }
+    }
+}
+
+/// An IEEE half-precision float (its bits) as f32, exactly (subnormals, infinities and NaNs
+/// included; a NaN comes back quiet).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    match exp {
+        0 => {
+            // Zero or subnormal: man · 2⁻²⁴, exact in f32.
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            if sign != 0 {
+                -v
+            } else {
+                v
+            }
+        }
+        31 if man == 0 => f32::from_bits(sign | 0x7f80_0000),
+        31 => f32::from_bits(sign | 0x7fc0_0000 | (man << 13)),
+        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
+    }
+}
+
+/// GGUF's Q8_0 blocks (34 bytes: a little-endian f16 scale, then 32 × i8) expanded into `out`,
+/// 32 floats per block: `scale · q`.
+pub fn dequantize_q8_0(raw: &[u8], out: &mut [f32]) {
+    for (ob, rb) in out.chunks_exact_mut(32).zip(raw.chunks_exact(34)) {
+        let d = f16_to_f32(u16::from_le_bytes([rb[0], rb[1]]));
+        for (v, &b) in ob.iter_mut().zip(&rb[2..]) {
+            *v = d * f32::from(b as i8);
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// GEMM microkernel (the reference for the ISA ones).
+// -------------------------------------------------------------------------------------------------
+
+const MR: usize = 4;
+const NR: usize = 8;
+
+/// The portable microkernel: `MR` = 4 rows × `NR` = 8 columns, scalar code.
+pub static KERNEL: Kernel = {
+    fn always() -> bool {
+        true
+    }
+    // SAFETY: `kernel` uses no instructions beyond the baseline target.
+    unsafe { Kernel::new("portable", MR, NR, 256, 16 * MR, 32 * NR, kernel, always) }
+};
+
+/// C[rows, cols] (= or +=) A[rows, kc] · B[kc, cols]; the contract of [`Kernel`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    cols: usize,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for (r, row) in acc.iter_mut().enumerate().take(rows) {
+        for (j, v) in row.iter_mut().enumerate().take(cols) {
+            *v = match init {
+                Init::Zero => 0.0,
+                Init::Bias(bias) => *bias.add(j),
+                Init::Load => *c.add(r * ldc + j),
+            };
+        }
+    }
+    for kk in 0..kc {
+        let bp = b.add(kk * NR);
+        for (r, row) in acc.iter_mut().enumerate().take(rows) {
+            let av = *a.add(r * lda + kk);
+            for (j, v) in row.iter_mut().enumerate() {
+                *v += av * *bp.add(j);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        for (j, &v) in row.iter().enumerate().take(cols) {
+            *c.add(r * ldc + j) = v;
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Direct convolution of one output row (the reference for the ISA ones).
+// -------------------------------------------------------------------------------------------------
+
+/// One output row of a direct convolution on channels-last data: output pixel `p`, channel `o`
+/// is `bias[o] + Σ_taps Σ_ci x[tx + p·ps + ci] · w[tw + ci·co + o] (+ res[p·co + o])`, for each
+/// tap `(tx, tw)` of `taps` (offsets into `x` and `w`).
+pub struct ConvRow<'a> {
+    pub x: &'a [f32],
+    pub w: &'a [f32],
+    pub taps: &'a [(usize, usize)],
+    /// Input stride between output pixels (stride · channels).
+    pub ps: usize,
+    /// Input and output channels, output pixels.
+    pub c: usize,
+    pub co: usize,
+    pub w_out: usize,
+    pub bias: &'a [f32],
+    pub res: Option<&'a [f32]>,
+}
+
+impl ConvRow<'_> {
+    /// Panics unless every read of the row and the write of `out` are in bounds (the ISA
+    /// kernels then read through raw pointers).
+    pub fn check(&self, out: &[f32]) {
+        let n = self.w_out * self.co;
+        assert!(self.c > 0 && self.co > 0, "conv row: empty channels");
+        assert!(out.len() >= n, "conv row: output too short");
+        assert!(self.bias.len() >= self.co, "conv row: bias too short");
+        assert!(
+            self.res.is_none_or(|r| r.len() >= n),
+            "conv row: residual too short"
+        );
+        for &(tx, tw) in self.taps {
+            let last_x = tx + self.w_out.saturating_sub(1) * self.ps + self.c;
+            assert!(last_x <= self.x.len(), "conv row: input out of bounds");
+            assert!(
+                tw + self.c * self.co <= self.w.len(),
+                "conv row: weights out of bounds"
+            );
+        }
+    }
+}
+
+/// The portable direct convolution of one row (any channel counts).
+pub fn conv_row(p: &ConvRow, out: &mut [f32]) {
+    p.check(out);
+    let (c, co) = (p.c, p.co);
+    let mut acc = vec![0f32; co];
+    for px in 0..p.w_out {
+        acc.fill(0.0);
+        for &(tx, tw) in p.taps {
+            let xs = &p.x[tx + px * p.ps..][..c];
+            for (ci, &xv) in xs.iter().enumerate() {
+                let ws = &p.w[tw + ci * co..][..co];
+                for (a, &wv) in acc.iter_mut().zip(ws) {
+                    *a += xv * wv;
+                }
+            }
+        }
+        let o = &mut out[px * co..][..co];
+        for ((ov, &a), &b) in o.iter_mut().zip(&acc).zip(p.bias) {
+            *ov = a + b;
+        }
+        if let Some(r) = p.res {
+            for (ov, &rv) in o.iter_mut().zip(&r[px * co..][..co]) {
+                *ov += rv;
+            }
+        }
+    }
+}

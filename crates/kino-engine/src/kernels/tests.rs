@@ -1,0 +1,301 @@
+//! Every ISA path this CPU has against the portable one, and the `KINO_CPU_ISA` selection.
+//! (The NEON paths are checked by `neon_check.rs` under emulation, `scripts/test-neon.sh`.)
+
+use super::gemm::{self, PackedB};
+use super::portable::{self, ConvRow};
+use super::*;
+
+/// Deterministic pseudo-random floats in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+/// The x86 ISAs with their own kernels that this CPU runs.
+fn simd_isas() -> Vec<Isa> {
+    Isa::ALL
+        .into_iter()
+        .filter(|&i| i != Isa::Portable && i.supported())
+        .collect()
+}
+
+/// Plain triple loop `A[m, k] · W[n, k]ᵀ + bias`, in f64.
+fn naive_matmul(
+    a: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = bias.map_or(0.0, |b| b[j] as f64);
+            for kk in 0..k {
+                s += a[i * k + kk] as f64 * w[j * k + kk] as f64;
+            }
+            c[i * n + j] = s as f32;
+        }
+    }
+    c
+}
+
+#[test]
+fn gemm_kernels_match_portable() {
+    let isas = simd_isas();
+    println!("ISA paths tested here: {isas:?}");
+    // Sizes off every block: rows not a multiple of MR or MC, columns not a multiple of NR or
+    // NC, depths below, at and above KC (256) and not multiples of it; with and without bias.
+    for (m, n, k, bias) in [
+        (1, 1, 1, false),
+        (5, 7, 3, true),
+        (13, 33, 300, true),
+        (37, 70, 257, false),
+        (100, 530, 520, true),
+        (7, 17, 256, true),
+    ] {
+        let a = rand_vec(m * k, 1);
+        let w = rand_vec(n * k, 2);
+        let b = rand_vec(n, 3);
+        let bias = bias.then_some(&b[..]);
+        let reference = naive_matmul(&a, &w, bias, m, n, k);
+        let port = PackedB::from_rows(&portable::KERNEL, &w, n, k, k);
+        let out = gemm::matmul_serial(&a, m, &port, bias);
+        let err = max_rel_diff(&out, &reference);
+        assert!(err < 1e-5, "portable ({m}, {n}, {k}): {err}");
+        for &isa in &isas {
+            let kernel = gemm_kernel(isa).expect("a GEMM kernel");
+            // Weights given as rows and as columns (the attention packs V that way).
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            for packed in [
+                PackedB::from_rows(kernel, &w, n, k, k),
+                PackedB::from_cols(kernel, &wt, n, k, n),
+            ] {
+                let got = gemm::matmul_serial(&a, m, &packed, bias);
+                let err = max_rel_diff(&got, &out);
+                assert!(err < 1e-5, "{isa} ({m}, {n}, {k}): {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_rows_match_portable() {
+    let isas = simd_isas();
+    // (input channels, output channels, taps, output pixels, pixel stride in channels)
+    for (c, co, ntaps, w_out, stride) in [
+        (3, 16, 27, 13, 1),
+        (5, 32, 9, 30, 2),
+        (4, 48, 3, 3, 1),
+        (16, 64, 27, 7, 1),
+        (2, 8, 1, 5, 1),
+        (7, 24, 4, 1, 1),
+    ] {
+        let ps = stride * c;
+        let row_len = (w_out - 1) * ps + c + 3 * c;
+        let x = rand_vec(ntaps * row_len, 4);
+        let w = rand_vec(ntaps * c * co, 5);
+        let bias = rand_vec(co, 6);
+        let res = rand_vec(w_out * co, 7);
+        let taps: Vec<(usize, usize)> = (0..ntaps)
+            .map(|t| (t * row_len + (t % 3) * c, t * c * co))
+            .collect();
+        for res in [None, Some(&res[..])] {
+            let p = ConvRow {
+                x: &x,
+                w: &w,
+                taps: &taps,
+                ps,
+                c,
+                co,
+                w_out,
+                bias: &bias,
+                res,
+            };
+            let mut expected = vec![0f32; w_out * co];
+            portable::conv_row(&p, &mut expected);
+            for &isa in &isas {
+                let mut got = vec![f32::NAN; w_out * co];
+                let ran = conv_row(isa, &p, &mut got);
+                let fits = match isa {
+                    Isa::Avx512 => co % 16 == 0,
+                    Isa::Avx2Fma => co % 8 == 0,
+                    _ => co % 4 == 0,
+                };
+                assert_eq!(ran.is_some(), fits, "{isa}: co {co}");
+                if ran.is_some() {
+                    let err = max_rel_diff(&got, &expected);
+                    assert!(
+                        err < 1e-5,
+                        "{isa} conv (c {c}, co {co}, taps {ntaps}): {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_kernels_equal_portable_per_isa() {
+    let (r, m) = (5, 83);
+    let base: Vec<f32> = rand_vec(r * m, 8).iter().map(|v| v * 30.0).collect();
+    let bias = rand_vec(m, 9);
+    let mut want = base.clone();
+    let mut want_sums = vec![0f32; r];
+    portable::softmax_rows_unnormalized(&mut want, m, &mut want_sums, 0.7);
+    let mut want_gelu = base.clone();
+    for row in want_gelu.chunks_mut(m) {
+        portable::bias_gelu_row(row, &bias);
+    }
+    for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+        let mut got = base.clone();
+        let mut sums = vec![0f32; r];
+        softmax_rows_unnormalized(isa, &mut got, m, &mut sums, 0.7);
+        assert_eq!(got, want, "{isa} softmax");
+        assert_eq!(sums, want_sums, "{isa} softmax sums");
+        let mut got = base.clone();
+        for row in got.chunks_mut(m) {
+            bias_gelu_row(isa, row, &bias);
+        }
+        assert_eq!(got, want_gelu, "{isa} bias+gelu");
+    }
+    // exp_f32 is close to std's exp over the clamped range.
+    for &x in &[-80.0f32, -10.5, -1.0, 0.0, 0.3, 1.0, 20.0, 88.0] {
+        let (a, b) = (portable::exp_f32(x), x.exp());
+        assert!((a - b).abs() <= 2e-7 * b, "exp({x}): {a} vs {b}");
+    }
+}
+
+#[test]
+fn isa_selection_caps_and_refuses() {
+    let all = |_: Isa| true;
+    let avx2_only = |i: Isa| matches!(i, Isa::Avx2Fma | Isa::Portable);
+    assert_eq!(select(None, all, Isa::Avx512), (Isa::Avx512, None));
+    assert_eq!(select(Some(""), all, Isa::Avx512), (Isa::Avx512, None));
+    assert_eq!(select(Some("avx2"), all, Isa::Avx512), (Isa::Avx2Fma, None));
+    assert_eq!(
+        select(Some(" AVX2 "), all, Isa::Avx512),
+        (Isa::Avx2Fma, None)
+    );
+    assert_eq!(
+        select(Some("portable"), all, Isa::Avx512),
+        (Isa::Portable, None)
+    );
+    // An ISA the CPU lacks: the best it has, with a warning that names both.
+    let (isa, warning) = select(Some("avx512"), avx2_only, Isa::Avx2Fma);
+    assert_eq!(isa, Isa::Avx2Fma);
+    let warning = warning.expect("a warning");
+    assert!(
+        warning.contains("avx512") && warning.contains("avx2"),
+        "{warning}"
+    );
+    let (isa, warning) = select(Some("neon"), avx2_only, Isa::Avx2Fma);
+    assert_eq!(isa, Isa::Avx2Fma);
+    assert!(warning.is_some());
+    let (isa, warning) = select(Some("sse9"), avx2_only, Isa::Avx2Fma);
+    assert_eq!(isa, Isa::Avx2Fma);
+    assert!(warning.expect("a warning").contains("not one of"));
+    // Names round-trip, and the real CPU's best is supported.
+    for isa in Isa::ALL {
+        assert_eq!(Isa::parse(isa.name()), Some(isa));
+    }
+    assert!(Isa::best().supported());
+    assert!(super::isa().supported());
+    // Only supported ISAs have kernels handed out.
+    for isa in Isa::ALL {
+        if let Some(k) = gemm_kernel(isa) {
+            assert!(isa.supported() && k.supported(), "{isa}");
+        }
+    }
+}
+
+/// The packed linear layer and attention on every ISA path equal candle's ops.
+#[test]
+fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()> {
+    use candle_core::{Device, Module, Tensor};
+    let dev = Device::Cpu;
+    let (m, k, n) = (37, 300, 70);
+    let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+    let w = Tensor::randn(0f32, 0.1, (n, k), &dev)?;
+    let b = Tensor::randn(0f32, 0.1, n, &dev)?;
+    let reference = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+    let (bq, nq, mk, h, d) = (1, 45, 300, 2, 16);
+    let q = Tensor::randn(0f32, 1.0, (bq, nq, h, d), &dev)?;
+    let kk = Tensor::randn(0f32, 1.0, (bq, mk, h, d), &dev)?;
+    let v = Tensor::randn(0f32, 1.0, (bq, mk, h, d), &dev)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let plain = {
+        let qt = q.transpose(1, 2)?.contiguous()?;
+        let kt = kk.transpose(1, 2)?.contiguous()?;
+        let vt = v.transpose(1, 2)?.contiguous()?;
+        let s = (qt.matmul(&kt.t()?)? * scale)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        p.matmul(&vt)?.transpose(1, 2)?.reshape((bq, nq, h * d))?
+    };
+    let rel = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+        let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        Ok(diff / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
+    };
+    for isa in simd_isas() {
+        with_isa(isa, || -> candle_core::Result<()> {
+            let kernel = packed_gemm().expect("a kernel");
+            assert_eq!(kernel as *const _, gemm_kernel(isa).unwrap() as *const _);
+            let lin = PackedLinear::new(kernel, &w, Some(&b))?;
+            assert_eq!(lin.kernel().name, isa.name());
+            let err = rel(&lin.forward(&x, false)?, &reference)?;
+            assert!(err < 1e-6, "{isa} linear: {err}");
+            let err = rel(&lin.forward(&x, true)?, &reference.gelu()?)?;
+            assert!(err < 1e-6, "{isa} linear+gelu: {err}");
+            let err = rel(&attention(&q, &kk, &v, scale as f32, kernel)?, &plain)?;
+            assert!(err < 1e-5, "{isa} attention: {err}");
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn f16_conversion_is_exact_and_q8_0_expands_as_candle() -> candle_core::Result<()> {
+    for bits in 0..=u16::MAX {
+        let (got, want) = (
+            portable::f16_to_f32(bits),
+            half::f16::from_bits(bits).to_f32(),
+        );
+        if want.is_nan() {
+            assert!(got.is_nan(), "{bits:#06x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+        }
+    }
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let w = Tensor::randn(0f32, 1.0, (8, 96), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+    let raw = q.data()?;
+    let got = dequantize_q8_0(&raw, 8 * 96).expect("sizes fit");
+    let want = q
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(got, want);
+    assert!(dequantize_q8_0(&raw, 8 * 96 + 32).is_none());
+    Ok(())
+}
