@@ -99,6 +99,10 @@ fn main() {
         (37, 70, 257, false),
         (100, 530, 520, true),
         (97, 257, 513, false),
+        // Partial tiles of other widths: 13, 29 and 12 columns past the last full panel.
+        (9, 45, 40, true),
+        (3, 29, 17, false),
+        (8, 60, 300, true),
     ] {
         let a = rand_vec(m * k, 1);
         let w = rand_vec(n * k, 2);

@@ -71,6 +71,10 @@ fn gemm_kernels_match_portable() {
         (37, 70, 257, false),
         (100, 530, 520, true),
         (7, 17, 256, true),
+        // Partial tiles of every width: 13, 29 and 12 columns past the last full panel.
+        (9, 45, 40, true),
+        (3, 29, 17, false),
+        (8, 60, 300, true),
     ] {
         let a = rand_vec(m * k, 1);
         let w = rand_vec(n * k, 2);
