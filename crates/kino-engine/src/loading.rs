@@ -265,6 +265,17 @@ impl Weights {
         name: &str,
         device: &Device,
     ) -> candle_core::Result<Option<candle_core::quantized::QTensor>> {
+        self.blocks(name, device, false)
+    }
+
+    /// [`Weights::quantized`], and with `half_too` also a GGUF file's F16 / BF16 matrices (a
+    /// linear layer keeps those in their 16 bits as well and expands them strip by strip).
+    pub fn blocks(
+        &self,
+        name: &str,
+        device: &Device,
+        half_too: bool,
+    ) -> candle_core::Result<Option<candle_core::quantized::QTensor>> {
         let Store::Gguf(g) = &self.inner else {
             return Ok(None);
         };
@@ -276,7 +287,13 @@ impl Weights {
         };
         match g.dtype(file_name) {
             Some(dt)
-                if crate::gguf::is_quantized(dt)
+                if (crate::gguf::is_quantized(dt)
+                    || (half_too
+                        && matches!(
+                            dt,
+                            candle_core::quantized::GgmlDType::F16
+                                | candle_core::quantized::GgmlDType::BF16
+                        )))
                     && g.shape(file_name).is_some_and(|s| s.len() == 2) =>
             {
                 Ok(Some(g.qtensor(file_name, device)?))
@@ -467,7 +484,11 @@ pub fn quantized_matrix(
     device: &Device,
 ) -> candle_core::Result<Option<candle_core::quantized::QTensor>> {
     let name = format!("{prefix}.weight");
-    let Some(q) = quantized_weight(&name, device)? else {
+    let q = BUILDING_FROM.with(|b| match b.borrow().as_ref() {
+        Some(w) => w.blocks(&name, device, true),
+        None => Ok(None),
+    })?;
+    let Some(q) = q else {
         return Ok(None);
     };
     if q.shape().dims() != [out_dim, in_dim] {

@@ -278,8 +278,8 @@ enum TokenEmbedding {
 #[derive(Debug, Clone)]
 enum Linear {
     Dense(candle_nn::Linear),
-    /// Expanded to f32 at each forward (the activations keep full precision).
-    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+    /// Expanded to f32 strip by strip at each forward (the activations keep full precision).
+    Quantized(std::sync::Arc<crate::kernels::QuantizedLinear>),
 }
 
 impl Linear {
@@ -297,20 +297,16 @@ impl candle_core::Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Dense(l) => l.forward(x),
-            Linear::Quantized(q) => {
-                let dtype = x.dtype();
-                let w = crate::gguf::dequantize(q, x.device())?;
-                candle_nn::Linear::new(w, None)
-                    .forward(&x.to_dtype(DType::F32)?)?
-                    .to_dtype(dtype)
-            }
+            Linear::Quantized(q) => q.forward(x, false),
         }
     }
 }
 
 fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     if let Some(q) = crate::loading::quantized_matrix(&vb.prefix(), out_dim, in_dim, vb.device())? {
-        return Ok(Linear::Quantized(std::sync::Arc::new(q)));
+        return Ok(Linear::Quantized(std::sync::Arc::new(
+            crate::kernels::QuantizedLinear::new(std::sync::Arc::new(q), None)?,
+        )));
     }
     let w = vb.get((out_dim, in_dim), "weight")?;
     Ok(Linear::Dense(candle_nn::Linear::new(w, None)))

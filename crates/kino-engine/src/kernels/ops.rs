@@ -4,6 +4,7 @@
 //! the same thing.
 
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::gemm::{self, Kernel, PackedB};
@@ -601,4 +602,221 @@ pub fn dequantize_q8_0(raw: &[u8], n: usize) -> Option<Vec<f32>> {
         .zip(raw.par_chunks(BLOCK * 256))
         .for_each(|(o, r)| portable::dequantize_q8_0(r, o));
     Some(out)
+}
+
+/// Expands whole blocks `raw` of type `T` into `out` (as many values as the blocks hold);
+/// `false` when the sizes or the alignment do not fit `T`.
+fn expand_blocks<T: GgmlType>(raw: &[u8], out: &mut [f32]) -> bool {
+    let size = std::mem::size_of::<T>();
+    if size == 0
+        || !raw.len().is_multiple_of(size)
+        || !(raw.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+        || raw.len() / size * T::BLCK_SIZE != out.len()
+    {
+        return false;
+    }
+    // SAFETY: `raw` is aligned for `T` and holds a whole number of `T` (checked above); the
+    // GGML block types are plain `repr(C)` integers and halfs, valid for any bit pattern.
+    let blocks = unsafe { std::slice::from_raw_parts(raw.as_ptr() as *const T, raw.len() / size) };
+    T::to_float(blocks, out);
+    true
+}
+
+/// Expands rows of a quantized matrix (`raw`: whole rows of `dtype` blocks) into `out`; `false`
+/// for a type Kino does not expand this way or sizes that do not fit.
+fn expand_rows(dtype: GgmlDType, raw: &[u8], out: &mut [f32]) -> bool {
+    use candle_core::quantized::k_quants as kq;
+    match dtype {
+        GgmlDType::Q8_0 => {
+            if raw.len() != out.len() / 32 * 34 || !out.len().is_multiple_of(32) {
+                return false;
+            }
+            portable::dequantize_q8_0(raw, out);
+            true
+        }
+        GgmlDType::Q4_0 => expand_blocks::<kq::BlockQ4_0>(raw, out),
+        GgmlDType::Q4_1 => expand_blocks::<kq::BlockQ4_1>(raw, out),
+        GgmlDType::Q5_0 => expand_blocks::<kq::BlockQ5_0>(raw, out),
+        GgmlDType::Q5_1 => expand_blocks::<kq::BlockQ5_1>(raw, out),
+        GgmlDType::Q2K => expand_blocks::<kq::BlockQ2K>(raw, out),
+        GgmlDType::Q3K => expand_blocks::<kq::BlockQ3K>(raw, out),
+        GgmlDType::Q4K => expand_blocks::<kq::BlockQ4K>(raw, out),
+        GgmlDType::Q5K => expand_blocks::<kq::BlockQ5K>(raw, out),
+        GgmlDType::Q6K => expand_blocks::<kq::BlockQ6K>(raw, out),
+        GgmlDType::F16 => expand_blocks::<half::f16>(raw, out),
+        GgmlDType::BF16 => expand_blocks::<half::bf16>(raw, out),
+        GgmlDType::F32 => expand_blocks::<f32>(raw, out),
+        _ => false,
+    }
+}
+
+/// A `torch.nn.Linear` whose weight `[n, k]` stays in a GGUF file's blocks (Q8_0, Q4_K, …,
+/// also F16/BF16). On a CPU with a packed GEMM kernel each forward expands the matrix strip by
+/// strip (a few panels of output columns per task, straight into that task's packed panels)
+/// and multiplies each strip as soon as it is expanded, so at no time is more than a strip per
+/// thread held in f32: the layer's memory is its blocks. The activations keep full precision
+/// (rounding them to 8 bits as candle's quantized matmul does doubled Q8_0's error). Elsewhere
+/// the matrix is expanded whole for the call and multiplied by candle.
+#[derive(Debug)]
+pub struct QuantizedLinear {
+    q: std::sync::Arc<QTensor>,
+    n: usize,
+    k: usize,
+    bias: Option<Vec<f32>>,
+    bias_tensor: Option<Tensor>,
+}
+
+impl QuantizedLinear {
+    /// `q` `[out, in]`, `bias` `[out]`.
+    pub fn new(q: std::sync::Arc<QTensor>, bias: Option<&Tensor>) -> candle_core::Result<Self> {
+        let (n, k) = q.shape().dims2()?;
+        let bias_tensor = match bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?),
+            None => None,
+        };
+        let bias = match &bias_tensor {
+            Some(b) if b.device().is_cpu() => Some(b.to_vec1::<f32>()?),
+            _ => None,
+        };
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!("linear bias does not have {n} values");
+        }
+        Ok(Self {
+            q,
+            n,
+            k,
+            bias,
+            bias_tensor,
+        })
+    }
+
+    /// The blocks.
+    pub fn blocks(&self) -> &QTensor {
+        &self.q
+    }
+
+    /// The kernel the strips run on, when this layer runs strip by strip on `x`'s device.
+    fn strip_kernel(&self, x: &Tensor) -> Option<&'static Kernel> {
+        if !x.device().is_cpu() || self.k == 0 || self.n == 0 {
+            return None;
+        }
+        let kern = super::packed_gemm()?;
+        let bs = self.q.dtype().block_size();
+        let raw = self.q.data().ok()?;
+        // Each row must be whole blocks, and the blocks must expand (type known, aligned).
+        if !self.k.is_multiple_of(bs) || raw.len() != self.n * self.row_bytes() {
+            return None;
+        }
+        let mut probe = vec![0f32; self.k];
+        expand_rows(self.q.dtype(), &raw[..self.row_bytes()], &mut probe).then_some(kern)
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.k / self.q.dtype().block_size() * self.q.dtype().type_size()
+    }
+
+    /// `linear(x)`, then `gelu_tanh` when `gelu`; the result in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let y = match self.strip_kernel(x) {
+            Some(kernel) => x32.contiguous()?.apply_op1_no_bwd(&QuantizedLinearOp {
+                lin: self,
+                kernel,
+                gelu,
+            })?,
+            None => {
+                let w = crate::gguf::dequantize(&self.q, x.device())?;
+                let mut y = x32.broadcast_matmul(&w.t()?)?;
+                if let Some(b) = &self.bias_tensor {
+                    y = y.broadcast_add(&b.to_device(x.device())?)?;
+                }
+                if gelu {
+                    y.gelu()?
+                } else {
+                    y
+                }
+            }
+        };
+        y.to_dtype(dtype)
+    }
+}
+
+struct QuantizedLinearOp<'a> {
+    lin: &'a QuantizedLinear,
+    kernel: &'static Kernel,
+    gelu: bool,
+}
+
+impl CustomOp1 for QuantizedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "kino-quantized-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "linear input")?;
+        let lin = self.lin;
+        let (n, k) = (lin.n, lin.k);
+        let dims = l.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear input {dims:?} does not end in {k}");
+        }
+        let m = x.len() / k;
+        let raw = lin.q.data()?;
+        let row_bytes = lin.row_bytes();
+        let dtype = lin.q.dtype();
+        let kern = self.kernel;
+        let nr = kern.nr;
+        // Strips of whole panels, at most one column tile wide, about four per thread.
+        let panels = n.div_ceil(nr);
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let per = panels.div_ceil(4 * threads).clamp(1, (kern.nc / nr).max(1));
+        let strips = panels.div_ceil(per);
+        let isa = isa();
+        let noop = |_: &mut [f32], _: usize| {};
+        let gelu = |row: &mut [f32], _: usize| super::gelu_row(isa, row);
+        let post: gemm::Post = if self.gelu { &gelu } else { &noop };
+        let mut out = vec![0f32; m * n];
+        let c_ptr = out.as_mut_ptr() as usize;
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        pool_run(strips, |range| {
+            let mut rows = Vec::new();
+            for s in range {
+                let j0 = s * per * nr;
+                let j1 = (j0 + per * nr).min(n);
+                let width = j1 - j0;
+                rows.clear();
+                rows.resize(width * k, 0f32);
+                if !expand_rows(dtype, &raw[j0 * row_bytes..j1 * row_bytes], &mut rows) {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                let w = PackedB::from_rows(kern, &rows, width, k, k);
+                let bias = lin.bias.as_deref().map(|b| &b[j0..j1]);
+                let (tm, tn) = gemm::tiles(m, &w);
+                for tj in 0..tn {
+                    for ti in 0..tm {
+                        // SAFETY: `x` has m·k floats; C is `[m, n]` and this strip writes only
+                        // its columns j0..j1 (through the offset pointer, row stride n), so
+                        // strips are disjoint; `out` outlives the pool call; the kernel was
+                        // checked to run on this CPU when `w` was packed.
+                        unsafe {
+                            let c = (c_ptr as *mut f32).add(j0);
+                            gemm::tile(x.as_ptr(), k, m, &w, bias, c, n, (ti, tj), post);
+                        }
+                    }
+                }
+            }
+        });
+        if failed.into_inner() {
+            candle_core::bail!(
+                "quantized linear: the {dtype:?} blocks do not expand to [{n}, {k}]"
+            );
+        }
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
 }

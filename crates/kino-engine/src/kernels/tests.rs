@@ -303,3 +303,59 @@ fn f16_conversion_is_exact_and_q8_0_expands_as_candle() -> candle_core::Result<(
     assert!(dequantize_q8_0(&raw, 8 * 96 + 32).is_none());
     Ok(())
 }
+
+/// The strip-by-strip quantized linear layer against the expanded matrix through candle, for
+/// each block type a GGUF file may hold, each ISA, with and without GELU; also the path for
+/// CPUs without a packed kernel (portable).
+#[test]
+fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    let dev = Device::Cpu;
+    let rel = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+        let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        Ok(diff / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
+    };
+    // n = 70 and 1100 are not multiples of any kernel's panel width; 1100 makes several strips.
+    for (dtype, k, n) in [
+        (GgmlDType::Q8_0, 96, 70),
+        (GgmlDType::Q8_0, 256, 1100),
+        (GgmlDType::Q4K, 512, 70),
+        (GgmlDType::Q5K, 256, 40),
+        (GgmlDType::Q6K, 256, 33),
+        (GgmlDType::Q4_0, 64, 50),
+        (GgmlDType::F16, 48, 70),
+    ] {
+        let w = Tensor::randn(0f32, 0.1, (n, k), &dev)?;
+        let b = Tensor::randn(0f32, 0.1, n, &dev)?;
+        let q = std::sync::Arc::new(QTensor::quantize(&w, dtype)?);
+        let expanded = q.dequantize(&dev)?;
+        let lin = QuantizedLinear::new(q, Some(&b))?;
+        for m in [1, 37] {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+            let reference =
+                candle_nn::Linear::new(expanded.clone(), Some(b.clone())).forward(&x)?;
+            for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                with_isa(isa, || -> candle_core::Result<()> {
+                    let y = lin.forward(&x, false)?;
+                    assert_eq!(y.dims(), [1, m, n]);
+                    let err = rel(&y, &reference)?;
+                    assert!(err < 1e-6, "{isa} {dtype:?} m={m} n={n}: {err}");
+                    let err = rel(&lin.forward(&x, true)?, &reference.gelu()?)?;
+                    assert!(err < 1e-6, "{isa} {dtype:?} +gelu m={m}: {err}");
+                    Ok(())
+                })?;
+            }
+        }
+    }
+    // A bias-free layer, and an input that does not end in the layer's width.
+    let w = Tensor::randn(0f32, 0.1, (64, 64), &dev)?;
+    let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?);
+    let lin = QuantizedLinear::new(q.clone(), None)?;
+    let x = Tensor::randn(0f32, 1.0, (3, 64), &dev)?;
+    let reference = x.matmul(&q.dequantize(&dev)?.t()?)?;
+    assert!(rel(&lin.forward(&x, false)?, &reference)? < 1e-6);
+    let bad = Tensor::randn(0f32, 1.0, (3, 65), &dev)?;
+    assert!(lin.forward(&bad, false).is_err());
+    Ok(())
+}

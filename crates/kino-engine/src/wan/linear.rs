@@ -5,7 +5,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::kernels::{self, PackedLinear};
+use crate::kernels::{self, PackedLinear, QuantizedLinear};
 
 /// The layer itself: candle's `Linear`, packed f32 weights, or quantized blocks.
 #[derive(Debug, Clone)]
@@ -13,11 +13,9 @@ pub(crate) enum LinBase {
     Candle(Linear),
     /// Weights packed for the CPU's GEMM microkernel (the original tensor dropped).
     Packed(std::sync::Arc<PackedLinear>),
-    /// A matrix kept in a GGUF file's blocks (Q8_0, Q4_K, …); the bias dense. At each
-    /// forward the blocks are expanded to f32 for this layer only and multiplied in f32, so
-    /// the activations keep full precision (candle's quantized kernels would round them to
-    /// 8 bits too: Q8_0's forward error at 1.3B size was 1.2e-2 that way).
-    Quantized(std::sync::Arc<candle_core::quantized::QTensor>, Tensor),
+    /// A matrix kept in a GGUF file's blocks (Q8_0, Q4_K, …), expanded strip by strip at each
+    /// forward and multiplied in f32 (see [`QuantizedLinear`]); the bias dense.
+    Quantized(std::sync::Arc<QuantizedLinear>),
 }
 
 /// A linear layer and, when LoRA adapters run on the fly, their low-rank pair (`down`
@@ -89,15 +87,7 @@ impl LinBase {
                 }
             }
             LinBase::Packed(p) => p.forward(x, gelu),
-            LinBase::Quantized(q, bias) => {
-                // Expanded for this call only, then through the same kernels as a dense
-                // layer (packed where the CPU has a GEMM kernel).
-                let dtype = x.dtype();
-                let w = crate::gguf::dequantize(q, x.device())?;
-                LinBase::new(Linear::new(w, Some(bias.clone())))?
-                    .forward_act(&x.to_dtype(DType::F32)?, gelu)?
-                    .to_dtype(dtype)
-            }
+            LinBase::Quantized(q) => q.forward(x, gelu),
         }
     }
 }
@@ -125,7 +115,10 @@ pub(crate) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core:
     if let Some(q) = crate::loading::quantized_matrix(&vb.prefix(), out_dim, in_dim, vb.device())? {
         let bias = vb.to_dtype(DType::F32).get(out_dim, "bias")?;
         return Ok(Lin {
-            base: LinBase::Quantized(std::sync::Arc::new(q), bias),
+            base: LinBase::Quantized(std::sync::Arc::new(QuantizedLinear::new(
+                std::sync::Arc::new(q),
+                Some(&bias),
+            )?)),
             lora,
         });
     }

@@ -1083,7 +1083,14 @@ impl WanPipeline {
         let tokens = (f * (h / c.patch_size[1]) * (w / c.patch_size[2])) as u64;
         let dim = c.inner_dim() as u64;
         let dt = bytes(self.options.dtype);
-        let weights = c.num_params() as u64 * dt;
+        // A GGUF file's matrices stay in their blocks: the file's size, not the parameters'.
+        let t_dir = component_dir(&self.root, &self.index, "transformer")?;
+        let weights = match crate::loading::weight_files(&t_dir) {
+            Ok(fs) if !fs.is_empty() && fs.iter().all(|f| crate::gguf::is_gguf(f)) => {
+                file_bytes(&t_dir)
+            }
+            _ => c.num_params() as u64 * dt,
+        };
         // Hidden states and their temporaries, the FFN intermediate, and one chunk of attention
         // scores (we compute attention in query chunks on the CPU).
         let act = tokens * dim * dt * 12
