@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -428,9 +428,8 @@ pub fn quantize_component(
             "kino quantize takes the transformer or the text encoder; the VAE is small and runs in f32".into(),
         ));
     }
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     let mut report = QuantizeReport {
-        tensors: 0,
+        tensors: names.len(),
         quantized: 0,
         kept_f32: 0,
         bytes_in: crate::loading::weight_files(component_dir)?
@@ -441,12 +440,18 @@ pub fn quantize_component(
         bytes_out: 0,
     };
     use candle_nn::var_builder::SimpleBackend;
-    for (i, name) in names.iter().enumerate() {
-        progress(i, names.len());
-        let t = w
-            .get_unchecked(name, candle_core::DType::F32, &Device::Cpu)
-            .map_err(|e| w.map_err(e))?;
-        let dims = t.dims().to_vec();
+    let load = |name: &str| {
+        w.get_unchecked(name, candle_core::DType::F32, &Device::Cpu)
+            .map_err(|e| w.map_err(e))
+    };
+    // First the plan (names, shapes, block types: the GGUF header), from the files' headers;
+    // then each tensor read, quantized and written in turn, so memory holds one tensor at a time.
+    let mut plan: Vec<(String, Vec<usize>, GgmlDType)> = Vec::with_capacity(names.len());
+    for name in &names {
+        let dims = match w.shape(name) {
+            Some(d) => d,
+            None => load(name)?.dims().to_vec(),
+        };
         let n: usize = dims.iter().product();
         let dtype = match kind.sensitive {
             Some(t) if is_sensitive(name) => t,
@@ -456,43 +461,167 @@ pub fn quantize_component(
             || n <= 1024
             || name.ends_with("scale_shift_table")
             || dims[1] % dtype.block_size() != 0;
-        let q = if keep {
+        let dtype = if keep {
             report.kept_f32 += 1;
-            QTensor::quantize(&t, GgmlDType::F32)?
+            GgmlDType::F32
         } else {
             report.quantized += 1;
-            QTensor::quantize(&t, dtype)?
+            dtype
         };
-        report.bytes_out += q.storage_size_in_bytes() as u64;
-        tensors.push((rename(name), q));
+        report.bytes_out += (n / dtype.block_size() * dtype.type_size()) as u64;
+        plan.push((rename(name), dims, dtype));
     }
-    report.tensors = tensors.len();
     let arch = match part {
         Part::Transformer => "wan",
         _ => "t5encoder",
     };
-    let arch_v = gguf_file::Value::String(arch.into());
-    let version = gguf_file::Value::U32(2);
-    let by = gguf_file::Value::String(format!("kino {}", env!("CARGO_PKG_VERSION")));
-    let metadata: Vec<(&str, &gguf_file::Value)> = vec![
-        ("general.architecture", &arch_v),
-        ("general.quantization_version", &version),
-        ("general.quantized_by", &by),
+    let by = format!("kino {}", env!("CARGO_PKG_VERSION"));
+    let metadata = [
+        ("general.architecture", MetaValue::Str(arch)),
+        ("general.quantization_version", MetaValue::U32(2)),
+        ("general.quantized_by", MetaValue::Str(&by)),
     ];
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
     let tmp = out.with_extension("gguf.partial");
     let io = |e: std::io::Error| Error::BadFile {
         path: out.to_path_buf(),
         message: e.to_string(),
     };
-    {
+    let written = (|| -> Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        gguf_file::write(&mut f, &metadata, &refs)?;
+        let entries: Vec<(&str, &[usize], GgmlDType)> = plan
+            .iter()
+            .map(|(n, d, t)| (n.as_str(), d.as_slice(), *t))
+            .collect();
+        write_streaming(&mut f, &metadata, &entries, |i| {
+            progress(i, names.len());
+            Ok(QTensor::quantize(&load(&names[i])?, plan[i].2)?)
+        })
+        .map_err(|e| match e {
+            StreamError::Io(e) => io(e),
+            StreamError::Other(e) => e,
+        })?;
         use std::io::Write;
-        f.flush().map_err(io)?;
+        f.flush().map_err(io)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, out).map_err(io)?;
     Ok(report)
+}
+
+/// A metadata value [`write_streaming`] writes.
+#[derive(Debug, Clone, Copy)]
+pub enum MetaValue<'a> {
+    U32(u32),
+    Str(&'a str),
+}
+
+/// Why [`write_streaming`] stopped.
+#[derive(Debug)]
+pub enum StreamError {
+    Io(std::io::Error),
+    Other(Error),
+}
+
+impl From<std::io::Error> for StreamError {
+    fn from(e: std::io::Error) -> Self {
+        StreamError::Io(e)
+    }
+}
+
+/// GGML's number for a block type (the GGUF tensor info's `type`).
+fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// Writes a GGUF file (version 2, 32-byte alignment: byte for byte what candle's
+/// `gguf_file::write` writes for the same tensors) from a plan of `(name, dims, type)` entries,
+/// asking `tensor(i)` for each tensor's blocks only when its turn comes, so a model of any size
+/// is quantized in the memory of its largest tensor. A tensor that does not match its entry
+/// stops the write.
+pub fn write_streaming<W: std::io::Write>(
+    w: &mut W,
+    metadata: &[(&str, MetaValue)],
+    entries: &[(&str, &[usize], GgmlDType)],
+    mut tensor: impl FnMut(usize) -> Result<QTensor>,
+) -> std::result::Result<(), StreamError> {
+    let mut pos = 0usize;
+    let put = |w: &mut W, b: &[u8], pos: &mut usize| -> std::io::Result<()> {
+        *pos += b.len();
+        w.write_all(b)
+    };
+    let string = |s: &str| {
+        let mut v = (s.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let pad = |len: usize| 31 - (31 + len) % 32;
+    put(w, &0x46554747u32.to_le_bytes(), &mut pos)?;
+    put(w, &2u32.to_le_bytes(), &mut pos)?;
+    put(w, &(entries.len() as u64).to_le_bytes(), &mut pos)?;
+    put(w, &(metadata.len() as u64).to_le_bytes(), &mut pos)?;
+    for (key, value) in metadata {
+        put(w, &string(key), &mut pos)?;
+        match value {
+            MetaValue::U32(v) => {
+                put(w, &4u32.to_le_bytes(), &mut pos)?;
+                put(w, &v.to_le_bytes(), &mut pos)?;
+            }
+            MetaValue::Str(s) => {
+                put(w, &8u32.to_le_bytes(), &mut pos)?;
+                put(w, &string(s), &mut pos)?;
+            }
+        }
+    }
+    let size = |dims: &[usize], t: GgmlDType| {
+        dims.iter().product::<usize>() / t.block_size() * t.type_size()
+    };
+    let mut offset = 0usize;
+    for (name, dims, t) in entries {
+        put(w, &string(name), &mut pos)?;
+        put(w, &(dims.len() as u32).to_le_bytes(), &mut pos)?;
+        for &d in dims.iter().rev() {
+            put(w, &(d as u64).to_le_bytes(), &mut pos)?;
+        }
+        put(w, &ggml_type_id(*t).to_le_bytes(), &mut pos)?;
+        put(w, &(offset as u64).to_le_bytes(), &mut pos)?;
+        let s = size(dims, *t);
+        offset += s + pad(s);
+    }
+    put(w, &vec![0u8; pad(pos)], &mut pos)?;
+    for (i, (name, dims, t)) in entries.iter().enumerate() {
+        let q = tensor(i).map_err(StreamError::Other)?;
+        let data = q.data().map_err(|e| StreamError::Other(e.into()))?;
+        if q.shape().dims() != *dims || q.dtype() != *t || data.len() != size(dims, *t) {
+            return Err(StreamError::Other(Error::InvalidRequest(format!(
+                "tensor `{name}` came as {:?} {:?}, but the file's header says {:?} {dims:?}",
+                q.dtype(),
+                q.shape().dims(),
+                t
+            ))));
+        }
+        put(w, &data, &mut pos)?;
+        put(w, &vec![0u8; pad(data.len())], &mut pos)?;
+    }
+    Ok(())
 }
 
 /// The recipe named `s` (`q8_0`, `q6_k`, `q5_k`, `q4_k_m`, `q4_k`, `f16`).
@@ -529,11 +658,91 @@ pub fn dequantize(q: &QTensor, device: &Device) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::gguf_file;
 
     fn write(path: &Path, tensors: &[(&str, &QTensor)]) {
         let arch = gguf_file::Value::String("wan".into());
         let mut f = std::fs::File::create(path).unwrap();
         gguf_file::write(&mut f, &[("general.architecture", &arch)], tensors).unwrap();
+    }
+
+    /// The streaming writer makes the same bytes as candle's writer (which needs every tensor
+    /// in memory at once), and stops at a tensor that does not match the header.
+    #[test]
+    fn streaming_writer_matches_candles_writer_byte_for_byte() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (64, 256), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (8, 4, 1, 2, 2), &dev).unwrap();
+        let d = Tensor::randn(0f32, 1.0, (3, 32), &dev).unwrap();
+        let tensors = [
+            (
+                "blocks.0.attn.q.weight",
+                QTensor::quantize(&a, GgmlDType::Q8_0).unwrap(),
+            ),
+            (
+                "blocks.0.ffn.2.weight",
+                QTensor::quantize(&a, GgmlDType::Q4K).unwrap(),
+            ),
+            (
+                "blocks.0.ffn.0.weight",
+                QTensor::quantize(&a, GgmlDType::Q6K).unwrap(),
+            ),
+            ("norm.bias", QTensor::quantize(&b, GgmlDType::F32).unwrap()),
+            (
+                "patch_embedding.weight",
+                QTensor::quantize(&c, GgmlDType::F32).unwrap(),
+            ),
+            (
+                "head.weight",
+                QTensor::quantize(&d, GgmlDType::F16).unwrap(),
+            ),
+        ];
+        let arch = gguf_file::Value::String("wan".into());
+        let version = gguf_file::Value::U32(2);
+        let mut want = std::io::Cursor::new(Vec::new());
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (*n, q)).collect();
+        gguf_file::write(
+            &mut want,
+            &[
+                ("general.architecture", &arch),
+                ("general.quantization_version", &version),
+            ],
+            &refs,
+        )
+        .unwrap();
+        let meta = [
+            ("general.architecture", MetaValue::Str("wan")),
+            ("general.quantization_version", MetaValue::U32(2)),
+        ];
+        let dims: Vec<Vec<usize>> = tensors
+            .iter()
+            .map(|(_, q)| q.shape().dims().to_vec())
+            .collect();
+        let entries: Vec<(&str, &[usize], GgmlDType)> = tensors
+            .iter()
+            .zip(&dims)
+            .map(|((n, q), d)| (*n, d.as_slice(), q.dtype()))
+            .collect();
+        let mut asked = Vec::new();
+        let mut got = Vec::new();
+        write_streaming(&mut got, &meta, &entries, |i| {
+            asked.push(i);
+            let (_, q) = &tensors[i];
+            Ok(QTensor::new(
+                candle_core::quantized::QStorage::from_data(q.data()?, &dev, q.dtype())?,
+                q.shape().clone(),
+            )?)
+        })
+        .unwrap();
+        assert_eq!(asked, (0..tensors.len()).collect::<Vec<_>>());
+        assert_eq!(got, want.into_inner());
+        // A tensor of another type than its entry says is refused, not written.
+        let mut bad = Vec::new();
+        let err = write_streaming(&mut bad, &meta, &entries[..1], |_| {
+            Ok(QTensor::quantize(&a, GgmlDType::Q4K)?)
+        });
+        assert!(matches!(err, Err(StreamError::Other(_))));
     }
 
     #[test]

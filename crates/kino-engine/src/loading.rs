@@ -249,6 +249,16 @@ impl Weights {
         VarBuilder::from_backend(backend, dtype, device.clone())
     }
 
+    /// The shape of tensor `name` (diffusers name) as stored, without reading its data; `None`
+    /// when there is no such tensor.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let f = self.file_name(name)?;
+        match &self.inner {
+            Store::Safetensors(s) => s.get(f).ok().map(|v| v.shape().to_vec()),
+            Store::Gguf(g) => g.shape(f),
+        }
+    }
+
     /// Names of all tensors (for diagnostics and tests).
     pub fn names(&self) -> Vec<String> {
         match &self.renamed {

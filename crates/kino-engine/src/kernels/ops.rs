@@ -780,18 +780,25 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
         let c_ptr = out.as_mut_ptr() as usize;
         let failed = std::sync::atomic::AtomicBool::new(false);
         pool_run(strips, |range| {
-            let mut rows = Vec::new();
+            let mut row = vec![0f32; k];
             for s in range {
                 let j0 = s * per * nr;
                 let j1 = (j0 + per * nr).min(n);
                 let width = j1 - j0;
-                rows.clear();
-                rows.resize(width * k, 0f32);
-                if !expand_rows(dtype, &raw[j0 * row_bytes..j1 * row_bytes], &mut rows) {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    return;
+                // Each row of the strip expanded, then scattered into its panel column.
+                let mut w = PackedB::zeroed(kern, width, k);
+                let (data, len) = w.panels_mut();
+                for c in 0..width {
+                    let j = j0 + c;
+                    if !expand_rows(dtype, &raw[j * row_bytes..(j + 1) * row_bytes], &mut row) {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    let panel = &mut data[(c / nr) * len..(c / nr + 1) * len];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * nr + c % nr] = v;
+                    }
                 }
-                let w = PackedB::from_rows(kern, &rows, width, k, k);
                 let bias = lin.bias.as_deref().map(|b| &b[j0..j1]);
                 let (tm, tn) = gemm::tiles(m, &w);
                 for tj in 0..tn {

@@ -222,6 +222,9 @@ fn measure_gguf_transformer(a: &Args, f: &str) -> anyhow::Result<Measure> {
     let dev = Device::Cpu;
     let dir = gguf_folder(a, f)?;
     let model = transformer::WanTransformer3DModel::load(&dir, DType::F32, &dev)?;
+    if std::env::var_os("KINO_BENCH_DEBUG").is_some() {
+        eprintln!("loaded: VmRSS {}", rss_line("VmRSS:"));
+    }
     time_forward(&model)
 }
 
@@ -262,6 +265,13 @@ fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {
         .find(|l| l.starts_with('{'))
         .context("no result line in its output")?;
     Ok(serde_json::from_str(line)?)
+}
+
+fn rss_line(key: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn peak_rss() -> u64 {
