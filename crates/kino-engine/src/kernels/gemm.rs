@@ -210,6 +210,89 @@ pub unsafe fn tile(
     (ti, tj): (usize, usize),
     post: Post,
 ) {
+    tile_of(a, lda, m, &w.view(), bias, c, ldc, (ti, tj), post, false)
+}
+
+/// Packed weights as [`tile_of`] reads them: `n` columns × `k` of `Wᵀ` in `NR`-column panels
+/// `panel_stride` floats apart, each panel `NR` floats per k from `data` on. A whole
+/// [`PackedB`] ([`PackedB::view`]), a run of its panels ([`PackedB::view_cols`]) or a slice of
+/// its K ([`PackedB::view_k`]).
+#[derive(Clone, Copy)]
+pub struct PackedView<'a> {
+    data: &'a [f32],
+    pub n: usize,
+    pub k: usize,
+    panel_stride: usize,
+    kernel: &'static Kernel,
+}
+
+impl PackedB {
+    /// All of it.
+    pub fn view(&self) -> PackedView<'_> {
+        PackedView {
+            data: &self.data,
+            n: self.n,
+            k: self.k,
+            panel_stride: self.k * self.kernel.nr,
+            kernel: self.kernel,
+        }
+    }
+
+    /// Columns `j0..j1` (`j0` a multiple of `NR`; `j1` one too, or `n`).
+    pub fn view_cols(&self, j0: usize, j1: usize) -> PackedView<'_> {
+        let nr = self.kernel.nr;
+        assert!(
+            j0.is_multiple_of(nr) && j0 <= j1 && j1 <= self.n,
+            "columns {j0}..{j1}"
+        );
+        let len = self.k * nr;
+        PackedView {
+            data: &self.data[j0 / nr * len..j1.div_ceil(nr) * len],
+            n: j1 - j0,
+            k: self.k,
+            panel_stride: len,
+            kernel: self.kernel,
+        }
+    }
+
+    /// All columns, K from `k0` to `k1`.
+    pub fn view_k(&self, k0: usize, k1: usize) -> PackedView<'_> {
+        assert!(k0 <= k1 && k1 <= self.k, "k {k0}..{k1}");
+        let nr = self.kernel.nr;
+        PackedView {
+            data: &self.data[k0 * nr..],
+            n: self.n,
+            k: k1 - k0,
+            panel_stride: self.k * nr,
+            kernel: self.kernel,
+        }
+    }
+}
+
+/// [`tiles`] of a view.
+pub fn tiles_of(m: usize, w: &PackedView) -> (usize, usize) {
+    (m.div_ceil(w.kernel.mc), w.n.div_ceil(w.kernel.nc))
+}
+
+/// [`tile`] over a view; with `acc` the tile adds to C as it is (no bias, for a sum over slices
+/// of K made one call after another: the same additions in the same order as one call over all
+/// of K, when each slice starts at a multiple of `KC`).
+///
+/// # Safety
+/// As [`tile`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_of(
+    a: *const f32,
+    lda: usize,
+    m: usize,
+    w: &PackedView,
+    bias: Option<&[f32]>,
+    c: *mut f32,
+    ldc: usize,
+    (ti, tj): (usize, usize),
+    post: Post,
+    acc: bool,
+) {
     let kern = w.kernel;
     let (mr, nr) = (kern.mr, kern.nr);
     let (n, k) = (w.n, w.k);
@@ -222,7 +305,7 @@ pub unsafe fn tile(
         let mut j = j0;
         while j < j1 {
             let cols = (j1 - j).min(nr);
-            let init = if pc > 0 {
+            let init = if pc > 0 || acc {
                 Init::Load
             } else {
                 match bias {
@@ -230,13 +313,13 @@ pub unsafe fn tile(
                     None => Init::Zero,
                 }
             };
-            let bp = w.data.as_ptr().add((j / nr) * k * nr + pc * nr);
+            let bp = w.data.as_ptr().add((j / nr) * w.panel_stride + pc * nr);
             let mut i = i0;
             while i < i1 {
                 let rows = (i1 - i).min(mr);
                 let (ai, ci) = (a.add(i * lda + pc), c.add(i * ldc + j));
-                // SAFETY: `w.kernel.supported()` held when `w` was made; the caller vouches for
-                // A and C; the panel has `NR` floats per k.
+                // SAFETY: the kernel's `supported()` held when the weights were packed; the
+                // caller vouches for A and C; the panel has `NR` floats per k.
                 (kern.run)(rows, kc, ai, lda, bp, ci, ldc, init, cols);
                 i += mr;
             }

@@ -47,8 +47,8 @@ use std::sync::OnceLock;
 
 pub use conv::rms_norm_silu;
 pub use ops::{
-    attention, bias_gelu_inplace, dequantize_q8_0, gated_residual, modulated_layer_norm,
-    softmax_last_dim_owned, PackedLinear, QuantizedLinear,
+    attention, bias_gelu_inplace, dequantize_q8_0, feed_forward, gated_residual,
+    modulated_layer_norm, softmax_last_dim_owned, FfnLayer, PackedLinear, QuantizedLinear,
 };
 
 /// An instruction set the kernels have a path for.

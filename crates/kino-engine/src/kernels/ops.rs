@@ -715,6 +715,62 @@ impl QuantizedLinear {
         self.k / self.q.dtype().block_size() * self.q.dtype().type_size()
     }
 
+    /// Fills one packed panel (`k1 − k0` rows of `nr` floats) with rows `rows` (at most `nr`)
+    /// of the matrix, K from `k0` to `k1` (block boundaries); `row` is scratch. `false` when
+    /// the blocks do not expand.
+    fn fill_panel(
+        &self,
+        raw: &[u8],
+        rows: std::ops::Range<usize>,
+        ks: std::ops::Range<usize>,
+        nr: usize,
+        panel: &mut [f32],
+        row: &mut Vec<f32>,
+    ) -> bool {
+        let dtype = self.q.dtype();
+        let (bs, ts, row_bytes) = (dtype.block_size(), dtype.type_size(), self.row_bytes());
+        if !ks.start.is_multiple_of(bs) || !ks.end.is_multiple_of(bs) || ks.end > self.k {
+            return false;
+        }
+        let len = ks.end - ks.start;
+        row.resize(len, 0f32);
+        for (c, j) in rows.enumerate() {
+            let start = j * row_bytes + ks.start / bs * ts;
+            let end = j * row_bytes + ks.end / bs * ts;
+            if end > raw.len() || !expand_rows(dtype, &raw[start..end], &mut row[..len]) {
+                return false;
+            }
+            for (kk, &v) in row[..len].iter().enumerate() {
+                panel[kk * nr + c] = v;
+            }
+        }
+        true
+    }
+
+    /// Rows `rows` of the matrix, K from `ks`, expanded into packed panels for `kernel`, in
+    /// parallel over the panels; `None` when the blocks do not expand.
+    fn expand_packed(
+        &self,
+        kernel: &'static Kernel,
+        rows: std::ops::Range<usize>,
+        ks: std::ops::Range<usize>,
+    ) -> Option<PackedB> {
+        let raw = self.q.data().ok()?;
+        let nr = kernel.nr;
+        let mut w = PackedB::zeroed(kernel, rows.len(), ks.len());
+        let (data, len) = w.panels_mut();
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        par_rows(data, len, |p, panel| {
+            let r0 = rows.start + p * nr;
+            let r1 = (r0 + nr).min(rows.end);
+            let mut row = Vec::new();
+            if !self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut row) {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        (!failed.into_inner()).then_some(w)
+    }
+
     /// `linear(x)`, then `gelu_tanh` when `gelu`; the result in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
@@ -763,7 +819,6 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
         }
         let m = x.len() / k;
         let raw = lin.q.data()?;
-        let row_bytes = lin.row_bytes();
         let dtype = lin.q.dtype();
         let kern = self.kernel;
         let nr = kern.nr;
@@ -788,15 +843,12 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
                 // Each row of the strip expanded, then scattered into its panel column.
                 let mut w = PackedB::zeroed(kern, width, k);
                 let (data, len) = w.panels_mut();
-                for c in 0..width {
-                    let j = j0 + c;
-                    if !expand_rows(dtype, &raw[j * row_bytes..(j + 1) * row_bytes], &mut row) {
+                for (p, panel) in data.chunks_mut(len).enumerate() {
+                    let r0 = j0 + p * nr;
+                    let r1 = (r0 + nr).min(j1);
+                    if !lin.fill_panel(&raw, r0..r1, 0..k, nr, panel, &mut row) {
                         failed.store(true, std::sync::atomic::Ordering::Relaxed);
                         return;
-                    }
-                    let panel = &mut data[(c / nr) * len..(c / nr + 1) * len];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * nr + c % nr] = v;
                     }
                 }
                 let bias = lin.bias.as_deref().map(|b| &b[j0..j1]);
@@ -821,6 +873,189 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
             );
         }
         let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// The feed-forward, strip by strip of its hidden width.
+// -------------------------------------------------------------------------------------------------
+
+/// A linear layer of a feed-forward as [`feed_forward`] takes it.
+#[derive(Clone, Copy)]
+pub enum FfnLayer<'a> {
+    Packed(&'a PackedLinear),
+    Quantized(&'a QuantizedLinear),
+}
+
+impl FfnLayer<'_> {
+    /// (outputs, inputs)
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            FfnLayer::Packed(p) => (p.w.n, p.w.k),
+            FfnLayer::Quantized(q) => (q.n, q.k),
+        }
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        match self {
+            FfnLayer::Packed(p) => p.bias.as_deref(),
+            FfnLayer::Quantized(q) => q.bias.as_deref(),
+        }
+    }
+}
+
+/// Width of the hidden strips: a multiple of every kernel's `NR` and `KC` (so the second
+/// product adds the strips in the order one product over all of K would) and of every GGUF
+/// block size.
+const FFN_STRIP: usize = 512;
+
+/// `proj_out(gelu_tanh(proj_in(x)))` (diffusers' `FeedForward` with `gelu-approximate`) without
+/// ever holding the hidden activations whole: for each strip of `FFN_STRIP` hidden units,
+/// `h = gelu(x · W_inᵀ[strip] + b_in[strip])`, then `out += h · W_outᵀ[strip]` (`b_out` with the
+/// first). The hidden `[N, ffn_dim]` tensor (1.2 GB for Wan2.1-1.3B at 480p × 81 frames) becomes
+/// `[N, 512]`, and quantized matrices are expanded strip by strip once per call. Each output
+/// element is summed in the same order as the two plain products, so the result is the same to
+/// the bit. `None` (the caller runs the two layers) off the CPU, for other dtypes, or for
+/// layers that do not run on packed kernels.
+pub fn feed_forward(
+    x: &Tensor,
+    proj_in: FfnLayer,
+    proj_out: FfnLayer,
+) -> candle_core::Result<Option<Tensor>> {
+    let (f, dim) = proj_in.dims();
+    let (n, f2) = proj_out.dims();
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || f2 != f || x.dims().last() != Some(&dim) {
+        return Ok(None);
+    }
+    let kernel_of = |l: &FfnLayer| -> Option<&'static Kernel> {
+        match l {
+            FfnLayer::Packed(p) => Some(p.w.kernel()),
+            FfnLayer::Quantized(q) => q.strip_kernel(x),
+        }
+    };
+    let (Some(k_in), Some(k_out)) = (kernel_of(&proj_in), kernel_of(&proj_out)) else {
+        return Ok(None);
+    };
+    let aligned =
+        |kern: &Kernel| FFN_STRIP.is_multiple_of(kern.nr) && FFN_STRIP.is_multiple_of(kern.kc);
+    let blocks_fit = |l: &FfnLayer| match l {
+        FfnLayer::Quantized(q) => FFN_STRIP.is_multiple_of(q.q.dtype().block_size()),
+        FfnLayer::Packed(_) => true,
+    };
+    if !aligned(k_in) || !aligned(k_out) || !blocks_fit(&proj_out) {
+        return Ok(None);
+    }
+    let op = FeedForwardOp {
+        proj_in,
+        proj_out,
+        k_in,
+        k_out,
+        n,
+        f,
+        dim,
+    };
+    Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
+}
+
+struct FeedForwardOp<'a> {
+    proj_in: FfnLayer<'a>,
+    proj_out: FfnLayer<'a>,
+    k_in: &'static Kernel,
+    k_out: &'static Kernel,
+    n: usize,
+    f: usize,
+    dim: usize,
+}
+
+/// `C (+)= A · Wᵀ` over a view, tiles in parallel.
+#[allow(clippy::too_many_arguments)]
+fn matmul_view_par(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &gemm::PackedView,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    post: gemm::Post,
+    acc: bool,
+) {
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + w.k && c.len() >= (m - 1) * ldc + w.n));
+    assert!(bias.is_none_or(|b| b.len() >= w.n));
+    let (tiles_m, tiles_n) = gemm::tiles_of(m, w);
+    let c_ptr = c.as_mut_ptr() as usize;
+    pool_run(tiles_m * tiles_n, |range| {
+        for t in range {
+            let (ti, tj) = (t % tiles_m, t / tiles_m);
+            // SAFETY: A and C hold the rows and columns asserted above; each tile writes only
+            // its own rows and columns of C, so tiles are disjoint; C outlives the pool call.
+            unsafe {
+                gemm::tile_of(
+                    a.as_ptr(),
+                    lda,
+                    m,
+                    w,
+                    bias,
+                    c_ptr as *mut f32,
+                    ldc,
+                    (ti, tj),
+                    post,
+                    acc,
+                );
+            }
+        }
+    });
+}
+
+impl CustomOp1 for FeedForwardOp<'_> {
+    fn name(&self) -> &'static str {
+        "kino-feed-forward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "feed-forward input")?;
+        let (n, f, dim) = (self.n, self.f, self.dim);
+        let m = x.len() / dim.max(1);
+        let isa = isa();
+        let gelu = |row: &mut [f32], _: usize| super::gelu_row(isa, row);
+        let noop = |_: &mut [f32], _: usize| {};
+        let mut out = vec![0f32; m * n];
+        let mut h = vec![0f32; m * FFN_STRIP.min(f)];
+        let expand_failed =
+            || candle_core::Error::Msg("feed-forward: GGUF blocks do not expand".into());
+        for s0 in (0..f).step_by(FFN_STRIP) {
+            let s1 = (s0 + FFN_STRIP).min(f);
+            let w = s1 - s0;
+            let tmp_in;
+            let w_in = match self.proj_in {
+                FfnLayer::Packed(p) => p.w.view_cols(s0, s1),
+                FfnLayer::Quantized(q) => {
+                    tmp_in = q
+                        .expand_packed(self.k_in, s0..s1, 0..dim)
+                        .ok_or_else(expand_failed)?;
+                    tmp_in.view()
+                }
+            };
+            let b_in = self.proj_in.bias().map(|b| &b[s0..s1]);
+            matmul_view_par(x, dim, m, &w_in, b_in, &mut h, w, &gelu, false);
+            let tmp_out;
+            let w_out = match self.proj_out {
+                FfnLayer::Packed(p) => p.w.view_k(s0, s1),
+                FfnLayer::Quantized(q) => {
+                    tmp_out = q
+                        .expand_packed(self.k_out, 0..n, s0..s1)
+                        .ok_or_else(expand_failed)?;
+                    tmp_out.view()
+                }
+            };
+            let b_out = if s0 == 0 { self.proj_out.bias() } else { None };
+            matmul_view_par(&h, w, m, &w_out, b_out, &mut out, n, &noop, s0 > 0);
+        }
+        let mut out_dims = l.dims().to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = n;
         }

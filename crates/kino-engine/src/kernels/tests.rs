@@ -359,3 +359,63 @@ fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()>
     assert!(lin.forward(&bad, false).is_err());
     Ok(())
 }
+
+/// The feed-forward strip by strip of its hidden width gives the two layers' result to the bit
+/// (packed f32, quantized, and mixed), with a hidden width that leaves a short last strip.
+#[test]
+fn feed_forward_in_strips_equals_two_layers_bit_for_bit() -> candle_core::Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let (m, dim, f) = (37, 256, 1280);
+    let x = Tensor::randn(0f32, 1.0, (1, m, dim), &dev)?;
+    let w_in = Tensor::randn(0f32, 0.1, (f, dim), &dev)?;
+    let b_in = Tensor::randn(0f32, 0.1, f, &dev)?;
+    let w_out = Tensor::randn(0f32, 0.1, (dim, f), &dev)?;
+    let b_out = Tensor::randn(0f32, 0.1, dim, &dev)?;
+    let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    let mut checked = 0;
+    for isa in simd_isas() {
+        with_isa(isa, || -> candle_core::Result<()> {
+            let kernel = packed_gemm().expect("a kernel");
+            let p_in = PackedLinear::new(kernel, &w_in, Some(&b_in))?;
+            let p_out = PackedLinear::new(kernel, &w_out, Some(&b_out))?;
+            let want = p_out.forward(&p_in.forward(&x, true)?, false)?;
+            let got = feed_forward(&x, FfnLayer::Packed(&p_in), FfnLayer::Packed(&p_out))?
+                .expect("runs on packed layers");
+            assert_eq!(got.dims(), [1, m, dim]);
+            assert_eq!(bits(&got)?, bits(&want)?, "{isa} packed");
+            for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+                let q = |w: &Tensor, b: &Tensor| -> candle_core::Result<QuantizedLinear> {
+                    QuantizedLinear::new(std::sync::Arc::new(QTensor::quantize(w, dtype)?), Some(b))
+                };
+                let (q_in, q_out) = (q(&w_in, &b_in)?, q(&w_out, &b_out)?);
+                let want = q_out.forward(&q_in.forward(&x, true)?, false)?;
+                let got =
+                    feed_forward(&x, FfnLayer::Quantized(&q_in), FfnLayer::Quantized(&q_out))?
+                        .expect("runs on quantized layers");
+                assert_eq!(bits(&got)?, bits(&want)?, "{isa} {dtype:?}");
+                let want = q_out.forward(&p_in.forward(&x, true)?, false)?;
+                let got = feed_forward(&x, FfnLayer::Packed(&p_in), FfnLayer::Quantized(&q_out))?
+                    .expect("runs on mixed layers");
+                assert_eq!(bits(&got)?, bits(&want)?, "{isa} packed + {dtype:?}");
+            }
+            // Not its case: another dtype, or layers that do not chain.
+            let half = x.to_dtype(DType::BF16)?;
+            assert!(
+                feed_forward(&half, FfnLayer::Packed(&p_in), FfnLayer::Packed(&p_out))?.is_none()
+            );
+            assert!(feed_forward(&x, FfnLayer::Packed(&p_in), FfnLayer::Packed(&p_in))?.is_none());
+            checked += 1;
+            Ok(())
+        })?;
+    }
+    assert!(checked > 0 || simd_isas().is_empty());
+    Ok(())
+}

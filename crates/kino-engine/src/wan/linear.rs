@@ -39,6 +39,18 @@ impl Lin {
         self.forward_act(x, false)
     }
 
+    /// The layer as the fused feed-forward takes it (packed or quantized, no LoRA on the fly).
+    pub(crate) fn ffn_layer(&self) -> Option<kernels::FfnLayer<'_>> {
+        if self.lora.is_some() {
+            return None;
+        }
+        match &self.base {
+            LinBase::Packed(p) => Some(kernels::FfnLayer::Packed(p)),
+            LinBase::Quantized(q) => Some(kernels::FfnLayer::Quantized(q)),
+            LinBase::Candle(_) => None,
+        }
+    }
+
     /// `gelu_tanh(linear(x))` when `gelu`.
     pub(crate) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
         let Some((down, up)) = &self.lora else {

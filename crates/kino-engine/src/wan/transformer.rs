@@ -629,16 +629,24 @@ impl WanAttention {
         let (b, n, dim) = x.dims3()?;
         let m = ctx.dim(1)?;
         let (h, hd) = (self.heads, dim / self.heads);
-        let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
-        let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
-        let v = self.to_v.forward(&ctx)?;
-        let (q, k) = match rope {
-            Some(r) => (r.apply(&q, h)?, r.apply(&k, h)?),
-            None => (q, k),
-        };
-        let q = q.reshape((b, n, h, hd))?;
-        let k = k.reshape((b, m, h, hd))?;
-        let v = v.reshape((b, m, h, hd))?;
+        // Blocks, so that the tensors before the rotary embedding are freed once it is applied.
+        let q = {
+            let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
+            match rope {
+                Some(r) => r.apply(&q, h)?,
+                None => q,
+            }
+        }
+        .reshape((b, n, h, hd))?;
+        let k = {
+            let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
+            match rope {
+                Some(r) => r.apply(&k, h)?,
+                None => k,
+            }
+        }
+        .reshape((b, m, h, hd))?;
+        let v = self.to_v.forward(&ctx)?.reshape((b, m, h, hd))?;
         let mut o = match causal_block {
             Some(bt) if bt < n => {
                 let mut parts = Vec::with_capacity(n.div_ceil(bt));
@@ -666,6 +674,7 @@ impl WanAttention {
             let o_img = attention(&q, &k_img, &v_img)?;
             o = (o + o_img)?;
         }
+        drop((q, k, v, ctx, image));
         self.to_out.forward(&o)
     }
 }
@@ -687,6 +696,13 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // On the CPU's packed kernels: strip by strip of the hidden width, never holding the
+        // [N, ffn_dim] activations whole (same result to the bit; see `kernels::feed_forward`).
+        if let (Some(a), Some(b)) = (self.proj_in.ffn_layer(), self.proj_out.ffn_layer()) {
+            if let Some(y) = kernels::feed_forward(x, a, b)? {
+                return Ok(y);
+            }
+        }
         let h = match &self.proj_in {
             Lin {
                 base: LinBase::Candle(l),
@@ -788,24 +804,34 @@ impl WanTransformerBlock {
         let (shift_msa, scale_msa, gate_msa) = (&e[0], &e[1], &e[2]);
         let (c_shift_msa, c_scale_msa, c_gate_msa) = (&e[3], &e[4], &e[5]);
 
+        // Each step in its own scope, so its temporaries (`[B, N, D]` each) are freed before
+        // the next step allocates.
         // 1. Self-attention
-        let norm =
-            modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?.to_dtype(dtype)?;
-        let attn = self.attn1.forward(&norm, None, Some(rope), causal_block)?;
-        let x = gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?;
+        let x = {
+            let attn = {
+                let norm = modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?
+                    .to_dtype(dtype)?;
+                self.attn1.forward(&norm, None, Some(rope), causal_block)?
+            };
+            gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?
+        };
 
         // 2. Cross-attention
-        let norm = match &self.norm2 {
-            Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
-            None => x.clone(),
+        let attn = {
+            let norm = match &self.norm2 {
+                Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
+                None => x.clone(),
+            };
+            self.attn2.forward(&norm, Some(context), None, None)?
         };
-        let attn = self.attn2.forward(&norm, Some(context), None, None)?;
         let x = (x + attn)?;
 
         // 3. Feed-forward
-        let norm =
-            modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?.to_dtype(dtype)?;
-        let ff = self.ffn.forward(&norm)?;
+        let ff = {
+            let norm = modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?
+                .to_dtype(dtype)?;
+            self.ffn.forward(&norm)?
+        };
         gated_residual(&x, &ff, c_gate_msa)?.to_dtype(dtype)
     }
 
@@ -827,28 +853,36 @@ impl WanTransformerBlock {
         let (shift_msa, scale_msa, gate_msa) = (&e[0], &e[1], &e[2]);
         let (c_shift_msa, c_scale_msa, c_gate_msa) = (&e[3], &e[4], &e[5]);
 
-        // 1. Self-attention
-        let norm =
-            modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?.to_dtype(dtype)?;
-        let attn = cache.taylor_module(index, Attn::Attn1, || {
-            self.attn1.forward(&norm, None, Some(rope), causal_block)
-        })?;
-        let x = gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?;
+        // 1. Self-attention (each step scoped as in `forward`)
+        let x = {
+            let attn = {
+                let norm = modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?
+                    .to_dtype(dtype)?;
+                cache.taylor_module(index, Attn::Attn1, || {
+                    self.attn1.forward(&norm, None, Some(rope), causal_block)
+                })?
+            };
+            gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?
+        };
 
         // 2. Cross-attention
-        let norm = match &self.norm2 {
-            Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
-            None => x.clone(),
+        let attn = {
+            let norm = match &self.norm2 {
+                Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
+                None => x.clone(),
+            };
+            cache.taylor_module(index, Attn::Attn2, || {
+                self.attn2.forward(&norm, Some(context), None, None)
+            })?
         };
-        let attn = cache.taylor_module(index, Attn::Attn2, || {
-            self.attn2.forward(&norm, Some(context), None, None)
-        })?;
         let x = (x + attn)?;
 
         // 3. Feed-forward
-        let norm =
-            modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?.to_dtype(dtype)?;
-        let ff = self.ffn.forward(&norm)?;
+        let ff = {
+            let norm = modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?
+                .to_dtype(dtype)?;
+            self.ffn.forward(&norm)?
+        };
         Ok(gated_residual(&x, &ff, c_gate_msa)?.to_dtype(dtype)?)
     }
 }
