@@ -515,6 +515,24 @@ fn is_comfy_models_dir(p: &Path) -> bool {
         && (p.join("diffusion_models").is_dir() || p.join("unet").is_dir())
 }
 
+/// Which expert of a two-expert model (Wan2.2 A14B) a diffusion-model file is, from its name
+/// as ComfyUI's files say it (`wan2.2_t2v_high_noise_14B_fp16.safetensors`, `…low_noise…`):
+/// the high-noise expert is diffusers' `transformer`, the low-noise one `transformer_2`.
+fn expert_folder(file: &Path) -> Option<&'static str> {
+    let name = file
+        .file_name()?
+        .to_str()?
+        .to_ascii_lowercase()
+        .replace(['-', '.'], "_");
+    let high = name.contains("high_noise") || name.contains("highnoise");
+    let low = name.contains("low_noise") || name.contains("lownoise");
+    match (high, low) {
+        (true, false) => Some("transformer"),
+        (false, true) => Some("transformer_2"),
+        _ => None,
+    }
+}
+
 /// A model folder for `--model` given as single files: comma-separated pieces, each a
 /// `.safetensors` file (a Wan diffusion model, a UMT5 text encoder, a Wan VAE, in any order), a
 /// ComfyUI `models/` folder (one file in each of its `diffusion_models/` or `unet/`,
@@ -565,18 +583,12 @@ pub fn layout(
         return Ok(source);
     }
     let index: serde_json::Value = crate::loading::read_json(&source.join("model_index.json"))?;
-    if index
+    let two_experts = index
         .get("transformer_2")
         .and_then(|v| v.as_array())
-        .is_some_and(|a| a.iter().any(|x| !x.is_null()))
-    {
-        return Err(Error::InvalidRequest(format!(
-            "{} has two experts (transformer and transformer_2); single files for two-expert models are not supported yet: use the diffusers folder",
-            source.display()
-        )));
-    }
-    // Classify every file.
-    let mut parts: BTreeMap<Part, (PathBuf, Naming)> = BTreeMap::new();
+        .is_some_and(|a| a.iter().any(|x| !x.is_null()));
+    // Classify every file; the key is the component folder it stands for.
+    let mut parts: BTreeMap<&'static str, (Part, PathBuf, Naming)> = BTreeMap::new();
     for f in &files {
         let names: Vec<String> = header(f)?.into_keys().collect();
         let Some((part, naming)) = classify(&names) else {
@@ -588,10 +600,33 @@ pub fn layout(
                 first.join(", ")
             )));
         };
-        if let Some((other, _)) = parts.get(&part) {
+        let folder = match part {
+            Part::Transformer if two_experts => expert_folder(f).ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "{} has two experts (a high-noise and a low-noise diffusion model), and the \
+                     name of {} does not say which one it is; name the files as ComfyUI's Wan2.2 \
+                     files are (…_high_noise_… and …_low_noise_…)",
+                    source.display(),
+                    f.display()
+                ))
+            })?,
+            _ => part.folder(),
+        };
+        if let Some((_, other, _)) = parts.get(folder) {
+            let which = if two_experts && part == Part::Transformer {
+                format!(
+                    "the {} expert",
+                    if folder == "transformer" {
+                        "high-noise"
+                    } else {
+                        "low-noise"
+                    }
+                )
+            } else {
+                part.what().to_string()
+            };
             return Err(Error::InvalidRequest(format!(
-                "two files for {} ({} and {}); give one",
-                part.what(),
+                "two files for {which} ({} and {}); give one",
                 other.display(),
                 f.display()
             )));
@@ -600,7 +635,7 @@ pub fn layout(
             path: f.clone(),
             message: e.to_string(),
         })?;
-        parts.insert(part, (abs, naming));
+        parts.insert(folder, (part, abs, naming));
     }
     let source = std::fs::canonicalize(&source).unwrap_or(source);
     // The folder: one per (source, files with their sizes and times).
@@ -608,8 +643,8 @@ pub fn layout(
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         source.hash(&mut h);
-        for (part, (f, _)) in &parts {
-            part.hash(&mut h);
+        for (folder, (_, f, _)) in &parts {
+            folder.hash(&mut h);
             f.hash(&mut h);
             if let Ok(m) = std::fs::metadata(f) {
                 m.len().hash(&mut h);
@@ -619,8 +654,9 @@ pub fn layout(
         h.finish()
     };
     let stem = parts
-        .get(&Part::Transformer)
-        .and_then(|(f, _)| f.file_stem())
+        .get("transformer")
+        .or_else(|| parts.get("transformer_2"))
+        .and_then(|(_, f, _)| f.file_stem())
         .and_then(|s| s.to_str())
         .unwrap_or("model")
         .chars()
@@ -647,10 +683,9 @@ pub fn layout(
         let name = entry.file_name();
         let from = entry.path();
         let to = tmp.join(&name);
-        let part = parts
-            .iter()
-            .find(|(p, _)| name.to_str() == Some(p.folder()));
-        if let Some((&part, (file, naming))) = part {
+        let part = parts.get(name.to_str().unwrap_or_default());
+        if let Some((part, file, naming)) = part {
+            let part = *part;
             std::fs::create_dir_all(&to).map_err(|e| io(&to, e))?;
             let cfg = from.join("config.json");
             std::fs::copy(&cfg, to.join("config.json")).map_err(|e| io(&cfg, e))?;
@@ -676,14 +711,14 @@ pub fn layout(
             std::fs::copy(&from, &to).map_err(|e| io(&from, e))?;
         }
     }
-    for (part, (file, _)) in &parts {
-        if !tmp.join(part.folder()).join(NOTE).exists() {
+    for (folder, (part, file, _)) in &parts {
+        if !tmp.join(folder).join(NOTE).exists() {
             return Err(Error::InvalidRequest(format!(
                 "{} is {}, but {} has no {}/ folder to take its config from; name a folder of the same kind of model",
                 file.display(),
                 part.what(),
                 source.display(),
-                part.folder()
+                folder
             )));
         }
     }
@@ -711,11 +746,24 @@ fn comfy_files(models: &Path) -> Result<Vec<PathBuf>> {
             .filter(|p| p.is_file() && is_weight_file(p))
             .collect();
         found.sort();
+        let two_experts = |f: &[PathBuf]| {
+            f.len() == 2
+                && part == Part::Transformer
+                && matches!(
+                    (expert_folder(&f[0]), expert_folder(&f[1])),
+                    (Some(a), Some(b)) if a != b
+                )
+        };
         match found.len() {
             0 => continue,
             1 => {
                 seen.push(part);
                 out.push(found.remove(0));
+            }
+            // Wan2.2 A14B's high- and low-noise experts.
+            2 if two_experts(&found) => {
+                seen.push(part);
+                out.append(&mut found);
             }
             _ => {
                 let names: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();

@@ -1,5 +1,5 @@
 //! Quantized weights (issue 19, item 2): a Wan2.1-1.3B-size transformer (2 of its 30 blocks,
-//! random weights) written with `gguf::quantize_component` in Q8_0 / Q5_K / Q4_K and loaded back
+//! random weights) written with `gguf::quantize_component` in F16 / Q8_0 / Q5_K / Q4_K and loaded back
 //! from the GGUF file (original Wan names, matrices kept quantized) stays close to the f32
 //! forward: Q8_0 within the issue's 1e-2 and Q5_K within 5e-2. Q4_K is held to 1e-1 here: the
 //! issue asks 5e-2, which plain Q4_K does not reach on these weights (about 8.5e-2: 4 bits per
@@ -75,6 +75,8 @@ fn quantized_forward_stays_close_to_f32() {
     drop(reference);
 
     let bars = [
+        // F16 matrices stay in 16 bits too (expanded strip by strip): only f16's rounding.
+        ("f16", 1e-3),
         ("q8_0", 1e-2),
         ("q5_k", 5e-2),
         ("q4_k_m", 1e-1),

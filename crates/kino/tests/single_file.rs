@@ -122,12 +122,17 @@ fn python() -> String {
 }
 
 fn write_trio(dir: &Path) {
+    write_files(&repo().join("models/kino-shapes"), dir);
+}
+
+/// The single files of the diffusers folder `src` (see `WRITER`) into `dir`.
+fn write_files(src: &Path, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let script = dir.join("write_trio.py");
     std::fs::write(&script, WRITER).unwrap();
     let o = Command::new(python())
         .arg(&script)
-        .arg(repo().join("models/kino-shapes"))
+        .arg(src)
         .arg(dir)
         .arg("1")
         .output()
@@ -161,16 +166,20 @@ fn generate_prompt(
     if !o.status.success() {
         return Err(stderr(&o));
     }
+    Ok(read_pngs(out))
+}
+
+/// The PNG frames a `kino generate -o DIR` wrote, in order.
+fn read_pngs(out: &Path) -> Vec<kino_media::Frame> {
     let mut pngs: Vec<PathBuf> = std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "png"))
         .collect();
     pngs.sort();
-    Ok(pngs
-        .iter()
+    pngs.iter()
         .map(|p| kino_media::read_image(p).unwrap())
-        .collect())
+        .collect()
 }
 
 /// Mean and largest absolute difference in 8-bit levels.
@@ -367,4 +376,111 @@ fn gguf_files_from_kino_quantize_run() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Wan2.2 A14B as ComfyUI ships it: the high- and low-noise experts as two diffusion-model files
+/// with the original names (`…_high_noise_…`, `…_low_noise_…`), beside the folder of the same
+/// model (here the tiny two-expert I2V fixture), make the folder's video exactly, also from a
+/// ComfyUI `models/` folder; the same files with their names swapped make another video (the
+/// names are what assigns them); an unnamed pair and two files for one expert are refused.
+#[test]
+fn two_expert_files_make_the_same_video_as_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = repo().join("fixtures/data/pipeline-a14b-i2v/model");
+    // The low-noise expert (`transformer_2`) through the same writer, as a folder whose
+    // `transformer` is it.
+    let low_src = tmp.path().join("low-src");
+    std::fs::create_dir_all(&low_src).unwrap();
+    for (link, target) in [
+        ("transformer", "transformer_2"),
+        ("vae", "vae"),
+        ("text_encoder", "text_encoder"),
+    ] {
+        std::os::unix::fs::symlink(model.join(target), low_src.join(link)).unwrap();
+    }
+    write_files(&model, &tmp.path().join("high"));
+    write_files(&low_src, &tmp.path().join("low"));
+    let files = tmp.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let high = files.join("wan2.2_i2v_high_noise_tiny_fp32.safetensors");
+    let low = files.join("wan2.2_i2v_low_noise_tiny_fp32.safetensors");
+    std::fs::copy(tmp.path().join("high/wan.safetensors"), &high).unwrap();
+    std::fs::copy(tmp.path().join("low/wan.safetensors"), &low).unwrap();
+
+    let image = tmp.path().join("first.png");
+    let mut rgb = Vec::with_capacity(48 * 32 * 3);
+    for y in 0..32u32 {
+        for x in 0..48u32 {
+            rgb.extend_from_slice(&[(x * 5) as u8, (y * 7) as u8, 128]);
+        }
+    }
+    kino_media::write_image(&image, &kino_media::Frame::new(48, 32, rgb).unwrap()).unwrap();
+    let cache = tmp.path().join("cache");
+    let gen = |spec: &str, name: &str| -> Result<Vec<kino_media::Frame>, String> {
+        let out = tmp.path().join(name);
+        let o = run(kino()
+            .args(["generate", "a cat surfing"])
+            .args(["--model", spec, "--seed", "3", "--steps", "4"])
+            .arg("--image")
+            .arg(&image)
+            .args(["--no-sign", "--no-watermark", "-o"])
+            .arg(&out)
+            .env("KINO_CACHE", &cache));
+        if !o.status.success() {
+            return Err(stderr(&o));
+        }
+        Ok(read_pngs(&out))
+    };
+    let folder = model.display().to_string();
+    let base = gen(&folder, "base").unwrap();
+    assert!(!base.is_empty());
+    let pair = gen(
+        &format!("{},{},{folder}", low.display(), high.display()),
+        "pair",
+    )
+    .unwrap();
+    assert_eq!(diff(&base, &pair), (0.0, 0), "the two experts' files");
+
+    let models = tmp.path().join("ComfyUI/models/diffusion_models");
+    std::fs::create_dir_all(&models).unwrap();
+    for f in [&high, &low] {
+        std::fs::copy(f, models.join(f.file_name().unwrap())).unwrap();
+    }
+    let comfy = gen(
+        &format!("{},{folder}", models.parent().unwrap().display()),
+        "comfy",
+    )
+    .unwrap();
+    assert_eq!(diff(&base, &comfy), (0.0, 0), "ComfyUI models folder");
+
+    // The names decide which file is which expert: swapped, the video changes.
+    let swapped = tmp.path().join("swapped");
+    std::fs::create_dir_all(&swapped).unwrap();
+    let s_high = swapped.join("a_high_noise.safetensors");
+    let s_low = swapped.join("a_low_noise.safetensors");
+    std::fs::copy(&low, &s_high).unwrap();
+    std::fs::copy(&high, &s_low).unwrap();
+    let other = gen(
+        &format!("{},{},{folder}", s_high.display(), s_low.display()),
+        "swapped-out",
+    )
+    .unwrap();
+    let (mean, _) = diff(&base, &other);
+    assert!(mean > 0.0, "swapped experts made the same video");
+
+    // Mistakes: files whose names do not say which expert, two files for one expert.
+    let plain = swapped.join("wan.safetensors");
+    std::fs::copy(&high, &plain).unwrap();
+    let err = gen(&format!("{},{folder}", plain.display()), "e1").unwrap_err();
+    assert!(
+        err.contains("high_noise") && err.contains("does not say which"),
+        "{err}"
+    );
+    let err = gen(
+        &format!("{},{},{folder}", high.display(), s_high.display()),
+        "e2",
+    )
+    .unwrap_err();
+    assert!(err.contains("two files for the high-noise expert"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
