@@ -534,34 +534,37 @@ fn attention_packed(
     scale: f32,
     out: &mut [f32],
 ) {
-    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     let isa = isa();
     let row = h * d; // stride between tokens in q, k, v and out
-    let packed: Vec<(OnceLock<PackedB>, OnceLock<PackedB>)> = (0..b * h)
-        .map(|_| (OnceLock::new(), OnceLock::new()))
-        .collect();
-    pool_run(b * h, |range| {
-        for bh in range {
+    let n_blocks = n.div_ceil(bq);
+    // Each (batch, head)'s K and V are packed by the first task that needs them and freed when
+    // its last query block is done, so only the heads in flight are held packed (the tasks of a
+    // thread are consecutive, head after head), not all of them.
+    type Packed = Arc<(PackedB, PackedB)>;
+    let packed: Vec<Mutex<Option<Packed>>> = (0..b * h).map(|_| Mutex::new(None)).collect();
+    let left: Vec<AtomicUsize> = (0..b * h).map(|_| AtomicUsize::new(n_blocks)).collect();
+    let kv = |bh: usize| -> Packed {
+        let mut slot = packed[bh].lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(|| {
             let off = (bh / h) * m * row + (bh % h) * d;
             // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
-            let _ = packed[bh]
-                .0
-                .set(PackedB::from_rows(kernel, &k[off..], m, d, row));
-            let _ = packed[bh]
-                .1
-                .set(PackedB::from_cols(kernel, &v[off..], d, m, row));
-        }
-    });
-    let n_blocks = n.div_ceil(bq);
+            Arc::new((
+                PackedB::from_rows(kernel, &k[off..], m, d, row),
+                PackedB::from_cols(kernel, &v[off..], d, m, row),
+            ))
+        })
+        .clone()
+    };
     let out_ptr = out.as_mut_ptr() as usize;
     pool_run(b * h * n_blocks, |range| {
         let mut scores = vec![0f32; bq * m];
         let mut sums = vec![0f32; bq];
         for task in range {
             let (bh, blk) = (task / n_blocks, task % n_blocks);
-            let (Some(kp), Some(vp)) = (packed[bh].0.get(), packed[bh].1.get()) else {
-                continue; // unreachable: every slot was set above
-            };
+            let pair = kv(bh);
+            let (kp, vp) = (&pair.0, &pair.1);
             let n0 = blk * bq;
             let rows = bq.min(n - n0);
             let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
@@ -580,6 +583,10 @@ fn attention_packed(
                         *x *= inv;
                     }
                 }
+            }
+            drop(pair);
+            if left[bh].fetch_sub(1, Ordering::AcqRel) == 1 {
+                *packed[bh].lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
         }
     });

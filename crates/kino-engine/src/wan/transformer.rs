@@ -608,15 +608,31 @@ impl WanAttention {
 
     /// `x`: `[B, N, D]`; `context`: `[B, M, D]` for cross-attention, `None` for self-attention.
     /// `causal_block`: SkyReels-V2's block-causal self-attention, the tokens of one block of
-    /// frames: the queries of block i see the keys of blocks 0..=i.
+    /// frames: the queries of block i see the keys of blocks 0..=i. `x` is taken by value so
+    /// it is freed once the projections have read it.
     fn forward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         context: Option<&Tensor>,
         rope: Option<&Rope>,
         causal_block: Option<usize>,
     ) -> candle_core::Result<Tensor> {
-        let mut ctx = context.unwrap_or(x).clone();
+        let (b, n, dim) = x.dims3()?;
+        let (h, hd) = (self.heads, dim / self.heads);
+        // Blocks, so that the tensors before the rotary embedding are freed once it is applied.
+        let q = {
+            let q = self.norm_q.forward(&self.to_q.forward(&x)?)?;
+            match rope {
+                Some(r) => r.apply(&q, h)?,
+                None => q,
+            }
+        }
+        .reshape((b, n, h, hd))?;
+        let mut ctx = match context {
+            Some(c) => c.clone(),
+            None => x.clone(),
+        };
+        drop(x);
         let mut image = None;
         if self.added_kv.is_some() {
             let total = ctx.dim(1)?;
@@ -626,18 +642,7 @@ impl WanAttention {
             }
             ctx = ctx.narrow(1, split, total - split)?;
         }
-        let (b, n, dim) = x.dims3()?;
         let m = ctx.dim(1)?;
-        let (h, hd) = (self.heads, dim / self.heads);
-        // Blocks, so that the tensors before the rotary embedding are freed once it is applied.
-        let q = {
-            let q = self.norm_q.forward(&self.to_q.forward(x)?)?;
-            match rope {
-                Some(r) => r.apply(&q, h)?,
-                None => q,
-            }
-        }
-        .reshape((b, n, h, hd))?;
         let k = {
             let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
             match rope {
@@ -647,6 +652,7 @@ impl WanAttention {
         }
         .reshape((b, m, h, hd))?;
         let v = self.to_v.forward(&ctx)?.reshape((b, m, h, hd))?;
+        drop(ctx);
         let mut o = match causal_block {
             Some(bt) if bt < n => {
                 let mut parts = Vec::with_capacity(n.div_ceil(bt));
@@ -674,7 +680,7 @@ impl WanAttention {
             let o_img = attention(&q, &k_img, &v_img)?;
             o = (o + o_img)?;
         }
-        drop((q, k, v, ctx, image));
+        drop((q, k, v, image));
         self.to_out.forward(&o)
     }
 }
@@ -811,7 +817,7 @@ impl WanTransformerBlock {
             let attn = {
                 let norm = modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?
                     .to_dtype(dtype)?;
-                self.attn1.forward(&norm, None, Some(rope), causal_block)?
+                self.attn1.forward(norm, None, Some(rope), causal_block)?
             };
             gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?
         };
@@ -822,7 +828,7 @@ impl WanTransformerBlock {
                 Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
                 None => x.clone(),
             };
-            self.attn2.forward(&norm, Some(context), None, None)?
+            self.attn2.forward(norm, Some(context), None, None)?
         };
         let x = (x + attn)?;
 
@@ -858,8 +864,8 @@ impl WanTransformerBlock {
             let attn = {
                 let norm = modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?
                     .to_dtype(dtype)?;
-                cache.taylor_module(index, Attn::Attn1, || {
-                    self.attn1.forward(&norm, None, Some(rope), causal_block)
+                cache.taylor_module(index, Attn::Attn1, move || {
+                    self.attn1.forward(norm, None, Some(rope), causal_block)
                 })?
             };
             gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?
@@ -871,8 +877,8 @@ impl WanTransformerBlock {
                 Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
                 None => x.clone(),
             };
-            cache.taylor_module(index, Attn::Attn2, || {
-                self.attn2.forward(&norm, Some(context), None, None)
+            cache.taylor_module(index, Attn::Attn2, move || {
+                self.attn2.forward(norm, Some(context), None, None)
             })?
         };
         let x = (x + attn)?;
