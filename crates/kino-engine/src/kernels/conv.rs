@@ -206,7 +206,12 @@ fn direct_row(
     orow: &mut [f32],
     rrow: Option<&[f32]>,
 ) -> bool {
-    if isa == Isa::Portable {
+    // On AVX-512 the implicit GEMM below (the gemm crate's own AVX-512 kernels) decodes faster
+    // than these direct rows: a whole VAE decode (`kino bench vae --child`, 2 threads, 3 pairs
+    // with `farm-bench`) took 109.0 s with them against 102.6 s with `KINO_CPU_ISA=portable`
+    // (median ratio 1.065), as an earlier run found (118.5–119.6 against 104–110 s). AVX2 and
+    // NEON keep their direct rows (the gemm crate's AVX2 path cannot be timed on this machine).
+    if matches!(isa, Isa::Portable | Isa::Avx512) {
         return false;
     }
     let Geom {
