@@ -122,37 +122,8 @@ fn main() {
         },
     ];
     let dir = scratch("chroma");
-    let mut srcs = Vec::new();
-    for seed in 0..3 {
-        srcs.push(format!(
-            "testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}",
-            seed * 40
-        ));
-        srcs.push(format!(
-            "mandelbrot=size={{w}}x{{h}}:rate=24:start_scale={}",
-            [3.0, 1.5, 0.8][seed]
-        ));
-        srcs.push(format!("life=size={{w}}x{{h}}:rate=24:seed={seed}:ratio=0.3:mold=10:life_color=#c0a080:death_color=#203040:mold_color=#506030,gblur=sigma=1.2"));
-        srcs.push(format!(
-            "cellauto=size={{w}}x{{h}}:rate=24:rule={}:seed={seed},gblur=sigma=1,eq=contrast=0.7",
-            [30, 110, 150][seed]
-        ));
-        srcs.push(format!(
-            "gradients=size={{w}}x{{h}}:rate=24:seed={seed}:speed=0.02,noise=alls=10:allf=t+u"
-        ));
-    }
-    // Random chips (a fixed LCG: any ±1 tile will do).
-    let mut st = 0x2545_f491_4f6c_dd1du64;
-    let chips: Vec<f32> = (0..256)
-        .map(|_| {
-            st = st.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            if st >> 63 == 1 {
-                1.0
-            } else {
-                -1.0
-            }
-        })
-        .collect();
+    let srcs = natural_sources();
+    let chips = lcg_chips(256);
     // snr[cfg] = per-source (raw, attacked, host-only sd / attacked mark mean)
     let mut sums = vec![(0f64, 0f64, 0f64, 0usize); cfgs.len()];
     let mut att_by_src = vec![vec![0f64; cfgs.len()]; n];

@@ -15,25 +15,7 @@ fn main() {
     let attack = a.get(4).cloned().unwrap_or("crf28".into());
     let key = Key::from_bytes(b"kino watermark benchmark key");
     let dir = scratch("diag");
-    let mut srcs = Vec::new();
-    for seed in 0..3 {
-        srcs.push(format!(
-            "testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}",
-            seed * 40
-        ));
-        srcs.push(format!(
-            "mandelbrot=size={{w}}x{{h}}:rate=24:start_scale={}",
-            [3.0, 1.5, 0.8][seed]
-        ));
-        srcs.push(format!("life=size={{w}}x{{h}}:rate=24:seed={seed}:ratio=0.3:mold=10:life_color=#c0a080:death_color=#203040:mold_color=#506030,gblur=sigma=1.2"));
-        srcs.push(format!(
-            "cellauto=size={{w}}x{{h}}:rate=24:rule={}:seed={seed},gblur=sigma=1,eq=contrast=0.7",
-            [30, 110, 150][seed]
-        ));
-        srcs.push(format!(
-            "gradients=size={{w}}x{{h}}:rate=24:seed={seed}:speed=0.02,noise=alls=10:allf=t+u"
-        ));
-    }
+    let srcs = natural_sources();
     // Optional 5th argument: repeat the sources this many times, each from a later start frame.
     let reps: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
     let base: Vec<String> = srcs.iter().take(n).cloned().collect();

@@ -105,31 +105,6 @@ impl Tally {
     }
 }
 
-fn natural_sources() -> Vec<String> {
-    let mut v = Vec::new();
-    for seed in 0..3 {
-        v.push(format!(
-            "testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}",
-            seed * 40
-        ));
-        v.push(format!(
-            "mandelbrot=size={{w}}x{{h}}:rate=24:start_scale={}",
-            [3.0, 1.5, 0.8][seed]
-        ));
-        v.push(format!(
-            "life=size={{w}}x{{h}}:rate=24:seed={seed}:ratio=0.3:mold=10:life_color=#c0a080:death_color=#203040:mold_color=#506030,gblur=sigma=1.2"
-        ));
-        v.push(format!(
-            "cellauto=size={{w}}x{{h}}:rate=24:rule={}:seed={seed},gblur=sigma=1,eq=contrast=0.7",
-            [30, 110, 150][seed]
-        ));
-        v.push(format!(
-            "gradients=size={{w}}x{{h}}:rate=24:seed={seed}:speed=0.02,noise=alls=10:allf=t+u"
-        ));
-    }
-    v
-}
-
 fn kino_clips() -> Vec<(String, Vec<Frame>)> {
     let Ok(dir) = std::env::var("KINO_WM_KINO_CLIPS") else {
         return Vec::new();

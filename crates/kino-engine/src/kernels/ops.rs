@@ -671,6 +671,8 @@ pub struct QuantizedLinear {
     k: usize,
     bias: Option<Vec<f32>>,
     bias_tensor: Option<Tensor>,
+    /// Whether the blocks expand row by row here (known type, whole blocks per row, aligned).
+    expands: bool,
 }
 
 impl QuantizedLinear {
@@ -688,34 +690,33 @@ impl QuantizedLinear {
         if bias.as_ref().is_some_and(|b| b.len() != n) {
             candle_core::bail!("linear bias does not have {n} values");
         }
-        Ok(Self {
+        let mut lin = Self {
             q,
             n,
             k,
             bias,
             bias_tensor,
-        })
-    }
-
-    /// The blocks.
-    pub fn blocks(&self) -> &QTensor {
-        &self.q
+            expands: false,
+        };
+        // Each row must be whole blocks, and the blocks must expand (type known, aligned):
+        // checked once on the first row.
+        let bs = lin.q.dtype().block_size();
+        lin.expands = n > 0
+            && k > 0
+            && k.is_multiple_of(bs)
+            && lin.q.data().is_ok_and(|raw| {
+                raw.len() == n * lin.row_bytes()
+                    && expand_rows(lin.q.dtype(), &raw[..lin.row_bytes()], &mut vec![0f32; k])
+            });
+        Ok(lin)
     }
 
     /// The kernel the strips run on, when this layer runs strip by strip on `x`'s device.
     fn strip_kernel(&self, x: &Tensor) -> Option<&'static Kernel> {
-        if !x.device().is_cpu() || self.k == 0 || self.n == 0 {
+        if !x.device().is_cpu() || !self.expands {
             return None;
         }
-        let kern = super::packed_gemm()?;
-        let bs = self.q.dtype().block_size();
-        let raw = self.q.data().ok()?;
-        // Each row must be whole blocks, and the blocks must expand (type known, aligned).
-        if !self.k.is_multiple_of(bs) || raw.len() != self.n * self.row_bytes() {
-            return None;
-        }
-        let mut probe = vec![0f32; self.k];
-        expand_rows(self.q.dtype(), &raw[..self.row_bytes()], &mut probe).then_some(kern)
+        super::packed_gemm()
     }
 
     fn row_bytes(&self) -> usize {
@@ -755,7 +756,8 @@ impl QuantizedLinear {
     }
 
     /// Rows `rows` of the matrix, K from `ks`, expanded into packed panels for `kernel`, in
-    /// parallel over the panels; `None` when the blocks do not expand.
+    /// parallel over the panels (inline when called from a pool task); `None` when the blocks
+    /// do not expand.
     fn expand_packed(
         &self,
         kernel: &'static Kernel,
@@ -825,7 +827,6 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
             candle_core::bail!("linear input {dims:?} does not end in {k}");
         }
         let m = x.len() / k;
-        let raw = lin.q.data()?;
         let dtype = lin.q.dtype();
         let kern = self.kernel;
         let nr = kern.nr;
@@ -842,22 +843,13 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
         let c_ptr = out.as_mut_ptr() as usize;
         let failed = std::sync::atomic::AtomicBool::new(false);
         pool_run(strips, |range| {
-            let mut row = vec![0f32; k];
             for s in range {
                 let j0 = s * per * nr;
                 let j1 = (j0 + per * nr).min(n);
-                let width = j1 - j0;
-                // Each row of the strip expanded, then scattered into its panel column.
-                let mut w = PackedB::zeroed(kern, width, k);
-                let (data, len) = w.panels_mut();
-                for (p, panel) in data.chunks_mut(len).enumerate() {
-                    let r0 = j0 + p * nr;
-                    let r1 = (r0 + nr).min(j1);
-                    if !lin.fill_panel(&raw, r0..r1, 0..k, nr, panel, &mut row) {
-                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                        return;
-                    }
-                }
+                let Some(w) = lin.expand_packed(kern, j0..j1, 0..k) else {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                };
                 let bias = lin.bias.as_deref().map(|b| &b[j0..j1]);
                 let (tm, tn) = gemm::tiles(m, &w);
                 for tj in 0..tn {

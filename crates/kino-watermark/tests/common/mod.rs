@@ -146,3 +146,45 @@ pub fn transcode(src: &Path, dst: &Path, vf: Option<&str>, crf: u32, extra: &[&s
 pub fn decode(path: &Path) -> Vec<Frame> {
     kino_media::read_video(path).unwrap().into_frames()
 }
+
+/// The fifteen natural-looking lavfi sources of the benchmark (`{w}`/`{h}` filled by
+/// [`lavfi_frames`]).
+pub fn natural_sources() -> Vec<String> {
+    let mut v = Vec::new();
+    for seed in 0..3 {
+        v.push(format!(
+            "testsrc2=size={{w}}x{{h}}:rate=24,hue=h={}",
+            seed * 40
+        ));
+        v.push(format!(
+            "mandelbrot=size={{w}}x{{h}}:rate=24:start_scale={}",
+            [3.0, 1.5, 0.8][seed]
+        ));
+        v.push(format!(
+            "life=size={{w}}x{{h}}:rate=24:seed={seed}:ratio=0.3:mold=10:life_color=#c0a080:death_color=#203040:mold_color=#506030,gblur=sigma=1.2"
+        ));
+        v.push(format!(
+            "cellauto=size={{w}}x{{h}}:rate=24:rule={}:seed={seed},gblur=sigma=1,eq=contrast=0.7",
+            [30, 110, 150][seed]
+        ));
+        v.push(format!(
+            "gradients=size={{w}}x{{h}}:rate=24:seed={seed}:speed=0.02,noise=alls=10:allf=t+u"
+        ));
+    }
+    v
+}
+
+/// `n` pseudo-random ±1 chips from a fixed LCG (any ±1 tile will do for the probes).
+pub fn lcg_chips(n: usize) -> Vec<f32> {
+    let mut st = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            st = st.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            if st >> 63 == 1 {
+                1.0
+            } else {
+                -1.0
+            }
+        })
+        .collect()
+}
