@@ -3,6 +3,8 @@
     python training/train_vace.py --out models/kino-shapes-vace --threads 2 --max-minutes 52
                                                           # the shipped run's settings (2 cores)
     python training/train_vace.py --out /tmp/v --smoke                          # checks the script
+    python training/train_vace.py --out OUT --init models/kino-shapes-vace \
+        --tasks reference=0.55,edit=0.2,continue=0.13,text=0.06,image=0.06     # trains it further
 
 Starts from the shipped `models/kino-shapes` (its VAE, text encoder, tokenizer and scheduler
 unchanged): the transformer becomes a diffusers `WanVACETransformer3DModel` with the same config
@@ -12,6 +14,9 @@ only the VACE branch learns (`vace_patch_embedding` and the VACE blocks, each in
 copy of the main block it feeds, `proj_in` / `proj_out` zero, as the original VACE does), so at
 step 0 the model is exactly kino-shapes, what it learnt for text and shapes cannot be forgotten in
 a short CPU run, and the branch learns only how the control latents change the prediction.
+`--train-main 2 3` also trains those main blocks; `--init DIR` starts the branch from a trained
+folder (its earlier runs are carried into the new training.json's `runs`); `--tasks` changes
+the mix.
 
 Control latents are built as `WanVACEPipeline` builds them at inference (`control_latents` below
 replicates `preprocess_conditions` / `prepare_video_latents` / `prepare_masks` batched, and
@@ -412,6 +417,24 @@ def build_transformer(base: pathlib.Path, vace_layers, vae):
     return tr
 
 
+def load_branch(tr, init: pathlib.Path):
+    """Starts from a trained folder: its VACE branch, and its main blocks where an earlier run
+    trained them (`--train-main`); the folder must have the same config as the one built from
+    --base."""
+    from safetensors.torch import load_file
+
+    sd = load_file(init / "transformer" / "diffusion_pytorch_model.safetensors")
+    own = tr.state_dict()
+    if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
+        raise SystemExit(f"--init {init}: its transformer's tensors differ from the one built "
+                         f"from --base (vace_layers or config differ)")
+    changed = sorted({k.split(".")[1] for k, v in sd.items()
+                      if not k.startswith("vace_") and not torch.equal(v.float(), own[k].float())})
+    tr.load_state_dict(sd)
+    log(f"VACE branch from {init}" + (f"; main blocks {', '.join(changed)} as trained there"
+                                      if changed else ""))
+
+
 def save(out: pathlib.Path, base: pathlib.Path, pipe_parts, record):
     from diffusers import WanVACEPipeline
 
@@ -442,6 +465,13 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, help="save the EMA model every N steps to OUT/step-N")
     ap.add_argument("--max-minutes", type=float,
                     help="stop training (and save) after this many minutes of the whole run")
+    ap.add_argument("--init", type=pathlib.Path,
+                    help="a kino-shapes-vace folder whose VACE branch to start from (the main blocks "
+                         "still come from --base and must equal its)")
+    ap.add_argument("--train-main", type=int, nargs="+", metavar="BLOCK",
+                    help="also train these main blocks (frozen by default), e.g. --train-main 2 3")
+    ap.add_argument("--tasks", help="fractions of the samples per task, e.g. "
+                                    "reference=0.55,edit=0.2,continue=0.13,text=0.06,image=0.06")
     ap.add_argument("--data-cache", type=pathlib.Path,
                     help="keep the encoded samples in this file and reuse them next run")
     args = ap.parse_args(argv)
@@ -454,6 +484,19 @@ def main(argv=None):
             cfg[k] = getattr(args, k)
     if args.vace_layers:
         cfg["vace_layers"] = args.vace_layers
+    if args.tasks:
+        tasks = {}
+        for part in args.tasks.split(","):
+            name, _, frac = part.partition("=")
+            if name not in CONFIG["tasks"]:
+                ap.error(f"--tasks: unknown task {name!r} (known: {', '.join(CONFIG['tasks'])})")
+            tasks[name] = float(frac)
+        cfg["tasks"] = tasks
+    if args.init:
+        init_cfg = json.loads((args.init / "transformer" / "config.json").read_text())
+        if not args.vace_layers:
+            cfg["vace_layers"] = init_cfg["vace_layers"]
+        cfg["init"] = str(args.init)
     if args.base:
         cfg["base"] = str(args.base)
     base = pathlib.Path(cfg["base"])
@@ -484,6 +527,17 @@ def main(argv=None):
     for p in list(te.parameters()) + list(vae.parameters()):
         p.requires_grad_(False)
     tr = build_transformer(base, cfg["vace_layers"], vae)
+    if args.init:
+        load_branch(tr, args.init)
+    if args.train_main:
+        cfg["train_main"] = args.train_main
+    main_prefixes = tuple(f"blocks.{i}." for i in cfg.get("train_main", []))
+
+    def trained(name):
+        return name.startswith("vace_") or name.startswith(main_prefixes)
+
+    for name, p in tr.named_parameters():
+        p.requires_grad_(trained(name))
     n_all = sum(p.numel() for p in tr.parameters())
     n_train = sum(p.numel() for p in tr.parameters() if p.requires_grad)
     log(f"transformer {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained (VACE branch, "
@@ -501,6 +555,10 @@ def main(argv=None):
         "base": str(cfg["base"]),
         "transformer": {"parameters": n_all, "trained_parameters": n_train},
     }
+    if args.init:
+        # The runs the branch has already had, so the record tells its whole history.
+        prior = json.loads((args.init / "training.json").read_text())
+        record["runs"] = prior.get("runs", [])
 
     enc = Encoder(vae)
     key = {k: cfg[k] for k in ("seed", "tasks", "samples", "edit", "continue")}
@@ -522,7 +580,7 @@ def main(argv=None):
     params = [p for p in tr.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
     ema = copy.deepcopy(tr).eval()
-    ema_params = [p for n, p in ema.named_parameters() if n.startswith("vace_")]
+    ema_params = [p for n, p in ema.named_parameters() if trained(n)]
     rng = random.Random(cfg["seed"] + 2)
     g = torch.Generator().manual_seed(cfg["seed"] + 3)
     shifts = torch.tensor(cfg["flow_shift"])
