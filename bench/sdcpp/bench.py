@@ -1,0 +1,186 @@
+"""Kino against stable-diffusion.cpp on the same machine, in the same run: one Wan2.1-1.3B
+transformer forward (256×256 × 17 frames = 1,280 video tokens, 512 text tokens) per weight
+format, and one Wan2.1 VAE decode of that latent; time and peak memory for each (issue 19).
+
+    python bench/sdcpp/bench.py --sdcpp SRC [--kino target/release/kino] [--threads 2]
+                                [--formats f32,f16,q8_0,q4_k] [--work DIR]
+
+SRC is a stable-diffusion.cpp source tree with its `ggml` submodule (e.g. `git clone --recursive
+https://github.com/leejet/stable-diffusion.cpp`); the script builds its `sd-cli` there
+(CMake, Release, native CPU flags as its own build picks them, no GPU backend) unless
+SRC/build/bin/sd-cli exists.
+
+Both sides read the same random weights: the 1.3B folder `kino bench video` writes (under
+--work, default $TMPDIR/kino-bench-wan2.1-1.3b-random) and its transformer in GGUF as `kino
+quantize` writes it (original Wan tensor names, as the community's GGUF files have them).
+stable-diffusion.cpp's f32 row loads the F16 file with `--type f32` (its matrices widened to f32
+at load; the same arithmetic as an f32 file). It also needs a UMT5 text encoder: a one-block
+encoder of Wan's width (`make_umt5.py`), so its text stage is short and small.
+
+stable-diffusion.cpp runs `-M vid_gen --steps 1 --cfg-scale 1` (one transformer forward, no
+unconditional pass) and decodes the latent; its times are the ones it logs for `sampling` and
+`decode_first_stage`. Peak memory is its resident set sampled every 50 ms, the highest while
+each stage runs (it loads each model's weights when first used and keeps them all until it
+exits), less the weights of the models the stage does not use, as it reports them ("total params
+memory size"): so the transformer row counts the transformer's weights and working memory, not
+the text encoder's, as Kino's transformer process does. Kino's rows come from `kino
+bench transformer --format … --no-reference` and `kino bench vae --no-reference` (one process per
+row, peak = the process's high-water mark). Not a CI test: run it by hand; it prints the table
+the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def build_sdcpp(src: pathlib.Path, threads: int) -> pathlib.Path:
+    exe = src / "build" / "bin" / "sd-cli"
+    if exe.is_file():
+        return exe
+    print(f"building stable-diffusion.cpp in {src}/build …", file=sys.stderr)
+    subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DSD_WEBP=OFF",
+                    "-DSD_WEBM=OFF", "-DSD_SERVER_BUILD_FRONTEND=OFF"], cwd=src, check=True)
+    subprocess.run(["cmake", "--build", "build", "-j", str(threads), "--target", "sd-cli"],
+                   cwd=src, check=True)
+    return exe
+
+
+def kino_table(kino: str, what: str, formats: list[str], threads: int, work: pathlib.Path):
+    """{row name: (seconds, peak GB)} from `kino bench … --no-reference`."""
+    cmd = [kino, "bench", what, "--no-reference", "--threads", str(threads),
+           "--model-dir", str(work)]
+    if what == "transformer":
+        cmd += ["--format", ",".join(formats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S+(?: \S+)?)\s+-\s+([\d.]+)\s+-\s+-\s+([\d.]+)\s+-$", line.strip())
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return rows
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_sdcpp(exe, args, threads):
+    """Runs sd-cli; returns (log lines with their times, [(time, rss)])."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    p = subprocess.Popen([str(exe)] + args + ["--threads", str(threads), "-v"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    samples, lines = [], []
+
+    def poll():
+        while p.poll() is None:
+            samples.append((time.monotonic(), rss_bytes(p.pid)))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    for line in p.stdout:
+        lines.append((time.monotonic(), line.rstrip()))
+    p.wait()
+    t.join()
+    if p.returncode != 0:
+        tail = "\n".join(line for _, line in lines[-30:])
+        raise SystemExit(f"sd-cli failed ({p.returncode}):\n{tail}")
+    return lines, samples
+
+
+def stage(lines, samples, start_pat, end_pat):
+    """(seconds it logs, peak RSS bytes between the two log lines)."""
+    t0 = next(t for t, line in lines if re.search(start_pat, line))
+    t1, line = next((t, line) for t, line in lines if re.search(end_pat, line))
+    secs = float(re.search(r"taking ([\d.]+)\s*s", line).group(1))
+    peak = max((r for t, r in samples if t0 <= t <= t1), default=0)
+    return secs, peak
+
+
+def params_mb(lines):
+    """stable-diffusion.cpp's own account of its weights in memory, MB per model."""
+    line = next(line for _, line in lines if "total params memory size" in line)
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)MB\(RAM\)", line)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sdcpp", type=pathlib.Path, required=True,
+                    help="stable-diffusion.cpp source tree (with ggml)")
+    ap.add_argument("--kino", default=str(HERE.parent.parent / "target" / "release" / "kino"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", default="f32,f16,q8_0,q4_k")
+    ap.add_argument("--work", type=pathlib.Path,
+                    default=pathlib.Path(tempfile.gettempdir()) / "kino-bench-wan2.1-1.3b-random")
+    a = ap.parse_args()
+    formats = [f.strip().lower() for f in a.formats.split(",") if f.strip()]
+    exe = build_sdcpp(a.sdcpp.resolve(), a.threads)
+
+    print("Kino: transformer and VAE …", file=sys.stderr)
+    # Also makes the random folder and the GGUF files the other side reads (the F16 one for
+    # stable-diffusion.cpp's f32 row too).
+    kino = kino_table(a.kino, "transformer", formats if "f16" in formats else formats + ["f16"],
+                      a.threads, a.work)
+    kino.update(kino_table(a.kino, "vae", [], a.threads, a.work))
+
+    umt5 = a.work / "umt5-1block.safetensors"
+    if not umt5.is_file():
+        subprocess.run([sys.executable, str(HERE / "make_umt5.py"), str(umt5)], check=True)
+
+    rows = []
+    vae_row = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in formats:
+            model = a.work / f"transformer-{'f16' if f == 'f32' else f}.gguf"
+            args = ["-M", "vid_gen", "--diffusion-model", str(model),
+                    "--vae", str(a.work / "vae" / "diffusion_pytorch_model.safetensors"),
+                    "--t5xxl", str(umt5), "-p", "a red ball", "-W", "256", "-H", "256",
+                    "--video-frames", "17", "--steps", "1", "--cfg-scale", "1",
+                    "--sampling-method", "euler", "--seed", "1", "-o", f"{tmp}/out.webp"]
+            if f == "f32":
+                args += ["--type", "f32"]
+            print(f"stable-diffusion.cpp: {f} …", file=sys.stderr)
+            lines, samples = run_sdcpp(exe, args, a.threads)
+            sd_t, sd_m = stage(lines, samples, r"get_learned_condition completed",
+                               r"sampling completed, taking")
+            dec_t, dec_m = stage(lines, samples, r"sampling completed",
+                                 r"decode_first_stage completed, taking")
+            # It keeps every model's weights until it exits: the transformer stage's peak less
+            # the text encoder's weights, the decode's less the text encoder's and the
+            # transformer's, so each stage counts what Kino's process for it holds.
+            mb = params_mb(lines)
+            sd_m -= mb.get("text_encoders", 0) * 1e6
+            dec_m -= (mb.get("text_encoders", 0) + mb.get("diffusion_model", 0)) * 1e6
+            name = "transformer" if f == "f32" else f"transformer {f}"
+            rows.append((name, sd_t, sd_m / 1e9, *kino[name]))
+            if vae_row is None:
+                vae_row = ("vae", dec_t, dec_m / 1e9, *kino["vae"])
+    rows.append(vae_row)
+    print(f"{a.threads} threads; stable-diffusion.cpp {exe}")
+    print(f"{'component':<18} {'sd.cpp s':>10} {'Kino s':>10} {'sd/Kino':>8} "
+          f"{'sd.cpp GB':>10} {'Kino GB':>10} {'Kino/sd':>8}")
+    for name, st, sm, kt, km in rows:
+        print(f"{name:<18} {st:>10.2f} {kt:>10.2f} {st / kt:>8.2f} {sm:>10.2f} {km:>10.2f} "
+              f"{km / sm:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
