@@ -8,7 +8,10 @@ format, and one Wan2.1 VAE decode of that latent; time and peak memory for each 
 SRC is a stable-diffusion.cpp source tree with its `ggml` submodule (e.g. `git clone --recursive
 https://github.com/leejet/stable-diffusion.cpp`); the script builds its `sd-cli` there
 (CMake, Release, native CPU flags as its own build picks them, no GPU backend) unless
-SRC/build/bin/sd-cli exists.
+SRC/build/bin/sd-cli exists. (The README's numbers come from a snapshot of its repository
+that lacked the generated tokenizer headers under src/tokenizers/vocab/: those were stubbed, and
+UMT5's written from the fixture tokenizer's 300 pieces to match `make_umt5.py`; a real clone has
+them all.)
 
 Both sides read the same random weights: the 1.3B folder `kino bench video` writes (under
 --work, default $TMPDIR/kino-bench-wan2.1-1.3b-random) and its transformer in GGUF as `kino
