@@ -155,7 +155,7 @@ def main():
             model = a.work / f"transformer-{'f16' if f == 'f32' else f}.gguf"
             args = ["-M", "vid_gen", "--diffusion-model", str(model),
                     "--vae", str(a.work / "vae" / "diffusion_pytorch_model.safetensors"),
-                    "--t5xxl", str(umt5), "-p", "a red ball", "-W", "256", "-H", "256",
+                    "--t5xxl", str(umt5), "-p", "", "-W", "256", "-H", "256",
                     "--video-frames", "17", "--steps", "1", "--cfg-scale", "1",
                     "--sampling-method", "euler", "--seed", "1", "-o", f"{tmp}/out.webp"]
             if f == "f32":

@@ -1,8 +1,9 @@
 """A one-block UMT5 encoder with Wan's width (d_model 4096, 64 heads, d_ff 10240) and random
 weights, in the tensor names of `umt5_xxl_fp16.safetensors` (what stable-diffusion.cpp's
 `--t5xxl` reads). Its output only has to have Wan's text width: the benchmark times the
-transformer and the VAE, not the text encoder. The vocabulary is the fixture tokenizer's 300
-pieces (the benchmark's build of stable-diffusion.cpp embeds the same tokenizer).
+transformer and the VAE, not the text encoder. Its embedding has 300 rows: the benchmark's prompt
+is empty, which UMT5's tokenizer (and the fixture's 300-piece one) turns into ids below 300, and
+stable-diffusion.cpp pads the text to 512 tokens as Wan does, so the transformer sees 512.
 
     python make_umt5.py OUT.safetensors
 """
