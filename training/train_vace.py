@@ -412,8 +412,6 @@ def build_transformer(base: pathlib.Path, vace_layers, vae):
         vpe[:, :z] = pe * 0.5
         vpe[:, z : 2 * z] = pe * 0.5
         tr.vace_patch_embedding.bias.copy_(tr.patch_embedding.bias)
-    for name, p in tr.named_parameters():
-        p.requires_grad_(name.startswith("vace_"))
     return tr
 
 
@@ -429,7 +427,7 @@ def load_branch(tr, init: pathlib.Path):
         raise SystemExit(f"--init {init}: its transformer's tensors differ from the one built "
                          f"from --base (vace_layers or config differ)")
     changed = sorted({k.split(".")[1] for k, v in sd.items()
-                      if not k.startswith("vace_") and not torch.equal(v.float(), own[k].float())})
+                      if k.startswith("blocks.") and not torch.equal(v.float(), own[k].float())})
     tr.load_state_dict(sd)
     log(f"VACE branch from {init}" + (f"; main blocks {', '.join(changed)} as trained there"
                                       if changed else ""))
@@ -466,8 +464,8 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float,
                     help="stop training (and save) after this many minutes of the whole run")
     ap.add_argument("--init", type=pathlib.Path,
-                    help="a kino-shapes-vace folder whose VACE branch to start from (the main blocks "
-                         "still come from --base and must equal its)")
+                    help="a kino-shapes-vace folder to start from: its VACE branch, and its main "
+                         "blocks where an earlier run trained them (same config as --base's)")
     ap.add_argument("--train-main", type=int, nargs="+", metavar="BLOCK",
                     help="also train these main blocks (frozen by default), e.g. --train-main 2 3")
     ap.add_argument("--tasks", help="fractions of the samples per task, e.g. "
@@ -536,12 +534,14 @@ def main(argv=None):
     def trained(name):
         return name.startswith("vace_") or name.startswith(main_prefixes)
 
+    # Only the VACE branch learns, and the main blocks named by --train-main.
     for name, p in tr.named_parameters():
         p.requires_grad_(trained(name))
     n_all = sum(p.numel() for p in tr.parameters())
     n_train = sum(p.numel() for p in tr.parameters() if p.requires_grad)
     log(f"transformer {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained (VACE branch, "
-        f"layers {cfg['vace_layers']}, vace_in_channels {tr.config.vace_in_channels})")
+        f"layers {cfg['vace_layers']}, vace_in_channels {tr.config.vace_in_channels}"
+        + (f"; main blocks {cfg['train_main']}" if cfg.get("train_main") else "") + ")")
     pipe = WanVACEPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr)
 
     record = {
