@@ -75,6 +75,18 @@ CONFIG = {
         {"name": "crops-9", "steps": 500, "batch": 6, "frames": 9, "crop": 40, "lr": 5e-4},
         {"name": "crops-17", "steps": 300, "batch": 4, "frames": 17, "crop": 40, "lr": 3e-4},
     ]},
+    # vae_decoder: `--stage vae-decoder` fine-tunes the decoder (and post_quant_conv) of a
+    # finished VAE with its encoder frozen, so the latent space, its statistics and every
+    # transformer trained on it stay valid. The joint training left outlines soft (a drawn
+    # square's round trip read fill 0.94 against 1.00, and a long video re-encodes its own
+    # decoded frames, compounding it). latent_noise: the decoder also sees latents with
+    # Gaussian noise of std uniform in [0, latent_noise] latent stds, as a sampler's latents
+    # are never exactly an encoder's. Same loss as the VAE phases.
+    "vae_decoder_train": {"object_weight": 20.0, "latent_noise": 0.1, "shape_weight": 0.0,
+                          "phases": [
+        {"name": "decoder-crops-5", "steps": 1200, "batch": 8, "frames": 5, "crop": 32, "lr": 5e-4},
+        {"name": "decoder-crops-17", "steps": 300, "batch": 4, "frames": 17, "crop": 40, "lr": 2e-4},
+    ]},
     "text_encoder": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_heads": 4,
                      "relative_attention_num_buckets": 32, "relative_attention_max_distance": 64},
     "transformer": {
@@ -130,7 +142,9 @@ CONFIG = {
     "inference": {"num_inference_steps": 20, "guidance_scale": 3.0, "flow_shift": 5.0},
 }
 
-SMOKE = {"vae_train": {"stats_clips": 2, "phases": [
+SMOKE = {"vae_decoder_train": {"phases": [
+             {"name": "decoder-crops-5", "steps": 2, "batch": 1, "frames": 5, "crop": 32, "lr": 5e-4}]},
+         "vae_train": {"stats_clips": 2, "phases": [
              {"name": "frames", "steps": 2, "batch": 1, "frames": 5, "crop": None, "lr": 8e-4},
              {"name": "crops-9", "steps": 2, "batch": 1, "frames": 9, "crop": 40, "lr": 5e-4}]},
          "dit_train": {"steps": 2, "batch": 2, "clips": 2, "warmup": 1, "encode_batch": 2,
@@ -215,25 +229,46 @@ def object_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x - x[:, :, :1, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
 
 
-def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight, record):
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr_max, weight_decay=0.0)
+def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight, record,
+              decoder_only=False, latent_noise=0.0, key="vae", shape_weight=0.0):
+    """One VAE training phase. decoder_only: the encoder stays frozen (stage vae-decoder) and the
+    latents get Gaussian noise of std uniform in [0, latent_noise] latent stds. `sample()` gives
+    a clip, or (clip, its world.shape_difference) whose pixels then weigh shape_weight more."""
+    params = (list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+              if decoder_only else list(vae.parameters()))
+    opt = torch.optim.AdamW(params, lr=lr_max, weight_decay=0.0)
+    std = torch.tensor(vae.config.latents_std, device=DEVICE).view(1, -1, 1, 1, 1)
     losses, start = [], time.time()
     vae.train()
     for step in range(steps):
         lr = lr_max * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        x = to_tensor([sample() for _ in range(batch)])
+        drawn = [sample() for _ in range(batch)]
+        extra = None
+        if isinstance(drawn[0], tuple):  # (clip, shape_difference): stage vae-decoder's shape_weight
+            drawn, diff = zip(*drawn)
+            extra = torch.from_numpy(np.stack(diff))[:, None].to(DEVICE)
+        x = to_tensor(list(drawn))
         # The posterior's mean only (what encoding for the transformer uses): sampling with the
         # initial unit variance buries the encoder's small initial signal in noise, and with the
         # tiny KL weight Wan uses the VAE then takes far longer to learn the object.
-        mu = encode_mean(vae, x)
+        if decoder_only:
+            with torch.no_grad():
+                mu = encode_mean(vae, x)
+                if latent_noise > 0:
+                    level = torch.rand(mu.shape[0], 1, 1, 1, 1, device=DEVICE) * latent_noise
+                    mu = mu + torch.randn_like(mu) * level * std
+        else:
+            mu = encode_mean(vae, x)
         rec = decode_unclamped(vae, mu)
         # The object covers ~5% of a frame; without extra weight the VAE learns the background
         # and blurs the object away. (A window may cut the object from the corner pixel
         # `object_pixels` compares with, but then the weight merely drops to 1 there.)
         obj = object_pixels(x)
         w = 1.0 + object_weight * obj
+        if extra is not None:
+            w = w + shape_weight * extra
         d = rec - x
         rec_loss = ((d.abs() + d.pow(2)) * w).mean() / w.mean()
         obj_err = (d.abs() * obj).sum() / (obj.sum() * 3 + 1)
@@ -241,16 +276,16 @@ def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight,
         loss = rec_loss + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(rec_loss.item())
         if step % 25 == 0 or step == steps - 1:
             el = time.time() - start
             log(f"{name} step {step + 1}/{steps} rec {np.mean(losses[-25:]):.4f} object L1 "
                 f"{obj_err.item():.3f} lr {lr:.2e} {el / (step + 1):.2f} s/step")
-    record["vae"]["phases"].append({"phase": name, "steps": steps, "seconds": round(time.time() - start, 1),
-                                    "final_reconstruction_loss": float(np.mean(losses[-50:]))})
-    record["vae"]["final_reconstruction_loss"] = float(np.mean(losses[-50:]))
+    record[key]["phases"].append({"phase": name, "steps": steps, "seconds": round(time.time() - start, 1),
+                                  "final_reconstruction_loss": float(np.mean(losses[-50:]))})
+    record[key]["final_reconstruction_loss"] = float(np.mean(losses[-50:]))
 
 
 def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
@@ -308,6 +343,48 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
                            latents_std=[round(float(v), 6) for v in std])
     record["vae"]["reconstruction_psnr_db_17_frames"] = round(psnr, 2)
     log(f"VAE done: PSNR {psnr:.2f} dB on 17-frame clips; latent std {std.mean():.3f}")
+    return vae
+
+
+def reconstruction_psnr(vae, clips) -> float:
+    """PSNR (dB, pixels in [-1, 1]) of the VAE's round trip of `clips`, 4 at a time."""
+    vae.eval()
+    err = 0.0
+    with torch.no_grad():
+        for i in range(0, len(clips), 4):
+            x = to_tensor(clips[i : i + 4])
+            err += F.mse_loss(vae.decode(encode_mean(vae, x)).sample, x, reduction="sum").item()
+    return 10 * math.log10(4.0 / (err / (len(clips) * clips[0].size)))
+
+
+def train_vae_decoder(cfg, vae, rng_seed: int, exclude, record):
+    """Stage vae-decoder (see CONFIG["vae_decoder_train"]): the decoder of a finished VAE
+    fine-tuned, the encoder (so the latents and their statistics) unchanged."""
+    t = cfg["vae_decoder_train"]
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):
+        p.requires_grad_(True)
+    held = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 17, exclude,
+                       **cfg["world"])
+    clips = [held.sample()[0] for _ in range(8 if t["phases"][0]["steps"] < 10 else 32)]
+    before = reconstruction_psnr(vae, clips)
+    log(f"VAE decoder: PSNR before {before:.2f} dB on {len(clips)} 17-frame clips")
+    record["vae_decoder"] = {"phases": [], "latent_noise": t["latent_noise"],
+                             "psnr_db_before": round(before, 2)}
+    for i, ph in enumerate(t["phases"]):
+        wld = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 40 + 3 * i,
+                          exclude, **cfg["world"])
+        sw = t.get("shape_weight", 0.0)
+        sample = lambda wld=wld, ph=ph: wld.sample_crop(ph["frames"], ph["crop"], sw > 0)  # noqa: E731
+        vae_phase(vae, ph["name"], ph["steps"], ph["lr"], sample, ph["batch"], t["object_weight"],
+                  0.0, record, decoder_only=True, latent_noise=t["latent_noise"], key="vae_decoder",
+                  shape_weight=sw)
+    after = reconstruction_psnr(vae, clips)
+    record["vae_decoder"]["psnr_db_after"] = round(after, 2)
+    log(f"VAE decoder done: PSNR {before:.2f} -> {after:.2f} dB")
+    for p in vae.parameters():
+        p.requires_grad_(True)
     return vae
 
 
@@ -630,8 +707,15 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int,
                     help="also save the (EMA) model every N transformer steps, to OUT/step-N")
     ap.add_argument("--clips", type=int)
-    ap.add_argument("--stage", choices=["all", "vae"], default="all",
-                    help="vae: train and save only the VAE (OUT/vae), for a later --vae-from")
+    ap.add_argument("--stage", choices=["all", "vae", "vae-decoder"], default="all",
+                    help="vae: train and save only the VAE (OUT/vae), for a later --vae-from; "
+                         "vae-decoder: fine-tune the decoder of --vae-from's VAE (encoder and "
+                         "latents unchanged) and save it as OUT/vae")
+    ap.add_argument("--decoder-shape-weight", type=float,
+                    help="with --stage vae-decoder: extra loss weight of the pixels where the "
+                         "shapes differ (vae_decoder_train.shape_weight)")
+    ap.add_argument("--decoder-steps", type=int, nargs="+",
+                    help="with --stage vae-decoder: steps of each phase (vae_decoder_train.phases)")
     ap.add_argument("--vae-resume", type=pathlib.Path,
                     help="start the VAE from this vae/ folder (an earlier --stage vae run)")
     ap.add_argument("--vae-resume-phase", type=int, default=1,
@@ -662,6 +746,15 @@ def main(argv=None):
         cfg["dit_train"]["image_cond"] = args.image_cond
     if args.clips is not None:
         cfg["dit_train"]["clips"] = args.clips
+    if args.decoder_shape_weight is not None:
+        cfg["vae_decoder_train"]["shape_weight"] = args.decoder_shape_weight
+    if args.decoder_steps is not None:
+        phases = cfg["vae_decoder_train"]["phases"]
+        if len(args.decoder_steps) != len(phases):
+            ap.error(f"--decoder-steps takes {len(phases)} numbers, one per phase: "
+                     + ", ".join(p["name"] for p in phases))
+        for ph, n in zip(phases, args.decoder_steps):
+            ph["steps"] = n
     for k in ("cond_roundtrip", "cond_blur", "cond_noise"):
         if getattr(args, k) is not None:
             cfg["dit_train"][k] = getattr(args, k)
@@ -695,6 +788,15 @@ def main(argv=None):
         record["vae"] = json.loads((args.vae_from.parent / "training.json").read_text()).get("vae") \
             if (args.vae_from.parent / "training.json").exists() else {"reused": str(args.vae_from)}
         cfg["vae"] = {k: vae.config[k] for k in cfg["vae"]}
+        if args.stage == "vae-decoder":
+            vae = train_vae_decoder(cfg, vae, cfg["seed"], exclude, record)
+            vae.save_pretrained(args.out / "vae", safe_serialization=True)
+            record["total_seconds"] = round(time.time() - t0, 1)
+            (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            log(f"saved {args.out / 'vae'}")
+            return
+    elif args.stage == "vae-decoder":
+        ap.error("--stage vae-decoder fine-tunes an existing VAE: give it with --vae-from DIR/vae")
     else:
         resume = None
         if args.vae_resume:
