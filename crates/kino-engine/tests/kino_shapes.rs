@@ -2,7 +2,7 @@
 //!
 //! The component fixtures prove each class on random weights; this proves THIS folder: its
 //! word-level tokenizer, its configs and its `kino.json` defaults (max_sequence_length 32, negative
-//! prompt "", guidance 3) go through `WanPipeline` (`open`, `resolve`, `encode_prompt`, `denoise`,
+//! prompt "", guidance 2) go through `WanPipeline` (`open`, `resolve`, `encode_prompt`, `denoise`,
 //! `decode`) as through diffusers, and a first image (`prepare_image_condition`, `denoise_with`,
 //! `generate` with `Conditioning::Image`) as through diffusers' `WanImageToVideoPipeline`. The
 //! reference outputs are in `fixtures/data/kino-shapes`, made by `fixtures/gen_kino_shapes.py`

@@ -642,7 +642,7 @@ mod tests {
         );
     }
 
-    /// Measurement on the bundled kino-shapes model (20 steps, guidance 3: 40 forwards per
+    /// Measurement on the bundled kino-shapes model (its defaults, 20 guided steps: 40 forwards per
     /// video): forwards skipped, time and how far the video moves from the uncached one, for
     /// each cache at settings recommended for Wan. Prints a table; run with
     /// `cargo test --release -p kino-engine --lib hooks::tests::kino_shapes_measure -- --ignored --nocapture`.
