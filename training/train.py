@@ -140,8 +140,9 @@ CONFIG = {
                   "shape_weight": 8.0, "shape_max_sigma": 0.8, "image_cond": 0.5, "bf16": True,
                   "cond_roundtrip": 0.0, "cond_blur": 0.0, "cond_noise": 0.0},
     # inference: the sampler settings written to kino.json. Guidance 2 (3 until the weights of
-    # run r20 were measured with both: held-out text and image cases the same, long videos
-    # keep squares square more often; see the README's kino-shapes section).
+    # run r20 were measured with both: held-out text and image cases the same, long videos'
+    # seams closer and their squares kept a little more often; see the README's kino-shapes
+    # section).
     "inference": {"num_inference_steps": 20, "guidance_scale": 2.0, "flow_shift": 5.0},
 }
 
