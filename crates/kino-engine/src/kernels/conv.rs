@@ -4,13 +4,13 @@
 //! The conv runs in tasks of a few output rows of one output frame. Each task first copies the
 //! input rows it needs (for every temporal tap) into a small zero-bordered scratch band, so
 //! spatial padding costs no full-size copy. Then:
-//! * with a direct row kernel for the ISA ([`super::conv_row`]: AVX-512 and `out % 16 == 0`,
-//!   AVX2+FMA and `out % 8 == 0`, NEON and `out % 4 == 0`): a register-blocked direct
-//!   convolution (12 pixels × 32 output channels of accumulators on AVX-512, 6 × 16 on AVX2 and
-//!   NEON; per input channel one weight load per vector of channels and one broadcast per
-//!   pixel), the scheme of oneDNN's direct conv kernels;
-//! * otherwise: an implicit GEMM per (temporal tap, kernel row) with `gemm`, whose K dimension
-//!   is `(dx, c)`, contiguous in channels-last rows.
+//! * with a direct row kernel for the ISA ([`super::conv_row`]: AVX2+FMA and `out % 8 == 0`,
+//!   NEON and `out % 4 == 0`): a register-blocked direct convolution (6 pixels × 16 output
+//!   channels of accumulators; per input channel one weight load per vector of channels and one
+//!   broadcast per pixel), the scheme of oneDNN's direct conv kernels;
+//! * otherwise (AVX-512, where it measured faster than a 12 × 32 AVX-512 direct row, and the
+//!   portable path): an implicit GEMM per (temporal tap, kernel row) with `gemm`, whose K
+//!   dimension is `(dx, c)`, contiguous in channels-last rows.
 //!
 //! Taps that fall on the zero frames of the causal padding are skipped. An optional residual
 //! (`x + h` of `WanResidualBlock`) is added when the output is stored.
@@ -209,8 +209,9 @@ fn direct_row(
     // On AVX-512 the implicit GEMM below (the gemm crate's own AVX-512 kernels) decodes faster
     // than these direct rows: a whole VAE decode (`kino bench vae --child`, 2 threads, 3 pairs
     // with `farm-bench`) took 109.0 s with them against 102.6 s with `KINO_CPU_ISA=portable`
-    // (median ratio 1.065), as an earlier run found (118.5–119.6 against 104–110 s). AVX2 and
-    // NEON keep their direct rows (the gemm crate's AVX2 path cannot be timed on this machine).
+    // (median ratio 1.065), as an earlier run found (118.5–119.6 against 104–110 s), so that
+    // AVX-512 row kernel was removed (it is in the history before 2026-12-04). AVX2 and NEON keep
+    // their direct rows (the gemm crate's AVX2 path cannot be timed on this machine).
     if matches!(isa, Isa::Portable | Isa::Avx512) {
         return false;
     }

@@ -262,14 +262,10 @@ multiversion! {
 }
 
 /// The direct convolution of one row with the kernel of `isa`, if it has one for these channel
-/// counts and taps (else `None`: the caller takes the implicit-GEMM path).
+/// counts and taps (AVX2+FMA and NEON; else `None`: the caller takes the implicit-GEMM path, as
+/// AVX-512 and portable always do).
 pub fn conv_row(isa: Isa, p: &portable::ConvRow, out: &mut [f32]) -> Option<()> {
     match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if p.co.is_multiple_of(16) && p.taps.len() <= x86_64::MAX_TAPS => {
-            x86_64::conv_row_avx512(p, out);
-            Some(())
-        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma if p.co.is_multiple_of(8) && p.taps.len() <= x86_64::MAX_TAPS => {
             x86_64::conv_row_avx2(p, out);

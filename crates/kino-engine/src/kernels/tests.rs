@@ -139,8 +139,9 @@ fn conv_rows_match_portable() {
             for &isa in &isas {
                 let mut got = vec![f32::NAN; w_out * co];
                 let ran = conv_row(isa, &p, &mut got);
+                // AVX-512 convolves by implicit GEMM (no direct row); AVX2 and NEON have rows.
                 let fits = match isa {
-                    Isa::Avx512 => co % 16 == 0,
+                    Isa::Avx512 => false,
                     Isa::Avx2Fma => co % 8 == 0,
                     _ => co % 4 == 0,
                 };
