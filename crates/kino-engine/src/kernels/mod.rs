@@ -7,7 +7,7 @@
 //! | `mod.rs`        | [`Isa`], its detection and the `KINO_CPU_ISA` cap; the dispatch     |
 //! | `portable.rs`   | plain-Rust kernels: element-wise passes, reference microkernels      |
 //! | `gemm.rs`       | the packed matmul (packing, tiling) over any microkernel            |
-//! | `x86_64.rs`     | AVX-512F and AVX2+FMA microkernels (GEMM, direct conv)               |
+//! | `x86_64.rs`     | AVX-512F and AVX2+FMA GEMM microkernels, the AVX2+FMA direct conv    |
 //! | `aarch64.rs`    | NEON microkernels (GEMM, direct conv)                                |
 //! | `ops.rs`        | candle glue: custom ops, storage/layout helpers, the thread pool    |
 //! | `conv.rs`       | the VAE's causal conv (scratch bands, tasks) and RMS norm + SiLU     |
@@ -28,7 +28,7 @@
 //! |-------------------------------|------------------|------------------|------------------|----------|
 //! | packed GEMM (linear layers)   | 12×32 microkernel| 6×16 microkernel | 6×16 microkernel | candle's matmul |
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
-//! | VAE direct conv (row kernel)  | 12×32 (asm)      | 6×16             | 6×16             | implicit GEMM (`gemm` crate) |
+//! | VAE conv                      | implicit GEMM (`gemm` crate; measured faster than a 12×32 direct row) | 6×16 direct row | 6×16 direct row | implicit GEMM (`gemm` crate) |
 //! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
 //! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
 
