@@ -233,13 +233,18 @@ def object_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x - x[:, :, :1, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
 
 
+def decoder_parameters(vae) -> list:
+    """What stage vae-decoder trains: the decoder and post_quant_conv (the encoder side, so the
+    latents, stays as it is)."""
+    return list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+
+
 def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight, record,
               decoder_only=False, latent_noise=0.0, key="vae", shape_weight=0.0):
     """One VAE training phase. decoder_only: the encoder stays frozen (stage vae-decoder) and the
     latents get Gaussian noise of std uniform in [0, latent_noise] latent stds. `sample()` gives
     a clip, or (clip, its world.shape_difference) whose pixels then weigh shape_weight more."""
-    params = (list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-              if decoder_only else list(vae.parameters()))
+    params = decoder_parameters(vae) if decoder_only else list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=lr_max, weight_decay=0.0)
     std = torch.tensor(vae.config.latents_std, device=DEVICE).view(1, -1, 1, 1, 1)
     losses, start = [], time.time()
@@ -340,9 +345,7 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
         mu = torch.cat(mus)
         mean = mu.mean(dim=(0, 2, 3, 4))
         std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-        x = to_tensor([wld.sample()[0] for _ in range(4)])
-        rec = vae.decode(encode_mean(vae, x)).sample
-        psnr = 10 * math.log10(4.0 / F.mse_loss(rec, x).item())
+    psnr = reconstruction_psnr(vae, [wld.sample()[0] for _ in range(4)])
     vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
                            latents_std=[round(float(v), 6) for v in std])
     record["vae"]["reconstruction_psnr_db_17_frames"] = round(psnr, 2)
@@ -365,10 +368,6 @@ def train_vae_decoder(cfg, vae, rng_seed: int, exclude, record):
     """Stage vae-decoder (see CONFIG["vae_decoder_train"]): the decoder of a finished VAE
     fine-tuned, the encoder (so the latents and their statistics) unchanged."""
     t = cfg["vae_decoder_train"]
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()):
-        p.requires_grad_(True)
     held = world.World(cfg["width"], cfg["height"], cfg["num_frames"], rng_seed + 17, exclude,
                        **cfg["world"])
     clips = [held.sample()[0] for _ in range(8 if t["phases"][0]["steps"] < 10 else 32)]
@@ -387,8 +386,6 @@ def train_vae_decoder(cfg, vae, rng_seed: int, exclude, record):
     after = reconstruction_psnr(vae, clips)
     record["vae_decoder"]["psnr_db_after"] = round(after, 2)
     log(f"VAE decoder done: PSNR {before:.2f} -> {after:.2f} dB")
-    for p in vae.parameters():
-        p.requires_grad_(True)
     return vae
 
 

@@ -230,17 +230,16 @@ class World:
         (the VAE's second training phase: most pixels near the object, and cheap); with
         `with_difference`, also the same window of its `shape_difference`."""
         clip, scene, _ = self.sample_scene()
-        if with_difference:
-            clip = (clip, shape_difference(scene, self.width, self.height, self.frames))
         f0 = self.rng.randrange(self.frames - frames + 1)
         cx, cy = scene.centre(f0 + (frames - 1) / 2, self.frames)
         cx += self.rng.uniform(-size / 4, size / 4)
         cy += self.rng.uniform(-size / 4, size / 4)
         x = int(np.clip(round(cx - size / 2), 0, self.width - size))
         y = int(np.clip(round(cy - size / 2), 0, self.height - size))
+        window = (slice(f0, f0 + frames), slice(y, y + size), slice(x, x + size))
         if with_difference:
-            return tuple(c[f0 : f0 + frames, y : y + size, x : x + size] for c in clip)
-        return clip[f0 : f0 + frames, y : y + size, x : x + size]
+            return clip[window], shape_difference(scene, self.width, self.height, self.frames)[window]
+        return clip[window]
 
 
 def eval_spec(cases, size_range=SIZE_RANGE, travel_range=TRAVEL_RANGE):
