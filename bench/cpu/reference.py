@@ -43,4 +43,7 @@ with torch.no_grad():
         raise SystemExit(f"unknown component {what}")
 
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
+# The instruction set ATen's kernels ran with (`kino bench` caps it, with oneDNN's and MKL's, when
+# Kino runs capped by KINO_CPU_ISA).
+capability = torch.backends.cpu.get_cpu_capability()
+print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "cpu_capability": capability}))

@@ -62,10 +62,35 @@ pub struct Args {
     child: bool,
 }
 
-#[derive(serde::Serialize, serde::Deserialize, Clone, Copy)]
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
 struct Measure {
     seconds: f64,
     peak_rss_bytes: u64,
+    /// The reference side only: the instruction set PyTorch's kernels ran with
+    /// (`torch.backends.cpu.get_cpu_capability()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cpu_capability: Option<String>,
+}
+
+/// The environment that caps PyTorch's kernels at the instruction set Kino's run at, so that
+/// `KINO_CPU_ISA=avx2` on an AVX-512 machine times both sides as an AVX2-only CPU would run
+/// them: ATen's vectorised kernels (`ATEN_CPU_CAPABILITY`), oneDNN's convolutions
+/// (`ONEDNN_MAX_CPU_ISA`) and MKL's GEMM (`MKL_ENABLE_INSTRUCTIONS`). Variables the user set
+/// already are left as they are. Empty when Kino runs its best ISA (nothing to cap).
+fn reference_isa_env(isa: kino_engine::kernels::Isa) -> Vec<(&'static str, &'static str)> {
+    use kino_engine::kernels::Isa;
+    let caps: &[(&str, &str)] = match isa {
+        Isa::Avx2Fma if Isa::best() == Isa::Avx512 => &[
+            ("ATEN_CPU_CAPABILITY", "avx2"),
+            ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+            ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+        ],
+        _ => &[],
+    };
+    caps.iter()
+        .copied()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect()
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -135,6 +160,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             std::fs::write(&script, REFERENCE_PY)?;
             let mut cmd = Command::new(&python);
             cmd.arg(&script).arg(w).arg(a.threads.to_string());
+            let caps = reference_isa_env(kino_engine::kernels::isa());
+            if !caps.is_empty() {
+                eprintln!(
+                    "{w}: PyTorch capped as Kino is: {}",
+                    caps.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+            cmd.envs(caps);
             let r = run_child(cmd, a.threads).with_context(|| {
                 format!(
                     "PyTorch {w} benchmark with {} (install the reference with `pip install -r fixtures/requirements.txt`, or pass --no-reference)",
@@ -150,7 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 format!("{w} {f}")
             };
-            rows.push((name, kino, reference));
+            rows.push((name, kino, reference.clone()));
         }
     }
     println!(
@@ -158,6 +194,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "component", "PyTorch s", "Kino s", "ratio", "PyTorch GB", "Kino GB", "ratio"
     );
     let gb = |b: u64| b as f64 / 1e9;
+    let capability = rows
+        .iter()
+        .find_map(|(_, _, r)| r.as_ref().and_then(|r| r.cpu_capability.clone()));
     for (w, k, r) in rows {
         match r {
             Some(r) => println!(
@@ -182,6 +221,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ),
         }
     }
+    println!(
+        "CPU kernels: Kino {}, PyTorch {}",
+        kino_engine::kernels::isa(),
+        capability.as_deref().unwrap_or("-")
+    );
     Ok(())
 }
 
@@ -240,6 +284,7 @@ fn time_forward(model: &transformer::WanTransformer3DModel) -> anyhow::Result<Me
     Ok(Measure {
         seconds,
         peak_rss_bytes: peak_rss(),
+        cpu_capability: None,
     })
 }
 
@@ -321,8 +366,38 @@ fn measure_kino(what: &str) -> anyhow::Result<Measure> {
             Ok(Measure {
                 seconds,
                 peak_rss_bytes: peak_rss(),
+                cpu_capability: None,
             })
         }
         other => bail!("unknown benchmark `{other}`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_isa_env;
+    use kino_engine::kernels::Isa;
+
+    #[test]
+    fn reference_is_capped_only_when_kino_is() {
+        // Kino at its best ISA (or portable): PyTorch keeps its own choice.
+        assert!(reference_isa_env(Isa::best()).is_empty());
+        assert!(reference_isa_env(Isa::Portable).is_empty());
+        // Kino capped at AVX2 on an AVX-512 machine: PyTorch's ATen, oneDNN and MKL too (each
+        // unless the user set it already).
+        let capped = reference_isa_env(Isa::Avx2Fma);
+        if Isa::best() == Isa::Avx512 {
+            for key in [
+                "ATEN_CPU_CAPABILITY",
+                "ONEDNN_MAX_CPU_ISA",
+                "MKL_ENABLE_INSTRUCTIONS",
+            ] {
+                let set = capped.iter().any(|(k, _)| *k == key);
+                assert_eq!(set, std::env::var_os(key).is_none(), "{key}");
+            }
+            assert!(capped.iter().all(|(_, v)| v.eq_ignore_ascii_case("avx2")));
+        } else {
+            assert!(capped.is_empty());
+        }
     }
 }
