@@ -4,11 +4,11 @@
 //! The conv runs in tasks of a few output rows of one output frame. Each task first copies the
 //! input rows it needs (for every temporal tap) into a small zero-bordered scratch band, so
 //! spatial padding costs no full-size copy. Then:
-//! * with a direct row kernel for the ISA ([`super::conv_row`]: AVX2+FMA and `out % 8 == 0`,
-//!   NEON and `out % 4 == 0`): a register-blocked direct convolution (6 pixels × 16 output
-//!   channels of accumulators; per input channel one weight load per vector of channels and one
-//!   broadcast per pixel), the scheme of oneDNN's direct conv kernels;
-//! * otherwise (AVX-512, where it measured faster than a 12 × 32 AVX-512 direct row, and the
+//! * with a direct row kernel for the ISA ([`super::conv_row`]: NEON and `out % 4 == 0`): a
+//!   register-blocked direct convolution (6 pixels × 16 output channels of accumulators; per
+//!   input channel one weight load per vector of channels and one broadcast per pixel), the
+//!   scheme of oneDNN's direct conv kernels;
+//! * otherwise (x86-64, where it measured faster than AVX-512 and AVX2 direct rows, and the
 //!   portable path): an implicit GEMM per (temporal tap, kernel row) with `gemm`, whose K
 //!   dimension is `(dx, c)`, contiguous in channels-last rows.
 //!
@@ -206,13 +206,14 @@ fn direct_row(
     orow: &mut [f32],
     rrow: Option<&[f32]>,
 ) -> bool {
-    // On AVX-512 the implicit GEMM below (the gemm crate's own AVX-512 kernels) decodes faster
-    // than these direct rows: a whole VAE decode (`kino bench vae --child`, 2 threads, 3 pairs
-    // with `farm-bench`) took 109.0 s with them against 102.6 s with `KINO_CPU_ISA=portable`
-    // (median ratio 1.065), as an earlier run found (118.5–119.6 against 104–110 s), so that
-    // AVX-512 row kernel was removed (it is in the history before 2026-12-04). AVX2 and NEON keep
-    // their direct rows (the gemm crate's AVX2 path cannot be timed on this machine).
-    if matches!(isa, Isa::Portable | Isa::Avx512) {
+    // On x86-64 the implicit GEMM below (the gemm crate's AVX2+FMA kernels, which it runs on
+    // AVX-512 CPUs too) decodes faster than direct rows. A whole VAE decode (`kino bench vae
+    // --child`, A and B run in turn): on an Intel AVX-512 box, 2 threads, 3 pairs, the AVX-512
+    // 12×32 row took 109.0 s against 102.6 s (median ratio 1.065); on an AMD EPYC (Zen 4), 1
+    // thread, 2 pairs, the AVX2 6×16 row took 2.14× the CPU time (277 against 130 s). Both rows
+    // were removed (they are in the history before 2026-12-05). NEON keeps its direct row: the
+    // gemm crate's NEON path has not been timed against it on an ARM machine.
+    if !matches!(isa, Isa::Neon) {
         return false;
     }
     let Geom {

@@ -7,7 +7,7 @@
 //! | `mod.rs`        | [`Isa`], its detection and the `KINO_CPU_ISA` cap; the dispatch     |
 //! | `portable.rs`   | plain-Rust kernels: element-wise passes, reference microkernels      |
 //! | `gemm.rs`       | the packed matmul (packing, tiling) over any microkernel            |
-//! | `x86_64.rs`     | AVX-512F and AVX2+FMA GEMM microkernels, the AVX2+FMA direct conv    |
+//! | `x86_64.rs`     | AVX-512F and AVX2+FMA GEMM microkernels                              |
 //! | `aarch64.rs`    | NEON microkernels (GEMM, direct conv)                                |
 //! | `ops.rs`        | candle glue: custom ops, storage/layout helpers, the thread pool    |
 //! | `conv.rs`       | the VAE's causal conv (scratch bands, tasks) and RMS norm + SiLU     |
@@ -28,9 +28,15 @@
 //! |-------------------------------|------------------|------------------|------------------|----------|
 //! | packed GEMM (linear layers)   | 12×32 microkernel| 6×16 microkernel | 6×16 microkernel | candle's matmul |
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
-//! | VAE conv                      | implicit GEMM (`gemm` crate; measured faster than a 12×32 direct row) | 6×16 direct row | 6×16 direct row | implicit GEMM (`gemm` crate) |
+//! | VAE conv                      | implicit GEMM (`gemm` crate) | implicit GEMM (`gemm` crate) | 6×16 direct row | implicit GEMM (`gemm` crate) |
 //! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
 //! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
+//!
+//! The `gemm` crate (candle's matmul, and the VAE's implicit GEMM here) is built without its
+//! `x86-v4` feature, so on x86-64 it runs its AVX2+FMA kernels on every CPU that has them, AVX-512
+//! ones included, and never AVX-512: the `KINO_CPU_ISA=avx2` cap holds for it too. On x86-64 its
+//! implicit GEMM decodes faster than the direct conv rows Kino had (AVX-512 12×32 and AVX2 6×16;
+//! removed, see `conv.rs`), which swept all of a layer's weights for every block of pixels.
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
@@ -262,20 +268,14 @@ multiversion! {
 }
 
 /// The direct convolution of one row with the kernel of `isa`, if it has one for these channel
-/// counts and taps (AVX2+FMA and NEON; else `None`: the caller takes the implicit-GEMM path, as
-/// AVX-512 and portable always do).
+/// counts (NEON; else `None`: the caller takes the implicit-GEMM path, as AVX-512, AVX2 and
+/// portable always do).
 pub fn conv_row(isa: Isa, p: &portable::ConvRow, out: &mut [f32]) -> Option<()> {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma if p.co.is_multiple_of(8) && p.taps.len() <= x86_64::MAX_TAPS => {
-            x86_64::conv_row_avx2(p, out);
-            Some(())
-        }
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon if p.co.is_multiple_of(4) => {
-            aarch64::conv_row_neon(p, out);
-            Some(())
-        }
-        _ => None,
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && p.co.is_multiple_of(4) {
+        aarch64::conv_row_neon(p, out);
+        return Some(());
     }
+    let _ = (isa, p, out);
+    None
 }

@@ -1,16 +1,14 @@
 //! x86-64 microkernels: AVX-512F and AVX2+FMA versions of the packed-GEMM microkernel
-//! ([`AVX512`], [`AVX2`]) and the AVX2+FMA direct convolution of one output row
-//! ([`conv_row_avx2`]; AVX-512 machines convolve with the `gemm` crate's implicit GEMM, measured
-//! faster there than an AVX-512 direct row, see `conv.rs`). Each is compiled for its ISA with
-//! `#[target_feature]` and only reached after the CPU was found to have it (the `Kernel`s carry
-//! their check; the conv row checks on entry).
+//! ([`AVX512`], [`AVX2`]). x86-64 machines convolve with the `gemm` crate's implicit GEMM,
+//! measured faster than the AVX-512 and AVX2 direct rows these files had before (see `conv.rs`).
+//! Each is compiled for its ISA with `#[target_feature]` and only reached after the CPU was
+//! found to have it (the `Kernel`s carry their check).
 //!
 //! Pure: `std::arch` only, no crate dependencies.
 
 use std::arch::x86_64::*;
 
 use super::gemm::{Init, Kernel};
-use super::portable::ConvRow;
 
 fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
@@ -253,133 +251,5 @@ unsafe fn gemm_avx2(
         2 => k!(2),
         1 => k!(1),
         _ => {}
-    }
-}
-
-// -------------------------------------------------------------------------------------------------
-// Direct convolution of one output row (channels-last; see `ConvRow`).
-// -------------------------------------------------------------------------------------------------
-
-/// Most taps (`kt·ks·ks`) the direct kernels take.
-pub const MAX_TAPS: usize = 27;
-
-/// Per-tap input pointers (at pixel 0 of the row band, channel 0) and weight pointers
-/// (at input channel 0, output channel 0); `ps` is the input stride between output pixels.
-struct Taps {
-    n: usize,
-    ps: usize,
-    x: [*const f32; MAX_TAPS],
-    w: [*const f32; MAX_TAPS],
-}
-
-impl Taps {
-    /// Pointers of the taps of `p` (which `check`ed), at most [`MAX_TAPS`].
-    fn new(p: &ConvRow) -> Self {
-        assert!(
-            p.taps.len() <= MAX_TAPS,
-            "conv row: more than {MAX_TAPS} taps"
-        );
-        let mut taps = Taps {
-            n: p.taps.len(),
-            ps: p.ps,
-            x: [std::ptr::null(); MAX_TAPS],
-            w: [std::ptr::null(); MAX_TAPS],
-        };
-        for (t, &(tx, tw)) in p.taps.iter().enumerate() {
-            taps.x[t] = p.x[tx..].as_ptr();
-            taps.w[t] = p.w[tw..].as_ptr();
-        }
-        taps
-    }
-}
-
-/// AVX2: a block of `NP` pixels from `x0` × `NV·8` channels from `o0` (`NP·NV` ymm
-/// accumulators; 6 × 2 leaves 4 of the 16 registers for the weights and the broadcast).
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2<const NP: usize, const NV: usize>(
-    taps: &Taps,
-    x0: usize,
-    o0: usize,
-    c: usize,
-    co: usize,
-    out: *mut f32,
-    res: *const f32,
-    bias: *const f32,
-) {
-    let ps = taps.ps;
-    let mut acc = [[_mm256_setzero_ps(); NV]; NP];
-    for t in 0..taps.n {
-        let mut xp = taps.x[t].add(x0 * ps);
-        let mut wp = taps.w[t].add(o0);
-        for _ in 0..c {
-            let mut wv = [_mm256_setzero_ps(); NV];
-            for (v, w) in wv.iter_mut().enumerate() {
-                *w = _mm256_loadu_ps(wp.add(8 * v));
-            }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_broadcast_ss(&*xp.add(j * ps));
-                for (av, &w) in a.iter_mut().zip(&wv) {
-                    *av = _mm256_fmadd_ps(xv, w, *av);
-                }
-            }
-            xp = xp.add(1);
-            wp = wp.add(co);
-        }
-    }
-    for (j, a) in acc.iter().enumerate() {
-        let off = (x0 + j) * co + o0;
-        for (v, &av) in a.iter().enumerate() {
-            let mut r = _mm256_add_ps(av, _mm256_loadu_ps(bias.add(o0 + 8 * v)));
-            if !res.is_null() {
-                r = _mm256_add_ps(r, _mm256_loadu_ps(res.add(off + 8 * v)));
-            }
-            _mm256_storeu_ps(out.add(off + 8 * v), r);
-        }
-    }
-}
-
-/// The AVX2+FMA direct convolution of one row: blocks of 6 (or 1) pixels × 16 (or 8) output
-/// channels. Needs `co % 8 == 0` and at most [`MAX_TAPS`] taps; panics otherwise, or when the
-/// CPU lacks AVX2/FMA, or when `p` reads or writes out of bounds.
-pub fn conv_row_avx2(p: &ConvRow, out: &mut [f32]) {
-    assert!(
-        has_avx2_fma(),
-        "conv_row_avx2 on a CPU without AVX2 and FMA"
-    );
-    assert!(p.co.is_multiple_of(8), "conv_row_avx2: co % 8 != 0");
-    p.check(out);
-    let taps = Taps::new(p);
-    // SAFETY: AVX2 and FMA are present and `check` bounded every access.
-    unsafe { row_avx2(&taps, p, out) }
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(taps: &Taps, p: &ConvRow, orow: &mut [f32]) {
-    let (c, co, w_out) = (p.c, p.co, p.w_out);
-    let out = orow.as_mut_ptr();
-    let res = p.res.map_or(std::ptr::null(), |rr| rr.as_ptr());
-    let bias = p.bias.as_ptr();
-    // Pixel blocks of 6, the last one shifted left to stay full (a few pixels computed twice),
-    // or single pixels for rows narrower than 6.
-    let mut x0 = 0;
-    while x0 < w_out {
-        let (np, xb) = if w_out >= 6 {
-            (6, x0.min(w_out - 6))
-        } else {
-            (1, x0)
-        };
-        let mut o0 = 0;
-        while o0 < co {
-            let two = co - o0 >= 16;
-            match (np, two) {
-                (6, true) => block_avx2::<6, 2>(taps, xb, o0, c, co, out, res, bias),
-                (6, false) => block_avx2::<6, 1>(taps, xb, o0, c, co, out, res, bias),
-                (_, true) => block_avx2::<1, 2>(taps, xb, o0, c, co, out, res, bias),
-                (_, false) => block_avx2::<1, 1>(taps, xb, o0, c, co, out, res, bias),
-            }
-            o0 += if two { 16 } else { 8 };
-        }
-        x0 += np;
     }
 }
