@@ -171,6 +171,16 @@ pub fn causal_conv(
                 taps,
                 bias,
             };
+            if stride_s == 1 && isa != Isa::Neon {
+                let rows = y0 * w_out * co..(y0 + nrows) * w_out * co;
+                gemm_band(
+                    &ctx,
+                    nrows,
+                    &mut out_frame[rows.clone()],
+                    res_base.map(|rb| &rb[rows]),
+                );
+                return;
+            }
             let mut offsets = Vec::with_capacity((kt - k0) * ks * ks);
             for r in 0..nrows {
                 let y = y0 + r;
@@ -248,6 +258,88 @@ fn direct_row(
     super::conv_row(isa, &p, orow).is_some()
 }
 
+/// All `nrows` output rows of the task's band by implicit GEMM, for stride 1: for each (temporal
+/// tap, kernel row) one `gemm` whose N runs through the band's padded rows. Output pixel `p` of
+/// band row `r` reads the scratch from pixel `r·wp + p` on, so the band is one run of
+/// `(nrows − 1)·wp + w_out` pixels at a stride of one pixel; the `ks − 1` of each row that fall
+/// on the padding are computed and dropped. One call per (tap, kernel row) for the whole band
+/// instead of one per output row: the weights are packed once per band.
+fn gemm_band(ctx: &TaskCtx, nrows: usize, orows: &mut [f32], rrows: Option<&[f32]>) {
+    let Geom { c, co, kt, ks, .. } = ctx.g;
+    let (wp, w_out) = (ctx.wp, ctx.w_out);
+    let n = (nrows - 1) * wp + w_out;
+    let mut tile = vec![0f32; n * co];
+    let mut first = true;
+    for a in ctx.k0..kt {
+        for dy in 0..ks {
+            let start = ((a - ctx.k0) * ctx.band + dy) * wp * c;
+            // Last rhs element: (n − 1)·c + ks·c − 1 = nrows·wp·c − 1 (stride 1: w_out + ks − 1
+            // = wp), inside the band (band = nrows − 1 + ks rows, dy ≤ ks − 1).
+            let x = &ctx.scratch[start..][..nrows * wp * c];
+            let wt = &ctx.taps[(a * ks + dy) * ks * c * co..][..ks * c * co];
+            // dst[o, q] at q·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, q] at q·c + kk.
+            // SAFETY: all three operands stay inside the slices above.
+            unsafe {
+                gemm::gemm(
+                    co,
+                    n,
+                    ks * c,
+                    tile.as_mut_ptr(),
+                    co as isize,
+                    1,
+                    !first,
+                    wt.as_ptr(),
+                    co as isize,
+                    1,
+                    x.as_ptr(),
+                    c as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            first = false;
+        }
+    }
+    for r in 0..nrows {
+        let src = &tile[r * wp * co..][..w_out * co];
+        let dst = &mut orows[r * w_out * co..][..w_out * co];
+        store_row(
+            src,
+            dst,
+            ctx.bias,
+            rrows.map(|rr| &rr[r * w_out * co..][..w_out * co]),
+        );
+    }
+}
+
+/// `dst = src + bias (+ residual)`, pixel by pixel (`[pixels, co]`).
+fn store_row(src: &[f32], dst: &mut [f32], bias: &[f32], res: Option<&[f32]>) {
+    let co = bias.len();
+    for (p, (d, s)) in dst
+        .chunks_exact_mut(co)
+        .zip(src.chunks_exact(co))
+        .enumerate()
+    {
+        match res {
+            Some(rr) => {
+                for (((dv, sv), bv), rv) in d.iter_mut().zip(s).zip(bias).zip(&rr[p * co..]) {
+                    *dv = sv + bv + rv;
+                }
+            }
+            None => {
+                for ((dv, sv), bv) in d.iter_mut().zip(s).zip(bias) {
+                    *dv = sv + bv;
+                }
+            }
+        }
+    }
+}
+
 /// One output row by implicit GEMM: for each (temporal tap, kernel row) one `gemm` with
 /// `K = ks·C` (the `dx` taps and channels are contiguous in a channels-last row).
 fn gemm_row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
@@ -297,22 +389,7 @@ fn gemm_row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
             first = false;
         }
     }
-    for p in 0..n {
-        let d = &mut orow[p * co..][..co];
-        let s = &tile[p * co..][..co];
-        match rrow {
-            Some(rr) => {
-                for (((dv, sv), bv), rv) in d.iter_mut().zip(s).zip(ctx.bias).zip(&rr[p * co..]) {
-                    *dv = sv + bv + rv;
-                }
-            }
-            None => {
-                for ((dv, sv), bv) in d.iter_mut().zip(s).zip(ctx.bias) {
-                    *dv = sv + bv;
-                }
-            }
-        }
-    }
+    store_row(&tile, orow, ctx.bias, rrow);
 }
 
 /// Fused `WanRMS_norm` + SiLU over the last (channel) dim of a contiguous f32 CPU tensor:
