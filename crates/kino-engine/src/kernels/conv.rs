@@ -18,6 +18,7 @@
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{self as packed_gemm, PackedB};
 use super::portable::{self, ConvRow};
 use super::{isa, Isa};
 
@@ -128,6 +129,21 @@ pub fn causal_conv(
     }
     let tiles_per_frame = h_out.div_ceil(rows);
 
+    // Stride 1 on a CPU with a packed-GEMM microkernel (not NEON, which keeps its direct row):
+    // each (temporal tap, kernel row)'s weights `[ks·C, Co]` packed once for the whole call.
+    let packed: Option<Vec<PackedB>> = match super::gemm_kernel(isa) {
+        Some(kernel) if stride_s == 1 && isa != Isa::Neon => Some(
+            (0..kt * ks)
+                .into_par_iter()
+                .map(|ad| {
+                    let w = &taps[ad * ks * c * co..][..ks * c * co];
+                    PackedB::from_cols(kernel, w, co, ks * c, co)
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+
     let mut out = vec![0f32; out_len];
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..t_out * tiles_per_frame)
@@ -173,12 +189,11 @@ pub fn causal_conv(
             };
             if stride_s == 1 && isa != Isa::Neon {
                 let rows = y0 * w_out * co..(y0 + nrows) * w_out * co;
-                gemm_band(
-                    &ctx,
-                    nrows,
-                    &mut out_frame[rows.clone()],
-                    res_base.map(|rb| &rb[rows]),
-                );
+                let (orows, rrows) = (&mut out_frame[rows.clone()], res_base.map(|rb| &rb[rows]));
+                match &packed {
+                    Some(packed) => packed_band(&ctx, nrows, packed, orows, rrows),
+                    None => gemm_band(&ctx, nrows, orows, rrows),
+                }
                 return;
             }
             let mut offsets = Vec::with_capacity((kt - k0) * ks * ks);
@@ -303,6 +318,63 @@ fn gemm_band(ctx: &TaskCtx, nrows: usize, orows: &mut [f32], rrows: Option<&[f32
                 );
             }
             first = false;
+        }
+    }
+    for r in 0..nrows {
+        let src = &tile[r * wp * co..][..w_out * co];
+        let dst = &mut orows[r * w_out * co..][..w_out * co];
+        store_row(
+            src,
+            dst,
+            ctx.bias,
+            rrows.map(|rr| &rr[r * w_out * co..][..w_out * co]),
+        );
+    }
+}
+
+/// [`gemm_band`] with Kino's packed GEMM ([`packed_gemm`]: the ISA's microkernel, the weights
+/// of each (temporal tap, kernel row) packed once per call in `packed`). Tile by tile of the
+/// band's output, all (tap, kernel row) products are added while the tile is in cache.
+fn packed_band(
+    ctx: &TaskCtx,
+    nrows: usize,
+    packed: &[PackedB],
+    orows: &mut [f32],
+    rrows: Option<&[f32]>,
+) {
+    let Geom { c, co, kt, ks, .. } = ctx.g;
+    let (wp, w_out) = (ctx.wp, ctx.w_out);
+    let n = (nrows - 1) * wp + w_out;
+    let mut tile = vec![0f32; n * co];
+    let noop = |_: &mut [f32], _: usize| {};
+    let (tm, tn) = packed_gemm::tiles_of(n, &packed[0].view());
+    for tj in 0..tn {
+        for ti in 0..tm {
+            let mut first = true;
+            for a in ctx.k0..kt {
+                for dy in 0..ks {
+                    let start = ((a - ctx.k0) * ctx.band + dy) * wp * c;
+                    // As in gemm_band: pixel q reads x[q·c..q·c + ks·c], all inside the band.
+                    let x = &ctx.scratch[start..][..nrows * wp * c];
+                    // SAFETY: A `[n, ks·c]` at row stride c ends at x's end (above), C is the
+                    // task's own `[n, co]` tile, the weights were packed for this kernel.
+                    unsafe {
+                        packed_gemm::tile_of(
+                            x.as_ptr(),
+                            c,
+                            n,
+                            &packed[a * ks + dy].view(),
+                            None,
+                            tile.as_mut_ptr(),
+                            co,
+                            (ti, tj),
+                            &noop,
+                            !first,
+                        );
+                    }
+                    first = false;
+                }
+            }
         }
     }
     for r in 0..nrows {
