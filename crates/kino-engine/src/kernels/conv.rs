@@ -292,44 +292,11 @@ fn gemm_band(ctx: &TaskCtx, nrows: usize, orows: &mut [f32], rrows: Option<&[f32
             // = wp), inside the band (band = nrows − 1 + ks rows, dy ≤ ks − 1).
             let x = &ctx.scratch[start..][..nrows * wp * c];
             let wt = &ctx.taps[(a * ks + dy) * ks * c * co..][..ks * c * co];
-            // dst[o, q] at q·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, q] at q·c + kk.
-            // SAFETY: all three operands stay inside the slices above.
-            unsafe {
-                gemm::gemm(
-                    co,
-                    n,
-                    ks * c,
-                    tile.as_mut_ptr(),
-                    co as isize,
-                    1,
-                    !first,
-                    wt.as_ptr(),
-                    co as isize,
-                    1,
-                    x.as_ptr(),
-                    c as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            gemm_crate_product(&mut tile, x, wt, n, co, ks * c, c, !first);
             first = false;
         }
     }
-    for r in 0..nrows {
-        let src = &tile[r * wp * co..][..w_out * co];
-        let dst = &mut orows[r * w_out * co..][..w_out * co];
-        store_row(
-            src,
-            dst,
-            ctx.bias,
-            rrows.map(|rr| &rr[r * w_out * co..][..w_out * co]),
-        );
-    }
+    store_band(&tile, ctx, nrows, orows, rrows);
 }
 
 /// [`gemm_band`] with Kino's packed GEMM ([`packed_gemm`]: the ISA's microkernel, the weights
@@ -377,6 +344,54 @@ fn packed_band(
             }
         }
     }
+    store_band(&tile, ctx, nrows, orows, rrows);
+}
+
+/// `tile[q·co + o] (+)= Σ_kk wt[kk·co + o] · x[q·ps + kk]` for `q < n`, `o < co`, `kk < k`
+/// (adding to the tile with `acc`), with the `gemm` crate: the implicit GEMM of one (temporal
+/// tap, kernel row), pixels `ps` floats apart in the scratch band.
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate_product(
+    tile: &mut [f32],
+    x: &[f32],
+    wt: &[f32],
+    n: usize,
+    co: usize,
+    k: usize,
+    ps: usize,
+    acc: bool,
+) {
+    assert!(n > 0 && tile.len() >= n * co && wt.len() >= k * co && x.len() >= (n - 1) * ps + k);
+    // dst[o, q] at q·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, q] at q·ps + kk.
+    // SAFETY: all three operands stay inside their slices (asserted above).
+    unsafe {
+        gemm::gemm(
+            co,
+            n,
+            k,
+            tile.as_mut_ptr(),
+            co as isize,
+            1,
+            acc,
+            wt.as_ptr(),
+            co as isize,
+            1,
+            x.as_ptr(),
+            ps as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The band's output rows from its tile (rows `wp` pixels apart, the padding's dropped).
+fn store_band(tile: &[f32], ctx: &TaskCtx, nrows: usize, orows: &mut [f32], rrows: Option<&[f32]>) {
+    let (wp, w_out, co) = (ctx.wp, ctx.w_out, ctx.g.co);
     for r in 0..nrows {
         let src = &tile[r * wp * co..][..w_out * co];
         let dst = &mut orows[r * w_out * co..][..w_out * co];
@@ -432,32 +447,7 @@ fn gemm_row(ctx: &TaskCtx, r: usize, orow: &mut [f32], rrow: Option<&[f32]>) {
             let row = ((a - ctx.k0) * ctx.band + r * stride_s + dy) * wp * c;
             let x = &ctx.scratch[row..][..wp * c];
             let wt = &ctx.taps[(a * ks + dy) * ks * c * co..][..ks * c * co];
-            // dst[o, p] at p·co + o; lhs W[o, kk] at kk·co + o; rhs X[kk, p] at p·s·c + kk.
-            // Last rhs element: ((n − 1)·s + ks)·c − 1 ≤ wp·c − 1.
-            // SAFETY: all three operands stay inside the slices above.
-            unsafe {
-                gemm::gemm(
-                    co,
-                    n,
-                    ks * c,
-                    tile.as_mut_ptr(),
-                    co as isize,
-                    1,
-                    !first,
-                    wt.as_ptr(),
-                    co as isize,
-                    1,
-                    x.as_ptr(),
-                    (stride_s * c) as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            gemm_crate_product(&mut tile, x, wt, n, co, ks * c, stride_s * c, !first);
             first = false;
         }
     }
