@@ -9,8 +9,11 @@
 //!   input channel one weight load per vector of channels and one broadcast per pixel), the
 //!   scheme of oneDNN's direct conv kernels;
 //! * otherwise (x86-64, where it measured faster than AVX-512 and AVX2 direct rows, and the
-//!   portable path): an implicit GEMM per (temporal tap, kernel row) with `gemm`, whose K
-//!   dimension is `(dx, c)`, contiguous in channels-last rows.
+//!   portable path): an implicit GEMM per (temporal tap, kernel row), whose K dimension is
+//!   `(dx, c)`, contiguous in channels-last rows. For stride 1 one product covers the task's
+//!   whole band of rows ([`gemm_band`]), on Kino's packed microkernels where the ISA has one
+//!   ([`packed_band`]: AVX-512, AVX2) and with the `gemm` crate otherwise; other strides run it
+//!   row by row with the `gemm` crate ([`gemm_row`]).
 //!
 //! Taps that fall on the zero frames of the causal padding are skipped. An optional residual
 //! (`x + h` of `WanResidualBlock`) is added when the output is stored.
@@ -129,10 +132,12 @@ pub fn causal_conv(
     }
     let tiles_per_frame = h_out.div_ceil(rows);
 
-    // Stride 1 on a CPU with a packed-GEMM microkernel (not NEON, which keeps its direct row):
-    // each (temporal tap, kernel row)'s weights `[ks·C, Co]` packed once for the whole call.
+    // Stride 1 off NEON (which keeps its direct row): a task's rows as one band ([`gemm_band`]),
+    // on the ISA's packed-GEMM microkernel where it has one, each (temporal tap, kernel row)'s
+    // weights `[ks·C, Co]` packed once for the whole call.
+    let as_band = stride_s == 1 && isa != Isa::Neon;
     let packed: Option<Vec<PackedB>> = match super::gemm_kernel(isa) {
-        Some(kernel) if stride_s == 1 && isa != Isa::Neon => Some(
+        Some(kernel) if as_band => Some(
             (0..kt * ks)
                 .into_par_iter()
                 .map(|ad| {
@@ -187,7 +192,7 @@ pub fn causal_conv(
                 taps,
                 bias,
             };
-            if stride_s == 1 && isa != Isa::Neon {
+            if as_band {
                 let rows = y0 * w_out * co..(y0 + nrows) * w_out * co;
                 let (orows, rrows) = (&mut out_frame[rows.clone()], res_base.map(|rb| &rb[rows]));
                 match &packed {
@@ -231,8 +236,8 @@ fn direct_row(
     orow: &mut [f32],
     rrow: Option<&[f32]>,
 ) -> bool {
-    // On x86-64 the implicit GEMM below (the gemm crate's AVX2+FMA kernels, which it runs on
-    // AVX-512 CPUs too) decodes faster than direct rows. A whole VAE decode (`kino bench vae
+    // On x86-64 the implicit GEMM (measured here with the gemm crate's AVX2+FMA kernels, which it
+    // runs on AVX-512 CPUs too) decodes faster than direct rows. A whole VAE decode (`kino bench vae
     // --child`, A and B run in turn): on an Intel AVX-512 box, 2 threads, 3 pairs, the AVX-512
     // 12×32 row took 109.0 s against 102.6 s (median ratio 1.065); on an AMD EPYC (Zen 4), 1
     // thread, 2 pairs, the AVX2 6×16 row took 2.14× the CPU time (277 against 130 s). Both rows

@@ -28,13 +28,13 @@
 //! |-------------------------------|------------------|------------------|------------------|----------|
 //! | packed GEMM (linear layers)   | 12×32 microkernel| 6×16 microkernel | 6×16 microkernel | candle's matmul |
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
-//! | VAE conv                      | implicit GEMM (`gemm` crate) | implicit GEMM (`gemm` crate) | 6×16 direct row | implicit GEMM (`gemm` crate) |
+//! | VAE conv                      | implicit GEMM on the 12×32 microkernel (stride 1; else `gemm` crate) | implicit GEMM on the 6×16 microkernel (stride 1; else `gemm` crate) | 6×16 direct row | implicit GEMM (`gemm` crate) |
 //! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
 //! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
 //!
 //! The `gemm` crate (candle's matmul, and the VAE's implicit GEMM here) is built without its
 //! `x86-v4` feature, so on x86-64 it runs its AVX2+FMA kernels on every CPU that has them, AVX-512
-//! ones included, and never AVX-512: the `KINO_CPU_ISA=avx2` cap holds for it too. On x86-64 its
+//! ones included, and never AVX-512: the `KINO_CPU_ISA=avx2` cap holds for it too. On x86-64 the
 //! implicit GEMM decodes faster than the direct conv rows Kino had (AVX-512 12×32 and AVX2 6×16;
 //! removed, see `conv.rs`), which swept all of a layer's weights for every block of pixels.
 

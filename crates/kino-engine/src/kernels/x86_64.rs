@@ -1,6 +1,6 @@
 //! x86-64 microkernels: AVX-512F and AVX2+FMA versions of the packed-GEMM microkernel
-//! ([`AVX512`], [`AVX2`]). x86-64 machines convolve with the `gemm` crate's implicit GEMM,
-//! measured faster than the AVX-512 and AVX2 direct rows these files had before (see `conv.rs`).
+//! ([`AVX512`], [`AVX2`]); the VAE's conv runs on them too, as an implicit GEMM (`conv.rs`),
+//! measured faster than the AVX-512 and AVX2 direct rows this file had before.
 //! Each is compiled for its ISA with `#[target_feature]` and only reached after the CPU was
 //! found to have it (the `Kernel`s carry their check).
 //!
