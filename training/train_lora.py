@@ -204,7 +204,9 @@ def concept_data(vae, base_cfg, t, record):
             batch.append((world.render(scene, wld.width, wld.height, wld.frames), scene, combo))
         x = [b[0] for b in batch]
         latents.append(encode_clips(vae, x))
-        shape_masks.append(train.latent_shape_mask([b[1] for b in batch], base_cfg, vae))
+        diff = np.stack([world.shape_difference(b[1], wld.width, wld.height, wld.frames)
+                         for b in batch])
+        shape_masks.append(train.latent_shape_mask(torch.from_numpy(diff), vae))
         combos += [b[2] for b in batch]
     record["data"] = {"clips": n, "concept_clips": sum(c[2] == t["name"] for c in combos),
                       "encode_seconds": round(time.time() - start, 1)}

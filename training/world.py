@@ -199,6 +199,55 @@ def render(scene: Scene, width: int, height: int, frames: int) -> np.ndarray:
     return out
 
 
+def _coverage_torch(shape, cx, cy, size, width: int, height: int):
+    """`_coverage` for many objects at once on a torch device: `shape` a list of names, `cx`,
+    `cy`, `size` float64 tensors [N]; gives float64 [N, height, width] (the same arithmetic as
+    the numpy version, so the same values)."""
+    import torch
+
+    dev = cx.device
+    ys = (torch.arange(height * _SS, device=dev, dtype=torch.float64) + 0.5) / _SS
+    xs = (torch.arange(width * _SS, device=dev, dtype=torch.float64) + 0.5) / _SS
+    X, Y = xs.view(1, 1, -1), ys.view(1, -1, 1)
+    cx, cy, r = cx.view(-1, 1, 1), cy.view(-1, 1, 1), (size / 2).view(-1, 1, 1)
+    kind = torch.tensor([SHAPES.index(s) for s in shape], device=dev).view(-1, 1, 1)
+    circle = (X - cx) ** 2 + (Y - cy) ** 2 <= r * r
+    square = ((X - cx).abs() <= r) & ((Y - cy).abs() <= r)
+    t = (Y - (cy - r)) / (2 * r)
+    triangle = (t >= 0) & (t <= 1) & ((X - cx).abs() <= t * r)
+    inside = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
+    n = inside.shape[0]
+    return inside.to(torch.float64).view(n, height, _SS, width, _SS).mean(dim=(2, 4))
+
+
+def render_batch(scenes, width: int, height: int, frames: int, device, with_difference=False):
+    """`render` (and `shape_difference`) of many scenes at once on a torch device, for training
+    on a GPU where drawing clip by clip in numpy would starve it: uint8 [B, frames, height,
+    width, 3] (and float32 [B, frames, height, width]), equal to the numpy functions'."""
+    import torch
+
+    pos = [s.centre(f, frames) for s in scenes for f in range(frames)]
+    f64 = dict(device=device, dtype=torch.float64)
+    cx = torch.tensor([p[0] for p in pos], **f64)
+    cy = torch.tensor([p[1] for p in pos], **f64)
+    size = torch.tensor([s.size for s in scenes for _ in range(frames)], **f64)
+    a = _coverage_torch([s.shape for s in scenes for _ in range(frames)], cx, cy, size, width,
+                        height)
+    fg = torch.tensor([COLOURS[s.colour] for s in scenes], device=device, dtype=torch.float32)
+    bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], device=device,
+                      dtype=torch.float32)
+    b = len(scenes)
+    a = a.view(b, frames, height, width, 1)
+    fg, bg = fg.view(b, 1, 1, 1, 3).double(), bg.view(b, 1, 1, 1, 3).double()
+    clips = torch.round(bg + a * (fg - bg)).to(torch.uint8)
+    if not with_difference:
+        return clips
+    cov = torch.stack([_coverage_torch([sh] * len(pos), cx, cy, size, width, height)
+                       for sh in SHAPES])
+    diff = (cov.amax(0) - cov.amin(0)).to(torch.float32).view(b, frames, height, width)
+    return clips, diff
+
+
 class World:
     """Seeded stream of (clip, caption, combo) from the training combinations."""
 
@@ -214,16 +263,27 @@ class World:
         clip, _, caption_, combo = self.sample_with_scene()
         return clip, caption_, combo
 
-    def sample_with_scene(self):
-        """(clip, scene, caption, combo): `sample` with the scene it drew."""
-        clip, scene, combo = self.sample_scene()
+    def sample_with_scene(self, render: bool = True):
+        """(clip, scene, caption, combo): `sample` with the scene it drew; clip None unless
+        `render` (draw many at once with `render_batch`: the same pixels)."""
+        clip, scene, combo = self.sample_scene(render)
         return clip, scene, caption(*combo, self.rng), combo
 
-    def sample_scene(self):
+    def sample_scene(self, draw: bool = True):
         combo = self.rng.choice(self.combos)
         scene = sample_scene(combo, self.width, self.height, self.rng, self.size_range,
                              self.travel_range)
-        return render(scene, self.width, self.height, self.frames), scene, combo
+        return (render(scene, self.width, self.height, self.frames) if draw else None), scene, combo
+
+    def sample_batch(self, n: int, device, with_difference: bool = False):
+        """`n` whole clips drawn as `sample` draws them, rendered together on `device`
+        (`render_batch`): uint8 [n, frames, height, width, 3] (and their shape differences)."""
+        scenes = []
+        for _ in range(n):
+            combo = self.rng.choice(self.combos)
+            scenes.append(sample_scene(combo, self.width, self.height, self.rng, self.size_range,
+                                       self.travel_range))
+        return render_batch(scenes, self.width, self.height, self.frames, device, with_difference)
 
     def sample_crop(self, frames: int, size: int, with_difference: bool = False):
         """`frames` consecutive frames of a clip, cut to a `size`² window around the object

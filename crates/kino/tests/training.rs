@@ -188,6 +188,105 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         let v = record["vae_decoder"][key].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v > 0.0, "vae_decoder.{key} = {v}");
     }
+
+    // `--stage vae-finetune` trains the whole VAE further on clips drawn in batches: encoder and
+    // decoder both move, the latent statistics are measured again, and the record has the
+    // squares' fill before and after.
+    let finetuned = tmp.path().join("finetune");
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/train.py"))
+            .args([
+                "--smoke",
+                "--threads",
+                "1",
+                "--stage",
+                "vae-finetune",
+                "--vae-from",
+            ])
+            .arg(out.join("vae"))
+            .arg("--out")
+            .arg(&finetuned),
+    );
+    assert!(ok, "train.py --stage vae-finetune --smoke failed:\n{log}");
+    assert!(log.contains("VAE fine-tune done: PSNR"), "{log}");
+    let compare = compare.replace(
+        &format!(
+            "{:?}",
+            tuned.join("vae/diffusion_pytorch_model.safetensors")
+        ),
+        &format!(
+            "{:?}",
+            finetuned.join("vae/diffusion_pytorch_model.safetensors")
+        ),
+    );
+    let (ok, log) = run_logged(Command::new(&python).args(["-c", &compare]));
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("encoder False") && log.contains("decoder False"),
+        "{log}"
+    );
+    let config = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("vae/config.json")).unwrap())
+            .unwrap()
+    };
+    assert_ne!(
+        config(&out)["latents_mean"],
+        config(&finetuned)["latents_mean"],
+        "the latent statistics were not measured again"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(finetuned.join("training.json")).unwrap())
+            .unwrap();
+    let ft = &record["vae_finetune"];
+    for key in [
+        "psnr_db_before",
+        "psnr_db_after",
+        "final_reconstruction_loss",
+    ] {
+        let v = ft[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "vae_finetune.{key} = {v}");
+    }
+    for when in ["square_fill_before", "square_fill_after"] {
+        assert_eq!(
+            ft[when]["drawn"].as_f64(),
+            Some(1.0),
+            "{when}: {}",
+            ft[when]
+        );
+        let v = ft[when]["round_trip"].as_f64().unwrap_or(f64::NAN);
+        assert!(v > 0.0 && v <= 1.5, "{when}.round_trip = {v}");
+    }
+}
+
+/// `world.render_batch` (the clips a GPU run draws in batches) gives the same pixels and shape
+/// differences as `world.render` / `world.shape_difference`, clip by clip.
+#[test]
+fn batched_rendering_draws_the_same_clips() {
+    let python = python();
+    let script = format!(
+        "import random, sys, numpy as np\n\
+         sys.path.insert(0, {:?})\n\
+         import world\n\
+         rng = random.Random(11)\n\
+         combos = world.combinations()\n\
+         scenes = [world.sample_scene(rng.choice(combos), 48, 40, rng) for _ in range(30)]\n\
+         clips, diff = world.render_batch(scenes, 48, 40, 9, 'cpu', True)\n\
+         ref = np.stack([world.render(s, 48, 40, 9) for s in scenes])\n\
+         rd = np.stack([world.shape_difference(s, 48, 40, 9) for s in scenes])\n\
+         print('shapes', sorted({{s.shape for s in scenes}}))\n\
+         print('clips', clips.shape == ref.shape and (clips.numpy() == ref).all())\n\
+         print('diff', diff.shape == rd.shape and (diff.numpy() == rd).all())",
+        repo().join("training")
+    );
+    let (ok, log) = run_logged(Command::new(&python).args(["-c", &script]));
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("shapes ['circle', 'square', 'triangle']")
+            && log.contains("clips True")
+            && log.contains("diff True"),
+        "{log}"
+    );
 }
 
 #[test]
