@@ -2,7 +2,7 @@
 # On the BUILD machine (network to PyPI, the CUDA toolchain of scripts/install-cuda-toolchain.sh):
 # puts into bench/gpu/ everything run.sh needs on a GPU machine that has no network and no Rust:
 #   bench/gpu/bin/kino.xz        the kino binary built with --features cuda, stripped and
-#                                xz-compressed (61 MB -> 10 MB: the carry limit is 64 MiB in all)
+#                                xz-compressed (101 MB -> 17 MB: the carry limit is 64 MiB in all)
 #   bench/gpu/bin/kino-cudnn.xz  the same with --features cudnn (cuDNN convolutions); run.sh runs
 #                                it as a second Kino column (skip: KINO_CUDNN=0)
 #   bench/gpu/wheels/      diffusers (pinned as fixtures/requirements.txt) + importlib_metadata
@@ -19,8 +19,10 @@ mkdir -p "$HERE/bin" "$HERE/wheels"
 pack() {  # pack FEATURES NAME
     nice -n 19 cargo build --release -p kino --features "$1"
     cp target/release/kino "$HERE/bin/$2"
+    # FFmpeg stubs for a machine without FFmpeg 5's libraries (the GPU image; see libav-stubs.sh)
+    "$HERE/libav-stubs.sh" "$HERE/bin/$2" "$HERE/bin/avstub"
     strip "$HERE/bin/$2" || true
-    xz -T0 -6 -f "$HERE/bin/$2"        # -> bin/NAME.xz; run.sh unpacks it
+    xz -T0 -9e -f "$HERE/bin/$2"       # -> bin/NAME.xz (101 MB -> 17 MB); run.sh unpacks it
 }
 pack cuda kino
 if [ "${KINO_CUDNN:-1}" != 0 ]; then pack cudnn kino-cudnn; fi

@@ -46,6 +46,13 @@ SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 for d in "$SITE"/nvidia/*/lib "$SITE"/nvidia/cu13/lib; do
     [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
+# The binary links FFmpeg 5 (libavcodec.so.59, ...), which the GPU image lacks: where the loader
+# cannot find them, use the stubs prepare.sh made (bench/gpu/libav-stubs.sh; they abort if a
+# video file is ever read or written, which `kino parity` never does).
+if ldd "$KINO" | grep -qE "lib(av|sw)[a-z]*\.so.* not found" && [ -d "$HERE/bin/avstub" ]; then
+    echo "FFmpeg libraries missing here: using the stubs in bench/gpu/bin/avstub"
+    LD_LIBRARY_PATH="$HERE/bin/avstub:$LD_LIBRARY_PATH"
+fi
 export LD_LIBRARY_PATH
 for k in "$KINO" "${ALT[1]:-}"; do
     [ -n "$k" ] || continue
@@ -80,4 +87,6 @@ smoke df-async pipeline-df pipeline-df input-async.safetensors expected-async.sa
     --causal-block-size 2 --fps 24
 smoke df-continue pipeline-df pipeline-df input-continue.safetensors expected-continue.safetensors \
     --steps 3 --guidance 5 --num-frames 25 --base-num-frames 17 --overlap-history 5 --fps 24
+smoke vace pipeline-vace pipeline-vace input-video-mask.safetensors expected-video-mask.safetensors \
+    --steps 4 --guidance 5
 echo "== done $(date -u); results in $OUTDIR"
