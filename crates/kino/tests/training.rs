@@ -140,88 +140,67 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     let info = kino_media::probe(&video).unwrap();
     assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
 
+    // The VAE stages that start from that VAE (`--vae-from`): each writes OUT/vae and a record
+    // under its own key (psnr before/after, final loss). `moved` says which halves of the VAE
+    // each leaves changed, checked tensor by tensor.
+    let vae_stage = |stage: &str, dir: &std::path::Path, done: &str| -> serde_json::Value {
+        let (ok, log) = run_logged(
+            Command::new(&python)
+                .arg(repo().join("training/train.py"))
+                .args(["--smoke", "--threads", "1", "--stage", stage, "--vae-from"])
+                .arg(out.join("vae"))
+                .arg("--out")
+                .arg(dir),
+        );
+        assert!(ok, "train.py --stage {stage} --smoke failed:\n{log}");
+        assert!(log.contains(done), "{log}");
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap())
+                .unwrap();
+        let key = stage.replace('-', "_");
+        for k in [
+            "psnr_db_before",
+            "psnr_db_after",
+            "final_reconstruction_loss",
+        ] {
+            let v = record[&key][k].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v > 0.0, "{key}.{k} = {v}");
+        }
+        record[&key].clone()
+    };
+    let moved = |dir: &std::path::Path| -> String {
+        let compare = format!(
+            "from safetensors.torch import load_file as L\n\
+             a = L({:?}); b = L({:?})\n\
+             same = lambda p: all(a[k].equal(b[k]) for k in a if k.startswith(p))\n\
+             assert a.keys() == b.keys()\n\
+             print('encoder', same('encoder.') and same('quant_conv.'))\n\
+             print('decoder', same('decoder.'))",
+            out.join("vae/diffusion_pytorch_model.safetensors"),
+            dir.join("vae/diffusion_pytorch_model.safetensors"),
+        );
+        let (ok, log) = run_logged(Command::new(&python).args(["-c", &compare]));
+        assert!(ok, "{log}");
+        log
+    };
+
     // `--stage vae-decoder` fine-tunes the decoder of that VAE: the encoder (so the latents the
     // transformer was trained on) stays bit for bit, the decoder moves, and the record says how
     // the round trip's PSNR changed.
     let tuned = tmp.path().join("decoder");
-    let (ok, log) = run_logged(
-        Command::new(&python)
-            .arg(repo().join("training/train.py"))
-            .args([
-                "--smoke",
-                "--threads",
-                "1",
-                "--stage",
-                "vae-decoder",
-                "--vae-from",
-            ])
-            .arg(out.join("vae"))
-            .arg("--out")
-            .arg(&tuned),
-    );
-    assert!(ok, "train.py --stage vae-decoder --smoke failed:\n{log}");
-    assert!(log.contains("VAE decoder done: PSNR"), "{log}");
-    let compare = format!(
-        "from safetensors.torch import load_file as L\n\
-         a = L({:?}); b = L({:?})\n\
-         same = lambda p: all(a[k].equal(b[k]) for k in a if k.startswith(p))\n\
-         assert a.keys() == b.keys()\n\
-         print('encoder', same('encoder.') and same('quant_conv.'))\n\
-         print('decoder', same('decoder.'))",
-        out.join("vae/diffusion_pytorch_model.safetensors"),
-        tuned.join("vae/diffusion_pytorch_model.safetensors"),
-    );
-    let (ok, log) = run_logged(Command::new(&python).args(["-c", &compare]));
-    assert!(ok, "{log}");
+    vae_stage("vae-decoder", &tuned, "VAE decoder done: PSNR");
+    let log = moved(&tuned);
     assert!(
         log.contains("encoder True") && log.contains("decoder False"),
         "{log}"
     );
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tuned.join("training.json")).unwrap())
-            .unwrap();
-    for key in [
-        "psnr_db_before",
-        "psnr_db_after",
-        "final_reconstruction_loss",
-    ] {
-        let v = record["vae_decoder"][key].as_f64().unwrap_or(f64::NAN);
-        assert!(v.is_finite() && v > 0.0, "vae_decoder.{key} = {v}");
-    }
 
     // `--stage vae-finetune` trains the whole VAE further on clips drawn in batches: encoder and
     // decoder both move, the latent statistics are measured again, and the record has the
     // squares' fill before and after.
     let finetuned = tmp.path().join("finetune");
-    let (ok, log) = run_logged(
-        Command::new(&python)
-            .arg(repo().join("training/train.py"))
-            .args([
-                "--smoke",
-                "--threads",
-                "1",
-                "--stage",
-                "vae-finetune",
-                "--vae-from",
-            ])
-            .arg(out.join("vae"))
-            .arg("--out")
-            .arg(&finetuned),
-    );
-    assert!(ok, "train.py --stage vae-finetune --smoke failed:\n{log}");
-    assert!(log.contains("VAE fine-tune done: PSNR"), "{log}");
-    let compare = compare.replace(
-        &format!(
-            "{:?}",
-            tuned.join("vae/diffusion_pytorch_model.safetensors")
-        ),
-        &format!(
-            "{:?}",
-            finetuned.join("vae/diffusion_pytorch_model.safetensors")
-        ),
-    );
-    let (ok, log) = run_logged(Command::new(&python).args(["-c", &compare]));
-    assert!(ok, "{log}");
+    let ft = vae_stage("vae-finetune", &finetuned, "VAE fine-tune done: PSNR");
+    let log = moved(&finetuned);
     assert!(
         log.contains("encoder False") && log.contains("decoder False"),
         "{log}"
@@ -235,18 +214,6 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
         config(&finetuned)["latents_mean"],
         "the latent statistics were not measured again"
     );
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(finetuned.join("training.json")).unwrap())
-            .unwrap();
-    let ft = &record["vae_finetune"];
-    for key in [
-        "psnr_db_before",
-        "psnr_db_after",
-        "final_reconstruction_loss",
-    ] {
-        let v = ft[key].as_f64().unwrap_or(f64::NAN);
-        assert!(v.is_finite() && v > 0.0, "vae_finetune.{key} = {v}");
-    }
     for when in ["square_fill_before", "square_fill_after"] {
         assert_eq!(
             ft[when]["drawn"].as_f64(),
