@@ -199,10 +199,10 @@ def render(scene: Scene, width: int, height: int, frames: int) -> np.ndarray:
     return out
 
 
-def _coverage_torch(shape, cx, cy, size, width: int, height: int):
-    """`_coverage` for many objects at once on a torch device: `shape` a list of names, `cx`,
-    `cy`, `size` float64 tensors [N]; gives float64 [N, height, width] (the same arithmetic as
-    the numpy version, so the same values)."""
+def _coverages_torch(cx, cy, size, width: int, height: int):
+    """`_coverage` of all three `SHAPES` for many objects at once on a torch device: `cx`, `cy`,
+    `size` float64 tensors [N]; gives float64 [3, N, height, width] in `SHAPES` order (the same
+    arithmetic as the numpy version, so the same values)."""
     import torch
 
     dev = cx.device
@@ -210,14 +210,14 @@ def _coverage_torch(shape, cx, cy, size, width: int, height: int):
     xs = (torch.arange(width * _SS, device=dev, dtype=torch.float64) + 0.5) / _SS
     X, Y = xs.view(1, 1, -1), ys.view(1, -1, 1)
     cx, cy, r = cx.view(-1, 1, 1), cy.view(-1, 1, 1), (size / 2).view(-1, 1, 1)
-    kind = torch.tensor([SHAPES.index(s) for s in shape], device=dev).view(-1, 1, 1)
-    circle = (X - cx) ** 2 + (Y - cy) ** 2 <= r * r
-    square = ((X - cx).abs() <= r) & ((Y - cy).abs() <= r)
     t = (Y - (cy - r)) / (2 * r)
-    triangle = (t >= 0) & (t <= 1) & ((X - cx).abs() <= t * r)
-    inside = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
-    n = inside.shape[0]
-    return inside.to(torch.float64).view(n, height, _SS, width, _SS).mean(dim=(2, 4))
+    inside = torch.stack([
+        (X - cx) ** 2 + (Y - cy) ** 2 <= r * r,                       # circle
+        ((X - cx).abs() <= r) & ((Y - cy).abs() <= r),                # square
+        (t >= 0) & (t <= 1) & ((X - cx).abs() <= t * r),              # triangle
+    ])
+    n = inside.shape[1]
+    return inside.to(torch.float64).view(3, n, height, _SS, width, _SS).mean(dim=(3, 5))
 
 
 def render_batch(scenes, width: int, height: int, frames: int, device, with_difference=False):
@@ -231,8 +231,10 @@ def render_batch(scenes, width: int, height: int, frames: int, device, with_diff
     cx = torch.tensor([p[0] for p in pos], **f64)
     cy = torch.tensor([p[1] for p in pos], **f64)
     size = torch.tensor([s.size for s in scenes for _ in range(frames)], **f64)
-    a = _coverage_torch([s.shape for s in scenes for _ in range(frames)], cx, cy, size, width,
-                        height)
+    cov = _coverages_torch(cx, cy, size, width, height)  # every shape, every object and frame
+    kind = torch.tensor([SHAPES.index(s.shape) for s in scenes for _ in range(frames)],
+                        device=device)
+    a = cov.gather(0, kind.view(1, -1, 1, 1).expand(1, *cov.shape[1:]))[0]
     fg = torch.tensor([COLOURS[s.colour] for s in scenes], device=device, dtype=torch.float32)
     bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], device=device,
                       dtype=torch.float32)
@@ -242,8 +244,6 @@ def render_batch(scenes, width: int, height: int, frames: int, device, with_diff
     clips = torch.round(bg + a * (fg - bg)).to(torch.uint8)
     if not with_difference:
         return clips
-    cov = torch.stack([_coverage_torch([sh] * len(pos), cx, cy, size, width, height)
-                       for sh in SHAPES])
     diff = (cov.amax(0) - cov.amin(0)).to(torch.float32).view(b, frames, height, width)
     return clips, diff
 
