@@ -14,6 +14,9 @@ export CUDA_ROOT="$_kino_site/nvidia/cu13"
 export CUDA_PATH="$CUDA_ROOT"
 export CUDA_HOME="$CUDA_ROOT"
 export CUDNN_LIB="$_kino_site/nvidia/cudnn/lib"
+# `--features flash-attn` needs CUTLASS (vendor/candle-flash-attn/build.rs): a checkout at the pinned
+# commit in VENV/cutlass unless CUTLASS_DIR says otherwise.
+export CUTLASS_DIR="${CUTLASS_DIR:-$_kino_venv/cutlass}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export PATH="$CUDA_ROOT/bin:$CUDA_ROOT/nvvm/bin:$PATH"
 # Link time: unversioned names + the libcuda stub (cudarc links dynamically).

@@ -67,6 +67,22 @@ STUB_C="$LINK/libcuda-stub.c"
 } > "$STUB_C"
 ${CC:-cc} -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$STUB_C"
 
+# CUTLASS headers for `--features flash-attn` (vendor/candle-flash-attn/build.rs reads
+# CUTLASS_DIR, which cuda-env.sh points at VENV/cutlass): the commit candle pins, headers only.
+CUTLASS_COMMIT=7d49e6c7e2f8896c47f586706e67e1fb215529dc
+if [ ! -d "$VENV/cutlass/include/cute" ]; then
+    if git clone --quiet --filter=blob:none --no-checkout https://github.com/NVIDIA/cutlass.git "$VENV/cutlass.git" 2>/dev/null &&
+        mkdir -p "$VENV/cutlass" &&
+        git -C "$VENV/cutlass.git" archive "$CUTLASS_COMMIT" include tools/util/include | tar -x -C "$VENV/cutlass"; then
+        rm -rf "$VENV/cutlass.git"
+        echo "CUTLASS $CUTLASS_COMMIT headers in $VENV/cutlass (for --features flash-attn)"
+    else
+        rm -rf "$VENV/cutlass.git"
+        echo "note: could not fetch CUTLASS from GitHub; --features flash-attn needs its headers at" \
+            "commit $CUTLASS_COMMIT in $VENV/cutlass (or CUTLASS_DIR). Other features do not."
+    fi
+fi
+
 echo "CUDA toolchain ready in $VENV"
 "$CU/bin/nvcc" --version | tail -2
 echo "next: source scripts/cuda-env.sh $VENV"

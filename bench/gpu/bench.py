@@ -237,16 +237,26 @@ def diffusers_side(a) -> None:
         marks.append(time.perf_counter())
         return kw
 
+    import contextlib
+
+    attn_ctx = contextlib.nullcontext()
+    if a.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attn_ctx = sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[a.sdpa])
+    # (The forced backend covers the denoising loop only: the VAE's f32 attention has no flash kernel.)
     with torch.no_grad():
-        sync()
-        marks.append(time.perf_counter())
-        out = pipe(
-            prompt_embeds=pe, negative_prompt_embeds=ne if a.guidance > 1 else None, latents=latents,
-            height=h * sf_s, width=w * sf_s, num_frames=(f - 1) * sf_t + 1,
-            num_inference_steps=a.steps, guidance_scale=a.guidance, output_type="latent",
-            callback_on_step_end=on_step,
-        ).frames
-        sync()
+        with attn_ctx:
+            sync()
+            marks.append(time.perf_counter())
+            out = pipe(
+                prompt_embeds=pe, negative_prompt_embeds=ne if a.guidance > 1 else None, latents=latents,
+                height=h * sf_s, width=w * sf_s, num_frames=(f - 1) * sf_t + 1,
+                num_inference_steps=a.steps, guidance_scale=a.guidance, output_type="latent",
+                callback_on_step_end=on_step,
+            ).frames
+            sync()
         final = out.float()
         # The decode of WanPipeline.__call__ (output_type != "latent"), timed on its own.
         t1 = time.perf_counter()
@@ -262,6 +272,7 @@ def diffusers_side(a) -> None:
         "torch_max_allocated": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
         "torch_max_reserved": torch.cuda.max_memory_reserved() if dev.type == "cuda" else None,
         "torch": torch.__version__, "sdpa_backends": sdpa_backends(torch) if dev.type == "cuda" else None,
+        "sdpa": a.sdpa,
     }
     save_file({"latents": final.cpu().contiguous(), "video": video.float().cpu().contiguous()}, a.output)
     pathlib.Path(a.timings).write_text(json.dumps(res, indent=2) + "\n")
@@ -342,6 +353,12 @@ def main() -> None:
     ap.add_argument("--kino-extra", default="", help="extra arguments for `kino parity`")
     ap.add_argument("--kino-alt", help="a second kino binary (e.g. built with --features cudnn), run after")
     ap.add_argument("--kino-alt-name", default="kino-cudnn", help="its column name")
+    ap.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "math", "cudnn"],
+                    help="diffusers side: force this PyTorch SDPA backend")
+    ap.add_argument("--references", default="",
+                    help="extra diffusers sides, comma-separated: f32 (transformer in f32: the yardstick for "
+                         "bf16 error), flash|efficient|math|cudnn (bf16 with that SDPA backend); run after Kino")
+    ap.add_argument("--reference-timeout", type=float, default=None, help="seconds for each extra side")
     # diffusers-side internals
     ap.add_argument("--model")
     ap.add_argument("--output")
@@ -404,6 +421,21 @@ def main() -> None:
             r.update(summarize(t))
             r["timings"] = t
         sides[name] = r
+    refs = [r.strip() for r in a.references.split(",") if r.strip()]
+    for ref in refs:
+        rname = f"diffusers-{ref}"
+        rdtype, sdpa = ("f32", "default") if ref == "f32" else (a.dtype, ref)
+        r = run_side(rname, [sys.executable, __file__, "diffusers-side", "--model", str(model),
+                             "--output", str(out / f"{rname}.safetensors"),
+                             "--timings", str(out / f"{rname}_timings.json"),
+                             "--steps", str(a.steps), "--guidance", str(a.guidance),
+                             "--device", a.device, "--dtype", rdtype, "--sdpa", sdpa],
+                     env, a.reference_timeout or a.timeout, out / f"{rname}.log", device_index)
+        if r["rc"] == 0:
+            t = json.loads((out / f"{rname}_timings.json").read_text())
+            r.update(summarize(t))
+            r["timings"] = t
+        sides[rname] = r
     results["sides"] = sides
 
     results["rel_diff"] = {}
@@ -416,6 +448,25 @@ def main() -> None:
                 k = load_file(str(out / f"{name}.safetensors"))
                 results["rel_diff"][name] = {n: rel(k[n], d[n]) for n in ("latents", "video") if n in k and n in d}
                 del k
+    # Every side against every reference side (the f32 one is the yardstick: how far each bf16
+    # run, diffusers' own included, lands from the same maths in f32).
+    results["rel_diff_pairs"] = {}
+    ok = [n for n, r in sides.items() if r["rc"] == 0]
+    if ok:
+        from safetensors.torch import load_file
+
+        done = []
+        for ref in [n for n in ok if n.startswith("diffusers")]:
+            rt = load_file(str(out / f"{ref}.safetensors"))
+            done.append(ref)
+            for name in ok:
+                if name in done:  # itself, or a pair already given the other way round
+                    continue
+                k = load_file(str(out / f"{name}.safetensors"))
+                results["rel_diff_pairs"][f"{name} vs {ref}"] = {
+                    n: rel(k[n], rt[n]) for n in ("latents", "video") if n in k and n in rt}
+                del k
+            del rt
 
     write_report(results, out)
 
@@ -424,7 +475,7 @@ def write_report(results: dict, out: pathlib.Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     s = results["sides"]
     d = s.get("diffusers", {})
-    kinos = [n for n in s if n != "diffusers"]
+    kinos = [n for n in s if n != "diffusers"]  # every other column: Kino builds, diffusers variants
 
     def ratio(k, key):
         try:
@@ -463,6 +514,11 @@ def write_report(results: dict, out: pathlib.Path) -> None:
         for n in kinos:
             cells += [fmt((results.get("rel_diff") or {}).get(n, {}).get(what)), ""]
         lines.append(f"| ‖kino − diffusers‖/‖diffusers‖, {what} | " + " | ".join(cells) + " |")
+    pairs = results.get("rel_diff_pairs") or {}
+    if pairs:
+        lines += ["", "| relative difference | latents | video |", "|---|---|---|"]
+        for pair, v in pairs.items():
+            lines.append(f"| {pair} | {fmt(v.get('latents'))} | {fmt(v.get('video'))} |")
     for name, side in s.items():
         if side.get("rc") != 0:
             lines.append(f"\n{name} FAILED (rc={side.get('rc')}), see {name}.log")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the BUILD machine (network to PyPI, the CUDA toolchain of scripts/install-cuda-toolchain.sh):
 # puts into bench/gpu/ everything run.sh needs on a GPU machine that has no network and no Rust:
-#   bench/gpu/bin/kino.xz        the kino binary built with --features cuda, stripped and
+#   bench/gpu/bin/kino.xz        the kino binary built with --features cuda,flash-attn, stripped and
 #                                xz-compressed (101 MB -> 17 MB: the carry limit is 64 MiB in all)
-#   bench/gpu/bin/kino-cudnn.xz  the same with --features cudnn (cuDNN convolutions); run.sh runs
+#   bench/gpu/bin/kino-cudnn.xz  the same with --features cudnn,flash-attn (cuDNN convolutions); run.sh runs
 #                                it as a second Kino column (skip: KINO_CUDNN=0)
 #   bench/gpu/wheels/      diffusers (pinned as fixtures/requirements.txt) + importlib_metadata
 # Both folders are git-ignored: carry them to the GPU machine with the working tree.
@@ -24,8 +24,15 @@ pack() {  # pack FEATURES NAME
     strip "$HERE/bin/$2" || true
     xz -T0 -9e -f "$HERE/bin/$2"       # -> bin/NAME.xz (101 MB -> 17 MB); run.sh unpacks it
 }
-pack cuda kino
-if [ "${KINO_CUDNN:-1}" != 0 ]; then pack cudnn kino-cudnn; fi
+# Flash attention (vendor/candle-flash-attn) when CUTLASS's headers are there (cuda-env.sh sets
+# CUTLASS_DIR; install-cuda-toolchain.sh fetches them).
+FA=""
+if [ -d "${CUTLASS_DIR:-}/include/cute" ]; then FA=",flash-attn"; else
+    echo "prepare.sh: no CUTLASS in '${CUTLASS_DIR:-}': building WITHOUT flash attention" >&2; fi
+export CANDLE_FLASH_ATTN_BUILD_DIR="${CANDLE_FLASH_ATTN_BUILD_DIR:-$ROOT/target/flash-attn}"
+mkdir -p "$CANDLE_FLASH_ATTN_BUILD_DIR"
+pack "cuda$FA" kino
+if [ "${KINO_CUDNN:-1}" != 0 ]; then pack "cudnn$FA" kino-cudnn; fi
 PY="${PYTHON:-python3}"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$HERE/wheels" \
     "diffusers==0.42.1" "importlib_metadata"

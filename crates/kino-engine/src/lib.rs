@@ -13,6 +13,7 @@ pub mod long_video;
 pub mod lora;
 pub mod parity;
 pub mod preset;
+pub mod profile;
 pub mod progress;
 pub mod registry;
 pub mod schedulers;

@@ -623,6 +623,9 @@ pub fn run_report(
     }
     device.synchronize()?;
     timings.total_s = t_start.elapsed().as_secs_f64();
+    if let Some(table) = crate::profile::report() {
+        eprintln!("{table}");
+    }
     // Outputs on the CPU, where they are written and compared.
     let out = out
         .into_iter()

@@ -285,6 +285,16 @@ fn api_and_workers_survive_kill_stop_and_api_restart() {
     assert!(expiries >= 1.0, "a worker reports the take-over");
     let m = String::from_utf8(get(api.addr, "/metrics").body).unwrap();
     assert!(m.contains("kino_queue_depth 0"), "{m}");
+    // The SIGKILLed worker counts as live until it has been unseen for two leases; when the
+    // queue drains faster than that (as it may: 25 tiny jobs), wait for it to age out.
+    let deadline = Instant::now() + Duration::from_secs(3 * LEASE_SECS + 2);
+    let m = loop {
+        let m = String::from_utf8(get(api.addr, "/metrics").body).unwrap();
+        if m.contains("kino_workers{model=\"model\"} 2") || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(m.contains("kino_workers{model=\"model\"} 2"), "{m}");
     let worker_m = String::from_utf8(get(ws[j].addr, "/metrics").body).unwrap();
     assert!(

@@ -1,6 +1,8 @@
-//! Kino's CPU kernels, all in one place, with run-time dispatch per instruction set (the model
-//! files call them by what they compute: `kernels::modulated_layer_norm`, `PackedLinear`,
-//! `kernels::attention`, `conv::causal_conv`, ...). The layout follows llama.cpp's ggml-cpu:
+//! Kino's kernels, all in one place: the CPU ones with run-time dispatch per instruction set, and
+//! (feature `cuda`) fused CUDA kernels for the transformer's element-wise passes ([`fused_gpu`],
+//! [`modulated_layer_norm_to`], [`gated_residual_to`], [`bias_act`]). The model files call them
+//! by what they compute (`kernels::modulated_layer_norm`, `PackedLinear`, `kernels::attention`,
+//! `conv::causal_conv`, ...). The CPU layout follows llama.cpp's ggml-cpu:
 //!
 //! | file            | what                                                               |
 //! |-----------------|--------------------------------------------------------------------|
@@ -12,6 +14,7 @@
 //! | `ops.rs`        | candle glue: custom ops, storage/layout helpers, the thread pool    |
 //! | `conv.rs`       | the VAE's causal conv (scratch bands, tasks) and RMS norm + SiLU     |
 //! | `neon_check.rs` | a `main` that checks the NEON paths against the portable ones       |
+//! | `cuda.rs`, `cuda/fused.cu` | GPU (feature `cuda`): fused transformer kernels as candle custom ops |
 //!
 //! `portable.rs`, `gemm.rs`, `x86_64.rs` and `aarch64.rs` are pure (slices in, slices out; no
 //! candle, no crates) and compile standalone, which is how the NEON code is tested on x86-64
@@ -41,6 +44,8 @@
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;
 mod ops;
 pub mod portable;
@@ -50,6 +55,8 @@ mod tests;
 pub mod x86_64;
 
 use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
 
 pub use conv::rms_norm_silu;
 pub use ops::{
@@ -278,4 +285,69 @@ pub fn conv_row(isa: Isa, p: &portable::ConvRow, out: &mut [f32]) -> Option<()> 
     }
     let _ = (isa, p, out);
     None
+}
+
+// -------------------------------------------------------------------------------------------------
+// Device-independent entry points of the fused CUDA kernels (`cuda.rs`, feature `cuda`): on a CUDA
+// device they run one kernel; elsewhere (and with KINO_FUSED=0) the same maths as candle ops.
+// -------------------------------------------------------------------------------------------------
+
+/// Whether the fused CUDA kernels serve tensors on `device` (see [`cuda::enabled`]).
+pub fn fused_gpu(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::enabled(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// [`modulated_layer_norm`] rounded to `dtype` (diffusers' `(norm(x.float()) * (1 + scale) +
+/// shift).type_as(x)`): one kernel on a CUDA device when `dtype` is x's.
+pub fn modulated_layer_norm_to(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    eps: f64,
+    one_plus: bool,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_gpu(x.device()) && x.dtype() == dtype {
+        return cuda::modulated_layer_norm(x, scale, shift, eps, one_plus);
+    }
+    modulated_layer_norm(x, scale, shift, eps, one_plus)?.to_dtype(dtype)
+}
+
+/// [`gated_residual`] rounded to `dtype` (`(x.float() + y * gate).type_as(x)`): one kernel on a
+/// CUDA device when `dtype` is x's and y's.
+pub fn gated_residual_to(
+    x: &Tensor,
+    y: &Tensor,
+    gate: &Tensor,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_gpu(x.device()) && x.dtype() == dtype && y.dtype() == dtype {
+        return cuda::gated_residual(x, y, gate);
+    }
+    gated_residual(x, y, gate)?.to_dtype(dtype)
+}
+
+/// A linear layer's output `y` (matmul without bias) plus `bias`, then GELU(tanh) when `gelu`,
+/// each rounded to y's dtype: one kernel on a CUDA device, candle ops elsewhere.
+pub fn bias_act(y: &Tensor, bias: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_gpu(y.device()) {
+        return cuda::bias_act(y, bias, gelu);
+    }
+    let y = y.broadcast_add(bias)?;
+    if gelu {
+        y.gelu()
+    } else {
+        Ok(y)
+    }
 }

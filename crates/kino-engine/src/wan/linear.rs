@@ -91,6 +91,16 @@ impl LinBase {
     pub(crate) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
         match self {
             LinBase::Candle(l) => {
+                if let (Some(bias), true) = (l.bias(), kernels::fused_gpu(x.device())) {
+                    // CUDA: the matmul, then bias (and GELU) in one pass instead of candle's
+                    // broadcast add (and a GELU pass). The matmul as `candle_nn::Linear`'s.
+                    let w = match *x.dims() {
+                        [b1, b2, _, _] => l.weight().broadcast_left((b1, b2))?.t()?,
+                        [bsize, _, _] => l.weight().broadcast_left(bsize)?.t()?,
+                        _ => l.weight().t()?,
+                    };
+                    return kernels::bias_act(&x.matmul(&w)?, bias, gelu);
+                }
                 let y = l.forward(x)?;
                 if gelu {
                     y.gelu()

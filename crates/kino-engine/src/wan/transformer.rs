@@ -35,7 +35,8 @@
 //! attention do the same maths. RoPE is one `rope_i` pass; the modulated LayerNorms and the
 //! gated residuals are single fused passes that read the `[B, 1, D]` modulation without
 //! broadcasting it to every token; softmax and GELU use a vectorizable `exp`.
-//! On CUDA with the `flash-attn` feature, bf16/f16 attention uses `candle_flash_attn`.
+//! On CUDA with the `flash-attn` feature, bf16 attention with head dimension 128 uses
+//! `candle_flash_attn` (the trimmed copy in `vendor/candle-flash-attn`).
 
 use std::path::Path;
 
@@ -45,8 +46,9 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::hooks::{Attn, MagDecision, StepCache};
-use crate::kernels::{self, gated_residual, modulated_layer_norm, softmax_last_dim_owned};
+use crate::kernels::{self, gated_residual_to, modulated_layer_norm_to, softmax_last_dim_owned};
 use crate::loading::{read_config, Weights};
+use crate::profile;
 use crate::wan::linear::LinBase;
 pub(crate) use crate::wan::linear::{lin, Lin};
 
@@ -443,6 +445,11 @@ impl Rope {
     /// The reference's `apply_rotary_emb`: interleaved pairs, computed in f32 (the tables are
     /// f32) and cast back to the input dtype. `x` is `[B, N, heads * head_dim]`.
     fn apply(&self, x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if kernels::fused_gpu(x.device()) {
+            // One kernel: the same f32 maths, x's dtype in and out.
+            return kernels::cuda::rope_i(x, &self.cos, &self.sin, heads);
+        }
         let (b, n, dim) = x.dims3()?;
         let xf = x
             .to_dtype(DType::F32)?
@@ -455,16 +462,17 @@ impl Rope {
 }
 
 /// Scaled dot-product attention without mask. `q`: `[B, N, H, d]`, `k`, `v`: `[B, M, H, d]`
-/// (contiguous). Returns `[B, N, H * d]`. Flash attention on CUDA in bf16/f16 (feature
-/// `flash-attn`), [`kernels::attention`] on CPUs with a packed GEMM kernel (AVX-512, AVX2+FMA,
-/// NEON) in f32, else [`attention_chunked`].
+/// (contiguous). Returns `[B, N, H * d]`. Flash attention on CUDA in bf16 with head dimension
+/// 128 (feature `flash-attn`: the one kernel of `vendor/candle-flash-attn`, every Wan size),
+/// [`kernels::attention`] on CPUs with a packed GEMM kernel (AVX-512, AVX2+FMA, NEON) in f32,
+/// else [`attention_chunked`].
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let d = q.dim(3)?;
     let scale = 1.0 / (d as f64).sqrt();
 
     #[cfg(feature = "flash-attn")]
     {
-        if q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16) {
+        if q.device().is_cuda() && q.dtype() == DType::BF16 && d == 128 {
             let (b, n, h, _) = q.dims4()?;
             // candle_flash_attn::flash_attn takes (batch, seq, heads, head_dim), our layout.
             let o = candle_flash_attn::flash_attn(q, k, v, scale as f32, false)?;
@@ -619,57 +627,63 @@ impl WanAttention {
     ) -> candle_core::Result<Tensor> {
         let (b, n, dim) = x.dims3()?;
         let (h, hd) = (self.heads, dim / self.heads);
-        // Blocks, so that the tensors before the rotary embedding are freed once it is applied.
-        let q = {
-            let q = self.norm_q.forward(&self.to_q.forward(&x)?)?;
-            match rope {
-                Some(r) => r.apply(&q, h)?,
-                None => q,
-            }
-        }
-        .reshape((b, n, h, hd))?;
-        let mut ctx = match context {
-            Some(c) => c.clone(),
-            None => x.clone(),
-        };
-        drop(x);
-        let mut image = None;
-        if self.added_kv.is_some() {
-            let total = ctx.dim(1)?;
-            let split = image_context_split(total);
-            if split > 0 {
-                image = Some(ctx.narrow(1, 0, split)?);
-            }
-            ctx = ctx.narrow(1, split, total - split)?;
-        }
-        let m = ctx.dim(1)?;
-        let k = {
-            let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
-            match rope {
-                Some(r) => r.apply(&k, h)?,
-                None => k,
-            }
-        }
-        .reshape((b, m, h, hd))?;
-        let v = self.to_v.forward(&ctx)?.reshape((b, m, h, hd))?;
-        drop(ctx);
-        let mut o = match causal_block {
-            Some(bt) if bt < n => {
-                let mut parts = Vec::with_capacity(n.div_ceil(bt));
-                let mut start = 0;
-                while start < n {
-                    let len = bt.min(n - start);
-                    let qi = q.narrow(1, start, len)?;
-                    let kv_len = start + len;
-                    let ki = k.narrow(1, 0, kv_len)?;
-                    let vi = v.narrow(1, 0, kv_len)?;
-                    parts.push(attention(&qi, &ki, &vi)?);
-                    start += len;
+        let dev = x.device().clone();
+        let (q, k, v, image) = profile::span("attn.qkv (proj, norm, rope)", &dev, || {
+            // Blocks, so that the tensors before the rotary embedding are freed once it is applied.
+            let q = {
+                let q = self.norm_q.forward(&self.to_q.forward(&x)?)?;
+                match rope {
+                    Some(r) => r.apply(&q, h)?,
+                    None => q,
                 }
-                Tensor::cat(&parts, 1)?
             }
-            _ => attention(&q, &k, &v)?,
-        };
+            .reshape((b, n, h, hd))?;
+            let mut ctx = match context {
+                Some(c) => c.clone(),
+                None => x.clone(),
+            };
+            drop(x);
+            let mut image = None;
+            if self.added_kv.is_some() {
+                let total = ctx.dim(1)?;
+                let split = image_context_split(total);
+                if split > 0 {
+                    image = Some(ctx.narrow(1, 0, split)?);
+                }
+                ctx = ctx.narrow(1, split, total - split)?;
+            }
+            let m = ctx.dim(1)?;
+            let k = {
+                let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
+                match rope {
+                    Some(r) => r.apply(&k, h)?,
+                    None => k,
+                }
+            }
+            .reshape((b, m, h, hd))?;
+            let v = self.to_v.forward(&ctx)?.reshape((b, m, h, hd))?;
+            drop(ctx);
+            Ok((q, k, v, image))
+        })?;
+        let mut o = profile::span("attn.sdpa", &dev, || {
+            Ok(match causal_block {
+                Some(bt) if bt < n => {
+                    let mut parts = Vec::with_capacity(n.div_ceil(bt));
+                    let mut start = 0;
+                    while start < n {
+                        let len = bt.min(n - start);
+                        let qi = q.narrow(1, start, len)?;
+                        let kv_len = start + len;
+                        let ki = k.narrow(1, 0, kv_len)?;
+                        let vi = v.narrow(1, 0, kv_len)?;
+                        parts.push(attention(&qi, &ki, &vi)?);
+                        start += len;
+                    }
+                    Tensor::cat(&parts, 1)?
+                }
+                _ => attention(&q, &k, &v)?,
+            })
+        })?;
         if let (Some((add_k, add_v, norm_added_k)), Some(img)) = (&self.added_kv, &image) {
             // I2V: the text query attends to the image tokens too; the outputs are summed.
             let mi = img.dim(1)?;
@@ -681,7 +695,7 @@ impl WanAttention {
             o = (o + o_img)?;
         }
         drop((q, k, v, image));
-        self.to_out.forward(&o)
+        profile::span("attn.out", &dev, || self.to_out.forward(&o))
     }
 }
 
@@ -810,35 +824,47 @@ impl WanTransformerBlock {
         let (shift_msa, scale_msa, gate_msa) = (&e[0], &e[1], &e[2]);
         let (c_shift_msa, c_scale_msa, c_gate_msa) = (&e[3], &e[4], &e[5]);
 
+        let dev = x.device();
+
         // Each step in its own scope, so its temporaries (`[B, N, D]` each) are freed before
-        // the next step allocates.
+        // the next step allocates. (`profile::span` is a plain call unless KINO_PROFILE is set.)
         // 1. Self-attention
         let x = {
             let attn = {
-                let norm = modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?
-                    .to_dtype(dtype)?;
-                self.attn1.forward(norm, None, Some(rope), causal_block)?
+                let norm = profile::span("block.norms and residuals", dev, || {
+                    modulated_layer_norm_to(x, scale_msa, shift_msa, self.eps, true, dtype)
+                })?;
+                profile::span("block.attn1", dev, || {
+                    self.attn1.forward(norm, None, Some(rope), causal_block)
+                })?
             };
-            gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?
+            profile::span("block.norms and residuals", dev, || {
+                gated_residual_to(x, &attn, gate_msa, dtype)
+            })?
         };
 
         // 2. Cross-attention
         let attn = {
-            let norm = match &self.norm2 {
-                Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
-                None => x.clone(),
-            };
-            self.attn2.forward(norm, Some(context), None, None)?
+            let norm = profile::span("block.norms and residuals", dev, || match &self.norm2 {
+                Some((w, b)) => modulated_layer_norm_to(&x, w, b, self.eps, false, dtype),
+                None => Ok(x.clone()),
+            })?;
+            profile::span("block.attn2", dev, || {
+                self.attn2.forward(norm, Some(context), None, None)
+            })?
         };
-        let x = (x + attn)?;
+        let x = profile::span("block.norms and residuals", dev, || x + attn)?;
 
         // 3. Feed-forward
         let ff = {
-            let norm = modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?
-                .to_dtype(dtype)?;
-            self.ffn.forward(&norm)?
+            let norm = profile::span("block.norms and residuals", dev, || {
+                modulated_layer_norm_to(&x, c_scale_msa, c_shift_msa, self.eps, true, dtype)
+            })?;
+            profile::span("block.ffn", dev, || self.ffn.forward(&norm))?
         };
-        gated_residual(&x, &ff, c_gate_msa)?.to_dtype(dtype)
+        profile::span("block.norms and residuals", dev, || {
+            gated_residual_to(&x, &ff, c_gate_msa, dtype)
+        })
     }
 
     /// [`Self::forward`] with TaylorSeer around the attention modules (`crate::hooks`); the
@@ -862,19 +888,18 @@ impl WanTransformerBlock {
         // 1. Self-attention (each step scoped as in `forward`)
         let x = {
             let attn = {
-                let norm = modulated_layer_norm(x, scale_msa, shift_msa, self.eps, true)?
-                    .to_dtype(dtype)?;
+                let norm = modulated_layer_norm_to(x, scale_msa, shift_msa, self.eps, true, dtype)?;
                 cache.taylor_module(index, Attn::Attn1, move || {
                     self.attn1.forward(norm, None, Some(rope), causal_block)
                 })?
             };
-            gated_residual(x, &attn, gate_msa)?.to_dtype(dtype)?
+            gated_residual_to(x, &attn, gate_msa, dtype)?
         };
 
         // 2. Cross-attention
         let attn = {
             let norm = match &self.norm2 {
-                Some((w, b)) => modulated_layer_norm(&x, w, b, self.eps, false)?.to_dtype(dtype)?,
+                Some((w, b)) => modulated_layer_norm_to(&x, w, b, self.eps, false, dtype)?,
                 None => x.clone(),
             };
             cache.taylor_module(index, Attn::Attn2, move || {
@@ -885,11 +910,11 @@ impl WanTransformerBlock {
 
         // 3. Feed-forward
         let ff = {
-            let norm = modulated_layer_norm(&x, c_scale_msa, c_shift_msa, self.eps, true)?
-                .to_dtype(dtype)?;
+            let norm =
+                modulated_layer_norm_to(&x, c_scale_msa, c_shift_msa, self.eps, true, dtype)?;
             self.ffn.forward(&norm)?
         };
-        Ok(gated_residual(&x, &ff, c_gate_msa)?.to_dtype(dtype)?)
+        Ok(gated_residual_to(&x, &ff, c_gate_msa, dtype)?)
     }
 }
 
@@ -950,11 +975,11 @@ impl WanImageEmbedding {
             x = x.reshape((b / 2, 2 * s, e))?.broadcast_add(pe)?;
         }
         let (w, b) = &self.norm1;
-        let h = modulated_layer_norm(&x, w, b, FP32_LAYER_NORM_EPS, false)?.to_dtype(dtype)?;
+        let h = modulated_layer_norm_to(&x, w, b, FP32_LAYER_NORM_EPS, false, dtype)?;
         let h = self.ff_in.forward(&h)?.gelu_erf()?;
         let h = self.ff_out.forward(&h)?;
         let (w, b) = &self.norm2;
-        modulated_layer_norm(&h, w, b, FP32_LAYER_NORM_EPS, false)?.to_dtype(dtype)
+        modulated_layer_norm_to(&h, w, b, FP32_LAYER_NORM_EPS, false, dtype)
     }
 }
 
@@ -1665,7 +1690,7 @@ impl WanTransformer3DModel {
         };
         let e = modulation_chunks(&self.scale_shift_table, &temb, 2)?;
         let (shift, scale) = (&e[0], &e[1]);
-        let x = modulated_layer_norm(&x, scale, shift, cfg.eps, true)?.to_dtype(self.dtype)?;
+        let x = modulated_layer_norm_to(&x, scale, shift, cfg.eps, true, self.dtype)?;
         let x = self.proj_out.forward(&x)?;
         let oc = cfg.out_channels();
         let out = x

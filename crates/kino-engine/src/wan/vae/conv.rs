@@ -13,6 +13,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels::conv;
+use crate::profile;
 
 /// Number of frames a causal conv keeps from the previous chunk (reference `CACHE_T`).
 pub const CACHE_T: usize = 2;
@@ -314,46 +315,53 @@ impl WanCausalConv3d {
         zeros: usize,
     ) -> Result<Tensor> {
         let [pt, pb, pl, pr] = self.pad_s;
-        let xs = xs.permute((0, 3, 1, 2))?.contiguous()?;
-        // Symmetric padding goes to conv2d, anything else is applied first.
-        let (xs, pad) = if pt == pb && pl == pr && pt == pl {
-            (xs, pt)
-        } else {
-            (xs.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?, 0)
-        };
+        let dev = xs.device().clone();
+        let (xs, pad) = profile::span("vae.conv layout (NHWC<->NCHW, pad)", &dev, || {
+            let xs = xs.permute((0, 3, 1, 2))?.contiguous()?;
+            // Symmetric padding goes to conv2d, anything else is applied first.
+            Ok(if pt == pb && pl == pr && pt == pl {
+                (xs, pt)
+            } else {
+                (xs.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?, 0)
+            })
+        })?;
         let (frames, c, h, w) = xs.dims4()?;
         let t_out = (zeros + frames - self.kt) / self.stride_t + 1;
-        let y = if self.kt == 1 {
-            // Pointwise in time: all frames are one conv2d batch.
-            let xs = if self.stride_t > 1 {
-                let idx: Vec<u32> = (0..t_out).map(|t| (t * self.stride_t) as u32).collect();
-                xs.index_select(&Tensor::new(idx.as_slice(), xs.device())?, 0)?
-            } else {
-                xs
-            };
-            xs.conv2d(weight, pad, self.stride_s, 1, 1)?
-        } else {
-            let mut outs = Vec::with_capacity(t_out);
-            for t in 0..t_out {
-                let w0 = t * self.stride_t;
-                // Taps that fall on the zero padding contribute nothing: leave them out.
-                let k0 = zeros.saturating_sub(w0);
-                let m = self.kt - k0;
-                let r0 = w0 + k0 - zeros;
-                let win = xs.narrow(0, r0, m)?.reshape((1, m * c, h, w))?;
-                let y = if k0 == 0 {
-                    win.conv2d(weight, pad, self.stride_s, 1, 1)?
+        let y = profile::span("vae.conv2d", &dev, || {
+            Ok(if self.kt == 1 {
+                // Pointwise in time: all frames are one conv2d batch.
+                let xs = if self.stride_t > 1 {
+                    let idx: Vec<u32> = (0..t_out).map(|t| (t * self.stride_t) as u32).collect();
+                    xs.index_select(&Tensor::new(idx.as_slice(), xs.device())?, 0)?
                 } else {
-                    let wk = weight
-                        .narrow(1, k0 * self.in_c, m * self.in_c)?
-                        .contiguous()?;
-                    win.conv2d(&wk, pad, self.stride_s, 1, 1)?
+                    xs
                 };
-                outs.push(y);
-            }
-            Tensor::cat(&outs, 0)?
-        };
-        y.broadcast_add(bias)?.permute((0, 2, 3, 1))?.contiguous()
+                xs.conv2d(weight, pad, self.stride_s, 1, 1)?
+            } else {
+                let mut outs = Vec::with_capacity(t_out);
+                for t in 0..t_out {
+                    let w0 = t * self.stride_t;
+                    // Taps that fall on the zero padding contribute nothing: leave them out.
+                    let k0 = zeros.saturating_sub(w0);
+                    let m = self.kt - k0;
+                    let r0 = w0 + k0 - zeros;
+                    let win = xs.narrow(0, r0, m)?.reshape((1, m * c, h, w))?;
+                    let y = if k0 == 0 {
+                        win.conv2d(weight, pad, self.stride_s, 1, 1)?
+                    } else {
+                        let wk = weight
+                            .narrow(1, k0 * self.in_c, m * self.in_c)?
+                            .contiguous()?;
+                        win.conv2d(&wk, pad, self.stride_s, 1, 1)?
+                    };
+                    outs.push(y);
+                }
+                Tensor::cat(&outs, 0)?
+            })
+        })?;
+        profile::span("vae.conv layout (NHWC<->NCHW, pad)", &dev, || {
+            y.broadcast_add(bias)?.permute((0, 2, 3, 1))?.contiguous()
+        })
     }
 
     /// The cached-conv pattern of the reference (`WanResidualBlock`, `conv_in`, `conv_out`):
