@@ -327,11 +327,12 @@ def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight,
     record[key]["final_reconstruction_loss"] = float(np.mean(losses[-50:]))
 
 
-def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
+def new_vae(cfg, rng_seed: int):
+    """An untrained VAE of cfg["vae"]'s architecture on DEVICE (latent statistics 0 / 1 until
+    measured)."""
     from diffusers import AutoencoderKLWan
 
     c = cfg["vae"]
-    t = cfg["vae_train"]
     spatial = 2 ** (len(c["dim_mult"]) - 1)
     temporal = 2 ** sum(c["temperal_downsample"])
     torch.manual_seed(rng_seed)
@@ -345,7 +346,13 @@ def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
     vae.to(DEVICE)
     n_params = sum(p.numel() for p in vae.parameters())
     log(f"VAE: {n_params / 1e6:.2f} M parameters, {spatial}x spatial, {temporal}x temporal")
-    record["vae"] = {"parameters": n_params, "phases": []}
+    return vae
+
+
+def train_vae(cfg, rng_seed: int, exclude, record, resume=None):
+    t = cfg["vae_train"]
+    vae = new_vae(cfg, rng_seed)
+    record["vae"] = {"parameters": sum(p.numel() for p in vae.parameters()), "phases": []}
     if resume is not None:
         vae.load_state_dict(resume[0].state_dict())
     for i, ph in enumerate(t["phases"]):
@@ -588,10 +595,13 @@ def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
-              checkpoint=None, latent_cache=None):
+              checkpoint=None, latent_cache=None, init_from=None):
     """checkpoint: (every, fn) calls fn(step, ema transformer, ema text encoder) every `every`
     steps (to evaluate a long run while it goes on). latent_cache: a file that keeps the encoded
-    training clips between runs with the same VAE (written if absent)."""
+    training clips between runs with the same VAE (written if absent). init_from: an earlier
+    model folder whose text encoder and transformer tensors of the same shape start this run
+    (the rest, e.g. the patch embedding and output projection of another patch size, start
+    fresh): a new VAE's transformer keeps what the old one learnt about words and motion."""
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -614,6 +624,17 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
         transformer.load_state_dict(
             load_file(resume / "transformer" / "diffusion_pytorch_model.safetensors"))
         record["transformer_resumed_from"] = str(resume)
+    elif init_from is not None:
+        from safetensors.torch import load_file
+
+        text_encoder = UMT5EncoderModel.from_pretrained(init_from / "text_encoder")
+        old = load_file(init_from / "transformer" / "diffusion_pytorch_model.safetensors")
+        own = transformer.state_dict()
+        kept = {k: v for k, v in old.items() if k in own and own[k].shape == v.shape}
+        fresh = sorted(k for k in own if k not in kept)
+        transformer.load_state_dict(kept, strict=False)
+        record["transformer_initialised_from"] = {"folder": str(init_from), "fresh": fresh}
+        log(f"transformer from {init_from}: {len(kept)} tensors kept, fresh: {', '.join(fresh) or 'none'}")
     text_encoder.to(DEVICE)
     transformer.to(DEVICE)
     n_te = sum(p.numel() for p in text_encoder.parameters())
@@ -864,6 +885,21 @@ def main(argv=None):
                     help="start the transformer and text encoder from this earlier model folder")
     ap.add_argument("--vae-from", type=pathlib.Path,
                     help="reuse the VAE of an earlier run (its vae/ folder) instead of training one")
+    ap.add_argument("--vae-scratch", action="store_true",
+                    help="with --stage vae-finetune: start from a new, untrained VAE (the --vae-dim-mult / "
+                         "--vae-temporal-downsample architecture) instead of --vae-from: the batched "
+                         "whole-clip training on a GPU, from the start")
+    ap.add_argument("--vae-dim-mult", type=int, nargs="+",
+                    help="a new VAE's dim_mult (vae.dim_mult; 2**(len - 1) is its spatial factor), e.g. 1 2")
+    ap.add_argument("--vae-base-dim", type=int, help="a new VAE's base_dim (vae.base_dim, 16)")
+    ap.add_argument("--vae-temporal-downsample", type=int, nargs="+",
+                    help="a new VAE's temperal_downsample, 0 or 1 per stage (len(dim_mult) - 1 values)")
+    ap.add_argument("--patch-size", type=int, nargs=3,
+                    help="the transformer's patch_size (transformer.patch_size), e.g. 1 4 4 on a 2x VAE")
+    ap.add_argument("--finetune-lr", type=float, help="peak learning rate of the vae-finetune stage")
+    ap.add_argument("--dit-init-from", type=pathlib.Path,
+                    help="start the transformer and text encoder from this earlier model folder where "
+                         "the tensors' shapes match (another patch size: fresh patch embedding and output)")
     args = ap.parse_args(argv)
 
     cfg = copy.deepcopy(CONFIG)
@@ -910,6 +946,24 @@ def main(argv=None):
         cfg["dit_train"]["max_seconds"] = 60 * args.dit_max_minutes
     if args.finetune_shape_weight is not None:
         ft["shape_weight"] = args.finetune_shape_weight
+    if args.finetune_lr is not None:
+        ft["phases"][0]["lr"] = args.finetune_lr
+    if args.vae_dim_mult is not None:
+        cfg["vae"]["dim_mult"] = args.vae_dim_mult
+    if args.vae_base_dim is not None:
+        cfg["vae"]["base_dim"] = args.vae_base_dim
+    if args.vae_temporal_downsample is not None:
+        cfg["vae"]["temperal_downsample"] = [bool(v) for v in args.vae_temporal_downsample]
+    if len(cfg["vae"]["temperal_downsample"]) != len(cfg["vae"]["dim_mult"]) - 1:
+        ap.error(f"the VAE takes one temporal-downsample flag per stage: dim_mult {cfg['vae']['dim_mult']} "
+                 f"has {len(cfg['vae']['dim_mult']) - 1}, --vae-temporal-downsample gave "
+                 f"{len(cfg['vae']['temperal_downsample'])}")
+    if args.patch_size is not None:
+        cfg["transformer"]["patch_size"] = args.patch_size
+    if args.vae_scratch and (args.vae_from or args.stage != "vae-finetune"):
+        ap.error("--vae-scratch goes with --stage vae-finetune and without --vae-from")
+    if args.dit_init_from and args.dit_resume:
+        ap.error("--dit-init-from and --dit-resume: give one")
     for k in ("cond_roundtrip", "cond_blur", "cond_noise"):
         if getattr(args, k) is not None:
             cfg["dit_train"][k] = getattr(args, k)
@@ -954,8 +1008,20 @@ def main(argv=None):
             (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
             log(f"saved {args.out / 'vae'}")
             return
+    elif args.vae_scratch:
+        vae = new_vae(cfg, cfg["seed"])
+        record["vae"] = {"scratch": True, "parameters": sum(p.numel() for p in vae.parameters()),
+                         "phases": []}
+        vae = train_vae_finetune(cfg, vae, cfg["seed"], exclude, record)
+        args.out.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(args.out / "vae", safe_serialization=True)
+        record["total_seconds"] = round(time.time() - t0, 1)
+        (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        log(f"saved {args.out / 'vae'}")
+        return
     elif args.stage in ("vae-decoder", "vae-finetune"):
-        ap.error(f"--stage {args.stage} trains an existing VAE further: give it with --vae-from DIR/vae")
+        ap.error(f"--stage {args.stage} trains an existing VAE further: give it with --vae-from DIR/vae "
+                 "(or --vae-scratch for a new one)")
     else:
         resume = None
         if args.vae_resume:
@@ -978,7 +1044,8 @@ def main(argv=None):
                  copy.deepcopy(tr).cpu(), vae, record)
         checkpoint = (args.save_every, checkpoint_fn)
     transformer, text_encoder = train_dit(cfg, vae, tokenizer, cfg["seed"], exclude, record,
-                                          args.dit_resume, checkpoint, args.latent_cache)
+                                          args.dit_resume, checkpoint, args.latent_cache,
+                                          args.dit_init_from)
     record["total_seconds"] = round(time.time() - t0, 1)
     save(args.out, cfg, tokenizer, text_encoder, transformer, vae, record)
 

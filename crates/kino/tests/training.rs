@@ -226,6 +226,94 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     }
 }
 
+/// Another architecture for the bundled model (the planned fix for its squares, issue 17): a new
+/// VAE with one down/up stage (2x spatial and temporal: `--stage vae-finetune --vae-scratch
+/// --vae-dim-mult 1 2 --vae-temporal-downsample 1`), then a transformer with patch size (1, 4, 4)
+/// started from the shipped model where the tensors fit (`--dit-init-from`): the record names
+/// the fresh tensors, and Kino generates from the folder.
+#[test]
+fn a_new_vae_architecture_and_patch_size_train_and_run() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let vae_dir = tmp.path().join("vae2x");
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/train.py"))
+            .args([
+                "--smoke",
+                "--threads",
+                "1",
+                "--stage",
+                "vae-finetune",
+                "--vae-scratch",
+            ])
+            .args(["--vae-dim-mult", "1", "2", "--vae-temporal-downsample", "1"])
+            .arg("--out")
+            .arg(&vae_dir),
+    );
+    assert!(ok, "train.py --vae-scratch failed:\n{log}");
+    assert!(log.contains("2x spatial, 2x temporal"), "{log}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vae_dir.join("vae/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["dim_mult"], serde_json::json!([1, 2]), "{config}");
+    assert_eq!(config["scale_factor_spatial"], 2, "{config}");
+
+    let out = tmp.path().join("model");
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/train.py"))
+            .args(["--smoke", "--threads", "1", "--patch-size", "1", "4", "4"])
+            .arg("--vae-from")
+            .arg(vae_dir.join("vae"))
+            .arg("--dit-init-from")
+            .arg(repo().join("models/kino-shapes"))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        ok,
+        "train.py --patch-size 1 4 4 --dit-init-from failed:\n{log}"
+    );
+    assert!(log.contains("latents (2, 16, 9, 32, 32)"), "{log}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    assert_eq!(
+        record["transformer_initialised_from"]["fresh"],
+        serde_json::json!(["patch_embedding.weight", "proj_out.bias", "proj_out.weight"]),
+        "{}",
+        record["transformer_initialised_from"]
+    );
+
+    let video = tmp.path().join("2x.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_kino"))
+        .args([
+            "generate",
+            "a red square moving right on a white background",
+        ])
+        .args([
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--no-sign",
+            "--no-watermark",
+            "-o",
+        ])
+        .arg(&video)
+        .arg("--model")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "kino generate on the 2x model failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let info = kino_media::probe(&video).unwrap();
+    assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
+}
+
 /// `world.render_batch` (the clips a GPU run draws in batches) gives the same pixels and shape
 /// differences as `world.render` / `world.shape_difference`, clip by clip.
 #[test]
