@@ -1002,22 +1002,13 @@ def main(argv=None):
                 vae = train_vae_decoder(cfg, vae, cfg["seed"], exclude, record)
             else:
                 vae = train_vae_finetune(cfg, vae, cfg["seed"], exclude, record)
-            args.out.mkdir(parents=True, exist_ok=True)
-            vae.save_pretrained(args.out / "vae", safe_serialization=True)
-            record["total_seconds"] = round(time.time() - t0, 1)
-            (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-            log(f"saved {args.out / 'vae'}")
+            save_vae_stage(args.out, vae, record, t0)
             return
     elif args.vae_scratch:
         vae = new_vae(cfg, cfg["seed"])
         record["vae"] = {"scratch": True, "parameters": sum(p.numel() for p in vae.parameters()),
                          "phases": []}
-        vae = train_vae_finetune(cfg, vae, cfg["seed"], exclude, record)
-        args.out.mkdir(parents=True, exist_ok=True)
-        vae.save_pretrained(args.out / "vae", safe_serialization=True)
-        record["total_seconds"] = round(time.time() - t0, 1)
-        (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        log(f"saved {args.out / 'vae'}")
+        save_vae_stage(args.out, train_vae_finetune(cfg, vae, cfg["seed"], exclude, record), record, t0)
         return
     elif args.stage in ("vae-decoder", "vae-finetune"):
         ap.error(f"--stage {args.stage} trains an existing VAE further: give it with --vae-from DIR/vae "
@@ -1048,6 +1039,15 @@ def main(argv=None):
                                           args.dit_init_from)
     record["total_seconds"] = round(time.time() - t0, 1)
     save(args.out, cfg, tokenizer, text_encoder, transformer, vae, record)
+
+
+def save_vae_stage(out: pathlib.Path, vae, record: dict, t0: float) -> None:
+    """What a VAE-only stage leaves: OUT/vae and OUT/training.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    record["total_seconds"] = round(time.time() - t0, 1)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {out / 'vae'}")
 
 
 def _cpu_name() -> str:

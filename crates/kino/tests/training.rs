@@ -120,25 +120,11 @@ fn training_script_runs_a_few_steps_and_kino_loads_the_result() {
     assert!(tmp.path().join("latents.pt").is_file());
 
     // Kino loads the folder and generates through the whole pipeline.
-    let video = tmp.path().join("smoke.mp4");
-    let o = Command::new(env!("CARGO_BIN_EXE_kino"))
-        .args([
-            "generate",
-            "a red circle moving right on a black background",
-        ])
-        .args(["--steps", "2", "--seed", "1", "-o"])
-        .arg(&video)
-        .arg("--model")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "kino generate on the smoke model failed: {}",
-        String::from_utf8_lossy(&o.stderr)
+    generates_a_clip(
+        &out,
+        "a red circle moving right on a black background",
+        &tmp.path().join("smoke.mp4"),
     );
-    let info = kino_media::probe(&video).unwrap();
-    assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
 
     // The VAE stages that start from that VAE (`--vae-from`): each writes OUT/vae and a record
     // under its own key (psnr before/after, final loss). `moved` says which halves of the VAE
@@ -285,32 +271,29 @@ fn a_new_vae_architecture_and_patch_size_train_and_run() {
         record["transformer_initialised_from"]
     );
 
-    let video = tmp.path().join("2x.mp4");
+    generates_a_clip(
+        &out,
+        "a red square moving right on a white background",
+        &tmp.path().join("2x.mp4"),
+    );
+}
+
+/// `kino generate PROMPT --model MODEL` (2 steps) writes `video`: a 64×64, 17-frame clip.
+fn generates_a_clip(model: &std::path::Path, prompt: &str, video: &std::path::Path) {
     let o = Command::new(env!("CARGO_BIN_EXE_kino"))
-        .args([
-            "generate",
-            "a red square moving right on a white background",
-        ])
-        .args([
-            "--steps",
-            "2",
-            "--seed",
-            "1",
-            "--no-sign",
-            "--no-watermark",
-            "-o",
-        ])
-        .arg(&video)
+        .args(["generate", prompt, "--steps", "2", "--seed", "1", "-o"])
+        .arg(video)
         .arg("--model")
-        .arg(&out)
+        .arg(model)
         .output()
         .unwrap();
     assert!(
         o.status.success(),
-        "kino generate on the 2x model failed: {}",
+        "kino generate on {} failed: {}",
+        model.display(),
         String::from_utf8_lossy(&o.stderr)
     );
-    let info = kino_media::probe(&video).unwrap();
+    let info = kino_media::probe(video).unwrap();
     assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
 }
 
