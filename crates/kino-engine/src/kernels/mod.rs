@@ -1,8 +1,8 @@
 //! Kino's kernels, all in one place: the CPU ones with run-time dispatch per instruction set, and
 //! (feature `cuda`) fused CUDA kernels for the transformer's element-wise passes ([`fused_gpu`],
-//! [`modulated_layer_norm_to`], [`gated_residual_to`], [`bias_act`]). The model files call them
-//! by what they compute (`kernels::modulated_layer_norm`, `PackedLinear`, `kernels::attention`,
-//! `conv::causal_conv`, ...). The CPU layout follows llama.cpp's ggml-cpu:
+//! [`modulated_layer_norm_to`], [`gated_residual_to`]; `cuda::bias_act`, `cuda::rope_i`). The
+//! model files call them by what they compute (`kernels::modulated_layer_norm`, `PackedLinear`,
+//! `kernels::attention`, //! `conv::causal_conv`, ...). The CPU layout follows llama.cpp's ggml-cpu:
 //!
 //! | file            | what                                                               |
 //! |-----------------|--------------------------------------------------------------------|
@@ -335,19 +335,4 @@ pub fn gated_residual_to(
         return cuda::gated_residual(x, y, gate);
     }
     gated_residual(x, y, gate)?.to_dtype(dtype)
-}
-
-/// A linear layer's output `y` (matmul without bias) plus `bias`, then GELU(tanh) when `gelu`,
-/// each rounded to y's dtype: one kernel on a CUDA device, candle ops elsewhere.
-pub fn bias_act(y: &Tensor, bias: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if fused_gpu(y.device()) {
-        return cuda::bias_act(y, bias, gelu);
-    }
-    let y = y.broadcast_add(bias)?;
-    if gelu {
-        y.gelu()
-    } else {
-        Ok(y)
-    }
 }

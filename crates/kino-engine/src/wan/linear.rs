@@ -91,6 +91,7 @@ impl LinBase {
     pub(crate) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
         match self {
             LinBase::Candle(l) => {
+                #[cfg(feature = "cuda")]
                 if let (Some(bias), true) = (l.bias(), kernels::fused_gpu(x.device())) {
                     // CUDA: the matmul, then bias (and GELU) in one pass instead of candle's
                     // broadcast add (and a GELU pass). The matmul as `candle_nn::Linear`'s.
@@ -99,7 +100,7 @@ impl LinBase {
                         [bsize, _, _] => l.weight().broadcast_left(bsize)?.t()?,
                         _ => l.weight().t()?,
                     };
-                    return kernels::bias_act(&x.matmul(&w)?, bias, gelu);
+                    return kernels::cuda::bias_act(&x.matmul(&w)?, bias, gelu);
                 }
                 let y = l.forward(x)?;
                 if gelu {
