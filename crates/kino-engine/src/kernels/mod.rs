@@ -2,7 +2,7 @@
 //! (feature `cuda`) fused CUDA kernels for the transformer's element-wise passes ([`fused_gpu`],
 //! [`modulated_layer_norm_to`], [`gated_residual_to`]; `cuda::bias_act`, `cuda::rope_i`). The
 //! model files call them by what they compute (`kernels::modulated_layer_norm`, `PackedLinear`,
-//! `kernels::attention`, //! `conv::causal_conv`, ...). The CPU layout follows llama.cpp's ggml-cpu:
+//! `kernels::attention`, `conv::causal_conv`, ...). The CPU layout follows llama.cpp's ggml-cpu:
 //!
 //! | file            | what                                                               |
 //! |-----------------|--------------------------------------------------------------------|
