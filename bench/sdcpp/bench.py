@@ -152,7 +152,9 @@ def main():
     vae_row = None
     with tempfile.TemporaryDirectory() as tmp:
         for f in formats:
-            model = a.work / f"transformer-{'f16' if f == 'f32' else f}.gguf"
+            # The files `kino bench` made (named with `kino quantize`'s recipe version).
+            model = max(a.work.glob(f"transformer-{'f16' if f == 'f32' else f}-r*.gguf"),
+                        key=lambda p: int(p.stem.rsplit("-r", 1)[1]))
             args = ["-M", "vid_gen", "--diffusion-model", str(model),
                     "--vae", str(a.work / "vae" / "diffusion_pytorch_model.safetensors"),
                     "--t5xxl", str(umt5), "-p", "", "-W", "256", "-H", "256",

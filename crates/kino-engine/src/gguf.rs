@@ -1,5 +1,6 @@
 //! GGUF weight files, as the community publishes Wan models (ComfyUI-GGUF's conversions: the
-//! original Wan tensor names, 1-D and small tensors in F32, matrices in Q8_0 / Q5_K / Q4_K …,
+//! original Wan tensor names, 1-D and small tensors in F32, the embeddings, time projection and
+//! output head in 16 bits, the blocks' matrices in Q8_0 / Q5_K / Q4_K …,
 //! `comfy.gguf.orig_shape.NAME` metadata for a tensor stored reshaped; UMT5 encoders with
 //! llama.cpp's T5 names, see [`crate::single_file::umt5_gguf_name`]).
 //!
@@ -390,6 +391,24 @@ fn is_sensitive(name: &str) -> bool {
     .any(|p| name.contains(p))
 }
 
+/// Original Wan names (prefixes) of the transformer's matrices that the community's Wan GGUF
+/// files keep in 16 bits at every quantization type: ComfyUI-GGUF's patched `llama-quantize`
+/// (`tools/lcpp.patch`, `LLM_ARCH_WAN`) leaves the embeddings of the patches, the text, the time
+/// and the image, the time projection that makes every block's modulation, and the output head
+/// unquantized.
+const WAN_KEPT_16_BIT: [&str; 6] = [
+    "patch_embedding.",
+    "text_embedding.",
+    "time_embedding.",
+    "time_projection.",
+    "img_emb.",
+    "head.",
+];
+
+/// Version of [`quantize_component`]'s choice of block types (2: [`WAN_KEPT_16_BIT`] in F16), for
+/// caches of its files (`kino bench`'s) to tell an old file from a current one.
+pub const QUANTIZE_RECIPE: u32 = 2;
+
 /// What [`quantize_component`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeReport {
@@ -398,6 +417,9 @@ pub struct QuantizeReport {
     pub quantized: usize,
     /// Tensors kept in F32 (1-D, small, `.modulation`, or rows not a multiple of the block).
     pub kept_f32: usize,
+    /// Matrices kept in F16 as the community's Wan files keep them (embeddings, the time
+    /// projection, the output head: [`WAN_KEPT_16_BIT`]).
+    pub kept_f16: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -406,7 +428,8 @@ pub struct QuantizeReport {
 /// the way the community publishes Wan models (ComfyUI-GGUF's recipe): the original tensor names
 /// (Wan's for the transformer, llama.cpp's T5 names for the UMT5 encoder), matrices in `dtype`,
 /// 1-D tensors, tensors of at most 1,024 values and `.modulation` in F32, and a matrix whose rows
-/// are not a multiple of the block size in F32 too (K-quants need 256).
+/// are not a multiple of the block size in F32 too (K-quants need 256); the transformer's
+/// embeddings, time projection and output head in F16 ([`WAN_KEPT_16_BIT`]).
 pub fn quantize_component(
     component_dir: &Path,
     part: crate::single_file::Part,
@@ -432,6 +455,7 @@ pub fn quantize_component(
         tensors: names.len(),
         quantized: 0,
         kept_f32: 0,
+        kept_f16: 0,
         bytes_in: crate::loading::weight_files(component_dir)?
             .iter()
             .filter_map(|f| std::fs::metadata(f).ok())
@@ -461,9 +485,14 @@ pub fn quantize_component(
             || n <= 1024
             || name.ends_with("scale_shift_table")
             || dims[1] % dtype.block_size() != 0;
+        let sixteen = part == Part::Transformer
+            && WAN_KEPT_16_BIT.iter().any(|p| rename(name).starts_with(p));
         let dtype = if keep {
             report.kept_f32 += 1;
             GgmlDType::F32
+        } else if sixteen && is_quantized(kind.base) {
+            report.kept_f16 += 1;
+            GgmlDType::F16
         } else {
             report.quantized += 1;
             dtype

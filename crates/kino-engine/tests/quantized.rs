@@ -1,11 +1,12 @@
 //! Quantized weights (issue 19, item 2): a Wan2.1-1.3B-size transformer (2 of its 30 blocks,
-//! random weights) written with `gguf::quantize_component` in F16 / Q8_0 / Q5_K / Q4_K and loaded back
-//! from the GGUF file (original Wan names, matrices kept quantized) stays close to the f32
-//! forward: Q8_0 within the issue's 1e-2 and Q5_K within 5e-2. Q4_K is held to 1e-1 here: the
-//! issue asks 5e-2, which plain Q4_K does not reach on these weights (about 8.5e-2: 4 bits per
-//! uniform random weight lose that much; see the README's Quantized weights table).
+//! random weights; `KINO_QUANT_LAYERS=30` for all of them) written with
+//! `gguf::quantize_component` in F16 / Q8_0 / Q5_K / Q4_K_M / Q4_K and loaded back from the GGUF
+//! file (original Wan names, matrices kept quantized, the embeddings, time projection and output
+//! head in 16 bits as the community's Wan files keep them) stays close to the f32 forward:
+//! Q8_0 within the issue's 1e-2, the 4- and 5-bit types within its 5e-2.
 //!
-//! `cargo test --release -p kino-engine --test quantized -- --nocapture` prints the errors.
+//! `cargo test --release -p kino-engine --test quantized -- --nocapture` prints the errors
+//! (`KINO_QUANT_TYPES=q8_0,q4_k` for some of the types only).
 
 use std::path::Path;
 
@@ -25,7 +26,10 @@ fn config() -> Config {
         text_dim: 4096,
         freq_dim: 256,
         ffn_dim: 8960,
-        num_layers: 2,
+        num_layers: std::env::var("KINO_QUANT_LAYERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
         ..Config::default()
     }
 }
@@ -79,11 +83,19 @@ fn quantized_forward_stays_close_to_f32() {
         ("f16", 1e-3),
         ("q8_0", 1e-2),
         ("q5_k", 5e-2),
-        ("q4_k_m", 1e-1),
-        ("q4_k", 1e-1),
+        ("q4_k_m", 5e-2),
+        ("q4_k", 5e-2),
     ];
+    // `KINO_QUANT_TYPES=q8_0,q4_k` runs only those.
+    let only = std::env::var("KINO_QUANT_TYPES").ok();
     let mut failed = Vec::new();
     for (q, bar) in bars {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|t| t == q))
+        {
+            continue;
+        }
         let file = tmp.path().join(format!("{q}.gguf"));
         let report = quantize_component(
             &dense,
@@ -108,9 +120,10 @@ fn quantized_forward_stays_close_to_f32() {
         println!("{q} forward {:.2} s", t0.elapsed().as_secs_f64());
         let err = rel_error(&got, &want).unwrap();
         println!(
-            "{q}: relative error {err:.2e} (bar {bar:.0e}); {} of {} tensors quantized, file {:.1} MB of f32's {:.1} MB",
+            "{q}: relative error {err:.2e} (bar {bar:.0e}); {} of {} tensors quantized ({} kept in f16), file {:.1} MB of f32's {:.1} MB",
             report.quantized,
             report.tensors,
+            report.kept_f16,
             report.bytes_out as f64 / 1e6,
             report.bytes_in as f64 / 1e6
         );

@@ -50,11 +50,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })?;
     println!(
-        "wrote {} ({} tensors: {} in {}, {} kept in f32; {:.1} MB from {:.1} MB) in {:.1} s",
+        "wrote {} ({} tensors: {} in {}, {} kept in f16 as the community's Wan files keep them, {} in f32; {:.1} MB from {:.1} MB) in {:.1} s",
         a.output.display(),
         report.tensors,
         report.quantized,
         a.qtype.to_lowercase(),
+        report.kept_f16,
         report.kept_f32,
         report.bytes_out as f64 / 1e6,
         report.bytes_in as f64 / 1e6,

@@ -230,11 +230,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// A transformer folder whose weights are the random-weight 1.3B folder's transformer in GGUF
-/// format `f` (quantized once, kept beside it).
+/// format `f` (quantized once, kept beside it; named with the recipe's version, so a file an older
+/// `kino quantize` made is not reused).
 fn gguf_folder(a: &Args, f: &str) -> anyhow::Result<PathBuf> {
     use kino_engine::single_file::{Naming, Note, Part, NOTE};
     let root = video::model_folder(a)?;
-    let file = root.join(format!("transformer-{f}.gguf"));
+    let file = root.join(format!(
+        "transformer-{f}-r{}.gguf",
+        kino_engine::gguf::QUANTIZE_RECIPE
+    ));
     if !file.is_file() {
         eprintln!("transformer: quantizing to {}…", file.display());
         kino_engine::gguf::quantize_component(
