@@ -50,7 +50,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         })?;
     println!(
-        "wrote {} ({} tensors: {} in {}, {} kept in f16 as the community's Wan files keep them, {} in f32; {:.1} MB from {:.1} MB) in {:.1} s",
+        "wrote {} ({} tensors: {} in {}, {} kept in f16 (embeddings, time projection, head), {} in f32; {:.1} MB from {:.1} MB) in {:.1} s",
         a.output.display(),
         report.tensors,
         report.quantized,
