@@ -489,8 +489,9 @@ pub fn quantize_component(
             || n <= 1024
             || name.ends_with("scale_shift_table")
             || dims[1] % dtype.block_size() != 0;
-        let sixteen = part == Part::Transformer
-            && WAN_KEPT_16_BIT.iter().any(|p| rename(name).starts_with(p));
+        let original = rename(name);
+        let sixteen =
+            part == Part::Transformer && WAN_KEPT_16_BIT.iter().any(|p| original.starts_with(p));
         let dtype = if keep {
             report.kept_f32 += 1;
             GgmlDType::F32
@@ -502,7 +503,7 @@ pub fn quantize_component(
             dtype
         };
         report.bytes_out += (n / dtype.block_size() * dtype.type_size()) as u64;
-        plan.push((rename(name), dims, dtype));
+        plan.push((original, dims, dtype));
     }
     let arch = match part {
         Part::Transformer => "wan",
