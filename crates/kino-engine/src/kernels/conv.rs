@@ -120,6 +120,11 @@ pub fn causal_conv(
         candle_core::bail!("cpu conv: residual size does not match the output")
     }
     let isa = isa();
+    if let Some(kernel) = super::gemm_kernel(isa) {
+        if ks == 3 && stride_s == 1 && isa != Isa::Neon && winograd_enabled() {
+            return winograd_conv(frames, zeros, g, taps, bias, residual, kernel);
+        }
+    }
 
     // Rows per task: bound the scratch band, and give every thread several tasks.
     let threads = rayon::current_num_threads().max(1);
@@ -474,4 +479,276 @@ pub fn rms_norm_silu(x: &Tensor, g: &[f32]) -> Result<Tensor> {
         .zip(xs.par_chunks(px * c))
         .for_each(|(o, s)| portable::rms_norm_silu_rows(s, g, o));
     Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
+}
+
+/// Whether 3 × 3 stride-1 convs run by Winograd ([`winograd_conv`]): yes unless
+/// `KINO_CPU_CONV=implicit-gemm` (read once), which runs them by implicit GEMM as before, for
+/// timing one against the other.
+fn winograd_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if let Some(on) = WINOGRAD.with(|w| w.get()) {
+        return on;
+    }
+    *ON.get_or_init(|| match std::env::var("KINO_CPU_CONV").as_deref() {
+        Ok("implicit-gemm") => false,
+        Ok("winograd") | Err(_) => true,
+        Ok(other) => {
+            let w = format!(
+                "KINO_CPU_CONV={other} is not one of winograd, implicit-gemm; using winograd"
+            );
+            tracing::warn!("{w}");
+            eprintln!("warning: {w}");
+            true
+        }
+    })
+}
+
+#[cfg(test)]
+thread_local! {
+    static WINOGRAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with Winograd on or off on this thread (tests: one path against the other).
+#[cfg(test)]
+pub(crate) fn with_winograd<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = WINOGRAD.with(|w| w.replace(Some(on)));
+    let r = f();
+    WINOGRAD.with(|w| w.set(before));
+    r
+}
+
+/// Row `u` of Winograd's input transform `Bᵀ` (F(2, 3)): `(Bᵀd)[u] = d[i1] + s·d[i2]`, as
+/// `(i1, i2, s)`. `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+const BT: [(usize, usize, f32); 4] = [(0, 2, -1.0), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0)];
+
+/// The 3 × 3 stride-1 causal conv by Winograd's minimal filtering F(2 × 2, 3 × 3) (Lavin & Gray,
+/// "Fast Algorithms for Convolutional Neural Networks", 2016): each 2 × 2 block of output pixels
+/// from a 4 × 4 block of input pixels as `Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A`, which takes 16
+/// multiplications per (input, output channel) instead of 36. Over the channels that is 16
+/// products `[tiles, kt·C] · [kt·C, Co]` per task, one per position ξ of the 4 × 4 transformed
+/// tile, on the ISA's packed microkernel: the temporal taps are stacked along K (the filters
+/// `U = G g Gᵀ` of every tap packed once per call; a frame whose first taps fall on the causal
+/// padding's zero frames takes a slice of K), and the input tiles are transformed one ξ at a
+/// time into a `[tiles, kt·C]` matrix that stays in cache for its product. The transforms only
+/// add and subtract (and halve, in `G`), so the result equals the direct sum up to f32
+/// rounding (a few ulps more than the implicit GEMM's; the VAE fixtures hold it to 1e-4).
+#[allow(clippy::too_many_arguments)]
+fn winograd_conv(
+    frames: &[&[f32]],
+    zeros: usize,
+    g: Geom,
+    taps: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    kernel: &'static super::gemm::Kernel,
+) -> Result<Tensor> {
+    let Geom {
+        c,
+        h,
+        w,
+        co,
+        kt,
+        pad,
+        stride_t,
+        ..
+    } = g;
+    let [pt, pb, pl, pr] = pad;
+    let (h_out, w_out) = (h + pt + pb - 2, w + pl + pr - 2);
+    let t_out = (zeros + frames.len() - kt) / stride_t + 1;
+    // Tiles of 2 × 2 output pixels; the scratch band is `2·tw + 2` pixels wide (zero beyond
+    // the input and its padding, for an odd output width).
+    let (th, tw) = (h_out.div_ceil(2), w_out.div_ceil(2));
+    let wpp = 2 * tw + 2;
+
+    // The filters: U[ξ][(a·C + ci), o] = (G g_{a,ci,o} Gᵀ)[ξ], G = [[1, 0, 0], [½, ½, ½],
+    // [½, −½, ½], [0, 0, 1]], packed per ξ as `[kt·C, Co]`.
+    let kk_all = kt * c;
+    let u: Vec<PackedB> = (0..16)
+        .into_par_iter()
+        .map(|xi| {
+            let (ui, vi) = (xi / 4, xi % 4);
+            let gw = |i: usize, k: usize| -> f32 {
+                [
+                    [1.0, 0.0, 0.0],
+                    [0.5, 0.5, 0.5],
+                    [0.5, -0.5, 0.5],
+                    [0.0, 0.0, 1.0],
+                ][i][k]
+            };
+            // Built by appending: adding into a fresh zeroed buffer would read its pages before
+            // writing them, and each such page costs a copy-on-write fault and a TLB shootdown.
+            let mut m = Vec::with_capacity(kk_all * co);
+            let mut dst = vec![0f32; co];
+            for a in 0..kt {
+                for ci in 0..c {
+                    dst.fill(0.0);
+                    for dy in 0..3 {
+                        for dx in 0..3 {
+                            let f = gw(ui, dy) * gw(vi, dx);
+                            if f == 0.0 {
+                                continue;
+                            }
+                            let src = &taps[(((a * 3 + dy) * 3 + dx) * c + ci) * co..][..co];
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                *d += f * s;
+                            }
+                        }
+                    }
+                    m.extend_from_slice(&dst);
+                }
+            }
+            PackedB::from_cols(kernel, &m, co, kk_all, co)
+        })
+        .collect();
+
+    // Tile rows per task: about 128 tiles (the product's M), and several tasks per thread.
+    let threads = rayon::current_num_threads().max(1);
+    let mut trows = (128 / tw).clamp(1, th);
+    let per_frame_min = (4 * threads).div_ceil(t_out);
+    if th.div_ceil(trows) < per_frame_min {
+        trows = th.div_ceil(per_frame_min).max(1);
+    }
+    let tasks_per_frame = th.div_ceil(trows);
+
+    let out_len = t_out * h_out * w_out * co;
+    let mut out = vec![0f32; out_len];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..t_out * tasks_per_frame)
+        .into_par_iter()
+        .for_each(|task| {
+            let t = task / tasks_per_frame;
+            let tr0 = (task % tasks_per_frame) * trows;
+            let ntr = trows.min(th - tr0);
+            let w0 = t * stride_t;
+            let k0 = zeros.saturating_sub(w0).min(kt);
+            let na = kt - k0;
+            // Scratch band: [na][2·ntr + 2 rows][wpp][c], zero outside the input.
+            let band = 2 * ntr + 2;
+            let fstride = band * wpp * c;
+            let nt = ntr * tw;
+            let kk = na * c;
+            // The task's buffers, kept by the thread from task to task: fresh ones of these
+            // sizes (MBs) come from mmap and cost page faults and TLB shootdowns each time.
+            WINOGRAD_BUFFERS.with_borrow_mut(|[scratch, v, m]| {
+                scratch.clear();
+                scratch.resize(na * fstride, 0.0);
+                v.resize(nt * kk, 0.0);
+                m.resize(16 * nt * co, 0.0);
+                for a in k0..kt {
+                    let fr = frames[w0 + a - zeros];
+                    let dst = &mut scratch[(a - k0) * fstride..][..fstride];
+                    for r in 0..band {
+                        let yi = (2 * tr0 + r) as isize - pt as isize;
+                        if yi < 0 || yi >= h as isize {
+                            continue;
+                        }
+                        let yi = yi as usize;
+                        dst[(r * wpp + pl) * c..][..w * c]
+                            .copy_from_slice(&fr[yi * w * c..][..w * c]);
+                    }
+                }
+                let noop = |_: &mut [f32], _: usize| {};
+                for xi in 0..16 {
+                    // V[tile, (a, ci)] = (Bᵀ d B)[ξ] of the tile's 4 × 4 input pixels.
+                    let ((i1, i2, s), (j1, j2, sj)) = (BT[xi / 4], BT[xi % 4]);
+                    for ti in 0..ntr {
+                        for tj in 0..tw {
+                            let row = &mut v[(ti * tw + tj) * kk..][..kk];
+                            for a in 0..na {
+                                let px = |r: usize, col: usize| {
+                                    &scratch
+                                        [a * fstride + ((2 * ti + r) * wpp + 2 * tj + col) * c..]
+                                        [..c]
+                                };
+                                let (x11, x12, x21, x22) =
+                                    (px(i1, j1), px(i1, j2), px(i2, j1), px(i2, j2));
+                                let dst = &mut row[a * c..][..c];
+                                for k in 0..c {
+                                    dst[k] = (x11[k] + sj * x12[k]) + s * (x21[k] + sj * x22[k]);
+                                }
+                            }
+                        }
+                    }
+                    let view = u[xi].view_k(k0 * c, kt * c);
+                    let (tm, tn) = packed_gemm::tiles_of(nt, &view);
+                    let mx = &mut m[xi * nt * co..][..nt * co];
+                    for tj in 0..tn {
+                        for ti in 0..tm {
+                            // SAFETY: V is `[nt, kk]` (row stride kk = view.k), M's slice `[nt, co]`,
+                            // the filters were packed for this kernel; the buffers are the task's.
+                            unsafe {
+                                packed_gemm::tile_of(
+                                    v.as_ptr(),
+                                    kk,
+                                    nt,
+                                    &view,
+                                    None,
+                                    mx.as_mut_ptr(),
+                                    co,
+                                    (ti, tj),
+                                    &noop,
+                                    false,
+                                );
+                            }
+                        }
+                    }
+                }
+                // Output transform Aᵀ M A, A = [[1, 0], [1, 1], [1, −1], [0, −1]], + bias (+ residual).
+                let out_base = t * h_out * w_out * co;
+                // SAFETY: output rows 2·tr0 .. 2·(tr0 + ntr) of frame t belong to this task only.
+                let out_frame = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(out_base), h_out * w_out * co)
+                };
+                let res_frame = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
+                let mut y = vec![0f32; 4 * co];
+                for ti in 0..ntr {
+                    for tj in 0..tw {
+                        let tile = ti * tw + tj;
+                        let mm = |xi: usize| &m[(xi * nt + tile) * co..][..co];
+                        let (y00, rest) = y.split_at_mut(co);
+                        let (y01, rest) = rest.split_at_mut(co);
+                        let (y10, y11) = rest.split_at_mut(co);
+                        let ms: [&[f32]; 16] = std::array::from_fn(mm);
+                        for o in 0..co {
+                            let s0 = |vi: usize| ms[vi][o] + ms[4 + vi][o] + ms[8 + vi][o];
+                            let s1 = |vi: usize| ms[4 + vi][o] - ms[8 + vi][o] - ms[12 + vi][o];
+                            let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
+                            let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
+                            y00[o] = a0 + a1 + a2;
+                            y01[o] = a1 - a2 - a3;
+                            y10[o] = b0 + b1 + b2;
+                            y11[o] = b1 - b2 - b3;
+                        }
+                        for p in 0..2 {
+                            let yy = 2 * (tr0 + ti) + p;
+                            if yy >= h_out {
+                                continue;
+                            }
+                            for q in 0..2 {
+                                let xx = 2 * tj + q;
+                                if xx >= w_out {
+                                    continue;
+                                }
+                                let at = (yy * w_out + xx) * co;
+                                store_row(
+                                    &y[(2 * p + q) * co..][..co],
+                                    &mut out_frame[at..at + co],
+                                    bias,
+                                    res_frame.map(|r| &r[at..at + co]),
+                                );
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    Tensor::from_vec(out, (t_out, h_out, w_out, co), &candle_core::Device::Cpu)
+}
+
+thread_local! {
+    /// [`winograd_conv`]'s per-task buffers (scratch band, transformed input, products).
+    static WINOGRAD_BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+    };
 }

@@ -419,3 +419,123 @@ fn feed_forward_in_strips_equals_two_layers_bit_for_bit() -> candle_core::Result
     assert!(checked > 0 || simd_isas().is_empty());
     Ok(())
 }
+
+/// The causal conv straight from its definition, in f64: `zeros` zero frames then `frames`
+/// (`[H, W, C]` each), taps `[kt, ks, ks, C, Co]`, spatial padding `[top, bottom, left, right]`,
+/// stride 1. Returns `[T_out, H_out, W_out, Co]`.
+#[allow(clippy::too_many_arguments)]
+fn naive_causal_conv(
+    frames: &[Vec<f32>],
+    zeros: usize,
+    g: conv::Geom,
+    taps: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let conv::Geom {
+        c,
+        h,
+        w,
+        co,
+        kt,
+        ks,
+        pad,
+        ..
+    } = g;
+    let (h_out, w_out) = (h + pad[0] + pad[1] - ks + 1, w + pad[2] + pad[3] - ks + 1);
+    let t_out = zeros + frames.len() - kt + 1;
+    let mut out = vec![0f32; t_out * h_out * w_out * co];
+    for t in 0..t_out {
+        for y in 0..h_out {
+            for x in 0..w_out {
+                for o in 0..co {
+                    let mut s = bias[o] as f64;
+                    for a in 0..kt {
+                        let Some(fi) = (t + a).checked_sub(zeros) else {
+                            continue;
+                        };
+                        for dy in 0..ks {
+                            for dx in 0..ks {
+                                let (yi, xi) = (y + dy, x + dx);
+                                if yi < pad[0]
+                                    || xi < pad[2]
+                                    || yi - pad[0] >= h
+                                    || xi - pad[2] >= w
+                                {
+                                    continue;
+                                }
+                                let px = &frames[fi][((yi - pad[0]) * w + xi - pad[2]) * c..][..c];
+                                for (ci, &v) in px.iter().enumerate() {
+                                    let wv = taps[(((a * ks + dy) * ks + dx) * c + ci) * co + o];
+                                    s += v as f64 * wv as f64;
+                                }
+                            }
+                        }
+                    }
+                    let at = ((t * h_out + y) * w_out + x) * co + o;
+                    out[at] = (s + residual.map_or(0.0, |r| r[at] as f64)) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn winograd_conv_matches_the_definition_per_isa() {
+    // (C, Co, H, W, kt, zeros, frames, pad): odd and even sizes, asymmetric padding, taps on the
+    // causal zero frames, more channels than one K slice of the microkernels.
+    let cases = [
+        (4, 8, 6, 6, 3, 2, 3, [1, 1, 1, 1]),
+        (5, 16, 7, 9, 3, 1, 2, [1, 1, 1, 1]),
+        (3, 5, 5, 4, 1, 0, 2, [1, 1, 1, 1]),
+        (8, 40, 9, 11, 3, 0, 4, [0, 2, 2, 0]),
+        (300, 36, 4, 5, 3, 2, 1, [1, 1, 1, 1]),
+        (16, 33, 34, 3, 1, 0, 1, [1, 1, 1, 1]),
+    ];
+    let mut isas = simd_isas();
+    isas.retain(|&i| gemm_kernel(i).is_some() && i != Isa::Neon);
+    for (n, &(c, co, h, w, kt, zeros, nf, pad)) in cases.iter().enumerate() {
+        let frames: Vec<Vec<f32>> = (0..nf)
+            .map(|f| rand_vec(h * w * c, 100 + f as u64))
+            .collect();
+        let taps = rand_vec(kt * 9 * c * co, 7 + n as u64);
+        let bias = rand_vec(co, 8);
+        let g = conv::Geom {
+            c,
+            h,
+            w,
+            co,
+            kt,
+            ks: 3,
+            pad,
+            stride_t: 1,
+            stride_s: 1,
+        };
+        let (h_out, w_out) = (h + pad[0] + pad[1] - 2, w + pad[2] + pad[3] - 2);
+        let res = rand_vec((zeros + nf - kt + 1) * h_out * w_out * co, 9);
+        for residual in [None, Some(&res[..])] {
+            let want = naive_causal_conv(&frames, zeros, g, &taps, &bias, residual);
+            let refs: Vec<&[f32]> = frames.iter().map(|f| &f[..]).collect();
+            for &isa in &isas {
+                for on in [true, false] {
+                    let got = with_isa(isa, || {
+                        conv::with_winograd(on, || {
+                            conv::causal_conv(&refs, zeros, g, &taps, &bias, residual)
+                        })
+                    })
+                    .unwrap();
+                    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let err = max_rel_diff(&got, &want);
+                    let path = if on { "winograd" } else { "implicit gemm" };
+                    println!("{isa} {path} case {n}: {err:.2e}");
+                    assert!(
+                        err < 2e-6 * (kt * 9 * c) as f32 / 27.0 + 1e-6,
+                        "{isa} {path} case {n} (residual {}): {err}",
+                        residual.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
