@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod loading;
 pub mod long_video;
 pub mod lora;
+pub mod memory;
 pub mod parity;
 pub mod preset;
 pub mod profile;

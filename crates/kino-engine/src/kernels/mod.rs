@@ -31,7 +31,7 @@
 //! |-------------------------------|------------------|------------------|------------------|----------|
 //! | packed GEMM (linear layers)   | 12×32 microkernel| 6×16 microkernel | 6×16 microkernel | candle's matmul |
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
-//! | VAE conv                      | implicit GEMM on the 12×32 microkernel (stride 1; else `gemm` crate) | implicit GEMM on the 6×16 microkernel (stride 1; else `gemm` crate) | 6×16 direct row | implicit GEMM (`gemm` crate) |
+//! | VAE conv                      | 3×3 stride 1: Winograd F(2×2, 3×3) on the 12×32 microkernel; other stride 1: implicit GEMM on it; else `gemm` crate | the same on the 6×16 microkernel | 6×16 direct row | implicit GEMM (`gemm` crate) |
 //! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
 //! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
 //!
@@ -39,7 +39,10 @@
 //! `x86-v4` feature, so on x86-64 it runs its AVX2+FMA kernels on every CPU that has them, AVX-512
 //! ones included, and never AVX-512: the `KINO_CPU_ISA=avx2` cap holds for it too. On x86-64 the
 //! implicit GEMM decodes faster than the direct conv rows Kino had (AVX-512 12×32 and AVX2 6×16;
-//! removed, see `conv.rs`), which swept all of a layer's weights for every block of pixels.
+//! removed, see `conv.rs`), which swept all of a layer's weights for every block of pixels; and
+//! Winograd's F(2×2, 3×3) (`conv.rs`) takes the 3×3 convs, nearly all of the VAE's work, to 16
+//! multiplications per 2×2 output pixels instead of 36 (`KINO_CPU_CONV=implicit-gemm` runs them
+//! by implicit GEMM instead, for timing one against the other).
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;

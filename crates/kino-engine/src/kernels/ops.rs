@@ -1029,18 +1029,22 @@ impl CustomOp1 for FeedForwardOp<'_> {
         for s0 in (0..f).step_by(FFN_STRIP) {
             let s1 = (s0 + FFN_STRIP).min(f);
             let w = s1 - s0;
-            let tmp_in;
-            let w_in = match self.proj_in {
-                FfnLayer::Packed(p) => p.w.view_cols(s0, s1),
-                FfnLayer::Quantized(q) => {
-                    tmp_in = q
-                        .expand_packed(self.k_in, s0..s1, 0..dim)
-                        .ok_or_else(expand_failed)?;
-                    tmp_in.view()
-                }
-            };
-            let b_in = self.proj_in.bias().map(|b| &b[s0..s1]);
-            matmul_view_par(x, dim, m, &w_in, b_in, &mut h, w, &gelu, false);
+            {
+                // In a block: a quantized layer's expanded strip is freed before the second
+                // layer's is made.
+                let tmp_in;
+                let w_in = match self.proj_in {
+                    FfnLayer::Packed(p) => p.w.view_cols(s0, s1),
+                    FfnLayer::Quantized(q) => {
+                        tmp_in = q
+                            .expand_packed(self.k_in, s0..s1, 0..dim)
+                            .ok_or_else(expand_failed)?;
+                        tmp_in.view()
+                    }
+                };
+                let b_in = self.proj_in.bias().map(|b| &b[s0..s1]);
+                matmul_view_par(x, dim, m, &w_in, b_in, &mut h, w, &gelu, false);
+            }
             let tmp_out;
             let w_out = match self.proj_out {
                 FfnLayer::Packed(p) => p.w.view_k(s0, s1),

@@ -2180,7 +2180,7 @@ pub fn frames_to_tensor(frames: &[RgbImage], device: &Device) -> Result<Tensor> 
 fn load_stage<T>(progress: Progress, stage: Stage, load: impl FnOnce() -> Result<T>) -> Result<T> {
     let t0 = Instant::now();
     emit(progress, stage, 0, 1, t0)?;
-    let model = load()?;
+    let model = crate::memory::loading(load)?;
     emit(progress, stage, 1, 1, t0)?;
     Ok(model)
 }

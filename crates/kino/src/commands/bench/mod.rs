@@ -269,7 +269,9 @@ fn gguf_folder(a: &Args, f: &str) -> anyhow::Result<PathBuf> {
 fn measure_gguf_transformer(a: &Args, f: &str) -> anyhow::Result<Measure> {
     let dev = Device::Cpu;
     let dir = gguf_folder(a, f)?;
-    let model = transformer::WanTransformer3DModel::load(&dir, DType::F32, &dev)?;
+    let model = kino_engine::memory::loading(|| {
+        transformer::WanTransformer3DModel::load(&dir, DType::F32, &dev)
+    })?;
     if std::env::var_os("KINO_BENCH_DEBUG").is_some() {
         eprintln!("loaded: VmRSS {}", rss_line("VmRSS:"));
     }
@@ -355,13 +357,14 @@ fn measure_kino(what: &str) -> anyhow::Result<Measure> {
                 "ffn_dim": 8960, "num_layers": 30, "cross_attn_norm": true,
                 "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024
             }))?;
-            let model = transformer::WanTransformer3DModel::new(&cfg, vb)?;
+            let model =
+                kino_engine::memory::loading(|| transformer::WanTransformer3DModel::new(&cfg, vb))?;
             time_forward(&model)
         }
         "vae" => {
             let cfg: vae::Config =
                 serde_json::from_value(serde_json::json!({"_class_name": "AutoencoderKLWan"}))?;
-            let model = vae::AutoencoderKLWan::new(&cfg, vb)?;
+            let model = kino_engine::memory::loading(|| vae::AutoencoderKLWan::new(&cfg, vb))?;
             let z = randn(&[1, 16, 5, 32, 32], 3)?;
             let start = Instant::now();
             let y = model.decode(&z)?;
