@@ -173,18 +173,15 @@ pub fn causal_conv(
             let band = (nrows - 1) * stride_s + ks;
             let fstride = band * wp * c;
             let mut scratch = vec![0f32; (kt - k0) * fstride];
-            for a in k0..kt {
-                let fr = frames[w0 + a - zeros];
-                let dst = &mut scratch[(a - k0) * fstride..][..fstride];
-                for r in 0..band {
-                    let yi = (y0 * stride_s + r) as isize - pt as isize;
-                    if yi < 0 || yi >= h as isize {
-                        continue;
-                    }
-                    let yi = yi as usize;
-                    dst[(r * wp + pl) * c..][..w * c].copy_from_slice(&fr[yi * w * c..][..w * c]);
-                }
-            }
+            let top = (y0 * stride_s) as isize - pt as isize;
+            fill_band(
+                &mut scratch,
+                &frames[w0 + k0 - zeros..w0 + kt - zeros],
+                g,
+                top,
+                band,
+                wp,
+            );
             let out_base = t * h_out * w_out * co;
             let res_base = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
             // SAFETY: rows y0..y0+nrows of output frame t belong to this task only.
@@ -221,6 +218,31 @@ pub fn causal_conv(
             }
         });
     Tensor::from_vec(out, (t_out, h_out, w_out, co), &candle_core::Device::Cpu)
+}
+
+/// Copies rows `top .. top + band` of each of `frames` (`[H, W, C]`; rows outside the frame
+/// left as they are, zero) into consecutive `[band, width, C]` blocks of the zeroed `scratch`,
+/// each row from pixel `pad[2]` (the left padding) on: a task's zero-bordered input band.
+fn fill_band(
+    scratch: &mut [f32],
+    frames: &[&[f32]],
+    g: Geom,
+    top: isize,
+    band: usize,
+    width: usize,
+) {
+    let (h, w, c, pl) = (g.h, g.w, g.c, g.pad[2]);
+    let fstride = band * width * c;
+    for (fr, dst) in frames.iter().zip(scratch.chunks_exact_mut(fstride)) {
+        for r in 0..band {
+            let yi = top + r as isize;
+            if yi < 0 || yi >= h as isize {
+                continue;
+            }
+            let yi = yi as usize;
+            dst[(r * width + pl) * c..][..w * c].copy_from_slice(&fr[yi * w * c..][..w * c]);
+        }
+    }
 }
 
 /// What a task's row kernels need.
@@ -639,19 +661,15 @@ fn winograd_conv(
                 scratch.resize(na * fstride, 0.0);
                 v.resize(nt * kk, 0.0);
                 m.resize(16 * nt * co, 0.0);
-                for a in k0..kt {
-                    let fr = frames[w0 + a - zeros];
-                    let dst = &mut scratch[(a - k0) * fstride..][..fstride];
-                    for r in 0..band {
-                        let yi = (2 * tr0 + r) as isize - pt as isize;
-                        if yi < 0 || yi >= h as isize {
-                            continue;
-                        }
-                        let yi = yi as usize;
-                        dst[(r * wpp + pl) * c..][..w * c]
-                            .copy_from_slice(&fr[yi * w * c..][..w * c]);
-                    }
-                }
+                let top = (2 * tr0) as isize - pt as isize;
+                fill_band(
+                    scratch,
+                    &frames[w0 + k0 - zeros..w0 + kt - zeros],
+                    g,
+                    top,
+                    band,
+                    wpp,
+                );
                 let noop = |_: &mut [f32], _: usize| {};
                 for xi in 0..16 {
                     // V[tile, (a, ci)] = (Bᵀ d B)[ξ] of the tile's 4 × 4 input pixels.

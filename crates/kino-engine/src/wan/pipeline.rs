@@ -1945,7 +1945,7 @@ impl WanPipeline {
         let x = video
             .to_device(&self.options.device)?
             .to_dtype(self.options.vae_dtype)?;
-        let (mean, _logvar) = vae.encode(&x)?;
+        let (mean, _logvar) = crate::memory::lean(|| vae.encode(&x))?;
         let z = mean.to_dtype(DType::F32)?;
         let (m, inv_std) = self.latent_stats(DType::F32)?;
         let z = z.broadcast_sub(&m)?.broadcast_mul(&inv_std)?;
@@ -2132,7 +2132,8 @@ impl WanPipeline {
         let total = latents.dim(2)?;
         emit(progress, Stage::DecodeVae, 0, total, t0)?;
         let mut cb = |done: usize, total: usize| emit(progress, Stage::DecodeVae, done, total, t0);
-        let video = vae.decode_with_progress(&latents, &mut cb)?;
+        // Lean: the VAE's few, large frame buffers (see `crate::memory`).
+        let video = crate::memory::lean(|| vae.decode_with_progress(&latents, &mut cb))?;
         Ok(video.to_dtype(DType::F32)?)
     }
 }
@@ -2180,7 +2181,7 @@ pub fn frames_to_tensor(frames: &[RgbImage], device: &Device) -> Result<Tensor> 
 fn load_stage<T>(progress: Progress, stage: Stage, load: impl FnOnce() -> Result<T>) -> Result<T> {
     let t0 = Instant::now();
     emit(progress, stage, 0, 1, t0)?;
-    let model = crate::memory::loading(load)?;
+    let model = crate::memory::lean(load)?;
     emit(progress, stage, 1, 1, t0)?;
     Ok(model)
 }

@@ -269,7 +269,7 @@ fn gguf_folder(a: &Args, f: &str) -> anyhow::Result<PathBuf> {
 fn measure_gguf_transformer(a: &Args, f: &str) -> anyhow::Result<Measure> {
     let dev = Device::Cpu;
     let dir = gguf_folder(a, f)?;
-    let model = kino_engine::memory::loading(|| {
+    let model = kino_engine::memory::lean(|| {
         transformer::WanTransformer3DModel::load(&dir, DType::F32, &dev)
     })?;
     if std::env::var_os("KINO_BENCH_DEBUG").is_some() {
@@ -358,16 +358,16 @@ fn measure_kino(what: &str) -> anyhow::Result<Measure> {
                 "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024
             }))?;
             let model =
-                kino_engine::memory::loading(|| transformer::WanTransformer3DModel::new(&cfg, vb))?;
+                kino_engine::memory::lean(|| transformer::WanTransformer3DModel::new(&cfg, vb))?;
             time_forward(&model)
         }
         "vae" => {
             let cfg: vae::Config =
                 serde_json::from_value(serde_json::json!({"_class_name": "AutoencoderKLWan"}))?;
-            let model = kino_engine::memory::loading(|| vae::AutoencoderKLWan::new(&cfg, vb))?;
+            let model = kino_engine::memory::lean(|| vae::AutoencoderKLWan::new(&cfg, vb))?;
             let z = randn(&[1, 16, 5, 32, 32], 3)?;
             let start = Instant::now();
-            let y = model.decode(&z)?;
+            let y = kino_engine::memory::lean(|| model.decode(&z))?;
             let seconds = start.elapsed().as_secs_f64();
             anyhow::ensure!(y.dims() == [1, 3, 17, 256, 256], "unexpected output shape");
             Ok(Measure {
