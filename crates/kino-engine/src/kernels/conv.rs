@@ -153,57 +153,65 @@ pub fn causal_conv(
 
     let mut out = vec![0f32; out_len];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    for_each_task(t_out, h_out, rows, g, zeros, |task| {
-        let (t, y0, nrows, w0, k0) = (task.t, task.u0, task.n, task.w0, task.k0);
-        // Scratch band: [kt - k0][band rows][wp][c], zero outside the input. Output row
-        // y0 + r reads band rows r·stride + dy.
-        let band = (nrows - 1) * stride_s + ks;
-        let fstride = band * wp * c;
-        let mut scratch = vec![0f32; (kt - k0) * fstride];
-        let top = (y0 * stride_s) as isize - pt as isize;
-        fill_band(
-            &mut scratch,
-            &frames[w0 + k0 - zeros..w0 + kt - zeros],
-            g,
-            top,
-            band,
-            wp,
-        );
-        let out_base = t * h_out * w_out * co;
-        let res_base = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
-        // SAFETY: rows y0..y0+nrows of output frame t belong to this task only.
-        let out_frame = unsafe {
-            std::slice::from_raw_parts_mut(out_ptr.get().add(out_base), h_out * w_out * co)
-        };
-        let ctx = TaskCtx {
-            g,
-            k0,
-            band,
-            wp,
-            w_out,
-            scratch: &scratch,
-            taps,
-            bias,
-        };
-        if as_band {
-            let rows = y0 * w_out * co..(y0 + nrows) * w_out * co;
-            let (orows, rrows) = (&mut out_frame[rows.clone()], res_base.map(|rb| &rb[rows]));
-            match &packed {
-                Some(packed) => packed_band(&ctx, nrows, packed, orows, rrows),
-                None => gemm_band(&ctx, nrows, orows, rrows),
+    for_each_task(
+        t_out,
+        h_out,
+        rows,
+        g,
+        zeros,
+        || (),
+        |_, task| {
+            let (t, y0, nrows, w0, k0) = (task.t, task.u0, task.n, task.w0, task.k0);
+            // Scratch band: [kt - k0][band rows][wp][c], zero outside the input. Output row
+            // y0 + r reads band rows r·stride + dy.
+            let band = (nrows - 1) * stride_s + ks;
+            let fstride = band * wp * c;
+            let mut scratch = vec![0f32; (kt - k0) * fstride];
+            let top = (y0 * stride_s) as isize - pt as isize;
+            fill_band(
+                &mut scratch,
+                &frames[w0 + k0 - zeros..w0 + kt - zeros],
+                g,
+                top,
+                band,
+                wp,
+            );
+            let out_base = t * h_out * w_out * co;
+            let res_base = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
+            // SAFETY: rows y0..y0+nrows of output frame t belong to this task only.
+            let out_frame = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.get().add(out_base), h_out * w_out * co)
+            };
+            let ctx = TaskCtx {
+                g,
+                k0,
+                band,
+                wp,
+                w_out,
+                scratch: &scratch,
+                taps,
+                bias,
+            };
+            if as_band {
+                let rows = y0 * w_out * co..(y0 + nrows) * w_out * co;
+                let (orows, rrows) = (&mut out_frame[rows.clone()], res_base.map(|rb| &rb[rows]));
+                match &packed {
+                    Some(packed) => packed_band(&ctx, nrows, packed, orows, rrows),
+                    None => gemm_band(&ctx, nrows, orows, rrows),
+                }
+                return;
             }
-            return;
-        }
-        let mut offsets = Vec::with_capacity((kt - k0) * ks * ks);
-        for r in 0..nrows {
-            let y = y0 + r;
-            let orow = &mut out_frame[y * w_out * co..][..w_out * co];
-            let rrow = res_base.map(|rb| &rb[y * w_out * co..][..w_out * co]);
-            if !direct_row(&ctx, isa, r, &mut offsets, orow, rrow) {
-                gemm_row(&ctx, r, orow, rrow);
+            let mut offsets = Vec::with_capacity((kt - k0) * ks * ks);
+            for r in 0..nrows {
+                let y = y0 + r;
+                let orow = &mut out_frame[y * w_out * co..][..w_out * co];
+                let rrow = res_base.map(|rb| &rb[y * w_out * co..][..w_out * co]);
+                if !direct_row(&ctx, isa, r, &mut offsets, orow, rrow) {
+                    gemm_row(&ctx, r, orow, rrow);
+                }
             }
-        }
-    });
+        },
+    );
     Tensor::from_vec(out, (t_out, h_out, w_out, co), &candle_core::Device::Cpu)
 }
 
@@ -219,28 +227,37 @@ struct Task {
     k0: usize,
 }
 
-/// Runs `f` on every task, `per` of a frame's `units` each, in parallel.
-fn for_each_task(
+/// Runs `f` on every task, `per` of a frame's `units` each, in parallel, with a state made by
+/// `init` for each run of tasks rayon hands a thread (buffers reused from task to task, and
+/// freed when the call ends).
+#[allow(clippy::too_many_arguments)]
+fn for_each_task<S>(
     t_out: usize,
     units: usize,
     per: usize,
     g: Geom,
     zeros: usize,
-    f: impl Fn(Task) + Sync + Send,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, Task) + Sync + Send,
 ) {
     let per_frame = units.div_ceil(per);
-    (0..t_out * per_frame).into_par_iter().for_each(|i| {
-        let t = i / per_frame;
-        let u0 = (i % per_frame) * per;
-        let w0 = t * g.stride_t;
-        f(Task {
-            t,
-            u0,
-            n: per.min(units - u0),
-            w0,
-            k0: zeros.saturating_sub(w0).min(g.kt),
-        })
-    });
+    (0..t_out * per_frame)
+        .into_par_iter()
+        .for_each_init(init, |state, i| {
+            let t = i / per_frame;
+            let u0 = (i % per_frame) * per;
+            let w0 = t * g.stride_t;
+            f(
+                state,
+                Task {
+                    t,
+                    u0,
+                    n: per.min(units - u0),
+                    w0,
+                    k0: zeros.saturating_sub(w0).min(g.kt),
+                },
+            )
+        });
 }
 
 /// How many of a frame's `units` (output rows, or rows of tiles) one task takes: `want`, within
@@ -670,130 +687,135 @@ fn winograd_conv(
     let out_len = t_out * h_out * w_out * co;
     let mut out = vec![0f32; out_len];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    for_each_task(t_out, th, trows, g, zeros, |task| {
-        let (t, tr0, ntr, w0, k0) = (task.t, task.u0, task.n, task.w0, task.k0);
-        let na = kt - k0;
-        // Scratch band: [na][2·ntr + 2 rows][wpp][c], zero outside the input.
-        let band = 2 * ntr + 2;
-        let fstride = band * wpp * c;
-        let nt = ntr * tw;
-        let kk = na * c;
-        // The task's buffers, kept by the thread from task to task: fresh ones of these
-        // sizes (MBs) come from mmap and cost page faults and TLB shootdowns each time.
-        WINOGRAD_BUFFERS.with_borrow_mut(|[scratch, v, m]| {
-            scratch.clear();
-            scratch.resize(na * fstride, 0.0);
-            v.resize(nt * kk, 0.0);
-            m.resize(16 * nt * co, 0.0);
-            let top = (2 * tr0) as isize - pt as isize;
-            fill_band(
-                scratch,
-                &frames[w0 + k0 - zeros..w0 + kt - zeros],
-                g,
-                top,
-                band,
-                wpp,
-            );
-            let noop = |_: &mut [f32], _: usize| {};
-            for xi in 0..16 {
-                // V[tile, (a, ci)] = (Bᵀ d B)[ξ] of the tile's 4 × 4 input pixels.
-                let ((i1, i2, s), (j1, j2, sj)) = (BT[xi / 4], BT[xi % 4]);
+    let buffers = || [Vec::new(), Vec::new(), Vec::new()];
+    for_each_task(
+        t_out,
+        th,
+        trows,
+        g,
+        zeros,
+        buffers,
+        |bufs: &mut [Vec<f32>; 3], task| {
+            let (t, tr0, ntr, w0, k0) = (task.t, task.u0, task.n, task.w0, task.k0);
+            let na = kt - k0;
+            // Scratch band: [na][2·ntr + 2 rows][wpp][c], zero outside the input.
+            let band = 2 * ntr + 2;
+            let fstride = band * wpp * c;
+            let nt = ntr * tw;
+            let kk = na * c;
+            // The task's buffers (scratch band, transformed input, products), kept from task to
+            // task: fresh ones of these sizes (MBs) come from mmap and cost page faults and TLB
+            // shootdowns each time.
+            let [scratch, v, m] = bufs;
+            {
+                scratch.clear();
+                scratch.resize(na * fstride, 0.0);
+                v.resize(nt * kk, 0.0);
+                m.resize(16 * nt * co, 0.0);
+                let top = (2 * tr0) as isize - pt as isize;
+                fill_band(
+                    scratch,
+                    &frames[w0 + k0 - zeros..w0 + kt - zeros],
+                    g,
+                    top,
+                    band,
+                    wpp,
+                );
+                let noop = |_: &mut [f32], _: usize| {};
+                for xi in 0..16 {
+                    // V[tile, (a, ci)] = (Bᵀ d B)[ξ] of the tile's 4 × 4 input pixels.
+                    let ((i1, i2, s), (j1, j2, sj)) = (BT[xi / 4], BT[xi % 4]);
+                    for ti in 0..ntr {
+                        for tj in 0..tw {
+                            let row = &mut v[(ti * tw + tj) * kk..][..kk];
+                            for a in 0..na {
+                                let px = |r: usize, col: usize| {
+                                    &scratch
+                                        [a * fstride + ((2 * ti + r) * wpp + 2 * tj + col) * c..]
+                                        [..c]
+                                };
+                                let (x11, x12, x21, x22) =
+                                    (px(i1, j1), px(i1, j2), px(i2, j1), px(i2, j2));
+                                let dst = &mut row[a * c..][..c];
+                                for k in 0..c {
+                                    dst[k] = (x11[k] + sj * x12[k]) + s * (x21[k] + sj * x22[k]);
+                                }
+                            }
+                        }
+                    }
+                    let view = u[xi].view_k(k0 * c, kt * c);
+                    let (tm, tn) = packed_gemm::tiles_of(nt, &view);
+                    let mx = &mut m[xi * nt * co..][..nt * co];
+                    for tj in 0..tn {
+                        for ti in 0..tm {
+                            // SAFETY: V is `[nt, kk]` (row stride kk = view.k), M's slice `[nt, co]`,
+                            // the filters were packed for this kernel; the buffers are the task's.
+                            unsafe {
+                                packed_gemm::tile_of(
+                                    v.as_ptr(),
+                                    kk,
+                                    nt,
+                                    &view,
+                                    None,
+                                    mx.as_mut_ptr(),
+                                    co,
+                                    (ti, tj),
+                                    &noop,
+                                    false,
+                                );
+                            }
+                        }
+                    }
+                }
+                // Output transform Aᵀ M A, A = [[1, 0], [1, 1], [1, −1], [0, −1]], + bias (+ residual).
+                let out_base = t * h_out * w_out * co;
+                // SAFETY: output rows 2·tr0 .. 2·(tr0 + ntr) of frame t belong to this task only.
+                let out_frame = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(out_base), h_out * w_out * co)
+                };
+                let res_frame = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
+                let mut y = vec![0f32; 4 * co];
                 for ti in 0..ntr {
                     for tj in 0..tw {
-                        let row = &mut v[(ti * tw + tj) * kk..][..kk];
-                        for a in 0..na {
-                            let px = |r: usize, col: usize| {
-                                &scratch[a * fstride + ((2 * ti + r) * wpp + 2 * tj + col) * c..]
-                                    [..c]
-                            };
-                            let (x11, x12, x21, x22) =
-                                (px(i1, j1), px(i1, j2), px(i2, j1), px(i2, j2));
-                            let dst = &mut row[a * c..][..c];
-                            for k in 0..c {
-                                dst[k] = (x11[k] + sj * x12[k]) + s * (x21[k] + sj * x22[k]);
-                            }
+                        let tile = ti * tw + tj;
+                        let mm = |xi: usize| &m[(xi * nt + tile) * co..][..co];
+                        let (y00, rest) = y.split_at_mut(co);
+                        let (y01, rest) = rest.split_at_mut(co);
+                        let (y10, y11) = rest.split_at_mut(co);
+                        let ms: [&[f32]; 16] = std::array::from_fn(mm);
+                        for o in 0..co {
+                            let s0 = |vi: usize| ms[vi][o] + ms[4 + vi][o] + ms[8 + vi][o];
+                            let s1 = |vi: usize| ms[4 + vi][o] - ms[8 + vi][o] - ms[12 + vi][o];
+                            let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
+                            let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
+                            y00[o] = a0 + a1 + a2;
+                            y01[o] = a1 - a2 - a3;
+                            y10[o] = b0 + b1 + b2;
+                            y11[o] = b1 - b2 - b3;
                         }
-                    }
-                }
-                let view = u[xi].view_k(k0 * c, kt * c);
-                let (tm, tn) = packed_gemm::tiles_of(nt, &view);
-                let mx = &mut m[xi * nt * co..][..nt * co];
-                for tj in 0..tn {
-                    for ti in 0..tm {
-                        // SAFETY: V is `[nt, kk]` (row stride kk = view.k), M's slice `[nt, co]`,
-                        // the filters were packed for this kernel; the buffers are the task's.
-                        unsafe {
-                            packed_gemm::tile_of(
-                                v.as_ptr(),
-                                kk,
-                                nt,
-                                &view,
-                                None,
-                                mx.as_mut_ptr(),
-                                co,
-                                (ti, tj),
-                                &noop,
-                                false,
-                            );
-                        }
-                    }
-                }
-            }
-            // Output transform Aᵀ M A, A = [[1, 0], [1, 1], [1, −1], [0, −1]], + bias (+ residual).
-            let out_base = t * h_out * w_out * co;
-            // SAFETY: output rows 2·tr0 .. 2·(tr0 + ntr) of frame t belong to this task only.
-            let out_frame = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.get().add(out_base), h_out * w_out * co)
-            };
-            let res_frame = residual.map(|r| &r[out_base..out_base + h_out * w_out * co]);
-            let mut y = vec![0f32; 4 * co];
-            for ti in 0..ntr {
-                for tj in 0..tw {
-                    let tile = ti * tw + tj;
-                    let mm = |xi: usize| &m[(xi * nt + tile) * co..][..co];
-                    let (y00, rest) = y.split_at_mut(co);
-                    let (y01, rest) = rest.split_at_mut(co);
-                    let (y10, y11) = rest.split_at_mut(co);
-                    let ms: [&[f32]; 16] = std::array::from_fn(mm);
-                    for o in 0..co {
-                        let s0 = |vi: usize| ms[vi][o] + ms[4 + vi][o] + ms[8 + vi][o];
-                        let s1 = |vi: usize| ms[4 + vi][o] - ms[8 + vi][o] - ms[12 + vi][o];
-                        let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
-                        let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
-                        y00[o] = a0 + a1 + a2;
-                        y01[o] = a1 - a2 - a3;
-                        y10[o] = b0 + b1 + b2;
-                        y11[o] = b1 - b2 - b3;
-                    }
-                    for p in 0..2 {
-                        let yy = 2 * (tr0 + ti) + p;
-                        if yy >= h_out {
-                            continue;
-                        }
-                        for q in 0..2 {
-                            let xx = 2 * tj + q;
-                            if xx >= w_out {
+                        for p in 0..2 {
+                            let yy = 2 * (tr0 + ti) + p;
+                            if yy >= h_out {
                                 continue;
                             }
-                            let at = (yy * w_out + xx) * co;
-                            store_row(
-                                &y[(2 * p + q) * co..][..co],
-                                &mut out_frame[at..at + co],
-                                bias,
-                                res_frame.map(|r| &r[at..at + co]),
-                            );
+                            for q in 0..2 {
+                                let xx = 2 * tj + q;
+                                if xx >= w_out {
+                                    continue;
+                                }
+                                let at = (yy * w_out + xx) * co;
+                                store_row(
+                                    &y[(2 * p + q) * co..][..co],
+                                    &mut out_frame[at..at + co],
+                                    bias,
+                                    res_frame.map(|r| &r[at..at + co]),
+                                );
+                            }
                         }
                     }
                 }
             }
-        });
-    });
+        },
+    );
     Tensor::from_vec(out, (t_out, h_out, w_out, co), &candle_core::Device::Cpu)
-}
-
-thread_local! {
-    /// [`winograd_conv`]'s per-task buffers (scratch band, transformed input, products).
-    static WINOGRAD_BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> = const {
-        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
-    };
 }
