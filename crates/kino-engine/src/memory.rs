@@ -12,7 +12,7 @@
 //! 19.8 and 20.5 s, but 108 MB more at peak in F16 and 60 MB in Q8_0 (holes left by the loading);
 //! with the loading lean and the forward in the run phase, 19.9 s in F16 and 20.5 s in Q8_0 at
 //! +5 MB. One Wan2.1 VAE decode (17 frames at 256 × 256, `kino bench vae --child`): 30.1–31.7 s
-//! at 1.84 GB peak in the run phase, 32.6 s at 1.65 GB lean, so the VAE runs lean.
+//! at 1.84 GB peak in the run phase, 32.6–34.4 s at 1.64–1.65 GB lean, so the VAE runs lean.
 //!
 //! Only a program that opts in ([`manage`], called first thing by `kino`) has its allocator
 //! changed; the library alone (tests, embedders) leaves it as it is.
