@@ -1,7 +1,7 @@
 """The PyTorch side of `kino bench`: times one component of diffusers at full size with random
 weights, on the CPU in f32, and prints one JSON line {"seconds", "peak_rss_bytes"}.
 
-usage: python reference.py transformer|vae THREADS
+usage: python reference.py transformer|vae|attention THREADS [TOKENS]
 """
 
 import json
@@ -38,6 +38,15 @@ with torch.no_grad():
         z = torch.randn(1, 16, 5, 32, 32)
         start = time.perf_counter()
         model.decode(z, return_dict=False)
+        seconds = time.perf_counter() - start
+    elif what == "attention":
+        # The self-attention of Wan2.1-1.3B (12 heads of 128) over TOKENS tokens: diffusers' Wan
+        # attention processor calls this (`dispatch_attention_fn`, native backend); the tensors
+        # are given in its own [B, H, N, D] layout, contiguous.
+        n = int(sys.argv[3]) if len(sys.argv) > 3 else 32760
+        q, k, v = (torch.randn(1, 12, n, 128) for _ in range(3))
+        start = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
         seconds = time.perf_counter() - start
     else:
         raise SystemExit(f"unknown component {what}")

@@ -126,25 +126,50 @@ impl PackedB {
     }
 
     /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`), serially.
+    /// Written in order, panel by panel, k by k (no zeroing pass first: the attention packs
+    /// its K and V this way for every head of every call).
     pub fn from_rows(kernel: &'static Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-        let mut w = Self::zeroed(kernel, n, k);
-        let nr = kernel.nr;
-        let (data, len) = w.panels_mut();
-        for (p, panel) in data.chunks_mut(len.max(1)).enumerate() {
-            fill_rows_panel(src, n, k, ld, nr, p, panel);
-        }
-        w
+        Self::build(kernel, n, k, |data, p, cols, nr| {
+            let rows: Vec<&[f32]> = (0..cols).map(|c| &src[(p * nr + c) * ld..][..k]).collect();
+            for kk in 0..k {
+                data.extend(rows.iter().map(|r| r[kk]));
+                data.extend(std::iter::repeat_n(0.0, nr - cols));
+            }
+        })
     }
 
-    /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`), serially.
+    /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`), serially,
+    /// written in order as [`PackedB::from_rows`].
     pub fn from_cols(kernel: &'static Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-        let mut w = Self::zeroed(kernel, n, k);
+        Self::build(kernel, n, k, |data, p, cols, nr| {
+            for kk in 0..k {
+                let s = kk * ld + p * nr;
+                data.extend_from_slice(&src[s..s + cols]);
+                data.extend(std::iter::repeat_n(0.0, nr - cols));
+            }
+        })
+    }
+
+    /// Panels appended in order by `panel(data, p, cols, nr)`, which pushes panel `p`'s
+    /// `k · nr` floats (its first `cols` columns real, the rest zero).
+    fn build(
+        kernel: &'static Kernel,
+        n: usize,
+        k: usize,
+        mut panel: impl FnMut(&mut Vec<f32>, usize, usize, usize),
+    ) -> Self {
+        assert!(
+            kernel.supported(),
+            "the {} kernel does not run on this CPU",
+            kernel.name
+        );
         let nr = kernel.nr;
-        let (data, len) = w.panels_mut();
-        for (p, panel) in data.chunks_mut(len.max(1)).enumerate() {
-            fill_cols_panel(src, n, k, ld, nr, p, panel);
+        let mut data = Vec::with_capacity(n.div_ceil(nr) * nr * k);
+        for p in 0..n.div_ceil(nr) {
+            panel(&mut data, p, nr.min(n - p * nr), nr);
         }
-        w
+        debug_assert_eq!(data.len(), n.div_ceil(nr) * nr * k);
+        Self { data, n, k, kernel }
     }
 }
 
@@ -334,6 +359,145 @@ pub unsafe fn tile_of(
         for i in i0..i1 {
             let row = std::slice::from_raw_parts_mut(c.add(i * ldc + j0), j1 - j0);
             post(row, j0);
+        }
+    }
+}
+
+/// A task's buffers for [`attention_rows`]: the scores of one block of keys, the output rows
+/// accumulated so far, and each row's running maximum, sum and correction.
+pub struct AttentionScratch {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    corr: Vec<f32>,
+    bq: usize,
+    bk: usize,
+    d: usize,
+}
+
+impl AttentionScratch {
+    /// For up to `bq` query rows, blocks of `bk` keys (a multiple of the kernel's `NR`) and
+    /// head dimension `d`.
+    pub fn new(bq: usize, bk: usize, d: usize) -> Self {
+        Self {
+            scores: vec![0.0; bq * bk],
+            acc: vec![0.0; bq * d],
+            max: vec![0.0; bq],
+            sum: vec![0.0; bq],
+            corr: vec![0.0; bq],
+            bq,
+            bk,
+            d,
+        }
+    }
+}
+
+/// The per-row state an online softmax ([`super::portable::softmax_block_online`]) updates.
+pub struct SoftmaxState<'a> {
+    pub max: &'a mut [f32],
+    pub sum: &'a mut [f32],
+    pub corr: &'a mut [f32],
+}
+
+/// The online softmax [`attention_rows`] applies to a block of scores: `(scores, row stride,
+/// columns, state)`.
+pub type BlockSoftmax<'a> = &'a dyn Fn(&mut [f32], usize, usize, SoftmaxState);
+
+/// `rows` query rows of one attention head, flash-attention style: the keys in blocks of
+/// `scratch.bk`, each block's scores `q·kᵀ` (on the microkernel, K packed as the weight `W[j, c]
+/// = k[j, c]`), `softmax(scores, ld, cols, state)` turning them into `exp` values against the
+/// running maximum (see [`super::portable::softmax_block_online`]), the output rows so far
+/// rescaled by the correction where the maximum grew, and `p·v` added (V packed as `W[c, j] =
+/// v[j, c]`); at the end each row divided by its sum into `out` (row stride `ldo`). Only one key
+/// block's scores and packed K and V are in use at a time, whatever the number of keys.
+///
+/// # Safety
+/// `q` must hold `rows` rows of `d` floats with row stride `ldq` and `out` the same shape with
+/// row stride `ldo`, not accessed by others meanwhile; `k` (`[m, d]`) and `v` (`[d, m]`) packed
+/// for the same kernel; `rows ≤ scratch.bq`, `d = scratch.d`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_rows(
+    q: *const f32,
+    ldq: usize,
+    rows: usize,
+    (k, v): (&PackedB, &PackedB),
+    softmax: BlockSoftmax,
+    scratch: &mut AttentionScratch,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let (bk, d, m) = (scratch.bk, scratch.d, k.n);
+    assert!(
+        rows <= scratch.bq && k.k == d && v.n == d && v.k == m && bk.is_multiple_of(k.kernel.nr),
+        "attention_rows: shapes do not fit"
+    );
+    let noop = |_: &mut [f32], _: usize| {};
+    scratch.max[..rows].fill(f32::NEG_INFINITY);
+    scratch.sum[..rows].fill(0.0);
+    let mut j0 = 0;
+    while j0 < m {
+        let j1 = (j0 + bk).min(m);
+        let (kb, vb) = (k.view_cols(j0, j1), v.view_k(j0, j1));
+        // Scores [rows, j1 - j0], row stride bk.
+        let (tm, tn) = tiles_of(rows, &kb);
+        for tj in 0..tn {
+            for ti in 0..tm {
+                tile_of(
+                    q,
+                    ldq,
+                    rows,
+                    &kb,
+                    None,
+                    scratch.scores.as_mut_ptr(),
+                    bk,
+                    (ti, tj),
+                    &noop,
+                    false,
+                );
+            }
+        }
+        let state = SoftmaxState {
+            max: &mut scratch.max[..rows],
+            sum: &mut scratch.sum[..rows],
+            corr: &mut scratch.corr[..rows],
+        };
+        softmax(&mut scratch.scores, bk, j1 - j0, state);
+        let first = j0 == 0;
+        if !first {
+            for (r, &f) in scratch.corr[..rows].iter().enumerate() {
+                if f != 1.0 {
+                    for x in &mut scratch.acc[r * d..(r + 1) * d] {
+                        *x *= f;
+                    }
+                }
+            }
+        }
+        // acc [rows, d] (+)= p [rows, j1 - j0] · v [j1 - j0, d].
+        let (tm, tn) = tiles_of(rows, &vb);
+        for tj in 0..tn {
+            for ti in 0..tm {
+                tile_of(
+                    scratch.scores.as_ptr(),
+                    bk,
+                    rows,
+                    &vb,
+                    None,
+                    scratch.acc.as_mut_ptr(),
+                    d,
+                    (ti, tj),
+                    &noop,
+                    !first,
+                );
+            }
+        }
+        j0 = j1;
+    }
+    for (r, &sum) in scratch.sum[..rows].iter().enumerate() {
+        let inv = 1.0 / sum;
+        let o = std::slice::from_raw_parts_mut(out.add(r * ldo), d);
+        for (x, &a) in o.iter_mut().zip(&scratch.acc[r * d..(r + 1) * d]) {
+            *x = a * inv;
         }
     }
 }

@@ -264,6 +264,22 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`portable::softmax_block_online`] compiled for `isa`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_block_online(
+        s: &mut [f32],
+        ld: usize,
+        cols: usize,
+        scale: f32,
+        max: &mut [f32],
+        sum: &mut [f32],
+        corr: &mut [f32],
+    ) {
+        portable::softmax_block_online(s, ld, cols, scale, max, sum, corr)
+    }
+}
+
+multiversion! {
     /// [`portable::bias_gelu_row`] compiled for `isa`.
     fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
         portable::bias_gelu_row(row, bias)

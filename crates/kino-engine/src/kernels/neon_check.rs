@@ -182,6 +182,59 @@ fn main() {
         }
     }
 
+    // Attention rows (flash style, `gemm::attention_rows` with the portable online softmax) on
+    // the NEON microkernel vs a plain f64 softmax attention: one key block and several (256
+    // keys each, the last partial), keys whose scores grow along the sequence so the running
+    // maximum moves, and fewer keys than a panel.
+    for (n, m, d) in [(5, 7, 16), (13, 300, 32), (40, 600, 64)] {
+        let q = rand_vec(n * d, 8);
+        let k: Vec<f32> = rand_vec(m * d, 9)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x * (0.5 + 4.0 * (i / d) as f32 / m as f32))
+            .collect();
+        let v = rand_vec(m * d, 10);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut want = vec![0f32; n * d];
+        for i in 0..n {
+            let s: Vec<f64> = (0..m)
+                .map(|j| (0..d).map(|c| q[i * d + c] as f64 * k[j * d + c] as f64).sum::<f64>())
+                .collect();
+            let top = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = s.iter().map(|x| ((x - top) * scale as f64).exp()).collect();
+            let total: f64 = p.iter().sum();
+            for c in 0..d {
+                let o: f64 = (0..m).map(|j| p[j] * v[j * d + c] as f64).sum();
+                want[i * d + c] = (o / total) as f32;
+            }
+        }
+        let kp = PackedB::from_rows(neon, &k, m, d, d);
+        let vp = PackedB::from_cols(neon, &v, d, m, d);
+        let softmax = |s: &mut [f32], ld: usize, cols: usize, st: gemm::SoftmaxState| {
+            portable::softmax_block_online(s, ld, cols, scale, st.max, st.sum, st.corr)
+        };
+        let mut scratch = gemm::AttentionScratch::new(n, 256, d);
+        let mut got = vec![f32::NAN; n * d];
+        // SAFETY: q and got are [n, d] with row stride d; K and V packed for NEON from m keys.
+        unsafe {
+            gemm::attention_rows(
+                q.as_ptr(),
+                d,
+                n,
+                (&kp, &vp),
+                &softmax,
+                &mut scratch,
+                got.as_mut_ptr(),
+                d,
+            );
+        }
+        check(
+            format!("attention neon ({n} queries, {m} keys, d {d})"),
+            max_rel_diff(&got, &want),
+            1e-5,
+        );
+    }
+
     if failures > 0 {
         println!("{failures} NEON check(s) failed");
         std::process::exit(1);

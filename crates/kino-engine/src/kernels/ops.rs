@@ -508,23 +508,37 @@ impl CustomOp3 for PackedAttention {
         }
         let mut out = vec![0f32; b * n * h * d];
         if !out.is_empty() && m > 0 {
-            // Query rows per block: as many as fit a 1 MiB score buffer per thread (it stays
-            // in a core's L2), at least 16, and enough blocks to keep all threads busy; blocks
-            // of equal size. (16 MiB before stop 35: on Wan2.1-1.3B at 1,280 + 512 tokens, 2
-            // threads, the forward's peak was 10 MB higher and no faster.)
             let threads = candle_core::utils::get_num_threads().max(1);
-            let blocks_per_head = (2 * threads).div_ceil(b * h);
-            let max_rows = ((256usize << 10) / m).max(16);
-            let blocks = n.div_ceil(max_rows).max(blocks_per_head);
-            let bq = n.div_ceil(blocks).max(1);
+            let (bq, bk) = attention_blocks(b * h, n, m, threads);
             let shape = (b, n, m, h, d);
-            attention_packed(self.kernel, q, k, v, shape, bq, self.scale, &mut out);
+            attention_packed(self.kernel, q, k, v, shape, (bq, bk), self.scale, &mut out);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
     }
 }
 
-/// The work of [`PackedAttention`]: `bq` query rows per task.
+/// Keys per block of [`attention_packed`]: a block's packed K and V (`2 · 256 · d` floats, 256 KiB
+/// at d = 128) and its scores stay in a core's L2 cache while all the query rows of a task use
+/// them. A multiple of every kernel's `NR`.
+const ATTN_KEY_BLOCK: usize = 256;
+
+/// Query rows per task and keys per block for [`attention_packed`]: about 128 query rows
+/// (a few of the microkernels' `MC` tiles, so each key block is used many times once in cache),
+/// fewer if that would leave a thread without several tasks, equal-sized blocks.
+fn attention_blocks(heads: usize, n: usize, m: usize, threads: usize) -> (usize, usize) {
+    let want_tasks = 4 * threads;
+    let per_head = n.div_ceil(128).max(want_tasks.div_ceil(heads.max(1)));
+    let blocks = per_head.min(n.div_ceil(16)).max(1);
+    let bq = n.div_ceil(blocks).max(1);
+    (bq, ATTN_KEY_BLOCK.min(m.next_multiple_of(32)).max(32))
+}
+
+/// The work of [`PackedAttention`], flash-attention style: a task takes `bq` query rows of one
+/// (batch, head) and walks the keys in blocks of `bk`, keeping a running maximum and sum per row
+/// ([`super::softmax_block_online`]) and its output rows in a buffer of its own, rescaled when
+/// the maximum grows; so the scores of one key block (`bq × bk`) and that block of K and V are
+/// what is in use, whatever the sequence length (before, each task held whole rows of scores,
+/// and for long videos its K and V came from memory at every task).
 #[allow(clippy::too_many_arguments)]
 fn attention_packed(
     kernel: &'static Kernel,
@@ -532,7 +546,7 @@ fn attention_packed(
     k: &[f32],
     v: &[f32],
     (b, n, m, h, d): (usize, usize, usize, usize, usize),
-    bq: usize,
+    (bq, bk): (usize, usize),
     scale: f32,
     out: &mut [f32],
 ) {
@@ -560,31 +574,31 @@ fn attention_packed(
         .clone()
     };
     let out_ptr = out.as_mut_ptr() as usize;
+    let softmax = |s: &mut [f32], ld: usize, cols: usize, st: gemm::SoftmaxState| {
+        super::softmax_block_online(isa, s, ld, cols, scale, st.max, st.sum, st.corr)
+    };
     pool_run(b * h * n_blocks, |range| {
-        let mut scores = vec![0f32; bq * m];
-        let mut sums = vec![0f32; bq];
+        let mut scratch = gemm::AttentionScratch::new(bq, bk, d);
         for task in range {
             let (bh, blk) = (task / n_blocks, task % n_blocks);
             let pair = kv(bh);
-            let (kp, vp) = (&pair.0, &pair.1);
             let n0 = blk * bq;
             let rows = bq.min(n - n0);
             let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
-            // SAFETY: q rows n0..n0+rows with stride `row` and d columns lie inside `q`;
-            // `scores` has rows·m floats; the task writes only its own rows and head columns of
-            // `out`, which outlives the pool call, so writes of different tasks are disjoint.
+            // SAFETY: q rows n0..n0+rows with stride `row` and d columns lie inside `q`; the
+            // same rows and head columns of `out` belong to this task only, and `out` outlives
+            // the pool call; K and V were packed for `kernel` from `m` keys.
             unsafe {
-                gemm::gemm_serial(q.as_ptr().add(q_off), row, rows, kp, scores.as_mut_ptr(), m);
-                super::softmax_rows_unnormalized(isa, &mut scores[..rows * m], m, &mut sums, scale);
-                let dst = (out_ptr as *mut f32).add(q_off);
-                gemm::gemm_serial(scores.as_ptr(), m, rows, vp, dst, row);
-                for (r, &sum) in sums[..rows].iter().enumerate() {
-                    let o = std::slice::from_raw_parts_mut(dst.add(r * row), d);
-                    let inv = 1.0 / sum;
-                    for x in o {
-                        *x *= inv;
-                    }
-                }
+                gemm::attention_rows(
+                    q.as_ptr().add(q_off),
+                    row,
+                    rows,
+                    (&pair.0, &pair.1),
+                    &softmax,
+                    &mut scratch,
+                    (out_ptr as *mut f32).add(q_off),
+                    row,
+                );
             }
             drop(pair);
             if left[bh].fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -25,6 +25,40 @@ pub fn exp_f32(x: f32) -> f32 {
     f32::from_bits(e.to_bits().wrapping_add(n_bits << 23))
 }
 
+/// `2^y` in f32 without libm calls (loops over it vectorize): `y` rounded to an integer `n`
+/// (added to the exponent) and `2^f` on the rest `f ∈ [−½, ½]` by a degree-6 polynomial
+/// (least-squares fit of the relative error, under 1e-7 in f32); `y` below −125 is taken as −125
+/// (2^−125 ≈ 2e-38: nothing beside the 1 of a softmax's maximum). Fewer operations than
+/// [`exp_f32`] of `y·ln 2` when the factor `log₂ e` can be folded into a scale the caller applies
+/// anyway (the attention's softmax).
+#[inline(always)]
+pub fn exp2_f32(y: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const C: [f32; 7] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_47,
+        5.550_329e-2,
+        9.618_52e-3,
+        1.339_986e-3,
+        1.533_757_7e-4,
+    ];
+    let y = if y < -125.0 { -125.0 } else { y };
+    let y = if y > 127.0 { 127.0 } else { y };
+    let t = y + MAGIC;
+    let n = t - MAGIC;
+    let f = y - n;
+    let p = C[6]
+        .mul_add(f, C[5])
+        .mul_add(f, C[4])
+        .mul_add(f, C[3])
+        .mul_add(f, C[2])
+        .mul_add(f, C[1])
+        .mul_add(f, C[0]);
+    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(p.to_bits().wrapping_add(n_bits << 23))
+}
+
 /// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
 /// the identical `x · sigmoid(2·inner)`.
 #[inline(always)]
@@ -69,6 +103,72 @@ pub fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], s
             s += e;
         }
         *sum = s;
+    }
+}
+
+/// One block of keys of an attention computed block by block ("online softmax", as flash
+/// attention): `s` holds `rows` rows of `cols` scores `q·k` (row stride `ld`) for this block;
+/// `max[r]` and `sum[r]` are row r's running maximum of `q·k` and its running sum of
+/// `exp((q·k - max)·scale)` over the blocks before. Each score becomes `exp((x - max')·scale)`
+/// with the new maximum `max'`, `sum` is brought to it, and `corr[r] = exp((max - max')·scale)`
+/// is what the caller multiplies row r's accumulated output by before adding this block's.
+#[inline(always)]
+pub fn softmax_block_online(
+    s: &mut [f32],
+    ld: usize,
+    cols: usize,
+    scale: f32,
+    max: &mut [f32],
+    sum: &mut [f32],
+    corr: &mut [f32],
+) {
+    // exp((x − max)·scale) = 2^((x − max)·c), c = scale·log₂ e (the difference first: x·c − max·c
+    // in one FMA would lose the low bits of a large maximum, ~1e-6 of the result at 30).
+    let c2 = scale * std::f32::consts::LOG2_E;
+    for (r, ((m, l), c)) in max
+        .iter_mut()
+        .zip(sum.iter_mut())
+        .zip(corr.iter_mut())
+        .enumerate()
+    {
+        let row = &mut s[r * ld..r * ld + cols];
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for ch in &mut chunks {
+            for i in 0..LANES {
+                mx[i] = if ch[i] > mx[i] { ch[i] } else { mx[i] };
+            }
+        }
+        let mut new_max = *m;
+        for &v in mx.iter().chain(chunks.remainder()) {
+            new_max = if v > new_max { v } else { new_max };
+        }
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for ch in &mut chunks {
+            for i in 0..LANES {
+                let e = exp2_f32((ch[i] - new_max) * c2);
+                ch[i] = e;
+                acc[i] += e;
+            }
+        }
+        let mut block_sum: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            let e = exp2_f32((*v - new_max) * c2);
+            *v = e;
+            block_sum += e;
+        }
+        // The first block: nothing before it (max −∞), so nothing to bring along.
+        let f = if *m == f32::NEG_INFINITY {
+            0.0
+        } else if *m == new_max {
+            1.0
+        } else {
+            exp2_f32((*m - new_max) * c2)
+        };
+        *c = f;
+        *l = *l * f + block_sum;
+        *m = new_max;
     }
 }
 

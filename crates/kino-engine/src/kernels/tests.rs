@@ -181,6 +181,93 @@ fn elementwise_kernels_equal_portable_per_isa() {
         }
         assert_eq!(got, want_gelu, "{isa} bias+gelu");
     }
+    // The attention's online softmax: per ISA as portable, and over blocks of keys as one
+    // softmax of the whole row (in f64).
+    let scale = 0.7;
+    let mut want_blocks = base.clone();
+    let (mut want_max, mut want_sum, mut want_corr) = (vec![0f32; r], vec![0f32; r], vec![0f32; r]);
+    let blocks = [0..40, 40..80, 80..m];
+    for isa in std::iter::once(None).chain(Isa::ALL.into_iter().filter(|i| i.supported()).map(Some))
+    {
+        let mut got = base.clone();
+        let (mut mx, mut sum, mut corr) =
+            (vec![f32::NEG_INFINITY; r], vec![0f32; r], vec![0f32; r]);
+        let mut factor = vec![1f32; r * blocks.len()];
+        for (bi, cols) in blocks.iter().enumerate() {
+            let s = &mut got[cols.start..];
+            let len = s.len();
+            let rows_len = (r - 1) * m + cols.len();
+            let s = &mut s[..rows_len.min(len)];
+            match isa {
+                None => portable::softmax_block_online(
+                    s,
+                    m,
+                    cols.len(),
+                    scale,
+                    &mut mx,
+                    &mut sum,
+                    &mut corr,
+                ),
+                Some(isa) => {
+                    softmax_block_online(isa, s, m, cols.len(), scale, &mut mx, &mut sum, &mut corr)
+                }
+            }
+            for (row, &c) in corr.iter().enumerate() {
+                factor[row * blocks.len() + bi] = c;
+            }
+        }
+        match isa {
+            None => {
+                want_blocks = got;
+                (want_max, want_sum, want_corr) = (mx, sum, corr);
+                // Bring each block's exps to the final maximum and compare with the softmax.
+                for row in 0..r {
+                    let x = &base[row * m..(row + 1) * m];
+                    let top = x.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+                    let total: f64 = x
+                        .iter()
+                        .map(|&v| ((v as f64 - top) * scale as f64).exp())
+                        .sum();
+                    assert!(
+                        (want_sum[row] as f64 - total).abs() < 1e-5 * total,
+                        "sum {row}"
+                    );
+                    assert_eq!(want_max[row] as f64, top, "max {row}");
+                    for (bi, cols) in blocks.iter().enumerate() {
+                        // Factor from this block's maximum to the final one: the later corrections.
+                        // (Within 1e-6 of each value, or 1e-9 of the row's maximum, which is 1:
+                        // a far-below-maximum value's argument is rounded in f32.)
+                        let later: f64 = (bi + 1..blocks.len())
+                            .map(|b| factor[row * blocks.len() + b] as f64)
+                            .product();
+                        for j in cols.clone() {
+                            let want = ((x[j] as f64 - top) * scale as f64).exp();
+                            let got = want_blocks[row * m + j] as f64 * later;
+                            assert!(
+                                (got - want).abs() < 1e-6 * want + 1e-9,
+                                "p {row},{j}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+            Some(isa) => {
+                assert_eq!(got, want_blocks, "{isa} online softmax");
+                assert_eq!(
+                    (mx, sum, corr),
+                    (want_max.clone(), want_sum.clone(), want_corr.clone()),
+                    "{isa}"
+                );
+            }
+        }
+    }
+    // exp2_f32 is close to 2^x.
+    for &x in &[
+        -125.0f32, -60.3, -10.5, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 20.0, 100.0,
+    ] {
+        let (a, b) = (portable::exp2_f32(x) as f64, 2f64.powf(x as f64));
+        assert!((a - b).abs() <= 2e-7 * b, "2^{x}: {a} vs {b}");
+    }
     // exp_f32 is close to std's exp over the clamped range.
     for &x in &[-80.0f32, -10.5, -1.0, 0.0, 0.3, 1.0, 20.0, 88.0] {
         let (a, b) = (portable::exp_f32(x), x.exp());
@@ -254,6 +341,31 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
         let p = candle_nn::ops::softmax_last_dim(&s)?;
         p.matmul(&vt)?.transpose(1, 2)?.reshape((bq, nq, h * d))?
     };
+    // Several query blocks and key blocks (256 keys each), the last one partial, with keys whose
+    // scores grow along the sequence (each later block raises the running maximum, so the
+    // output accumulated so far is rescaled); and fewer keys than a panel.
+    let plain_of = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+        let (b, n, h, d) = q.dims4()?;
+        let qt = q.transpose(1, 2)?.contiguous()?;
+        let kt = k.transpose(1, 2)?.contiguous()?;
+        let vt = v.transpose(1, 2)?.contiguous()?;
+        let s = (qt.matmul(&kt.t()?)? * 0.125)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        p.matmul(&vt)?.transpose(1, 2)?.reshape((b, n, h * d))
+    };
+    let mut more = Vec::new();
+    for (n, m) in [(300, 700), (37, 7)] {
+        let (h, d) = (2, 64);
+        let q = Tensor::randn(0f32, 1.0, (1, n, h, d), &dev)?;
+        let ramp = Tensor::arange(0u32, m as u32, &dev)?
+            .to_dtype(candle_core::DType::F32)?
+            .affine(3.0 / m as f64, 0.2)?
+            .reshape((1, m, 1, 1))?;
+        let k = Tensor::randn(0f32, 1.0, (1, m, h, d), &dev)?.broadcast_mul(&ramp)?;
+        let v = Tensor::randn(0f32, 1.0, (1, m, h, d), &dev)?;
+        let want = plain_of(&q, &k, &v)?;
+        more.push(((q, k, v), want));
+    }
     let rel = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
         let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
         Ok(diff / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
@@ -270,6 +382,16 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
             assert!(err < 1e-6, "{isa} linear+gelu: {err}");
             let err = rel(&attention(&q, &kk, &v, scale as f32, kernel)?, &plain)?;
             assert!(err < 1e-5, "{isa} attention: {err}");
+            for (shape, want) in &more {
+                let (q, kk, v) = shape;
+                let err = rel(&attention(q, kk, v, 0.125, kernel)?, want)?;
+                assert!(
+                    err < 1e-5,
+                    "{isa} attention {:?} × {:?}: {err}",
+                    q.dims(),
+                    kk.dims()
+                );
+            }
             Ok(())
         })?;
     }

@@ -465,8 +465,8 @@ impl Rope {
 /// (contiguous). Returns `[B, N, H * d]`. Flash attention on CUDA in bf16 with head dimension
 /// 128 (feature `flash-attn`: the one kernel of `vendor/candle-flash-attn`, every Wan size),
 /// [`kernels::attention`] on CPUs with a packed GEMM kernel (AVX-512, AVX2+FMA, NEON) in f32,
-/// else [`attention_chunked`].
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+/// else [`attention_chunked`]. Public for `kino bench attention`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let d = q.dim(3)?;
     let scale = 1.0 / (d as f64).sqrt();
 

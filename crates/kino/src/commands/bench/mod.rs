@@ -1,7 +1,10 @@
-//! `kino bench transformer|vae`: one Wan2.1-1.3B transformer forward (latent 16×5×32×32 = 1,280
-//! video tokens, 512 text tokens) or one Wan2.1 VAE decode (17 frames at 256×256), f32 on the CPU,
-//! with random weights, against PyTorch + diffusers on the same shapes in the same run. Each side
-//! runs in its own process so that peak memory is its own. Prints a table with the ratios.
+//! `kino bench transformer|vae|attention`: one Wan2.1-1.3B transformer forward (latent
+//! 16×5×32×32 = 1,280 video tokens, 512 text tokens), one Wan2.1 VAE decode (17 frames at
+//! 256×256), or one self-attention of the 1.3B's shape (12 heads of 128) over a whole video's
+//! tokens (`--tokens`, default 32,760: 81 frames at 832×480), f32 on the CPU, with random weights,
+//! against PyTorch + diffusers (the attention: `torch.nn.functional.scaled_dot_product_attention`,
+//! what diffusers' Wan attention calls) on the same shapes in the same run. Each side runs in its
+//! own process so that peak memory is its own. Prints a table with the ratios.
 //!
 //! `kino bench video`: time per video at the Wan2.1-1.3B size ([`video`]).
 
@@ -20,9 +23,13 @@ const REFERENCE_PY: &str = include_str!("../../../../../bench/cpu/reference.py")
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// `transformer`, `vae` or `all`.
+    /// `transformer`, `vae`, `attention`, `all` (the three) or `video`.
     #[arg(default_value = "all")]
     what: String,
+    /// `attention`: query and key tokens (the video tokens of one Wan2.1 clip; 32,760 is 81
+    /// frames at 832×480, 21 latent frames of 30×52 patches).
+    #[arg(long, default_value_t = 32_760)]
+    tokens: usize,
     /// CPU threads for both sides (`transformer`, `vae`; `video` runs in this process with
     /// $RAYON_NUM_THREADS threads, default all cores).
     #[arg(long, default_value_t = 2)]
@@ -95,11 +102,14 @@ fn reference_isa_env(isa: kino_engine::kernels::Isa) -> Vec<(&'static str, &'sta
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let what: Vec<&str> = match a.what.as_str() {
-        "all" => vec!["transformer", "vae"],
+        "all" => vec!["transformer", "vae", "attention"],
         "transformer" => vec!["transformer"],
         "vae" => vec!["vae"],
+        "attention" => vec!["attention"],
         "video" => return video::run(&a),
-        other => bail!("unknown benchmark `{other}`; choose transformer, vae, all or video"),
+        other => {
+            bail!("unknown benchmark `{other}`; choose transformer, vae, attention, all or video")
+        }
     };
     let formats: Vec<String> = a
         .format
@@ -115,7 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.child {
         let m = match (what[0], formats.first().map(String::as_str)) {
             ("transformer", Some(f)) if f != "f32" => measure_gguf_transformer(&a, f)?,
-            (w, _) => measure_kino(w)?,
+            (w, _) => measure_kino(w, a.tokens)?,
         };
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
@@ -146,6 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let exe = std::env::current_exe().context("cannot find the kino executable")?;
             let mut cmd = Command::new(exe);
             cmd.args(["bench", w, "--child", "--format", f]);
+            cmd.arg("--tokens").arg(a.tokens.to_string());
             if let Some(d) = &a.model_dir {
                 cmd.arg("--model-dir").arg(d);
             }
@@ -159,7 +170,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let script = std::env::temp_dir().join(format!("kino-bench-{}.py", std::process::id()));
             std::fs::write(&script, REFERENCE_PY)?;
             let mut cmd = Command::new(&python);
-            cmd.arg(&script).arg(w).arg(a.threads.to_string());
+            cmd.arg(&script)
+                .arg(w)
+                .arg(a.threads.to_string())
+                .arg(a.tokens.to_string());
             let caps = reference_isa_env(kino_engine::kernels::isa());
             if !caps.is_empty() {
                 eprintln!(
@@ -181,7 +195,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Some(r?)
         };
         for (f, kino) in kinos {
-            let name = if f == "f32" {
+            let name = if w == "attention" {
+                format!("attention {}", a.tokens)
+            } else if f == "f32" {
                 w.to_string()
             } else {
                 format!("{w} {f}")
@@ -345,7 +361,7 @@ fn randn(shape: &[usize], seed: u64) -> anyhow::Result<Tensor> {
     Ok(vb.get((n, 1), "input")?.reshape(shape)?)
 }
 
-fn measure_kino(what: &str) -> anyhow::Result<Measure> {
+fn measure_kino(what: &str, tokens: usize) -> anyhow::Result<Measure> {
     let dev = Device::Cpu;
     let vb = RandomWeights::var_builder(0, DType::F32, &dev);
     match what {
@@ -370,6 +386,20 @@ fn measure_kino(what: &str) -> anyhow::Result<Measure> {
             let y = kino_engine::memory::lean(|| model.decode(&z))?;
             let seconds = start.elapsed().as_secs_f64();
             anyhow::ensure!(y.dims() == [1, 3, 17, 256, 256], "unexpected output shape");
+            Ok(Measure {
+                seconds,
+                peak_rss_bytes: peak_rss(),
+                cpu_capability: None,
+            })
+        }
+        "attention" => {
+            anyhow::ensure!(tokens > 0, "--tokens must be at least 1");
+            let shape = [1, tokens, 12, 128];
+            let (q, k, v) = (randn(&shape, 4)?, randn(&shape, 5)?, randn(&shape, 6)?);
+            let start = Instant::now();
+            let o = transformer::attention(&q, &k, &v)?;
+            let seconds = start.elapsed().as_secs_f64();
+            anyhow::ensure!(o.dims() == [1, tokens, 12 * 128], "unexpected output shape");
             Ok(Measure {
                 seconds,
                 peak_rss_bytes: peak_rss(),
