@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{self as packed_gemm, PackedB};
-use super::portable::{self, ConvRow};
+use super::portable::ConvRow;
 use super::{isa, Isa};
 
 /// Geometry of one causal conv call.
@@ -554,9 +554,10 @@ pub fn rms_norm_silu(x: &Tensor, g: &[f32]) -> Result<Tensor> {
     }
     let mut out = vec![0f32; xs.len()];
     let px = (16_384 / c).max(1);
+    let isa = isa();
     out.par_chunks_mut(px * c)
         .zip(xs.par_chunks(px * c))
-        .for_each(|(o, s)| portable::rms_norm_silu_rows(s, g, o));
+        .for_each(|(o, s)| super::rms_norm_silu_rows(isa, s, g, o));
     Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
 }
 
@@ -683,6 +684,7 @@ fn winograd_conv(
 
     // Tile rows per task: about 128 tiles (the product's M), and several tasks per thread.
     let trows = per_task(th, 128 / tw, t_out);
+    let isa = isa();
 
     let out_len = t_out * h_out * w_out * co;
     let mut out = vec![0f32; out_len];
@@ -734,12 +736,8 @@ fn winograd_conv(
                                         [a * fstride + ((2 * ti + r) * wpp + 2 * tj + col) * c..]
                                         [..c]
                                 };
-                                let (x11, x12, x21, x22) =
-                                    (px(i1, j1), px(i1, j2), px(i2, j1), px(i2, j2));
-                                let dst = &mut row[a * c..][..c];
-                                for k in 0..c {
-                                    dst[k] = (x11[k] + sj * x12[k]) + s * (x21[k] + sj * x22[k]);
-                                }
+                                let x = [px(i1, j1), px(i1, j2), px(i2, j1), px(i2, j2)];
+                                super::winograd_input(isa, &mut row[a * c..][..c], x, s, sj);
                             }
                         }
                     }
@@ -783,16 +781,7 @@ fn winograd_conv(
                         let (y01, rest) = rest.split_at_mut(co);
                         let (y10, y11) = rest.split_at_mut(co);
                         let ms: [&[f32]; 16] = std::array::from_fn(mm);
-                        for o in 0..co {
-                            let s0 = |vi: usize| ms[vi][o] + ms[4 + vi][o] + ms[8 + vi][o];
-                            let s1 = |vi: usize| ms[4 + vi][o] - ms[8 + vi][o] - ms[12 + vi][o];
-                            let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
-                            let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
-                            y00[o] = a0 + a1 + a2;
-                            y01[o] = a1 - a2 - a3;
-                            y10[o] = b0 + b1 + b2;
-                            y11[o] = b1 - b2 - b3;
-                        }
+                        super::winograd_output(isa, ms, [y00, y01, y10, y11]);
                         for p in 0..2 {
                             let yy = 2 * (tr0 + ti) + p;
                             if yy >= h_out {

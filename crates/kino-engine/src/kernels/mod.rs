@@ -280,6 +280,27 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`portable::rms_norm_silu_rows`] compiled for `isa`.
+    fn rms_norm_silu_rows(src: &[f32], g: &[f32], out: &mut [f32]) {
+        portable::rms_norm_silu_rows(src, g, out)
+    }
+}
+
+multiversion! {
+    /// [`portable::winograd_input`] compiled for `isa`.
+    fn winograd_input(dst: &mut [f32], x: [&[f32]; 4], s: f32, sj: f32) {
+        portable::winograd_input(dst, x, s, sj)
+    }
+}
+
+multiversion! {
+    /// [`portable::winograd_output`] compiled for `isa`.
+    fn winograd_output(m: [&[f32]; 16], y: [&mut [f32]; 4]) {
+        portable::winograd_output(m, y)
+    }
+}
+
+multiversion! {
     /// [`portable::bias_gelu_row`] compiled for `isa`.
     fn bias_gelu_row(row: &mut [f32], bias: &[f32]) {
         portable::bias_gelu_row(row, bias)

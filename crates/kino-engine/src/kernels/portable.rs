@@ -230,15 +230,61 @@ pub fn gated_residual_row(x: &[f32], y: &[f32], gate: &[f32], out: &mut [f32]) {
 
 /// `WanRMS_norm` + SiLU of the pixels (`c` channels each) of `src` into `out`:
 /// `silu(x / max(‖x‖₂, 1e-12) · g)`.
+#[inline(always)]
 pub fn rms_norm_silu_rows(src: &[f32], g: &[f32], out: &mut [f32]) {
     let c = g.len();
     for (op, sp) in out.chunks_mut(c).zip(src.chunks(c)) {
-        let ss: f32 = sp.iter().map(|v| v * v).sum();
+        // The sum of squares in LANES partial sums (a single running sum would be one long
+        // chain of dependent adds, and would not vectorize).
+        let mut acc = [0f32; LANES];
+        let mut chunks = sp.chunks_exact(LANES);
+        for ch in &mut chunks {
+            for i in 0..LANES {
+                acc[i] += ch[i] * ch[i];
+            }
+        }
+        let mut ss: f32 = acc.iter().sum();
+        for v in chunks.remainder() {
+            ss += v * v;
+        }
         let denom = ss.sqrt().max(1e-12);
         for ((ov, &sv), &gv) in op.iter_mut().zip(sp).zip(g) {
             let v = sv / denom * gv;
-            *ov = v / (1.0 + (-v).exp());
+            *ov = v / (1.0 + exp_f32(-v));
         }
+    }
+}
+
+/// One row of Winograd F(2 × 2, 3 × 3)'s input transform: `dst = (x₁₁ + sj·x₁₂) + s·(x₂₁ +
+/// sj·x₂₂)` channel by channel, the four input pixels `x` (one entry each of `Bᵀ` and `B` being
+/// ±1 or 0: see `conv.rs`).
+#[inline(always)]
+pub fn winograd_input(dst: &mut [f32], x: [&[f32]; 4], s: f32, sj: f32) {
+    let n = dst.len();
+    // Sliced to the same length first, so the loop has no bounds checks and vectorizes.
+    let [x11, x12, x21, x22] = x.map(|v| &v[..n]);
+    for k in 0..n {
+        dst[k] = (x11[k] + sj * x12[k]) + s * (x21[k] + sj * x22[k]);
+    }
+}
+
+/// Winograd F(2 × 2, 3 × 3)'s output transform `Aᵀ M A` of one tile, channel by channel: `m` the
+/// 16 products (ξ = 4u + v), `y` the 2 × 2 outputs (y₀₀, y₀₁, y₁₀, y₁₁), A = [[1, 0], [1, 1],
+/// [1, −1], [0, −1]].
+#[inline(always)]
+pub fn winograd_output(m: [&[f32]; 16], y: [&mut [f32]; 4]) {
+    let n = y[0].len();
+    let m = m.map(|v| &v[..n]);
+    let [y00, y01, y10, y11] = y.map(|v| &mut v[..n]);
+    for o in 0..n {
+        let s0 = |vi: usize| m[vi][o] + m[4 + vi][o] + m[8 + vi][o];
+        let s1 = |vi: usize| m[4 + vi][o] - m[8 + vi][o] - m[12 + vi][o];
+        let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
+        let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
+        y00[o] = a0 + a1 + a2;
+        y01[o] = a1 - a2 - a3;
+        y10[o] = b0 + b1 + b2;
+        y11[o] = b1 - b2 - b3;
     }
 }
 
