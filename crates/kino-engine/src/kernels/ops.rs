@@ -456,10 +456,10 @@ impl CustomOp1 for PackedLinearOp<'_> {
 
 /// Scaled dot-product attention without mask on the CPU in f32, blocked per (batch, head,
 /// query block) on the packed GEMM of `kernel`: K and V of each (batch, head) are packed once;
-/// each task computes the scores `Q·Kᵀ` of a block of query rows, the softmax (kept in cache)
-/// and `P·V`, written straight into the `[B, N, H·d]` output. q/k/v are read in their
-/// `[B, N, H, d]` layout through strides; nothing is transposed. Inputs: q `[B, N, H, d]`, k and
-/// v `[B, M, H, d]`.
+/// each task walks the keys in blocks for its query rows, flash-attention style
+/// ([`gemm::attention_rows`]: scores of one key block, online softmax, `P·V` accumulated), and
+/// writes its rows straight into the `[B, N, H·d]` output. q/k/v are read in their
+/// `[B, N, H, d]` layout through strides. Inputs: q `[B, N, H, d]`, k and v `[B, M, H, d]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
