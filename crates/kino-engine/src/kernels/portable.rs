@@ -76,34 +76,48 @@ const LANES: usize = 16;
 #[inline(always)]
 pub fn softmax_rows_unnormalized(rows: &mut [f32], m: usize, sums: &mut [f32], scale: f32) {
     for (row, sum) in rows.chunks_exact_mut(m).zip(sums.iter_mut()) {
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &v in mx.iter().chain(chunks.remainder()) {
-            max = if v > max { v } else { max };
-        }
-        let mut acc = [0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                let e = exp_f32((c[i] - max) * scale);
-                c[i] = e;
-                acc[i] += e;
-            }
-        }
-        let mut s: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
-            let e = exp_f32((*v - max) * scale);
-            *v = e;
-            s += e;
-        }
-        *sum = s;
+        let max = row_max(row, f32::NEG_INFINITY);
+        *sum = map_sum(row, |x| exp_f32((x - max) * scale));
     }
+}
+
+/// The largest of `init` and the values of `row` (in LANES partial maxima, so it vectorizes).
+#[inline(always)]
+fn row_max(row: &[f32], init: f32) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
+        }
+    }
+    let mut max = init;
+    for &v in mx.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
+/// Replaces each value `x` of `row` by `f(x)` and returns their sum (in LANES partial sums, so it
+/// vectorizes).
+#[inline(always)]
+fn map_sum(row: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let e = f(c[i]);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        let e = f(*v);
+        *v = e;
+        s += e;
+    }
+    s
 }
 
 /// One block of keys of an attention computed block by block ("online softmax", as flash
@@ -132,32 +146,8 @@ pub fn softmax_block_online(
         .enumerate()
     {
         let row = &mut s[r * ld..r * ld + cols];
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for ch in &mut chunks {
-            for i in 0..LANES {
-                mx[i] = if ch[i] > mx[i] { ch[i] } else { mx[i] };
-            }
-        }
-        let mut new_max = *m;
-        for &v in mx.iter().chain(chunks.remainder()) {
-            new_max = if v > new_max { v } else { new_max };
-        }
-        let mut acc = [0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for ch in &mut chunks {
-            for i in 0..LANES {
-                let e = exp2_f32((ch[i] - new_max) * c2);
-                ch[i] = e;
-                acc[i] += e;
-            }
-        }
-        let mut block_sum: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
-            let e = exp2_f32((*v - new_max) * c2);
-            *v = e;
-            block_sum += e;
-        }
+        let new_max = row_max(row, *m);
+        let block_sum = map_sum(row, |x| exp2_f32((x - new_max) * c2));
         // The first block: nothing before it (max −∞), so nothing to bring along.
         let f = if *m == f32::NEG_INFINITY {
             0.0
