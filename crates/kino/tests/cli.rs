@@ -768,3 +768,25 @@ fn bad_image_and_video_inputs_get_one_clear_error_each() {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+/// `kino bench attention` times Kino's attention on the shapes asked for (here without the
+/// PyTorch side, a few hundred tokens) and prints its row; an unknown benchmark is named.
+#[test]
+fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
+    let o = run(kino().args(["bench", "attention", "--tokens", "300", "--no-reference"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("attention 300"))
+        .unwrap_or_else(|| panic!("no attention row in {out}"));
+    let secs: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(secs > 0.0 && secs < 60.0, "{row}");
+    let o = run(kino().args(["bench", "attn"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("choose transformer, vae, attention, all or video"),
+        "{}",
+        stderr(&o)
+    );
+}

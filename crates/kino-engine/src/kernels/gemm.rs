@@ -429,7 +429,12 @@ pub unsafe fn attention_rows(
 ) {
     let (bk, d, m) = (scratch.bk, scratch.d, k.n);
     assert!(
-        rows <= scratch.bq && k.k == d && v.n == d && v.k == m && bk.is_multiple_of(k.kernel.nr),
+        rows <= scratch.bq
+            && k.k == d
+            && v.n == d
+            && v.k == m
+            && std::ptr::eq(k.kernel, v.kernel)
+            && bk.is_multiple_of(k.kernel.nr),
         "attention_rows: shapes do not fit"
     );
     let noop = |_: &mut [f32], _: usize| {};
