@@ -256,7 +256,12 @@ pub fn read_c2pa(bytes: &[u8], trust_anchors: &[String]) -> C2paReport {
     let Some(mime) = mime_of(bytes) else {
         return C2paReport::absent();
     };
-    let mut settings = json!({"verify": {"verify_trust": true}});
+    // Kino never has c2pa make thumbnails (built without `add_thumbnails`); saying so keeps
+    // c2pa's settings check from warning about that feature on every read.
+    let mut settings = json!({
+        "verify": {"verify_trust": true},
+        "builder": {"thumbnail": {"enabled": false}}
+    });
     let anchors: String = trust_anchors.concat();
     if !anchors.trim().is_empty() {
         settings["trust"] = json!({"user_anchors": anchors});

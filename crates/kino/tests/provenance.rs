@@ -90,6 +90,13 @@ fn generate_signs_and_marks_verify_reads_both_and_mark_restamps_an_edit() {
     assert!(text.contains("valid and trusted"), "{text}");
     assert!(text.contains("trainedAlgorithmicMedia"), "{text}");
     assert!(text.contains(&format!("detected — id {id}")), "{text}");
+    // Nothing but the report: no library warnings (c2pa's about its thumbnail feature was
+    // printed on every read until stop 36).
+    assert!(
+        !stderr(&o).contains("WARN"),
+        "kino verify warned: {}",
+        stderr(&o)
+    );
 
     // An edit elsewhere (ffmpeg re-encode): the manifest is gone, the watermark stays.
     let re = tmp.path().join("edited.mp4");
