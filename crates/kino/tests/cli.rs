@@ -782,6 +782,13 @@ fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
         .unwrap_or_else(|| panic!("no attention row in {out}"));
     let secs: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert!(secs > 0.0 && secs < 60.0, "{row}");
+    let o = run(kino().args(["bench", "attention", "--tokens", "0"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--tokens must be at least 1"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(kino().args(["bench", "attn"]));
     assert!(!o.status.success());
     assert!(

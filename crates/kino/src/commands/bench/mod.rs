@@ -111,6 +111,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bail!("unknown benchmark `{other}`; choose transformer, vae, attention, all or video")
         }
     };
+    if what.contains(&"attention") && a.tokens == 0 {
+        bail!("--tokens must be at least 1 (the attention's query and key tokens)");
+    }
     let formats: Vec<String> = a
         .format
         .split(',')
@@ -393,7 +396,6 @@ fn measure_kino(what: &str, tokens: usize) -> anyhow::Result<Measure> {
             })
         }
         "attention" => {
-            anyhow::ensure!(tokens > 0, "--tokens must be at least 1");
             let shape = [1, tokens, 12, 128];
             let (q, k, v) = (randn(&shape, 4)?, randn(&shape, 5)?, randn(&shape, 6)?);
             let start = Instant::now();
