@@ -125,55 +125,50 @@ impl PackedB {
         self.kernel
     }
 
-    /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`), serially.
-    /// Written in order, panel by panel, k by k (no zeroing pass first: the attention packs
-    /// its K and V this way for every head of every call).
+    /// From `W[j, kk] = src[j·ld + kk]` (a row-major `[n, k]` weight when `ld = k`), serially,
+    /// panel by panel ([`fill_rows_panel`] into each panel as it is appended: no zeroing pass
+    /// over the whole buffer first; the attention packs its K and V this way for every head of
+    /// every call).
     pub fn from_rows(kernel: &'static Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-        Self::build(kernel, n, k, |data, p, cols, nr| {
-            let rows: Vec<&[f32]> = (0..cols).map(|c| &src[(p * nr + c) * ld..][..k]).collect();
-            for kk in 0..k {
-                data.extend(rows.iter().map(|r| r[kk]));
-                data.extend(std::iter::repeat_n(0.0, nr - cols));
-            }
+        Self::build(kernel, n, k, |panel, p| {
+            fill_rows_panel(src, n, k, ld, kernel.nr, p, panel)
         })
     }
 
     /// From `W[j, kk] = src[kk·ld + j]` (`Wᵀ` stored row-major with row stride `ld`), serially,
-    /// written in order as [`PackedB::from_rows`].
+    /// as [`PackedB::from_rows`] with [`fill_cols_panel`].
     pub fn from_cols(kernel: &'static Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> Self {
-        Self::build(kernel, n, k, |data, p, cols, nr| {
-            for kk in 0..k {
-                let s = kk * ld + p * nr;
-                data.extend_from_slice(&src[s..s + cols]);
-                data.extend(std::iter::repeat_n(0.0, nr - cols));
-            }
+        Self::build(kernel, n, k, |panel, p| {
+            fill_cols_panel(src, n, k, ld, kernel.nr, p, panel)
         })
     }
 
-    /// Panels appended in order by `panel(data, p, cols, nr)`, which pushes panel `p`'s
-    /// `k · nr` floats (its first `cols` columns real, the rest zero).
+    /// Panels appended one at a time, each filled by `fill(panel, p)` while it is in cache.
     fn build(
         kernel: &'static Kernel,
         n: usize,
         k: usize,
-        mut panel: impl FnMut(&mut Vec<f32>, usize, usize, usize),
+        mut fill: impl FnMut(&mut [f32], usize),
     ) -> Self {
         assert!(
             kernel.supported(),
             "the {} kernel does not run on this CPU",
             kernel.name
         );
-        let nr = kernel.nr;
-        let mut data = Vec::with_capacity(n.div_ceil(nr) * nr * k);
-        for p in 0..n.div_ceil(nr) {
-            panel(&mut data, p, nr.min(n - p * nr), nr);
+        let len = k * kernel.nr;
+        let panels = n.div_ceil(kernel.nr);
+        let mut data = Vec::with_capacity(panels * len);
+        for p in 0..panels {
+            let at = data.len();
+            data.resize(at + len, 0.0);
+            fill(&mut data[at..], p);
         }
-        debug_assert_eq!(data.len(), n.div_ceil(nr) * nr * k);
         Self { data, n, k, kernel }
     }
 }
 
-/// Panel `p` (`k · nr` floats) of `W[j, kk] = src[j·ld + kk]`.
+/// Panel `p` (`k · nr` floats, zeroed: columns `p·nr + c ≥ n` stay zero) of `W[j, kk] =
+/// src[j·ld + kk]`, written in order (k by k, the panel's rows of `src` read side by side).
 pub fn fill_rows_panel(
     src: &[f32],
     n: usize,
@@ -183,15 +178,17 @@ pub fn fill_rows_panel(
     p: usize,
     panel: &mut [f32],
 ) {
-    for c in 0..nr.min(n - p * nr) {
-        let j = p * nr + c;
-        for (kk, &v) in src[j * ld..j * ld + k].iter().enumerate() {
-            panel[kk * nr + c] = v;
+    let cols = nr.min(n - p * nr);
+    let rows: Vec<&[f32]> = (0..cols).map(|c| &src[(p * nr + c) * ld..][..k]).collect();
+    for (kk, dst) in panel.chunks_exact_mut(nr).take(k).enumerate() {
+        for (d, r) in dst.iter_mut().zip(&rows) {
+            *d = r[kk];
         }
     }
 }
 
-/// Panel `p` (`k · nr` floats) of `W[j, kk] = src[kk·ld + j]`.
+/// Panel `p` (`k · nr` floats, zeroed: columns `p·nr + c ≥ n` stay zero) of `W[j, kk] =
+/// src[kk·ld + j]`.
 pub fn fill_cols_panel(
     src: &[f32],
     n: usize,
