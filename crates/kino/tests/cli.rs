@@ -781,7 +781,8 @@ fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
         .find(|l| l.starts_with("attention 300"))
         .unwrap_or_else(|| panic!("no attention row in {out}"));
     let secs: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
-    assert!(secs > 0.0 && secs < 60.0, "{row}");
+    // Printed to 1/100 s: a few hundred tokens may show as 0.00.
+    assert!((0.0..60.0).contains(&secs), "{row}");
     let o = run(kino().args(["bench", "attention", "--tokens", "0"]));
     assert!(!o.status.success());
     assert!(

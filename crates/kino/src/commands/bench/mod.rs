@@ -306,11 +306,18 @@ fn time_forward(model: &transformer::WanTransformer3DModel) -> anyhow::Result<Me
     let y = model.forward(&x, &t, &ctx)?;
     let seconds = start.elapsed().as_secs_f64();
     anyhow::ensure!(y.dims() == [1, 16, 5, 32, 32], "unexpected output shape");
-    Ok(Measure {
-        seconds,
-        peak_rss_bytes: peak_rss(),
-        cpu_capability: None,
-    })
+    Ok(Measure::kino(seconds))
+}
+
+impl Measure {
+    /// Kino's side: `seconds`, and this process's peak memory so far.
+    fn kino(seconds: f64) -> Self {
+        Measure {
+            seconds,
+            peak_rss_bytes: peak_rss(),
+            cpu_capability: None,
+        }
+    }
 }
 
 fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {
@@ -389,11 +396,7 @@ fn measure_kino(what: &str, tokens: usize) -> anyhow::Result<Measure> {
             let y = kino_engine::memory::lean(|| model.decode(&z))?;
             let seconds = start.elapsed().as_secs_f64();
             anyhow::ensure!(y.dims() == [1, 3, 17, 256, 256], "unexpected output shape");
-            Ok(Measure {
-                seconds,
-                peak_rss_bytes: peak_rss(),
-                cpu_capability: None,
-            })
+            Ok(Measure::kino(seconds))
         }
         "attention" => {
             let shape = [1, tokens, 12, 128];
@@ -402,11 +405,7 @@ fn measure_kino(what: &str, tokens: usize) -> anyhow::Result<Measure> {
             let o = transformer::attention(&q, &k, &v)?;
             let seconds = start.elapsed().as_secs_f64();
             anyhow::ensure!(o.dims() == [1, tokens, 12 * 128], "unexpected output shape");
-            Ok(Measure {
-                seconds,
-                peak_rss_bytes: peak_rss(),
-                cpu_capability: None,
-            })
+            Ok(Measure::kino(seconds))
         }
         other => bail!("unknown benchmark `{other}`"),
     }
