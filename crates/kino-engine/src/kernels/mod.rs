@@ -32,8 +32,8 @@
 //! | packed GEMM (linear layers)   | 12×32 microkernel| 6×16 microkernel | 6×16 microkernel | candle's matmul |
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
 //! | VAE conv                      | 3×3 stride 1: Winograd F(2×2, 3×3) on the 12×32 microkernel; other stride 1: implicit GEMM on it; else `gemm` crate | the same on the 6×16 microkernel | 6×16 direct row | implicit GEMM (`gemm` crate) |
-//! | softmax, bias+GELU            | compiled for it  | compiled for it  | baseline (NEON)  | baseline |
-//! | LayerNorm, gated residual, RMS norm+SiLU, Q8_0 expansion | portable code, one pass, threaded | | | |
+//! | softmax, bias+GELU, modulated LayerNorm, gated residual, RMS norm (+ RoPE) of q and k, the VAE's RMS norm+SiLU and Winograd transforms | compiled for it | compiled for it | baseline (NEON) | baseline |
+//! | Q8_0 expansion                | portable code, threaded | | | |
 //!
 //! The `gemm` crate (candle's matmul, and the VAE's implicit GEMM here) is built without its
 //! `x86-v4` feature, so on x86-64 it runs its AVX2+FMA kernels on every CPU that has them, AVX-512
@@ -64,7 +64,8 @@ use candle_core::{DType, Device, Tensor};
 pub use conv::rms_norm_silu;
 pub use ops::{
     attention, bias_gelu_inplace, dequantize_q8_0, feed_forward, gated_residual,
-    modulated_layer_norm, softmax_last_dim_owned, FfnLayer, PackedLinear, QuantizedLinear,
+    modulated_layer_norm, rms_norm_rope, softmax_last_dim_owned, FfnLayer, PackedLinear,
+    QuantizedLinear,
 };
 
 /// An instruction set the kernels have a path for.
@@ -283,6 +284,43 @@ multiversion! {
     /// [`portable::rms_norm_silu_rows`] compiled for `isa`.
     fn rms_norm_silu_rows(src: &[f32], g: &[f32], out: &mut [f32]) {
         portable::rms_norm_silu_rows(src, g, out)
+    }
+}
+
+multiversion! {
+    /// [`portable::rms_norm_rope_rows`] compiled for `isa`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_rope_rows(
+        src: &[f32],
+        w: &[f32],
+        eps: f32,
+        cos: &[f32],
+        sin: &[f32],
+        half: usize,
+        out: &mut [f32],
+    ) {
+        portable::rms_norm_rope_rows(src, w, eps, cos, sin, half, out)
+    }
+}
+
+multiversion! {
+    /// [`portable::modulated_layer_norm_row`] compiled for `isa`.
+    fn modulated_layer_norm_row(
+        src: &[f32],
+        scale: &[f32],
+        shift: &[f32],
+        eps: f64,
+        one_plus: bool,
+        out: &mut [f32],
+    ) {
+        portable::modulated_layer_norm_row(src, scale, shift, eps, one_plus, out)
+    }
+}
+
+multiversion! {
+    /// [`portable::gated_residual_row`] compiled for `isa`.
+    fn gated_residual_row(x: &[f32], y: &[f32], gate: &[f32], out: &mut [f32]) {
+        portable::gated_residual_row(x, y, gate, out)
     }
 }
 

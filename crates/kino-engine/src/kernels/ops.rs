@@ -5,7 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::gemm::{self, Kernel, PackedB};
 use super::{isa, portable, Isa};
@@ -237,11 +237,12 @@ impl CustomOp3 for ModulatedLayerNorm {
         let shift = Rows::new(f32_data(s3, "layer norm shift")?, l3, b, n, d)?;
         let mut dst = vec![0f32; b * n * d];
         let (eps, one_plus) = (self.eps, self.one_plus);
+        let isa = isa();
         par_rows(&mut dst, d, |r, out| {
             let src = &x[r * d..(r + 1) * d];
             let (bi, ni) = (r / n, r % n);
             let (sc, sh) = (scale.row(bi, ni), shift.row(bi, ni));
-            portable::modulated_layer_norm_row(src, sc, sh, eps, one_plus, out);
+            super::modulated_layer_norm_row(isa, src, sc, sh, eps, one_plus, out);
         });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
@@ -272,10 +273,11 @@ impl CustomOp3 for GatedResidual {
         }
         let gate = Rows::new(f32_data(s3, "gate")?, l3, b, n, d)?;
         let mut dst = vec![0f32; b * n * d];
+        let isa = isa();
         par_rows(&mut dst, d, |r, out| {
             let g = gate.row(r / n, r % n);
             let (xs, ys) = (&x[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-            portable::gated_residual_row(xs, ys, g, out);
+            super::gated_residual_row(isa, xs, ys, g, out);
         });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
@@ -314,6 +316,94 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> candle_core::Res
         return x.apply_op3_no_bwd(&y, gate, &GatedResidual);
     }
     x + y.broadcast_mul(gate)?
+}
+
+/// `torch.nn.RMSNorm` over the last dim `D` of a contiguous f32 tensor (weight `[D]`), each row
+/// then rotated by the row's `cos`/`sin` (`half` values each, heads of `2 · half`) when `rope`.
+struct RmsNormRope {
+    eps: f32,
+    rope: Option<(Tensor, Tensor)>,
+}
+
+impl CustomOp2 for RmsNormRope {
+    fn name(&self) -> &'static str {
+        "wan-rms-norm-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "RMS norm input")?;
+        let w = contiguous_f32(s2, l2, "RMS norm weight")?;
+        let d = w.len();
+        if l1.dims().last() != Some(&d) {
+            candle_core::bail!("RMS norm of {:?} with a weight of {d}", l1.dims());
+        }
+        let rows = x.len() / d.max(1);
+        let mut dst = vec![0f32; x.len()];
+        let isa = isa();
+        let eps = self.eps;
+        match &self.rope {
+            None => par_rows(&mut dst, d, |r, out| {
+                super::rms_norm_rope_rows(isa, &x[r * d..(r + 1) * d], w, eps, &[], &[], 0, out)
+            }),
+            Some((cos, sin)) => {
+                let (cs, cl) = cos.storage_and_layout();
+                let (ss, sl) = sin.storage_and_layout();
+                fn table<'a>(
+                    s: &'a candle_core::Storage,
+                    l: &Layout,
+                    what: &str,
+                ) -> candle_core::Result<&'a [f32]> {
+                    match s {
+                        candle_core::Storage::Cpu(c) => contiguous_f32(c, l, what),
+                        _ => candle_core::bail!("{what}: expected a CPU tensor"),
+                    }
+                }
+                let (c, sn) = (table(&cs, cl, "RoPE cos")?, table(&ss, sl, "RoPE sin")?);
+                let half = c.len() / rows.max(1);
+                if half == 0 || c.len() != rows * half || sn.len() != c.len() || d % (2 * half) != 0
+                {
+                    candle_core::bail!("RoPE tables of {} values for {rows} rows of {d}", c.len());
+                }
+                par_rows(&mut dst, d, |r, out| {
+                    let t = r * half..(r + 1) * half;
+                    let (c, sn) = (&c[t.clone()], &sn[t]);
+                    super::rms_norm_rope_rows(isa, &x[r * d..(r + 1) * d], w, eps, c, sn, half, out)
+                })
+            }
+        }
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
+
+/// `torch.nn.RMSNorm(x) · weight` over the last dim, then, with `rope` (cos and sin of
+/// `rows × head_dim / 2` values for the rows of `x`), the reference's interleaved rotary embedding
+/// of each head: one threaded pass over `x` on the CPU in f32. `None` for tensors it has no
+/// path for (another device or dtype): the caller runs candle's ops.
+pub fn rms_norm_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> candle_core::Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !f32_cpu(x) || !f32_cpu(weight) || rope.is_some_and(|(c, s)| !f32_cpu(c) || !f32_cpu(s)) {
+        return Ok(None);
+    }
+    let rope = match rope {
+        Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
+        None => None,
+    };
+    let op = RmsNormRope { eps, rope };
+    Ok(Some(
+        x.contiguous()?
+            .apply_op2_no_bwd(&weight.contiguous()?, &op)?,
+    ))
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ pub fn gelu_tanh_f32(x: f32) -> f32 {
 /// Lanes of the partial maxima and sums in [`softmax_rows_unnormalized`].
 const LANES: usize = 16;
 
+/// Lanes of the f64 partial sums of [`modulated_layer_norm_row`]: two AVX-512 registers.
+const F64_LANES: usize = 16;
+
 /// Replaces each row of `rows` (`[r, m]`) by `exp((x - max(row))·scale)` and stores the row
 /// sums in `sums[..r]`: a softmax of `scale·x` whose division by the sum is left to the caller.
 #[inline(always)]
@@ -178,8 +181,23 @@ pub fn gelu_row(row: &mut [f32]) {
     }
 }
 
+/// `Σ f(v)` over `src` in f64, in [`F64_LANES`] partial sums (one running sum would be a chain
+/// of dependent adds, slow and not vectorized).
+#[inline(always)]
+fn sum_f64(src: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; F64_LANES];
+    let mut chunks = src.chunks_exact(F64_LANES);
+    for ch in &mut chunks {
+        for i in 0..F64_LANES {
+            acc[i] += f(ch[i]);
+        }
+    }
+    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f64>()
+}
+
 /// LayerNorm without affine of `src` (mean and variance in f64), then `· (1 + scale) + shift`
 /// when `one_plus`, else `· scale + shift`, into `out`.
+#[inline(always)]
 pub fn modulated_layer_norm_row(
     src: &[f32],
     scale: &[f32],
@@ -189,15 +207,11 @@ pub fn modulated_layer_norm_row(
     out: &mut [f32],
 ) {
     let d = src.len();
-    let mean = src.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-    let var = src
-        .iter()
-        .map(|&v| {
-            let c = v as f64 - mean;
-            c * c
-        })
-        .sum::<f64>()
-        / d as f64;
+    let mean = sum_f64(src, |v| v as f64) / d as f64;
+    let var = sum_f64(src, |v| {
+        let c = v as f64 - mean;
+        c * c
+    }) / d as f64;
     let rstd = (1.0 / (var + eps).sqrt()) as f32;
     let mean = mean as f32;
     if one_plus {
@@ -212,9 +226,59 @@ pub fn modulated_layer_norm_row(
 }
 
 /// `out = x + y · gate`.
+#[inline(always)]
 pub fn gated_residual_row(x: &[f32], y: &[f32], gate: &[f32], out: &mut [f32]) {
     for (((o, &a), &c), &g) in out.iter_mut().zip(x).zip(y).zip(gate) {
         *o = a + c * g;
+    }
+}
+
+/// `torch.nn.RMSNorm` (weight `w`) of the rows of `src` into `out`, `x · rsqrt(mean(x²) + eps)
+/// · w`, each row then, when `cos` is not empty, rotated by diffusers' `apply_rotary_emb`
+/// head by head (interleaved pairs: `(a, b) → (a·cos − b·sin, a·sin + b·cos)`); `cos` and
+/// `sin` hold `half` values per row, the same for every head of the row (head size
+/// `2 · half`).
+#[inline(always)]
+pub fn rms_norm_rope_rows(
+    src: &[f32],
+    w: &[f32],
+    eps: f32,
+    cos: &[f32],
+    sin: &[f32],
+    half: usize,
+    out: &mut [f32],
+) {
+    let d = w.len();
+    for (r, (op, sp)) in out.chunks_mut(d).zip(src.chunks(d)).enumerate() {
+        let mut acc = [0f32; LANES];
+        let mut chunks = sp.chunks_exact(LANES);
+        for ch in &mut chunks {
+            for i in 0..LANES {
+                acc[i] += ch[i] * ch[i];
+            }
+        }
+        let mut ss: f32 = acc.iter().sum();
+        for v in chunks.remainder() {
+            ss += v * v;
+        }
+        let rstd = 1.0 / (ss / d as f32 + eps).sqrt();
+        for ((ov, &sv), &wv) in op.iter_mut().zip(sp).zip(w) {
+            *ov = sv * rstd * wv;
+        }
+        if cos.is_empty() || half == 0 {
+            continue;
+        }
+        let (c, s) = (
+            &cos[r * half..(r + 1) * half],
+            &sin[r * half..(r + 1) * half],
+        );
+        for head in op.chunks_exact_mut(2 * half) {
+            for ((pair, &cv), &sv) in head.chunks_exact_mut(2).zip(c).zip(s) {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cv - b * sv;
+                pair[1] = a * sv + b * cv;
+            }
+        }
     }
 }
 

@@ -181,6 +181,41 @@ fn elementwise_kernels_equal_portable_per_isa() {
         }
         assert_eq!(got, want_gelu, "{isa} bias+gelu");
     }
+    // Modulated LayerNorm (rows of 83: remainders after the f64 lanes) and the gated residual:
+    // per ISA as portable, and the LayerNorm within f32 rounding of its definition in f64.
+    let (scale, shift) = (rand_vec(m, 10), rand_vec(m, 11));
+    let mut want_ln = vec![0f32; r * m];
+    let mut want_res = vec![0f32; r * m];
+    for (row, (o, res)) in want_ln
+        .chunks_mut(m)
+        .zip(want_res.chunks_mut(m))
+        .enumerate()
+    {
+        let x = &base[row * m..(row + 1) * m];
+        portable::modulated_layer_norm_row(x, &scale, &shift, 1e-6, true, o);
+        portable::gated_residual_row(x, &bias, &scale, res);
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
+        for j in 0..m {
+            let y = (x[j] as f64 - mean) / (var + 1e-6).sqrt() * (1.0 + scale[j] as f64)
+                + shift[j] as f64;
+            assert!(
+                (o[j] as f64 - y).abs() < 1e-6 * (1.0 + y.abs()),
+                "LN {row},{j}"
+            );
+        }
+    }
+    for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+        let mut ln = vec![0f32; r * m];
+        let mut res = vec![0f32; r * m];
+        for (row, (o, rs)) in ln.chunks_mut(m).zip(res.chunks_mut(m)).enumerate() {
+            let x = &base[row * m..(row + 1) * m];
+            modulated_layer_norm_row(isa, x, &scale, &shift, 1e-6, true, o);
+            gated_residual_row(isa, x, &bias, &scale, rs);
+        }
+        assert_eq!(ln, want_ln, "{isa} modulated LayerNorm");
+        assert_eq!(res, want_res, "{isa} gated residual");
+    }
     // The attention's online softmax: per ISA as portable, and over blocks of keys as one
     // softmax of the whole row (in f64).
     let scale = 0.7;
@@ -660,4 +695,61 @@ fn winograd_conv_matches_the_definition_per_isa() {
             }
         }
     }
+}
+
+/// The fused RMS norm (+ RoPE) of q and k: per ISA bit-equal to the portable path, and within
+/// f32 rounding of candle's `rms_norm` followed by its `rope_i` (the path it replaced), with a
+/// batch of two (tables per row), and without RoPE on rows that are not a multiple of the lanes.
+#[test]
+fn rms_norm_rope_matches_candle_per_isa() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let (b, n, heads, hd) = (2, 7, 3, 8);
+    let d = heads * hd;
+    let x: Vec<f32> = rand_vec(b * n * d, 21).iter().map(|v| v * 4.0).collect();
+    let x = Tensor::from_vec(x, (b, n, d), &dev)?;
+    let w = Tensor::from_vec(rand_vec(d, 22), d, &dev)?;
+    let angles = rand_vec(b * n * hd / 2, 23);
+    let cos: Vec<f32> = angles.iter().map(|a| (a * 3.0).cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| (a * 3.0).sin()).collect();
+    let cos = Tensor::from_vec(cos, (b * n, 1, hd / 2), &dev)?;
+    let sin = Tensor::from_vec(sin, (b * n, 1, hd / 2), &dev)?;
+    let eps = 1e-6;
+    let normed = candle_nn::ops::rms_norm(&x, &w, eps)?;
+    let want = candle_nn::rotary_emb::rope_i(&normed.reshape((b * n, heads, 1, hd))?, &cos, &sin)?
+        .reshape((b, n, d))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let run = |isa: Isa, rope: bool| -> candle_core::Result<Vec<f32>> {
+        with_isa(isa, || {
+            let tables = rope.then_some((&cos, &sin));
+            let y = rms_norm_rope(&x, &w, eps, tables)?.expect("a CPU f32 path");
+            assert_eq!(y.dims(), x.dims());
+            y.flatten_all()?.to_vec1::<f32>()
+        })
+    };
+    let portable = run(Isa::Portable, true)?;
+    let diff = max_rel_diff(&portable, &want);
+    assert!(diff < 1e-6, "RMS norm + RoPE vs candle: {diff}");
+    let plain = run(Isa::Portable, false)?;
+    let diff = max_rel_diff(&plain, &normed.flatten_all()?.to_vec1::<f32>()?);
+    assert!(diff < 1e-6, "RMS norm vs candle: {diff}");
+    for isa in simd_isas() {
+        assert_eq!(run(isa, true)?, portable, "{isa} RMS norm + RoPE");
+        assert_eq!(run(isa, false)?, plain, "{isa} RMS norm");
+    }
+    // Rows of 83 (a remainder after the lanes), no RoPE.
+    let x = Tensor::from_vec(rand_vec(5 * 83, 24), (5, 83), &dev)?;
+    let w = Tensor::from_vec(rand_vec(83, 25), 83, &dev)?;
+    let want = candle_nn::ops::rms_norm(&x, &w, eps)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let got = rms_norm_rope(&x, &w, eps, None)?.expect("a CPU f32 path");
+    let diff = max_rel_diff(&got.flatten_all()?.to_vec1::<f32>()?, &want);
+    assert!(diff < 1e-6, "RMS norm of 83 vs candle: {diff}");
+    // Tables that do not fit the rows are an error, not a wrong read.
+    let short = cos.narrow(0, 0, 3)?;
+    assert!(rms_norm_rope(&x, &w, eps, Some((&short, &short))).is_err());
+    // Another dtype is left to candle.
+    assert!(rms_norm_rope(&x.to_dtype(DType::F16)?, &w, eps, None)?.is_none());
+    Ok(())
 }

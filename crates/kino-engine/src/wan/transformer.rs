@@ -351,7 +351,27 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+        self.forward_rope(x, None, 1)
+    }
+
+    /// [`Self::forward`], then the rotary embedding of each of the `heads` heads
+    /// ([`Rope::apply`]) when `rope` is given: one threaded pass over `x` on the CPU in f32
+    /// ([`kernels::rms_norm_rope`]), candle's ops elsewhere.
+    fn forward_rope(
+        &self,
+        x: &Tensor,
+        rope: Option<&Rope>,
+        heads: usize,
+    ) -> candle_core::Result<Tensor> {
+        let tables = rope.map(|r| (&r.cos, &r.sin));
+        if let Some(y) = kernels::rms_norm_rope(x, &self.weight, self.eps, tables)? {
+            return Ok(y);
+        }
+        let y = candle_nn::ops::rms_norm(x, &self.weight, self.eps)?;
+        match rope {
+            Some(r) => r.apply(&y, heads),
+            None => Ok(y),
+        }
     }
 }
 
@@ -629,15 +649,10 @@ impl WanAttention {
         let (h, hd) = (self.heads, dim / self.heads);
         let dev = x.device().clone();
         let (q, k, v, image) = profile::span("attn.qkv (proj, norm, rope)", &dev, || {
-            // Blocks, so that the tensors before the rotary embedding are freed once it is applied.
-            let q = {
-                let q = self.norm_q.forward(&self.to_q.forward(&x)?)?;
-                match rope {
-                    Some(r) => r.apply(&q, h)?,
-                    None => q,
-                }
-            }
-            .reshape((b, n, h, hd))?;
+            let q = self
+                .norm_q
+                .forward_rope(&self.to_q.forward(&x)?, rope, h)?
+                .reshape((b, n, h, hd))?;
             let mut ctx = match context {
                 Some(c) => c.clone(),
                 None => x.clone(),
@@ -653,14 +668,10 @@ impl WanAttention {
                 ctx = ctx.narrow(1, split, total - split)?;
             }
             let m = ctx.dim(1)?;
-            let k = {
-                let k = self.norm_k.forward(&self.to_k.forward(&ctx)?)?;
-                match rope {
-                    Some(r) => r.apply(&k, h)?,
-                    None => k,
-                }
-            }
-            .reshape((b, m, h, hd))?;
+            let k = self
+                .norm_k
+                .forward_rope(&self.to_k.forward(&ctx)?, rope, h)?
+                .reshape((b, m, h, hd))?;
             let v = self.to_v.forward(&ctx)?.reshape((b, m, h, hd))?;
             drop(ctx);
             Ok((q, k, v, image))
