@@ -233,6 +233,24 @@ pub fn gated_residual_row(x: &[f32], y: &[f32], gate: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `Σ x²` over `row`, in LANES partial sums (a single running sum would be one long chain of
+/// dependent adds, and would not vectorize).
+#[inline(always)]
+fn sum_squares(row: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += ch[i] * ch[i];
+        }
+    }
+    let mut ss: f32 = acc.iter().sum();
+    for v in chunks.remainder() {
+        ss += v * v;
+    }
+    ss
+}
+
 /// `torch.nn.RMSNorm` (weight `w`) of the rows of `src` into `out`, `x · rsqrt(mean(x²) + eps)
 /// · w`, each row then, when `cos` is not empty, rotated by diffusers' `apply_rotary_emb`
 /// head by head (interleaved pairs: `(a, b) → (a·cos − b·sin, a·sin + b·cos)`); `cos` and
@@ -250,18 +268,7 @@ pub fn rms_norm_rope_rows(
 ) {
     let d = w.len();
     for (r, (op, sp)) in out.chunks_mut(d).zip(src.chunks(d)).enumerate() {
-        let mut acc = [0f32; LANES];
-        let mut chunks = sp.chunks_exact(LANES);
-        for ch in &mut chunks {
-            for i in 0..LANES {
-                acc[i] += ch[i] * ch[i];
-            }
-        }
-        let mut ss: f32 = acc.iter().sum();
-        for v in chunks.remainder() {
-            ss += v * v;
-        }
-        let rstd = 1.0 / (ss / d as f32 + eps).sqrt();
+        let rstd = 1.0 / (sum_squares(sp) / d as f32 + eps).sqrt();
         for ((ov, &sv), &wv) in op.iter_mut().zip(sp).zip(w) {
             *ov = sv * rstd * wv;
         }
@@ -288,20 +295,7 @@ pub fn rms_norm_rope_rows(
 pub fn rms_norm_silu_rows(src: &[f32], g: &[f32], out: &mut [f32]) {
     let c = g.len();
     for (op, sp) in out.chunks_mut(c).zip(src.chunks(c)) {
-        // The sum of squares in LANES partial sums (a single running sum would be one long
-        // chain of dependent adds, and would not vectorize).
-        let mut acc = [0f32; LANES];
-        let mut chunks = sp.chunks_exact(LANES);
-        for ch in &mut chunks {
-            for i in 0..LANES {
-                acc[i] += ch[i] * ch[i];
-            }
-        }
-        let mut ss: f32 = acc.iter().sum();
-        for v in chunks.remainder() {
-            ss += v * v;
-        }
-        let denom = ss.sqrt().max(1e-12);
+        let denom = sum_squares(sp).sqrt().max(1e-12);
         for ((ov, &sv), &gv) in op.iter_mut().zip(sp).zip(g) {
             let v = sv / denom * gv;
             *ov = v / (1.0 + exp_f32(-v));
