@@ -769,8 +769,9 @@ fn bad_image_and_video_inputs_get_one_clear_error_each() {
     }
 }
 
-/// `kino bench attention` times Kino's attention on the shapes asked for (here without the
-/// PyTorch side, a few hundred tokens) and prints its row; an unknown benchmark is named.
+/// `kino bench attention` times Kino's attention on the shapes asked for (a few hundred tokens,
+/// without the PyTorch side, then with it over three runs: medians and pair ratios) and prints
+/// its row; `--runs` out of range or on `video`, and an unknown benchmark, are refused.
 #[test]
 fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
     let o = run(kino().args(["bench", "attention", "--tokens", "300", "--no-reference"]));
@@ -783,6 +784,49 @@ fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
     let secs: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
     // Printed to 1/100 s: a few hundred tokens may show as 0.00.
     assert!((0.0..60.0).contains(&secs), "{row}");
+    // Several runs, Kino and PyTorch in turn: the medians in the row, each pair's ratio below.
+    let python = std::env::var("KINO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let o = run(kino()
+        .args(["bench", "attention", "--tokens", "200", "--runs", "3"])
+        .env("KINO_PYTHON", &python));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("timing PyTorch").count(),
+        3,
+        "{}",
+        stderr(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("attention 200"))
+        .unwrap_or_else(|| panic!("no attention row in {out}"))
+        .split_whitespace()
+        .collect();
+    let spread = out
+        .lines()
+        .find(|l| l.starts_with("attention 200: 3 runs each"))
+        .unwrap_or_else(|| panic!("no line of the runs in {out}"));
+    let pairs: Vec<f64> = spread
+        .split(['(', ')'])
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(pairs.len(), 3, "{spread}");
+    let mut sorted = pairs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median: f64 = row[4].parse().unwrap();
+    assert!(
+        (median - sorted[1]).abs() < 1.5e-3,
+        "median {median} of {pairs:?}"
+    );
+    let o = run(kino().args(["bench", "attention", "--runs", "0"]));
+    assert!(!o.status.success());
+    let o = run(kino().args(["bench", "video", "--runs", "2"]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--runs applies to"), "{}", stderr(&o));
     let o = run(kino().args(["bench", "attention", "--tokens", "0"]));
     assert!(!o.status.success());
     assert!(

@@ -40,6 +40,11 @@ pub struct Args {
     /// Only time Kino.
     #[arg(long)]
     no_reference: bool,
+    /// `transformer`, `vae`, `attention`: time each side this many times, Kino and PyTorch in
+    /// turn, and report the median time of each and the median of the pairs' ratios (with their
+    /// range): on a shared machine one run of each can be off by 10% or more.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
     /// `video`: the frame size, WxH.
     #[arg(long, default_value = "256x256", value_name = "WxH")]
     size: String,
@@ -106,6 +111,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "transformer" => vec!["transformer"],
         "vae" => vec!["vae"],
         "attention" => vec!["attention"],
+        "video" if a.runs > 1 => {
+            bail!("--runs applies to transformer, vae and attention; `kino bench video` times each of its settings once")
+        }
         "video" => return video::run(&a),
         other => {
             bail!("unknown benchmark `{other}`; choose transformer, vae, attention, all or video")
@@ -139,64 +147,79 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .or_else(|| std::env::var_os("KINO_PYTHON").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("python3"));
     let mut rows = Vec::new();
+    let runs = a.runs as usize;
     for w in what {
-        let mut kinos = Vec::new();
         let formats: Vec<&str> = if w == "transformer" {
             formats.iter().map(String::as_str).collect()
         } else {
             vec!["f32"]
         };
-        for f in formats {
-            eprintln!(
-                "{w}: timing Kino, {f} ({} threads, {} CPU kernels)…",
-                a.threads,
-                kino_engine::kernels::isa()
-            );
-            if f != "f32" {
-                // Quantize here, so the child's peak memory is the forward's alone.
-                gguf_folder(&a, f)?;
-            }
-            let exe = std::env::current_exe().context("cannot find the kino executable")?;
-            let mut cmd = Command::new(exe);
-            cmd.args(["bench", w, "--child", "--format", f]);
-            cmd.arg("--tokens").arg(a.tokens.to_string());
-            if let Some(d) = &a.model_dir {
-                cmd.arg("--model-dir").arg(d);
-            }
-            let m = run_child(cmd, a.threads).with_context(|| format!("Kino {w} {f} benchmark"))?;
-            kinos.push((f.to_string(), m));
-        }
-        let reference = if a.no_reference {
-            None
-        } else {
-            eprintln!("{w}: timing PyTorch ({} threads)…", a.threads);
-            let script = std::env::temp_dir().join(format!("kino-bench-{}.py", std::process::id()));
-            std::fs::write(&script, REFERENCE_PY)?;
-            let mut cmd = Command::new(&python);
-            cmd.arg(&script)
-                .arg(w)
-                .arg(a.threads.to_string())
-                .arg(a.tokens.to_string());
-            let caps = reference_isa_env(kino_engine::kernels::isa());
-            if !caps.is_empty() {
+        // Each run times every Kino format, then PyTorch: side by side in time, so that each
+        // pair of a run saw the same machine.
+        let mut kinos: Vec<(String, Vec<Measure>)> = formats
+            .iter()
+            .map(|f| (f.to_string(), Vec::new()))
+            .collect();
+        let mut references = Vec::new();
+        for run in 1..=runs {
+            let of = if runs > 1 {
+                format!(" (run {run} of {runs})")
+            } else {
+                String::new()
+            };
+            for (fi, f) in formats.iter().copied().enumerate() {
                 eprintln!(
-                    "{w}: PyTorch capped as Kino is: {}",
-                    caps.iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    "{w}: timing Kino, {f} ({} threads, {} CPU kernels){of}…",
+                    a.threads,
+                    kino_engine::kernels::isa()
                 );
+                if f != "f32" {
+                    // Quantize here, so the child's peak memory is the forward's alone.
+                    gguf_folder(&a, f)?;
+                }
+                let exe = std::env::current_exe().context("cannot find the kino executable")?;
+                let mut cmd = Command::new(exe);
+                cmd.args(["bench", w, "--child", "--format", f]);
+                cmd.arg("--tokens").arg(a.tokens.to_string());
+                if let Some(d) = &a.model_dir {
+                    cmd.arg("--model-dir").arg(d);
+                }
+                let m =
+                    run_child(cmd, a.threads).with_context(|| format!("Kino {w} {f} benchmark"))?;
+                kinos[fi].1.push(m);
             }
-            cmd.envs(caps);
-            let r = run_child(cmd, a.threads).with_context(|| {
+            if !a.no_reference {
+                eprintln!("{w}: timing PyTorch ({} threads){of}…", a.threads);
+                let script =
+                    std::env::temp_dir().join(format!("kino-bench-{}.py", std::process::id()));
+                std::fs::write(&script, REFERENCE_PY)?;
+                let mut cmd = Command::new(&python);
+                cmd.arg(&script)
+                    .arg(w)
+                    .arg(a.threads.to_string())
+                    .arg(a.tokens.to_string());
+                let caps = reference_isa_env(kino_engine::kernels::isa());
+                if !caps.is_empty() {
+                    eprintln!(
+                        "{w}: PyTorch capped as Kino is: {}",
+                        caps.iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                }
+                cmd.envs(caps);
+                let r = run_child(cmd, a.threads).with_context(|| {
                 format!(
                     "PyTorch {w} benchmark with {} (install the reference with `pip install -r fixtures/requirements.txt`, or pass --no-reference)",
                     python.display()
                 )
             });
-            let _ = std::fs::remove_file(&script);
-            Some(r?)
-        };
+                let _ = std::fs::remove_file(&script);
+                references.push(r?);
+            }
+        }
+        let reference = (!a.no_reference).then_some(references);
         for (f, kino) in kinos {
             let name = if w == "attention" {
                 format!("attention {}", a.tokens)
@@ -215,30 +238,65 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let gb = |b: u64| b as f64 / 1e9;
     let capability = rows
         .iter()
-        .find_map(|(_, _, r)| r.as_ref().and_then(|r| r.cpu_capability.clone()));
+        .find_map(|(_, _, r)| r.as_ref().and_then(|r| r.first()?.cpu_capability.clone()));
+    let mut spreads = Vec::new();
     for (w, k, r) in rows {
+        let k = Summary::of(&k);
         match r {
-            Some(r) => println!(
-                "{:<18} {:>12.2} {:>12.2} {:>8.3} {:>12.2} {:>12.2} {:>8.3}",
-                w,
-                r.seconds,
-                k.seconds,
-                k.seconds / r.seconds,
-                gb(r.peak_rss_bytes),
-                gb(k.peak_rss_bytes),
-                k.peak_rss_bytes as f64 / r.peak_rss_bytes as f64
-            ),
-            None => println!(
-                "{:<18} {:>12} {:>12.2} {:>8} {:>12} {:>12.2} {:>8}",
-                w,
-                "-",
-                k.seconds,
-                "-",
-                "-",
-                gb(k.peak_rss_bytes),
-                "-"
-            ),
+            Some(r) => {
+                let ratios = Summary::ratios(&k.runs, &r);
+                let r = Summary::of(&r);
+                println!(
+                    "{:<18} {:>12.2} {:>12.2} {:>8.3} {:>12.2} {:>12.2} {:>8.3}",
+                    w,
+                    r.seconds,
+                    k.seconds,
+                    ratios.median,
+                    gb(r.peak),
+                    gb(k.peak),
+                    k.peak as f64 / r.peak as f64
+                );
+                if runs > 1 {
+                    spreads.push(format!(
+                        "{w}: {runs} runs each, medians above; pair ratios {:.3}–{:.3} ({}); \
+                         PyTorch {:.2}–{:.2} s, Kino {:.2}–{:.2} s",
+                        ratios.min,
+                        ratios.max,
+                        ratios
+                            .values
+                            .iter()
+                            .map(|v| format!("{v:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        r.min,
+                        r.max,
+                        k.min,
+                        k.max
+                    ));
+                }
+            }
+            None => {
+                println!(
+                    "{:<18} {:>12} {:>12.2} {:>8} {:>12} {:>12.2} {:>8}",
+                    w,
+                    "-",
+                    k.seconds,
+                    "-",
+                    "-",
+                    gb(k.peak),
+                    "-"
+                );
+                if runs > 1 {
+                    spreads.push(format!(
+                        "{w}: {runs} runs, median above; Kino {:.2}–{:.2} s",
+                        k.min, k.max
+                    ));
+                }
+            }
         }
+    }
+    for line in spreads {
+        println!("{line}");
     }
     println!(
         "CPU kernels: Kino {}, PyTorch {}",
@@ -246,6 +304,62 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         capability.as_deref().unwrap_or("-")
     );
     Ok(())
+}
+
+/// Several runs of one side: the median time (the mean of the middle two for an even count),
+/// its range, and the highest peak memory.
+struct Summary {
+    seconds: f64,
+    min: f64,
+    max: f64,
+    peak: u64,
+    runs: Vec<f64>,
+}
+
+/// The ratios of paired runs, Kino's time over PyTorch's, run by run.
+struct Ratios {
+    median: f64,
+    min: f64,
+    max: f64,
+    values: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+impl Summary {
+    fn of(runs: &[Measure]) -> Self {
+        let secs: Vec<f64> = runs.iter().map(|m| m.seconds).collect();
+        Self {
+            seconds: median(&secs),
+            min: secs.iter().copied().fold(f64::INFINITY, f64::min),
+            max: secs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            peak: runs.iter().map(|m| m.peak_rss_bytes).max().unwrap_or(0),
+            runs: secs,
+        }
+    }
+
+    fn ratios(kino: &[f64], reference: &[Measure]) -> Ratios {
+        let values: Vec<f64> = kino
+            .iter()
+            .zip(reference)
+            .map(|(k, r)| k / r.seconds)
+            .collect();
+        Ratios {
+            median: median(&values),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            values,
+        }
+    }
 }
 
 /// A transformer folder whose weights are the random-weight 1.3B folder's transformer in GGUF
