@@ -324,24 +324,27 @@ struct Ratios {
     values: Vec<f64>,
 }
 
-fn median(values: &[f64]) -> f64 {
+/// The median (the mean of the middle two for an even count), minimum and maximum.
+fn stats(values: &[f64]) -> (f64, f64, f64) {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    match n {
-        0 => f64::NAN,
+    let median = match n {
+        0 => return (f64::NAN, f64::NAN, f64::NAN),
         _ if n % 2 == 1 => v[n / 2],
         _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+    };
+    (median, v[0], v[n - 1])
 }
 
 impl Summary {
     fn of(runs: &[Measure]) -> Self {
         let secs: Vec<f64> = runs.iter().map(|m| m.seconds).collect();
+        let (seconds, min, max) = stats(&secs);
         Self {
-            seconds: median(&secs),
-            min: secs.iter().copied().fold(f64::INFINITY, f64::min),
-            max: secs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            seconds,
+            min,
+            max,
             peak: runs.iter().map(|m| m.peak_rss_bytes).max().unwrap_or(0),
             runs: secs,
         }
@@ -353,10 +356,11 @@ impl Summary {
             .zip(reference)
             .map(|(k, r)| k / r.seconds)
             .collect();
+        let (median, min, max) = stats(&values);
         Ratios {
-            median: median(&values),
-            min: values.iter().copied().fold(f64::INFINITY, f64::min),
-            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median,
+            min,
+            max,
             values,
         }
     }
