@@ -344,39 +344,38 @@ impl CustomOp2 for RmsNormRope {
             candle_core::bail!("RMS norm of {:?} with a weight of {d}", l1.dims());
         }
         let rows = x.len() / d.max(1);
-        let mut dst = vec![0f32; x.len()];
-        let isa = isa();
-        let eps = self.eps;
-        match &self.rope {
-            None => par_rows(&mut dst, d, |r, out| {
-                super::rms_norm_rope_rows(isa, &x[r * d..(r + 1) * d], w, eps, &[], &[], 0, out)
-            }),
-            Some((cos, sin)) => {
-                let (cs, cl) = cos.storage_and_layout();
-                let (ss, sl) = sin.storage_and_layout();
-                fn table<'a>(
-                    s: &'a candle_core::Storage,
-                    l: &Layout,
-                    what: &str,
-                ) -> candle_core::Result<&'a [f32]> {
-                    match s {
-                        candle_core::Storage::Cpu(c) => contiguous_f32(c, l, what),
-                        _ => candle_core::bail!("{what}: expected a CPU tensor"),
-                    }
-                }
-                let (c, sn) = (table(&cs, cl, "RoPE cos")?, table(&ss, sl, "RoPE sin")?);
+        fn table<'a>(
+            s: &'a candle_core::Storage,
+            l: &Layout,
+            what: &str,
+        ) -> candle_core::Result<&'a [f32]> {
+            match s {
+                candle_core::Storage::Cpu(c) => contiguous_f32(c, l, what),
+                _ => candle_core::bail!("{what}: expected a CPU tensor"),
+            }
+        }
+        // Without RoPE the tables are empty (`half` 0), which the rows take as no rotation.
+        let guards =
+            (self.rope.as_ref()).map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+        let (c, sn, half) = match &guards {
+            None => (&[][..], &[][..], 0),
+            Some(((cs, cl), (ss, sl))) => {
+                let (c, sn) = (table(cs, cl, "RoPE cos")?, table(ss, sl, "RoPE sin")?);
                 let half = c.len() / rows.max(1);
                 if half == 0 || c.len() != rows * half || sn.len() != c.len() || d % (2 * half) != 0
                 {
                     candle_core::bail!("RoPE tables of {} values for {rows} rows of {d}", c.len());
                 }
-                par_rows(&mut dst, d, |r, out| {
-                    let t = r * half..(r + 1) * half;
-                    let (c, sn) = (&c[t.clone()], &sn[t]);
-                    super::rms_norm_rope_rows(isa, &x[r * d..(r + 1) * d], w, eps, c, sn, half, out)
-                })
+                (c, sn, half)
             }
-        }
+        };
+        let mut dst = vec![0f32; x.len()];
+        let (isa, eps) = (isa(), self.eps);
+        par_rows(&mut dst, d, |r, out| {
+            let t = r * half..(r + 1) * half;
+            let (c, sn) = (&c[t.clone()], &sn[t]);
+            super::rms_norm_rope_rows(isa, &x[r * d..(r + 1) * d], w, eps, c, sn, half, out)
+        });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 }
