@@ -291,6 +291,13 @@ impl PackedB {
     }
 }
 
+impl PackedView<'_> {
+    /// The microkernel the panels are packed for.
+    pub fn kernel(&self) -> &'static Kernel {
+        self.kernel
+    }
+}
+
 /// [`tiles`] of a view.
 pub fn tiles_of(m: usize, w: &PackedView) -> (usize, usize) {
     (m.div_ceil(w.kernel.mc), w.n.div_ceil(w.kernel.nc))
@@ -315,11 +322,35 @@ pub unsafe fn tile_of(
     post: Post,
     acc: bool,
 ) {
+    let i0 = (ti * w.kernel.mc).min(m);
+    let rows = i0..(i0 + w.kernel.mc).min(m);
+    tile_rows(a, lda, rows, w, bias, c, ldc, tj, post, acc)
+}
+
+/// Rows `rows` (any range of A's rows: a whole `MC` tile or part of one) of column tile `tj`
+/// (columns from `tj·NC`), as [`tile_of`]: each output element is summed in the same order
+/// however the rows are cut, so a scheduler may cut them as it likes.
+///
+/// # Safety
+/// As [`tile`], for these rows of A and C.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_rows(
+    a: *const f32,
+    lda: usize,
+    rows: std::ops::Range<usize>,
+    w: &PackedView,
+    bias: Option<&[f32]>,
+    c: *mut f32,
+    ldc: usize,
+    tj: usize,
+    post: Post,
+    acc: bool,
+) {
     let kern = w.kernel;
     let (mr, nr) = (kern.mr, kern.nr);
     let (n, k) = (w.n, w.k);
-    let (i0, j0) = (ti * kern.mc, tj * kern.nc);
-    let i1 = (i0 + kern.mc).min(m);
+    let (i0, i1) = (rows.start, rows.end);
+    let j0 = tj * kern.nc;
     let j1 = (j0 + kern.nc).min(n);
     let mut pc = 0;
     loop {

@@ -409,7 +409,99 @@ pub fn rms_norm_rope(
 // Linear layers on the packed GEMM.
 // -------------------------------------------------------------------------------------------------
 
-/// `C[m, n] = A[m, k] · Wᵀ (+ bias)` with the MC × NC tiles on candle's CPU thread pool, then
+/// Guided self-scheduling of `n` work units over the pool's threads: each grab takes about
+/// `1 / (2 · threads)` of what is left, at most `cap` units and never across a multiple of
+/// `boundary` (0: no boundary), so the first grabs are large and the last ones single units.
+/// Threads that finish early take what the others have not reached, which keeps both the
+/// imbalance of uneven work (a last tile of a few rows) and that of a core shared with another
+/// process to about one unit; candle's `execute_chunked` hands out `n / (8 · threads)` units per
+/// grab, a whole tile or more, and with tiles of unequal size one thread waited for the other at
+/// the end of each product (`perf`: 2.4% of a Wan2.1-1.3B forward spent at the pool's barrier).
+pub(crate) struct Guided {
+    next: std::sync::atomic::AtomicUsize,
+    n: usize,
+    cap: usize,
+    boundary: usize,
+    threads: usize,
+}
+
+impl Guided {
+    /// `n` units for `threads` threads.
+    pub(crate) fn new(n: usize, cap: usize, boundary: usize, threads: usize) -> Self {
+        Self {
+            next: std::sync::atomic::AtomicUsize::new(0),
+            n,
+            cap,
+            boundary,
+            threads: threads.max(1),
+        }
+    }
+
+    /// The next range of units, `None` when all are taken.
+    pub(crate) fn next(&self) -> Option<std::ops::Range<usize>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut cur = self.next.load(Relaxed);
+        loop {
+            if cur >= self.n {
+                return None;
+            }
+            let mut len = ((self.n - cur) / (2 * self.threads)).clamp(1, self.cap.max(1));
+            if self.boundary > 0 {
+                len = len.min(self.boundary - cur % self.boundary);
+            }
+            match self
+                .next
+                .compare_exchange_weak(cur, cur + len, Relaxed, Relaxed)
+            {
+                Ok(_) => return Some(cur..cur + len),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// Runs `f(&guided)` on every thread of the pool (each taking ranges from the one [`Guided`]
+/// until none are left); see [`Guided`] for `n`, `cap` and `boundary`.
+pub(crate) fn par_guided(n: usize, cap: usize, boundary: usize, f: impl Fn(&Guided) + Sync) {
+    if n == 0 {
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let g = Guided::new(n, cap, boundary, threads);
+    pool_run(threads, |_| f(&g));
+}
+
+/// Runs `f(rows, tj)` over an `[m, w.n]` product cut into column tiles (`NC` wide) and, within
+/// each, runs of `MR`-row groups (up to an `MC` tile), on the pool by [`par_guided`]: all threads
+/// work down the same column tile, so its weights are read from memory once.
+fn par_tiles(m: usize, w: &gemm::PackedView, f: impl Fn(std::ops::Range<usize>, usize) + Sync) {
+    let kern = w.kernel();
+    let groups = m.div_ceil(kern.mr);
+    let tn = w.n.div_ceil(kern.nc);
+    par_guided(groups * tn, kern.mc / kern.mr, groups, |g| {
+        while let Some(r) = g.next() {
+            let (tj, g0) = (r.start / groups, r.start % groups);
+            f(g0 * kern.mr..((g0 + r.len()) * kern.mr).min(m), tj);
+        }
+    });
+}
+
+/// A buffer of `len` floats that `fill(ptr)` writes whole through the pointer, returned with
+/// its length set only then: no pass zeroing it first (that pass ran on the calling thread while
+/// the pool's other threads waited: 1.3% of a Wan2.1-1.3B forward), and nothing reads or
+/// borrows the memory before it is written.
+///
+/// # Safety
+/// `fill` must write all `len` floats at `ptr` (and may read only what it has written).
+unsafe fn written_whole(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(len);
+    fill(v.as_mut_ptr());
+    // SAFETY: the capacity is `len` and the caller vouches that `fill` wrote all of it.
+    v.set_len(len);
+    v
+}
+
+/// `C[m, n] = A[m, k] · Wᵀ (+ bias)` on candle's CPU thread pool ([`par_tiles`]), then
 /// `post(row_segment, first_column)` on each finished row segment of C (while it is in cache).
 fn matmul_par(
     a: &[f32],
@@ -419,22 +511,22 @@ fn matmul_par(
     post: gemm::Post,
 ) -> Vec<f32> {
     let n = w.n;
-    let mut c = vec![0f32; m * n];
     assert!(a.len() >= m * w.k && bias.is_none_or(|b| b.len() >= n));
-    let (tiles_m, tiles_n) = gemm::tiles(m, w);
-    let c_ptr = c.as_mut_ptr() as usize;
-    pool_run(tiles_m * tiles_n, |range| {
-        for t in range {
-            let (ti, tj) = (t % tiles_m, t / tiles_m);
-            // SAFETY: `a` has m·k floats, `c` m·n, the bias n; each tile writes only its own
-            // rows and columns of C, so the tiles are disjoint, and `c` outlives the pool call.
-            unsafe {
+    let view = w.view();
+    // SAFETY: the calls cover every row and column tile of C, each starting from the bias or
+    // zero, so all m·n floats are written.
+    unsafe {
+        written_whole(m * n, |c| {
+            let c_ptr = c as usize;
+            par_tiles(m, &view, |rows, tj| {
+                // SAFETY: `a` has m·k floats, C m·n, the bias n; each call writes only its own
+                // rows and columns of C (and `post` sees only those, once written), so the
+                // calls are disjoint; C outlives the pool call.
                 let c = c_ptr as *mut f32;
-                gemm::tile(a.as_ptr(), w.k, m, w, bias, c, n, (ti, tj), post);
-            }
-        }
-    });
-    c
+                gemm::tile_rows(a.as_ptr(), w.k, rows, &view, bias, c, n, tj, post, false);
+            });
+        })
+    }
 }
 
 /// Packs `[n, k]` weights in parallel (`from_rows`: `W[j, kk] = src[j·ld + kk]`; else
@@ -595,13 +687,21 @@ impl CustomOp3 for PackedAttention {
         if !self.kernel.supported() {
             candle_core::bail!("the {} kernel does not run on this CPU", self.kernel.name);
         }
-        let mut out = vec![0f32; b * n * h * d];
-        if !out.is_empty() && m > 0 {
+        let len = b * n * h * d;
+        let out = if len == 0 || m == 0 {
+            vec![0f32; len] // no keys: zeros
+        } else {
             let threads = candle_core::utils::get_num_threads().max(1);
             let (bq, bk) = attention_blocks(b * h, n, m, threads);
             let shape = (b, n, m, h, d);
-            attention_packed(self.kernel, q, k, v, shape, (bq, bk), self.scale, &mut out);
-        }
+            // SAFETY: the tasks cover every (batch, head, query block) and each writes its rows
+            // of its head's columns: all of `out`.
+            unsafe {
+                written_whole(len, |out| {
+                    attention_packed(self.kernel, q, k, v, shape, (bq, bk), self.scale, out)
+                })
+            }
+        };
         Ok((CpuStorage::F32(out), Shape::from((b, n, h * d))))
     }
 }
@@ -628,8 +728,12 @@ fn attention_blocks(heads: usize, n: usize, m: usize, threads: usize) -> (usize,
 /// the maximum grows; so the scores of one key block (`bq × bk`) and that block of K and V are
 /// what is in use, whatever the sequence length (before, each task held whole rows of scores,
 /// and for long videos its K and V came from memory at every task).
+///
+/// # Safety
+/// `out` must be valid for writes of `b · n · h · d` floats (row-major `[b, n, h·d]`), not
+/// accessed by others meanwhile; q, k and v hold `[b, n | m, h, d]`.
 #[allow(clippy::too_many_arguments)]
-fn attention_packed(
+unsafe fn attention_packed(
     kernel: &'static Kernel,
     q: &[f32],
     k: &[f32],
@@ -637,7 +741,7 @@ fn attention_packed(
     (b, n, m, h, d): (usize, usize, usize, usize, usize),
     (bq, bk): (usize, usize),
     scale: f32,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -662,13 +766,14 @@ fn attention_packed(
         })
         .clone()
     };
-    let out_ptr = out.as_mut_ptr() as usize;
+    let out_ptr = out as usize;
     let softmax = |s: &mut [f32], ld: usize, cols: usize, st: gemm::SoftmaxState| {
         super::softmax_block_online(isa, s, ld, cols, scale, st.max, st.sum, st.corr)
     };
-    pool_run(b * h * n_blocks, |range| {
+    // Up to one head's query blocks per grab, fewer towards the end.
+    par_guided(b * h * n_blocks, n_blocks, 0, |g| {
         let mut scratch = gemm::AttentionScratch::new(bq, bk, d);
-        for task in range {
+        for task in std::iter::from_fn(|| g.next()).flatten() {
             let (bh, blk) = (task / n_blocks, task % n_blocks);
             let pair = kv(bh);
             let n0 = blk * bq;
@@ -1075,42 +1180,42 @@ struct FeedForwardOp<'a> {
     dim: usize,
 }
 
-/// `C (+)= A · Wᵀ` over a view, tiles in parallel.
+/// `C (+)= A · Wᵀ` over a view, tiles in parallel ([`par_tiles`]).
+///
+/// # Safety
+/// `c` must be valid for writes (and, with `acc`, reads) of `c_len` floats, not accessed by
+/// others meanwhile; with `acc` the `[m, w.n]` part of it (row stride `ldc`) must be written.
 #[allow(clippy::too_many_arguments)]
-fn matmul_view_par(
+unsafe fn matmul_view_par(
     a: &[f32],
     lda: usize,
     m: usize,
     w: &gemm::PackedView,
     bias: Option<&[f32]>,
-    c: &mut [f32],
+    (c, c_len): (*mut f32, usize),
     ldc: usize,
     post: gemm::Post,
     acc: bool,
 ) {
-    assert!(m == 0 || (a.len() >= (m - 1) * lda + w.k && c.len() >= (m - 1) * ldc + w.n));
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + w.k && c_len >= (m - 1) * ldc + w.n));
     assert!(bias.is_none_or(|b| b.len() >= w.n));
-    let (tiles_m, tiles_n) = gemm::tiles_of(m, w);
-    let c_ptr = c.as_mut_ptr() as usize;
-    pool_run(tiles_m * tiles_n, |range| {
-        for t in range {
-            let (ti, tj) = (t % tiles_m, t / tiles_m);
-            // SAFETY: A and C hold the rows and columns asserted above; each tile writes only
-            // its own rows and columns of C, so tiles are disjoint; C outlives the pool call.
-            unsafe {
-                gemm::tile_of(
-                    a.as_ptr(),
-                    lda,
-                    m,
-                    w,
-                    bias,
-                    c_ptr as *mut f32,
-                    ldc,
-                    (ti, tj),
-                    post,
-                    acc,
-                );
-            }
+    let c_ptr = c as usize;
+    par_tiles(m, w, |rows, tj| {
+        // SAFETY: A and C hold the rows and columns asserted above; each call writes only its
+        // own rows and columns of C, so calls are disjoint; C outlives the pool call.
+        unsafe {
+            gemm::tile_rows(
+                a.as_ptr(),
+                lda,
+                rows,
+                w,
+                bias,
+                c_ptr as *mut f32,
+                ldc,
+                tj,
+                post,
+                acc,
+            );
         }
     });
 }
@@ -1127,8 +1232,11 @@ impl CustomOp1 for FeedForwardOp<'_> {
         let isa = isa();
         let gelu = |row: &mut [f32], _: usize| super::gelu_row(isa, row);
         let noop = |_: &mut [f32], _: usize| {};
-        let mut out = vec![0f32; m * n];
-        let mut h = vec![0f32; m * FFN_STRIP.min(f)];
+        // Neither is zeroed first: each strip's first product writes its `[m, w]` of `h` (from
+        // the bias or zero) before the second reads it, and the first strip's second product
+        // writes all of `out` before later strips add to it; `out`'s length is set at the end.
+        let mut out = Vec::<f32>::with_capacity(m * n);
+        let mut h = Vec::<f32>::with_capacity(m * FFN_STRIP.min(f));
         let expand_failed =
             || candle_core::Error::Msg("feed-forward: GGUF blocks do not expand".into());
         for s0 in (0..f).step_by(FFN_STRIP) {
@@ -1148,7 +1256,11 @@ impl CustomOp1 for FeedForwardOp<'_> {
                     }
                 };
                 let b_in = self.proj_in.bias().map(|b| &b[s0..s1]);
-                matmul_view_par(x, dim, m, &w_in, b_in, &mut h, w, &gelu, false);
+                // SAFETY: `h` has room for `[m, w]`, written here (not accumulated).
+                unsafe {
+                    let c = (h.as_mut_ptr(), h.capacity());
+                    matmul_view_par(x, dim, m, &w_in, b_in, c, w, &gelu, false)
+                };
             }
             let tmp_out;
             let w_out = match self.proj_out {
@@ -1161,7 +1273,19 @@ impl CustomOp1 for FeedForwardOp<'_> {
                 }
             };
             let b_out = if s0 == 0 { self.proj_out.bias() } else { None };
-            matmul_view_par(&h, w, m, &w_out, b_out, &mut out, n, &noop, s0 > 0);
+            // SAFETY: the first `m · w` floats of `h` were just written; `out` has room for
+            // `[m, n]`, written whole by the first strip (acc only after it).
+            unsafe {
+                let h = std::slice::from_raw_parts(h.as_ptr(), m * w);
+                let c = (out.as_mut_ptr(), out.capacity());
+                matmul_view_par(h, w, m, &w_out, b_out, c, n, &noop, s0 > 0);
+            }
+        }
+        if f > 0 {
+            // SAFETY: the loop ran at least one strip, and the first wrote all of `[m, n]`.
+            unsafe { out.set_len(m * n) };
+        } else {
+            out.resize(m * n, 0.0); // no hidden units: no strips (as before, zeros)
         }
         let mut out_dims = l.dims().to_vec();
         if let Some(last) = out_dims.last_mut() {

@@ -354,6 +354,81 @@ fn isa_selection_caps_and_refuses() {
 }
 
 /// The packed linear layer and attention on every ISA path equal candle's ops.
+/// The guided schedule hands out every unit exactly once, in ranges of at most `cap` units that
+/// never cross a multiple of `boundary`, large first and single units at the end; taken by
+/// several threads at once.
+#[test]
+fn guided_schedule_covers_every_unit_once() {
+    for (n, cap, boundary, threads) in [
+        (321, 8, 107, 2),
+        (120, 10, 0, 2),
+        (5, 8, 0, 4),
+        (1, 1, 1, 3),
+    ] {
+        let g = ops::Guided::new(n, cap, boundary, threads);
+        let taken: Vec<Vec<std::ops::Range<usize>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|_| s.spawn(|| std::iter::from_fn(|| g.next()).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut seen = vec![0u8; n];
+        for r in taken.iter().flatten() {
+            assert!(!r.is_empty() && r.len() <= cap, "{r:?} (cap {cap})");
+            assert_eq!(
+                r.start.checked_div(boundary),
+                (r.end - 1).checked_div(boundary),
+                "{r:?} crosses a multiple of {boundary}"
+            );
+            for u in r.clone() {
+                seen[u] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "n {n}: {seen:?}");
+        let mut all: Vec<_> = taken.into_iter().flatten().collect();
+        all.sort_by_key(|r| r.start);
+        assert_eq!(
+            all.last().map(|r| r.len()),
+            Some(1),
+            "the last grab is one unit"
+        );
+        assert!(g.next().is_none());
+    }
+}
+
+/// The threaded products (rows cut by the guided schedule, a last partial row group, several
+/// column tiles) equal the serial product bit for bit, for every ISA.
+#[test]
+fn threaded_products_equal_serial_bit_for_bit() -> candle_core::Result<()> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let kernels = simd_isas()
+        .into_iter()
+        .filter_map(gemm_kernel)
+        .chain([&portable::KERNEL]);
+    for kernel in kernels {
+        {
+            let isa = kernel.name;
+            for (m, k, n) in [(1283, 70, 1100), (13, 300, 40), (1, 5, 33)] {
+                let a = rand_vec(m * k, 1);
+                let wv = rand_vec(n * k, 2);
+                let bias = rand_vec(n, 3);
+                let w = Tensor::from_vec(wv.clone(), (n, k), &dev)?;
+                let b = Tensor::from_vec(bias.clone(), n, &dev)?;
+                let x = Tensor::from_vec(a.clone(), (1, m, k), &dev)?;
+                let got = PackedLinear::new(kernel, &w, Some(&b))?
+                    .forward(&x, false)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let packed = PackedB::from_rows(kernel, &wv, n, k, k);
+                let want = gemm::matmul_serial(&a, m, &packed, Some(&bias));
+                assert!(got == want, "{isa} [{m}, {k}] × [{n}, {k}]ᵀ");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()> {
     use candle_core::{Device, Module, Tensor};
