@@ -353,7 +353,6 @@ fn isa_selection_caps_and_refuses() {
     }
 }
 
-/// The packed linear layer and attention on every ISA path equal candle's ops.
 /// The guided schedule hands out every unit exactly once, in ranges of at most `cap` units that
 /// never cross a multiple of `boundary`, large first and single units at the end; taken by
 /// several threads at once.
@@ -429,6 +428,7 @@ fn threaded_products_equal_serial_bit_for_bit() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// The packed linear layer and attention on every ISA path equal candle's ops.
 #[test]
 fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()> {
     use candle_core::{Device, Module, Tensor};
