@@ -421,11 +421,14 @@ impl AttentionScratch {
     }
 }
 
-/// The per-row state an online softmax ([`super::portable::softmax_block_online`]) updates.
+/// The per-row state an online softmax ([`super::portable::softmax_block_online`]) updates,
+/// and which keys the block holds.
 pub struct SoftmaxState<'a> {
     pub max: &'a mut [f32],
     pub sum: &'a mut [f32],
     pub corr: &'a mut [f32],
+    /// The index of the block's first key (its column 0) among all the keys.
+    pub first_key: usize,
 }
 
 /// The online softmax [`attention_rows`] applies to a block of scores: `(scores, row stride,
@@ -494,6 +497,7 @@ pub unsafe fn attention_rows(
             max: &mut scratch.max[..rows],
             sum: &mut scratch.sum[..rows],
             corr: &mut scratch.corr[..rows],
+            first_key: j0,
         };
         softmax(&mut scratch.scores, bk, j1 - j0, state);
         let first = j0 == 0;

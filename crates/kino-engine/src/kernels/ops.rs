@@ -706,6 +706,41 @@ impl CustomOp3 for PackedAttention {
     }
 }
 
+/// One (batch, head)'s keys and values packed for [`gemm::attention_rows`]: `keys` of them, the
+/// last standing for `exp(last_key_bias · scale)` identical ones (see [`trailing_repeats`]).
+struct PackedKv {
+    k: PackedB,
+    v: PackedB,
+    keys: usize,
+    /// `ln(repeats) / scale`, added to the last key's score: `repeats` equal terms
+    /// `exp(s·scale)` of the softmax's sums are the one term `exp(s·scale + ln repeats)`.
+    last_key_bias: f32,
+}
+
+/// How many of the last keys of one head are the same key: the key and value rows bit for bit
+/// equal to the last one (`k[j·ld ..][..d]`, `v` likewise; at least 1). A prompt padded to its
+/// model's text length (Wan: 512 tokens, zeros after the prompt's own) gives the cross-attention
+/// that many equal keys, which [`attention_packed`] takes as one whose score counts `repeats`
+/// times: the same softmax to f32 rounding, with the scores and products of only the distinct
+/// keys. Rows that differ in any bit (any other attention) stop the count at once.
+pub(crate) fn trailing_repeats(k: &[f32], v: &[f32], m: usize, d: usize, ld: usize) -> usize {
+    if m == 0 {
+        return 1;
+    }
+    let same = |x: &[f32], i: usize, j: usize| {
+        x[i * ld..i * ld + d]
+            .iter()
+            .zip(&x[j * ld..j * ld + d])
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    let last = m - 1;
+    let mut repeats = 1;
+    while repeats < m && same(k, last - repeats, last) && same(v, last - repeats, last) {
+        repeats += 1;
+    }
+    repeats
+}
+
 /// Keys per block of [`attention_packed`]: a block's packed K and V (`2 · 256 · d` floats, 256 KiB
 /// at d = 128) and its scores stay in a core's L2 cache while all the query rows of a task use
 /// them. A multiple of every kernel's `NR`.
@@ -751,31 +786,40 @@ unsafe fn attention_packed(
     // Each (batch, head)'s K and V are packed by the first task that needs them and freed when
     // its last query block is done, so only the heads in flight are held packed (the tasks of a
     // thread are consecutive, head after head), not all of them.
-    type Packed = Arc<(PackedB, PackedB)>;
+    type Packed = Arc<PackedKv>;
     let packed: Vec<Mutex<Option<Packed>>> = (0..b * h).map(|_| Mutex::new(None)).collect();
     let left: Vec<AtomicUsize> = (0..b * h).map(|_| AtomicUsize::new(n_blocks)).collect();
     let kv = |bh: usize| -> Packed {
         let mut slot = packed[bh].lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert_with(|| {
             let off = (bh / h) * m * row + (bh % h) * d;
+            let repeats = trailing_repeats(&k[off..], &v[off..], m, d, row);
+            let keys = m - repeats + 1;
             // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
-            Arc::new((
-                PackedB::from_rows(kernel, &k[off..], m, d, row),
-                PackedB::from_cols(kernel, &v[off..], d, m, row),
-            ))
+            Arc::new(PackedKv {
+                k: PackedB::from_rows(kernel, &k[off..], keys, d, row),
+                v: PackedB::from_cols(kernel, &v[off..], d, keys, row),
+                keys,
+                last_key_bias: (repeats as f32).ln() / scale,
+            })
         })
         .clone()
     };
     let out_ptr = out as usize;
-    let softmax = |s: &mut [f32], ld: usize, cols: usize, st: gemm::SoftmaxState| {
-        super::softmax_block_online(isa, s, ld, cols, scale, st.max, st.sum, st.corr)
-    };
     // Up to one head's query blocks per grab, fewer towards the end.
     par_guided(b * h * n_blocks, n_blocks, 0, |g| {
         let mut scratch = gemm::AttentionScratch::new(bq, bk, d);
         for task in std::iter::from_fn(|| g.next()).flatten() {
             let (bh, blk) = (task / n_blocks, task % n_blocks);
             let pair = kv(bh);
+            let softmax = |s: &mut [f32], ld: usize, cols: usize, st: gemm::SoftmaxState| {
+                if pair.last_key_bias != 0.0 && st.first_key + cols == pair.keys {
+                    for r in 0..st.max.len() {
+                        s[r * ld + cols - 1] += pair.last_key_bias;
+                    }
+                }
+                super::softmax_block_online(isa, s, ld, cols, scale, st.max, st.sum, st.corr)
+            };
             let n0 = blk * bq;
             let rows = bq.min(n - n0);
             let q_off = ((bh / h) * n + n0) * row + (bh % h) * d;
@@ -787,7 +831,7 @@ unsafe fn attention_packed(
                     q.as_ptr().add(q_off),
                     row,
                     rows,
-                    (&pair.0, &pair.1),
+                    (&pair.k, &pair.v),
                     &softmax,
                     &mut scratch,
                     (out_ptr as *mut f32).add(q_off),

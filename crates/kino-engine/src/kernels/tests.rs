@@ -464,6 +464,37 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
         p.matmul(&vt)?.transpose(1, 2)?.reshape((b, n, h * d))
     };
     let mut more = Vec::new();
+    // A padded prompt's keys: head 0's keys and values from 40 on all equal (610 of them, taken
+    // as one key counted 610 times), head 1's all distinct; and a head whose keys are all one.
+    {
+        let (n, m, h, d) = (300, 650, 2, 64);
+        let q = Tensor::randn(0f32, 1.0, (1, n, h, d), &dev)?;
+        let mut kd = Tensor::randn(0f32, 1.0, (1, m, h, d), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut vd = Tensor::randn(0f32, 1.0, (1, m, h, d), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let row = h * d;
+        for j in 41..m {
+            for x in [&mut kd, &mut vd] {
+                let (src, dst) = x.split_at_mut(j * row);
+                dst[..d].copy_from_slice(&src[40 * row..40 * row + d]);
+            }
+        }
+        assert_eq!(ops::trailing_repeats(&kd, &vd, m, d, row), m - 40);
+        assert_eq!(ops::trailing_repeats(&kd[d..], &vd[d..], m, d, row), 1);
+        let k = Tensor::from_vec(kd, (1, m, h, d), &dev)?;
+        let v = Tensor::from_vec(vd, (1, m, h, d), &dev)?;
+        let want = plain_of(&q, &k, &v)?;
+        more.push(((q, k, v), want));
+        let (n, m, h) = (20, 9, 1);
+        let q = Tensor::randn(0f32, 1.0, (1, n, h, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 1, h, d), &dev)?.repeat((1, m, 1, 1))?;
+        let v = Tensor::randn(0f32, 1.0, (1, 1, h, d), &dev)?.repeat((1, m, 1, 1))?;
+        let want = plain_of(&q, &k, &v)?;
+        more.push(((q, k, v), want));
+    }
     for (n, m) in [(300, 700), (37, 7)] {
         let (h, d) = (2, 64);
         let q = Tensor::randn(0f32, 1.0, (1, n, h, d), &dev)?;
