@@ -62,8 +62,9 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 
 pub use conv::rms_norm_silu;
+pub use ops::trailing_equal_rows;
 pub use ops::{
-    attention, bias_gelu_inplace, dequantize_q8_0, feed_forward, gated_residual,
+    attention, attention_counted, bias_gelu_inplace, dequantize_q8_0, feed_forward, gated_residual,
     modulated_layer_norm, rms_norm_rope, softmax_last_dim_owned, FfnLayer, PackedLinear,
     QuantizedLinear,
 };

@@ -648,13 +648,56 @@ pub fn attention(
     scale: f32,
     kernel: &'static Kernel,
 ) -> candle_core::Result<Tensor> {
+    attention_counted(q, k, v, scale, kernel, 1)
+}
+
+/// [`attention`] where the last key (and its value) stands for `last_key_count` equal keys, as
+/// if it were repeated that many times at the end: what a cross-attention gets when it leaves
+/// out the equal rows of a padded context ([`trailing_equal_rows`]) before its key and value
+/// projections. `last_key_count` ≥ 1.
+pub fn attention_counted(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    kernel: &'static Kernel,
+    last_key_count: usize,
+) -> candle_core::Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    q.apply_op3_no_bwd(&k, &v, &PackedAttention { scale, kernel })
+    let op = PackedAttention {
+        scale,
+        kernel,
+        last_key_count: last_key_count.max(1),
+    };
+    q.apply_op3_no_bwd(&k, &v, &op)
+}
+
+/// How many rows at the end of each batch entry of `x` (`[B, M, D]`, f32 on the CPU) equal its
+/// last row bit for bit, the least over the batch (at least 1; 1 for other tensors): the
+/// padding of a prompt's embeddings (zeros after its own tokens, one row after the text
+/// embedder), which a cross-attention can project once and count ([`attention_counted`]).
+pub fn trailing_equal_rows(x: &Tensor) -> candle_core::Result<usize> {
+    let (candle_core::Device::Cpu, DType::F32) = (x.device(), x.dtype()) else {
+        return Ok(1);
+    };
+    let (b, m, d) = x.dims3()?;
+    let (storage, layout) = x.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((o1, o2))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(1);
+    };
+    let data = &data[o1..o2];
+    Ok((0..b)
+        .map(|bi| trailing_repeats(&[&data[bi * m * d..]], m, d, d))
+        .min()
+        .unwrap_or(1))
 }
 
 struct PackedAttention {
     scale: f32,
     kernel: &'static Kernel,
+    last_key_count: usize,
 }
 
 impl CustomOp3 for PackedAttention {
@@ -698,7 +741,8 @@ impl CustomOp3 for PackedAttention {
             // of its head's columns: all of `out`.
             unsafe {
                 written_whole(len, |out| {
-                    attention_packed(self.kernel, q, k, v, shape, (bq, bk), self.scale, out)
+                    let (scale, count) = (self.scale, self.last_key_count);
+                    attention_packed(self.kernel, q, k, v, shape, (bq, bk), (scale, count), out)
                 })
             }
         };
@@ -717,25 +761,27 @@ struct PackedKv {
     last_key_bias: f32,
 }
 
-/// How many of the last keys of one head are the same key: the key and value rows bit for bit
-/// equal to the last one (`k[j·ld ..][..d]`, `v` likewise; at least 1). A prompt padded to its
-/// model's text length (Wan: 512 tokens, zeros after the prompt's own) gives the cross-attention
-/// that many equal keys, which [`attention_packed`] takes as one whose score counts `repeats`
+/// How many of the last rows of `m` are the same row in every matrix of `xs` (row `j` of each:
+/// `x[j·ld ..][..d]`), bit for bit (at least 1). A prompt padded to its model's text length
+/// (Wan: 512 tokens, zeros after the prompt's own) gives the cross-attention that many equal
+/// keys and values, which [`attention_packed`] takes as one key whose score counts `repeats`
 /// times: the same softmax to f32 rounding, with the scores and products of only the distinct
 /// keys. Rows that differ in any bit (any other attention) stop the count at once.
-pub(crate) fn trailing_repeats(k: &[f32], v: &[f32], m: usize, d: usize, ld: usize) -> usize {
+pub(crate) fn trailing_repeats(xs: &[&[f32]], m: usize, d: usize, ld: usize) -> usize {
     if m == 0 {
         return 1;
     }
-    let same = |x: &[f32], i: usize, j: usize| {
-        x[i * ld..i * ld + d]
-            .iter()
-            .zip(&x[j * ld..j * ld + d])
-            .all(|(a, b)| a.to_bits() == b.to_bits())
-    };
     let last = m - 1;
+    let same = |i: usize| {
+        xs.iter().all(|x| {
+            x[i * ld..i * ld + d]
+                .iter()
+                .zip(&x[last * ld..last * ld + d])
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        })
+    };
     let mut repeats = 1;
-    while repeats < m && same(k, last - repeats, last) && same(v, last - repeats, last) {
+    while repeats < m && same(last - repeats) {
         repeats += 1;
     }
     repeats
@@ -775,7 +821,7 @@ unsafe fn attention_packed(
     v: &[f32],
     (b, n, m, h, d): (usize, usize, usize, usize, usize),
     (bq, bk): (usize, usize),
-    scale: f32,
+    (scale, last_key_count): (f32, usize),
     out: *mut f32,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -793,14 +839,17 @@ unsafe fn attention_packed(
         let mut slot = packed[bh].lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert_with(|| {
             let off = (bh / h) * m * row + (bh % h) * d;
-            let repeats = trailing_repeats(&k[off..], &v[off..], m, d, row);
+            let repeats = trailing_repeats(&[&k[off..], &v[off..]], m, d, row);
             let keys = m - repeats + 1;
+            // The run of equal keys at the end is the last key counted `last_key_count` times
+            // and the others once each.
+            let count = repeats - 1 + last_key_count;
             // kᵀ as the weight of q·kᵀ: W[j, c] = k[j, c]; v as the weight of p·v: W[c, j] = v[j, c].
             Arc::new(PackedKv {
                 k: PackedB::from_rows(kernel, &k[off..], keys, d, row),
                 v: PackedB::from_cols(kernel, &v[off..], d, keys, row),
                 keys,
-                last_key_bias: (repeats as f32).ln() / scale,
+                last_key_bias: (count as f32).ln() / scale,
             })
         })
         .clone()

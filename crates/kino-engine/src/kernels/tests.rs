@@ -482,8 +482,8 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
                 dst[..d].copy_from_slice(&src[40 * row..40 * row + d]);
             }
         }
-        assert_eq!(ops::trailing_repeats(&kd, &vd, m, d, row), m - 40);
-        assert_eq!(ops::trailing_repeats(&kd[d..], &vd[d..], m, d, row), 1);
+        assert_eq!(ops::trailing_repeats(&[&kd, &vd], m, d, row), m - 40);
+        assert_eq!(ops::trailing_repeats(&[&kd[d..], &vd[d..]], m, d, row), 1);
         let k = Tensor::from_vec(kd, (1, m, h, d), &dev)?;
         let v = Tensor::from_vec(vd, (1, m, h, d), &dev)?;
         let want = plain_of(&q, &k, &v)?;
@@ -495,6 +495,25 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
         let want = plain_of(&q, &k, &v)?;
         more.push(((q, k, v), want));
     }
+    // A last key counted 300 times (`attention_counted`) is the plain attention with it
+    // repeated that often, also when equal keys before it join the count.
+    let counted_case = {
+        let (n, m, h, d, count) = (50, 40, 2, 32, 300);
+        let q = Tensor::randn(0f32, 1.0, (1, n, h, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, m, h, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, m, h, d), &dev)?;
+        let (k, v) = (
+            Tensor::cat(&[&k, &k.narrow(1, m - 1, 1)?.repeat((1, 3, 1, 1))?], 1)?,
+            Tensor::cat(&[&v, &v.narrow(1, m - 1, 1)?.repeat((1, 3, 1, 1))?], 1)?,
+        );
+        let last = |x: &Tensor| x.narrow(1, m + 2, 1)?.repeat((1, count - 1, 1, 1));
+        let (kr, vr) = (
+            Tensor::cat(&[&k, &last(&k)?], 1)?,
+            Tensor::cat(&[&v, &last(&v)?], 1)?,
+        );
+        let want = plain_of(&q, &kr, &vr)?;
+        ((q, k, v), count, want)
+    };
     for (n, m) in [(300, 700), (37, 7)] {
         let (h, d) = (2, 64);
         let q = Tensor::randn(0f32, 1.0, (1, n, h, d), &dev)?;
@@ -523,6 +542,12 @@ fn packed_linear_and_attention_match_candle_per_isa() -> candle_core::Result<()>
             assert!(err < 1e-6, "{isa} linear+gelu: {err}");
             let err = rel(&attention(&q, &kk, &v, scale as f32, kernel)?, &plain)?;
             assert!(err < 1e-5, "{isa} attention: {err}");
+            {
+                let ((q, kk, v), count, want) = &counted_case;
+                let got = attention_counted(q, kk, v, 0.125, kernel, *count)?;
+                let err = rel(&got, want)?;
+                assert!(err < 1e-5, "{isa} attention with a counted last key: {err}");
+            }
             for (shape, want) in &more {
                 let (q, kk, v) = shape;
                 let err = rel(&attention(q, kk, v, 0.125, kernel)?, want)?;

@@ -500,10 +500,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
         }
     }
 
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
-        if let Some(kernel) = kernels::packed_gemm() {
-            return kernels::attention(q, k, v, scale as f32, kernel);
-        }
+    if let Some(kernel) = packed_cpu_kernel(q) {
+        return kernels::attention(q, k, v, scale as f32, kernel);
     }
     let budget = if q.device().is_cpu() {
         ATTN_CHUNK_ELEMS_CPU
@@ -511,6 +509,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
         ATTN_CHUNK_ELEMS_GPU
     };
     attention_chunked(q, k, v, budget)
+}
+
+/// The packed microkernel [`attention`] runs `x`'s attention on: f32 on a CPU that has one.
+fn packed_cpu_kernel(x: &Tensor) -> Option<&'static kernels::gemm::Kernel> {
+    (x.device().is_cpu() && x.dtype() == DType::F32)
+        .then(kernels::packed_gemm)
+        .flatten()
 }
 
 /// Attention with candle ops, queries in chunks of at most `max_scores` attention scores.
@@ -648,7 +653,7 @@ impl WanAttention {
         let (b, n, dim) = x.dims3()?;
         let (h, hd) = (self.heads, dim / self.heads);
         let dev = x.device().clone();
-        let (q, k, v, image) = profile::span("attn.qkv (proj, norm, rope)", &dev, || {
+        let (q, k, v, image, counted) = profile::span("attn.qkv (proj, norm, rope)", &dev, || {
             let q = self
                 .norm_q
                 .forward_rope(&self.to_q.forward(&x)?, rope, h)?
@@ -667,6 +672,18 @@ impl WanAttention {
                 }
                 ctx = ctx.narrow(1, split, total - split)?;
             }
+            // A padded prompt's rows after the text embedder are one row repeated: on the CPU
+            // kernels that row is projected once and counted (`kernels::attention_counted`).
+            let mut counted = None;
+            if context.is_some() {
+                if let Some(kernel) = packed_cpu_kernel(&ctx) {
+                    let repeats = kernels::trailing_equal_rows(&ctx)?;
+                    if repeats > 1 {
+                        ctx = ctx.narrow(1, 0, ctx.dim(1)? - repeats + 1)?;
+                        counted = Some((kernel, repeats));
+                    }
+                }
+            }
             let m = ctx.dim(1)?;
             let k = self
                 .norm_k
@@ -674,7 +691,7 @@ impl WanAttention {
                 .reshape((b, m, h, hd))?;
             let v = self.to_v.forward(&ctx)?.reshape((b, m, h, hd))?;
             drop(ctx);
-            Ok((q, k, v, image))
+            Ok((q, k, v, image, counted))
         })?;
         let mut o = profile::span("attn.sdpa", &dev, || {
             Ok(match causal_block {
@@ -692,7 +709,13 @@ impl WanAttention {
                     }
                     Tensor::cat(&parts, 1)?
                 }
-                _ => attention(&q, &k, &v)?,
+                _ => match counted {
+                    Some((kernel, count)) => {
+                        let scale = (1.0 / (hd as f64).sqrt()) as f32; // as `attention`
+                        kernels::attention_counted(&q, &k, &v, scale, kernel, count)?
+                    }
+                    None => attention(&q, &k, &v)?,
+                },
             })
         })?;
         if let (Some((add_k, add_v, norm_added_k)), Some(img)) = (&self.added_kv, &image) {
@@ -1765,6 +1788,40 @@ mod tests {
             let err = err?;
             println!("{case} portable path rel error {err:e}");
             assert!(err <= 1e-4, "{case}: rel error {err}");
+        }
+        Ok(())
+    }
+
+    /// A padded prompt (zeros after each entry's own tokens, a different length per batch
+    /// entry): on the CPU kernels the cross-attention projects the repeated row once and counts
+    /// it (`kernels::attention_counted`); the portable path attends to every row. Both agree.
+    #[test]
+    fn padded_prompt_counted_once_matches_every_row() -> Result<()> {
+        for case in ["transformer-wan21", "transformer-wan22"] {
+            let dir = case_dir(case);
+            let model =
+                WanTransformer3DModel::load(&dir.join("transformer"), DType::F32, &Device::Cpu)?;
+            let inp = inputs(case);
+            let ctx = &inp["encoder_hidden_states"];
+            let (b, l, d) = ctx.dims3()?;
+            let rows: Vec<Tensor> = (0..b)
+                .map(|bi| {
+                    let own = (3 + 2 * bi).min(l - 2);
+                    let zeros = Tensor::zeros((1, l - own, d), DType::F32, &Device::Cpu)?;
+                    Tensor::cat(&[ctx.narrow(0, bi, 1)?.narrow(1, 0, own)?, zeros], 1)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let padded = Tensor::cat(&rows, 0)?;
+            assert!(
+                kernels::trailing_equal_rows(&padded)? > 1,
+                "{case}: nothing padded"
+            );
+            let run = || model.forward(&inp["hidden_states"], &inp["timestep"], &padded);
+            let counted = run()?;
+            let every_row = kernels::with_isa(Isa::Portable, run)?;
+            let err = rel_error(&counted, &every_row)?;
+            println!("{case} padded prompt: counted vs every row rel error {err:e}");
+            assert!(err <= 1e-5, "{case}: rel error {err}");
         }
         Ok(())
     }
