@@ -1,7 +1,10 @@
 """The PyTorch side of `kino bench`: times one component of diffusers at full size with random
 weights, on the CPU in f32, and prints one JSON line {"seconds", "peak_rss_bytes"}.
 
-usage: python reference.py transformer|vae|attention THREADS [TOKENS]
+usage: python reference.py transformer|vae|attention THREADS [TOKENS [PROMPT_TOKENS]]
+
+PROMPT_TOKENS (transformer, default 512): the text context's rows after it are zeros, as Wan's
+pipelines pad a prompt's embeddings to 512 tokens.
 """
 
 import json
@@ -28,6 +31,8 @@ with torch.no_grad():
         x = torch.randn(1, 16, 5, 32, 32)
         t = torch.tensor([500.0])
         ctx = torch.randn(1, 512, 4096)
+        prompt_tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+        ctx[:, prompt_tokens:] = 0
         start = time.perf_counter()
         model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)
         seconds = time.perf_counter() - start

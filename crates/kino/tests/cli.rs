@@ -841,4 +841,16 @@ fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
         "{}",
         stderr(&o)
     );
+    // A padded prompt is the transformer's setting, 1 to 512 tokens.
+    let o = run(kino().args(["bench", "vae", "--prompt-tokens", "40"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--prompt-tokens applies to the transformer"),
+        "{}",
+        stderr(&o)
+    );
+    for bad in ["0", "513"] {
+        let o = run(kino().args(["bench", "transformer", "--prompt-tokens", bad]));
+        assert!(!o.status.success(), "--prompt-tokens {bad} was taken");
+    }
 }

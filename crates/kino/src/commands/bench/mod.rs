@@ -30,6 +30,11 @@ pub struct Args {
     /// frames at 832×480, 21 latent frames of 30×52 patches).
     #[arg(long, default_value_t = 32_760)]
     tokens: usize,
+    /// `transformer`: the prompt's own tokens among the 512 text tokens; the rest are zeros, as
+    /// Wan's pipelines pad a prompt's embeddings (both sides get the same context). Default 512:
+    /// all 512 random, as no real prompt gives (then nothing repeats).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..=512))]
+    prompt_tokens: u16,
     /// CPU threads for both sides (`transformer`, `vae`; `video` runs in this process with
     /// $RAYON_NUM_THREADS threads, default all cores).
     #[arg(long, default_value_t = 2)]
@@ -119,6 +124,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bail!("unknown benchmark `{other}`; choose transformer, vae, attention, all or video")
         }
     };
+    if a.prompt_tokens != 512 && !what.contains(&"transformer") {
+        bail!("--prompt-tokens applies to the transformer benchmark (`kino bench transformer`)");
+    }
     if what.contains(&"attention") && a.tokens == 0 {
         bail!("--tokens must be at least 1 (the attention's query and key tokens)");
     }
@@ -136,7 +144,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.child {
         let m = match (what[0], formats.first().map(String::as_str)) {
             ("transformer", Some(f)) if f != "f32" => measure_gguf_transformer(&a, f)?,
-            (w, _) => measure_kino(w, a.tokens)?,
+            (w, _) => measure_kino(w, &a)?,
         };
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
@@ -181,6 +189,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let mut cmd = Command::new(exe);
                 cmd.args(["bench", w, "--child", "--format", f]);
                 cmd.arg("--tokens").arg(a.tokens.to_string());
+                cmd.arg("--prompt-tokens").arg(a.prompt_tokens.to_string());
                 if let Some(d) = &a.model_dir {
                     cmd.arg("--model-dir").arg(d);
                 }
@@ -197,7 +206,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 cmd.arg(&script)
                     .arg(w)
                     .arg(a.threads.to_string())
-                    .arg(a.tokens.to_string());
+                    .arg(a.tokens.to_string())
+                    .arg(a.prompt_tokens.to_string());
                 let caps = reference_isa_env(kino_engine::kernels::isa());
                 if !caps.is_empty() {
                     eprintln!(
@@ -227,6 +237,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 w.to_string()
             } else {
                 format!("{w} {f}")
+            };
+            let name = if w == "transformer" && a.prompt_tokens < 512 {
+                format!("{name} (prompt {})", a.prompt_tokens)
+            } else {
+                name
             };
             rows.push((name, kino, reference.clone()));
         }
@@ -412,14 +427,22 @@ fn measure_gguf_transformer(a: &Args, f: &str) -> anyhow::Result<Measure> {
     if std::env::var_os("KINO_BENCH_DEBUG").is_some() {
         eprintln!("loaded: VmRSS {}", rss_line("VmRSS:"));
     }
-    time_forward(&model)
+    time_forward(&model, a.prompt_tokens as usize)
 }
 
-/// One forward at the benchmark's shapes (1,280 video + 512 text tokens), timed.
-fn time_forward(model: &transformer::WanTransformer3DModel) -> anyhow::Result<Measure> {
+/// One forward at the benchmark's shapes (1,280 video + 512 text tokens, the first
+/// `prompt_tokens` of them random, the rest zeros), timed.
+fn time_forward(
+    model: &transformer::WanTransformer3DModel,
+    prompt_tokens: usize,
+) -> anyhow::Result<Measure> {
     let x = randn(&[1, 16, 5, 32, 32], 1)?;
     let t = Tensor::new(&[500f32], &Device::Cpu)?;
-    let ctx = randn(&[1, 512, 4096], 2)?;
+    let mut ctx = randn(&[1, 512, 4096], 2)?;
+    if prompt_tokens < 512 {
+        let pad = Tensor::zeros((1, 512 - prompt_tokens, 4096), DType::F32, &Device::Cpu)?;
+        ctx = Tensor::cat(&[ctx.narrow(1, 0, prompt_tokens)?, pad], 1)?;
+    }
     let start = Instant::now();
     let y = model.forward(&x, &t, &ctx)?;
     let seconds = start.elapsed().as_secs_f64();
@@ -489,7 +512,8 @@ fn randn(shape: &[usize], seed: u64) -> anyhow::Result<Tensor> {
     Ok(vb.get((n, 1), "input")?.reshape(shape)?)
 }
 
-fn measure_kino(what: &str, tokens: usize) -> anyhow::Result<Measure> {
+fn measure_kino(what: &str, a: &Args) -> anyhow::Result<Measure> {
+    let tokens = a.tokens;
     let dev = Device::Cpu;
     let vb = RandomWeights::var_builder(0, DType::F32, &dev);
     match what {
@@ -503,7 +527,7 @@ fn measure_kino(what: &str, tokens: usize) -> anyhow::Result<Measure> {
             }))?;
             let model =
                 kino_engine::memory::lean(|| transformer::WanTransformer3DModel::new(&cfg, vb))?;
-            time_forward(&model)
+            time_forward(&model, a.prompt_tokens as usize)
         }
         "vae" => {
             let cfg: vae::Config =
