@@ -19,6 +19,10 @@ use candle_core::{DType, Device, Tensor};
 use kino_engine::loading::RandomWeights;
 use kino_engine::wan::{transformer, vae};
 
+/// The text tokens of the transformer benchmark's context (Wan's padded prompt length; the
+/// `--prompt-tokens` range and default spell it out, as clap wants literals).
+const TEXT_TOKENS: usize = transformer::WAN_TEXT_CONTEXT_LENGTH;
+
 const REFERENCE_PY: &str = include_str!("../../../../../bench/cpu/reference.py");
 
 #[derive(clap::Args)]
@@ -124,7 +128,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             bail!("unknown benchmark `{other}`; choose transformer, vae, attention, all or video")
         }
     };
-    if a.prompt_tokens != 512 && !what.contains(&"transformer") {
+    if a.prompt_tokens as usize != TEXT_TOKENS && !what.contains(&"transformer") {
         bail!("--prompt-tokens applies to the transformer benchmark (`kino bench transformer`)");
     }
     if what.contains(&"attention") && a.tokens == 0 {
@@ -238,7 +242,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 format!("{w} {f}")
             };
-            let name = if w == "transformer" && a.prompt_tokens < 512 {
+            let name = if w == "transformer" && (a.prompt_tokens as usize) < TEXT_TOKENS {
                 format!("{name} (prompt {})", a.prompt_tokens)
             } else {
                 name
@@ -438,9 +442,13 @@ fn time_forward(
 ) -> anyhow::Result<Measure> {
     let x = randn(&[1, 16, 5, 32, 32], 1)?;
     let t = Tensor::new(&[500f32], &Device::Cpu)?;
-    let mut ctx = randn(&[1, 512, 4096], 2)?;
-    if prompt_tokens < 512 {
-        let pad = Tensor::zeros((1, 512 - prompt_tokens, 4096), DType::F32, &Device::Cpu)?;
+    let mut ctx = randn(&[1, TEXT_TOKENS, 4096], 2)?;
+    if prompt_tokens < TEXT_TOKENS {
+        let pad = Tensor::zeros(
+            (1, TEXT_TOKENS - prompt_tokens, 4096),
+            DType::F32,
+            &Device::Cpu,
+        )?;
         ctx = Tensor::cat(&[ctx.narrow(1, 0, prompt_tokens)?, pad], 1)?;
     }
     let start = Instant::now();
