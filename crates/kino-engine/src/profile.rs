@@ -51,6 +51,10 @@ pub fn spans() -> Vec<(&'static str, f64, u64)> {
     TABLE.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The first line of [`report`] (how `kino bench` finds a child's table in its output).
+pub const REPORT_TITLE: &str =
+    "profile (KINO_PROFILE; inclusive times, device synchronized per span)";
+
 /// A plain-text table of the spans (total, calls, per call), `None` when profiling is off or
 /// nothing was recorded.
 pub fn report() -> Option<String> {
@@ -58,8 +62,7 @@ pub fn report() -> Option<String> {
     if !enabled() || rows.is_empty() {
         return None;
     }
-    let mut s =
-        String::from("profile (KINO_PROFILE; inclusive times, device synchronized per span)\n");
+    let mut s = format!("{REPORT_TITLE}\n");
     s.push_str(&format!(
         "{:<28} {:>10} {:>8} {:>12}\n",
         "span", "total s", "calls", "ms per call"

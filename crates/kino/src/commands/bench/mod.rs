@@ -150,6 +150,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ("transformer", Some(f)) if f != "f32" => measure_gguf_transformer(&a, f)?,
             (w, _) => measure_kino(w, &a)?,
         };
+        // `KINO_PROFILE=1`: where the forward spent its time, on stderr.
+        if let Some(table) = kino_engine::profile::report() {
+            eprintln!("{table}");
+        }
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());
     }
@@ -483,6 +487,11 @@ fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
+    }
+    // `KINO_PROFILE=1`: a Kino child printed where its forward spent its time; pass it on.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(at) = stderr.find(kino_engine::profile::REPORT_TITLE) {
+        eprintln!("{}", stderr[at..].trim_end());
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
