@@ -63,7 +63,8 @@ fn gemm_kernels_match_portable() {
     let isas = simd_isas();
     println!("ISA paths tested here: {isas:?}");
     // Sizes off every block: rows not a multiple of MR or MC, columns not a multiple of NR or
-    // NC, depths below, at and above KC (256) and not multiples of it; with and without bias.
+    // NC, depths below, at and above KC (256; AVX2's 512) and not multiples of it; with and
+    // without bias.
     for (m, n, k, bias) in [
         (1, 1, 1, false),
         (5, 7, 3, true),
@@ -75,6 +76,8 @@ fn gemm_kernels_match_portable() {
         (9, 45, 40, true),
         (3, 29, 17, false),
         (8, 60, 300, true),
+        (11, 40, 512, false),
+        (14, 19, 1030, true),
     ] {
         let a = rand_vec(m * k, 1);
         let w = rand_vec(n * k, 2);
@@ -408,7 +411,7 @@ fn threaded_products_equal_serial_bit_for_bit() -> candle_core::Result<()> {
     for kernel in kernels {
         {
             let isa = kernel.name;
-            for (m, k, n) in [(1283, 70, 1100), (13, 300, 40), (1, 5, 33)] {
+            for (m, k, n) in [(1283, 70, 1100), (13, 300, 40), (1, 5, 33), (37, 1100, 70)] {
                 let a = rand_vec(m * k, 1);
                 let wv = rand_vec(n * k, 2);
                 let bias = rand_vec(n, 3);
