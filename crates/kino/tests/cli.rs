@@ -822,35 +822,35 @@ fn bench_attention_runs_and_unknown_benchmarks_are_refused() {
         (median - sorted[1]).abs() < 1.5e-3,
         "median {median} of {pairs:?}"
     );
-    let o = run(kino().args(["bench", "attention", "--runs", "0"]));
-    assert!(!o.status.success());
-    let o = run(kino().args(["bench", "video", "--runs", "2"]));
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("--runs applies to"), "{}", stderr(&o));
-    let o = run(kino().args(["bench", "attention", "--tokens", "0"]));
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("--tokens must be at least 1"),
-        "{}",
-        stderr(&o)
-    );
-    let o = run(kino().args(["bench", "attn"]));
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("choose transformer, vae, attention, all or video"),
-        "{}",
-        stderr(&o)
-    );
-    // A padded prompt is the transformer's setting, 1 to 512 tokens.
-    let o = run(kino().args(["bench", "vae", "--prompt-tokens", "40"]));
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("--prompt-tokens applies to the transformer"),
-        "{}",
-        stderr(&o)
-    );
-    for bad in ["0", "513"] {
-        let o = run(kino().args(["bench", "transformer", "--prompt-tokens", bad]));
-        assert!(!o.status.success(), "--prompt-tokens {bad} was taken");
+    // Refused with a message that says why (a padded prompt is the transformer's setting)…
+    let refused: &[(&[&str], &str)] = &[
+        (&["video", "--runs", "2"], "--runs applies to"),
+        (
+            &["attention", "--tokens", "0"],
+            "--tokens must be at least 1",
+        ),
+        (
+            &["attn"],
+            "choose transformer, vae, attention, all or video",
+        ),
+        (
+            &["vae", "--prompt-tokens", "40"],
+            "--prompt-tokens applies to the transformer",
+        ),
+    ];
+    for (args, want) in refused {
+        let o = run(kino().arg("bench").args(*args));
+        assert!(!o.status.success(), "{args:?} was taken");
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    // …and refused outright: runs from 1, prompt tokens 1 to 512.
+    let bad: &[&[&str]] = &[
+        &["attention", "--runs", "0"],
+        &["transformer", "--prompt-tokens", "0"],
+        &["transformer", "--prompt-tokens", "513"],
+    ];
+    for args in bad {
+        let o = run(kino().arg("bench").args(*args));
+        assert!(!o.status.success(), "{args:?} was taken");
     }
 }
