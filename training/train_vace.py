@@ -85,6 +85,14 @@ CONFIG = {
     "flow_shift": [10.0, 2.0],
     "bf16": True,
     "encode_batch": 16,
+    # The flow-matching loss on latent cells the target's object touches (dilated by a cell)
+    # counts 1 + object_weight times, and on cells where the three shapes would differ
+    # (world.shape_difference) 1 + shape_weight more at noise levels up to shape_max_sigma, as
+    # train.py's dit_train weighs them: the object is a few percent of a clip, and a reference's
+    # colour and shape live only there. 0 and 0: every cell alike (the runs up to r4).
+    "object_weight": 0.0,
+    "shape_weight": 0.0,
+    "shape_max_sigma": 0.8,
 }
 SMOKE = {"samples": 10, "steps": 2, "batch": 4, "warmup": 1, "encode_batch": 4}
 
@@ -305,11 +313,12 @@ def make_sample(task, rng, combos, cfg, w, h, frames):
             if rng.random() >= cfg["edit"]["keep_masked"]:
                 video[mask > 0.5] = GRAY
             return dict(task=task, target=target, video=video, mask=mask, ref=None,
-                        caption=("full", combo))
+                        caption=("full", combo), scene=scene)
         if task == "reference":
             scene = world.sample_scene(combo, w, h, rng)
             return dict(task=task, target=world.render(scene, w, h, frames), video=None, mask=None,
-                        ref=reference_image(c, s, w, h, rng), caption=("reference", combo))
+                        ref=reference_image(c, s, w, h, rng), caption=("reference", combo),
+                        scene=scene)
         if task == "continue":
             k = cfg["continue"]["context"]
             m2 = rng.choice([x for x in world.MOTIONS if x != m]) \
@@ -323,23 +332,33 @@ def make_sample(task, rng, combos, cfg, w, h, frames):
             mask = np.ones((frames, h, w), np.float32)
             mask[:k] = 0
             return dict(task=task, target=target, video=video, mask=mask, ref=None,
-                        caption=("full", (c, s, m2, b)))
+                        caption=("full", (c, s, m2, b)), scene=scene)
         scene = world.sample_scene(combo, w, h, rng)
         target = world.render(scene, w, h, frames)
         if task == "text":
             return dict(task=task, target=target, video=None, mask=None, ref=None,
-                        caption=("full", combo))
+                        caption=("full", combo), scene=scene)
         video = np.full_like(target, GRAY)
         video[0] = target[0]
         mask = np.ones((frames, h, w), np.float32)
         mask[0] = 0
         return dict(task="image", target=target, video=video, mask=mask, ref=None,
-                    caption=("full", combo))
+                    caption=("full", combo), scene=scene)
 
 
 def draw_caption(spec, rng):
     kind, combo = spec
     return world.caption(*combo, rng) if kind == "full" else reference_caption(*combo, rng)
+
+
+def loss_cells(part, x, vae, w, h, frames):
+    """The latent cells the loss weighs more for samples `part` with target clips `x`
+    [B, 3, F, H, W]: the object's (train.latent_object_mask) and those where the three shapes
+    would differ (train.latent_shape_mask of world.shape_difference of each target's scene),
+    uint8 [B, 1, F', H', W'] each."""
+    diff = torch.from_numpy(np.stack([world.shape_difference(s["scene"], w, h, frames)
+                                      for s in part]))
+    return train.latent_object_mask(x, vae), train.latent_shape_mask(diff, vae)
 
 
 def build_dataset(cfg, enc, combos, w, h, frames, seed, pipe=None):
@@ -360,13 +379,19 @@ def build_dataset(cfg, enc, combos, w, h, frames, seed, pipe=None):
         for i in range(0, len(group), eb):
             part = group[i : i + eb]
             ctrl = sample_control(enc, part, w, h, frames)
-            tgt = enc(to_tensor([s["target"] for s in part]))
+            x = to_tensor([s["target"] for s in part])
+            tgt = enc(x)
+            obj, shp = loss_cells(part, x, enc.vae, w, h, frames)
             if ref:
                 r = enc(to_tensor([s["ref"][None] for s in part]))
                 tgt = torch.cat([r, tgt], dim=2)
+                # The reference's own latent frame: no object or shape cells of the target.
+                obj = torch.cat([torch.zeros_like(obj[:, :, :1]), obj], dim=2)
+                shp = torch.cat([torch.zeros_like(shp[:, :, :1]), shp], dim=2)
+            assert obj.shape[2:] == tgt.shape[2:], (obj.shape, tgt.shape)
             for j, s in enumerate(part):
                 data.append(dict(task=s["task"], caption=s["caption"], x0=tgt[j].clone(),
-                                 control=ctrl[j].clone()))
+                                 control=ctrl[j].clone(), obj=obj[j].clone(), shp=shp[j].clone()))
             # Only the recurring encodes (gray and zero videos) are worth keeping.
             enc.forget_except(set(list(enc.memo)[:64]))
             done = i + len(part)
@@ -460,6 +485,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--vace-layers", type=int, nargs="+")
+    ap.add_argument("--object-weight", type=float,
+                    help="extra loss weight of the latent cells the target's object touches")
+    ap.add_argument("--shape-weight", type=float,
+                    help="extra loss weight of the cells where the shapes would differ, at noise "
+                         "levels up to shape_max_sigma")
     ap.add_argument("--save-every", type=int, help="save the EMA model every N steps to OUT/step-N")
     ap.add_argument("--max-minutes", type=float,
                     help="stop training (and save) after this many minutes of the whole run")
@@ -477,7 +507,7 @@ def main(argv=None):
     cfg = copy.deepcopy(CONFIG)
     if args.smoke:
         cfg.update(SMOKE)
-    for k in ("steps", "samples", "batch", "lr"):
+    for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.vace_layers:
@@ -561,7 +591,8 @@ def main(argv=None):
         record["runs"] = prior.get("runs", [])
 
     enc = Encoder(vae)
-    key = {k: cfg[k] for k in ("seed", "tasks", "samples", "edit", "continue")}
+    # "cells": the samples also hold the loss-weighting cells (caches made before lack them).
+    key = {k: cfg[k] for k in ("seed", "tasks", "samples", "edit", "continue")} | {"cells": 1}
     cached = torch.load(args.data_cache) if args.data_cache and args.data_cache.exists() else {}
     if cached.get("key") == key:
         data, enc_s = cached["data"], 0.0
@@ -576,6 +607,12 @@ def main(argv=None):
         counts[d["task"]] = counts.get(d["task"], 0) + 1
     record["samples"] = counts
     log(f"{len(data)} samples {counts}, encoded in {enc_s:.0f} s")
+    obj_frac = float(np.mean([d["obj"].float().mean().item() for d in data]))
+    shp_frac = float(np.mean([d["shp"].float().mean().item() for d in data]))
+    record["loss_cells"] = {"object": round(obj_frac, 4), "shape": round(shp_frac, 4)}
+    log(f"loss weights: object cells {obj_frac:.3f} (weight 1 + {cfg['object_weight']}), "
+        f"shape cells {shp_frac:.3f} (1 + {cfg['shape_weight']} at sigma <= "
+        f"{cfg['shape_max_sigma']})")
 
     params = [p for p in tr.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
@@ -616,6 +653,8 @@ def main(argv=None):
             groups.setdefault(data[i]["x0"].shape[1], []).append(i)
         for ids in groups.values():
             x0 = torch.stack([data[i]["x0"] for i in ids])
+            obj = torch.stack([data[i]["obj"] for i in ids]).float()
+            shp = torch.stack([data[i]["shp"] for i in ids]).float()
             ctrl = torch.stack([data[i]["control"] for i in ids])
             prompts = ["" if rng.random() < cfg["caption_dropout"]
                        else draw_caption(data[i]["caption"], rng) for i in ids]
@@ -630,7 +669,10 @@ def main(argv=None):
             with autocast:
                 pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                           control_hidden_states=ctrl, return_dict=False)[0]
-            err = (pred.float() - (noise - x0)).pow(2).mean(dim=(1, 2, 3, 4))
+            wt = 1 + cfg["object_weight"] * obj + cfg["shape_weight"] * shp * (
+                s <= cfg["shape_max_sigma"]).float()
+            err = ((pred.float() - (noise - x0)).pow(2) * wt).mean(dim=(1, 2, 3, 4)) \
+                / wt.mean(dim=(1, 2, 3, 4))
             loss = err.sum() / len(idx)
             loss.backward()
             total += loss.item()
