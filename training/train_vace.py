@@ -442,10 +442,11 @@ def build_transformer(base: pathlib.Path, vace_layers, vae):
     return tr
 
 
-def load_branch(tr, init: pathlib.Path):
+def load_branch(tr, init: pathlib.Path, main_from_base: bool = False):
     """Starts from a trained folder: its VACE branch, and its main blocks where an earlier run
-    trained them (`--train-main`); the folder must have the same config as the one built from
-    --base."""
+    trained them (`--train-main`) or they came from an older base, unless `main_from_base` (then
+    only the `vace_` tensors: the branch moves onto --base's main blocks); the folder must have
+    the same config as the one built from --base."""
     from safetensors.torch import load_file
 
     sd = load_file(init / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -453,6 +454,8 @@ def load_branch(tr, init: pathlib.Path):
     if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
         raise SystemExit(f"--init {init}: its transformer's tensors differ from the one built "
                          f"from --base (vace_layers or config differ)")
+    if main_from_base:
+        sd = {k: v if k.startswith("vace_") else own[k] for k, v in sd.items()}
     changed = sorted({k.split(".")[1] for k, v in sd.items()
                       if k.startswith("blocks.") and not torch.equal(v.float(), own[k].float())})
     tr.load_state_dict(sd)
@@ -498,6 +501,9 @@ def main(argv=None):
     ap.add_argument("--init", type=pathlib.Path,
                     help="a kino-shapes-vace folder to start from: its VACE branch, and its main "
                          "blocks where an earlier run trained them (same config as --base's)")
+    ap.add_argument("--main-from-base", action="store_true",
+                    help="with --init: take only its VACE branch; the main transformer stays "
+                         "--base's (e.g. to move the branch onto a newer kino-shapes)")
     ap.add_argument("--train-main", type=int, nargs="+", metavar="BLOCK",
                     help="also train these main blocks (frozen by default), e.g. --train-main 2 3")
     ap.add_argument("--tasks", help="fractions of the samples per task, e.g. "
@@ -558,7 +564,8 @@ def main(argv=None):
         p.requires_grad_(False)
     tr = build_transformer(base, cfg["vace_layers"], vae)
     if args.init:
-        load_branch(tr, args.init)
+        load_branch(tr, args.init, args.main_from_base)
+        cfg["main_from_base"] = args.main_from_base
     if args.train_main:
         cfg["train_main"] = args.train_main
     main_prefixes = tuple(f"blocks.{i}." for i in cfg.get("train_main", []))
