@@ -105,6 +105,11 @@ CONFIG = {
     # the noise of a single sample's target, where the flow-matching loss alone left the shape
     # unlearnt.
     "distill": 0.0,
+    # Each reference sample also gets this many other reference images of its object (same colour
+    # and shape, another size and place), encoded once; every step draws one of them or the
+    # sample's own. 825 reference images are few for learning to read a shape wherever and at
+    # whatever size it is drawn (0: only the sample's own, the runs up to r8).
+    "ref_variants": 0,
 }
 SMOKE = {"samples": 10, "steps": 2, "batch": 4, "warmup": 1, "encode_batch": 4}
 
@@ -417,6 +422,35 @@ def build_dataset(cfg, enc, combos, w, h, frames, seed, pipe=None):
 # Model
 
 
+def add_ref_variants(data, enc, cfg, w, h, cache: pathlib.Path | None) -> float:
+    """Gives every reference sample `cfg["ref_variants"]` more reference latents ("refs",
+    [K, z, h', w']): its object drawn again at another size and place, encoded as the sample's
+    own (kept in CACHE.refs-K.pt beside the data cache). Returns the seconds spent encoding."""
+    k = cfg["ref_variants"]
+    idx = [i for i, d in enumerate(data) if d["caption"][0] == "reference"]
+    path = cache.with_suffix(f".refs-{k}.pt") if cache else None
+    key = {"seed": cfg["seed"], "n": len(idx), "k": k}
+    if path and path.exists():
+        got = torch.load(path)
+        if got.get("key") == key:
+            for i, r in zip(idx, got["refs"]):
+                data[i]["refs"] = r
+            log(f"{k} more reference images per reference sample from {path}")
+            return 0.0
+    start, rng, refs = time.time(), random.Random(cfg["seed"] + 7), []
+    for n, i in enumerate(idx):
+        c, shp = data[i]["caption"][1][:2]
+        imgs = [reference_image(c, shp, w, h, rng)[None] for _ in range(k)]
+        refs.append(enc(to_tensor(imgs))[:, :, 0].clone())
+        data[i]["refs"] = refs[-1]
+        enc.forget_except(set())
+        if (n + 1) % 100 == 0:
+            log(f"reference variants {n + 1}/{len(idx)} ({time.time() - start:.0f} s)")
+    if path:
+        torch.save({"key": key, "refs": refs}, path)
+    return time.time() - start
+
+
 def build_transformer(base: pathlib.Path, vace_layers, vae):
     from diffusers import WanVACETransformer3DModel
     from safetensors.torch import load_file
@@ -508,6 +542,9 @@ def main(argv=None):
     ap.add_argument("--distill", type=float,
                     help="weight of the teacher loss on reference samples: the main model given "
                          "the full caption, no control (0: off)")
+    ap.add_argument("--ref-variants", type=int,
+                    help="other reference images per reference sample (same object, another size "
+                         "and place), one drawn per step")
     ap.add_argument("--save-every", type=int, help="save the EMA model every N steps to OUT/step-N")
     ap.add_argument("--max-minutes", type=float,
                     help="stop training (and save) after this many minutes of the whole run")
@@ -528,7 +565,8 @@ def main(argv=None):
     cfg = copy.deepcopy(CONFIG)
     if args.smoke:
         cfg.update(SMOKE)
-    for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight", "distill"):
+    for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight", "distill",
+              "ref_variants"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.vace_layers:
@@ -623,6 +661,8 @@ def main(argv=None):
         data, enc_s = build_dataset(cfg, enc, combos, w, h, frames, cfg["seed"] + 1, pipe)
         if args.data_cache:
             torch.save({"key": key, "data": data}, args.data_cache)
+    if cfg["ref_variants"]:
+        enc_s += add_ref_variants(data, enc, cfg, w, h, args.data_cache)
     record["encode_seconds"] = round(enc_s, 1)
     counts = {}
     for d in data:
@@ -678,6 +718,13 @@ def main(argv=None):
             obj = torch.stack([data[i]["obj"] for i in ids]).float()
             shp = torch.stack([data[i]["shp"] for i in ids]).float()
             ctrl = torch.stack([data[i]["control"] for i in ids])
+            # Another drawing of a reference sample's object, where it has them: the reference
+            # is latent frame 0 of the target and of the control's inactive channels.
+            for k, i in enumerate(ids):
+                refs = data[i].get("refs")
+                if refs is not None and (j := rng.randrange(len(refs) + 1)) < len(refs):
+                    x0[k, :, 0] = refs[j]
+                    ctrl[k, : refs.shape[1], 0] = refs[j]
             prompts = ["" if rng.random() < cfg["caption_dropout"]
                        else draw_caption(data[i]["caption"], rng) for i in ids]
             u = torch.rand(len(ids), generator=g)

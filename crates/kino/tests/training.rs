@@ -402,7 +402,7 @@ fn adapter_training_script_runs_a_few_steps_and_kino_loads_the_adapters() {
 
 /// `training/train_vace.py --smoke` (kino-shapes-vace's training) runs a few steps of every task
 /// with the object- and shape-weighted loss and the teacher loss on reference samples
-/// (`--distill`), its control latents equal to `WanVACEPipeline`'s, and writes a VACE folder that `kino generate --reference` loads and runs.
+/// (`--distill`) and other drawings of each reference (`--ref-variants`), its control latents equal to `WanVACEPipeline`'s, and writes a VACE folder that `kino generate --reference` loads and runs.
 #[test]
 fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
     let python = python();
@@ -412,7 +412,8 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
         Command::new(&python)
             .arg(repo().join("training/train_vace.py"))
             .args(["--smoke", "--threads", "1", "--object-weight", "2"])
-            .args(["--shape-weight", "4", "--distill", "1", "--steps", "4", "--out"])
+            .args(["--shape-weight", "4", "--distill", "1", "--steps", "4"])
+            .args(["--ref-variants", "2", "--out"])
             .arg(&out),
     );
     assert!(ok, "train_vace.py --smoke failed:\n{log}");
@@ -441,6 +442,7 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
     assert_eq!(record["config"]["shape_weight"], 4.0);
     // The teacher (the main model given the full caption) ran on the reference samples drawn.
     assert_eq!(record["config"]["distill"], 1.0);
+    assert_eq!(record["config"]["ref_variants"], 2);
     let distill = record["loss_per_task_last_100"]["distill"]
         .as_f64()
         .unwrap_or(f64::NAN);
