@@ -110,6 +110,12 @@ CONFIG = {
     # sample's own. 825 reference images are few for learning to read a shape wherever and at
     # whatever size it is drawn (0: only the sample's own, the runs up to r8).
     "ref_variants": 0,
+    # An auxiliary loss for reference samples: two linear heads (trained here, not saved) read the
+    # reference's shape and colour from the last VACE block's hint, averaged over the tokens the
+    # target's object covers in the video frames, with this weight on their cross-entropy. It asks
+    # the branch to carry the reference's shape to where the object is drawn, which neither
+    # the flow-matching loss nor the teacher made it do (0: off, the runs up to r9).
+    "aux": 0.0,
 }
 SMOKE = {"samples": 10, "steps": 2, "batch": 4, "warmup": 1, "encode_batch": 4}
 
@@ -545,6 +551,9 @@ def main(argv=None):
     ap.add_argument("--ref-variants", type=int,
                     help="other reference images per reference sample (same object, another size "
                          "and place), one drawn per step")
+    ap.add_argument("--aux", type=float,
+                    help="weight of the auxiliary shape and colour heads on the last VACE hint "
+                         "(reference samples; the heads are not saved)")
     ap.add_argument("--save-every", type=int, help="save the EMA model every N steps to OUT/step-N")
     ap.add_argument("--max-minutes", type=float,
                     help="stop training (and save) after this many minutes of the whole run")
@@ -566,7 +575,7 @@ def main(argv=None):
     if args.smoke:
         cfg.update(SMOKE)
     for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight", "distill",
-              "ref_variants"):
+              "ref_variants", "aux"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.vace_layers:
@@ -677,7 +686,16 @@ def main(argv=None):
         f"{cfg['shape_max_sigma']})")
 
     params = [p for p in tr.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.99))
+    heads, captured = None, {}
+    if cfg["aux"] > 0:
+        dim = tr.config.num_attention_heads * tr.config.attention_head_dim
+        heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(dim, len(world.SHAPES)),
+                                     "colour": torch.nn.Linear(dim, len(world.COLOURS))})
+        tr.vace_blocks[-1].register_forward_hook(
+            lambda _m, _i, out: captured.__setitem__("hint", out[0]))
+    head_params = list(heads.parameters()) if heads is not None else []
+    opt = torch.optim.AdamW(params + head_params, lr=cfg["lr"], weight_decay=0.01,
+                            betas=(0.9, 0.99))
     ema = copy.deepcopy(tr).eval()
     ema_params = [p for n, p in ema.named_parameters() if trained(n)]
     rng = random.Random(cfg["seed"] + 2)
@@ -738,6 +756,26 @@ def main(argv=None):
             with autocast:
                 pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                           control_hidden_states=ctrl, return_dict=False)[0]
+            aux_err = None
+            refd = [k for k, i in enumerate(ids) if data[i]["caption"][0] == "reference"]
+            if heads is not None and refd:
+                # The last hint [B, tokens, dim] averaged over the video tokens the object covers
+                # (patches of 2 × 2 latent cells; the reference frame's tokens have none).
+                sel = torch.tensor(refd)
+                hint = captured["hint"][sel].float()
+                o = obj[sel, 0]
+                b_, t_, h_, w_ = o.shape
+                tok_w = o.view(b_, t_, h_ // 2, 2, w_ // 2, 2).amax(dim=(3, 5)).flatten(1)
+                tok_w = tok_w / tok_w.sum(dim=1, keepdim=True).clamp(min=1.0)
+                pooled = (hint * tok_w[:, :, None]).sum(dim=1)
+                combos = [data[ids[k]]["caption"][1] for k in refd]
+                ys = torch.tensor([world.SHAPES.index(c[1]) for c in combos])
+                yc = torch.tensor([list(world.COLOURS).index(c[0]) for c in combos])
+                ls, lc = heads["shape"](pooled), heads["colour"](pooled)
+                aux_err = (sel, F.cross_entropy(ls, ys, reduction="none")
+                           + F.cross_entropy(lc, yc, reduction="none"))
+                per_task.setdefault("aux_shape_acc", []).extend(
+                    (ls.argmax(1) == ys).float().tolist())
             wt = 1 + cfg["object_weight"] * obj + cfg["shape_weight"] * shp * (
                 s <= cfg["shape_max_sigma"]).float()
             err = ((pred.float() - (noise - x0)).pow(2) * wt).mean(dim=(1, 2, 3, 4)) \
@@ -748,6 +786,8 @@ def main(argv=None):
             # was not dropped; the reference frame (latent frame 0) has no teacher.
             taught = [k for k, (i, p) in enumerate(zip(ids, prompts))
                       if data[i]["caption"][0] == "reference" and p]
+            if aux_err is not None:
+                err = err.index_add(0, aux_err[0], cfg["aux"] * aux_err[1])
             if cfg["distill"] > 0 and taught:
                 sel = torch.tensor(taught)
                 full = [world.caption(*data[ids[k]]["caption"][1], rng) for k in taught]
@@ -767,7 +807,7 @@ def main(argv=None):
             total += loss.item()
             for i, e in zip(ids, err_fm.tolist()):
                 per_task.setdefault(data[i]["task"], []).append(e)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params + head_params, 1.0)
         opt.step()
         decay = min(cfg["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
