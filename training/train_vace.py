@@ -116,6 +116,12 @@ CONFIG = {
     # the branch to carry the reference's shape to where the object is drawn, which neither
     # the flow-matching loss nor the teacher made it do (0: off, the runs up to r9).
     "aux": 0.0,
+    # With the teacher (distill > 0): also pull the main stream's hidden states after each main
+    # block and its hint (the reference frame's tokens left out) towards the teacher's after the
+    # same block, the object's tokens weighted 1 + 8, each layer's error over the teacher's mean
+    # square, with this weight. The hint then has a target of its own at every layer, where the
+    # output's error reaches it only through the frozen blocks after it (0: off).
+    "feature_distill": 0.0,
 }
 SMOKE = {"samples": 10, "steps": 2, "batch": 4, "warmup": 1, "encode_batch": 4}
 
@@ -554,6 +560,9 @@ def main(argv=None):
     ap.add_argument("--aux", type=float,
                     help="weight of the auxiliary shape and colour heads on the last VACE hint "
                          "(reference samples; the heads are not saved)")
+    ap.add_argument("--feature-distill", type=float,
+                    help="with --distill: weight of matching the teacher's hidden states after "
+                         "each main block")
     ap.add_argument("--save-every", type=int, help="save the EMA model every N steps to OUT/step-N")
     ap.add_argument("--max-minutes", type=float,
                     help="stop training (and save) after this many minutes of the whole run")
@@ -575,7 +584,7 @@ def main(argv=None):
     if args.smoke:
         cfg.update(SMOKE)
     for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight", "distill",
-              "ref_variants", "aux"):
+              "ref_variants", "aux", "feature_distill"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.vace_layers:
@@ -694,6 +703,12 @@ def main(argv=None):
         tr.vace_blocks[-1].register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("hint", out[0]))
     head_params = list(heads.parameters()) if heads is not None else []
+    # The main stream after each main block and its hint: the input of the next block, and of
+    # norm_out after the last (feature_distill).
+    streams = []
+    if cfg["feature_distill"] > 0:
+        for mod in list(tr.blocks)[1:] + [tr.norm_out]:
+            mod.register_forward_pre_hook(lambda _m, a: streams.append(a[0]))
     opt = torch.optim.AdamW(params + head_params, lr=cfg["lr"], weight_decay=0.01,
                             betas=(0.9, 0.99))
     ema = copy.deepcopy(tr).eval()
@@ -753,6 +768,7 @@ def main(argv=None):
             xt = (1 - s) * x0 + s * noise
             with torch.no_grad(), autocast:
                 emb = encode_text(tok, te, prompts, L)
+            streams.clear()
             with autocast:
                 pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                           control_hidden_states=ctrl, return_dict=False)[0]
@@ -791,6 +807,8 @@ def main(argv=None):
             if cfg["distill"] > 0 and taught:
                 sel = torch.tensor(taught)
                 full = [world.caption(*data[ids[k]]["caption"][1], rng) for k in taught]
+                student_streams = list(streams)
+                streams.clear()
                 with torch.no_grad(), autocast:
                     emb_t = encode_text(tok, te, full, L)
                     teach = tr(hidden_states=xt[sel, :, 1:], timestep=sigma[sel] * 1000,
@@ -801,6 +819,18 @@ def main(argv=None):
                 err_d = ((pred[sel, :, 1:].float() - teach).pow(2) * wv).mean(dim=(1, 2, 3, 4)) \
                     / wv.mean(dim=(1, 2, 3, 4))
                 err = err.index_add(0, sel, cfg["distill"] * err_d)
+                if cfg["feature_distill"] > 0:
+                    o = obj[sel, 0, 1:]
+                    b_, t_, h_, w_ = o.shape
+                    tw = 1 + 8 * o.view(b_, t_, h_ // 2, 2, w_ // 2, 2).amax(dim=(3, 5)).flatten(1)
+                    err_f = 0.0
+                    for st, tt in zip(student_streams, streams):
+                        tt = tt.float()
+                        sv = st[sel].float()[:, st.shape[1] - tt.shape[1]:]
+                        e = ((sv - tt).pow(2).mean(dim=2) * tw).sum(dim=1) / tw.sum(dim=1)
+                        err_f = err_f + e / tt.pow(2).mean(dim=(1, 2))
+                    err = err.index_add(0, sel, cfg["feature_distill"] * err_f)
+                    per_task.setdefault("features", []).extend(err_f.tolist())
                 per_task.setdefault("distill", []).extend(err_d.tolist())
             loss = err.sum() / len(idx)
             loss.backward()
