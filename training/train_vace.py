@@ -116,6 +116,10 @@ CONFIG = {
     # the branch to carry the reference's shape to where the object is drawn, which neither
     # the flow-matching loss nor the teacher made it do (0: off, the runs up to r9).
     "aux": 0.0,
+    # ... only on samples at noise levels from this one up: below it the object's shape shows in
+    # the noisy latents themselves, which the branch also sees (its first block adds the main
+    # stream), and the heads learnt to read it there instead of from the reference.
+    "aux_min_sigma": 0.9,
     # With the teacher (distill > 0): also pull the main stream's hidden states after each main
     # block and its hint (the reference frame's tokens left out) towards the teacher's after the
     # same block, the object's tokens weighted 1 + 8, each layer's error over the teacher's mean
@@ -560,6 +564,8 @@ def main(argv=None):
     ap.add_argument("--aux", type=float,
                     help="weight of the auxiliary shape and colour heads on the last VACE hint "
                          "(reference samples; the heads are not saved)")
+    ap.add_argument("--aux-min-sigma", type=float,
+                    help="the auxiliary heads' loss only at noise levels from this one up")
     ap.add_argument("--feature-distill", type=float,
                     help="with --distill: weight of matching the teacher's hidden states after "
                          "each main block")
@@ -584,7 +590,8 @@ def main(argv=None):
     if args.smoke:
         cfg.update(SMOKE)
     for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight", "distill",
-              "ref_variants", "aux", "feature_distill"):
+              "ref_variants", "aux", "aux_min_sigma",
+              "feature_distill"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.vace_layers:
@@ -773,7 +780,8 @@ def main(argv=None):
                 pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                           control_hidden_states=ctrl, return_dict=False)[0]
             aux_err = None
-            refd = [k for k, i in enumerate(ids) if data[i]["caption"][0] == "reference"]
+            refd = [k for k, i in enumerate(ids) if data[i]["caption"][0] == "reference"
+                    and sigma[k] >= cfg["aux_min_sigma"]]
             if heads is not None and refd:
                 # The last hint [B, tokens, dim] averaged over the video tokens the object covers
                 # (patches of 2 × 2 latent cells; the reference frame's tokens have none).
