@@ -725,7 +725,7 @@ def main(argv=None):
     shifts = torch.tensor(cfg["flow_shift"])
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"])
     tr.train()
-    losses, per_task, start = [], {}, time.time()
+    losses, per_task, gnorms, start = [], {}, [], time.time()
     record["steps_run"] = 0
 
     def checkpoint(step):
@@ -845,7 +845,8 @@ def main(argv=None):
             total += loss.item()
             for i, e in zip(ids, err_fm.tolist()):
                 per_task.setdefault(data[i]["task"], []).append(e)
-        torch.nn.utils.clip_grad_norm_(params + head_params, 1.0)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params + head_params, 1.0))
+        gnorms.append(gnorm)
         opt.step()
         decay = min(cfg["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
@@ -857,7 +858,8 @@ def main(argv=None):
             el = time.time() - start
             tasks = " ".join(f"{k} {np.mean(v[-100:]):.3f}" for k, v in sorted(per_task.items()))
             log(f"step {step + 1}/{cfg['steps']} loss {np.mean(losses[-10:]):.4f} ({tasks}) "
-                f"lr {lr:.2e} {el / (step + 1):.2f} s/step")
+                f"lr {lr:.2e} grad norm {np.median(gnorms[-10:]):.2f} (clipped to 1) "
+                f"{el / (step + 1):.2f} s/step")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < cfg["steps"]:
             record["loss_last_100"] = float(np.mean(losses[-100:]))
             checkpoint(step + 1)

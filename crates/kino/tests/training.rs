@@ -446,7 +446,10 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
     let distill = record["loss_per_task_last_100"]["distill"]
         .as_f64()
         .unwrap_or(f64::NAN);
-    assert!(distill.is_finite() && distill > 0.0, "distill loss {distill}");
+    assert!(
+        distill.is_finite() && distill > 0.0,
+        "distill loss {distill}"
+    );
     let loss = record["loss_last_100"].as_f64().unwrap_or(f64::NAN);
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
 
@@ -486,4 +489,28 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
     );
     let info = kino_media::probe(&video).unwrap();
     assert_eq!((info.width, info.height, info.frame_count), (64, 64, 17));
+
+    // `training/vace_probe.py` (how much a reference's shape and colour move the prediction,
+    // against the teacher's caption) runs on the folder and prints one row per noise level.
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/vace_probe.py"))
+            .args(["--samples", "1", "--sigmas", "0.9", "--model"])
+            .arg(&out),
+    );
+    assert!(ok, "vace_probe.py failed:\n{log}");
+    let row = log
+        .lines()
+        .find(|l| l.trim_start().starts_with("0.9 "))
+        .unwrap_or_else(|| panic!("no row for sigma 0.9:\n{log}"));
+    let values: Vec<f64> = row
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(f64::NAN))
+        .collect();
+    assert_eq!(values.len(), 5, "{row}");
+    assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0), "{row}");
+    // The teacher's prediction moves when its caption names another colour (a probe comparing a
+    // prediction with itself would read 0 here).
+    assert!(values[3] > 0.0, "{row}");
 }
