@@ -8,13 +8,15 @@ predictions over the latent cells of the video's object is how much the referenc
 colour) moves the output. Beside it, the same for the teacher `train_vace.py --distill` uses: the
 main model alone (every hint scaled by 0) given the full caption, once with the true shape (or
 colour) and once with the other. A model that takes the shape from the reference moves about as
-much as the teacher does; one that ignores it moves by nothing.
+much as the teacher does; one that ignores it moves by nothing. The hints columns say where it
+is lost: how much the hints the VACE blocks hand to the main blocks change with the reference.
 
     V/bin/python training/vace_probe.py --model models/kino-shapes-vace [--samples 40]
 
-Found with it (stop 41, README of models/kino-shapes-vace): the shipped branch moves with the
-reference's colour as much as the teacher (0.10–0.32 against 0.09–0.16) and with its shape by
-0.001, a twentieth of the teacher's 0.011–0.033.
+Found with it (stop 41, models/kino-shapes-vace/README.md): the branches trained so far move with
+the reference's colour (less than the teacher does) and with its shape by 0.001–0.01, against
+the teacher's 0.14–0.21; their hints change with the reference's shape hardly more than with
+the same object drawn elsewhere: the branch does not read the shape off the reference.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     combos = world.combinations()
     rows = {s: [] for s in args.sigmas}
+    # The hints the VACE blocks hand to the main blocks, from the latest forward.
+    hints = []
+    for blk in tr.vace_blocks:
+        blk.register_forward_hook(lambda _m, _i, out: hints.append(out[0]))
 
     def ref_latent(colour, shape):
         return enc(train.to_tensor([tv.reference_image(colour, shape, w, h, rng)[None]]))[:, :, 0]
@@ -81,7 +87,9 @@ def main(argv=None):
                                       [:, :, 0])
             s2 = rng.choice([x for x in world.SHAPES if x != s])
             c2 = rng.choice([x for x in world.COLOURS if x not in (c, b, "white")])
-            alt = {"shape": (c, s2), "colour": (c2, s)}
+            # "place": the same object drawn elsewhere (the teacher's caption unchanged), what
+            # the other two changes also do besides their own.
+            alt = {"shape": (c, s2), "colour": (c2, s), "place": (c, s)}
             vague = f"an object {tv._motion_bg(mo, b, rng)}"
             prompts = [vague, world.canonical_prompt(c, s, mo, b)] + [
                 world.canonical_prompt(ac, ash, mo, b) for ac, ash in alt.values()]
@@ -92,6 +100,7 @@ def main(argv=None):
                 t = torch.tensor([sig * 1000.0])
 
                 def student(cl):
+                    hints.clear()
                     return tr(hidden_states=xt, timestep=t, encoder_hidden_states=emb[:1],
                               control_hidden_states=cl, return_dict=False)[0][:, :, 1:]
 
@@ -103,12 +112,18 @@ def main(argv=None):
                 def d(a, bb):
                     return float(((a - bb).pow(2) * obj).sum() / obj.sum() / z)
 
-                own, t_own = student(ctrl), teacher(emb[1:2])
+                own = student(ctrl)
+                own_hints = [x.clone() for x in hints]
+                t_own = teacher(emb[1:2])
                 row = {}
                 for k, (key, (ac, ash)) in enumerate(alt.items()):
                     cl = ctrl.clone()
                     cl[:, :z, 0] = ref_latent(ac, ash)[0]
                     row[f"model, {key}"] = d(own, student(cl))
+                    # How much the hints themselves move (over their size), all tokens.
+                    row[f"hints, {key}"] = float(sum((a - bb).pow(2).sum() for a, bb in
+                                                     zip(own_hints, hints))
+                                                 / sum(a.pow(2).sum() for a in own_hints))
                     row[f"teacher, {key}"] = d(t_own, teacher(emb[2 + k : 3 + k]))
                 row["model vs teacher"] = d(own, t_own)
                 rows[sig].append(row)
@@ -116,6 +131,7 @@ def main(argv=None):
     print(f"{args.model}: {args.samples} reference samples; mean square difference of the "
           "predictions over the object's latent cells when the reference's (teacher: the "
           "caption's) shape or colour changes")
+    print("hints: the VACE blocks' hints' square change over their square, all tokens")
     print(f"{'sigma':>6} " + " ".join(f"{k:>17}" for k in keys))
     for sig, r in rows.items():
         print(f"{sig:>6} " + " ".join(f"{np.mean([x[k] for x in r]):>17.4f}" for k in keys))

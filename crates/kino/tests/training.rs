@@ -508,9 +508,11 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
         .skip(1)
         .map(|v| v.parse().unwrap_or(f64::NAN))
         .collect();
-    assert_eq!(values.len(), 5, "{row}");
+    // Model, hints and teacher for shape, colour and place, then model vs teacher.
+    assert_eq!(values.len(), 10, "{row}");
     assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0), "{row}");
     // The teacher's prediction moves when its caption names another colour (a probe comparing a
-    // prediction with itself would read 0 here).
-    assert!(values[3] > 0.0, "{row}");
+    // prediction with itself would read 0 here), and not for the same object drawn elsewhere
+    // (its caption is the same).
+    assert!(values[5] > 0.0 && values[8] == 0.0, "{row}");
 }
