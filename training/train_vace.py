@@ -396,6 +396,14 @@ def loss_cells(part, x, vae, w, h, frames):
     return train.latent_object_mask(x, vae), train.latent_shape_mask(diff, vae)
 
 
+def object_tokens(cells: torch.Tensor, patch) -> torch.Tensor:
+    """The object's latent cells [B, T, H, W] (0/1) → [B, tokens] in the transformer's token order:
+    1 where a token's patch holds any of them."""
+    b, t, h, w = cells.shape
+    _, ph, pw = patch
+    return cells.view(b, t, h // ph, ph, w // pw, pw).amax(dim=(3, 5)).flatten(1)
+
+
 def build_dataset(cfg, enc, combos, w, h, frames, seed, pipe=None):
     rng = random.Random(seed)
     n = cfg["samples"]
@@ -786,12 +794,10 @@ def main(argv=None):
                     and sigma[k] >= cfg["aux_min_sigma"]]
             if heads is not None and refd:
                 # The last hint [B, tokens, dim] averaged over the video tokens the object covers
-                # (patches of 2 × 2 latent cells; the reference frame's tokens have none).
+                # (its patches; the reference frame's tokens have none).
                 sel = torch.tensor(refd)
                 hint = captured["hint"][sel].float()
-                o = obj[sel, 0]
-                b_, t_, h_, w_ = o.shape
-                tok_w = o.view(b_, t_, h_ // 2, 2, w_ // 2, 2).amax(dim=(3, 5)).flatten(1)
+                tok_w = object_tokens(obj[sel, 0], tr.config.patch_size)
                 tok_w = tok_w / tok_w.sum(dim=1, keepdim=True).clamp(min=1.0)
                 pooled = (hint * tok_w[:, :, None]).sum(dim=1)
                 combos = [data[ids[k]]["caption"][1] for k in refd]
@@ -830,9 +836,7 @@ def main(argv=None):
                     / wv.mean(dim=(1, 2, 3, 4))
                 err = err.index_add(0, sel, cfg["distill"] * err_d)
                 if cfg["feature_distill"] > 0:
-                    o = obj[sel, 0, 1:]
-                    b_, t_, h_, w_ = o.shape
-                    tw = 1 + 8 * o.view(b_, t_, h_ // 2, 2, w_ // 2, 2).amax(dim=(3, 5)).flatten(1)
+                    tw = 1 + 8 * object_tokens(obj[sel, 0, 1:], tr.config.patch_size)
                     err_f = 0.0
                     for st, tt in zip(student_streams, streams):
                         tt = tt.float()
