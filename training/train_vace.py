@@ -118,6 +118,10 @@ CONFIG = {
     # the branch to carry the reference's shape to where the object is drawn, which neither
     # the flow-matching loss nor the teacher made it do (0: off, the runs up to r9).
     "aux": 0.0,
+    # With ref_variants: the share of steps whose reference sample gets a drawing centred where
+    # the clip's object starts (estimated from its latent cells), so the branch can find it at
+    # the same place (a curriculum's first stage; kino eval draws references anywhere).
+    "ref_aligned": 0.0,
     # ... only on samples at noise levels from this one up: below it the object's shape shows in
     # the noisy latents themselves, which the branch also sees (its first block adds the main
     # stream), and the heads learnt to read it there instead of from the reference.
@@ -186,13 +190,14 @@ def box_masks(scene, w, h, frames, margin) -> np.ndarray:
     return out
 
 
-def reference_image(colour, shape, w, h, rng) -> np.ndarray:
-    """[h, w, 3] uint8: the object alone at a random size and place, on white (gray if white)."""
+def reference_image(colour, shape, w, h, rng, at=None) -> np.ndarray:
+    """[h, w, 3] uint8: the object alone at a random size and place (or centred `at` (x, y)), on
+    white (gray if white)."""
     size = rng.uniform(*world.SIZE_RANGE)
     half = size / 2 + 1
     bg = "gray" if colour == "white" else "white"
-    sc = world.Scene(colour, shape, "right", bg, size, rng.uniform(half, w - half),
-                     rng.uniform(half, h - half), 0.0)
+    cx, cy = at if at is not None else (rng.uniform(half, w - half), rng.uniform(half, h - half))
+    sc = world.Scene(colour, shape, "right", bg, size, cx, cy, 0.0)
     return world.render(sc, w, h, 1)[0]
 
 
@@ -450,12 +455,13 @@ def build_dataset(cfg, enc, combos, w, h, frames, seed, pipe=None):
 
 def add_ref_variants(data, enc, cfg, w, h, cache: pathlib.Path | None) -> float:
     """Gives every reference sample `cfg["ref_variants"]` more reference latents ("refs",
-    [K, z, h', w']): its object drawn again at another size and place, encoded as the sample's
-    own (kept in CACHE.refs-K.pt beside the data cache). Returns the seconds spent encoding."""
+    [K, z, h', w']): its object drawn again at another size and place, the last one centred where
+    the clip's object starts (ref_aligned), encoded as the sample's own (kept in CACHE.refs-K.pt
+    beside the data cache). Returns the seconds spent encoding."""
     k = cfg["ref_variants"]
     idx = [i for i, d in enumerate(data) if d["caption"][0] == "reference"]
     path = cache.with_suffix(f".refs-{k}.pt") if cache else None
-    key = {"seed": cfg["seed"], "n": len(idx), "k": k}
+    key = {"seed": cfg["seed"], "n": len(idx), "k": k, "aligned_last": 1}
     if path and path.exists():
         got = torch.load(path)
         if got.get("key") == key:
@@ -466,7 +472,13 @@ def add_ref_variants(data, enc, cfg, w, h, cache: pathlib.Path | None) -> float:
     start, rng, refs = time.time(), random.Random(cfg["seed"] + 7), []
     for n, i in enumerate(idx):
         c, shp = data[i]["caption"][1][:2]
-        imgs = [reference_image(c, shp, w, h, rng)[None] for _ in range(k)]
+        cells = data[i]["obj"][0, 1].float()  # latent frame of pixel frame 0
+        ys, xs = torch.nonzero(cells, as_tuple=True)
+        f = h / cells.shape[0]
+        at = (float(xs.float().mean() + 0.5) * f, float(ys.float().mean() + 0.5) * f)
+        # The last drawing is centred where the clip's object starts (ref_aligned).
+        imgs = [reference_image(c, shp, w, h, rng, at=at if j == k - 1 else None)[None]
+                for j in range(k)]
         refs.append(enc(to_tensor(imgs))[:, :, 0].clone())
         data[i]["refs"] = refs[-1]
         enc.forget_except(set())
@@ -574,6 +586,9 @@ def main(argv=None):
     ap.add_argument("--aux", type=float,
                     help="weight of the auxiliary shape and colour heads on the last VACE hint "
                          "(reference samples; the heads are not saved)")
+    ap.add_argument("--ref-aligned", type=float,
+                    help="with --ref-variants: share of steps with a reference drawn where the "
+                         "clip's object starts")
     ap.add_argument("--aux-min-sigma", type=float,
                     help="the auxiliary heads' loss only at noise levels from this one up")
     ap.add_argument("--feature-distill", type=float,
@@ -600,7 +615,7 @@ def main(argv=None):
     if args.smoke:
         cfg.update(SMOKE)
     for k in ("steps", "samples", "batch", "lr", "object_weight", "shape_weight", "distill",
-              "ref_variants", "aux", "aux_min_sigma",
+              "ref_variants", "aux", "aux_min_sigma", "ref_aligned",
               "feature_distill"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
@@ -772,9 +787,17 @@ def main(argv=None):
             # is latent frame 0 of the target and of the control's inactive channels.
             for k, i in enumerate(ids):
                 refs = data[i].get("refs")
-                if refs is not None and (j := rng.randrange(len(refs) + 1)) < len(refs):
-                    x0[k, :, 0] = refs[j]
-                    ctrl[k, : refs.shape[1], 0] = refs[j]
+                if refs is None:
+                    continue
+                # refs[-1] is the drawing where the clip's object starts (ref_aligned's); the
+                # others and the sample's own (j = len - 1 here) are drawn alike.
+                j = len(refs) - 1
+                if not (cfg["ref_aligned"] and rng.random() < cfg["ref_aligned"]):
+                    j = rng.randrange(len(refs))
+                    if j == len(refs) - 1:
+                        continue
+                x0[k, :, 0] = refs[j]
+                ctrl[k, : refs.shape[1], 0] = refs[j]
             prompts = ["" if rng.random() < cfg["caption_dropout"]
                        else draw_caption(data[i]["caption"], rng) for i in ids]
             u = torch.rand(len(ids), generator=g)

@@ -44,6 +44,9 @@ def main(argv=None):
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.95, 0.8, 0.5])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aligned", action="store_true",
+                    help="draw every reference centred where the clip's object starts (as "
+                         "train_vace.py --ref-aligned does), not anywhere")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -71,8 +74,9 @@ def main(argv=None):
     for blk in tr.vace_blocks:
         blk.register_forward_hook(lambda _m, _i, out: hints.append(out[0]))
 
-    def ref_latent(colour, shape):
-        return enc(train.to_tensor([tv.reference_image(colour, shape, w, h, rng)[None]]))[:, :, 0]
+    def ref_latent(colour, shape, at):
+        img = tv.reference_image(colour, shape, w, h, rng, at=at if args.aligned else None)
+        return enc(train.to_tensor([img[None]]))[:, :, 0]
 
     with torch.no_grad():
         for _ in range(args.samples):
@@ -81,10 +85,11 @@ def main(argv=None):
             x = train.to_tensor([world.render(scene, w, h, frames)])
             x0 = enc(x)
             obj = train.latent_object_mask(x, vae).float()
+            at = (scene.x0, scene.y0)
+            img = tv.reference_image(c, s, w, h, rng, at=at if args.aligned else None)
             ctrl = tv.control_latents(enc, torch.zeros(1, 3, frames, h, w),
                                       torch.ones(1, 1, frames, h, w),
-                                      train.to_tensor([tv.reference_image(c, s, w, h, rng)[None]])
-                                      [:, :, 0])
+                                      train.to_tensor([img[None]])[:, :, 0])
             s2 = rng.choice([x for x in world.SHAPES if x != s])
             c2 = rng.choice([x for x in world.COLOURS if x not in (c, b, "white")])
             # "place": the same object drawn elsewhere (the teacher's caption unchanged), what
@@ -118,7 +123,7 @@ def main(argv=None):
                 row = {}
                 for k, (key, (ac, ash)) in enumerate(alt.items()):
                     cl = ctrl.clone()
-                    cl[:, :z, 0] = ref_latent(ac, ash)[0]
+                    cl[:, :z, 0] = ref_latent(ac, ash, at)[0]
                     row[f"model, {key}"] = d(own, student(cl))
                     # How much the hints themselves move (over their size), all tokens.
                     row[f"hints, {key}"] = float(sum((a - bb).pow(2).sum() for a, bb in
@@ -128,7 +133,8 @@ def main(argv=None):
                 row["model vs teacher"] = d(own, t_own)
                 rows[sig].append(row)
     keys = list(rows[args.sigmas[0]][0])
-    print(f"{args.model}: {args.samples} reference samples; mean square difference of the "
+    print(f"{args.model}: {args.samples} reference samples"
+          + (" (drawn where the clip's object starts)" if args.aligned else "") + "; mean square difference of the "
           "predictions over the object's latent cells when the reference's (teacher: the "
           "caption's) shape or colour changes")
     print("hints: the VACE blocks' hints' square change over their square, all tokens")
