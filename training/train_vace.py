@@ -41,9 +41,9 @@ re-drawn from the grammar at every step. Checkpoints (EMA) every `--save-every` 
 `--object-weight` / `--shape-weight` weigh the loss towards the target's object and the cells that
 tell the shapes apart (CONFIG below; the shipped run 5 used 3 then 6, and 8). `--distill W`
 adds, for reference samples, a loss towards the main model's own prediction given the full caption
-(see CONFIG["distill"]); `--feature-distill`, `--ref-variants`, `--aux` and `--aux-min-sigma` are
-the other signals stop 41 tried for a reference's shape (CONFIG; `training/vace_probe.py`
-measures whether a branch reads the shape at all).
+(see CONFIG["distill"]); `--feature-distill`, `--ref-variants`, `--ref-aligned`, `--aux` and
+`--aux-min-sigma` are the other signals stop 41 tried for a reference's shape (CONFIG;
+`training/vace_probe.py` measures whether a branch reads the shape at all).
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ is lost: how much the hints the VACE blocks hand to the main blocks change with 
     V/bin/python training/vace_probe.py --model models/kino-shapes-vace [--samples 40]
 
 Found with it (stop 41, models/kino-shapes-vace/README.md): the branches trained so far move with
-the reference's colour (less than the teacher does) and with its shape by 0.001–0.01, against
+the reference's colour (less than the teacher does) and with its shape by 0.0006–0.01, against
 the teacher's 0.14–0.21; their hints change with the reference's shape hardly more than with
-the same object drawn elsewhere: the branch does not read the shape off the reference.
+the same object drawn elsewhere: the branch does not read the shape off the reference. With
+`--aligned` references the hints do change with the shape, and the prediction still does not.
 """
 
 from __future__ import annotations
