@@ -242,13 +242,14 @@ class Encoder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, F, H, W] → [B, z, T, h, w]."""
-        keys = [hashlib.sha1(x[i].numpy().tobytes()).hexdigest() for i in range(len(x))]
+        keys = [hashlib.sha1(x[i].cpu().numpy().tobytes()).hexdigest() for i in range(len(x))]
         todo = [i for i, k in enumerate(keys) if k not in self.memo]
         todo = list({keys[i]: i for i in todo}.values())
         if todo:
+            dev = next(self.vae.parameters()).device
             with torch.no_grad():
-                mu = encode_mean(self.vae, x[todo])
-            mu = (mu.float() - self.mean) * self.inv_std
+                mu = encode_mean(self.vae, x[todo].to(dev))
+            mu = (mu.float().cpu() - self.mean) * self.inv_std
             for j, i in enumerate(todo):
                 self.memo[keys[i]] = mu[j]
             self.encoded += len(todo)
@@ -298,11 +299,12 @@ def check_against_pipeline(pipe, enc, samples, w, h, frames):
         mask = ([Image.fromarray(np.repeat((m * 255).astype(np.uint8)[..., None], 3, -1))
                  for m in s["mask"]] if s["mask"] is not None else None)
         refs = [Image.fromarray(s["ref"])] if s["ref"] is not None else None
+        dev = next(pipe.vae.parameters()).device
         with torch.no_grad():
             v, m, r = pipe.preprocess_conditions(video, mask, refs, 1, h, w, frames, torch.float32,
-                                                 torch.device("cpu"))
-            want = torch.cat([pipe.prepare_video_latents(v, m, r, None, torch.device("cpu")),
-                              pipe.prepare_masks(m, r, None)], dim=1)
+                                                 dev)
+            want = torch.cat([pipe.prepare_video_latents(v, m, r, None, dev),
+                              pipe.prepare_masks(m, r, None)], dim=1).cpu()
         got = sample_control(enc, [s], w, h, frames)
         diff = (want - got).abs().max().item()
         log(f"control latents, task {s['task']}: shape {tuple(got.shape)}, max difference from "
@@ -567,6 +569,9 @@ def main(argv=None):
     ap.add_argument("--base", type=pathlib.Path, help="the kino-shapes folder to start from")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu",
+                    help="torch device to train on, e.g. cuda (samples are drawn on the CPU, "
+                         "encoded and trained on the device; the record names the GPU)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--samples", type=int)
     ap.add_argument("--batch", type=int)
@@ -640,6 +645,7 @@ def main(argv=None):
     if not base.is_absolute():
         base = HERE.parent / base
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
@@ -682,13 +688,17 @@ def main(argv=None):
     log(f"transformer {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained (VACE branch, "
         f"layers {cfg['vace_layers']}, vace_in_channels {tr.config.vace_in_channels}"
         + (f"; main blocks {cfg['train_main']}" if cfg.get("train_main") else "") + ")")
+    te.to(dev)
+    vae.to(dev)
+    tr.to(dev)
     pipe = WanVACEPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr)
 
     record = {
         "config": cfg,
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": train._cpu_name(),
-                    "threads": args.threads, "gpu": None},
+                    "threads": args.threads,
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -731,7 +741,7 @@ def main(argv=None):
     if cfg["aux"] > 0:
         dim = tr.config.num_attention_heads * tr.config.attention_head_dim
         heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(dim, len(world.SHAPES)),
-                                     "colour": torch.nn.Linear(dim, len(world.COLOURS))})
+                                     "colour": torch.nn.Linear(dim, len(world.COLOURS))}).to(dev)
         tr.vace_blocks[-1].register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("hint", out[0]))
     head_params = list(heads.parameters()) if heads is not None else []
@@ -748,7 +758,7 @@ def main(argv=None):
     rng = random.Random(cfg["seed"] + 2)
     g = torch.Generator().manual_seed(cfg["seed"] + 3)
     shifts = torch.tensor(cfg["flow_shift"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["bf16"])
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg["bf16"])
     tr.train()
     losses, per_task, gnorms, start = [], {}, [], time.time()
     record["steps_run"] = 0
@@ -798,12 +808,13 @@ def main(argv=None):
                         continue
                 x0[k, :, 0] = refs[j]
                 ctrl[k, : refs.shape[1], 0] = refs[j]
+            x0, obj, shp, ctrl = (t.to(dev) for t in (x0, obj, shp, ctrl))
             prompts = ["" if rng.random() < cfg["caption_dropout"]
                        else draw_caption(data[i]["caption"], rng) for i in ids]
             u = torch.rand(len(ids), generator=g)
             shift = shifts[torch.randint(len(shifts), (len(ids),), generator=g)]
-            sigma = shift_sigma(u, shift)
-            noise = torch.randn(x0.shape, generator=g)
+            sigma = shift_sigma(u, shift).to(dev)
+            noise = torch.randn(x0.shape, generator=g).to(dev)
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
             with torch.no_grad(), autocast:
@@ -818,14 +829,14 @@ def main(argv=None):
             if heads is not None and refd:
                 # The last hint [B, tokens, dim] averaged over the video tokens the object covers
                 # (its patches; the reference frame's tokens have none).
-                sel = torch.tensor(refd)
+                sel = torch.tensor(refd, device=dev)
                 hint = captured["hint"][sel].float()
                 tok_w = object_tokens(obj[sel, 0], tr.config.patch_size)
                 tok_w = tok_w / tok_w.sum(dim=1, keepdim=True).clamp(min=1.0)
                 pooled = (hint * tok_w[:, :, None]).sum(dim=1)
                 combos = [data[ids[k]]["caption"][1] for k in refd]
-                ys = torch.tensor([world.SHAPES.index(c[1]) for c in combos])
-                yc = torch.tensor([list(world.COLOURS).index(c[0]) for c in combos])
+                ys = torch.tensor([world.SHAPES.index(c[1]) for c in combos], device=dev)
+                yc = torch.tensor([list(world.COLOURS).index(c[0]) for c in combos], device=dev)
                 ls, lc = heads["shape"](pooled), heads["colour"](pooled)
                 aux_err = (sel, F.cross_entropy(ls, ys, reduction="none")
                            + F.cross_entropy(lc, yc, reduction="none"))
@@ -844,7 +855,7 @@ def main(argv=None):
             if aux_err is not None:
                 err = err.index_add(0, aux_err[0], cfg["aux"] * aux_err[1])
             if cfg["distill"] > 0 and taught:
-                sel = torch.tensor(taught)
+                sel = torch.tensor(taught, device=dev)
                 full = [world.caption(*data[ids[k]]["caption"][1], rng) for k in taught]
                 student_streams = list(streams)
                 streams.clear()
@@ -852,7 +863,8 @@ def main(argv=None):
                     emb_t = encode_text(tok, te, full, L)
                     teach = tr(hidden_states=xt[sel, :, 1:], timestep=sigma[sel] * 1000,
                                encoder_hidden_states=emb_t, control_hidden_states=ctrl[sel, :, 1:],
-                               control_hidden_states_scale=torch.zeros(len(cfg["vace_layers"])),
+                               control_hidden_states_scale=torch.zeros(len(cfg["vace_layers"]),
+                                                                       device=dev),
                                return_dict=False)[0].float()
                 wv = wt[sel, :, 1:]
                 err_d = ((pred[sel, :, 1:].float() - teach).pow(2) * wv).mean(dim=(1, 2, 3, 4)) \

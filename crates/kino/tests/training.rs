@@ -516,3 +516,71 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
     // (its caption is the same).
     assert!(values[5] > 0.0 && values[8] == 0.0, "{row}");
 }
+
+/// `training/gpu-job.sh` (the prepared device call that trains kino-shapes on the 2× VAE and
+/// kino-shapes-vace's branch side by side) runs both jobs for a few steps on the CPU with
+/// `SMOKE=1`, leaves what a device call can send back (at most 8 files of at most 16 MiB, one
+/// folder level), and `training/gpu-unpack.sh` makes model folders of them that Kino runs,
+/// checkpoints included.
+#[test]
+fn prepared_gpu_job_runs_in_smoke_mode_and_unpacks_into_models_kino_runs() {
+    let python = python();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (ok, log) = run_logged(
+        Command::new("bash")
+            .arg(repo().join("training/gpu-job.sh"))
+            .env("SMOKE", "1")
+            .env("PYTHON", &python)
+            .env("OUT", &out),
+    );
+    assert!(ok, "gpu-job.sh failed:\n{log}");
+    assert!(log.contains("A exit 0, B exit 0"), "{log}");
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            assert!(meta.is_file(), "{} is not a plain file", e.path().display());
+            (e.file_name().to_string_lossy().into_owned(), meta.len())
+        })
+        .collect();
+    files.sort();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "A-steps.tar",
+            "A.log",
+            "A.tar",
+            "B-steps.tar",
+            "B.log",
+            "B.tar",
+            "summary.txt"
+        ],
+        "{files:?}"
+    );
+    assert!(files.iter().all(|(_, len)| *len <= 16 << 20), "{files:?}");
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    assert!(summary.contains("saved"), "{summary}");
+
+    let (ok, log) = run_logged(
+        Command::new("bash")
+            .arg(repo().join("training/gpu-unpack.sh"))
+            .arg(&out),
+    );
+    assert!(ok, "gpu-unpack.sh failed:\n{log}");
+    // A: the 2× VAE's model (32×32 latents per frame, patch 1×4×4) and its checkpoint.
+    let a_vae: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("A/vae/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(a_vae["dim_mult"], serde_json::json!([1, 2]), "{a_vae}");
+    let prompt = "a red square moving right on a white background";
+    generates_a_clip(&out.join("A"), prompt, &tmp.path().join("a.mp4"));
+    generates_a_clip(&out.join("A/step-1"), prompt, &tmp.path().join("a1.mp4"));
+    // B: a VACE folder on kino-shapes' VAE and text encoder, and its checkpoint.
+    let b_index = std::fs::read_to_string(out.join("B/model_index.json")).unwrap();
+    assert!(b_index.contains("WanVACEPipeline"), "{b_index}");
+    generates_a_clip(&out.join("B"), prompt, &tmp.path().join("b.mp4"));
+    generates_a_clip(&out.join("B/step-2"), prompt, &tmp.path().join("b2.mp4"));
+}
