@@ -737,6 +737,12 @@ def main(argv=None):
         f"{cfg['shape_max_sigma']})")
 
     params = [p for p in tr.parameters() if p.requires_grad]
+    # The teacher is the main model with the control off; where main blocks train too
+    # (--train-main), a frozen copy of it as it starts, so the target does not move with them.
+    teacher = tr
+    if cfg["distill"] > 0 and cfg.get("train_main"):
+        teacher = copy.deepcopy(tr).eval().requires_grad_(False)
+        log(f"teacher: a frozen copy of the main blocks (main blocks {cfg['train_main']} train)")
     heads, captured = None, {}
     if cfg["aux"] > 0:
         dim = tr.config.num_attention_heads * tr.config.attention_head_dim
@@ -749,7 +755,10 @@ def main(argv=None):
     # norm_out after the last (feature_distill).
     streams = []
     if cfg["feature_distill"] > 0:
-        for mod in list(tr.blocks)[1:] + [tr.norm_out]:
+        mods = list(tr.blocks)[1:] + [tr.norm_out]
+        if teacher is not tr:
+            mods += list(teacher.blocks)[1:] + [teacher.norm_out]
+        for mod in mods:
             mod.register_forward_pre_hook(lambda _m, a: streams.append(a[0]))
     opt = torch.optim.AdamW(params + head_params, lr=cfg["lr"], weight_decay=0.01,
                             betas=(0.9, 0.99))
@@ -861,7 +870,7 @@ def main(argv=None):
                 streams.clear()
                 with torch.no_grad(), autocast:
                     emb_t = encode_text(tok, te, full, L)
-                    teach = tr(hidden_states=xt[sel, :, 1:], timestep=sigma[sel] * 1000,
+                    teach = teacher(hidden_states=xt[sel, :, 1:], timestep=sigma[sel] * 1000,
                                encoder_hidden_states=emb_t, control_hidden_states=ctrl[sel, :, 1:],
                                control_hidden_states_scale=torch.zeros(len(cfg["vace_layers"]),
                                                                        device=dev),
