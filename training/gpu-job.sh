@@ -24,7 +24,10 @@
 #     SMOKE=1 training/gpu-job.sh    # both jobs for a few steps on the CPU (what the test runs)
 #
 # Knobs (environment): A_MINUTES (4.5), B_MINUTES (6.5, the whole run with its 1,500 samples and
-# 12,375 reference drawings), PYTHON (python3), OUT (./out/gpu-job), DEVICE (cuda).
+# 12,375 reference drawings), A_FROM / B_FROM (a folder an earlier call made, unpacked inside the
+# repository: A resumes it, `--dit-resume`; B starts from its branch and main blocks, `--init`;
+# the carry limit of 64 MiB then needs room, see bench/gpu/NOTES.md "Carry"), PYTHON (python3),
+# OUT (./out/gpu-job), DEVICE (cuda).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -78,13 +81,17 @@ else
 fi
 
 # A: the transformer and text encoder on the 2x VAE.
+if [ -n "${A_FROM:-}" ]; then A_INIT=(--dit-resume "$A_FROM"); else
+    A_INIT=(--dit-init-from models/kino-shapes); fi
 "$PY" training/train.py --out "$WORK/A" --device "$DEVICE" --threads "$THREADS" \
     --vae-from training/candidates/vae2x/vae --patch-size 1 4 4 \
-    --dit-init-from models/kino-shapes "${A_ARGS[@]}" > "$OUT/A.log" 2>&1 &
+    "${A_INIT[@]}" "${A_ARGS[@]}" > "$OUT/A.log" 2>&1 &
 A_PID=$!
 # B: the VACE branch (the main blocks frozen) from the shipped folder, on kino-shapes' main blocks.
+if [ -n "${B_FROM:-}" ]; then B_INIT=(--init "$B_FROM"); else
+    B_INIT=(--init models/kino-shapes-vace --main-from-base); fi
 "$PY" training/train_vace.py --out "$WORK/B" --device "$DEVICE" --threads "$THREADS" \
-    --init models/kino-shapes-vace --main-from-base --object-weight 6 --shape-weight 8 \
+    "${B_INIT[@]}" --object-weight 6 --shape-weight 8 \
     --distill 12 --feature-distill 6 --aux 0.5 --ref-aligned 0.8 "${B_ARGS[@]}" \
     > "$OUT/B.log" 2>&1 &
 B_PID=$!
