@@ -12,8 +12,9 @@
 #      1x4x4, started from the shipped one where the tensors fit, run r23's recipe (issue 17's
 #      squares; models/kino-shapes/README.md, "A VAE with more spatial resolution").
 #   B  kino-shapes-vace's branch on the shipped kino-shapes, trained further with the teacher, the
-#      teacher's hidden states, 15 more drawings of every reference and aligned references (issue
-#      13's reference shape; models/kino-shapes-vace/README.md, run 7).
+#      teacher's hidden states, the head that must recognise the reference's shape (--aux-ref),
+#      15 more drawings of every reference and half of them aligned (issue 13's reference shape;
+#      models/kino-shapes-vace/README.md, runs 7 and 8).
 # Results in $OUT (at most 8 files come back from a call): summary.txt, A.log, B.log, A.tar and
 # B.tar (A's whole folder; B's without the VAE and text encoder it leaves as kino-shapes has
 # them), A-steps.tar and B-steps.tar (the latest checkpoints that fit 16 MiB). Back on the build
@@ -92,7 +93,8 @@ if [ -n "${B_FROM:-}" ]; then B_INIT=(--init "$B_FROM"); else
     B_INIT=(--init models/kino-shapes-vace --main-from-base); fi
 "$PY" training/train_vace.py --out "$WORK/B" --device "$DEVICE" --threads "$THREADS" \
     "${B_INIT[@]}" --object-weight 6 --shape-weight 8 \
-    --distill 12 --feature-distill 6 --aux 0.5 --ref-aligned 0.8 "${B_ARGS[@]}" \
+    --distill 12 --feature-distill 6 --aux-ref 1 --aux-min-sigma 0.7 --ref-aligned 0.5 \
+    "${B_ARGS[@]}" \
     > "$OUT/B.log" 2>&1 &
 B_PID=$!
 wait "$A_PID"; A_RC=$?
