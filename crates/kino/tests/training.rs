@@ -413,10 +413,22 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
             .arg(repo().join("training/train_vace.py"))
             .args(["--smoke", "--threads", "1", "--object-weight", "2"])
             .args(["--shape-weight", "4", "--distill", "1", "--steps", "4"])
-            .args(["--ref-variants", "2", "--out"])
+            .args([
+                "--ref-variants",
+                "2",
+                "--aux-ref",
+                "1",
+                "--aux-min-sigma",
+                "0",
+            ])
+            .arg("--data-cache")
+            .arg(tmp.path().join("cache.pt"))
+            .arg("--out")
             .arg(&out),
     );
     assert!(ok, "train_vace.py --smoke failed:\n{log}");
+    // The recognition head ran on the reference samples drawn.
+    assert!(log.contains("ref_shape_acc"), "{log}");
     assert!(log.contains("step 4/4"), "{log}");
     // Every task's control latents were checked against the pipeline's own (the script asserts
     // the difference; here: that the check ran for each task).
@@ -515,6 +527,29 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
     // prediction with itself would read 0 here), and not for the same object drawn elsewhere
     // (its caption is the same).
     assert!(values[5] > 0.0 && values[8] == 0.0, "{row}");
+
+    // `training/ref_latent_probe.py` (can a classifier read the shape off the reference latents
+    // the run cached?) trains its two classifiers on them and prints held-out accuracies.
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/ref_latent_probe.py"))
+            .args(["--ref-variants", "2", "--epochs", "2", "--held-out", "0.5"])
+            .arg("--data-cache")
+            .arg(tmp.path().join("cache.pt")),
+    );
+    assert!(ok, "ref_latent_probe.py failed:\n{log}");
+    for name in ["linear", "cnn"] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}: held-out accuracy ")))
+            .unwrap_or_else(|| panic!("no {name} line:\n{log}"));
+        let acc: f64 = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        assert!((0.0..=1.0).contains(&acc), "{line}");
+    }
 }
 
 /// `training/gpu-job.sh` (the prepared device call that trains kino-shapes on the 2× VAE and
