@@ -5,9 +5,9 @@
 #
 #     training/gpu-job.sh            # device call: timeout_s 600, carry ["bench/gpu/wheels"]
 #
-# Two jobs share the card side by side (both models are tiny and bound by kernel launches, so
-# together they take about the time of one), each on the clock, saving checkpoints as it goes so a
-# cut run still returns something:
+# Two jobs share the card side by side (both models are tiny, so on a card they are bound by
+# kernel launches and the pair should cost little more than one; not measured yet), each on the
+# clock, saving checkpoints as it goes so a cut run still returns something:
 #   A  kino-shapes on the 2x-resolution VAE (training/candidates/vae2x): the transformer with patch
 #      1x4x4, started from the shipped one where the tensors fit, run r23's recipe (issue 17's
 #      squares; models/kino-shapes/README.md, "A VAE with more spatial resolution").
