@@ -602,7 +602,8 @@ def main(argv=None):
                     help="with --ref-variants: share of steps with a reference drawn where the "
                          "clip's object starts")
     ap.add_argument("--aux-min-sigma", type=float,
-                    help="the auxiliary heads' loss only at noise levels from this one up")
+                    help="the auxiliary heads' loss (--aux, --aux-ref) only at noise levels from "
+                         "this one up")
     ap.add_argument("--aux-ref", type=float,
                     help="weight of an auxiliary shape head on the second VACE block's hidden "
                          "states over the reference frame's tokens (reference samples)")
@@ -848,7 +849,7 @@ def main(argv=None):
             with autocast:
                 pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb,
                           control_hidden_states=ctrl, return_dict=False)[0]
-            aux_err = None
+            aux_err = aux_ref_err = None
             refd = [k for k, i in enumerate(ids) if data[i]["caption"][0] == "reference"
                     and sigma[k] >= cfg["aux_min_sigma"]]
             if cfg["aux_ref"] > 0 and refd:
@@ -860,12 +861,9 @@ def main(argv=None):
                 ys = torch.tensor([world.SHAPES.index(data[ids[k]]["caption"][1][1]) for k in refd],
                                   device=dev)
                 lr_ = heads["ref_shape"](pooled)
-                e = cfg["aux_ref"] * F.cross_entropy(lr_, ys, reduction="none")
-                aux_ref_err = (sel, e)
+                aux_ref_err = (sel, F.cross_entropy(lr_, ys, reduction="none"))
                 per_task.setdefault("ref_shape_acc", []).extend(
                     (lr_.argmax(1) == ys).float().tolist())
-            else:
-                aux_ref_err = None
             if cfg["aux"] > 0 and refd:
                 # The last hint [B, tokens, dim] averaged over the video tokens the object covers
                 # (its patches; the reference frame's tokens have none).
@@ -895,7 +893,7 @@ def main(argv=None):
             if aux_err is not None:
                 err = err.index_add(0, aux_err[0], cfg["aux"] * aux_err[1])
             if aux_ref_err is not None:
-                err = err.index_add(0, aux_ref_err[0], aux_ref_err[1])
+                err = err.index_add(0, aux_ref_err[0], cfg["aux_ref"] * aux_ref_err[1])
             if cfg["distill"] > 0 and taught:
                 sel = torch.tensor(taught, device=dev)
                 full = [world.caption(*data[ids[k]]["caption"][1], rng) for k in taught]
