@@ -608,6 +608,47 @@ fn eval_edit_and_reference_score_a_vace_model() {
         "{err}"
     );
 
+    // The VACE conditioning scale reaches the runs and the report; a bad one, or one without
+    // --edit / --reference, is refused before anything is generated.
+    let o = run(kino()
+        .args([
+            "eval",
+            "--reference",
+            "--json",
+            "--conditioning-scale",
+            "0.5",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--cpu",
+            "--model",
+        ])
+        .arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["conditioning_scale"], serde_json::json!([0.5]), "{v}");
+    for (args, needle) in [
+        (
+            vec!["--reference", "--conditioning-scale", "1,x"],
+            "conditioning",
+        ),
+        (
+            vec!["--conditioning-scale", "0.5"],
+            "use it with --edit or --reference",
+        ),
+    ] {
+        let o = run(kino()
+            .arg("eval")
+            .args(&args)
+            .args(["--seeds", "1", "--steps", "2", "--cpu", "--model"])
+            .arg(&model));
+        assert!(!o.status.success(), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("[1/"), "{args:?}: {err}");
+    }
+
     // A model without VACE: one error that says what is needed; nothing generated.
     let plain = tiny_model(tmp.path());
     std::fs::write(plain.join("kino-eval.json"), SPEC).unwrap();

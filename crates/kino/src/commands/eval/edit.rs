@@ -189,6 +189,16 @@ fn save_mp4(
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// How `--edit` / `--reference` condition the VACE branch beyond the case itself.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// With `--edit`: put the source back outside the mask, as `kino edit` does.
+    pub composite: bool,
+    /// The VACE conditioning scale (empty: the reference's 1.0), as `kino edit
+    /// --conditioning-scale`.
+    pub conditioning_scale: Vec<f64>,
+}
+
 /// Runs `--edit` or `--reference` over every case × seed and prints (or returns as JSON) the
 /// table.
 #[allow(clippy::too_many_arguments)]
@@ -202,8 +212,9 @@ pub fn run(
     model: &str,
     model_dir: &Path,
     save: Option<&Path>,
-    composite: bool,
+    opts: &Options,
 ) -> anyhow::Result<()> {
+    let composite = opts.composite;
     if !pipeline.capabilities().vace {
         bail!(
             "{} is not a VACE model (its model_index.json names no WanVACEPipeline), so it takes \
@@ -271,6 +282,7 @@ pub fn run(
                             video: Some(frames_to_images(&video, w, h)?),
                             mask: Some(masks.clone()),
                             composite,
+                            conditioning_scale: opts.conditioning_scale.clone(),
                             ..Default::default()
                         },
                     )
@@ -295,6 +307,7 @@ pub fn run(
                         ),
                         VaceCondition {
                             reference_images: vec![image],
+                            conditioning_scale: opts.conditioning_scale.clone(),
                             ..Default::default()
                         },
                     )
@@ -375,7 +388,7 @@ pub fn run(
         started.elapsed().as_secs_f64(),
         json,
         model,
-        composite,
+        opts,
     )
 }
 
@@ -394,8 +407,9 @@ fn report(
     secs: f64,
     json: bool,
     model: &str,
-    composite: bool,
+    opts: &Options,
 ) -> anyhow::Result<()> {
+    let composite = opts.composite;
     let n = runs.len();
     let share = |f: &dyn Fn(&VaceRun) -> bool| runs.iter().filter(|r| f(r)).count();
     let frac = |c: usize| c as f64 / n.max(1) as f64;
@@ -434,6 +448,9 @@ fn report(
             "misses": misses,
             "runs": runs,
         });
+        if !opts.conditioning_scale.is_empty() {
+            v["conditioning_scale"] = serde_json::json!(opts.conditioning_scale);
+        }
         if mode == Mode::Edit {
             v["psnr_outside_mask_db"] = serde_json::json!({
                 "output": psnr_out,
@@ -455,6 +472,9 @@ fn report(
         probe.num_inference_steps,
         mode.name()
     );
+    if !opts.conditioning_scale.is_empty() {
+        println!("VACE conditioning scale {:?}", opts.conditioning_scale);
+    }
     match mode {
         Mode::Edit => println!(
             "edit: the case's scene drawn in another colour, its box (+{EDIT_MARGIN} px) masked \

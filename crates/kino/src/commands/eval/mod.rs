@@ -106,6 +106,10 @@ pub struct Args {
     /// --no-composite` makes them (default: as `kino edit` makes them, the source's put back).
     #[arg(long)]
     no_composite: bool,
+    /// With --edit or --reference: how strongly the VACE branch steers, one number or one per
+    /// VACE layer (default 1), as `kino edit --conditioning-scale`.
+    #[arg(long, value_name = "S[,S…]")]
+    conditioning_scale: Option<String>,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -296,6 +300,15 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     if a.seeds == 0 {
         bail!("--seeds 0 generates nothing; use 1 or more");
     }
+    if a.conditioning_scale.is_some() && !(a.edit || a.reference) {
+        bail!(
+            "--conditioning-scale steers a VACE model's branch; use it with --edit or --reference"
+        );
+    }
+    let conditioning_scale = match &a.conditioning_scale {
+        Some(s) => super::edit::parse_conditioning_scale(s)?,
+        None => Vec::new(),
+    };
     let model_name = generate::model_name(a.model.as_deref());
     let (spec, spec_path) = load_spec(a.cases.as_deref(), || {
         Ok(kino_engine::registry::resolve(&model_name)?)
@@ -363,7 +376,10 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
             &model_name,
             &model_dir,
             a.save.as_deref(),
-            !a.no_composite,
+            &edit::Options {
+                composite: !a.no_composite,
+                conditioning_scale,
+            },
         );
     }
     if let Some(k) = a.long {
