@@ -14,7 +14,8 @@
 #   B  kino-shapes-vace's branch on the shipped kino-shapes, trained further with the teacher, the
 #      teacher's hidden states, the head that must recognise the reference's shape (--aux-ref),
 #      15 more drawings of every reference and half of them aligned (issue 13's reference shape;
-#      models/kino-shapes-vace/README.md, runs 7 and 8).
+#      models/kino-shapes-vace/README.md, runs 7, 8 and 10: it goes on from the shipped branch,
+#      run 10, whose squares from a reference are still drawn round).
 # Results in $OUT (at most 8 files come back from a call): summary.txt, A.log, B.log, A.tar and
 # B.tar (A's whole folder; B's without the VAE and text encoder it leaves as kino-shapes has
 # them), A-steps.tar and B-steps.tar (the latest checkpoints that fit 16 MiB). Back on the build
