@@ -567,18 +567,15 @@ fn eval_edit_and_reference_score_a_vace_model() {
     let clip = kino_media::read_mp4(&first).unwrap();
     assert_eq!((clip.width(), clip.height(), clip.len()), (48, 32, 9));
 
-    let o = run(kino()
-        .args([
-            "eval",
-            "--reference",
-            "--seeds",
-            "1",
-            "--steps",
-            "2",
-            "--cpu",
-            "--model",
-        ])
-        .arg(&model));
+    // `kino eval ARGS` on the VACE folder, one seed of two steps.
+    let eval_vace = |args: &[&str]| {
+        run(kino()
+            .arg("eval")
+            .args(args)
+            .args(["--seeds", "1", "--steps", "2", "--cpu", "--model"])
+            .arg(&model))
+    };
+    let o = eval_vace(&["--reference"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     println!("{out}\n{}", stderr(&o));
@@ -610,21 +607,7 @@ fn eval_edit_and_reference_score_a_vace_model() {
 
     // The VACE conditioning scale reaches the runs and the report; a bad one, or one without
     // --edit / --reference, is refused before anything is generated.
-    let o = run(kino()
-        .args([
-            "eval",
-            "--reference",
-            "--json",
-            "--conditioning-scale",
-            "0.5",
-            "--seeds",
-            "1",
-            "--steps",
-            "2",
-            "--cpu",
-            "--model",
-        ])
-        .arg(&model));
+    let o = eval_vace(&["--reference", "--json", "--conditioning-scale", "0.5"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["conditioning_scale"], serde_json::json!([0.5]), "{v}");
@@ -638,11 +621,7 @@ fn eval_edit_and_reference_score_a_vace_model() {
             "use it with --edit or --reference",
         ),
     ] {
-        let o = run(kino()
-            .arg("eval")
-            .args(&args)
-            .args(["--seeds", "1", "--steps", "2", "--cpu", "--model"])
-            .arg(&model));
+        let o = eval_vace(&args);
         assert!(!o.status.success(), "{args:?}");
         let err = stderr(&o);
         assert!(err.contains(needle), "{args:?}: {err}");
