@@ -624,7 +624,9 @@ def main(argv=None):
     ap.add_argument("--tasks", help="fractions of the samples per task, e.g. "
                                     "reference=0.55,edit=0.2,continue=0.13,text=0.06,image=0.06")
     ap.add_argument("--data-cache", type=pathlib.Path,
-                    help="keep the encoded samples in this file and reuse them next run")
+                    help="keep the encoded samples in this file and reuse them next run (a "
+                         "file made with other --tasks, --samples or world settings is made "
+                         "again and replaced)")
     args = ap.parse_args(argv)
 
     cfg = copy.deepcopy(CONFIG)
@@ -720,6 +722,14 @@ def main(argv=None):
         # The runs the branch has already had, so the record tells its whole history.
         prior = json.loads((args.init / "training.json").read_text())
         record["runs"] = prior.get("runs", [])
+        # ... and the run that made the --init folder itself (a checkpoint names its step).
+        if prior.get("command") and all(r.get("command") != prior["command"]
+                                        for r in record["runs"]):
+            made = {k: prior[k] for k in ("command", "started", "steps_run") if k in prior}
+            if "checkpoint_step" in prior:
+                made["checkpoint_step"] = prior["checkpoint_step"]
+            made["note"] = f"the run that made the --init folder ({args.init})"
+            record["runs"].append(made)
 
     enc = Encoder(vae)
     # "cells": the samples also hold the loss-weighting cells (caches made before lack them).
@@ -729,6 +739,12 @@ def main(argv=None):
         data, enc_s = cached["data"], 0.0
         log(f"samples from {args.data_cache}")
     else:
+        if cached:
+            differ = sorted(k for k in set(key) | set(cached.get("key") or {})
+                            if key.get(k) != (cached.get("key") or {}).get(k))
+            log(f"{args.data_cache} holds samples made with other settings ({', '.join(differ)}): "
+                f"drawing and encoding them again, then replacing it (give another "
+                f"--data-cache to keep it)")
         data, enc_s = build_dataset(cfg, enc, combos, w, h, frames, cfg["seed"] + 1, pipe)
         if args.data_cache:
             torch.save({"key": key, "data": data}, args.data_cache)

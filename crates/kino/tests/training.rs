@@ -550,6 +550,35 @@ fn vace_training_script_runs_a_few_steps_and_kino_loads_the_result() {
             .unwrap_or(f64::NAN);
         assert!((0.0..=1.0).contains(&acc), "{line}");
     }
+
+    // A run from the folder (`--init`) records the run that made it among its runs, and a
+    // cache made with other settings (here the task mix) is said to be made again and replaced.
+    let first = record["command"].as_str().unwrap().to_string();
+    let again = tmp.path().join("again");
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/train_vace.py"))
+            .args(["--smoke", "--threads", "1", "--steps", "1"])
+            .args(["--tasks", "reference=0.5,edit=0.5", "--init"])
+            .arg(&out)
+            .arg("--data-cache")
+            .arg(tmp.path().join("cache.pt"))
+            .arg("--out")
+            .arg(&again),
+    );
+    assert!(ok, "train_vace.py --init failed:\n{log}");
+    assert!(
+        log.contains("holds samples made with other settings (tasks)"),
+        "{log}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("training.json")).unwrap())
+            .unwrap();
+    let runs = record["runs"].as_array().unwrap();
+    assert!(
+        runs.iter().any(|r| r["command"] == first.as_str()),
+        "{runs:?}"
+    );
 }
 
 /// `training/gpu-job.sh` (the prepared device call that trains kino-shapes on the 2× VAE and
