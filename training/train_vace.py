@@ -740,8 +740,8 @@ def main(argv=None):
         log(f"samples from {args.data_cache}")
     else:
         if cached:
-            differ = sorted(k for k in set(key) | set(cached.get("key") or {})
-                            if key.get(k) != (cached.get("key") or {}).get(k))
+            old = cached.get("key") or {}
+            differ = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
             log(f"{args.data_cache} holds samples made with other settings ({', '.join(differ)}): "
                 f"drawing and encoding them again, then replacing it (give another "
                 f"--data-cache to keep it)")
