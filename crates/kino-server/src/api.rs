@@ -1857,10 +1857,19 @@ pub async fn health(State(state): State<AppState>) -> ApiResult<Response> {
 pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     use std::fmt::Write;
     use std::sync::atomic::Ordering;
+    /// A metric family's `# HELP` and `# TYPE` lines.
+    fn family(s: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(s, "# HELP {name} {help}");
+        let _ = writeln!(s, "# TYPE {name} {kind}");
+    }
     let counts = state.store.counts()?;
     let mut s = String::new();
-    let _ = writeln!(s, "# HELP kino_videos Videos in the store by status.");
-    let _ = writeln!(s, "# TYPE kino_videos gauge");
+    family(
+        &mut s,
+        "kino_videos",
+        "gauge",
+        "Videos in the store by status.",
+    );
     for (st, n) in &counts {
         let _ = writeln!(s, "kino_videos{{status=\"{}\"}} {n}", st.as_str());
     }
@@ -1868,66 +1877,52 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         .iter()
         .find(|(s, _)| *s == Status::Queued)
         .map_or(0, |c| c.1);
-    let _ = writeln!(s, "# HELP kino_queue_depth Videos waiting to run.");
-    let _ = writeln!(s, "# TYPE kino_queue_depth gauge");
+    family(
+        &mut s,
+        "kino_queue_depth",
+        "gauge",
+        "Videos waiting to run.",
+    );
     let _ = writeln!(s, "kino_queue_depth {queued}");
     let sh = &state.shared;
-    let _ = writeln!(
-        s,
-        "# HELP kino_jobs_run_total Jobs the workers finished (any outcome) since start."
-    );
-    let _ = writeln!(s, "# TYPE kino_jobs_run_total counter");
-    let _ = writeln!(
-        s,
-        "kino_jobs_run_total {}",
-        sh.jobs_run.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        s,
-        "# HELP kino_denoise_steps_total Denoising steps run since start."
-    );
-    let _ = writeln!(s, "# TYPE kino_denoise_steps_total counter");
-    let _ = writeln!(
-        s,
-        "kino_denoise_steps_total {}",
-        sh.denoise_steps.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        s,
-        "# HELP kino_denoise_seconds_total Time spent in denoising steps since start."
-    );
-    let _ = writeln!(s, "# TYPE kino_denoise_seconds_total counter");
-    let _ = writeln!(
-        s,
-        "kino_denoise_seconds_total {}",
-        sh.denoise_micros.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(
-        s,
-        "# HELP kino_lease_expiries_total Jobs this node took over because their worker's lease ran out."
-    );
-    let _ = writeln!(s, "# TYPE kino_lease_expiries_total counter");
-    let _ = writeln!(
-        s,
-        "kino_lease_expiries_total {}",
-        sh.lease_expiries.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        s,
-        "# HELP kino_leases_lost_total Jobs this node stopped because its lease was taken over, cancelled or deleted."
-    );
-    let _ = writeln!(s, "# TYPE kino_leases_lost_total counter");
-    let _ = writeln!(
-        s,
-        "kino_leases_lost_total {}",
-        sh.leases_lost.load(Ordering::Relaxed)
-    );
+    let counters: [(&str, &str, f64); 5] = [
+        (
+            "kino_jobs_run_total",
+            "Jobs the workers finished (any outcome) since start.",
+            sh.jobs_run.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "kino_denoise_steps_total",
+            "Denoising steps run since start.",
+            sh.denoise_steps.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "kino_denoise_seconds_total",
+            "Time spent in denoising steps since start.",
+            sh.denoise_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+        (
+            "kino_lease_expiries_total",
+            "Jobs this node took over because their worker's lease ran out.",
+            sh.lease_expiries.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "kino_leases_lost_total",
+            "Jobs this node stopped because its lease was taken over, cancelled or deleted.",
+            sh.leases_lost.load(Ordering::Relaxed) as f64,
+        ),
+    ];
+    for (name, help, value) in counters {
+        family(&mut s, name, "counter", help);
+        let _ = writeln!(s, "{name} {value}");
+    }
     if let Ok(h) = sh.durations.lock() {
-        let _ = writeln!(
-            s,
-            "# HELP kino_job_duration_seconds How long the jobs this node finished took."
+        family(
+            &mut s,
+            "kino_job_duration_seconds",
+            "histogram",
+            "How long the jobs this node finished took.",
         );
-        let _ = writeln!(s, "# TYPE kino_job_duration_seconds histogram");
         let mut cum = 0;
         for (b, n) in h.bounds.iter().zip(&h.counts) {
             cum += n;
@@ -1939,11 +1934,12 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         let _ = writeln!(s, "kino_job_duration_seconds_count {cum}");
     }
     if state.store.lease_duration().is_some() {
-        let _ = writeln!(
-            s,
-            "# HELP kino_workers Live workers (seen within two leases) per model they hold."
+        family(
+            &mut s,
+            "kino_workers",
+            "gauge",
+            "Live workers (seen within two leases) per model they hold.",
         );
-        let _ = writeln!(s, "# TYPE kino_workers gauge");
         for (m, n) in state.store.workers_per_model()? {
             let _ = writeln!(s, "kino_workers{{model=\"{m}\"}} {n}");
         }
