@@ -58,6 +58,19 @@ fn eval_scores_every_case_and_prints_the_table() {
         "{out}"
     );
     assert!(out.contains("misses"), "{out}");
+    // Shape per asked shape, in the cases' order, each with its one video.
+    let by_shape = out
+        .lines()
+        .find(|l| l.starts_with("shape by asked shape: "))
+        .unwrap_or_else(|| panic!("no shape-by-shape line in\n{out}"));
+    let circle = by_shape.find("circle ").expect(by_shape);
+    let square = by_shape.find("square ").expect(by_shape);
+    assert!(circle < square, "{by_shape}");
+    assert!(
+        by_shape[circle..].starts_with("circle 0/1")
+            || by_shape[circle..].starts_with("circle 1/1"),
+        "{by_shape}"
+    );
     // One progress line per video.
     let err = stderr(&o);
     assert!(
@@ -118,6 +131,21 @@ fn eval_scores_every_case_and_prints_the_table() {
         "rgb",
     ] {
         assert!(runs[0]["detected"].get(key).is_some(), "{key} in {v}");
+    }
+    // Per asked shape: the runs' own shape verdicts, fills and sizes.
+    let rows = v["shape_by_asked_shape"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    for (row, r) in rows.iter().zip(runs) {
+        assert_eq!(row["shape"], r["expected"]["shape"], "{v}");
+        assert_eq!(row["total"], 1, "{v}");
+        let right = !r["wrong"].as_array().unwrap().iter().any(|w| w == "shape");
+        assert_eq!(row["correct"], u64::from(right), "{v}");
+        if r["detected"]["shape"] == "none" {
+            assert!(row["mean_fill"].is_null(), "{v}");
+        } else {
+            assert_eq!(row["mean_fill"], r["detected"]["fill"], "{v}");
+            assert_eq!(row["mean_size_px"], r["detected"]["size"], "{v}");
+        }
     }
     let misses = v["misses"].as_array().unwrap().len();
     let wrong_runs = runs
@@ -598,6 +626,7 @@ fn eval_edit_and_reference_score_a_vace_model() {
             .unwrap_or_else(|| panic!("no percentage in {line:?}"));
         assert!((0.0..=100.0).contains(&pct), "{line}");
     }
+    assert!(out.contains("shape by asked shape: circle "), "{out}");
     // The prompt leaves out colour and shape: the reference has to give them.
     let err = stderr(&o);
     assert!(
@@ -611,6 +640,17 @@ fn eval_edit_and_reference_score_a_vace_model() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["conditioning_scale"], serde_json::json!([0.5]), "{v}");
+    // Shape per asked shape (the reference's): the same count as the shape accuracy.
+    let rows = v["shape_by_asked_shape"].as_array().unwrap();
+    let shapes: Vec<&str> = rows.iter().map(|r| r["shape"].as_str().unwrap()).collect();
+    assert_eq!(shapes, ["circle", "square"], "{v}");
+    let correct: u64 = rows.iter().map(|r| r["correct"].as_u64().unwrap()).sum();
+    assert_eq!(
+        correct,
+        v["accuracy"]["shape"]["correct"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(rows.iter().all(|r| r["total"] == 1), "{v}");
     for (args, needle) in [
         (
             vec!["--reference", "--conditioning-scale", "1,x"],

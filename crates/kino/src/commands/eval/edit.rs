@@ -429,6 +429,10 @@ fn report(
             Mode::Reference => !r.colour_ok || !r.shape_ok,
         })
         .collect();
+    let by_shape = super::shape_rows(
+        runs.iter()
+            .map(|r| (r.expected.shape.as_str(), r.shape_ok, &r.detected)),
+    );
     if json {
         let acc = |c: usize| serde_json::json!({"correct": c, "total": n, "accuracy": frac(c)});
         let mut v = serde_json::json!({
@@ -445,6 +449,7 @@ fn report(
                 "motion": acc(motion),
                 "background": acc(background),
             },
+            "shape_by_asked_shape": by_shape,
             "misses": misses,
             "runs": runs,
         });
@@ -555,6 +560,7 @@ fn report(
         pct(background),
         ""
     );
+    println!("{}", super::shape_line(&by_shape));
     println!();
     if misses.is_empty() {
         println!("misses: none");

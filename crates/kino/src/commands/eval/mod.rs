@@ -530,6 +530,13 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     let correct = |attr: &str| runs.iter().filter(|r| !r.wrong.contains(&attr)).count();
     let all = runs.iter().filter(|r| r.wrong.is_empty()).count();
     let pct = |c: usize| 100.0 * c as f64 / n as f64;
+    let by_shape = shape_rows(runs.iter().map(|r| {
+        (
+            r.expected.shape.as_str(),
+            !r.wrong.contains(&"shape"),
+            &r.detected,
+        )
+    }));
 
     if a.json {
         let mut accuracy = serde_json::Map::new();
@@ -546,6 +553,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
         );
         let misses: Vec<&Run> = runs.iter().filter(|r| !r.wrong.is_empty()).collect();
         let v = serde_json::json!({
+            "shape_by_asked_shape": by_shape,
             "model": model_name,
             "model_path": model_dir,
             "mode": if a.image { "image" } else { "text" },
@@ -590,6 +598,7 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     }
     let all_label = if a.image { "all five" } else { "all four" };
     println!("{all_label:<12} {all:>7} {n:>6} {:>8.1}%", pct(all));
+    println!("{}", shape_line(&by_shape));
     if let Some(c) = &a.cache {
         let run = forwards.0 - forwards.1;
         println!(
@@ -624,4 +633,74 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shape accuracy for one asked shape, with the mean fill (area / bounding box) and size of the
+/// objects the videos showed: where a model's shape misses are (squares drawn round, say).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct ShapeRow {
+    shape: String,
+    correct: usize,
+    total: usize,
+    /// Over the videos that showed an object (`None` if none did).
+    mean_fill: Option<f64>,
+    mean_size_px: Option<f64>,
+}
+
+/// [`ShapeRow`]s, one per asked shape in the order first seen, from (asked shape, read right,
+/// what the video showed) per video.
+pub(crate) fn shape_rows<'a>(
+    videos: impl IntoIterator<Item = (&'a str, bool, &'a Analysis)>,
+) -> Vec<ShapeRow> {
+    let mut rows: Vec<(ShapeRow, Vec<f64>, Vec<f64>)> = Vec::new();
+    for (asked, ok, seen) in videos {
+        let i = match rows.iter().position(|r| r.0.shape == asked) {
+            Some(i) => i,
+            None => {
+                rows.push((
+                    ShapeRow {
+                        shape: asked.to_string(),
+                        correct: 0,
+                        total: 0,
+                        mean_fill: None,
+                        mean_size_px: None,
+                    },
+                    Vec::new(),
+                    Vec::new(),
+                ));
+                rows.len() - 1
+            }
+        };
+        let (row, fills, sizes) = &mut rows[i];
+        row.total += 1;
+        row.correct += usize::from(ok);
+        if seen.shape != "none" {
+            fills.push(seen.fill);
+            sizes.push(seen.size);
+        }
+    }
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    rows.into_iter()
+        .map(|(mut row, fills, sizes)| {
+            row.mean_fill = mean(&fills);
+            row.mean_size_px = mean(&sizes);
+            row
+        })
+        .collect()
+}
+
+/// The rows of [`shape_rows`] as one line: `shape by asked shape: circle 36/36 (fill 0.80,
+/// 24 px), …`.
+pub(crate) fn shape_line(rows: &[ShapeRow]) -> String {
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let seen = match (r.mean_fill, r.mean_size_px) {
+                (Some(f), Some(s)) => format!(" (fill {f:.3}, {s:.1} px)"),
+                _ => String::new(),
+            };
+            format!("{} {}/{}{seen}", r.shape, r.correct, r.total)
+        })
+        .collect();
+    format!("shape by asked shape: {}", parts.join(", "))
 }
