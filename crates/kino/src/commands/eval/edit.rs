@@ -29,6 +29,7 @@ use kino_engine::wan::pipeline::{
 use kino_media::Mp4Options;
 
 use super::analyse::{analyse, Analysis, Case, EvalSpec};
+use super::mean;
 use super::world::Scene;
 
 /// Pixels the edit mask extends beyond the drawn object on each side (training/train_vace.py's
@@ -390,11 +391,6 @@ pub fn run(
         model,
         opts,
     )
-}
-
-fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
-    let v: Vec<f64> = v.collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 #[allow(clippy::too_many_arguments)]

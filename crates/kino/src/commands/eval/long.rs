@@ -27,6 +27,7 @@ use kino_engine::long_video::{self, LongRequest, Start};
 use kino_engine::wan::pipeline::GenerateRequest;
 
 use super::analyse::{analyse, object_centre, Analysis, Case, EvalSpec};
+use super::mean;
 
 /// Clockwise: the direction after `d`.
 fn turn(d: &str) -> &'static str {
@@ -106,10 +107,6 @@ fn median_step(centres: &[Option<[f64; 2]>]) -> Option<f64> {
     }
     steps.sort_by(f64::total_cmp);
     Some(steps[steps.len() / 2])
-}
-
-fn mean(v: &[f64]) -> Option<f64> {
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -422,11 +419,11 @@ fn summarise(segs: &[&SegmentScore]) -> Summary {
         colour_as_prompted: share(&|s| Some(s.colour_as_prompted)).unwrap_or(0.0),
         shape_as_prompted: share(&|s| Some(s.shape_as_prompted)).unwrap_or(0.0),
         direction: share(&|s| Some(s.direction_ok)).unwrap_or(0.0),
-        mean_seam_excess_px: mean(&seams),
+        mean_seam_excess_px: mean(seams.iter().copied()),
         median_seam_excess_px: median(&seams),
         seams_measured: seams.len(),
         seams_without_object: segs.iter().filter(|s| s.seam_without_object).count(),
-        mean_colour_drift: mean(&drift),
+        mean_colour_drift: mean(drift.iter().copied()),
         size_ratio: (!sizes.is_empty()).then(|| {
             [
                 sizes.iter().copied().fold(f64::INFINITY, f64::min),

@@ -635,6 +635,12 @@ fn run_generate(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The mean of some numbers (`None` for none).
+pub(crate) fn mean(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = v.into_iter().collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 /// Shape accuracy for one asked shape, with the mean fill (area / bounding box) and size of the
 /// objects the videos showed: where a model's shape misses are (squares drawn round, say).
 #[derive(Debug, serde::Serialize)]
@@ -679,11 +685,10 @@ pub(crate) fn shape_rows<'a>(
             sizes.push(seen.size);
         }
     }
-    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     rows.into_iter()
         .map(|(mut row, fills, sizes)| {
-            row.mean_fill = mean(&fills);
-            row.mean_size_px = mean(&sizes);
+            row.mean_fill = mean(fills);
+            row.mean_size_px = mean(sizes);
             row
         })
         .collect()
