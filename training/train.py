@@ -631,6 +631,14 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
         old = load_file(init_from / "transformer" / "diffusion_pytorch_model.safetensors")
         own = transformer.state_dict()
         kept = {k: v for k, v in old.items() if k in own and own[k].shape == v.shape}
+        # Another latent layout (patch size or channels) gives the patch embedding and the output
+        # projection another meaning even where their shapes agree (the shipped 16 channels x 2x2
+        # and a reduced 4 channels x 4x4 are both 64 numbers a token): those start fresh.
+        old_cfg = json.loads((init_from / "transformer" / "config.json").read_text())
+        if (list(old_cfg["patch_size"]) != list(cfg["transformer"]["patch_size"])
+                or old_cfg["in_channels"] != z_dim or old_cfg["out_channels"] != z_dim):
+            kept = {k: v for k, v in kept.items()
+                    if not k.startswith(("patch_embedding.", "proj_out."))}
         fresh = sorted(k for k in own if k not in kept)
         transformer.load_state_dict(kept, strict=False)
         record["transformer_initialised_from"] = {"folder": str(init_from), "fresh": fresh}
