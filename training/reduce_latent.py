@@ -190,11 +190,54 @@ def carry_transformer(src: pathlib.Path, out: pathlib.Path, vae_dir: pathlib.Pat
     (tdir / "config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
 
 
+def leftover_noise(model: pathlib.Path, steps: int = 20, shift: float = 3.0) -> dict:
+    """Sample `model` (a folder whose patch is more numbers than its transformer's inner dim)
+    with plain Euler flow-matching steps, and compare the final latent's part outside the output
+    projection's column space with the starting noise's: equal, because no step moves it."""
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    pipe = WanPipeline.from_pretrained(model)
+    emb, _ = pipe.encode_prompt("a red square moving right on a white background",
+                                do_classifier_free_guidance=False,
+                                max_sequence_length=train.CONFIG["max_sequence_length"])
+    cfg = pipe.transformer.config
+    pt, ph, pw = cfg.patch_size
+    vs, vt = pipe.vae.config.scale_factor_spatial, pipe.vae.config.scale_factor_temporal
+    c = train.CONFIG
+    shape = (1, cfg.in_channels, (c["num_frames"] - 1) // vt + 1, c["height"] // vs, c["width"] // vs)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sig = torch.linspace(1, 0, steps + 1)
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(steps):
+            v = pipe.transformer(hidden_states=x, timestep=torch.tensor([sig[i] * 1000]),
+                                 encoder_hidden_states=emb, return_dict=False)[0]
+            x = x + (sig[i + 1] - sig[i]) * v
+    w = load_file(model / "transformer" / "diffusion_pytorch_model.safetensors")["proj_out.weight"]
+    q, _ = torch.linalg.qr(w.double())
+
+    def outside(z):  # the patches (p_t, p_h, p_w, c order, as proj_out writes them), minus col(W)
+        b, ch, t, h, wd = z.shape
+        p = z.double().reshape(b, ch, t // pt, pt, h // ph, ph, wd // pw, pw)
+        p = p.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(-1, pt * ph * pw * ch)
+        return p - (p @ q) @ q.T
+
+    o, n = outside(x), outside(noise)
+    return {"patch_numbers": o.shape[1], "inner_dim": w.shape[1],
+            "final_energy_outside": float(o.pow(2).sum(1).mean()),
+            "noise_energy_outside": float(n.pow(2).sum(1).mean()),
+            "largest_difference": float((o - n).abs().max())}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vae", type=pathlib.Path, required=True, help="the VAE folder to reduce")
+    ap.add_argument("--vae", type=pathlib.Path, help="the VAE folder to reduce")
     ap.add_argument("--channels", type=int, default=4, help="latent channels to keep (z_dim)")
-    ap.add_argument("--out", type=pathlib.Path, required=True, help="folder for the reduced VAE")
+    ap.add_argument("--out", type=pathlib.Path, help="folder for the reduced VAE")
+    ap.add_argument("--leftover", type=pathlib.Path,
+                    help="only measure the noise a model folder's sampling leaves undenoised")
     ap.add_argument("--clips", type=int, default=256, help="drawn clips for the statistics")
     ap.add_argument("--square-clips", type=int, default=32, help="drawn squares for the check")
     ap.add_argument("--transformer", type=pathlib.Path,
@@ -203,6 +246,15 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.leftover:
+        r = leftover_noise(args.leftover)
+        print(f"{args.leftover}: patches of {r['patch_numbers']} numbers through inner dim "
+              f"{r['inner_dim']}; energy per patch outside the output projection's span: final "
+              f"latent {r['final_energy_outside']:.1f}, starting noise {r['noise_energy_outside']:.1f} "
+              f"(largest difference {r['largest_difference']:.1e})")
+        return
+    if args.vae is None or args.out is None:
+        ap.error("--vae and --out are needed (or --leftover MODEL)")
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(args.vae).eval()
