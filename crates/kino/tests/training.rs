@@ -266,7 +266,12 @@ fn a_new_vae_architecture_and_patch_size_train_and_run() {
         serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
     assert_eq!(
         record["transformer_initialised_from"]["fresh"],
-        serde_json::json!(["patch_embedding.weight", "proj_out.bias", "proj_out.weight"]),
+        serde_json::json!([
+            "patch_embedding.bias",
+            "patch_embedding.weight",
+            "proj_out.bias",
+            "proj_out.weight"
+        ]),
         "{}",
         record["transformer_initialised_from"]
     );
@@ -275,6 +280,73 @@ fn a_new_vae_architecture_and_patch_size_train_and_run() {
         &out,
         "a red square moving right on a white background",
         &tmp.path().join("2x.mp4"),
+    );
+
+    // `training/reduce_latent.py` rewrites that VAE with 4 latent channels (its principal
+    // directions; a 1x4x4 patch is then 64 numbers, which the transformer's inner dim 128 can
+    // see and write whole) and carries the transformer across: the encoder is exactly the
+    // projection, the decoder's first layer equals the original's on the projected latent
+    // wherever it reads no zero padding, and Kino generates from the carried folder.
+    let reduced = tmp.path().join("vae2x4");
+    let carried = tmp.path().join("model-z4");
+    let (ok, log) = run_logged(
+        Command::new(&python)
+            .arg(repo().join("training/reduce_latent.py"))
+            .args(["--threads", "1", "--clips", "8", "--square-clips", "8"])
+            .arg("--vae")
+            .arg(vae_dir.join("vae"))
+            .arg("--out")
+            .arg(&reduced)
+            .arg("--transformer")
+            .arg(&out)
+            .arg("--transformer-out")
+            .arg(&carried),
+    );
+    assert!(ok, "reduce_latent.py failed:\n{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reduced.join("reduce.json")).unwrap())
+            .unwrap();
+    let enc = report["encoder_max_error"].as_f64().unwrap();
+    let first = report["conv_in_interior_max_error"].as_f64().unwrap();
+    let dec = report["decoder_agreement_db"].as_f64().unwrap();
+    assert!(
+        enc < 1e-3,
+        "encoder differs from the projection by {enc}: {report}"
+    );
+    assert!(
+        first < 1e-4,
+        "decoder's first layer differs by {first}: {report}"
+    );
+    // (At the padding the decoder is not exact: a smoke-trained VAE's constant lies mostly
+    // outside the kept channels, so its whole-frame agreement is low; a trained one's is 42 dB.)
+    assert!(
+        dec.is_finite() && dec > 10.0,
+        "decoder agrees to {dec} dB: {report}"
+    );
+    for dir in [reduced.join("vae"), carried.join("vae")] {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["z_dim"], 4, "{config}");
+        assert_eq!(
+            config["latents_std"],
+            serde_json::json!([1.0, 1.0, 1.0, 1.0]),
+            "{config}"
+        );
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(carried.join("transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&config["in_channels"], &config["out_channels"]),
+        (&serde_json::json!(4), &serde_json::json!(4)),
+        "{config}"
+    );
+    generates_a_clip(
+        &carried,
+        "a red square moving right on a white background",
+        &tmp.path().join("2x4.mp4"),
     );
 }
 
