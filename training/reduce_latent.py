@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import random
 import shutil
 import sys
 
@@ -60,16 +59,6 @@ def draw_latents(vae, clips: int, seed: int) -> torch.Tensor:
             x = x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
             out.append((train.encode_mean(vae, x) - mean) / std)
     return torch.cat(out)
-
-
-def square_clips(n: int, seed: int):
-    cfg = train.CONFIG
-    rng = random.Random(seed)
-    combos = [c for c in world.combinations() if c[1] == "square"]
-    scenes = [world.sample_scene(rng.choice(combos), cfg["width"], cfg["height"], rng,
-                                 cfg["world"]["size_range"], cfg["world"]["travel_range"])
-              for _ in range(n)]
-    return [world.render(sc, cfg["width"], cfg["height"], cfg["num_frames"]) for sc in scenes]
 
 
 def round_trip(vae, clips, project=None):
@@ -278,7 +267,7 @@ def main(argv=None) -> None:
 
     new, leftover = reduce_vae(vae, k, cm, U, D)
     print(f"constant left to the bias (inexact at the padding): {leftover:.4f} of its norm")
-    sq = square_clips(args.square_clips, seed=train.CONFIG["seed"] + 99)
+    sq = train.square_clips(train.CONFIG, train.CONFIG["seed"], args.square_clips)
     Uf, Df, cmf = U.float(), D.float(), cm.float()
 
     def project(z):

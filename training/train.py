@@ -485,16 +485,21 @@ def soft_fill(clip: np.ndarray) -> float:
     return float(np.median(cov.sum(axis=(1, 2)) / np.maximum(rows * cols, 1e-9)))
 
 
-def square_fill(vae, cfg, seed: int, n: int = 16) -> dict:
-    """Squares drawn by the world and passed through the VAE (encode mean, decode, 8 bits):
-    the median fill over each clip's frames, mean and least over `n` clips, drawn and after the
-    round trip (`kino eval` reads a shape as a square from fill 0.91; a circle is 0.785)."""
+def square_clips(cfg, seed: int, n: int) -> list[np.ndarray]:
+    """`n` clips of a square drawn by the world (the ones `square_fill` measures)."""
     rng = random.Random(seed + 99)
     combos = [c for c in world.combinations() if c[1] == "square"]
     scenes = [world.sample_scene(rng.choice(combos), cfg["width"], cfg["height"], rng,
                                  cfg["world"]["size_range"], cfg["world"]["travel_range"])
               for _ in range(n)]
-    clips = [world.render(sc, cfg["width"], cfg["height"], cfg["num_frames"]) for sc in scenes]
+    return [world.render(sc, cfg["width"], cfg["height"], cfg["num_frames"]) for sc in scenes]
+
+
+def square_fill(vae, cfg, seed: int, n: int = 16) -> dict:
+    """Squares drawn by the world and passed through the VAE (encode mean, decode, 8 bits):
+    the median fill over each clip's frames, mean and least over `n` clips, drawn and after the
+    round trip (`kino eval` reads a shape as a square from fill 0.91; a circle is 0.785)."""
+    clips = square_clips(cfg, seed, n)
     vae.eval()
     drawn, after = [], []
     with torch.no_grad():
