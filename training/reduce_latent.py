@@ -97,11 +97,12 @@ def agreement(old, new, clips, project, U, D, cm) -> dict:
             enc = max(enc, float((got - want).abs().max()))
             # The decoder's first layer on the same latent, where it reads no padding (from the
             # third latent frame on, one cell in from the border): exact there.
-            a1 = old.decoder.conv_in(old.post_quant_conv(project(zn) * std + mean))
+            projected = project(zn) * std + mean  # the old VAE's raw latent, projected
+            a1 = old.decoder.conv_in(old.post_quant_conv(projected))
             b1 = new.decoder.conv_in(new.post_quant_conv(got))
             inner = (slice(None), slice(None), slice(2, None), slice(1, -1), slice(1, -1))
             first = max(first, float((a1[inner] - b1[inner]).abs().max() / a1.abs().max()))
-            a = old.decode(project(zn) * std + mean).sample.clamp(-1, 1)
+            a = old.decode(projected).sample.clamp(-1, 1)
             b = new.decode(got).sample.clamp(-1, 1)
             se += float(((a - b) * 127.5).pow(2).sum())
             n += a.numel()
