@@ -10,8 +10,9 @@
 # clock, saving checkpoints as it goes so a cut run still returns something:
 #   A  kino-shapes on the 2x-resolution VAE with 4 latent channels (training/candidates/vae2x4):
 #      the transformer with patch 1x4x4, going on from the CPU-trained candidate
-#      training/candidates/r26 (which started from the shipped one), run r23's recipe (issue 17's
-#      squares; models/kino-shapes/README.md, "A VAE with more spatial resolution").
+#      training/candidates/shapes2x (the latest CPU run on it; the chain started from the shipped
+#      one), run r23's recipe (issue 17's squares; models/kino-shapes/README.md, "A VAE with more
+#      spatial resolution").
 #   B  kino-shapes-vace's branch on the shipped kino-shapes, trained further with the teacher, the
 #      teacher's hidden states, the head that must recognise the reference's shape (--aux-ref),
 #      15 more drawings of every reference and half of them aligned (issue 13's reference shape;
@@ -28,7 +29,7 @@
 #
 # Knobs (environment): A_MINUTES (4.5), B_MINUTES (6.5, the whole run with its 1,500 samples and
 # 12,375 reference drawings), A_FROM / B_FROM (a folder an earlier call made, unpacked inside the
-# repository: A resumes it, `--dit-resume`, training/candidates/r26 when unset; B starts from its
+# repository: A resumes it, `--dit-resume`, training/candidates/shapes2x when unset; B starts from its
 # branch and main blocks, `--init`;
 # the carry limit of 64 MiB then needs room, see bench/gpu/NOTES.md "Carry"), PYTHON (python3),
 # OUT (./out/gpu-job), DEVICE (cuda).
@@ -85,7 +86,7 @@ else
 fi
 
 # A: the transformer and text encoder on the 2x VAE.
-A_INIT=(--dit-resume "${A_FROM:-training/candidates/r26}")
+A_INIT=(--dit-resume "${A_FROM:-training/candidates/shapes2x}")
 "$PY" training/train.py --out "$WORK/A" --device "$DEVICE" --threads "$THREADS" \
     --vae-from training/candidates/vae2x4/vae --patch-size 1 4 4 \
     "${A_INIT[@]}" "${A_ARGS[@]}" > "$OUT/A.log" 2>&1 &
