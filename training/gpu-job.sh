@@ -29,10 +29,9 @@
 #
 # Knobs (environment): A_MINUTES (4.5), B_MINUTES (6.5, the whole run with its 1,500 samples and
 # 12,375 reference drawings), A_FROM / B_FROM (a folder an earlier call made, unpacked inside the
-# repository: A resumes it, `--dit-resume`, training/candidates/shapes2x when unset; B starts from its
-# branch and main blocks, `--init`;
-# the carry limit of 64 MiB then needs room, see bench/gpu/NOTES.md "Carry"), PYTHON (python3),
-# OUT (./out/gpu-job), DEVICE (cuda).
+# repository: A resumes it, `--dit-resume`, training/candidates/shapes2x when unset; B starts
+# from its branch and main blocks, `--init`; the carry limit of 64 MiB then needs room, see
+# bench/gpu/NOTES.md "Carry"), PYTHON (python3), OUT (./out/gpu-job), DEVICE (cuda).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
