@@ -731,7 +731,8 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                 log(f"dit: time budget of {budget:.0f} s spent at step {step}")
                 break
             frac = max(frac, (time.time() - start) / budget)
-        lr = t["lr"] * min(1.0, (step + 1) / t["warmup"]) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        floor = t.get("lr_floor", 0.05)  # --dit-lr-floor: the cosine ends at this fraction of the peak
+        lr = t["lr"] * min(1.0, (step + 1) / t["warmup"]) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = [rng.randrange(len(latents)) for _ in range(t["batch"])]
@@ -837,6 +838,8 @@ def main(argv=None):
                     help="torch device to train on, e.g. cuda (the record names the GPU)")
     ap.add_argument("--dit-steps", type=int)
     ap.add_argument("--dit-lr", type=float, help="peak transformer learning rate")
+    ap.add_argument("--dit-lr-floor", type=float,
+                    help="fraction of the peak learning rate the cosine schedule ends at (0.05)")
     ap.add_argument("--dit-batch", type=int, help="clips a transformer step (dit_train.batch)")
     ap.add_argument("--encode-batch", type=int,
                     help="clips drawn and encoded at once (dit_train.encode_batch)")
@@ -927,6 +930,10 @@ def main(argv=None):
         cfg["dit_train"]["encode_batch"] = args.encode_batch
     if args.dit_lr is not None:
         cfg["dit_train"]["lr"] = args.dit_lr
+    if args.dit_lr_floor is not None:
+        if not 0 <= args.dit_lr_floor <= 1:
+            ap.error("--dit-lr-floor is a fraction of the peak learning rate, between 0 and 1")
+        cfg["dit_train"]["lr_floor"] = args.dit_lr_floor
     if args.dit_shift is not None:
         cfg["dit_train"]["flow_shift"] = args.dit_shift
     if args.object_weight is not None:
