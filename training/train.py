@@ -146,8 +146,8 @@ CONFIG = {
     # Gaussian of sigma uniform in [0, cond_blur] px, encoded alone) plus Gaussian noise of std
     # uniform in [0, cond_noise] on the normalised latent, while the frames to predict stay the
     # clean clip's: the model learns to continue a degraded first frame as the world draws it.
-    "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "warmup": 100, "clips": 4000,
-                  "flow_shift": [10.0, 2.0],
+    "dit_train": {"steps": 2500, "batch": 32, "lr": 5e-4, "lr_floor": 0.05, "warmup": 100,
+                  "clips": 4000, "flow_shift": [10.0, 2.0],
                   "caption_dropout": 0.1, "ema": 0.998, "encode_batch": 16, "object_weight": 0.0,
                   "shape_weight": 8.0, "shape_max_sigma": 0.8, "image_cond": 0.5, "bf16": True,
                   "cond_roundtrip": 0.0, "cond_blur": 0.0, "cond_noise": 0.0},
@@ -723,6 +723,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
     transformer.train()
     text_encoder.train()
     budget = t.get("max_seconds")  # --dit-max-minutes: the schedule runs on the clock too
+    floor = t["lr_floor"]  # --dit-lr-floor: the cosine ends at this fraction of the peak
     steps_run = 0
     for step in range(t["steps"]):
         frac = step / max(t["steps"], 1)
@@ -731,7 +732,6 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                 log(f"dit: time budget of {budget:.0f} s spent at step {step}")
                 break
             frac = max(frac, (time.time() - start) / budget)
-        floor = t.get("lr_floor", 0.05)  # --dit-lr-floor: the cosine ends at this fraction of the peak
         lr = t["lr"] * min(1.0, (step + 1) / t["warmup"]) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
