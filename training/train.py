@@ -173,6 +173,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def warmup_cosine(peak: float, step: int, warmup: int, frac: float, floor: float = 0.05) -> float:
+    """The learning rate of every training loop here: a linear warmup over `warmup` steps, then a
+    cosine from `peak` down to `floor` × `peak` as `frac` (the share of the run done) goes 0 → 1."""
+    return peak * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 DEVICE = torch.device("cpu")
 
 
@@ -273,7 +279,7 @@ def vae_phase(vae, name, steps, lr_max, sample, batch, object_weight, kl_weight,
                 steps = step
                 break
             frac = max(frac, (time.time() - start) / max_seconds)
-        lr = lr_max * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = warmup_cosine(lr_max, step, 50, frac, floor=0.1)
         for group in opt.param_groups:
             group["lr"] = lr
         extra = None
@@ -732,7 +738,7 @@ def train_dit(cfg, vae, tokenizer, rng_seed: int, exclude, record, resume=None,
                 log(f"dit: time budget of {budget:.0f} s spent at step {step}")
                 break
             frac = max(frac, (time.time() - start) / budget)
-        lr = t["lr"] * min(1.0, (step + 1) / t["warmup"]) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = warmup_cosine(t["lr"], step, t["warmup"], frac, floor)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = [rng.randrange(len(latents)) for _ in range(t["batch"])]

@@ -134,7 +134,7 @@ def encode_clips(vae, clips):
 
 def lr_at(t, step):
     frac = step / max(t["steps"], 1)
-    return t["lr"] * min(1.0, (step + 1) / t["warmup"]) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return train.warmup_cosine(t["lr"], step, t["warmup"], frac)
 
 
 def fit(transformer, text_encoder, tokenizer, params, t, max_len, sample, record, name):

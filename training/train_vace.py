@@ -819,8 +819,7 @@ def main(argv=None):
             if frac >= 1:
                 log(f"--max-minutes {args.max_minutes} reached after {step} steps")
                 break
-        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) * (
-            0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = train.warmup_cosine(cfg["lr"], step, cfg["warmup"], frac)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = [rng.randrange(len(data)) for _ in range(cfg["batch"])]
