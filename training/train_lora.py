@@ -255,19 +255,25 @@ def teacher_pairs(parts, base, t, record):
     """(noise, the teacher's final latents, prompt) from the base's own sampler and settings."""
     from diffusers import WanPipeline
 
-    tokenizer, text_encoder, transformer, vae, scheduler, kino, index = parts
+    tokenizer, text_encoder, transformer, vae, scheduler, kino, _ = parts
     base_cfg = json.loads((base / "training.json").read_text())["config"]
     held = set(map(tuple, world.held_out(**base_cfg["held_out"])))
     combos = [c for c in world.combinations() if c not in held]
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                        vae=vae, scheduler=scheduler,
-                       expand_timesteps=bool(index.get("expand_timesteps", False)))
+                       # Text only: every token has the same t, so the scalar timestep is the
+                       # same computation as expand_timesteps' per-token one, whose diffusers
+                       # 0.42.1 form strides the mask by 2 (the 5B's 1×2×2 patch) and so fails
+                       # on any other patch (kino-shapes' 1×4×4).
+                       expand_timesteps=False)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(CONFIG["seed"] + 31)
     g = torch.Generator().manual_seed(CONFIG["seed"] + 32)
     z = vae.config.z_dim
-    f = (kino["num_frames"] - 1) // 4 + 1
-    h, w = kino["height"] // 4, kino["width"] // 4
+    # The latent grid as WanPipeline.prepare_latents makes it, from the VAE's own scale factors.
+    st, ss = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    f = (kino["num_frames"] - 1) // st + 1
+    h, w = kino["height"] // ss, kino["width"] // ss
     noises, outs, prompts, start = [], [], [], time.time()
     for lo in range(0, t["pairs"], t["teacher_batch"]):
         n = min(t["teacher_batch"], t["pairs"] - lo)

@@ -184,9 +184,9 @@ fn defaults_come_from_kino_json() {
     )
     .expect("scheduler_config.json is JSON");
     assert_eq!(Some(r.shift), sched["flow_shift"].as_f64());
-    assert_eq!(p.latent_shape(&r), [1, 16, 5, 16, 16]);
+    assert_eq!(p.latent_shape(&r), [1, 4, 9, 32, 32]);
     assert_eq!(p.size_multiple(), (8, 8));
-    assert_eq!(p.frame_step(), 4);
+    assert_eq!(p.frame_step(), 2);
 }
 
 #[test]

@@ -1823,6 +1823,9 @@ impl WanPipeline {
             .to_dtype(dtype)?;
             let timestep = if expand {
                 // (mask[0][0][:, ::2, ::2] · t).flatten(): 0 for frame-0 tokens of an image.
+                // diffusers strides by 2, the 1×2×2 patch of Wan2.2 TI2V 5B; this is the same
+                // mask on the model's own token grid (kino-shapes: 1×4×4), as
+                // fixtures/gen_kino_shapes.py's `restride_expanded_timesteps` gives the reference.
                 let mut ts = vec![t as f32; seq_len];
                 if first_frame {
                     ts[..tokens_per_frame].iter_mut().for_each(|v| *v = 0.0);
