@@ -8,16 +8,14 @@
 # Two jobs share the card side by side (both models are tiny, so on a card they are bound by
 # kernel launches and the pair should cost little more than one; not measured yet), each on the
 # clock, saving checkpoints as it goes so a cut run still returns something:
-#   A  kino-shapes on the 2x-resolution VAE with 4 latent channels (training/candidates/vae2x4):
-#      the transformer with patch 1x4x4, going on from the CPU-trained candidate
-#      training/candidates/shapes2x (the latest CPU run on it; the chain started from the shipped
-#      one), run r23's recipe (issue 17's squares; models/kino-shapes/README.md, "A VAE with more
-#      spatial resolution").
-#   B  kino-shapes-vace's branch on the shipped kino-shapes, trained further with the teacher, the
-#      teacher's hidden states, the head that must recognise the reference's shape (--aux-ref),
-#      15 more drawings of every reference and half of them aligned (issue 13's reference shape;
-#      models/kino-shapes-vace/README.md, runs 7, 8 and 10: it goes on from the shipped branch,
-#      run 10, whose squares from a reference are still drawn round).
+#   A  kino-shapes' transformer and text encoder trained on (patch 1x4x4 on its 2x VAE with 4
+#      latent channels), going on from the shipped ones (CPU runs r25-r29, models/kino-shapes/
+#      README.md) with the recipe of those runs at a GPU's batch.
+#   B  a VACE branch for the shipped kino-shapes, from scratch (kino-shapes-vace's branch is on the
+#      previous kino-shapes, whose latent it was made for), with the teacher, the teacher's hidden
+#      states, the head that must recognise the reference's shape (--aux-ref), 15 more drawings
+#      of every reference and half of them aligned (issue 13's reference shape;
+#      models/kino-shapes-vace/README.md, runs 7, 8 and 10).
 # Results in $OUT (at most 8 files come back from a call): summary.txt, A.log, B.log, A.tar and
 # B.tar (A's whole folder; B's without the VAE and text encoder it leaves as kino-shapes has
 # them), A-steps.tar and B-steps.tar (the latest checkpoints that fit 16 MiB). Back on the build
@@ -29,8 +27,8 @@
 #
 # Knobs (environment): A_MINUTES (4.5), B_MINUTES (6.5, the whole run with its 1,500 samples and
 # 12,375 reference drawings), A_FROM / B_FROM (a folder an earlier call made, unpacked inside the
-# repository: A resumes it, `--dit-resume`, training/candidates/shapes2x when unset; B starts
-# from its branch and main blocks, `--init`; the carry limit of 64 MiB then needs room, see
+# repository: A resumes it, `--dit-resume`, models/kino-shapes when unset; B starts from its
+# branch and main blocks, `--init`, a new branch when unset; the carry limit of 64 MiB then needs room, see
 # bench/gpu/NOTES.md "Carry"), PYTHON (python3), OUT (./out/gpu-job), DEVICE (cuda).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,14 +83,13 @@ else
 fi
 
 # A: the transformer and text encoder on the 2x VAE.
-A_INIT=(--dit-resume "${A_FROM:-training/candidates/shapes2x}")
+A_INIT=(--dit-resume "${A_FROM:-models/kino-shapes}")
 "$PY" training/train.py --out "$WORK/A" --device "$DEVICE" --threads "$THREADS" \
-    --vae-from training/candidates/vae2x4/vae --patch-size 1 4 4 \
+    --vae-from models/kino-shapes/vae --patch-size 1 4 4 \
     "${A_INIT[@]}" "${A_ARGS[@]}" > "$OUT/A.log" 2>&1 &
 A_PID=$!
-# B: the VACE branch (the main blocks frozen) from the shipped folder, on kino-shapes' main blocks.
-if [ -n "${B_FROM:-}" ]; then B_INIT=(--init "$B_FROM"); else
-    B_INIT=(--init models/kino-shapes-vace --main-from-base); fi
+# B: a VACE branch (the main blocks frozen) on kino-shapes' main blocks, new or from B_FROM.
+if [ -n "${B_FROM:-}" ]; then B_INIT=(--init "$B_FROM"); else B_INIT=(); fi
 "$PY" training/train_vace.py --out "$WORK/B" --device "$DEVICE" --threads "$THREADS" \
     "${B_INIT[@]}" --object-weight 6 --shape-weight 8 \
     --distill 12 --feature-distill 6 --aux-ref 1 --aux-min-sigma 0.7 --ref-aligned 0.5 \
