@@ -41,6 +41,7 @@ fn every_fixture_matches_the_reference() {
         "pipeline-df",
         "transformer-vace",
         "pipeline-vace",
+        "pipeline-vace-2x",
     ] {
         assert!(
             results.iter().any(|r| r.case == case),
@@ -77,6 +78,12 @@ fn every_fixture_matches_the_reference() {
         vace("pipeline-vace", "pipeline-vace"),
         6,
         "VACE pipeline runs"
+    );
+    // ... and on the shipped kino-shapes' shape (2× VAE, patch 1×4×4, 4 mask channels).
+    assert_eq!(
+        vace("pipeline-vace-2x", "pipeline-vace"),
+        2,
+        "VACE pipeline runs on a 2× VAE"
     );
     // Step caches (issue 18): each cache at settings where it skips forwards, Kino skipping
     // exactly as many as the reference (checked by `passed`), and the uncached baseline.
