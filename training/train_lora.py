@@ -107,11 +107,10 @@ def load_base(base: pathlib.Path):
     vae = AutoencoderKLWan.from_pretrained(base / "vae").eval()
     scheduler = UniPCMultistepScheduler.from_pretrained(base / "scheduler")
     kino = json.loads((base / "kino.json").read_text())
-    index = json.loads((base / "model_index.json").read_text())
     for m in (text_encoder, transformer, vae):
         for p in m.parameters():
             p.requires_grad_(False)
-    return tokenizer, text_encoder, transformer, vae, scheduler, kino, index
+    return tokenizer, text_encoder, transformer, vae, scheduler, kino
 
 
 def add_lora(transformer, cfg):
@@ -216,7 +215,7 @@ def concept_data(vae, base_cfg, t, record):
 
 
 def run_concept(args, parts, record):
-    tokenizer, text_encoder, transformer, vae, _, kino, _ = parts
+    tokenizer, text_encoder, transformer, vae, _, kino = parts
     base_cfg = json.loads((args.base / "training.json").read_text())["config"]
     t = CONFIG["concept"]
     latents, shape_masks, combos, held = concept_data(vae, base_cfg, t, record)
@@ -255,7 +254,7 @@ def teacher_pairs(parts, base, t, record):
     """(noise, the teacher's final latents, prompt) from the base's own sampler and settings."""
     from diffusers import WanPipeline
 
-    tokenizer, text_encoder, transformer, vae, scheduler, kino, _ = parts
+    tokenizer, text_encoder, transformer, vae, scheduler, kino = parts
     base_cfg = json.loads((base / "training.json").read_text())["config"]
     held = set(map(tuple, world.held_out(**base_cfg["held_out"])))
     combos = [c for c in world.combinations() if c not in held]
@@ -270,8 +269,8 @@ def teacher_pairs(parts, base, t, record):
     rng = random.Random(CONFIG["seed"] + 31)
     g = torch.Generator().manual_seed(CONFIG["seed"] + 32)
     z = vae.config.z_dim
-    # The latent grid as WanPipeline.prepare_latents makes it, from the VAE's own scale factors.
-    st, ss = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    # The latent grid as WanPipeline.prepare_latents makes it, from the pipeline's scale factors.
+    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
     f = (kino["num_frames"] - 1) // st + 1
     h, w = kino["height"] // ss, kino["width"] // ss
     noises, outs, prompts, start = [], [], [], time.time()
@@ -295,7 +294,7 @@ def teacher_pairs(parts, base, t, record):
 
 
 def run_fast(args, parts, record):
-    tokenizer, text_encoder, transformer, vae, scheduler, kino, _ = parts
+    tokenizer, text_encoder, transformer, vae, scheduler, kino = parts
     t = CONFIG["fast"]
     noise_all, x0_all, prompts_all = teacher_pairs(parts, args.base, t, record)
     # The student's own schedule: the sigmas the base's scheduler visits in `student_steps` steps.
