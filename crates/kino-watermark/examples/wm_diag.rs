@@ -15,7 +15,11 @@ fn main() {
     let attack = a.get(4).cloned().unwrap_or("crf28".into());
     let key = Key::from_bytes(b"kino watermark benchmark key");
     let dir = scratch("diag");
-    let srcs = natural_sources();
+    // KINO_WM_PHOTOS=DIR: pans over the photographs in DIR instead of the ffmpeg sources.
+    let srcs = match std::env::var("KINO_WM_PHOTOS") {
+        Ok(dir) => photo_sources(std::path::Path::new(&dir)),
+        Err(_) => natural_sources(),
+    };
     // Optional 5th argument: repeat the sources this many times, each from a later start frame.
     let reps: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
     let base: Vec<String> = srcs.iter().take(n).cloned().collect();

@@ -6,7 +6,9 @@
 //! `KINO_WM_SIZES=256x256,832x480` (ffmpeg-source groups to run, default all three),
 //! `KINO_WM_SOURCES=N` (the first N of the 15 sources per group), `KINO_WM_ATTACKS=crf28,half`
 //! (attack keys: crf23 crf28 half crop drop fps30 fps15; default all) and `KINO_WM_KINO=0` (skip
-//! the Kino-output groups).
+//! the Kino-output groups). `KINO_WM_PHOTOS=DIR` adds natural-looking clips: slow pans over the
+//! photographs in DIR (`scripts/wm-photos.sh DIR` fetches the CC0 / public-domain ones that ship
+//! in scikit-image's wheel), at 256×256 and 832×480.
 
 mod common;
 
@@ -244,6 +246,30 @@ fn watermark_table() {
             &dir,
             &mut report,
         );
+    }
+    // Natural-looking clips: pans over photographs (KINO_WM_PHOTOS=DIR, scripts/wm-photos.sh), at
+    // the first ffmpeg group's sizes.
+    if let Ok(photos) = std::env::var("KINO_WM_PHOTOS") {
+        for (w, h) in [(256, 256), (832, 480)] {
+            if sizes
+                .as_ref()
+                .is_some_and(|s| !s.split(',').any(|s| s == format!("{w}x{h}")))
+            {
+                continue;
+            }
+            let clips: Vec<Vec<Frame>> = photo_sources(Path::new(&photos))
+                .iter()
+                .take(n_sources)
+                .map(|s| lavfi_frames(s, w, h, 24))
+                .collect();
+            run_group(
+                &format!("photographs panned {w}×{h}"),
+                &clips,
+                &key,
+                &dir,
+                &mut report,
+            );
+        }
     }
     let kino = if std::env::var("KINO_WM_KINO").is_ok_and(|v| v == "0") {
         Vec::new()

@@ -174,6 +174,37 @@ pub fn natural_sources() -> Vec<String> {
     v
 }
 
+/// Natural-looking clips from photographs: for each image file in `dir` (PNG or JPEG, sorted by
+/// name), a lavfi graph that scales it to cover 1.5 times the clip's width and height and pans a
+/// `{w}×{h}` window across it (3 px right and 1 px down per frame, as a slow camera pan), for
+/// [`lavfi_frames`]. The README's bench takes the CC0 / public-domain photographs that ship in
+/// scikit-image's wheel (`scripts/wm-photos.sh` fetches them).
+pub fn photo_sources(dir: &Path) -> Vec<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read the photo folder {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| {
+            // lavfi's movie source needs its path's special characters escaped.
+            let path = p.display().to_string().replace('\\', "\\\\").replace(':', "\\:");
+            format!(
+                "movie={path},loop=loop=-1:size=1:start=0,setpts=N/24/TB,format=rgb24,\
+                 scale='trunc(iw*max(1.5*{{w}}/iw,1.5*{{h}}/ih)/2)*2':'trunc(ih*max(1.5*{{w}}/iw,1.5*{{h}}/ih)/2)*2',\
+                 crop={{w}}:{{h}}:x='min(n*3,iw-{{w}})':y='min(n,ih-{{h}})'"
+            )
+        })
+        .collect()
+}
+
 /// `n` pseudo-random ±1 chips from a fixed LCG (any ±1 tile will do for the probes).
 pub fn lcg_chips(n: usize) -> Vec<f32> {
     let mut st = 0x2545_f491_4f6c_dd1du64;
