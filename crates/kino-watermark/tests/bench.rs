@@ -217,6 +217,12 @@ fn watermark_table() {
     let key = Key::from_bytes(b"kino watermark benchmark key");
     let names: Vec<&str> = attacks().iter().map(|a| a.name).collect();
     let sizes = std::env::var("KINO_WM_SIZES").ok();
+    // A size is run unless KINO_WM_SIZES lists others.
+    let wanted = |w: u32, h: u32| {
+        sizes
+            .as_ref()
+            .is_none_or(|s| s.split(',').any(|s| s == format!("{w}x{h}")))
+    };
     let n_sources: usize = std::env::var("KINO_WM_SOURCES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -228,10 +234,7 @@ fn watermark_table() {
     );
     // ffmpeg-generated content at three sizes.
     for (w, h, frames) in [(256, 256, 24), (832, 480, 16), (1280, 720, 12)] {
-        if sizes
-            .as_ref()
-            .is_some_and(|s| !s.split(',').any(|s| s == format!("{w}x{h}")))
-        {
+        if !wanted(w, h) {
             continue;
         }
         let clips: Vec<Vec<Frame>> = natural_sources()
@@ -248,13 +251,10 @@ fn watermark_table() {
         );
     }
     // Natural-looking clips: pans over photographs (KINO_WM_PHOTOS=DIR, scripts/wm-photos.sh), at
-    // the first ffmpeg group's sizes.
+    // 256×256 and 832×480.
     if let Ok(photos) = std::env::var("KINO_WM_PHOTOS") {
         for (w, h) in [(256, 256), (832, 480)] {
-            if sizes
-                .as_ref()
-                .is_some_and(|s| !s.split(',').any(|s| s == format!("{w}x{h}")))
-            {
+            if !wanted(w, h) {
                 continue;
             }
             let clips: Vec<Vec<Frame>> = photo_sources(Path::new(&photos))
