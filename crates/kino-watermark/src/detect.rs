@@ -6,6 +6,7 @@ use kino_media::Frame;
 use crate::ecc;
 use crate::fft::{self, C64};
 use crate::pattern::{self, Layout, CHIPS, CODED_BITS, INFO_BITS, TILE};
+use crate::qim::{self, Grid, QimLayout, QimParams};
 use crate::Key;
 
 /// Fold resolution: samples per chip along each axis.
@@ -25,25 +26,37 @@ const SCALE_STEP: f64 = 0.004;
 pub(crate) const CANDIDATES: usize = 12;
 /// Of which this many are the strongest anchored peaks (besides the anchor at scale 1).
 const ANCHORED_CANDIDATES: usize = 6;
+/// Grids (anchored at the corner or the centre, at any scale of the search) the QIM carrier is
+/// also read at: those where the first frame's values fit the lattices best.
+const FIT_CANDIDATES: usize = 3;
+/// QIM decodes at most: two readings (the first frame; the mean over frames) at the corner at
+/// scale 1, at each anchored candidate's grid and at the best-fitting grids.
+pub(crate) const QIM_DECODES: usize = 2 * (1 + ANCHORED_CANDIDATES + FIT_CANDIDATES);
+/// Payload decodes per clip at most (each a 2⁻¹⁶ chance for an unmarked clip).
+pub(crate) const DECODES: usize = CANDIDATES + QIM_DECODES;
+/// Frames the QIM carrier's mean reading takes (evenly spread over those used).
+const QIM_FRAMES: usize = 16;
 
 /// What [`detect`] found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Detection {
-    /// The key's mark was found: a sync peak whose decoded payload's 16-bit check field (the
-    /// Kino marker XOR the id's CRC-16) matches its id.
+    /// The key's mark was found: a decoded payload (of the chips at a sync peak, or of the QIM
+    /// cells at a grid) whose 16-bit check field (the Kino marker XOR the id's CRC-16) matches
+    /// its id.
     pub detected: bool,
     /// The 48-bit id, when detected.
     pub id: Option<u64>,
     /// `1 − false_alarm_probability` when detected, 0 when not.
     pub confidence: f64,
     /// Upper bound on the probability that an unmarked video (or one marked with another key)
-    /// gives a result at least this strong: `12 · 2⁻¹⁶ · min(1, H · Q(sync_score))` (12
-    /// candidates decoded) with `H` the sync hypotheses of the reported candidate's kind tried
-    /// (anchored: 2 · 9 per scale; free: 64 · 64 per scale) and `Q` the standard normal tail
-    /// (1 when not detected).
+    /// gives a result at least this strong: `32 · 2⁻¹⁶ · min(1, H · Q(sync_score))` (32
+    /// payloads decoded at most) with `H` the sync hypotheses of the reported candidate's kind
+    /// tried (anchored: 2 · 9 per scale; free: 64 · 64 per scale) and `Q` the standard normal
+    /// tail; for a QIM decode `32 · 2⁻¹⁶` (1 when not detected).
     pub false_alarm_probability: f64,
     /// The reported candidate's sync peak (the detected one, else the one with the fewest
-    /// `bit_errors`) in standard deviations of the correlation over all shifts.
+    /// `bit_errors`) in standard deviations of the correlation over all shifts (0 for a QIM
+    /// grid found by its fit or the corner's).
     pub sync_score: f64,
     /// Coded bits that disagreed with the decoded codeword (corrected errors), of `coded_bits`.
     pub bit_errors: usize,
@@ -57,6 +70,9 @@ pub struct Detection {
     /// The 64 decoded payload bits (16-bit check field, 48-bit id) of the reported candidate,
     /// detected or not (for measuring bit accuracy).
     pub raw_payload: u64,
+    /// Which carrier the reported candidate was read from: `"spread-spectrum"` (the chips of
+    /// the sync tile), `"qim"` (the cells' lattice, layout v4) or `"none"` (nothing to read).
+    pub carrier: &'static str,
 }
 
 impl Detection {
@@ -72,6 +88,7 @@ impl Detection {
             frames_used,
             scale: 1.0,
             raw_payload: 0,
+            carrier: "none",
         }
     }
 }
@@ -121,6 +138,7 @@ pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) 
         frames_used: used.len(),
         scale,
         raw_payload: (u64::from(marker) << 48) | id,
+        carrier: "spread-spectrum",
     }
 }
 
@@ -175,6 +193,12 @@ pub fn probe_chips(frames: &[Frame], plane: usize, chip_px: f64, whiten_fold: bo
 /// Looks for the mark of `key` in `frames` (RGB, one video's frames in order; any subset and
 /// any frame rate will do: every frame carries the whole mark).
 pub fn detect(frames: &[Frame], key: &Key) -> Detection {
+    detect_with(frames, key, &QimParams::default())
+}
+
+/// [`detect`] for marks made with other strengths: for development probes only.
+#[doc(hidden)]
+pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection {
     let Some(first) = frames.first() else {
         return Detection::none(0);
     };
@@ -294,7 +318,7 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         let p_sync = (hypotheses * normal_tail(z)).min(1.0);
         let detected = marker == pattern::check_field(id);
         let pfa = if detected {
-            CANDIDATES as f64 * 2f64.powi(-16) * p_sync
+            DECODES as f64 * 2f64.powi(-16) * p_sync
         } else {
             1.0
         };
@@ -309,6 +333,7 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
             frames_used: used.len(),
             scale: scale_of(k),
             raw_payload,
+            carrier: "spread-spectrum",
         };
         if detected {
             return d;
@@ -317,6 +342,132 @@ pub fn detect(frames: &[Frame], key: &Key) -> Detection {
         // right sync), so `raw_payload` is the best guess.
         if best.as_ref().is_none_or(|b| d.bit_errors < b.bit_errors) {
             best = Some(d);
+        }
+    }
+    // The QIM carrier: at the corner at scale 1, and at each anchored candidate's grid.
+    let cell = qim::cell_px(w, h);
+    let mut grids: Vec<(Grid, f64, f64)> = vec![(
+        Grid {
+            ox: 0.0,
+            oy: 0.0,
+            cell,
+        },
+        1.0,
+        0.0,
+    )];
+    for p in chosen.iter().filter(|p| p.anchored) {
+        let s = scale_of(p.k);
+        let near = |d: usize| d <= 1 || d >= N - 1;
+        let g = if near(p.dy) && near(p.dx) {
+            Grid {
+                ox: 0.0,
+                oy: 0.0,
+                cell: cell * s,
+            }
+        } else {
+            Grid {
+                ox: f64::from(w) * (1.0 - s) / 2.0,
+                oy: f64::from(h) * (1.0 - s) / 2.0,
+                cell: cell * s,
+            }
+        };
+        if grids
+            .iter()
+            .all(|(o, _, _)| (o.cell - g.cell).abs() > 1e-9 || o.ox != g.ox || o.oy != g.oy)
+        {
+            grids.push((g, s, p.z));
+        }
+    }
+    let qlayout = QimLayout::new(key);
+    let n_q = used.len().min(QIM_FRAMES);
+    let lumas: Vec<(Vec<f32>, Vec<f32>)> = (0..n_q)
+        .map(|i| {
+            let f = used[i * used.len() / n_q];
+            (qim::luma_f32(f.data()), crate::embed::probe_amplitude(f))
+        })
+        .collect();
+    // Grids that fit the first frame's values best, anchored at the corner or the centre at every
+    // scale of the search (a crop whose sync peak is too weak to be among the candidates).
+    let mut fits: Vec<(f64, Grid, f64)> = Vec::new();
+    for k in 0..n_scales {
+        let s = scale_of(k);
+        for centre in [false, true] {
+            let g = Grid {
+                ox: if centre {
+                    f64::from(w) * (1.0 - s) / 2.0
+                } else {
+                    0.0
+                },
+                oy: if centre {
+                    f64::from(h) * (1.0 - s) / 2.0
+                } else {
+                    0.0
+                },
+                cell: cell * s,
+            };
+            let (l, a) = &lumas[0];
+            let fit = qim::read(l, a, w as usize, h as usize, g, &qlayout, params).1;
+            fits.push((fit, g, s));
+        }
+    }
+    fits.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let anchored = grids.len();
+    for (_, g, s) in fits {
+        if grids.len() >= anchored + FIT_CANDIDATES {
+            break;
+        }
+        if grids
+            .iter()
+            .all(|(o, _, _)| (o.cell - g.cell).abs() > 1e-9 || o.ox != g.ox || o.oy != g.oy)
+        {
+            grids.push((g, s, 0.0));
+        }
+    }
+    for (g, s, z) in grids {
+        let per: Vec<Vec<f64>> = lumas
+            .iter()
+            .map(|(l, a)| qim::read(l, a, w as usize, h as usize, g, &qlayout, params).0)
+            .collect();
+        let mut mean = vec![0f64; CODED_BITS];
+        for v in &per {
+            for (m, x) in mean.iter_mut().zip(v) {
+                *m += x / per.len() as f64;
+            }
+        }
+        for soft in [per[0].clone(), mean] {
+            let bits = ecc::decode(&soft, INFO_BITS);
+            let code = ecc::encode(&bits);
+            let bit_errors = soft
+                .iter()
+                .zip(&code)
+                .filter(|(&s, &c)| (s > 0.0) != c)
+                .count();
+            let (marker, id) = pattern::unpack(&bits);
+            let detected = marker == pattern::check_field(id);
+            let pfa = if detected {
+                DECODES as f64 * 2f64.powi(-16)
+            } else {
+                1.0
+            };
+            let d = Detection {
+                detected,
+                id: detected.then_some(id),
+                confidence: if detected { 1.0 - pfa } else { 0.0 },
+                false_alarm_probability: pfa,
+                sync_score: z,
+                bit_errors,
+                coded_bits: CODED_BITS,
+                frames_used: used.len(),
+                scale: s,
+                raw_payload: (u64::from(marker) << 48) | id,
+                carrier: "qim",
+            };
+            if detected {
+                return d;
+            }
+            if best.as_ref().is_none_or(|b| d.bit_errors < b.bit_errors) {
+                best = Some(d);
+            }
         }
     }
     best.unwrap_or_else(|| Detection::none(used.len()))
@@ -589,6 +740,49 @@ fn erfc(x: f64) -> f64 {
     } else {
         2.0 - r
     }
+}
+
+/// Raw coded-bit errors of the QIM carrier for payload `id` at a grid (`(origin x, origin y,
+/// cell px)`; default the corner at scale 1): per frame (the first 16), and of their mean: for
+/// development probes only.
+#[doc(hidden)]
+pub fn qim_raw_errors(
+    frames: &[Frame],
+    key: &Key,
+    id: u64,
+    params: &QimParams,
+    grid: Option<(f64, f64, f64)>,
+) -> (Vec<usize>, usize) {
+    let (w, h) = (frames[0].width(), frames[0].height());
+    let (ox, oy, cell) = grid.unwrap_or((0.0, 0.0, qim::cell_px(w, h)));
+    let g = Grid { ox, oy, cell };
+    let layout = QimLayout::new(key);
+    let code = ecc::encode(&pattern::payload_bits(id));
+    let errs = |soft: &[f64]| {
+        soft.iter()
+            .zip(&code)
+            .filter(|(&s, &c)| (s > 0.0) != c)
+            .count()
+    };
+    let mut mean = vec![0f64; CODED_BITS];
+    let mut per = Vec::new();
+    for f in frames.iter().take(QIM_FRAMES) {
+        let s = qim::read(
+            &qim::luma_f32(f.data()),
+            &crate::embed::probe_amplitude(f),
+            w as usize,
+            h as usize,
+            g,
+            &layout,
+            params,
+        )
+        .0;
+        per.push(errs(&s));
+        for (m, x) in mean.iter_mut().zip(&s) {
+            *m += x;
+        }
+    }
+    (per, errs(&mean))
 }
 
 #[cfg(test)]

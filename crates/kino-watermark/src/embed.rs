@@ -3,7 +3,8 @@
 use kino_media::Frame;
 
 use crate::pattern::{self, Layout, CHIPS};
-use crate::Key;
+use crate::qim::{self, QimLayout, QimParams};
+use crate::{ecc, Key};
 
 /// Side of the blocks over which texture is measured.
 const BLOCK: usize = 8;
@@ -23,6 +24,10 @@ pub struct Embedder {
     width: u32,
     height: u32,
     chips: [f32; CHIPS],
+    /// The coded payload bits (the QIM carrier's values).
+    coded: Vec<bool>,
+    qim: std::sync::Arc<QimLayout>,
+    params: QimParams,
     /// The pattern (in [-1, 1]) for every pixel of a `width × height` frame.
     pattern: Vec<f32>,
 }
@@ -32,11 +37,32 @@ impl Embedder {
     /// frames of `width × height` (frames of another size are still marked correctly, just
     /// more slowly).
     pub fn new(key: &Key, id: u64, width: u32, height: u32) -> Embedder {
-        let chips = Layout::new(key).chips(id);
-        Self::with_chips(chips, width, height)
+        Self::with_params(key, id, width, height, QimParams::default())
     }
 
-    fn with_chips(chips: [f32; CHIPS], width: u32, height: u32) -> Embedder {
+    /// [`Embedder::new`] with other carrier strengths: for development probes only.
+    #[doc(hidden)]
+    pub fn with_params(key: &Key, id: u64, width: u32, height: u32, params: QimParams) -> Embedder {
+        let chips = Layout::new(key).chips(id);
+        let coded = ecc::encode(&pattern::payload_bits(id));
+        Self::build(
+            chips,
+            coded,
+            std::sync::Arc::new(QimLayout::new(key)),
+            params,
+            width,
+            height,
+        )
+    }
+
+    fn build(
+        chips: [f32; CHIPS],
+        coded: Vec<bool>,
+        qim: std::sync::Arc<QimLayout>,
+        params: QimParams,
+        width: u32,
+        height: u32,
+    ) -> Embedder {
         let chip = pattern::chip_px(width.max(1), height.max(1));
         let ax: Vec<_> = (0..width)
             .map(|x| pattern::axis((f64::from(x) + 0.5) / chip))
@@ -49,6 +75,9 @@ impl Embedder {
             width,
             height,
             chips,
+            coded,
+            qim,
+            params,
             pattern,
         }
     }
@@ -68,7 +97,14 @@ impl Embedder {
     pub fn mark(&self, frame: &mut Frame, index: usize) {
         let _ = index;
         if frame.width() != self.width || frame.height() != self.height {
-            let other = Self::with_chips(self.chips, frame.width(), frame.height());
+            let other = Self::build(
+                self.chips,
+                self.coded.clone(),
+                self.qim.clone(),
+                self.params,
+                frame.width(),
+                frame.height(),
+            );
             other.mark_same_size(frame);
         } else {
             self.mark_same_size(frame);
@@ -89,7 +125,58 @@ impl Embedder {
             })
             .collect();
         let amp = pixel_amplitudes(&amplitude_map(&luma, w, h), w, h);
-        apply(frame, &self.pattern, &amp);
+        let shaped: Vec<f32> = amp
+            .iter()
+            .map(|&a| (a - self.params.q_floor).max(0.05))
+            .collect();
+        let plain = qim::luma_f32(frame.data());
+        // Which carrier gets the budget: QIM unless much of the picture is clipped (a clipped
+        // pixel's luma cannot move both ways), the chips alone (layout v3) then.
+        let use_qim = self.params.d_max > 0.0
+            && qim::clipped_share(frame.data()) <= f64::from(self.params.max_clipped);
+        let share = if use_qim { self.params.sync_share } else { 1.0 };
+        let g = ss_gain(&self.pattern, &amp, RMS_CAP * share);
+        let ss: Vec<f32> = self
+            .pattern
+            .iter()
+            .zip(&amp)
+            .map(|(&p, &a)| g * a * p)
+            .collect();
+        if !use_qim {
+            apply(frame, &ss);
+            return;
+        }
+        let amp = shaped;
+        // QIM on the picture as the spread-spectrum mark leaves it.
+        let base: Vec<f32> = plain.iter().zip(&ss).map(|(l, s)| l + s).collect();
+        // The whole change within the RMS cap: the QIM carrier gives way, first by moving flat
+        // cells less (a lower cap on their coefficient), last by scaling down.
+        let n = ss.len().max(1) as f64;
+        let cap = f64::from(RMS_CAP) * f64::from(RMS_CAP);
+        let mut params = self.params;
+        let mut q = Vec::new();
+        let mut t = 1f32;
+        for _ in 0..6 {
+            q = qim::change(&base, &amp, w, h, &self.qim, &self.coded, &params);
+            let ms = |f: &dyn Fn(f32, f32) -> f32| -> f64 {
+                ss.iter()
+                    .zip(&q)
+                    .map(|(&a, &b)| f64::from(f(a, b)))
+                    .sum::<f64>()
+                    / n
+            };
+            let (ss2, cross, q2) = (ms(&|a, _| a * a), ms(&|a, b| a * b), ms(&|_, b| b * b));
+            if ss2 + 2.0 * cross + q2 <= cap || q2 <= 0.0 {
+                t = 1.0;
+                break;
+            }
+            // Largest t ≤ 1 with ss2 + 2·t·cross + t²·q2 ≤ cap.
+            let disc = (cross * cross - q2 * (ss2 - cap)).max(0.0);
+            t = ((-cross + disc.sqrt()) / q2).clamp(0.0, 1.0) as f32;
+            params.d_max *= 0.75;
+        }
+        let total: Vec<f32> = ss.iter().zip(&q).map(|(&a, &b)| a + t * b).collect();
+        apply(frame, &total);
     }
 }
 
@@ -152,18 +239,25 @@ fn pixel_amplitudes(amp: &[f32], w: usize, h: usize) -> Vec<f32> {
     out
 }
 
-/// Adds `amp · pattern` to R, G and B (rounded, clamped), scaled down if needed so the
-/// root-mean-square change stays within [`RMS_CAP`].
-fn apply(frame: &mut Frame, pattern: &[f32], amp: &[f32]) {
+/// The gain on `amp · pattern` that keeps its root-mean-square within `cap` (1 if it is).
+fn ss_gain(pattern: &[f32], amp: &[f32], cap: f32) -> f32 {
     let sumsq: f64 = pattern
         .iter()
         .zip(amp)
         .map(|(&p, &a)| f64::from(p * a) * f64::from(p * a))
         .sum();
     let rms = (sumsq / pattern.len().max(1) as f64).sqrt() as f32;
-    let g = if rms > RMS_CAP { RMS_CAP / rms } else { 1.0 };
-    for ((px, &p), &a) in frame.data_mut().chunks_exact_mut(3).zip(pattern).zip(amp) {
-        let di = (g * a * p).round() as i16;
+    if rms > cap {
+        cap / rms
+    } else {
+        1.0
+    }
+}
+
+/// Adds `change` (levels per pixel) to R, G and B, rounded and clamped.
+fn apply(frame: &mut Frame, change: &[f32]) {
+    for (px, &c) in frame.data_mut().chunks_exact_mut(3).zip(change) {
+        let di = c.round() as i16;
         if di != 0 {
             for c in px.iter_mut() {
                 *c = (i16::from(*c) + di).clamp(0, 255) as u8;
@@ -237,4 +331,10 @@ fn amplitude_map(luma: &[i16], w: usize, h: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The share of clipped pixels that decides the carrier: for development probes.
+#[doc(hidden)]
+pub fn probe_clipped(frame: &Frame) -> f64 {
+    qim::clipped_share(frame.data())
 }

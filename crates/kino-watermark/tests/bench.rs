@@ -299,7 +299,12 @@ fn watermark_table() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500);
-    let sources = natural_sources();
+    // The ffmpeg sources, and the photographs too when they are given.
+    let mut sources = natural_sources();
+    let photos = std::env::var("KINO_WM_PHOTOS").ok();
+    if let Some(dir) = &photos {
+        sources.extend(photo_sources(Path::new(dir)));
+    }
     let mut fp = 0;
     let mut max_sync = 0f64;
     let t = Instant::now();
@@ -321,7 +326,8 @@ fn watermark_table() {
         }
     }
     report.push_str(&format!(
-        "\nFalse positives: {fp} of {n_fp} unmarked clips (8 frames each, 256×256 / 320×192 / 416×240, the 15 sources above at different start frames, H.264 CRF 23), highest sync score {max_sync:.2}; {:.0} ms per clip.\n",
+        "\nFalse positives: {fp} of {n_fp} unmarked clips (8 frames each, 256×256 / 320×192 / 416×240, the {} sources above at different start frames, H.264 CRF 23), highest sync score {max_sync:.2}; {:.0} ms per clip.\n",
+        if photos.is_some() { "ffmpeg and photograph" } else { "15 ffmpeg" },
         t.elapsed().as_secs_f64() * 1e3 / n_fp.max(1) as f64
     ));
     // Speed of marking.

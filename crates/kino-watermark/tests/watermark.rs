@@ -107,3 +107,45 @@ fn centred_and_off_centre_crops_are_found() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn textured_256_clips_survive_crf28_and_a_crop_through_the_qim_carrier() {
+    // A textured, unclipped picture at 256×256 (where the spread-spectrum chips alone decode
+    // about half of the bench's clips after CRF 28): the QIM carrier carries it.
+    let dir = scratch("qim");
+    let key = Key::from_bytes(b"kino test key");
+    let id = 0x0000_5eed_0042_0001;
+    let src = lavfi_frames(
+        "life=size={w}x{h}:rate=24:seed=1:ratio=0.3:mold=10:life_color=#c0a080:death_color=#203040:mold_color=#506030,gblur=sigma=1.2",
+        256,
+        256,
+        24,
+    );
+    let m = marked(&src, &key, id);
+    let psnr = psnr_video(&src, &m).unwrap();
+    assert!(psnr >= 40.0, "PSNR {psnr:.2} dB is below 40 dB");
+    let master = dir.join("master.mp4");
+    encode(&m, 24, 28, &master);
+    let d = detect(&decode(&master), &key);
+    eprintln!("CRF 28: {d:?}");
+    assert_eq!(d.id, Some(id), "{d:?}");
+    assert_eq!(d.carrier, "qim", "{d:?}");
+    assert!(d.false_alarm_probability < 1e-3, "{d:?}");
+    // A centred 10% crop of a CRF 18 copy: the grid is found by how well the cells fit.
+    let hq = dir.join("hq.mp4");
+    encode(&m, 24, 18, &hq);
+    let p = dir.join("crop.mp4");
+    transcode(
+        &hq,
+        &p,
+        Some("crop=trunc(iw*0.45)*2:trunc(ih*0.45)*2"),
+        23,
+        &[],
+    );
+    let d = detect(&decode(&p), &key);
+    eprintln!("crop: {d:?}");
+    assert_eq!(d.id, Some(id), "{d:?}");
+    assert!((d.scale - 256.0 / 230.0).abs() < 0.02, "{d:?}");
+    assert!(!detect(&decode(&p), &Key::from_bytes(b"some other key")).detected);
+    let _ = std::fs::remove_dir_all(dir);
+}
