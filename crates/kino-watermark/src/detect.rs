@@ -29,9 +29,16 @@ const ANCHORED_CANDIDATES: usize = 6;
 /// Grids (anchored at the corner or the centre, at any scale of the search) the QIM carrier is
 /// also read at: those where the first frame's values fit the lattices best.
 const FIT_CANDIDATES: usize = 3;
+/// Free sync peaks (the strongest, one per scale) whose three-by-three possible QIM grids are
+/// fitted, …
+const FREE_FIT_PEAKS: usize = 24;
+/// … and how many of those grids, the best-fitting, are decoded.
+const FREE_FIT_CANDIDATES: usize = 5;
 /// QIM decodes at most: two readings (the first frame; the mean over frames) at the corner at
-/// scale 1, at each anchored candidate's grid and at the best-fitting grids.
-pub(crate) const QIM_DECODES: usize = 2 * (1 + ANCHORED_CANDIDATES + FIT_CANDIDATES);
+/// scale 1, at each anchored candidate's grid, at the best-fitting anchored grids and at the
+/// best-fitting grids of the free peaks.
+pub(crate) const QIM_DECODES: usize =
+    2 * (1 + ANCHORED_CANDIDATES + FIT_CANDIDATES + FREE_FIT_CANDIDATES);
 /// Payload decodes per clip at most (each a 2⁻¹⁶ chance for an unmarked clip).
 pub(crate) const DECODES: usize = CANDIDATES + QIM_DECODES;
 /// Frames the QIM carrier's mean reading takes (evenly spread over those used).
@@ -49,10 +56,10 @@ pub struct Detection {
     /// `1 − false_alarm_probability` when detected, 0 when not.
     pub confidence: f64,
     /// Upper bound on the probability that an unmarked video (or one marked with another key)
-    /// gives a result at least this strong: `32 · 2⁻¹⁶ · min(1, H · Q(sync_score))` (32
+    /// gives a result at least this strong: `42 · 2⁻¹⁶ · min(1, H · Q(sync_score))` (42
     /// payloads decoded at most) with `H` the sync hypotheses of the reported candidate's kind
     /// tried (anchored: 2 · 9 per scale; free: 64 · 64 per scale) and `Q` the standard normal
-    /// tail; for a QIM decode `32 · 2⁻¹⁶` (1 when not detected).
+    /// tail; for a QIM decode `42 · 2⁻¹⁶` (1 when not detected).
     pub false_alarm_probability: f64,
     /// The reported candidate's sync peak (the detected one, else the one with the fewest
     /// `bit_errors`) in standard deviations of the correlation over all shifts (0 for a QIM
@@ -290,6 +297,10 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
         }
     }
     let unit = ((1.0 / MIN_SCALE).ln() / SCALE_STEP).round() as usize;
+    // The strongest free peaks for the QIM carrier's grids (see below).
+    let mut free_qim = free.clone();
+    free_qim.sort_by(|a, b| b.z.total_cmp(&a.z));
+    free_qim.truncate(FREE_FIT_PEAKS);
     let chosen = candidates(free, anchored, unit);
     // Sync hypotheses tried: every shift at every scale, plus 9 shifts around each anchor.
     let h_free = (n_scales * N * N) as f64;
@@ -422,6 +433,34 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
         {
             grids.push((g, s, 0.0));
         }
+    }
+    // The free peaks (an off-centre crop), more of them than the chips decode: the chips' tile
+    // gives the grid's origin only up to a tile, and the QIM period is 1.5 tiles, so each peak
+    // gives three origins per axis; the grids whose cells fit best are decoded.
+    let mut free_fits: Vec<(f64, Grid, f64, f64)> = Vec::new();
+    for p in &free_qim {
+        let s = scale_of(p.k);
+        let tile = TILE as f64 * c0 * s;
+        let (ty, tx) = (
+            p.dy as f64 / R as f64 * c0 * s,
+            p.dx as f64 / R as f64 * c0 * s,
+        );
+        let (l, a) = &lumas[0];
+        for my in 0..3 {
+            for mx in 0..3 {
+                let g = Grid {
+                    ox: tx + mx as f64 * tile,
+                    oy: ty + my as f64 * tile,
+                    cell: cell * s,
+                };
+                let fit = qim::read(l, a, w as usize, h as usize, g, &qlayout, params).1;
+                free_fits.push((fit, g, s, p.z));
+            }
+        }
+    }
+    free_fits.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (_, g, s, z) in free_fits.into_iter().take(FREE_FIT_CANDIDATES) {
+        grids.push((g, s, z));
     }
     for (g, s, z) in grids {
         let per: Vec<Vec<f64>> = lumas

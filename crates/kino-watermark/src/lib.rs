@@ -80,11 +80,12 @@
 //! decoded: the anchored corner shift at scale 1, the 6 strongest anchored peaks and the 5
 //! strongest free peaks (at scales at least 3 steps apart); the mark is **detected** only when
 //! a decoded payload's 16-bit check field matches (so a wrongly corrected id is refused too).
-//! The QIM carrier is then read at up to 10 grids (the corner at scale 1, the anchored peaks'
-//! grids, and the 3 corner- or centre-anchored grids of any searched scale where the first
-//! frame's cells fit the lattices best), twice each (the first frame; the mean of up to 16
-//! frames): 20 more decodes. For an unmarked clip the decoded bits are noise, so the
-//! false-positive probability is at most `32 · 2⁻¹⁶ ≈ 4.9·10⁻⁴` per clip (1 in 2 048), for a
+//! The QIM carrier is then read at up to 15 grids (the corner at scale 1, the anchored peaks'
+//! grids, the 3 corner- or centre-anchored grids of any searched scale where the first frame's
+//! cells fit the lattices best, and the 5 best-fitting grids the 24 strongest free peaks allow),
+//! twice each (the first frame; the mean of up to 16 frames): 30 more decodes. For an unmarked
+//! clip the decoded bits are noise, so the false-positive probability is at most
+//! `42 · 2⁻¹⁶ ≈ 6.4·10⁻⁴` per clip (1 in 1 560), for a
 //! chips decode further multiplied by the chance of a sync peak that strong (`H · Q(z)`, `H` =
 //! hypotheses of its kind tried); see [`Detection::false_alarm_probability`]. The README's
 //! Watermark section has measured rates.
