@@ -22,18 +22,7 @@ fn main() {
     };
     // Optional 5th argument: repeat the sources this many times, each from a later start frame.
     let reps: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let base: Vec<String> = srcs.iter().take(n).cloned().collect();
-    let srcs: Vec<String> = (0..reps)
-        .flat_map(|r| {
-            base.iter().map(move |s| {
-                if r == 0 {
-                    s.clone()
-                } else {
-                    format!("{s},trim=start_frame={}", 17 * r)
-                }
-            })
-        })
-        .collect();
+    let srcs = repeated(&srcs, n, reps);
     let n = srcs.len();
     let (mut ok_det, mut ok_true) = (0, 0);
     for (ci, s) in srcs.iter().take(n).enumerate() {

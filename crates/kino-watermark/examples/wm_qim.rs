@@ -53,17 +53,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let srcs: Vec<String> = (0..reps)
-        .flat_map(|r| {
-            srcs.iter().take(n).map(move |s| {
-                if r == 0 {
-                    s.clone()
-                } else {
-                    format!("{s},trim=start_frame={}", 17 * r)
-                }
-            })
-        })
-        .collect();
+    let srcs = repeated(&srcs, n, reps);
     let n = srcs.len();
     for (ci, s) in srcs.iter().enumerate() {
         let frames = lavfi_frames(s, w, h, 24);

@@ -125,27 +125,12 @@ pub fn decode_at(frames: &[Frame], key: &Key, scale: f64, dy: usize, dx: usize) 
     let layout = Layout::new(key);
     let folded = payload_fold(&acc, wd, hd, b, c0 * scale);
     let soft = read_bits(&folded, &layout, dy, dx);
-    let bits = ecc::decode(&soft, INFO_BITS);
-    let code = ecc::encode(&bits);
-    let bit_errors = soft
-        .iter()
-        .zip(&code)
-        .filter(|(&s, &c)| (s > 0.0) != c)
-        .count();
-    let (marker, id) = pattern::unpack(&bits);
-    let detected = marker == pattern::check_field(id);
+    // No search, so no false-alarm figure: the probe only asks whether the payload reads.
     Detection {
-        detected,
-        id: detected.then_some(id),
         confidence: 0.0,
         false_alarm_probability: 1.0,
         sync_score: 0.0,
-        bit_errors,
-        coded_bits: CODED_BITS,
-        frames_used: used.len(),
-        scale,
-        raw_payload: (u64::from(marker) << 48) | id,
-        carrier: "spread-spectrum",
+        ..judge(&soft, 1.0, 0.0, scale, used.len(), "spread-spectrum")
     }
 }
 
@@ -317,36 +302,9 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
         let hypotheses = if anchored { h_anchored } else { h_free };
         let folded = payload_fold(&acc, wd, hd, b, c0 * scale_of(k));
         let soft = read_bits(&folded, &layout, dy, dx);
-        let bits = ecc::decode(&soft, INFO_BITS);
-        let code = ecc::encode(&bits);
-        let bit_errors = soft
-            .iter()
-            .zip(&code)
-            .filter(|(&s, &c)| (s > 0.0) != c)
-            .count();
-        let (marker, id) = pattern::unpack(&bits);
-        let raw_payload = (u64::from(marker) << 48) | id;
         let p_sync = (hypotheses * normal_tail(z)).min(1.0);
-        let detected = marker == pattern::check_field(id);
-        let pfa = if detected {
-            DECODES as f64 * 2f64.powi(-16) * p_sync
-        } else {
-            1.0
-        };
-        let d = Detection {
-            detected,
-            id: detected.then_some(id),
-            confidence: if detected { 1.0 - pfa } else { 0.0 },
-            false_alarm_probability: pfa,
-            sync_score: z,
-            bit_errors,
-            coded_bits: CODED_BITS,
-            frames_used: used.len(),
-            scale: scale_of(k),
-            raw_payload,
-            carrier: "spread-spectrum",
-        };
-        if detected {
+        let d = judge(&soft, p_sync, z, scale_of(k), used.len(), "spread-spectrum");
+        if d.detected {
             return d;
         }
         // Not detected: report the candidate whose coded bits fit a codeword best (the likeliest
@@ -474,34 +432,8 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
             }
         }
         for soft in [per[0].clone(), mean] {
-            let bits = ecc::decode(&soft, INFO_BITS);
-            let code = ecc::encode(&bits);
-            let bit_errors = soft
-                .iter()
-                .zip(&code)
-                .filter(|(&s, &c)| (s > 0.0) != c)
-                .count();
-            let (marker, id) = pattern::unpack(&bits);
-            let detected = marker == pattern::check_field(id);
-            let pfa = if detected {
-                DECODES as f64 * 2f64.powi(-16)
-            } else {
-                1.0
-            };
-            let d = Detection {
-                detected,
-                id: detected.then_some(id),
-                confidence: if detected { 1.0 - pfa } else { 0.0 },
-                false_alarm_probability: pfa,
-                sync_score: z,
-                bit_errors,
-                coded_bits: CODED_BITS,
-                frames_used: used.len(),
-                scale: s,
-                raw_payload: (u64::from(marker) << 48) | id,
-                carrier: "qim",
-            };
-            if detected {
+            let d = judge(&soft, 1.0, z, s, used.len(), "qim");
+            if d.detected {
                 return d;
             }
             if best.as_ref().is_none_or(|b| d.bit_errors < b.bit_errors) {
@@ -513,6 +445,46 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
 }
 
 /// A sync hypothesis: z-score, scale index, shift, and whether the shift was anchored.
+/// Decodes soft coded bits and judges them: detected when the check field matches, with the
+/// false-alarm bound of [`DECODES`] decodes times `p_sync` (the chance of a sync peak that
+/// strong; 1 where none was needed).
+fn judge(
+    soft: &[f64],
+    p_sync: f64,
+    z: f64,
+    scale: f64,
+    frames_used: usize,
+    carrier: &'static str,
+) -> Detection {
+    let bits = ecc::decode(soft, INFO_BITS);
+    let code = ecc::encode(&bits);
+    let bit_errors = soft
+        .iter()
+        .zip(&code)
+        .filter(|(&s, &c)| (s > 0.0) != c)
+        .count();
+    let (marker, id) = pattern::unpack(&bits);
+    let detected = marker == pattern::check_field(id);
+    let pfa = if detected {
+        DECODES as f64 * 2f64.powi(-16) * p_sync
+    } else {
+        1.0
+    };
+    Detection {
+        detected,
+        id: detected.then_some(id),
+        confidence: if detected { 1.0 - pfa } else { 0.0 },
+        false_alarm_probability: pfa,
+        sync_score: z,
+        bit_errors,
+        coded_bits: CODED_BITS,
+        frames_used,
+        scale,
+        raw_payload: (u64::from(marker) << 48) | id,
+        carrier,
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Peak {
     z: f64,

@@ -471,14 +471,15 @@ mod tests {
         };
         let p = QimParams::default();
         let amp = crate::embed::probe_amplitude(&f);
-        let read_errors = |l: &[f32]| {
-            read(l, &amp, w as usize, h as usize, grid, &layout, &p)
+        let errors = |l: &[f32], layout: &QimLayout| {
+            read(l, &amp, w as usize, h as usize, grid, layout, &p)
                 .0
                 .iter()
                 .zip(&code)
                 .filter(|(&s, &c)| (s > 0.0) != c)
                 .count()
         };
+        let read_errors = |l: &[f32]| errors(l, &layout);
         // Marked: most bits on their lattice (slots in smooth parts cannot move far enough, and
         // the change is rounded to whole levels; the code corrects the rest).
         let marked = read_errors(&luma_f32(f.data()));
@@ -511,20 +512,7 @@ mod tests {
         );
         // Another key reads noise from the marked frame.
         let other = QimLayout::new(&Key::from_bytes(b"another key"));
-        let errs = read(
-            &luma_f32(f.data()),
-            &amp,
-            w as usize,
-            h as usize,
-            grid,
-            &other,
-            &p,
-        )
-        .0
-        .iter()
-        .zip(&code)
-        .filter(|(&s, &c)| (s > 0.0) != c)
-        .count();
+        let errs = errors(&luma_f32(f.data()), &other);
         assert!(errs > code.len() / 4, "{errs} of {} wrong", code.len());
     }
 }

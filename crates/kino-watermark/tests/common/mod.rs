@@ -205,6 +205,22 @@ pub fn photo_sources(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The first `n` of `sources`, then the same again from `reps - 1` later start frames (17
+/// frames apart): more clips from the same pictures, for the probes.
+pub fn repeated(sources: &[String], n: usize, reps: usize) -> Vec<String> {
+    (0..reps.max(1))
+        .flat_map(|r| {
+            sources.iter().take(n).map(move |s| {
+                if r == 0 {
+                    s.clone()
+                } else {
+                    format!("{s},trim=start_frame={}", 17 * r)
+                }
+            })
+        })
+        .collect()
+}
+
 /// `n` pseudo-random ±1 chips from a fixed LCG (any ±1 tile will do for the probes).
 pub fn lcg_chips(n: usize) -> Vec<f32> {
     let mut st = 0x2545_f491_4f6c_dd1du64;
