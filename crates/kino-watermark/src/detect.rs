@@ -352,7 +352,7 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
     let lumas: Vec<(Vec<f32>, Vec<f32>)> = (0..n_q)
         .map(|i| {
             let f = used[i * used.len() / n_q];
-            (qim::luma_f32(f.data()), crate::embed::probe_amplitude(f))
+            (qim::luma_f32(f.data()), qim::frame_shaping(f, params))
         })
         .collect();
     // Grids that fit the first frame's values best, anchored at the corner or the centre at every
@@ -780,7 +780,7 @@ pub fn qim_raw_errors(
     for f in frames.iter().take(QIM_FRAMES) {
         let s = qim::read(
             &qim::luma_f32(f.data()),
-            &crate::embed::probe_amplitude(f),
+            &qim::frame_shaping(f, params),
             w as usize,
             h as usize,
             g,

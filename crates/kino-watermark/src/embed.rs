@@ -125,10 +125,7 @@ impl Embedder {
             })
             .collect();
         let amp = pixel_amplitudes(&amplitude_map(&luma, w, h), w, h);
-        let shaped: Vec<f32> = amp
-            .iter()
-            .map(|&a| (a - self.params.q_floor).max(0.05))
-            .collect();
+        let shaped = qim::shaped(&amp, &self.params);
         let plain = qim::luma_f32(frame.data());
         // Which carrier gets the budget: QIM unless much of the picture is clipped (a clipped
         // pixel's luma cannot move both ways), the chips alone (layout v3) then.

@@ -346,15 +346,26 @@ pub(crate) fn clipped_share(rgb: &[u8]) -> f64 {
     clipped as f64 / n as f64
 }
 
+/// The QIM change's shaping per pixel: the perceptual amplitude less `q_floor` (at least 0.05).
+pub(crate) fn shaped(amp: &[f32], p: &QimParams) -> Vec<f32> {
+    amp.iter().map(|&a| (a - p.q_floor).max(0.05)).collect()
+}
+
+/// The perceptual amplitude of a frame, shaped for the QIM carrier ([`shaped`]).
+pub(crate) fn frame_shaping(frame: &kino_media::Frame, p: &QimParams) -> Vec<f32> {
+    shaped(&crate::embed::probe_amplitude(frame), p)
+}
+
 /// Soft coded bits (in [-1, 1], positive = 1) read from a luma plane with the grid at `g`, and
 /// how well the grid fits: the mean `|soft|`. Where the grid is wrong (or there is no mark) a
 /// bit's cells read values anywhere on the lattices and their soft values partly cancel; on the
 /// embedder's grid they agree. The fit needs no payload, so the detector can try many grids with
 /// it and decode only the best (a cell on its own is too noisy after a re-encode for this: it is
 /// the agreement between a bit's cells that tells).
+/// `shaping` is the frame's [`shaped`] amplitude.
 pub(crate) fn read(
     luma: &[f32],
-    amp: &[f32],
+    shaping: &[f32],
     w: usize,
     h: usize,
     g: Grid,
@@ -368,8 +379,7 @@ pub(crate) fn read(
     // How likely the embedder could move this unit onto its lattice: it moves a value by at most
     // d_max · (mean shaping weight of its cells), against offsets spread over ±step/2. A unit it
     // could hardly move is read as nearly an erasure instead of a confident guess.
-    let shaped: Vec<f32> = amp.iter().map(|&a| (a - p.q_floor).max(0.05)).collect();
-    let (s, q, qm) = project(luma, Some(&shaped), w, &ax, &ay, &units);
+    let (s, q, qm) = project(luma, Some(shaping), w, &ax, &ay, &units);
     let mut soft = vec![0f64; CODED_BITS];
     let mut weight = vec![0f64; CODED_BITS];
     let st = f64::from(step);
@@ -470,7 +480,7 @@ mod tests {
             cell: cell_px(w, h),
         };
         let p = QimParams::default();
-        let amp = crate::embed::probe_amplitude(&f);
+        let amp = frame_shaping(&f, &p);
         let errors = |l: &[f32], layout: &QimLayout| {
             read(l, &amp, w as usize, h as usize, grid, layout, &p)
                 .0
