@@ -125,8 +125,6 @@ impl Embedder {
             })
             .collect();
         let amp = pixel_amplitudes(&amplitude_map(&luma, w, h), w, h);
-        let shaped = qim::shaped(&amp, &self.params);
-        let plain = qim::luma_f32(frame.data());
         // Which carrier gets the budget: QIM unless much of the picture is clipped (a clipped
         // pixel's luma cannot move both ways), the chips alone (layout v3) then.
         let use_qim = self.params.d_max > 0.0
@@ -143,7 +141,8 @@ impl Embedder {
             apply(frame, &ss);
             return;
         }
-        let amp = shaped;
+        let plain = qim::luma_f32(frame.data());
+        let amp = qim::shaped(&amp, &self.params);
         // QIM on the picture as the spread-spectrum mark leaves it.
         let base: Vec<f32> = plain.iter().zip(&ss).map(|(l, s)| l + s).collect();
         // The whole change within the RMS cap: the QIM carrier gives way, first by moving flat
