@@ -6,14 +6,15 @@
 //! crop losslessly), raw; STEP 0 turns the QIM carrier off, MAX_CLIPPED 1.01 makes every frame a
 //! QIM frame, -1 none). Environment: `KINO_WM_PHOTOS=DIR` the panned photographs instead of the
 //! ffmpeg sources, `KINO_WM_REPS=R` each from R start frames, `KINO_WM_SLOTS=1` one QIM value per
-//! bit (all its cells together) instead of one per cell, `KINO_WM_RAW=1` the clipped share and the
+//! bit (all its cells together) instead of one per cell, `KINO_WM_GAMUT=0` every channel moved
+//! alike and clipped (saturated pixels not helped by the others, as layout v4 was first made), `KINO_WM_RAW=1` the clipped share and the
 //! QIM's raw errors per frame at the true grid (`KINO_WM_DX` shifts it), `KINO_WM_LOOK=DIR` the
 //! first frame original | marked | change ×10.
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::*;
 use kino_watermark::{
-    decode_at, detect_with, probe_clipped, qim_raw_errors, Embedder, Key, QimParams,
+    decode_at, detect_with, probe_clipped, probe_reach, qim_raw_errors, Embedder, Key, QimParams,
 };
 
 fn main() {
@@ -30,6 +31,7 @@ fn main() {
         max_clipped: arg(8, f64::from(def.max_clipped)) as f32,
         sync_share: arg(9, f64::from(def.sync_share)) as f32,
         per_cell: std::env::var("KINO_WM_SLOTS").is_err(),
+        gamut: std::env::var("KINO_WM_GAMUT").map_or(true, |v| v != "0"),
         ..def
     };
     let params = if params.step == 0.0 {
@@ -108,7 +110,11 @@ fn main() {
         let d = detect_with(&back, &key, &params);
         let t = decode_at(&back, &key, 1.0, 0, 0);
         if std::env::var("KINO_WM_RAW").is_ok() {
-            println!("   clipped {:.2}", probe_clipped(&frames[0]));
+            let (clipped, stuck) = probe_clipped(&frames[0]);
+            println!(
+                "   clipped {clipped:.2} stuck {stuck:.2} reach {:.2}",
+                probe_reach(&frames[0], &params)
+            );
             // After a centred crop the grid's origin lies outside the frame.
             let (bw, bh) = (back[0].width(), back[0].height());
             let cell = f64::from(w.min(h)) / 32.0;

@@ -76,6 +76,16 @@ pub struct QimParams {
     pub per_cell: bool,
     /// In a QIM frame, the share of the RMS budget the chips keep (for the sync search).
     pub sync_share: f32,
+    /// Saturated pixels move their luma through the channels that can (`gamut.rs`), and
+    /// `max_clipped` counts the pixels that cannot move both ways even so (else layout v4 as
+    /// first made: every channel alike, clipped, and `max_clipped` counts pixels with any
+    /// channel near an end).
+    pub gamut: bool,
+    /// With `gamut`, a frame also needs at most this share of its pixels with a channel near
+    /// an end ([`clipped_share`]) for the QIM carrier: pictures made almost wholly of saturated
+    /// flat colour (test cards, graphics) carry the chips better (measured: testsrc2 at
+    /// 256×256, CRF 23: the chips alone decode it, QIM with the chips at 0.3 does not).
+    pub max_saturated: f32,
 }
 
 impl Default for QimParams {
@@ -88,6 +98,8 @@ impl Default for QimParams {
             max_clipped: 0.3,
             per_cell: true,
             sync_share: 0.3,
+            gamut: true,
+            max_saturated: 0.9,
         }
     }
 }
@@ -266,7 +278,9 @@ fn project(
 
 /// The QIM change (levels, per pixel) that puts every coded bit of `coded` on its lattice in
 /// `luma` (the frame's luma with whatever else is added already), shaped by the perceptual
-/// amplitude `amp`.
+/// amplitude `amp`. `effect(i, o)`, where given, is the luma change pixel `i` really makes when
+/// asked for `o` (a saturated pixel makes less): the passes then make up for it elsewhere.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn change(
     luma: &[f32],
     amp: &[f32],
@@ -275,6 +289,7 @@ pub(crate) fn change(
     layout: &QimLayout,
     coded: &[bool],
     p: &QimParams,
+    effect: Option<&(dyn Fn(usize, f32) -> f32 + Sync)>,
 ) -> Vec<f32> {
     let cell = cell_px(w as u32, h as u32);
     let ax = axes(w, 0.0, cell);
@@ -319,8 +334,17 @@ pub(crate) fn change(
                 out[y * w + x] = amp[y * w + x] * v;
             }
         }
-        for ((c, &l), &o) in cur.iter_mut().zip(luma).zip(&out) {
-            *c = l + o;
+        match effect {
+            Some(e) => {
+                for (i, ((c, &l), &o)) in cur.iter_mut().zip(luma).zip(&out).enumerate() {
+                    *c = l + e(i, o);
+                }
+            }
+            None => {
+                for ((c, &l), &o) in cur.iter_mut().zip(luma).zip(&out) {
+                    *c = l + o;
+                }
+            }
         }
     }
     out
@@ -414,6 +438,32 @@ pub(crate) fn read(
     (soft, fit)
 }
 
+/// How much of the QIM carrier a frame can hold: the mean over its cells (weighed by size) of
+/// `min(2 · reach / step, 1)`, where `reach` is how far the embedder can move the cell's value
+/// (`d_max` times the cell's mean `shaping`): the reader's weight of a cell ([`read`]). About 1
+/// where every cell is textured; low in flat pictures, whose cells barely move.
+pub(crate) fn reach_share(shaping: &[f32], w: usize, h: usize, p: &QimParams) -> f64 {
+    let cell = cell_px(w as u32, h as u32);
+    let ax = axes(w, 0.0, cell);
+    let ay = axes(h, 0.0, cell);
+    let units = Units::new(&ax, &ay, p.per_cell);
+    let (_, q, qm) = project(shaping, Some(shaping), w, &ax, &ay, &units);
+    let (mut sum, mut n) = (0f64, 0f64);
+    for j in 0..units.len() {
+        if q[j] <= 0.0 {
+            continue;
+        }
+        let reach = f64::from(p.d_max) * qm[j] / q[j];
+        sum += q[j] * (2.0 * reach / f64::from(p.step)).min(1.0);
+        n += q[j];
+    }
+    if n > 0.0 {
+        sum / n
+    } else {
+        0.0
+    }
+}
+
 /// Luma (BT.601, as floats) of an RGB frame.
 pub(crate) fn luma_f32(rgb: &[u8]) -> Vec<f32> {
     rgb.chunks_exact(3)
@@ -461,6 +511,65 @@ mod tests {
             Frame::from_fn(8, 8, |x, _| if x < 4 { [200, 254, 90] } else { [3, 9, 9] }).unwrap();
         assert_eq!(clipped_share(half.data()), 0.5);
         assert_eq!(clipped_share(&[]), 0.0);
+    }
+
+    #[test]
+    fn saturated_texture_carries_the_qim_bits_through_the_free_channels() {
+        // Half the picture saturated (red at 255, the texture in green and blue): 50% of its
+        // pixels have a channel at an end, none is stuck. Layout v4 as first made gave such a
+        // frame the chips alone; with `gamut` it carries the QIM bits, within the PSNR budget.
+        let key = Key::from_bytes(b"qim gamut test");
+        let id = 0x0a0b_0c0d_0e0f;
+        let (w, h) = (256u32, 192u32);
+        let base = textured(w, h, 11);
+        let f0 = Frame::from_fn(w, h, |x, y| {
+            let p = base.data()[((y * w + x) * 3) as usize..][..3].to_vec();
+            if x < w / 2 {
+                [255, p[0] / 2, p[2]]
+            } else {
+                [p[0], p[1], p[2]]
+            }
+        })
+        .unwrap();
+        assert!((clipped_share(f0.data()) - 0.5).abs() < 0.01);
+        assert_eq!(crate::gamut::stuck_share(f0.data()), 0.0);
+        let layout = QimLayout::new(&key);
+        let code = ecc::encode(&pattern::payload_bits(id));
+        let grid = Grid {
+            ox: 0.0,
+            oy: 0.0,
+            cell: cell_px(w, h),
+        };
+        let errors = |p: QimParams| {
+            let mut f = f0.clone();
+            Embedder::with_params(&key, id, w, h, p).mark(&mut f, 0);
+            let psnr = kino_media::psnr(&f0, &f).unwrap();
+            let amp = frame_shaping(&f, &p);
+            let soft = read(
+                &luma_f32(f.data()),
+                &amp,
+                w as usize,
+                h as usize,
+                grid,
+                &layout,
+                &p,
+            )
+            .0;
+            let e = soft
+                .iter()
+                .zip(&code)
+                .filter(|(&s, &c)| (s > 0.0) != c)
+                .count();
+            (e, psnr)
+        };
+        let (with, psnr) = errors(QimParams::default());
+        assert!(with <= code.len() / 10, "{with} of {} wrong", code.len());
+        assert!(psnr >= 40.0, "PSNR {psnr}");
+        let (without, _) = errors(QimParams {
+            gamut: false,
+            ..QimParams::default()
+        });
+        assert!(without > code.len() / 4, "{without} of {} wrong", code.len());
     }
 
     #[test]
