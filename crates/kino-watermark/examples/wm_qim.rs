@@ -115,6 +115,14 @@ fn main() {
                 "   clipped {clipped:.2} stuck {stuck:.2} reach {:.2}",
                 probe_reach(&frames[0], &params)
             );
+            let all: Vec<String> = frames
+                .iter()
+                .map(|f| {
+                    let (c, s) = probe_clipped(f);
+                    format!("{c:.2}/{s:.2}")
+                })
+                .collect();
+            println!("   clipped/stuck per frame {}", all.join(" "));
             // After a centred crop the grid's origin lies outside the frame.
             let (bw, bh) = (back[0].width(), back[0].height());
             let cell = f64::from(w.min(h)) / 32.0;

@@ -152,16 +152,48 @@ impl Embedder {
         // follow it, with `gamut`).
         let rgb = frame.data();
         let px = |i: usize| [rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]];
+        // Per pixel, the luma changes every channel takes alike (most pixels: no call into
+        // `gamut` for them).
+        let (lo, hi): (Vec<f32>, Vec<f32>) = if gamut {
+            rgb.chunks_exact(3)
+                .map(|p| {
+                    let (mn, mx) = (p.iter().min().unwrap_or(&0), p.iter().max().unwrap_or(&0));
+                    (-f32::from(*mn), 255.0 - f32::from(*mx))
+                })
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let realised = |i: usize, c: f32| {
+            if c >= lo[i] && c <= hi[i] {
+                c
+            } else {
+                gamut::realised_luma(px(i), c)
+            }
+        };
         let ss_eff: Vec<f32> = if gamut {
-            (0..ss.len())
-                .map(|i| gamut::realised_luma(px(i), ss[i]))
-                .collect()
+            (0..ss.len()).map(|i| realised(i, ss[i])).collect()
         } else {
             ss.clone()
         };
-        let effect = |i: usize, o: f32| gamut::realised_luma(px(i), ss[i] + o) - ss_eff[i];
-        let effect: Option<&(dyn Fn(usize, f32) -> f32 + Sync)> =
-            if gamut { Some(&effect) } else { None };
+        let other = |i: usize, o: f32| realised(i, ss[i] + o) - ss_eff[i];
+        // Where the chips' change is taken whole, a QIM change o is too while ss + o fits.
+        let effect = gamut.then(|| {
+            let (qlo, qhi) = (0..ss.len())
+                .map(|i| {
+                    if ss_eff[i] == ss[i] {
+                        (lo[i] - ss[i], hi[i] - ss[i])
+                    } else {
+                        (f32::INFINITY, f32::NEG_INFINITY)
+                    }
+                })
+                .unzip();
+            qim::Effect {
+                lo: qlo,
+                hi: qhi,
+                other: &other,
+            }
+        });
         let base: Vec<f32> = plain.iter().zip(&ss_eff).map(|(l, s)| l + s).collect();
         // The whole change within the RMS cap: the QIM carrier gives way, first by moving flat
         // cells less (a lower cap on their coefficient), last by scaling down. A pixel's cost is
@@ -172,16 +204,24 @@ impl Embedder {
         let mut q = Vec::new();
         let mut t = 1f32;
         for _ in 0..6 {
-            q = qim::change(&base, &amp, w, h, &self.qim, &self.coded, &params, effect);
+            q = qim::change(
+                &base,
+                &amp,
+                w,
+                h,
+                &self.qim,
+                &self.coded,
+                &params,
+                effect.as_ref(),
+            );
             let weight: Vec<f32> = if gamut {
                 (0..q.len())
                     .map(|i| {
                         let c = ss[i] + q[i];
-                        let p = px(i);
-                        if c == 0.0 || fits(p, c) {
+                        if c == 0.0 || (c >= lo[i] && c <= hi[i]) {
                             1.0
                         } else {
-                            let d = gamut::realise(p, c);
+                            let d = gamut::realise(px(i), c);
                             (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / (3.0 * c * c)
                         }
                     })

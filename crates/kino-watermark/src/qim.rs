@@ -36,10 +36,16 @@
 //! search, and at the corner- or centre-anchored grids of any searched scale where the first
 //! frame fits the lattices best (crops: see [`read`]).
 //!
-//! Which frames get it: QIM moves a cell's mean either way, which clipped pixels cannot do, so a
-//! frame with more than `max_clipped` of its pixels clipped (test cards, saturated graphics) gets
-//! the chips alone at full strength, as layout v3 did; any other frame gets QIM with the chips at
-//! `sync_share` of the budget, for the sync search.
+//! Which frames get it: QIM moves a cell's mean either way. A saturated pixel (a channel at 0 or
+//! 255) still can, through its other channels (`gamut.rs`: what the clipped channel cannot take,
+//! the others take by their luma weight), so only pixels that cannot move their luma both ways
+//! even so (near black, near white) count against it: a frame with more than `max_clipped` of
+//! those, or with more than `max_saturated` of its pixels saturated at all (test cards, flat
+//! graphics, which the chips carry better), gets the chips alone at full strength, as layout v3
+//! did; any other frame gets QIM with the chips at `sync_share` of the budget, for the sync
+//! search. (Until stop 53 a frame needed at most `max_clipped` of its pixels saturated: the
+//! fractals of the bench, 40–78% saturated, got the chips alone and failed at 256×256 after CRF
+//! 28; with QIM they pass.)
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -69,8 +75,10 @@ pub struct QimParams {
     pub passes: usize,
     /// The QIM change is shaped by `max(amp - q_floor, 0.05)`.
     pub q_floor: f32,
-    /// A frame gets the QIM carrier only if at most this share of its pixels is clipped (see
-    /// [`clipped_share`]); otherwise it gets the spread-spectrum mark alone, at full strength.
+    /// A frame gets the QIM carrier only if at most this share of its pixels is clipped: with
+    /// `gamut`, cannot move its luma both ways (`gamut::stuck_share`), else has a channel near
+    /// an end ([`clipped_share`]); otherwise it gets the spread-spectrum mark alone, at full
+    /// strength.
     pub max_clipped: f32,
     /// Each cell carries its bit on its own (else a slot's cells together).
     pub per_cell: bool,
@@ -276,10 +284,18 @@ fn project(
     (s, q, qm)
 }
 
+/// The luma change pixels really make when asked for `o`: `o` itself where `lo[i] ≤ o ≤ hi[i]`,
+/// else `other(i, o)`.
+pub(crate) struct Effect<'a> {
+    pub lo: Vec<f32>,
+    pub hi: Vec<f32>,
+    pub other: &'a dyn Fn(usize, f32) -> f32,
+}
+
 /// The QIM change (levels, per pixel) that puts every coded bit of `coded` on its lattice in
 /// `luma` (the frame's luma with whatever else is added already), shaped by the perceptual
-/// amplitude `amp`. `effect(i, o)`, where given, is the luma change pixel `i` really makes when
-/// asked for `o` (a saturated pixel makes less): the passes then make up for it elsewhere.
+/// amplitude `amp`. `effect`, where given, tells the luma change a pixel really makes when asked
+/// for one (a saturated pixel makes less): the passes then make up for it elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn change(
     luma: &[f32],
@@ -289,7 +305,7 @@ pub(crate) fn change(
     layout: &QimLayout,
     coded: &[bool],
     p: &QimParams,
-    effect: Option<&(dyn Fn(usize, f32) -> f32 + Sync)>,
+    effect: Option<&Effect>,
 ) -> Vec<f32> {
     let cell = cell_px(w as u32, h as u32);
     let ax = axes(w, 0.0, cell);
@@ -337,7 +353,11 @@ pub(crate) fn change(
         match effect {
             Some(e) => {
                 for (i, ((c, &l), &o)) in cur.iter_mut().zip(luma).zip(&out).enumerate() {
-                    *c = l + e(i, o);
+                    *c = l + if o >= e.lo[i] && o <= e.hi[i] {
+                        o
+                    } else {
+                        (e.other)(i, o)
+                    };
                 }
             }
             None => {
@@ -353,11 +373,12 @@ pub(crate) fn change(
 /// Levels from 0 or 255 within which a channel counts as clipped.
 const CLIP_LEVELS: u8 = 3;
 
-/// The share of pixels with a channel within [`CLIP_LEVELS`] of 0 or 255. QIM must move a cell's
-/// mean luma either way, which a clipped pixel cannot do; saturated synthetic pictures (test
-/// cards, fractals, gradients) carry the spread-spectrum chips better. Measured on the bench's
-/// clips: test cards 0.96–0.97, gradients with noise 1.00, fractals 0.40–0.78, photographs
-/// ≤ 0.17, cellular automata 0.00.
+/// The share of pixels with a channel within [`CLIP_LEVELS`] of 0 or 255 (saturated or clipped).
+/// Pictures almost wholly saturated (flat synthetic graphics) carry the spread-spectrum chips
+/// better ([`QimParams::max_saturated`]). Measured on the bench's clips: test cards 0.96–0.97,
+/// gradients with noise 1.00, fractals 0.40–0.78, photographs ≤ 0.17, cellular automata 0.00.
+/// Of those, unable to move their luma both ways (`gamut::stuck_share`): test cards 0.15,
+/// gradients 0.23–0.31, fractals and cellular automata 0.00.
 pub(crate) fn clipped_share(rgb: &[u8]) -> f64 {
     let n = rgb.len() / 3;
     if n == 0 {
@@ -569,7 +590,11 @@ mod tests {
             gamut: false,
             ..QimParams::default()
         });
-        assert!(without > code.len() / 4, "{without} of {} wrong", code.len());
+        assert!(
+            without > code.len() / 4,
+            "{without} of {} wrong",
+            code.len()
+        );
     }
 
     #[test]
