@@ -93,19 +93,10 @@ pub(crate) const STUCK_PROBE: f32 = 3.0;
 /// through the other channels: near black, near white, and the few colours whose free channels
 /// weigh too little (yellow brightening, blue darkening).
 pub(crate) fn stuck_share(rgb: &[u8]) -> f64 {
-    let n = rgb.len() / 3;
-    if n == 0 {
-        return 0.0;
-    }
-    let stuck = rgb
-        .chunks_exact(3)
-        .filter(|p| {
-            let v = [p[0], p[1], p[2]];
-            realised_luma(v, STUCK_PROBE) < STUCK_PROBE / 2.0
-                || realised_luma(v, -STUCK_PROBE) > -STUCK_PROBE / 2.0
-        })
-        .count();
-    stuck as f64 / n as f64
+    crate::qim::pixel_share(rgb, |v| {
+        realised_luma(v, STUCK_PROBE) < STUCK_PROBE / 2.0
+            || realised_luma(v, -STUCK_PROBE) > -STUCK_PROBE / 2.0
+    })
 }
 
 #[cfg(test)]

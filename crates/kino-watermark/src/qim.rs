@@ -380,15 +380,20 @@ const CLIP_LEVELS: u8 = 3;
 /// Of those, unable to move their luma both ways (`gamut::stuck_share`): test cards 0.15,
 /// gradients 0.23–0.31, fractals and cellular automata 0.00.
 pub(crate) fn clipped_share(rgb: &[u8]) -> f64 {
+    pixel_share(rgb, |p| p.iter().any(|&c| c.min(255 - c) < CLIP_LEVELS))
+}
+
+/// The share of an RGB frame's pixels for which `test` holds (0 for no pixels).
+pub(crate) fn pixel_share(rgb: &[u8], test: impl Fn([u8; 3]) -> bool) -> f64 {
     let n = rgb.len() / 3;
     if n == 0 {
         return 0.0;
     }
-    let clipped = rgb
+    let hits = rgb
         .chunks_exact(3)
-        .filter(|p| p.iter().any(|&c| c.min(255 - c) < CLIP_LEVELS))
+        .filter(|p| test([p[0], p[1], p[2]]))
         .count();
-    clipped as f64 / n as f64
+    hits as f64 / n as f64
 }
 
 /// The QIM change's shaping per pixel: the perceptual amplitude less `q_floor` (at least 0.05).
@@ -524,6 +529,28 @@ mod tests {
         .unwrap()
     }
 
+    /// Wrong coded bits read from `luma` at the embedder's grid (the corner, scale 1).
+    fn wrong_bits(
+        luma: &[f32],
+        shaping: &[f32],
+        (w, h): (u32, u32),
+        layout: &QimLayout,
+        code: &[bool],
+        p: &QimParams,
+    ) -> usize {
+        let grid = Grid {
+            ox: 0.0,
+            oy: 0.0,
+            cell: cell_px(w, h),
+        };
+        read(luma, shaping, w as usize, h as usize, grid, layout, p)
+            .0
+            .iter()
+            .zip(code)
+            .filter(|(&s, &c)| (s > 0.0) != c)
+            .count()
+    }
+
     #[test]
     fn clipped_share_counts_pixels_near_the_ends() {
         let grey = Frame::from_fn(8, 8, |_, _| [128, 128, 128]).unwrap();
@@ -556,31 +583,12 @@ mod tests {
         assert_eq!(crate::gamut::stuck_share(f0.data()), 0.0);
         let layout = QimLayout::new(&key);
         let code = ecc::encode(&pattern::payload_bits(id));
-        let grid = Grid {
-            ox: 0.0,
-            oy: 0.0,
-            cell: cell_px(w, h),
-        };
         let errors = |p: QimParams| {
             let mut f = f0.clone();
             Embedder::with_params(&key, id, w, h, p).mark(&mut f, 0);
             let psnr = kino_media::psnr(&f0, &f).unwrap();
-            let amp = frame_shaping(&f, &p);
-            let soft = read(
-                &luma_f32(f.data()),
-                &amp,
-                w as usize,
-                h as usize,
-                grid,
-                &layout,
-                &p,
-            )
-            .0;
-            let e = soft
-                .iter()
-                .zip(&code)
-                .filter(|(&s, &c)| (s > 0.0) != c)
-                .count();
+            let shaping = frame_shaping(&f, &p);
+            let e = wrong_bits(&luma_f32(f.data()), &shaping, (w, h), &layout, &code, &p);
             (e, psnr)
         };
         let (with, psnr) = errors(QimParams::default());
@@ -615,14 +623,7 @@ mod tests {
         };
         let p = QimParams::default();
         let amp = frame_shaping(&f, &p);
-        let errors = |l: &[f32], layout: &QimLayout| {
-            read(l, &amp, w as usize, h as usize, grid, layout, &p)
-                .0
-                .iter()
-                .zip(&code)
-                .filter(|(&s, &c)| (s > 0.0) != c)
-                .count()
-        };
+        let errors = |l: &[f32], layout: &QimLayout| wrong_bits(l, &amp, (w, h), layout, &code, &p);
         let read_errors = |l: &[f32]| errors(l, &layout);
         // Marked: most bits on their lattice (slots in smooth parts cannot move far enough, and
         // the change is rounded to whole levels; the code corrects the rest).
