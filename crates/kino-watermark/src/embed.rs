@@ -126,8 +126,9 @@ impl Embedder {
             })
             .collect();
         let amp = pixel_amplitudes(&amplitude_map(&luma, w, h), w, h);
-        // Which carrier gets the budget: QIM unless much of the picture is clipped (a clipped
-        // pixel's luma cannot move both ways), the chips alone (layout v3) then.
+        // Which carrier gets the budget: QIM unless much of the picture cannot move its luma
+        // both ways or nearly all of it is saturated ([`qim_frame`]), the chips alone (layout
+        // v3) then.
         let gamut = self.params.gamut;
         let use_qim = self.params.d_max > 0.0 && qim_frame(frame.data(), &self.params);
         let share = if use_qim { self.params.sync_share } else { 1.0 };
@@ -221,8 +222,7 @@ impl Embedder {
                         if c == 0.0 || (c >= lo[i] && c <= hi[i]) {
                             1.0
                         } else {
-                            let d = gamut::realise(px(i), c);
-                            (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / (3.0 * c * c)
+                            channel_cost(px(i), c) / (c * c)
                         }
                     })
                     .collect()
@@ -436,27 +436,25 @@ fn amplitude_map(luma: &[i16], w: usize, h: usize) -> Vec<f32> {
     out
 }
 
-/// Whether pixel `p` takes a luma change of `c` on every channel alike without clipping.
-fn fits(p: [u8; 3], c: f32) -> bool {
-    p.iter()
+/// Mean squared change per channel (levels²) of moving pixel `p`'s luma by `c` as
+/// [`gamut::apply_pixel`] does (before rounding): `c²` where every channel takes it alike.
+fn channel_cost(p: [u8; 3], c: f32) -> f32 {
+    if p.iter()
         .all(|&x| (0.0..=255.0).contains(&(f32::from(x) + c)))
+    {
+        c * c
+    } else {
+        let d = gamut::realise(p, c);
+        (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / 3.0
+    }
 }
 
-/// Mean squared change per channel (levels²) of moving each pixel's luma by `change` as
-/// [`gamut::realise`] does (before rounding).
+/// [`channel_cost`] over a frame, per pixel.
 fn rgb_cost(rgb: &[u8], change: &[f32]) -> f64 {
     let sum: f64 = rgb
         .chunks_exact(3)
         .zip(change)
-        .map(|(p, &c)| {
-            let p = [p[0], p[1], p[2]];
-            if fits(p, c) {
-                f64::from(c * c)
-            } else {
-                let d = gamut::realise(p, c);
-                f64::from(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / 3.0
-            }
-        })
+        .map(|(p, &c)| f64::from(channel_cost([p[0], p[1], p[2]], c)))
         .sum();
     sum / change.len().max(1) as f64
 }
