@@ -93,7 +93,12 @@ pub(crate) const STUCK_PROBE: f32 = 3.0;
 /// through the other channels: near black, near white, and the few colours whose free channels
 /// weigh too little (yellow brightening, blue darkening).
 pub(crate) fn stuck_share(rgb: &[u8]) -> f64 {
+    let free = STUCK_PROBE as u8;
     crate::qim::pixel_share(rgb, |v| {
+        // Most pixels: every channel has the room.
+        if v.iter().all(|&x| x >= free && x <= 255 - free) {
+            return false;
+        }
         realised_luma(v, STUCK_PROBE) < STUCK_PROBE / 2.0
             || realised_luma(v, -STUCK_PROBE) > -STUCK_PROBE / 2.0
     })
