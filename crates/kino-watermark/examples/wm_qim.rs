@@ -2,10 +2,10 @@
 //! one size, mark with the given strengths, attack, and print what the detector found (and from
 //! which carrier) next to a spread-spectrum-only decode at the true sync.
 //! `cargo run --release -p kino-watermark --example wm_qim -- W H N ATTACK [STEP D_MAX Q_FLOOR
-//! MAX_CLIPPED SYNC_SHARE]` (defaults: layout v4's; ATTACK: crf28, crf23, half, crop, crop0 (the
+//! MAX_CLIPPED SYNC_SHARE MAX_SATURATED]` (defaults: layout v4's; ATTACK: crf28, crf23, half, crop, crop0 (the
 //! crop losslessly), raw; STEP 0 turns the QIM carrier off, MAX_CLIPPED 1.01 makes every frame a
 //! QIM frame, -1 none). Environment: `KINO_WM_PHOTOS=DIR` the panned photographs instead of the
-//! ffmpeg sources, `KINO_WM_REPS=R` each from R start frames, `KINO_WM_SLOTS=1` one QIM value per
+//! ffmpeg sources, `KINO_WM_REPS=R` each from R start frames, `KINO_WM_PICK=i,j` only those sources, `KINO_WM_SLOTS=1` one QIM value per
 //! bit (all its cells together) instead of one per cell, `KINO_WM_GAMUT=0` every channel moved
 //! alike and clipped (saturated pixels not helped by the others, as layout v4 was first made), `KINO_WM_RAW=1` the clipped share and the
 //! QIM's raw errors per frame at the true grid (`KINO_WM_DX` shifts it), `KINO_WM_LOOK=DIR` the
@@ -30,6 +30,7 @@ fn main() {
         q_floor: arg(7, f64::from(def.q_floor)) as f32,
         max_clipped: arg(8, f64::from(def.max_clipped)) as f32,
         sync_share: arg(9, f64::from(def.sync_share)) as f32,
+        max_saturated: arg(10, f64::from(def.max_saturated)) as f32,
         per_cell: std::env::var("KINO_WM_SLOTS").is_err(),
         gamut: std::env::var("KINO_WM_GAMUT").map_or(true, |v| v != "0"),
         ..def
@@ -56,6 +57,15 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let srcs = repeated(&srcs, n, reps);
+    // KINO_WM_PICK=i,j,…: only these of them (indices as printed).
+    let srcs: Vec<String> = match std::env::var("KINO_WM_PICK") {
+        Ok(v) => v
+            .split(',')
+            .filter_map(|i| i.trim().parse::<usize>().ok())
+            .filter_map(|i| srcs.get(i).cloned())
+            .collect(),
+        Err(_) => srcs,
+    };
     let n = srcs.len();
     for (ci, s) in srcs.iter().enumerate() {
         let frames = lavfi_frames(s, w, h, 24);
