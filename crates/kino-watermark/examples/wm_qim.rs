@@ -14,7 +14,7 @@
 mod common;
 use common::*;
 use kino_watermark::{
-    decode_at, detect_with, probe_clipped, probe_reach, qim_raw_errors, Embedder, Key, QimParams,
+    decode_at, detect_with, probe_clipped, qim_raw_errors, Embedder, Key, QimParams,
 };
 
 fn main() {
@@ -121,10 +121,7 @@ fn main() {
         let t = decode_at(&back, &key, 1.0, 0, 0);
         if std::env::var("KINO_WM_RAW").is_ok() {
             let (clipped, stuck) = probe_clipped(&frames[0]);
-            println!(
-                "   clipped {clipped:.2} stuck {stuck:.2} reach {:.2}",
-                probe_reach(&frames[0], &params)
-            );
+            println!("   clipped {clipped:.2} stuck {stuck:.2}");
             let all: Vec<String> = frames
                 .iter()
                 .map(|f| {

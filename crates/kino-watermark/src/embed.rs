@@ -156,12 +156,7 @@ impl Embedder {
         // Per pixel, the luma changes every channel takes alike (most pixels: no call into
         // `gamut` for them).
         let (lo, hi): (Vec<f32>, Vec<f32>) = if gamut {
-            rgb.chunks_exact(3)
-                .map(|p| {
-                    let (mn, mx) = (p.iter().min().unwrap_or(&0), p.iter().max().unwrap_or(&0));
-                    (-f32::from(*mn), 255.0 - f32::from(*mx))
-                })
-                .unzip()
+            (0..ss.len()).map(|i| gamut::free_range(px(i))).unzip()
         } else {
             (Vec::new(), Vec::new())
         };
@@ -439,9 +434,8 @@ fn amplitude_map(luma: &[i16], w: usize, h: usize) -> Vec<f32> {
 /// Mean squared change per channel (levels²) of moving pixel `p`'s luma by `c` as
 /// [`gamut::apply_pixel`] does (before rounding): `c²` where every channel takes it alike.
 fn channel_cost(p: [u8; 3], c: f32) -> f32 {
-    if p.iter()
-        .all(|&x| (0.0..=255.0).contains(&(f32::from(x) + c)))
-    {
+    let (lo, hi) = gamut::free_range(p);
+    if (lo..=hi).contains(&c) {
         c * c
     } else {
         let d = gamut::realise(p, c);
@@ -457,18 +451,6 @@ fn rgb_cost(rgb: &[u8], change: &[f32]) -> f64 {
         .map(|(p, &c)| f64::from(channel_cost([p[0], p[1], p[2]], c)))
         .sum();
     sum / change.len().max(1) as f64
-}
-
-/// The QIM carrier's [`qim::reach_share`] of a frame: for development probes.
-#[doc(hidden)]
-pub fn probe_reach(frame: &Frame, params: &QimParams) -> f64 {
-    let shaping = qim::frame_shaping(frame, params);
-    qim::reach_share(
-        &shaping,
-        frame.width() as usize,
-        frame.height() as usize,
-        params,
-    )
 }
 
 /// The shares of pixels that decide the carrier: with a channel near an end, and unable to

@@ -24,6 +24,13 @@ const W: [f32; 3] = [0.299, 0.587, 0.114];
 /// red and the luma change asked for.
 pub(crate) const CHANNEL_MAX: f32 = 12.0;
 
+/// The luma changes `c` that pixel `v` takes on every channel alike, without clipping:
+/// `lo ≤ c ≤ hi`. Inside it [`realise`] gives `[c; 3]`; the callers skip it there.
+pub(crate) fn free_range(v: [u8; 3]) -> (f32, f32) {
+    let (mn, mx) = (v[0].min(v[1]).min(v[2]), v[0].max(v[1]).max(v[2]));
+    (-f32::from(mn), 255.0 - f32::from(mx))
+}
+
 /// Channel changes (levels, unrounded) that move the luma of pixel `v` by `c`, or as near as
 /// the channels allow (see the module's documentation).
 pub(crate) fn realise(v: [u8; 3], c: f32) -> [f32; 3] {
@@ -74,7 +81,8 @@ pub(crate) fn apply_pixel(px: &mut [u8], c: f32) {
     if di == 0 {
         return;
     }
-    if px.iter().all(|&x| (0..=255).contains(&(i16::from(x) + di))) {
+    let (lo, hi) = free_range([px[0], px[1], px[2]]);
+    if (lo..=hi).contains(&f32::from(di)) {
         for x in px.iter_mut() {
             *x = (i16::from(*x) + di) as u8;
         }
@@ -93,10 +101,10 @@ pub(crate) const STUCK_PROBE: f32 = 3.0;
 /// through the other channels: near black, near white, and the few colours whose free channels
 /// weigh too little (yellow brightening, blue darkening).
 pub(crate) fn stuck_share(rgb: &[u8]) -> f64 {
-    let free = STUCK_PROBE as u8;
     crate::qim::pixel_share(rgb, |v| {
         // Most pixels: every channel has the room.
-        if v.iter().all(|&x| x >= free && x <= 255 - free) {
+        let (lo, hi) = free_range(v);
+        if lo <= -STUCK_PROBE && hi >= STUCK_PROBE {
             return false;
         }
         realised_luma(v, STUCK_PROBE) < STUCK_PROBE / 2.0

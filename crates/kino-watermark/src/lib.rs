@@ -127,7 +127,7 @@ use sha2::{Digest, Sha256};
 pub use detect::{
     chip_soft, decode_at, detect, detect_with, probe_chips, qim_raw_errors, Detection,
 };
-pub use embed::{probe_amplitude, probe_clipped, probe_pattern, probe_reach, Embedder};
+pub use embed::{probe_amplitude, probe_clipped, probe_pattern, Embedder};
 pub use qim::QimParams;
 
 /// A watermark key: 32 secret bytes. Whoever holds it can mark and detect; without it the mark

@@ -464,32 +464,6 @@ pub(crate) fn read(
     (soft, fit)
 }
 
-/// How much of the QIM carrier a frame can hold: the mean over its cells (weighed by size) of
-/// `min(2 · reach / step, 1)`, where `reach` is how far the embedder can move the cell's value
-/// (`d_max` times the cell's mean `shaping`): the reader's weight of a cell ([`read`]). About 1
-/// where every cell is textured; low in flat pictures, whose cells barely move.
-pub(crate) fn reach_share(shaping: &[f32], w: usize, h: usize, p: &QimParams) -> f64 {
-    let cell = cell_px(w as u32, h as u32);
-    let ax = axes(w, 0.0, cell);
-    let ay = axes(h, 0.0, cell);
-    let units = Units::new(&ax, &ay, p.per_cell);
-    let (_, q, qm) = project(shaping, Some(shaping), w, &ax, &ay, &units);
-    let (mut sum, mut n) = (0f64, 0f64);
-    for j in 0..units.len() {
-        if q[j] <= 0.0 {
-            continue;
-        }
-        let reach = f64::from(p.d_max) * qm[j] / q[j];
-        sum += q[j] * (2.0 * reach / f64::from(p.step)).min(1.0);
-        n += q[j];
-    }
-    if n > 0.0 {
-        sum / n
-    } else {
-        0.0
-    }
-}
-
 /// Luma (BT.601, as floats) of an RGB frame.
 pub(crate) fn luma_f32(rgb: &[u8]) -> Vec<f32> {
     rgb.chunks_exact(3)
