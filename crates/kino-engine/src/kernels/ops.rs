@@ -735,7 +735,7 @@ impl CustomOp3 for PackedAttention {
             vec![0f32; len] // no keys: zeros
         } else {
             let threads = candle_core::utils::get_num_threads().max(1);
-            let (bq, bk) = attention_blocks(b * h, n, m, threads);
+            let (bq, bk) = attention_blocks(b * h, n, m, threads, self.kernel.nr);
             let shape = (b, n, m, h, d);
             // SAFETY: the tasks cover every (batch, head, query block) and each writes its rows
             // of its head's columns: all of `out`.
@@ -787,20 +787,22 @@ pub(crate) fn trailing_repeats(xs: &[&[f32]], m: usize, d: usize, ld: usize) -> 
     repeats
 }
 
-/// Keys per block of [`attention_packed`]: a block's packed K and V (`2 · 256 · d` floats, 256 KiB
-/// at d = 128) and its scores stay in a core's L2 cache while all the query rows of a task use
-/// them. A multiple of every kernel's `NR`.
+/// Keys per block of [`attention_packed`], at most: a block's packed K and V (`2 · 256 · d`
+/// floats, 256 KiB at d = 128) and its scores stay in a core's L2 cache while all the query rows
+/// of a task use them. Rounded down to a multiple of the kernel's `NR` (240 for 48 columns).
 const ATTN_KEY_BLOCK: usize = 256;
 
 /// Query rows per task and keys per block for [`attention_packed`]: about 128 query rows
 /// (a few of the microkernels' `MC` tiles, so each key block is used many times once in cache),
-/// fewer if that would leave a thread without several tasks, equal-sized blocks.
-fn attention_blocks(heads: usize, n: usize, m: usize, threads: usize) -> (usize, usize) {
+/// fewer if that would leave a thread without several tasks, equal-sized blocks; key blocks a
+/// multiple of `nr`.
+fn attention_blocks(heads: usize, n: usize, m: usize, threads: usize, nr: usize) -> (usize, usize) {
     let want_tasks = 4 * threads;
     let per_head = n.div_ceil(128).max(want_tasks.div_ceil(heads.max(1)));
     let blocks = per_head.min(n.div_ceil(16)).max(1);
     let bq = n.div_ceil(blocks).max(1);
-    (bq, ATTN_KEY_BLOCK.min(m.next_multiple_of(32)).max(32))
+    let bk = (ATTN_KEY_BLOCK / nr).max(1) * nr;
+    (bq, bk.min(m.next_multiple_of(nr)))
 }
 
 /// The work of [`PackedAttention`], flash-attention style: a task takes `bq` query rows of one
@@ -1210,16 +1212,33 @@ impl FfnLayer<'_> {
     }
 }
 
-/// Width of the hidden strips: a multiple of every kernel's `NR` and `KC` (so the second
-/// product adds the strips in the order one product over all of K would) and of every GGUF
-/// block size.
+/// Width of the hidden strips, at least: 512, rounded up by [`ffn_strip`].
 const FFN_STRIP: usize = 512;
 
+/// The hidden strip width for these kernels and GGUF block size: the least multiple of both
+/// kernels' `NR` and `KC` (so the second product adds the strips in the order one product over
+/// all of K would) and of the block that is at least [`FFN_STRIP`]: 512 for the AVX2, NEON and
+/// portable kernels (and AVX-512 before stop 54), 768 for AVX-512's 48-column panels in 128-deep
+/// slices.
+pub(crate) fn ffn_strip(k_in: &Kernel, k_out: &Kernel, block: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let lcm = [k_in.nr, k_in.kc, k_out.nr, k_out.kc, block]
+        .into_iter()
+        .fold(1, |l, x| l / gcd(l, x.max(1)) * x.max(1));
+    FFN_STRIP.next_multiple_of(lcm)
+}
+
 /// `proj_out(gelu_tanh(proj_in(x)))` (diffusers' `FeedForward` with `gelu-approximate`) without
-/// ever holding the hidden activations whole: for each strip of `FFN_STRIP` hidden units,
+/// ever holding the hidden activations whole: for each strip of [`ffn_strip`] hidden units,
 /// `h = gelu(x · W_inᵀ[strip] + b_in[strip])`, then `out += h · W_outᵀ[strip]` (`b_out` with the
 /// first). The hidden `[N, ffn_dim]` tensor (1.2 GB for Wan2.1-1.3B at 480p × 81 frames) becomes
-/// `[N, 512]`, and quantized matrices are expanded strip by strip once per call. Each output
+/// `[N, 512]` (768 on AVX-512), and quantized matrices are expanded strip by strip once per call. Each output
 /// element is summed in the same order as the two plain products, so the result is the same to
 /// the bit. `None` (the caller runs the two layers) off the CPU, for other dtypes, or for
 /// layers that do not run on packed kernels.
@@ -1242,16 +1261,13 @@ pub fn feed_forward(
     let (Some(k_in), Some(k_out)) = (kernel_of(&proj_in), kernel_of(&proj_out)) else {
         return Ok(None);
     };
-    let aligned =
-        |kern: &Kernel| FFN_STRIP.is_multiple_of(kern.nr) && FFN_STRIP.is_multiple_of(kern.kc);
-    let blocks_fit = |l: &FfnLayer| match l {
-        FfnLayer::Quantized(q) => FFN_STRIP.is_multiple_of(q.q.dtype().block_size()),
-        FfnLayer::Packed(_) => true,
+    let block = match proj_out {
+        FfnLayer::Quantized(q) => q.q.dtype().block_size(),
+        FfnLayer::Packed(_) => 1,
     };
-    if !aligned(k_in) || !aligned(k_out) || !blocks_fit(&proj_out) {
-        return Ok(None);
-    }
+    let strip = ffn_strip(k_in, k_out, block);
     let op = FeedForwardOp {
+        strip,
         proj_in,
         proj_out,
         k_in,
@@ -1264,6 +1280,8 @@ pub fn feed_forward(
 }
 
 struct FeedForwardOp<'a> {
+    /// Hidden units per strip ([`ffn_strip`]).
+    strip: usize,
     proj_in: FfnLayer<'a>,
     proj_out: FfnLayer<'a>,
     k_in: &'static Kernel,
@@ -1329,11 +1347,12 @@ impl CustomOp1 for FeedForwardOp<'_> {
         // the bias or zero) before the second reads it, and the first strip's second product
         // writes all of `out` before later strips add to it; `out`'s length is set at the end.
         let mut out = Vec::<f32>::with_capacity(m * n);
-        let mut h = Vec::<f32>::with_capacity(m * FFN_STRIP.min(f));
+        let strip = self.strip;
+        let mut h = Vec::<f32>::with_capacity(m * strip.min(f));
         let expand_failed =
             || candle_core::Error::Msg("feed-forward: GGUF blocks do not expand".into());
-        for s0 in (0..f).step_by(FFN_STRIP) {
-            let s1 = (s0 + FFN_STRIP).min(f);
+        for s0 in (0..f).step_by(strip) {
+            let s1 = (s0 + strip).min(f);
             let w = s1 - s0;
             {
                 // In a block: a quantized layer's expanded strip is freed before the second

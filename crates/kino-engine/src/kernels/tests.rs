@@ -63,8 +63,8 @@ fn gemm_kernels_match_portable() {
     let isas = simd_isas();
     println!("ISA paths tested here: {isas:?}");
     // Sizes off every block: rows not a multiple of MR or MC, columns not a multiple of NR or
-    // NC, depths below, at and above KC (256; AVX2's 512) and not multiples of it; with and
-    // without bias.
+    // NC, depths below, at and above KC (AVX-512's 128, portable's 256, AVX2's 512) and not
+    // multiples of it; with and without bias.
     for (m, n, k, bias) in [
         (1, 1, 1, false),
         (5, 7, 3, true),
@@ -653,6 +653,32 @@ fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()>
 
 /// The feed-forward strip by strip of its hidden width gives the two layers' result to the bit
 /// (packed f32, quantized, and mixed), with a hidden width that leaves a short last strip.
+#[test]
+fn feed_forward_strips_fit_every_kernel_and_block() {
+    use super::ops::ffn_strip;
+    let mut kernels = vec![&portable::KERNEL];
+    kernels.extend(simd_isas().into_iter().filter_map(gemm_kernel));
+    for k in kernels {
+        for block in [1, 32, 256] {
+            let s = ffn_strip(k, k, block);
+            assert!(s >= 512, "{k:?}: {s}");
+            for d in [k.nr, k.kc, block] {
+                assert!(
+                    s.is_multiple_of(d),
+                    "{k:?}, block {block}: {s} not a multiple of {d}"
+                );
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::x86_64::{AVX2, AVX512};
+        assert_eq!(ffn_strip(&AVX2, &AVX2, 256), 512);
+        assert_eq!(ffn_strip(&AVX512, &AVX512, 1), 768);
+        assert_eq!(ffn_strip(&AVX512, &AVX512, 256), 768);
+    }
+}
+
 #[test]
 fn feed_forward_in_strips_equals_two_layers_bit_for_bit() -> candle_core::Result<()> {
     use candle_core::quantized::{GgmlDType, QTensor};
