@@ -1238,9 +1238,9 @@ pub(crate) fn ffn_strip(k_in: &Kernel, k_out: &Kernel, block: usize) -> usize {
 /// ever holding the hidden activations whole: for each strip of [`ffn_strip`] hidden units,
 /// `h = gelu(x · W_inᵀ[strip] + b_in[strip])`, then `out += h · W_outᵀ[strip]` (`b_out` with the
 /// first). The hidden `[N, ffn_dim]` tensor (1.2 GB for Wan2.1-1.3B at 480p × 81 frames) becomes
-/// `[N, 512]` (768 on AVX-512), and quantized matrices are expanded strip by strip once per call. Each output
-/// element is summed in the same order as the two plain products, so the result is the same to
-/// the bit. `None` (the caller runs the two layers) off the CPU, for other dtypes, or for
+/// `[N, 512]` (768 on AVX-512), and quantized matrices are expanded strip by strip once per
+/// call. Each output element is summed in the same order as the two plain products, so the
+/// result is the same to the bit. `None` (the caller runs the two layers) off the CPU, for other dtypes, or for
 /// layers that do not run on packed kernels.
 pub fn feed_forward(
     x: &Tensor,
