@@ -26,6 +26,7 @@ mod error;
 mod frame;
 mod gif;
 mod h264;
+mod luma;
 mod mask;
 mod meta;
 mod mp4;
@@ -40,6 +41,7 @@ pub use error::{MediaError, Result};
 pub use frame::{psnr, psnr_video, Fps, Frame, Video, MAX_SIDE};
 pub use gif::{encode_gif, write_gif, GifOptions};
 pub use h264::Quality;
+pub use luma::LumaPlane;
 pub use mask::{
     check_mask_aspect, conform_mask, decode_mask, fill_masked, outpaint_canvas, outpaint_frame,
     paste_on_gray, read_mask, snap_to_multiple, MaskFrames, MaskReport, Outpaint, OutpaintPlan,
@@ -57,6 +59,6 @@ pub use still::{
     ImageFormat, SpritesheetLayout, SpritesheetOptions, ThumbnailOptions,
 };
 pub use video_in::{
-    decode_video, decode_video_head, read_video, read_video_head, read_video_tail, scan_video,
-    stream_video, VideoLayout, MAX_DECODED_BYTES,
+    decode_video, decode_video_head, decode_video_head_luma, read_video, read_video_head,
+    read_video_tail, scan_video, stream_video, VideoLayout, MAX_DECODED_BYTES,
 };

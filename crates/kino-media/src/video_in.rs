@@ -30,6 +30,7 @@ use ffmpeg_next as ff;
 
 use crate::error::{MediaError, Result};
 use crate::frame::{Fps, Frame, Video, MAX_SIDE};
+use crate::luma::{LumaPlane, YuvView};
 
 /// The most RGB bytes one call decodes (6 GiB: e.g. 1000 frames of 1080p); past that the clip
 /// is refused with a message saying to trim it or to read only its start.
@@ -71,6 +72,32 @@ pub fn read_video_head(path: &Path, seconds: f64) -> Result<Video> {
 
 /// [`read_video_head`] on bytes in memory.
 pub fn decode_video_head(bytes: &[u8], seconds: f64) -> Result<Video> {
+    decode_input(open_bytes(bytes)?, seconds)
+}
+
+/// [`decode_video_head`] with each frame's luma as the stream codes it ([`LumaPlane`]: before
+/// the conversion to 8-bit RGB rounds, clips and biases it), one plane per frame of the video.
+pub fn decode_video_head_luma(bytes: &[u8], seconds: f64) -> Result<(Video, Vec<LumaPlane>)> {
+    let out = decode(open_bytes(bytes)?, seconds, Keep::All, true)?;
+    let times: Vec<Option<f64>> = out.frames.iter().map(|d| d.time).collect();
+    let (fps, index) = grid(&times, out.fps_hint)?;
+    let luma = index
+        .iter()
+        .map(|&k| {
+            let d = &out.frames[k];
+            d.luma
+                .clone()
+                .unwrap_or_else(|| LumaPlane::from_frame(&d.frame))
+        })
+        .collect();
+    let video = Video::new(
+        index.iter().map(|&k| out.frames[k].frame.clone()).collect(),
+        fps,
+    )?;
+    Ok((video, luma))
+}
+
+fn open_bytes(bytes: &[u8]) -> Result<Input> {
     init();
     if bytes.is_empty() {
         return Err(MediaError::corrupt(WHAT, "the file is empty"));
@@ -78,8 +105,7 @@ pub fn decode_video_head(bytes: &[u8], seconds: f64) -> Result<Video> {
     refuse_stills(bytes)?;
     let io = StreamIo::from_read_seek(Cursor::new(bytes.to_vec()))
         .map_err(|e| MediaError::corrupt(WHAT, format!("cannot set up reading: {e}")))?;
-    let input = ff::format::input_from_stream(io, None, None).map_err(open_error)?;
-    decode_input(input, seconds)
+    ff::format::input_from_stream(io, None, None).map_err(open_error)
 }
 
 /// FFmpeg would read a PNG, JPEG or WebP as a one-frame "video"; say what it is instead.
@@ -156,12 +182,14 @@ fn rational_fps(r: ff::Rational) -> Option<Fps> {
 
 struct Decoded {
     frame: Frame,
+    /// The picture's coded luma, when asked for and its pixel format is 8-bit planar YUV.
+    luma: Option<LumaPlane>,
     /// Seconds from the stream's start, when the frame has a timestamp.
     time: Option<f64>,
 }
 
 fn decode_input(input: Input, seconds: f64) -> Result<Video> {
-    let out = decode(input, seconds, Keep::All)?;
+    let out = decode(input, seconds, Keep::All, false)?;
     to_video(out.frames, out.fps_hint)
 }
 
@@ -190,7 +218,7 @@ struct DecodeOut {
     fps_hint: Option<Fps>,
 }
 
-fn decode(mut input: Input, seconds: f64, keep: Keep<'_>) -> Result<DecodeOut> {
+fn decode(mut input: Input, seconds: f64, keep: Keep<'_>, luma: bool) -> Result<DecodeOut> {
     let stream = input.streams().best(MediaType::Video).ok_or_else(|| {
         MediaError::Unsupported(
             "the file has no video stream (audio only, or not a video); give a video file"
@@ -253,6 +281,7 @@ fn decode(mut input: Input, seconds: f64, keep: Keep<'_>) -> Result<DecodeOut> {
         seconds,
         done: false,
         rotate,
+        luma,
     };
     let mut bad_packets = 0usize;
     let mut packet = ff::Packet::empty();
@@ -343,6 +372,8 @@ struct DecodeState<'a> {
     seconds: f64,
     done: bool,
     rotate: u32,
+    /// Keep each picture's coded luma too ([`decode_video_head_luma`]).
+    luma: bool,
 }
 
 impl DecodeState<'_> {
@@ -396,7 +427,12 @@ impl DecodeState<'_> {
                                 MAX_DECODED_BYTES >> 30
                             )));
                         }
-                        self.out.push(Decoded { frame, time });
+                        let luma = if self.luma {
+                            luma_of(&yuv).map(|l| l.rotated(self.rotate))
+                        } else {
+                            None
+                        };
+                        self.out.push(Decoded { frame, luma, time });
                     }
                     Keep::Times => self.first = Some(frame),
                     Keep::Each { each, .. } => each(idx, frame)?,
@@ -452,6 +488,44 @@ impl DecodeState<'_> {
         }
         Frame::new(w, h, data)
     }
+}
+
+/// The coded luma of an 8-bit planar YUV picture (`None` for other pixel formats), with the
+/// matrix and range it declares (BT.601 where it declares none, as for its RGB).
+fn luma_of(yuv: &ff::frame::Video) -> Option<LumaPlane> {
+    use ff::format::Pixel as P;
+    use ff::util::color::Space;
+    let (shift_x, shift_y, full) = match yuv.format() {
+        P::YUV420P => (1, 1, false),
+        P::YUVJ420P => (1, 1, true),
+        P::YUV422P => (1, 0, false),
+        P::YUVJ422P => (1, 0, true),
+        P::YUV444P => (0, 0, false),
+        P::YUVJ444P => (0, 0, true),
+        _ => return None,
+    };
+    let (kr, kb) = match yuv.color_space() {
+        Space::BT709 => (0.2126, 0.0722),
+        Space::BT2020NCL | Space::BT2020CL => (0.2627, 0.0593),
+        Space::SMPTE240M => (0.212, 0.087),
+        Space::FCC => (0.30, 0.11),
+        _ => (0.299, 0.114),
+    };
+    let full_range = full || yuv.color_range() == ff::util::color::Range::JPEG;
+    LumaPlane::from_yuv(&YuvView {
+        width: yuv.width() as usize,
+        height: yuv.height() as usize,
+        y: yuv.data(0),
+        y_stride: yuv.stride(0),
+        u: yuv.data(1),
+        v: yuv.data(2),
+        uv_stride: yuv.stride(1),
+        shift_x,
+        shift_y,
+        kr,
+        kb,
+        full_range,
+    })
 }
 
 /// Tells swscale the picture's YUV matrix and range (as `ffmpeg`'s scale filter does), so
@@ -612,8 +686,8 @@ fn open_file(path: &Path) -> Result<Input> {
 /// memory stays that of one picture however long the clip.
 pub fn scan_video(path: &Path) -> Result<VideoLayout> {
     let input = open_file(path)?;
-    let out =
-        decode(input, f64::INFINITY, Keep::Times).map_err(|e| crate::mp4::with_path(e, path))?;
+    let out = decode(input, f64::INFINITY, Keep::Times, false)
+        .map_err(|e| crate::mp4::with_path(e, path))?;
     let first = out.first.ok_or_else(|| {
         crate::mp4::with_path(
             MediaError::corrupt(WHAT, "no picture could be decoded"),
@@ -668,6 +742,7 @@ pub fn stream_video(
             wanted: &wanted,
             each: &mut hand,
         },
+        false,
     )
     .map_err(|e| crate::mp4::with_path(e, path))?;
     if next < frames.len() {
@@ -736,6 +811,7 @@ mod tests {
     fn variable_rate_goes_on_a_grid() {
         let mk = |v: u8, t: f64| Decoded {
             frame: Frame::filled(2, 2, [v, 0, 0]).unwrap(),
+            luma: None,
             time: Some(t),
         };
         // 10 fps declared; frames at 0, 0.1, 0.35 (a gap), 0.4.

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kino_media::{
-    conform_video, decode_video, fit_crop, read_video, read_video_head, Fps, Frame, MediaError,
+    conform_video, decode_video, decode_video_head_luma, fit_crop, read_video, read_video_head,
+    Fps, Frame, MediaError,
 };
 
 fn ffmpeg() -> PathBuf {
@@ -352,6 +353,110 @@ fn rotation_metadata_is_applied() {
     let bottom = v.frames()[0].pixel(16, 56).unwrap();
     assert!(top[2] > 200 && top[0] < 60, "top {top:?}: blue");
     assert!(bottom[0] > 200 && bottom[2] < 60, "bottom {bottom:?}: red");
+    // The coded luma turns with the pictures: blue's luma (29) on top, red's (76) below.
+    let bytes = std::fs::read(&rotated).unwrap();
+    let (_, luma) = decode_video_head_luma(&bytes, f64::INFINITY).unwrap();
+    let l = luma[0].to_f32();
+    assert_eq!((luma[0].width(), luma[0].height()), (32, 64));
+    let (t, b) = (l[8 * 32 + 16], l[56 * 32 + 16]);
+    assert!(
+        (t - 29.1).abs() < 3.0 && (b - 76.2).abs() < 3.0,
+        "top {t}, bottom {b}"
+    );
+}
+
+/// BT.601 luma of an RGB frame, per pixel.
+fn luma601(f: &Frame) -> Vec<f64> {
+    f.data()
+        .chunks_exact(3)
+        .map(|p| 0.299 * f64::from(p[0]) + 0.587 * f64::from(p[1]) + 0.114 * f64::from(p[2]))
+        .collect()
+}
+
+/// Mean |a − b| of two luma planes.
+fn luma_gap(a: &[f64], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - f64::from(*y)).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+/// `decode_video_head_luma` gives the luma the stream codes: for saturated colours that RGB
+/// clips, and against swscale's RGB (biased on coloured pixels), it is the picture's own luma
+/// to within the YUV rounding, in BT.601 streams and (chroma added back) BT.709 ones.
+#[test]
+fn coded_luma_is_the_pictures_luma() {
+    if !has_encoder("libx264") {
+        println!("note: skipping: this ffmpeg has no libx264 encoder");
+        return;
+    }
+    let dir = common::temp_dir("vin-luma");
+    // Saturated hues across, brightness down: much of it clips in RGB after a YUV round trip.
+    let (w, h) = (64u32, 48u32);
+    let frame = Frame::from_fn(w, h, |x, y| {
+        let hue = x as f64 / f64::from(w) * 6.0;
+        let v = 1.0 - y as f64 / f64::from(h) * 0.8;
+        let c = |k: f64| {
+            let d = ((hue - k).rem_euclid(6.0) - 3.0).abs();
+            ((d - 1.0).clamp(0.0, 1.0) * v * 255.0).round() as u8
+        };
+        [c(0.0), c(2.0), c(4.0)]
+    })
+    .unwrap();
+    let raw: Vec<u8> = (0..4).flat_map(|_| frame.data().to_vec()).collect();
+    let src = dir.as_path().join("frames.rgb");
+    std::fs::write(&src, &raw).unwrap();
+    let want = luma601(&frame);
+    for (name, vf, tag) in [
+        ("bt601", "format=yuv420p", "smpte170m"),
+        (
+            "bt709",
+            "scale=out_color_matrix=bt709,format=yuv420p",
+            "bt709",
+        ),
+    ] {
+        let out = dir.as_path().join(format!("{name}.mp4"));
+        run_ffmpeg(&[
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            &format!("{w}x{h}"),
+            "-r",
+            "4",
+            "-i",
+            src.to_str().unwrap(),
+            "-vf",
+            vf,
+            "-c:v",
+            "libx264",
+            "-qp",
+            "0",
+            "-colorspace",
+            tag,
+            out.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&out).unwrap();
+        let (video, luma) = decode_video_head_luma(&bytes, f64::INFINITY).unwrap();
+        assert_eq!(luma.len(), video.len());
+        let coded = luma_gap(&want, &luma[0].to_f32());
+        let from_rgb: Vec<f32> = luma601(&video.frames()[0])
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let rgb = luma_gap(&want, &from_rgb);
+        println!("{name}: mean |luma error| coded {coded:.3}, from decoded RGB {rgb:.3}");
+        // BT.601: the Y plane itself (rounding of 219 levels); BT.709: chroma at half
+        // resolution adds a little.
+        let bound = if name == "bt601" { 0.35 } else { 1.0 };
+        assert!(
+            coded < bound,
+            "{name}: coded luma off by {coded:.3} on average"
+        );
+        assert!(coded < rgb, "{name}: coded {coded:.3} vs RGB {rgb:.3}");
+    }
 }
 
 /// Kino's own MP4s (OpenH264, Baseline, BT.709) read the same through FFmpeg as through the

@@ -495,9 +495,14 @@ impl Provenance {
         })
     }
 
-    /// The watermark of decoded frames.
-    pub fn detect(&self, frames: &[Frame]) -> kino_watermark::Detection {
-        kino_watermark::detect(frames, &self.watermark_key)
+    /// The watermark of a video or image file, read as [`verify_file`] reads it (a video's
+    /// first frames with their coded luma).
+    pub fn detect_file(&self, path: &Path) -> Result<kino_watermark::Detection> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+        let (frames, luma) =
+            decode_frames(&bytes).map_err(|why| Error::Io(format!("{}: {why}", path.display())))?;
+        Ok(detect_frames(&frames, luma.as_deref(), &self.watermark_key))
     }
 }
 
@@ -618,8 +623,8 @@ pub fn verify_bytes(
     let format = manifest::mime_of(bytes).unwrap_or("unknown").to_string();
     let frames = decode_frames(bytes);
     let watermark = match frames {
-        Ok(frames) => {
-            let d = kino_watermark::detect(&frames, key);
+        Ok((frames, luma)) => {
+            let d = detect_frames(&frames, luma.as_deref(), key);
             WatermarkReport {
                 detected: d.detected,
                 id: d.id.filter(|_| d.detected).map(fmt_watermark_id),
@@ -664,13 +669,28 @@ pub fn verify_file(
     Ok(verify_bytes(&bytes, trust_anchors, key))
 }
 
+/// The detector on decoded frames, with their coded luma when there is one.
+fn detect_frames(
+    frames: &[Frame],
+    luma: Option<&[kino_media::LumaPlane]>,
+    key: &kino_watermark::Key,
+) -> kino_watermark::Detection {
+    match luma {
+        Some(l) => kino_watermark::detect_luma(frames, l, key),
+        None => kino_watermark::detect(frames, key),
+    }
+}
+
 /// Decoded frames for watermark detection: a still image is one frame; a video's first
-/// [`DETECT_FRAMES`] frames (through FFmpeg, any container).
-fn decode_frames(bytes: &[u8]) -> std::result::Result<Vec<Frame>, String> {
+/// [`DETECT_FRAMES`] frames (through FFmpeg, any container) with their coded luma (the
+/// detector reads brightness from it: the luma of 8-bit RGB is rounded, clipped and biased).
+type DecodedFrames = (Vec<Frame>, Option<Vec<kino_media::LumaPlane>>);
+
+fn decode_frames(bytes: &[u8]) -> std::result::Result<DecodedFrames, String> {
     let mime = manifest::mime_of(bytes);
     if matches!(mime, Some("image/png" | "image/jpeg" | "image/webp")) {
         return kino_media::decode_image(bytes)
-            .map(|f| vec![f])
+            .map(|f| (vec![f], None))
             .map_err(|e| e.to_string());
     }
     if mime == Some("image/gif") {
@@ -678,15 +698,16 @@ fn decode_frames(bytes: &[u8]) -> std::result::Result<Vec<Frame>, String> {
     }
     // Videos (any container FFmpeg reads): about DETECT_FRAMES frames from the start.
     let head = |secs: f64| {
-        kino_media::decode_video_head(bytes, secs)
+        kino_media::decode_video_head_luma(bytes, secs)
             .map_err(|e| format!("not a video or image Kino can decode ({e})"))
     };
-    let mut v = head(1.0)?;
+    let (mut v, mut luma) = head(1.0)?;
     let fps = v.fps().as_f64();
     if v.len() < DETECT_FRAMES && v.duration_secs() >= 0.99 && fps > 0.0 {
-        v = head(DETECT_FRAMES as f64 / fps + 0.05)?;
+        (v, luma) = head(DETECT_FRAMES as f64 / fps + 0.05)?;
     }
     let mut frames = v.into_frames();
     frames.truncate(DETECT_FRAMES);
-    Ok(frames)
+    luma.truncate(DETECT_FRAMES);
+    Ok((frames, Some(luma)))
 }

@@ -9,7 +9,8 @@
 //! bit (all its cells together) instead of one per cell, `KINO_WM_GAMUT=0` every channel moved
 //! alike and clipped (saturated pixels not helped by the others, as layout v4 was first made), `KINO_WM_RAW=1` the clipped share and the
 //! QIM's raw errors per frame at the true grid (`KINO_WM_DX` shifts it), `KINO_WM_LOOK=DIR` the
-//! first frame original | marked | change ×10.
+//! first frame original | marked | change ×10, `KINO_WM_RGB=1` the luma of the decoded RGB frames
+//! instead of the coded luma.
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::*;
@@ -111,13 +112,16 @@ fn main() {
             "raw" => (None, 0),
             _ => (None, 28),
         };
-        let back = if attack == "raw" {
-            m.clone()
+        let (back, luma) = if attack == "raw" {
+            let l = m.iter().map(kino_media::LumaPlane::from_frame).collect();
+            (m.clone(), l)
         } else {
             encode_filtered(&m, 24, vf, crf, &[], &p);
-            decode(&p)
+            decode_luma(&p)
         };
-        let d = detect_with(&back, &key, &params);
+        // KINO_WM_RGB=1: the luma of the decoded RGB, as the detector read it before stop 55.
+        let luma = std::env::var("KINO_WM_RGB").is_err().then_some(&luma[..]);
+        let d = detect_with(&back, luma, &key, &params);
         let t = decode_at(&back, &key, 1.0, 0, 0);
         if std::env::var("KINO_WM_RAW").is_ok() {
             let (clipped, stuck) = probe_clipped(&frames[0]);

@@ -1,7 +1,7 @@
 //! Detection: whiten, fold onto one tile at each candidate scale, find the sync pattern by FFT
 //! correlation, read the chips, decode, check the marker.
 
-use kino_media::Frame;
+use kino_media::{Frame, LumaPlane};
 
 use crate::ecc;
 use crate::fft::{self, C64};
@@ -183,23 +183,62 @@ pub fn probe_chips(frames: &[Frame], plane: usize, chip_px: f64, whiten_fold: bo
 }
 
 /// Looks for the mark of `key` in `frames` (RGB, one video's frames in order; any subset and
-/// any frame rate will do: every frame carries the whole mark).
+/// any frame rate will do: every frame carries the whole mark). For a decoded video prefer
+/// [`detect_luma`]: the luma of 8-bit RGB is rounded, clipped and (through swscale) biased.
 pub fn detect(frames: &[Frame], key: &Key) -> Detection {
-    detect_with(frames, key, &QimParams::default())
+    detect_with(frames, None, key, &QimParams::default())
 }
 
-/// [`detect`] for marks made with other strengths: for development probes only.
+/// [`detect`] reading each frame's brightness from `luma` (`luma[i]` is `frames[i]`'s, as
+/// [`kino_media::decode_video_head_luma`] gives it: the luma the stream codes, before the
+/// conversion to RGB rounds and clips it), and its colour (what the embedder could change)
+/// from the RGB frame. Planes of another size than their frame are ignored.
+pub fn detect_luma(frames: &[Frame], luma: &[LumaPlane], key: &Key) -> Detection {
+    detect_with(frames, Some(luma), key, &QimParams::default())
+}
+
+/// A frame as the detector reads it: its RGB and, when known, its coded luma.
+#[derive(Clone, Copy)]
+struct Pic<'a> {
+    rgb: &'a Frame,
+    luma: Option<&'a LumaPlane>,
+}
+
+impl Pic<'_> {
+    /// The frame's luma (BT.601) as floats.
+    fn luma(&self) -> Vec<f32> {
+        match self.luma {
+            Some(l) => l.to_f32(),
+            None => qim::luma_f32(self.rgb.data()),
+        }
+    }
+}
+
+/// [`detect`] / [`detect_luma`] for marks made with other strengths: for development probes
+/// only.
 #[doc(hidden)]
-pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection {
+pub fn detect_with(
+    frames: &[Frame],
+    luma: Option<&[LumaPlane]>,
+    key: &Key,
+    params: &QimParams,
+) -> Detection {
     let Some(first) = frames.first() else {
         return Detection::none(0);
     };
     let (w, h) = (first.width(), first.height());
-    let same: Vec<&Frame> = frames
+    let same: Vec<Pic> = frames
         .iter()
-        .filter(|f| f.width() == w && f.height() == h)
+        .enumerate()
+        .filter(|(_, f)| f.width() == w && f.height() == h)
+        .map(|(i, f)| Pic {
+            rgb: f,
+            luma: luma
+                .and_then(|l| l.get(i))
+                .filter(|l| l.width() == w && l.height() == h),
+        })
         .collect();
-    let used: Vec<&Frame> = if same.len() <= MAX_FRAMES {
+    let used: Vec<Pic> = if same.len() <= MAX_FRAMES {
         same
     } else {
         (0..MAX_FRAMES)
@@ -215,7 +254,7 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
     let chip_ds = c0 / b as f64;
     let mut acc = vec![0f32; wd * hd];
     for f in &used {
-        let res = whitened(f, b, wd, hd, chip_ds);
+        let res = whitened_luma(&f.luma(), w as usize, b, wd, hd, chip_ds);
         for (a, r) in acc.iter_mut().zip(res) {
             *a += r;
         }
@@ -352,7 +391,7 @@ pub fn detect_with(frames: &[Frame], key: &Key, params: &QimParams) -> Detection
     let lumas: Vec<(Vec<f32>, Vec<f32>)> = (0..n_q)
         .map(|i| {
             let f = used[i * used.len() / n_q];
-            (qim::luma_f32(f.data()), qim::frame_shaping(f, params))
+            (f.luma(), qim::frame_shaping(f.rgb, params))
         })
         .collect();
     // Grids that fit the first frame's values best, anchored at the corner or the centre at every
@@ -563,6 +602,24 @@ fn whitened_plane(
                 wt[0] * f32::from(p[0]) + wt[1] * f32::from(p[1]) + wt[2] * f32::from(p[2]);
         }
     }
+    whiten(d, b, wd, hd, chip_ds)
+}
+
+/// [`whitened`] of a luma plane `l` (`w` pixels a row).
+fn whitened_luma(l: &[f32], w: usize, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32> {
+    let mut d = vec![0f32; wd * hd];
+    for y in 0..hd * b {
+        let row = &l[y * w..y * w + wd * b];
+        let drow = &mut d[(y / b) * wd..(y / b + 1) * wd];
+        for (x, v) in row.iter().enumerate() {
+            drow[x / b] += v;
+        }
+    }
+    whiten(d, b, wd, hd, chip_ds)
+}
+
+/// The whitening of [`whitened`] on a plane `d` summed over `b × b` boxes.
+fn whiten(mut d: Vec<f32>, b: usize, wd: usize, hd: usize, chip_ds: f64) -> Vec<f32> {
     let inv = 1.0 / (b * b) as f32;
     d.iter_mut().for_each(|v| *v *= inv);
     let r = (chip_ds.round() as usize).max(1);

@@ -337,11 +337,13 @@ fn ss_gain(pattern: &[f32], amp: &[f32], cap: f32) -> f32 {
 /// channels and at most `max_saturated` have a channel near an end; else if at most
 /// `max_clipped` have a channel near an end.
 fn qim_frame(rgb: &[u8], p: &QimParams) -> bool {
-    let clipped = qim::clipped_share(rgb);
+    // A share of 1 or more is no condition (and not worth measuring).
+    let within = |max: f32, share: &dyn Fn() -> f64| max >= 1.0 || share() <= f64::from(max);
     if p.gamut {
-        clipped <= f64::from(p.max_saturated) && gamut::stuck_share(rgb) <= f64::from(p.max_clipped)
+        within(p.max_saturated, &|| qim::clipped_share(rgb))
+            && within(p.max_clipped, &|| gamut::stuck_share(rgb))
     } else {
-        clipped <= f64::from(p.max_clipped)
+        within(p.max_clipped, &|| qim::clipped_share(rgb))
     }
 }
 

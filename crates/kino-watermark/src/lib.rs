@@ -125,7 +125,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 pub use detect::{
-    chip_soft, decode_at, detect, detect_with, probe_chips, qim_raw_errors, Detection,
+    chip_soft, decode_at, detect, detect_luma, detect_with, probe_chips, qim_raw_errors, Detection,
 };
 pub use embed::{probe_amplitude, probe_clipped, probe_pattern, Embedder};
 pub use qim::QimParams;

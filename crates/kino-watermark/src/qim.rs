@@ -39,13 +39,18 @@
 //! Which frames get it: QIM moves a cell's mean either way. A saturated pixel (a channel at 0 or
 //! 255) still can, through its other channels (`gamut.rs`: what the clipped channel cannot take,
 //! the others take by their luma weight), so only pixels that cannot move their luma both ways
-//! even so (near black, near white) count against it: a frame with more than `max_clipped` of
-//! those, or with more than `max_saturated` of its pixels saturated at all (test cards, flat
-//! graphics, which the chips carry better), gets the chips alone at full strength, as layout v3
-//! did; any other frame gets QIM with the chips at `sync_share` of the budget, for the sync
-//! search. (Until stop 53 a frame needed at most `max_clipped` of its pixels saturated: the
-//! fractals of the bench, 40–78% saturated, got the chips alone and failed at 256×256 after CRF
-//! 28; with QIM they pass.)
+//! even so (near black, near white; yellow brightening, blue darkening) count against it: a
+//! frame with more than `max_clipped` (half) of those gets the chips alone at full strength, as
+//! layout v3 did; any other frame gets QIM with the chips at `sync_share` of the budget, for
+//! the sync search. The frames that fall back are flat black or white backgrounds (68–87% of
+//! kino-shapes' pixels there), where a mark that can only go one way shows as a faint mottling
+//! on black and decodes no better; saturated colour (gradients 19–36% stuck, test cards 15%)
+//! keeps QIM. History: until stop 53 a frame needed at most 30% of its pixels saturated (the
+//! fractals failed at 256×256 after CRF 28; with QIM they pass); until stop 55 a frame with
+//! more than 90% saturated or 30% stuck got the chips alone, because the detector read luma from
+//! decoded 8-bit RGB, which clips saturated colour and (swscale) sits 1–2 levels low on colour;
+//! since it reads the coded luma ([`crate::detect_luma`]) the test cards and gradients decode
+//! better with QIM (at 256×256 after CRF 28, 45 clips: 36 of 45 with those rules, 41 without).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -78,7 +83,7 @@ pub struct QimParams {
     /// A frame gets the QIM carrier only if at most this share of its pixels is clipped: with
     /// `gamut`, cannot move its luma both ways (`gamut::stuck_share`), else has a channel near
     /// an end ([`clipped_share`]); otherwise it gets the spread-spectrum mark alone, at full
-    /// strength.
+    /// strength. 1 or more: every frame gets QIM.
     pub max_clipped: f32,
     /// Each cell carries its bit on its own (else a slot's cells together).
     pub per_cell: bool,
@@ -90,9 +95,8 @@ pub struct QimParams {
     /// channel near an end).
     pub gamut: bool,
     /// With `gamut`, a frame also needs at most this share of its pixels with a channel near
-    /// an end ([`clipped_share`]) for the QIM carrier: pictures made almost wholly of saturated
-    /// flat colour (test cards, graphics) carry the chips better (measured: testsrc2 at
-    /// 256×256, CRF 23: the chips alone decode it, QIM with the chips at 0.3 does not).
+    /// an end ([`clipped_share`]) for the QIM carrier (1, the default: no such condition; stop
+    /// 53–54 used 0.9, for test cards, when the detector read luma from decoded RGB).
     pub max_saturated: f32,
 }
 
@@ -103,11 +107,11 @@ impl Default for QimParams {
             d_max: 8.0,
             passes: 3,
             q_floor: 0.75,
-            max_clipped: 0.3,
+            max_clipped: 0.5,
             per_cell: true,
             sync_share: 0.3,
             gamut: true,
-            max_saturated: 0.9,
+            max_saturated: 1.0,
         }
     }
 }
@@ -568,8 +572,11 @@ mod tests {
         let (with, psnr) = errors(QimParams::default());
         assert!(with <= code.len() / 10, "{with} of {} wrong", code.len());
         assert!(psnr >= 40.0, "PSNR {psnr}");
+        // Layout v4 as first made: channels moved alike and clipped, the chips alone in a
+        // frame with more than 30% of its pixels near an end.
         let (without, _) = errors(QimParams {
             gamut: false,
+            max_clipped: 0.3,
             ..QimParams::default()
         });
         assert!(

@@ -177,7 +177,7 @@ fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &m
         for (ai, a) in attacks.iter().enumerate() {
             let p = dir.join(format!("{name}-{ci}-{ai}.mp4"));
             encode_filtered(&m, 24, a.vf, a.crf, a.extra, &p);
-            let d = detect(&decode(&p), key);
+            let d = detect_file(&p, key);
             let _ = std::fs::remove_file(&p);
             tallies[ai + 1].add(d.detected && d.id == Some(id), d.raw_payload, expected);
             diag.push(format!(
@@ -316,9 +316,8 @@ fn watermark_table() {
         let frames = lavfi_frames(&graph, w, h, 8);
         let p = dir.join(format!("fp-{i}.mp4"));
         encode_filtered(&frames, 24, None, 23, &[], &p);
-        let back = decode(&p);
+        let d = detect_file(&p, &key);
         let _ = std::fs::remove_file(&p);
-        let d = detect(&back, &key);
         max_sync = max_sync.max(d.sync_score);
         if d.detected {
             fp += 1;

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use kino_media::psnr_video;
-use kino_watermark::{detect, Embedder, Key};
+use kino_watermark::{detect_luma, Embedder, Key};
 
 fn marked(frames: &[kino_media::Frame], key: &Key, id: u64) -> Vec<kino_media::Frame> {
     let (w, h) = (frames[0].width(), frames[0].height());
@@ -28,14 +28,14 @@ fn survives_h264_crf28_and_is_keyed() {
     assert!(psnr >= 40.0, "PSNR {psnr:.2} dB is below 40 dB");
     let path = dir.join("crf28.mp4");
     encode(&m, 16, 28, &path);
-    let back = decode(&path);
-    let d = detect(&back, &key);
+    let (back, luma) = decode_luma(&path);
+    let d = detect_luma(&back, &luma, &key);
     eprintln!("marked, CRF 28: {d:?}");
     assert!(d.detected, "{d:?}");
     assert_eq!(d.id, Some(id));
     assert!(d.confidence > 0.999, "{d:?}");
     // Another key finds nothing.
-    let other = detect(&back, &Key::from_bytes(b"some other key"));
+    let other = detect_luma(&back, &luma, &Key::from_bytes(b"some other key"));
     assert!(!other.detected, "{other:?}");
     assert_eq!(other.id, None);
     let _ = std::fs::remove_dir_all(dir);
@@ -56,7 +56,7 @@ fn unmarked_clips_are_not_detected() {
         let frames = lavfi_frames(src, 256, 256, 16);
         let path = dir.join(format!("u{i}.mp4"));
         encode(&frames, 16, 23, &path);
-        let d = detect(&decode(&path), &key);
+        let d = detect_file(&path, &key);
         assert!(!d.detected, "{src}: {d:?}");
         assert!(
             d.false_alarm_probability >= 1.0 && d.confidence == 0.0,
@@ -98,7 +98,7 @@ fn centred_and_off_centre_crops_are_found() {
     ] {
         let p = dir.join(format!("{name}.mp4"));
         transcode(&master, &p, Some(vf), 23, &[]);
-        let d = detect(&decode(&p), &key);
+        let d = detect_file(&p, &key);
         eprintln!("{name} crop: {d:?}");
         assert_eq!(d.id, Some(id), "{name}: {d:?}");
         // 480 / 432: the chips look 1.11 times larger than a 432-px-high frame implies.
@@ -126,7 +126,7 @@ fn textured_256_clips_survive_crf28_and_a_crop_through_the_qim_carrier() {
     assert!(psnr >= 40.0, "PSNR {psnr:.2} dB is below 40 dB");
     let master = dir.join("master.mp4");
     encode(&m, 24, 28, &master);
-    let d = detect(&decode(&master), &key);
+    let d = detect_file(&master, &key);
     eprintln!("CRF 28: {d:?}");
     assert_eq!(d.id, Some(id), "{d:?}");
     assert_eq!(d.carrier, "qim", "{d:?}");
@@ -142,10 +142,10 @@ fn textured_256_clips_survive_crf28_and_a_crop_through_the_qim_carrier() {
         23,
         &[],
     );
-    let d = detect(&decode(&p), &key);
+    let d = detect_file(&p, &key);
     eprintln!("crop: {d:?}");
     assert_eq!(d.id, Some(id), "{d:?}");
     assert!((d.scale - 256.0 / 230.0).abs() < 0.02, "{d:?}");
-    assert!(!detect(&decode(&p), &Key::from_bytes(b"some other key")).detected);
+    assert!(!detect_file(&p, &Key::from_bytes(b"some other key")).detected);
     let _ = std::fs::remove_dir_all(dir);
 }

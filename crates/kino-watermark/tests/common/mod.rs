@@ -142,9 +142,22 @@ pub fn transcode(src: &Path, dst: &Path, vf: Option<&str>, crf: u32, extra: &[&s
     run(&mut cmd);
 }
 
-/// Decoded RGB frames of a video file (through kino-media, as `kino verify` reads them).
+/// Decoded RGB frames of a video file (through kino-media).
 pub fn decode(path: &Path) -> Vec<Frame> {
     kino_media::read_video(path).unwrap().into_frames()
+}
+
+/// Decoded RGB frames of a video file with their coded luma, as `kino verify` reads them.
+pub fn decode_luma(path: &Path) -> (Vec<Frame>, Vec<kino_media::LumaPlane>) {
+    let bytes = std::fs::read(path).unwrap();
+    let (v, l) = kino_media::decode_video_head_luma(&bytes, f64::INFINITY).unwrap();
+    (v.into_frames(), l)
+}
+
+/// The detector on a video file, read as `kino verify` reads it (RGB and coded luma).
+pub fn detect_file(path: &Path, key: &kino_watermark::Key) -> kino_watermark::Detection {
+    let (f, l) = decode_luma(path);
+    kino_watermark::detect_luma(&f, &l, key)
 }
 
 /// The fifteen natural-looking lavfi sources of the benchmark (`{w}`/`{h}` filled by

@@ -76,7 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // first interferes with it, and either may then fail to read back.
     let id = match (&a.id, watermark_on) {
         (None, true) => {
-            let found = prov.detect(video.frames());
+            let found = prov.detect_file(&a.input)?;
             match (found.detected, found.id) {
                 (true, Some(existing)) => {
                     eprintln!(
