@@ -4,7 +4,8 @@
 //! Optional: `KINO_WM_KINO_CLIPS=DIR` (folders of PNG frames written by `kino generate -o DIR/x`),
 //! `KINO_WM_FP_CLIPS=N` (unmarked clips, default 500); for quick iterations
 //! `KINO_WM_SIZES=256x256,832x480` (ffmpeg-source groups to run, default all three),
-//! `KINO_WM_SOURCES=N` (the first N of the 15 sources per group), `KINO_WM_ATTACKS=crf28,half`
+//! `KINO_WM_SOURCES=N` (the first N of the 15 sources per group), `KINO_WM_REPS=R` (at 256×256
+//! every source also from R-1 later start frames: R times the clips), `KINO_WM_ATTACKS=crf28,half`
 //! (attack keys: crf23 crf28 half crop drop fps30 fps15; default all) and `KINO_WM_KINO=0` (skip
 //! the Kino-output groups). `KINO_WM_PHOTOS=DIR` adds natural-looking clips: slow pans over the
 //! photographs in DIR (`scripts/wm-photos.sh DIR` fetches the CC0 / public-domain ones that ship
@@ -232,23 +233,38 @@ fn watermark_table() {
         names.join(" | "),
         "---|".repeat(names.len())
     );
-    // ffmpeg-generated content at three sizes.
+    // KINO_WM_REPS=R: at 256×256 each source (ffmpeg and photographs) also from R-1 later start
+    // frames (more clips for the size where the mark is weakest).
+    let reps: usize = std::env::var("KINO_WM_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let reps_at = |w: u32| if w == 256 { reps } else { 1 };
+    // ffmpeg-generated content at three sizes: the natural-looking sources, and the test cards
+    // (testsrc2: flat bars of saturated colour) in a row of their own.
     for (w, h, frames) in [(256, 256, 24), (832, 480, 16), (1280, 720, 12)] {
         if !wanted(w, h) {
             continue;
         }
-        let clips: Vec<Vec<Frame>> = natural_sources()
-            .iter()
-            .take(n_sources)
-            .map(|s| lavfi_frames(s, w, h, frames))
-            .collect();
-        run_group(
-            &format!("ffmpeg sources {w}×{h}"),
-            &clips,
-            &key,
-            &dir,
-            &mut report,
-        );
+        let sources = natural_sources();
+        let n = n_sources.min(sources.len());
+        let all = repeated(&sources, n, reps_at(w));
+        for cards in [false, true] {
+            let clips: Vec<Vec<Frame>> = all
+                .iter()
+                .filter(|s| s.starts_with("testsrc2") == cards)
+                .map(|s| lavfi_frames(s, w, h, frames))
+                .collect();
+            if clips.is_empty() {
+                continue;
+            }
+            let name = if cards {
+                format!("ffmpeg test cards {w}×{h}")
+            } else {
+                format!("ffmpeg sources {w}×{h}")
+            };
+            run_group(&name, &clips, &key, &dir, &mut report);
+        }
     }
     // Natural-looking clips: pans over photographs (KINO_WM_PHOTOS=DIR, scripts/wm-photos.sh), at
     // 256×256 and 832×480.
@@ -257,9 +273,10 @@ fn watermark_table() {
             if !wanted(w, h) {
                 continue;
             }
-            let clips: Vec<Vec<Frame>> = photo_sources(Path::new(&photos))
+            let sources = photo_sources(Path::new(&photos));
+            let n = n_sources.min(sources.len());
+            let clips: Vec<Vec<Frame>> = repeated(&sources, n, reps_at(w))
                 .iter()
-                .take(n_sources)
                 .map(|s| lavfi_frames(s, w, h, 24))
                 .collect();
             run_group(
