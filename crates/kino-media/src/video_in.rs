@@ -7,6 +7,8 @@
 //! - the best video stream is decoded (frame threads on all cores) in presentation order and
 //!   converted to RGB24 with the YUV matrix and range the stream declares (BT.601 when it
 //!   declares none, as the `ffmpeg` command line does);
+//! - on request ([`decode_video_head_luma`]) each picture's luma as the stream codes it, before
+//!   the RGB conversion rounds, clips and biases it ([`LumaPlane`], for the watermark detector);
 //! - a phone's rotation (the stream's display matrix) is applied: a portrait clip stored as
 //!   1920×1080 with "rotate 90" comes out 1080×1920;
 //! - the frame rate is the stream's average rate; a variable-frame-rate clip is put on that

@@ -1,11 +1,12 @@
 //! Development probe: for each ffmpeg source at one size, mark, attack, and print what the
-//! detector found next to a decode at the true sync (scale 1, shift 0: no crop).
+//! detector found (reading the file as `kino verify` does) next to a decode of the chips at the
+//! true sync (scale 1, shift 0: no crop).
 //! `cargo run --release -p kino-watermark --example wm_diag -- W H N ATTACK` (ATTACK: crf28, crf23,
 //! half, raw, cropoff: the true-sync column is meaningless for cropoff)
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::*;
-use kino_watermark::{decode_at, detect, Embedder, Key};
+use kino_watermark::{decode_at, detect_luma, Embedder, Key};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -47,11 +48,12 @@ fn main() {
             ),
             _ => (None, 28, 1.0),
         };
-        let back = if attack == "raw" {
-            m.clone()
+        let (back, luma) = if attack == "raw" {
+            let l = m.iter().map(kino_media::LumaPlane::from_frame).collect();
+            (m.clone(), l)
         } else {
             encode_filtered(&m, 24, vf, crf, &[], &p);
-            decode(&p)
+            decode_luma(&p)
         };
         let scale = if scale < 0.0 {
             // Half size: the detector's chip size for the new size vs the true one.
@@ -62,7 +64,7 @@ fn main() {
         } else {
             scale
         };
-        let d = detect(&back, &key);
+        let d = detect_luma(&back, &luma, &key);
         let t = decode_at(&back, &key, scale, 0, 0);
         let t1 = decode_at(&back[..1], &key, scale, 0, 0);
         let t4 = decode_at(&back[..4], &key, scale, 0, 0);

@@ -4,15 +4,19 @@
 //! - **Quantisation index modulation of coarse cells** (module `qim`): each cell's mean luma is
 //!   moved onto a keyed lattice of its bit, so the picture itself is no noise to the reader.
 //!   This carries natural footage (photographs, textured pictures) through H.264 at CRF 28 even
-//!   at 256×256. It needs pixels that can move both ways, so frames with much of the picture
-//!   clipped at black or white get only the second carrier.
+//!   at 256×256. It needs pixels that can move both ways, so frames with more than half the
+//!   picture stuck at black or white get only the second carrier.
 //! - **Spread-spectrum chips** (layout "v3", below): a correlation against a keyed ±1 pattern.
 //!   In QIM frames the chips keep 0.3 of the strength and serve the sync search (scale and shift
-//!   after rescaling and crops); in saturated frames (test cards, graphics) they carry the
-//!   payload at full strength, where they survive better than QIM.
+//!   after rescaling and crops); in frames stuck at black or white they carry the payload at
+//!   full strength.
 //!
 //! The detector reads both and reports which carrier decoded (`Detection::carrier`); marks
-//! made by earlier Kino versions with layout v3 (chips only) are still detected. The README's
+//! made by earlier Kino versions with layout v3 (chips only) are still detected. A decoded
+//! video should be read with [`detect_luma`] and the luma planes of
+//! [`kino_media::decode_video_head_luma`] (as `kino verify` does): the luma the stream codes,
+//! where the luma of 8-bit RGB is clipped on saturated colour and, through swscale, 1–2 levels
+//! low on coloured pixels, which cost the QIM cells most of their margin. The README's
 //! Watermark section has the measured rates. What follows describes the chips; the QIM
 //! carrier's design is in `qim.rs`.
 //!
