@@ -32,8 +32,10 @@ const FIT_CANDIDATES: usize = 3;
 /// Free sync peaks (the strongest, one per scale) whose three-by-three possible QIM grids are
 /// fitted, …
 const FREE_FIT_PEAKS: usize = 24;
-/// … and how many of those grids, the best-fitting, are decoded.
+/// … and how many of those grids, the best-fitting, are decoded, each after moving its origin
+/// by up to `REFINE_STEPS` steps of 1/(4·REFINE_STEPS) chip either way, to where it fits best.
 const FREE_FIT_CANDIDATES: usize = 5;
+const REFINE_STEPS: i32 = 3;
 /// QIM decodes at most: two readings (the first frame; the mean over frames) at the corner at
 /// scale 1, at each anchored candidate's grid, at the best-fitting anchored grids and at the
 /// best-fitting grids of the free peaks.
@@ -58,7 +60,8 @@ pub struct Detection {
     /// Upper bound on the probability that an unmarked video (or one marked with another key)
     /// gives a result at least this strong: `42 · 2⁻¹⁶ · min(1, H · Q(sync_score))` (42
     /// payloads decoded at most) with `H` the sync hypotheses of the reported candidate's kind
-    /// tried (anchored: 2 · 9 per scale; free: 64 · 64 per scale) and `Q` the standard normal
+    /// tried (anchored: 2 · 9 per scale; free: 64 · 64 per scale; both twice, for the two
+    /// sync templates: the 46 sync chips, and the full tile of a QIM frame) and `Q` the standard normal
     /// tail; for a QIM decode `42 · 2⁻¹⁶` (1 when not detected).
     pub false_alarm_probability: f64,
     /// The reported candidate's sync peak (the detected one, else the one with the fewest
@@ -260,16 +263,21 @@ pub fn detect_with(
         }
     }
     let layout = Layout::new(key);
-    let sync = layout.sync_chips();
-    let mut tmpl = vec![C64::default(); N * N];
-    for a in 0..N {
-        let ay = pattern::axis((a as f64 + 0.5) / R as f64);
-        for bb in 0..N {
-            let ax = pattern::axis((bb as f64 + 0.5) / R as f64);
-            tmpl[a * N + bb].re = f64::from(pattern::value(&sync, ax, ay));
+    // Two sync templates: the 46 sync chips of a frame whose chips carry the payload too, and
+    // the full keyed tile of a QIM frame's chips (`QimParams::full_sync`).
+    let template = |chips: &[f32; CHIPS]| {
+        let mut t = vec![C64::default(); N * N];
+        for a in 0..N {
+            let ay = pattern::axis((a as f64 + 0.5) / R as f64);
+            for bb in 0..N {
+                let ax = pattern::axis((bb as f64 + 0.5) / R as f64);
+                t[a * N + bb].re = f64::from(pattern::value(chips, ax, ay));
+            }
         }
-    }
-    fft::fft2(&mut tmpl, N, false);
+        fft::fft2(&mut t, N, false);
+        t
+    };
+    let templates = [template(&layout.sync_chips()), template(&layout.sign)];
 
     let n_scales = ((MAX_SCALE / MIN_SCALE).ln() / SCALE_STEP).floor() as usize + 1;
     let scale_of = |k: usize| MIN_SCALE * (k as f64 * SCALE_STEP).exp();
@@ -281,12 +289,20 @@ pub fn detect_with(
     for k in 0..n_scales {
         let s = scale_of(k);
         let folded = fold(&acc, wd, hd, b, c0 * s);
-        let corr = fft::xcorr_phase(&folded, &tmpl, N);
-        let mean = corr.iter().sum::<f64>() / corr.len() as f64;
-        let var = corr.iter().map(|c| (c - mean) * (c - mean)).sum::<f64>() / corr.len() as f64;
-        let sd = var.sqrt().max(1e-300);
-        let z = |i: usize| (corr[i] - mean) / sd;
-        let arg = (0..corr.len()).fold(0, |m, i| if corr[i] > corr[m] { i } else { m });
+        // Each shift's z-score under either template, the larger.
+        let zs: Vec<Vec<f64>> = templates
+            .iter()
+            .map(|t| {
+                let corr = fft::xcorr_phase(&folded, t, N);
+                let mean = corr.iter().sum::<f64>() / corr.len() as f64;
+                let var =
+                    corr.iter().map(|c| (c - mean) * (c - mean)).sum::<f64>() / corr.len() as f64;
+                let sd = var.sqrt().max(1e-300);
+                corr.iter().map(|c| (c - mean) / sd).collect()
+            })
+            .collect();
+        let z = |i: usize| zs[0][i].max(zs[1][i]);
+        let arg = (0..N * N).fold(0, |m, i| if z(i) > z(m) { i } else { m });
         free.push(Peak {
             z: z(arg),
             k,
@@ -326,9 +342,10 @@ pub fn detect_with(
     free_qim.sort_by(|a, b| b.z.total_cmp(&a.z));
     free_qim.truncate(FREE_FIT_PEAKS);
     let chosen = candidates(free, anchored, unit);
-    // Sync hypotheses tried: every shift at every scale, plus 9 shifts around each anchor.
-    let h_free = (n_scales * N * N) as f64;
-    let h_anchored = (n_scales * 2 * 9) as f64;
+    // Sync hypotheses tried: every shift at every scale, plus 9 shifts around each anchor, with
+    // either template.
+    let h_free = (2 * n_scales * N * N) as f64;
+    let h_anchored = (2 * n_scales * 2 * 9) as f64;
     let mut best: Option<Detection> = None;
     for &Peak {
         z,
@@ -456,8 +473,32 @@ pub fn detect_with(
         }
     }
     free_fits.sort_by(|a, b| b.0.total_cmp(&a.0));
-    for (_, g, s, z) in free_fits.into_iter().take(FREE_FIT_CANDIDATES) {
-        grids.push((g, s, z));
+    // A free peak gives the origin to a quarter chip; a cell's mean over textured content moves
+    // with a fraction of a pixel, so each grid is refined to where the cells fit best, within
+    // a quarter chip either way.
+    // (Measured on 15 clips at 256×256 cropped off-centre: 10 detected without, 11 with, and
+    // the decoded clips' bit errors fell from 37–38 to 4–16 in the two nearest the margin.)
+    for (fit0, g, s, z) in free_fits.into_iter().take(FREE_FIT_CANDIDATES) {
+        let (l, a) = &lumas[0];
+        let unit = c0 * s / (4.0 * f64::from(REFINE_STEPS));
+        let mut best = (fit0, g);
+        for my in -REFINE_STEPS..=REFINE_STEPS {
+            for mx in -REFINE_STEPS..=REFINE_STEPS {
+                if mx == 0 && my == 0 {
+                    continue;
+                }
+                let gg = Grid {
+                    ox: g.ox + f64::from(mx) * unit,
+                    oy: g.oy + f64::from(my) * unit,
+                    cell: g.cell,
+                };
+                let fit = qim::read(l, a, w as usize, h as usize, gg, &qlayout, params).1;
+                if fit > best.0 {
+                    best = (fit, gg);
+                }
+            }
+        }
+        grids.push((best.1, s, z));
     }
     for (g, s, z) in grids {
         let per: Vec<Vec<f64>> = lumas

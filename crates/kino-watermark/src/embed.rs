@@ -31,6 +31,9 @@ pub struct Embedder {
     params: QimParams,
     /// The pattern (in [-1, 1]) for every pixel of a `width × height` frame.
     pattern: Vec<f32>,
+    /// The full keyed sync tile's pattern (QIM frames, [`QimParams::full_sync`]).
+    sync_chips: [f32; CHIPS],
+    sync_pattern: Vec<f32>,
 }
 
 impl Embedder {
@@ -44,10 +47,12 @@ impl Embedder {
     /// [`Embedder::new`] with other carrier strengths: for development probes only.
     #[doc(hidden)]
     pub fn with_params(key: &Key, id: u64, width: u32, height: u32, params: QimParams) -> Embedder {
-        let chips = Layout::new(key).chips(id);
+        let layout = Layout::new(key);
+        let chips = layout.chips(id);
         let coded = ecc::encode(&pattern::payload_bits(id));
         Self::build(
             chips,
+            layout.sign,
             coded,
             std::sync::Arc::new(QimLayout::new(key)),
             params,
@@ -58,6 +63,7 @@ impl Embedder {
 
     fn build(
         chips: [f32; CHIPS],
+        sync_chips: [f32; CHIPS],
         coded: Vec<bool>,
         qim: std::sync::Arc<QimLayout>,
         params: QimParams,
@@ -72,6 +78,11 @@ impl Embedder {
             .map(|y| pattern::axis((f64::from(y) + 0.5) / chip))
             .collect();
         let pattern = synth(&chips, &ax, &ay);
+        let sync_pattern = if params.full_sync {
+            synth(&sync_chips, &ax, &ay)
+        } else {
+            Vec::new()
+        };
         Embedder {
             width,
             height,
@@ -80,6 +91,8 @@ impl Embedder {
             qim,
             params,
             pattern,
+            sync_chips,
+            sync_pattern,
         }
     }
 
@@ -100,6 +113,7 @@ impl Embedder {
         if frame.width() != self.width || frame.height() != self.height {
             let other = Self::build(
                 self.chips,
+                self.sync_chips,
                 self.coded.clone(),
                 self.qim.clone(),
                 self.params,
@@ -132,13 +146,14 @@ impl Embedder {
         let gamut = self.params.gamut;
         let use_qim = self.params.d_max > 0.0 && qim_frame(frame.data(), &self.params);
         let share = if use_qim { self.params.sync_share } else { 1.0 };
-        let g = ss_gain(&self.pattern, &amp, RMS_CAP * share);
-        let ss: Vec<f32> = self
-            .pattern
-            .iter()
-            .zip(&amp)
-            .map(|(&p, &a)| g * a * p)
-            .collect();
+        // QIM frames: the chips are there for the sync search alone (the full sync tile).
+        let chips = if use_qim && self.params.full_sync {
+            &self.sync_pattern
+        } else {
+            &self.pattern
+        };
+        let g = ss_gain(chips, &amp, RMS_CAP * share);
+        let ss: Vec<f32> = chips.iter().zip(&amp).map(|(&p, &a)| g * a * p).collect();
         let cap = f64::from(RMS_CAP) * f64::from(RMS_CAP);
         if !use_qim {
             // The chips alone, every channel alike (clipped where it must be): realised through

@@ -7,9 +7,10 @@
 //!   at 256×256. It needs pixels that can move both ways, so frames with more than half the
 //!   picture stuck at black or white get only the second carrier.
 //! - **Spread-spectrum chips** (layout "v3", below): a correlation against a keyed ±1 pattern.
-//!   In QIM frames the chips keep 0.3 of the strength and serve the sync search (scale and shift
-//!   after rescaling and crops); in frames stuck at black or white they carry the payload at
-//!   full strength.
+//!   In QIM frames the chips keep 0.3 of the strength and serve the sync search alone (scale and
+//!   shift after rescaling and crops): since stop 55 every chip of their tile is a sync chip
+//!   there (256 instead of 46: an off-centre 10% crop at 256×256 is found in 11 of 15 clips
+//!   instead of 0); in frames stuck at black or white they carry the payload at full strength.
 //!
 //! The detector reads both and reports which carrier decoded (`Detection::carrier`); marks
 //! made by earlier Kino versions with layout v3 (chips only) are still detected. A decoded
@@ -79,14 +80,17 @@
 //!
 //! The detector whitens each frame (luma minus a blur about one chip wide, divided by the local
 //! strength of that residual), sums the frames, folds onto a tile at each of 112 scales, and
-//! correlates with the sync pattern at all 64×64 shifts. A peak's z-score is measured against
-//! the spread of the correlation over all shifts. The payload of at most 12 candidates is
+//! correlates with two sync patterns at all 64×64 shifts: the 46 sync chips (frames whose chips
+//! carry the payload) and the full keyed tile (the chips of a QIM frame); a shift scores the
+//! larger of its two z-scores, each measured against the spread of its correlation over all
+//! shifts. The payload of at most 12 candidates is
 //! decoded: the anchored corner shift at scale 1, the 6 strongest anchored peaks and the 5
 //! strongest free peaks (at scales at least 3 steps apart); the mark is **detected** only when
 //! a decoded payload's 16-bit check field matches (so a wrongly corrected id is refused too).
 //! The QIM carrier is then read at up to 15 grids (the corner at scale 1, the anchored peaks'
 //! grids, the 3 corner- or centre-anchored grids of any searched scale where the first frame's
-//! cells fit the lattices best, and the 5 best-fitting grids the 24 strongest free peaks allow),
+//! cells fit the lattices best, and the 5 best-fitting grids the 24 strongest free peaks allow,
+//! each moved by up to a quarter chip to where its cells fit best),
 //! twice each (the first frame; the mean of up to 16 frames): 30 more decodes. For an unmarked
 //! clip the decoded bits are noise, so the false-positive probability is at most
 //! `42 · 2⁻¹⁶ ≈ 6.4·10⁻⁴` per clip (1 in 1 560), for a

@@ -94,6 +94,11 @@ pub struct QimParams {
     /// first made: every channel alike, clipped, and `max_clipped` counts pixels with any
     /// channel near an end).
     pub gamut: bool,
+    /// In QIM frames the chips form the full keyed sync tile (every chip at its key's sign,
+    /// 256 chips of sync) instead of the 46 sync chips and 210 payload chips: the QIM cells
+    /// carry the payload there, and the chips' only job is the sync search (else layout v4 as
+    /// made until stop 55).
+    pub full_sync: bool,
     /// With `gamut`, a frame also needs at most this share of its pixels with a channel near
     /// an end ([`clipped_share`]) for the QIM carrier (1, the default: no such condition; stop
     /// 53–54 used 0.9, for test cards, when the detector read luma from decoded RGB).
@@ -112,6 +117,7 @@ impl Default for QimParams {
             sync_share: 0.3,
             gamut: true,
             max_saturated: 1.0,
+            full_sync: true,
         }
     }
 }

@@ -147,6 +147,19 @@ fn textured_256_clips_survive_crf28_and_a_crop_through_the_qim_carrier() {
     assert_eq!(d.id, Some(id), "{d:?}");
     assert!((d.scale - 256.0 / 230.0).abs() < 0.02, "{d:?}");
     assert!(!detect_file(&p, &Key::from_bytes(b"some other key")).detected);
+    // Off-centre (flush right, 11 rows down): found through the chips' full sync tile, which
+    // QIM frames carry since stop 55 (before: 0 of 15 such clips at 256×256).
+    let p = dir.join("crop-off.mp4");
+    transcode(
+        &hq,
+        &p,
+        Some("crop=trunc(iw*0.45)*2:trunc(ih*0.45)*2:37:11"),
+        23,
+        &[],
+    );
+    let d = detect_file(&p, &key);
+    eprintln!("off-centre crop: {d:?}");
+    assert_eq!(d.id, Some(id), "{d:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
