@@ -221,22 +221,32 @@ pub(crate) struct YuvPlanes<'a> {
     pub uv_stride: usize,
 }
 
+impl YuvPlanes<'_> {
+    /// Whether the planes hold a non-empty `width × height` picture whose chroma is subsampled
+    /// by `2^shift_x` across and `2^shift_y` down (1, 1 for 4:2:0), at the given strides.
+    pub(crate) fn fit(&self, shift_x: u32, shift_y: u32) -> bool {
+        let (w, h) = (self.width, self.height);
+        let cw = (w + (1 << shift_x) - 1) >> shift_x;
+        let ch = (h + (1 << shift_y) - 1) >> shift_y;
+        w > 0
+            && h > 0
+            && self.y_stride >= w
+            && self.uv_stride >= cw
+            && self.y.len() >= (h - 1) * self.y_stride + w
+            && self.u.len() >= (ch - 1) * self.uv_stride + cw
+            && self.v.len() >= (ch - 1) * self.uv_stride + cw
+    }
+}
+
 /// Planar 4:2:0 → RGB24, with bilinear (3:1 "triangle") chroma upsampling for centre-sited
 /// chroma. Returns `None` if the planes are too short for the given sizes and strides.
 pub(crate) fn yuv420_to_rgb(p: &YuvPlanes<'_>, m: YuvMatrix) -> Option<Vec<u8>> {
+    if !p.fit(1, 1) {
+        return None;
+    }
     let (w, h) = (p.width, p.height);
     let cw = w.div_ceil(2);
     let ch = h.div_ceil(2);
-    if w == 0
-        || h == 0
-        || p.y_stride < w
-        || p.uv_stride < cw
-        || p.y.len() < (h - 1) * p.y_stride + w
-        || p.u.len() < (ch - 1) * p.uv_stride + cw
-        || p.v.len() < (ch - 1) * p.uv_stride + cw
-    {
-        return None;
-    }
     let kg = 1.0 - m.kr - m.kb;
     let (ys, cs, y_off) = if m.full_range {
         (1.0, 1.0, 0)

@@ -10,6 +10,7 @@
 //! clipping. For a BT.601 stream that is the Y plane itself, rescaled to 0–255; for other
 //! matrices (BT.709, …) the chroma adds its share, read at the nearest chroma sample.
 
+use crate::color::{YuvMatrix, YuvPlanes};
 use crate::frame::Frame;
 
 /// BT.601 luma weights of R, G and B.
@@ -25,24 +26,6 @@ pub struct LumaPlane {
     width: u32,
     height: u32,
     data: Vec<u16>,
-}
-
-/// Where a YUV picture's planes and layout come from (8-bit planar).
-pub(crate) struct YuvView<'a> {
-    pub width: usize,
-    pub height: usize,
-    pub y: &'a [u8],
-    pub y_stride: usize,
-    pub u: &'a [u8],
-    pub v: &'a [u8],
-    pub uv_stride: usize,
-    /// Chroma subsampling shifts (1, 1 for 4:2:0; 1, 0 for 4:2:2; 0, 0 for 4:4:4).
-    pub shift_x: u32,
-    pub shift_y: u32,
-    /// The matrix's red and blue weights.
-    pub kr: f32,
-    pub kb: f32,
-    pub full_range: bool,
 }
 
 fn store(l: f32) -> u16 {
@@ -88,42 +71,39 @@ impl LumaPlane {
         }
     }
 
-    /// The luma a YUV picture codes; `None` when its planes are shorter than its size says.
-    pub(crate) fn from_yuv(p: &YuvView<'_>) -> Option<LumaPlane> {
-        let (w, h) = (p.width, p.height);
-        let (cw, ch) = (
-            (w + (1 << p.shift_x) - 1) >> p.shift_x,
-            (h + (1 << p.shift_y) - 1) >> p.shift_y,
-        );
-        if w == 0
-            || h == 0
-            || p.y_stride < w
-            || p.uv_stride < cw
-            || p.y.len() < (h - 1) * p.y_stride + w
-            || p.u.len() < (ch - 1) * p.uv_stride + cw
-            || p.v.len() < (ch - 1) * p.uv_stride + cw
-        {
+    /// The luma of an 8-bit planar YUV picture with matrix `m`, its chroma subsampled by
+    /// `2^shift_x` across and `2^shift_y` down; `None` when its planes are shorter than its size
+    /// says.
+    pub(crate) fn from_yuv(
+        p: &YuvPlanes<'_>,
+        shift_x: u32,
+        shift_y: u32,
+        m: YuvMatrix,
+    ) -> Option<LumaPlane> {
+        if !p.fit(shift_x, shift_y) {
             return None;
         }
-        let (ys, cs, y_off) = if p.full_range {
+        let (w, h) = (p.width, p.height);
+        let (kr, kb) = (m.kr as f32, m.kb as f32);
+        let (ys, cs, y_off) = if m.full_range {
             (1.0, 1.0, 0.0)
         } else {
             (255.0 / 219.0, 255.0 / 224.0, 16.0)
         };
-        let kg = 1.0 - p.kr - p.kb;
+        let kg = 1.0 - kr - kb;
         // R = Y' + 2(1-kr)·Cr, B = Y' + 2(1-kb)·Cb, G = Y' - (2(1-kb)kb·Cb + 2(1-kr)kr·Cr)/kg;
         // the BT.601 luma of that is Y' + a·Cr + b·Cb (a = b = 0 for a BT.601 matrix).
-        let a = 2.0 * (1.0 - p.kr) * (LUMA[0] - LUMA[1] * p.kr / kg) * cs;
-        let b = 2.0 * (1.0 - p.kb) * (LUMA[2] - LUMA[1] * p.kb / kg) * cs;
+        let a = 2.0 * (1.0 - kr) * (LUMA[0] - LUMA[1] * kr / kg) * cs;
+        let b = 2.0 * (1.0 - kb) * (LUMA[2] - LUMA[1] * kb / kg) * cs;
         let chroma = a.abs() > 1e-4 || b.abs() > 1e-4;
         let mut data = Vec::with_capacity(w * h);
         for yy in 0..h {
             let yrow = &p.y[yy * p.y_stride..yy * p.y_stride + w];
-            let crow = (yy >> p.shift_y) * p.uv_stride;
+            let crow = (yy >> shift_y) * p.uv_stride;
             for (xx, &yv) in yrow.iter().enumerate() {
                 let mut l = (f32::from(yv) - y_off) * ys;
                 if chroma {
-                    let c = crow + (xx >> p.shift_x);
+                    let c = crow + (xx >> shift_x);
                     l += a * (f32::from(p.v[c]) - 128.0) + b * (f32::from(p.u[c]) - 128.0);
                 }
                 data.push(store(l));
@@ -181,17 +161,20 @@ impl LumaPlane {
 mod tests {
     use super::*;
 
-    fn view<'a>(y: &'a [u8], u: &'a [u8], v: &'a [u8], kr: f32, kb: f32) -> YuvView<'a> {
-        YuvView {
+    fn view<'a>(y: &'a [u8], u: &'a [u8], v: &'a [u8]) -> YuvPlanes<'a> {
+        YuvPlanes {
             width: 4,
             height: 2,
             y,
-            y_stride: 4,
             u,
             v,
+            y_stride: 4,
             uv_stride: 2,
-            shift_x: 1,
-            shift_y: 1,
+        }
+    }
+
+    fn matrix(kr: f64, kb: f64) -> YuvMatrix {
+        YuvMatrix {
             kr,
             kb,
             full_range: false,
@@ -217,12 +200,12 @@ mod tests {
         let y = [16, 100, 235, 250, 30, 60, 90, 120];
         let (u, v) = ([60, 200], [240, 20]);
         for (kr, kb) in [(0.299, 0.114), (0.2126, 0.0722)] {
-            let l = LumaPlane::from_yuv(&view(&y, &u, &v, kr, kb))
+            let l = LumaPlane::from_yuv(&view(&y, &u, &v), 1, 1, matrix(kr, kb))
                 .unwrap()
                 .to_f32();
             for (i, &got) in l.iter().enumerate() {
                 let (x, row) = (i % 4, i / 4);
-                let want = reference(y[i], u[x / 2], v[x / 2], kr, kb);
+                let want = reference(y[i], u[x / 2], v[x / 2], kr as f32, kb as f32);
                 assert!(
                     (got - want).abs() <= 1.0 / 64.0,
                     "{kr} pixel {row},{x}: {got} vs {want}"
@@ -231,7 +214,7 @@ mod tests {
         }
         // BT.601: the Y plane rescaled, whatever the chroma (a saturated pixel that RGB clips
         // keeps its luma here: Y 250 is 272 levels).
-        let l = LumaPlane::from_yuv(&view(&y, &u, &v, 0.299, 0.114))
+        let l = LumaPlane::from_yuv(&view(&y, &u, &v), 1, 1, YuvMatrix::BT601)
             .unwrap()
             .to_f32();
         assert!(
@@ -244,7 +227,7 @@ mod tests {
     #[test]
     fn short_planes_are_refused_and_rotation_moves_pixels() {
         let y = [0u8; 7];
-        assert!(LumaPlane::from_yuv(&view(&y, &[0, 0], &[0, 0], 0.299, 0.114)).is_none());
+        assert!(LumaPlane::from_yuv(&view(&y, &[0, 0], &[0, 0]), 1, 1, YuvMatrix::BT601).is_none());
         let f = Frame::from_fn(3, 2, |x, y| {
             let v = (10 * x + 100 * y) as u8;
             [v, v, v]

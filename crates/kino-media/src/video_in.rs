@@ -30,9 +30,10 @@ use ff::media::Type as MediaType;
 use ff::software::scaling::{Context as Scaler, Flags as ScaleFlags};
 use ffmpeg_next as ff;
 
+use crate::color::{YuvMatrix, YuvPlanes};
 use crate::error::{MediaError, Result};
 use crate::frame::{Fps, Frame, Video, MAX_SIDE};
-use crate::luma::{LumaPlane, YuvView};
+use crate::luma::LumaPlane;
 
 /// The most RGB bytes one call decodes (6 GiB: e.g. 1000 frames of 1080p); past that the clip
 /// is refused with a message saying to trim it or to read only its start.
@@ -514,20 +515,16 @@ fn luma_of(yuv: &ff::frame::Video) -> Option<LumaPlane> {
         _ => (0.299, 0.114),
     };
     let full_range = full || yuv.color_range() == ff::util::color::Range::JPEG;
-    LumaPlane::from_yuv(&YuvView {
+    let planes = YuvPlanes {
         width: yuv.width() as usize,
         height: yuv.height() as usize,
         y: yuv.data(0),
-        y_stride: yuv.stride(0),
         u: yuv.data(1),
         v: yuv.data(2),
+        y_stride: yuv.stride(0),
         uv_stride: yuv.stride(1),
-        shift_x,
-        shift_y,
-        kr,
-        kb,
-        full_range,
-    })
+    };
+    LumaPlane::from_yuv(&planes, shift_x, shift_y, YuvMatrix { kr, kb, full_range })
 }
 
 /// Tells swscale the picture's YUV matrix and range (as `ffmpeg`'s scale filter does), so
