@@ -91,9 +91,11 @@
 //! grids, the 3 corner- or centre-anchored grids of any searched scale where the first frame's
 //! cells fit the lattices best, and the 5 best-fitting grids the 24 strongest free peaks allow,
 //! each moved by up to a quarter chip to where its cells fit best),
-//! twice each (the first frame; the mean of up to 16 frames): 30 more decodes. For an unmarked
-//! clip the decoded bits are noise, so the false-positive probability is at most
-//! `42 · 2⁻¹⁶ ≈ 6.4·10⁻⁴` per clip (1 in 1 560), for a
+//! twice each (the first frame; the mean of up to 16 frames): 30 more decodes. A decode counts
+//! only with at most 48 of its 210 coded bits corrected (random soft bits decode 50 ± 4 bits
+//! from their codeword: a quarter are within 48). For an unmarked clip the decoded bits are
+//! noise, so the false-positive probability is at most `42 · 2⁻¹⁶ · 0.25 ≈ 1.6·10⁻⁴` per clip
+//! (1 in 6 240), for a
 //! chips decode further multiplied by the chance of a sync peak that strong (`H · Q(z)`, `H` =
 //! hypotheses of its kind tried); see [`Detection::false_alarm_probability`]. The README's
 //! Watermark section has measured rates.
