@@ -265,11 +265,19 @@ pub fn detect_with(
         return Detection::none(0);
     }
     let chip_ds = c0 / b as f64;
+    // The frames the QIM carrier reads (evenly spread); their luma is kept from the chips' pass.
+    let n_q = used.len().min(QIM_FRAMES);
+    let qim_frames: Vec<usize> = (0..n_q).map(|i| i * used.len() / n_q).collect();
+    let mut qim_luma: Vec<Vec<f32>> = Vec::with_capacity(n_q);
     let mut acc = vec![0f32; wd * hd];
-    for f in &used {
-        let res = whitened_luma(&f.luma(), w as usize, b, wd, hd, chip_ds);
+    for (j, f) in used.iter().enumerate() {
+        let l = f.luma();
+        let res = whitened_luma(&l, w as usize, b, wd, hd, chip_ds);
         for (a, r) in acc.iter_mut().zip(res) {
             *a += r;
+        }
+        if qim_frames.contains(&j) {
+            qim_luma.push(l);
         }
     }
     let layout = Layout::new(key);
@@ -414,12 +422,10 @@ pub fn detect_with(
         }
     }
     let qlayout = QimLayout::new(key);
-    let n_q = used.len().min(QIM_FRAMES);
-    let lumas: Vec<(Vec<f32>, Vec<f32>)> = (0..n_q)
-        .map(|i| {
-            let f = used[i * used.len() / n_q];
-            (f.luma(), qim::frame_shaping(f.rgb, params))
-        })
+    let lumas: Vec<(Vec<f32>, Vec<f32>)> = qim_luma
+        .into_iter()
+        .zip(&qim_frames)
+        .map(|(l, &j)| (l, qim::frame_shaping(used[j].rgb, params)))
         .collect();
     // Grids that fit the first frame's values best, anchored at the corner or the centre at every
     // scale of the search (a crop whose sync peak is too weak to be among the candidates).
