@@ -157,8 +157,15 @@ impl PackedB {
         );
         let len = k * kernel.nr;
         let panels = n.div_ceil(kernel.nr);
-        let mut data = Lines::zeroed(panels * len);
-        for (p, panel) in data.chunks_exact_mut(len.max(1)).enumerate() {
+        let data = Lines::uninit(panels * len);
+        for p in 0..panels {
+            // SAFETY: panel `p` lies inside the block; it is zeroed (while it is in cache)
+            // before it is read or handed out as a slice.
+            let panel = unsafe {
+                let at = data.ptr.as_ptr().add(p * len);
+                std::ptr::write_bytes(at, 0, len);
+                std::slice::from_raw_parts_mut(at, len)
+            };
             fill(panel, p);
         }
         Self { data, n, k, kernel }
@@ -170,6 +177,9 @@ impl PackedB {
 /// 16-byte aligned (glibc: a large block sits 16 bytes past a page), so on an Intel core every
 /// zmm load of B was a split load.
 struct Lines {
+    /// The block as allocated (16-byte aligned) …
+    base: *mut u8,
+    /// … and the first cache line in it.
     ptr: std::ptr::NonNull<f32>,
     len: usize,
 }
@@ -180,35 +190,59 @@ unsafe impl Send for Lines {}
 unsafe impl Sync for Lines {}
 
 impl Lines {
-    const ALIGN: usize = 64;
+    const LINE: usize = 64;
 
+    /// `len` floats and a line's slack, at the allocator's own alignment: `alloc_zeroed` is then
+    /// `calloc` (fresh zero pages for a large block, no pass over it), where asking for 64-byte
+    /// alignment would make it `posix_memalign` and a `memset` of the whole block.
     fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len * 4, Self::ALIGN).expect("a packed weight's size")
+        std::alloc::Layout::from_size_align(len * 4 + Self::LINE, 16)
+            .expect("a packed weight's size")
     }
 
-    /// `len` zeros (from the allocator's zeroed pages: no pass over a large block).
+    /// `len` zeros.
     fn zeroed(len: usize) -> Self {
+        Self::alloc(len, true)
+    }
+
+    /// `len` floats not yet written: the caller writes every one before the block is read
+    /// ([`PackedB::build`] zeroes each panel just before filling it, while it is in cache).
+    fn uninit(len: usize) -> Self {
+        Self::alloc(len, false)
+    }
+
+    fn alloc(len: usize, zeroed: bool) -> Self {
         if len == 0 {
             return Self {
+                base: std::ptr::null_mut(),
                 ptr: std::ptr::NonNull::dangling(),
                 len,
             };
         }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut f32;
-        match std::ptr::NonNull::new(p) {
-            Some(ptr) => Self { ptr, len },
-            None => std::alloc::handle_alloc_error(layout),
+        let base = unsafe {
+            if zeroed {
+                std::alloc::alloc_zeroed(layout)
+            } else {
+                std::alloc::alloc(layout)
+            }
+        };
+        if base.is_null() {
+            std::alloc::handle_alloc_error(layout);
         }
+        let skip = base.align_offset(Self::LINE);
+        // SAFETY: `skip < 64`, so the `len` floats from there lie inside the block.
+        let ptr = unsafe { std::ptr::NonNull::new_unchecked(base.add(skip) as *mut f32) };
+        Self { base, ptr, len }
     }
 }
 
 impl Drop for Lines {
     fn drop(&mut self) {
         if self.len > 0 {
-            // SAFETY: allocated in `zeroed` with this layout.
-            unsafe { std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len)) }
+            // SAFETY: allocated in `alloc` with this layout.
+            unsafe { std::alloc::dealloc(self.base, Self::layout(self.len)) }
         }
     }
 }
