@@ -29,6 +29,8 @@ fn has_avx2_fma() -> bool {
 /// more, 8 broadcasts and 3 vector loads per 24 FMAs instead of 12 and 2 took 0.90–0.97 of the
 /// 12 × 32 kernel's time in the 1.3B's linear layers (medians of interleaved pairs; README,
 /// CPU kernels). Each element still sums its k in order: the result is the same to the bit.
+/// Since stop 56 the full tile's k loop is assembly ([`k_steps_8x48`]) and the packed panels
+/// start on cache lines (`gemm.rs`).
 pub static AVX512: Kernel = {
     // SAFETY: `gemm_avx512` honours the contract where AVX-512F is present.
     unsafe {
@@ -336,6 +338,8 @@ unsafe fn k_steps_8x48(
     );
 }
 
+/// Whether the full tile's k loop runs in assembly ([`k_steps_8x48`]); `KINO_GEMM_ASM=0` runs
+/// the compiler's loop instead, to compare the two on another CPU (the result is the same).
 fn asm_on() -> bool {
     static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *P.get_or_init(|| std::env::var("KINO_GEMM_ASM").map_or(true, |v| v != "0"))
