@@ -172,8 +172,9 @@ impl PackedB {
     }
 }
 
-/// Zeroed f32s starting on a 64-byte boundary: a packed panel's vector loads (64 bytes, and
-/// `NR · 4` bytes apart per k) then never straddle two cache lines. A `Vec<f32>` is only
+/// f32s (zeroed, or written panel by panel) starting on a 64-byte boundary: a packed panel's
+/// vector loads (64 or 32 bytes, `NR · 4` bytes apart per k) then never straddle two cache
+/// lines, for every kernel whose `NR` is a multiple of 16 (AVX-512, AVX2, NEON). A `Vec<f32>` is only
 /// 16-byte aligned (glibc: a large block sits 16 bytes past a page), so on an Intel core every
 /// zmm load of B was a split load.
 struct Lines {
@@ -696,8 +697,9 @@ pub fn matmul_serial(a: &[f32], m: usize, w: &PackedB, bias: Option<&[f32]>) -> 
 mod alignment {
     use super::*;
 
-    /// Every packed panel, and every `KC` slice of one, starts on a cache line, whatever the
-    /// sizes, so the microkernels' vector loads of B never split across two lines.
+    /// A packed block starts on a cache line whatever the sizes, and so (for the kernels whose
+    /// `NR` is a multiple of 16) does every panel and every `KC` slice of one, so the
+    /// microkernels' vector loads of B never split across two lines.
     #[test]
     fn packed_panels_start_on_cache_lines() {
         let k_all = [1usize, 7, 128, 300];
