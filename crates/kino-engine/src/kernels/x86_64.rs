@@ -406,6 +406,7 @@ unsafe fn kernel_avx2<const R: usize>(
     init: Init,
     masks: Option<(__m256i, __m256i)>,
 ) {
+    const NR: usize = 16;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     match init {
         Init::Zero => {}
@@ -421,7 +422,16 @@ unsafe fn kernel_avx2<const R: usize>(
             }
         }
     }
-    k_loop_avx2(0..kc, a, lda, b, &mut acc);
+    for kk in 0..kc {
+        let bp = b.add(kk * NR);
+        let b0 = _mm256_loadu_ps(bp);
+        let b1 = _mm256_loadu_ps(bp.add(8));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*a.add(r * lda + kk));
+            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+        }
+    }
     for (r, row) in acc.iter().enumerate() {
         let cr = c.add(r * ldc);
         match masks {
@@ -433,28 +443,6 @@ unsafe fn kernel_avx2<const R: usize>(
                 _mm256_maskstore_ps(cr, m0, row[0]);
                 _mm256_maskstore_ps(cr.add(8), m1, row[1]);
             }
-        }
-    }
-}
-
-/// [`k_loop_avx512`] for the AVX2 kernel's 16-column panels.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn k_loop_avx2<const R: usize>(
-    ks: std::ops::Range<usize>,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    acc: &mut [[__m256; 2]; R],
-) {
-    for kk in ks {
-        let bp = b.add(kk * 16);
-        let b0 = _mm256_loadu_ps(bp);
-        let b1 = _mm256_loadu_ps(bp.add(8));
-        for (r, row) in acc.iter_mut().enumerate() {
-            let av = _mm256_broadcast_ss(&*a.add(r * lda + kk));
-            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
         }
     }
 }
