@@ -62,7 +62,8 @@ pub static AVX2: Kernel = {
 const V512: usize = 3;
 
 /// C[R, 16·V] (= or +=) A[R, kc] · B[kc, 16·V]. `a`: row stride `lda`; `b`: packed panel at the
-/// slice start (stride 16·V per k); `c`: row stride `ldc`; `masks`: the columns of each vector.
+/// slice start (stride 48 per k: the first `V` of its 3 vectors are used); `c`: row stride
+/// `ldc`; `masks`: the columns of each vector.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_avx512<const R: usize, const V: usize>(
@@ -121,7 +122,7 @@ unsafe fn k_loop_avx512<const R: usize, const V: usize>(
     acc: &mut [[__m512; V]; R],
 ) {
     for kk in ks {
-        let bp = b.add(kk * 16 * V);
+        let bp = b.add(kk * 16 * V512);
         let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
         for (r, row) in acc.iter_mut().enumerate() {
             let av = _mm512_set1_ps(*a.add(r * lda + kk));
@@ -359,13 +360,37 @@ unsafe fn gemm_avx512(
     init: Init,
     cols: usize,
 ) {
-    let masks: [__mmask16; V512] = std::array::from_fn(|v| {
+    // A partial panel runs only the vectors that hold its columns: a head dimension of 128 is
+    // panels of 48, 48 and 32, and the last one's third vector would multiply padding.
+    match cols.div_ceil(16) {
+        3 => rows_avx512::<V512>(rows, kc, a, lda, b, c, ldc, init, cols),
+        2 => rows_avx512::<2>(rows, kc, a, lda, b, c, ldc, init, cols),
+        1 => rows_avx512::<1>(rows, kc, a, lda, b, c, ldc, init, cols),
+        _ => {}
+    }
+}
+
+/// [`gemm_avx512`] for tiles of `V` vectors.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_avx512<const V: usize>(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+    cols: usize,
+) {
+    let masks: [__mmask16; V] = std::array::from_fn(|v| {
         let n = cols.saturating_sub(16 * v).min(16);
         ((1u32 << n) - 1) as u16
     });
     macro_rules! k {
         ($r:literal) => {
-            kernel_avx512::<$r, V512>(kc, a, lda, b, c, ldc, init, masks)
+            kernel_avx512::<$r, V>(kc, a, lda, b, c, ldc, init, masks)
         };
     }
     match rows {
