@@ -80,6 +80,20 @@ impl Kernel {
     pub fn supported(&self) -> bool {
         (self.supported)()
     }
+
+    /// The same microkernel with other blocking (`kc`, `mc`, `nc`), for probes that compare
+    /// blockings on one machine (`examples/gemm_blocking.rs`): the packing does not depend on
+    /// them, and each output element still sums its k in order. `None` unless `mc` is a
+    /// positive multiple of `MR`, `nc` of `NR` and `kc` positive.
+    pub fn reblocked(&self, kc: usize, mc: usize, nc: usize) -> Option<Self> {
+        let fits = |x: usize, unit: usize| x > 0 && x.is_multiple_of(unit);
+        (kc > 0 && fits(mc, self.mr) && fits(nc, self.nr)).then_some(Self {
+            kc,
+            mc,
+            nc,
+            ..*self
+        })
+    }
 }
 
 /// Weights `[n, k]` (a PyTorch `Linear` weight) as `NR`-column panels of `Wᵀ`:

@@ -104,6 +104,43 @@ fn gemm_kernels_match_portable() {
     }
 }
 
+/// A kernel with other blocking (`Kernel::reblocked`, what `examples/gemm_blocking.rs` compares)
+/// gives the same product to the bit: every element still sums its k in order; blockings that
+/// do not fit the register tile are refused.
+#[test]
+fn reblocked_kernels_give_the_same_bits() {
+    let (m, n, k) = (37, 150, 700);
+    let a = rand_vec(m * k, 4);
+    let w = rand_vec(n * k, 5);
+    let b = rand_vec(n, 6);
+    let mut kernels: Vec<&'static gemm::Kernel> = vec![&portable::KERNEL];
+    kernels.extend(simd_isas().into_iter().filter_map(gemm_kernel));
+    for kern in kernels {
+        let (mr, nr) = (kern.mr, kern.nr);
+        assert!(kern.reblocked(0, mr, nr).is_none());
+        assert!(kern.reblocked(64, mr + 1, nr).is_none());
+        assert!(kern.reblocked(64, mr, nr / 2 + nr).is_none());
+        let want = gemm::matmul_serial(&a, m, &PackedB::from_rows(kern, &w, n, k, k), Some(&b));
+        for (kc, mc, nc) in [
+            (64, mr, nr),
+            (kern.kc * 2, 4 * mr, 2 * nr),
+            (5, 2 * mr, 3 * nr),
+        ] {
+            let other = kern.reblocked(kc, mc, nc).expect("a blocking that fits");
+            assert_eq!((other.kc, other.mc, other.nc), (kc, mc, nc));
+            assert_eq!((other.mr, other.nr, other.name), (mr, nr, kern.name));
+            let other: &'static gemm::Kernel = Box::leak(Box::new(other));
+            let packed = PackedB::from_rows(other, &w, n, k, k);
+            let got = gemm::matmul_serial(&a, m, &packed, Some(&b));
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{} with KC {kc}, MC {mc}, NC {nc}", kern.name);
+        }
+    }
+}
+
 #[test]
 fn conv_rows_match_portable() {
     let isas = simd_isas();

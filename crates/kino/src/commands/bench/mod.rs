@@ -488,9 +488,11 @@ fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    // `KINO_PROFILE=1`: a Kino child printed where its forward spent its time; pass it on.
+    // `KINO_PROFILE=1`: a Kino child (or the reference, by its modules) printed where its
+    // forward spent its time; pass it on.
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if let Some(at) = stderr.find(kino_engine::profile::REPORT_TITLE) {
+    let kino = stderr.find(kino_engine::profile::REPORT_TITLE);
+    if let Some(at) = kino.or_else(|| stderr.find("profile (KINO_PROFILE; PyTorch")) {
         eprintln!("{}", stderr[at..].trim_end());
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
