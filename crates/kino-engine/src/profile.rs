@@ -51,7 +51,8 @@ pub fn spans() -> Vec<(&'static str, f64, u64)> {
     TABLE.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// The first line of [`report`] (how `kino bench` finds a child's table in its output).
+/// The first line of [`report`]. `kino bench` finds a child's table in its output by the start,
+/// `profile (KINO_PROFILE;`, which the reference's own table (`bench/cpu/reference.py`) shares.
 pub const REPORT_TITLE: &str =
     "profile (KINO_PROFILE; inclusive times, device synchronized per span)";
 

@@ -489,10 +489,9 @@ fn run_child(mut cmd: Command, threads: usize) -> anyhow::Result<Measure> {
         );
     }
     // `KINO_PROFILE=1`: a Kino child (or the reference, by its modules) printed where its
-    // forward spent its time; pass it on.
+    // forward spent its time under a title starting as Kino's does; pass it on.
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let kino = stderr.find(kino_engine::profile::REPORT_TITLE);
-    if let Some(at) = kino.or_else(|| stderr.find("profile (KINO_PROFILE; PyTorch")) {
+    if let Some(at) = stderr.find("profile (KINO_PROFILE;") {
         eprintln!("{}", stderr[at..].trim_end());
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
