@@ -157,6 +157,58 @@ impl PackedB {
         })
     }
 
+    /// Panels filled by `fill(panel, p)`, the panels handed out by `par(panels, each)`, which
+    /// must call `each(p)` once for every `p < panels`, on whichever threads it likes. No
+    /// zeroing pass over the block first (`calloc` of a reused block is a `memset` on one
+    /// thread): GGUF layers expand their matrices this way at every forward.
+    ///
+    /// # Safety
+    /// `fill` must write every one of its panel's `k · NR` floats (the padding columns too,
+    /// with zeros) when it returns `true`; when any returns `false` the result is `None` and
+    /// nothing is read.
+    pub unsafe fn build_par(
+        kernel: &'static Kernel,
+        n: usize,
+        k: usize,
+        par: impl FnOnce(usize, &(dyn Fn(usize) + Sync)),
+        fill: impl Fn(&mut [std::mem::MaybeUninit<f32>], usize) -> bool + Sync,
+    ) -> Option<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        assert!(
+            kernel.supported(),
+            "the {} kernel does not run on this CPU",
+            kernel.name
+        );
+        let len = k * kernel.nr;
+        let panels = n.div_ceil(kernel.nr);
+        let data = Lines::uninit(panels * len);
+        let base = data.ptr.as_ptr() as usize;
+        let done: Vec<AtomicBool> = (0..panels).map(|_| AtomicBool::new(false)).collect();
+        let ok = AtomicBool::new(true);
+        par(panels, &|p| {
+            assert!(p < panels, "panel {p} of {panels}");
+            assert!(
+                !done[p].swap(true, Ordering::Relaxed),
+                "panel {p} handed out twice"
+            );
+            // SAFETY: panel `p` lies inside the block, and is handed out once (checked just
+            // above), so no two slices overlap.
+            let panel = unsafe {
+                let at = (base as *mut std::mem::MaybeUninit<f32>).add(p * len);
+                std::slice::from_raw_parts_mut(at, len)
+            };
+            if !fill(panel, p) {
+                ok.store(false, Ordering::Relaxed);
+            }
+        });
+        (ok.into_inner() && done.iter().all(|d| d.load(Ordering::Relaxed))).then_some(Self {
+            data,
+            n,
+            k,
+            kernel,
+        })
+    }
+
     /// Panels appended one at a time, each filled by `fill(panel, p)` while it is in cache.
     fn build(
         kernel: &'static Kernel,

@@ -934,6 +934,32 @@ fn expand_blocks<T: GgmlType>(raw: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
+/// `raw` as 16-bit floats, when it holds exactly `n` of them and is aligned for them.
+fn halfs<T: Copy>(raw: &[u8], n: usize) -> Option<&[T]> {
+    let size = std::mem::size_of::<T>();
+    if size != 2
+        || raw.len() != n * size
+        || !(raw.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        return None;
+    }
+    // SAFETY: length and alignment checked above; f16 and bf16 are plain 16-bit values,
+    // valid for any bit pattern.
+    Some(unsafe { std::slice::from_raw_parts(raw.as_ptr() as *const T, n) })
+}
+
+/// F16 / BF16 rows widened by `half`'s slice conversion (F16C on x86-64 CPUs that have it,
+/// found at run time; exact either way), not value by value as [`expand_blocks`] would.
+fn expand_halfs(dtype: GgmlDType, raw: &[u8], out: &mut [f32]) -> bool {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        GgmlDType::F16 => halfs::<half::f16>(raw, out.len()).map(|h| h.convert_to_f32_slice(out)),
+        GgmlDType::BF16 => halfs::<half::bf16>(raw, out.len()).map(|h| h.convert_to_f32_slice(out)),
+        _ => None,
+    }
+    .is_some()
+}
+
 /// Expands rows of a quantized matrix (`raw`: whole rows of `dtype` blocks) into `out`; `false`
 /// for a type Kino does not expand this way or sizes that do not fit.
 fn expand_rows(dtype: GgmlDType, raw: &[u8], out: &mut [f32]) -> bool {
@@ -955,8 +981,7 @@ fn expand_rows(dtype: GgmlDType, raw: &[u8], out: &mut [f32]) -> bool {
         GgmlDType::Q4K => expand_blocks::<kq::BlockQ4K>(raw, out),
         GgmlDType::Q5K => expand_blocks::<kq::BlockQ5K>(raw, out),
         GgmlDType::Q6K => expand_blocks::<kq::BlockQ6K>(raw, out),
-        GgmlDType::F16 => expand_blocks::<half::f16>(raw, out),
-        GgmlDType::BF16 => expand_blocks::<half::bf16>(raw, out),
+        GgmlDType::F16 | GgmlDType::BF16 => expand_halfs(dtype, raw, out),
         GgmlDType::F32 => expand_blocks::<f32>(raw, out),
         _ => false,
     }
@@ -1028,34 +1053,66 @@ impl QuantizedLinear {
         self.k / self.q.dtype().block_size() * self.q.dtype().type_size()
     }
 
-    /// Fills one packed panel (`k1 − k0` rows of `nr` floats) with rows `rows` (at most `nr`)
-    /// of the matrix, K from `k0` to `k1` (block boundaries); `row` is scratch. `false` when
-    /// the blocks do not expand.
+    /// Fills one packed panel (`k1 − k0` rows of `nr` floats, every one written: the columns
+    /// past `rows` with zeros) with rows `rows` (at most `nr`) of the matrix, K from `k0` to
+    /// `k1` (block boundaries); `scratch` is scratch. `false` when the blocks do not expand.
+    ///
+    /// K goes in chunks of whole blocks, about [`EXPAND_CHUNK`] values: the chunk of each row
+    /// is expanded into `scratch`, then written down its column of the panel's rows of that
+    /// chunk. (Writing each expanded row of the matrix down the whole panel instead touched a
+    /// new cache line with every value, `nr · 4` bytes apart.)
     fn fill_panel(
         &self,
         raw: &[u8],
         rows: std::ops::Range<usize>,
         ks: std::ops::Range<usize>,
         nr: usize,
-        panel: &mut [f32],
-        row: &mut Vec<f32>,
+        panel: &mut [std::mem::MaybeUninit<f32>],
+        scratch: &mut Vec<f32>,
     ) -> bool {
         let dtype = self.q.dtype();
         let (bs, ts, row_bytes) = (dtype.block_size(), dtype.type_size(), self.row_bytes());
         if !ks.start.is_multiple_of(bs) || !ks.end.is_multiple_of(bs) || ks.end > self.k {
             return false;
         }
-        let len = ks.end - ks.start;
-        row.resize(len, 0f32);
-        for (c, j) in rows.enumerate() {
-            let start = j * row_bytes + ks.start / bs * ts;
-            let end = j * row_bytes + ks.end / bs * ts;
-            if end > raw.len() || !expand_rows(dtype, &raw[start..end], &mut row[..len]) {
-                return false;
+        let cols = rows.len();
+        if cols > nr || panel.len() != ks.len() * nr {
+            return false;
+        }
+        let ch = EXPAND_CHUNK.next_multiple_of(bs);
+        scratch.resize(cols * ch, 0f32);
+        let mut k0 = ks.start;
+        while k0 < ks.end {
+            // A multiple of the block size: `ks` ends on a block boundary.
+            let len = ch.min(ks.end - k0);
+            for (c, j) in rows.clone().enumerate() {
+                let start = j * row_bytes + k0 / bs * ts;
+                let end = start + len / bs * ts;
+                let out = &mut scratch[c * ch..c * ch + len];
+                if end > raw.len() || !expand_rows(dtype, &raw[start..end], out) {
+                    return false;
+                }
             }
-            for (kk, &v) in row[..len].iter().enumerate() {
-                panel[kk * nr + c] = v;
+            let chunk = &mut panel[(k0 - ks.start) * nr..][..len * nr];
+            let at = chunk.as_mut_ptr() as *mut f32;
+            // Row c of the chunk down column c of the panel's `len` rows (in L1 both).
+            for (c, src) in scratch.chunks_exact(ch).take(cols).enumerate() {
+                let mut d = at.wrapping_add(c);
+                for &v in &src[..len] {
+                    // SAFETY: the value kk of this row goes to `kk · nr + c`, with `kk < len`
+                    // and `c < cols ≤ nr`: inside the chunk's `len · nr` floats.
+                    unsafe { d.write(v) };
+                    d = d.wrapping_add(nr);
+                }
             }
+            if cols < nr {
+                for row in chunk.chunks_exact_mut(nr) {
+                    for v in &mut row[cols..] {
+                        v.write(0.0);
+                    }
+                }
+            }
+            k0 += len;
         }
         true
     }
@@ -1071,18 +1128,20 @@ impl QuantizedLinear {
     ) -> Option<PackedB> {
         let raw = self.q.data().ok()?;
         let nr = kernel.nr;
-        let mut w = PackedB::zeroed(kernel, rows.len(), ks.len());
-        let (data, len) = w.panels_mut();
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        par_rows(data, len, |p, panel| {
-            let r0 = rows.start + p * nr;
-            let r1 = (r0 + nr).min(rows.end);
-            let mut row = Vec::new();
-            if !self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut row) {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        (!failed.into_inner()).then_some(w)
+        // SAFETY: `fill_panel` writes every float of its panel when it returns true.
+        unsafe {
+            PackedB::build_par(
+                kernel,
+                rows.len(),
+                ks.len(),
+                |panels, each| pool_run(panels, |range| range.for_each(each)),
+                |panel, p| {
+                    let r0 = rows.start + p * nr;
+                    let r1 = (r0 + nr).min(rows.end);
+                    self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut Vec::new())
+                },
+            )
+        }
     }
 
     /// `linear(x)`, then `gelu_tanh` when `gelu`; the result in `x`'s dtype.
@@ -1183,6 +1242,10 @@ impl CustomOp1 for QuantizedLinearOp<'_> {
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
+
+/// The K values of each row a panel fill expands at a time (rounded up to whole blocks):
+/// 48 rows × 64 floats of scratch and of panel, 12 KB each, stay in L1.
+const EXPAND_CHUNK: usize = 64;
 
 // -------------------------------------------------------------------------------------------------
 // The feed-forward, strip by strip of its hidden width.

@@ -644,6 +644,13 @@ fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()>
         let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
         Ok(diff / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
     };
+    let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
     // n = 70 and 1100 are not multiples of any kernel's panel width; 1100 makes several strips.
     for (dtype, k, n) in [
         (GgmlDType::Q8_0, 96, 70),
@@ -653,6 +660,8 @@ fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()>
         (GgmlDType::Q6K, 256, 33),
         (GgmlDType::Q4_0, 64, 50),
         (GgmlDType::F16, 48, 70),
+        (GgmlDType::F16, 160, 100),
+        (GgmlDType::BF16, 96, 50),
     ] {
         let w = Tensor::randn(0f32, 0.1, (n, k), &dev)?;
         let b = Tensor::randn(0f32, 0.1, n, &dev)?;
@@ -671,6 +680,16 @@ fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()>
                     assert!(err < 1e-6, "{isa} {dtype:?} m={m} n={n}: {err}");
                     let err = rel(&lin.forward(&x, true)?, &reference.gelu()?)?;
                     assert!(err < 1e-6, "{isa} {dtype:?} +gelu m={m}: {err}");
+                    // The panels expanded chunk by chunk hold the expanded matrix's values
+                    // exactly: the same bits as the matrix expanded whole and packed at load.
+                    if let Some(kernel) = packed_gemm() {
+                        let packed = PackedLinear::new(kernel, &expanded, Some(&b))?;
+                        assert_eq!(
+                            bits(&y)?,
+                            bits(&packed.forward(&x, false)?)?,
+                            "{isa} {dtype:?} m={m} n={n}: not the packed matrix's bits"
+                        );
+                    }
                     Ok(())
                 })?;
             }
