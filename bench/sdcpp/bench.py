@@ -9,9 +9,9 @@ SRC is a stable-diffusion.cpp source tree with its `ggml` submodule (e.g. `git c
 https://github.com/leejet/stable-diffusion.cpp`); the script builds its `sd-cli` there
 (CMake, Release, native CPU flags as its own build picks them, no GPU backend) unless
 SRC/build/bin/sd-cli exists. (The README's numbers come from a snapshot of its repository
-that lacked the generated tokenizer headers under src/tokenizers/vocab/: those were stubbed, and
-UMT5's written from the fixture tokenizer's 300 pieces to match `make_umt5.py`; a real clone has
-them all.)
+that lacked the generated tokenizer headers under src/tokenizers/vocab/: `python
+bench/sdcpp/stub_vocab.py SRC` writes them, UMT5's from the fixture tokenizer's 300 pieces to
+match `make_umt5.py`; a real clone has them all.)
 
 Both sides read the same random weights: the 1.3B folder `kino bench video` writes (under
 --work, default $TMPDIR/kino-bench-wan2.1-1.3b-random) and its transformer in GGUF as `kino
@@ -22,7 +22,8 @@ encoder of Wan's width (`make_umt5.py`), so its text stage is short and small.
 
 stable-diffusion.cpp runs `-M vid_gen --steps 1 --cfg-scale 1` (one transformer forward, no
 unconditional pass) and decodes the latent; its times are the ones it logs for `sampling` and
-`decode_first_stage`. Peak memory is its resident set sampled every 50 ms, the highest while
+`decode_first_stage`, less the weight loading it logs inside them (it loads the transformer when
+sampling starts; Kino's rows time a loaded model). Its logs are kept in --work as sdcpp-FORMAT.log. Peak memory is its resident set sampled every 50 ms, the highest while
 each stage runs (it loads each model's weights when first used and keeps them all until it
 exits), less the weights of the models the stage does not use, as it reports them ("total params
 memory size"): so the transformer row counts the transformer's weights and working memory, not
@@ -110,12 +111,18 @@ def run_sdcpp(exe, args, threads):
 
 
 def stage(lines, samples, start_pat, end_pat):
-    """(seconds it logs, peak RSS bytes between the two log lines)."""
-    t0 = next(t for t, line in lines if re.search(start_pat, line))
-    t1, line = next((t, line) for t, line in lines if re.search(end_pat, line))
+    """(seconds it logs less the weight loading it logs inside the stage, the loading's
+    seconds, peak RSS bytes between the two log lines). stable-diffusion.cpp loads a model's
+    weights when the stage that uses it starts (the transformer's inside `sampling`), while
+    Kino's rows time the forward of a loaded model: the loading is taken out."""
+    i0 = next(i for i, (_, line) in enumerate(lines) if re.search(start_pat, line))
+    i1 = next(i for i, (_, line) in enumerate(lines) if i > i0 and re.search(end_pat, line))
+    (t0, _), (t1, line) = lines[i0], lines[i1]
     secs = float(re.search(r"taking ([\d.]+)\s*s", line).group(1))
+    load = sum(float(m.group(1)) for _, l in lines[i0:i1]
+               if (m := re.search(r"loading tensors completed, taking ([\d.]+)\s*s", l)))
     peak = max((r for t, r in samples if t0 <= t <= t1), default=0)
-    return secs, peak
+    return secs - load, load, peak
 
 
 def params_mb(lines):
@@ -164,10 +171,15 @@ def main():
                 args += ["--type", "f32"]
             print(f"stable-diffusion.cpp: {f} …", file=sys.stderr)
             lines, samples = run_sdcpp(exe, args, a.threads)
-            sd_t, sd_m = stage(lines, samples, r"get_learned_condition completed",
-                               r"sampling completed, taking")
-            dec_t, dec_m = stage(lines, samples, r"sampling completed",
-                                 r"decode_first_stage completed, taking")
+            log = a.work / f"sdcpp-{f}.log"
+            log.write_text("".join(line + "\n" for _, line in lines))
+            sd_t, sd_load, sd_m = stage(lines, samples, r"get_learned_condition completed",
+                                        r"sampling completed, taking")
+            dec_t, dec_load, dec_m = stage(lines, samples, r"sampling completed",
+                                           r"decode_first_stage completed, taking")
+            print(f"stable-diffusion.cpp: {f}: forward {sd_t:.2f} s (+ {sd_load:.2f} s loading "
+                  f"its weights), decode {dec_t:.2f} s (+ {dec_load:.2f} s); log {log}",
+                  file=sys.stderr)
             # It keeps every model's weights until it exits: the transformer stage's peak less
             # the text encoder's weights, the decode's less the text encoder's and the
             # transformer's, so each stage counts what Kino's process for it holds.
