@@ -174,14 +174,7 @@ impl PackedB {
         fill: impl Fn(&mut [std::mem::MaybeUninit<f32>], usize) -> bool + Sync,
     ) -> Option<Self> {
         use std::sync::atomic::{AtomicBool, Ordering};
-        assert!(
-            kernel.supported(),
-            "the {} kernel does not run on this CPU",
-            kernel.name
-        );
-        let len = k * kernel.nr;
-        let panels = n.div_ceil(kernel.nr);
-        let data = Lines::uninit(panels * len);
+        let (data, panels, len) = Self::unwritten(kernel, n, k);
         let base = data.ptr.as_ptr() as usize;
         let done: Vec<AtomicBool> = (0..panels).map(|_| AtomicBool::new(false)).collect();
         let ok = AtomicBool::new(true);
@@ -209,13 +202,9 @@ impl PackedB {
         })
     }
 
-    /// Panels appended one at a time, each filled by `fill(panel, p)` while it is in cache.
-    fn build(
-        kernel: &'static Kernel,
-        n: usize,
-        k: usize,
-        mut fill: impl FnMut(&mut [f32], usize),
-    ) -> Self {
+    /// The not yet written block for `[n, k]` weights, its number of panels and their length.
+    /// Panics if the CPU cannot run `kernel`.
+    fn unwritten(kernel: &'static Kernel, n: usize, k: usize) -> (Lines, usize, usize) {
         assert!(
             kernel.supported(),
             "the {} kernel does not run on this CPU",
@@ -223,7 +212,17 @@ impl PackedB {
         );
         let len = k * kernel.nr;
         let panels = n.div_ceil(kernel.nr);
-        let data = Lines::uninit(panels * len);
+        (Lines::uninit(panels * len), panels, len)
+    }
+
+    /// Panels appended one at a time, each filled by `fill(panel, p)` while it is in cache.
+    fn build(
+        kernel: &'static Kernel,
+        n: usize,
+        k: usize,
+        mut fill: impl FnMut(&mut [f32], usize),
+    ) -> Self {
+        let (data, panels, len) = Self::unwritten(kernel, n, k);
         for p in 0..panels {
             // SAFETY: panel `p` lies inside the block; it is zeroed (while it is in cache)
             // before it is read or handed out as a slice.

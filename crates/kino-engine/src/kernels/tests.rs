@@ -644,13 +644,6 @@ fn quantized_linear_matches_expanded_matrix_per_isa() -> candle_core::Result<()>
         let diff = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
         Ok(diff / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
     };
-    let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
-    };
     // n = 70 and 1100 are not multiples of any kernel's panel width; 1100 makes several strips.
     for (dtype, k, n) in [
         (GgmlDType::Q8_0, 96, 70),
@@ -746,13 +739,6 @@ fn feed_forward_in_strips_equals_two_layers_bit_for_bit() -> candle_core::Result
     let b_in = Tensor::randn(0f32, 0.1, f, &dev)?;
     let w_out = Tensor::randn(0f32, 0.1, (dim, f), &dev)?;
     let b_out = Tensor::randn(0f32, 0.1, dim, &dev)?;
-    let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
-    };
     let mut checked = 0;
     for isa in simd_isas() {
         with_isa(isa, || -> candle_core::Result<()> {
@@ -968,4 +954,13 @@ fn rms_norm_rope_matches_candle_per_isa() -> candle_core::Result<()> {
     // Another dtype is left to candle.
     assert!(rms_norm_rope(&x.to_dtype(DType::F16)?, &w, eps, None)?.is_none());
     Ok(())
+}
+
+/// A tensor's values as their bit patterns (to compare results to the bit).
+fn bits(t: &candle_core::Tensor) -> candle_core::Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
 }
