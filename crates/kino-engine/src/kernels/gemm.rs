@@ -157,49 +157,37 @@ impl PackedB {
         })
     }
 
-    /// Panels filled by `fill(panel, p)`, the panels handed out by `par(panels, each)`, which
-    /// must call `each(p)` once for every `p < panels`, on whichever threads it likes. No
-    /// zeroing pass over the block first (`calloc` of a reused block is a `memset` on one
-    /// thread): GGUF layers expand their matrices this way at every forward.
+    /// Panels filled by `fill(panel, p)` in parallel on the kernels' pool (inline when called
+    /// from a pool task), with no zeroing pass over the block first (`calloc` of a reused block
+    /// is a `memset` on one thread): GGUF layers expand their matrices this way at every
+    /// forward. `None` when a `fill` returned `false`.
     ///
     /// # Safety
     /// `fill` must write every one of its panel's `k · NR` floats (the padding columns too,
-    /// with zeros) when it returns `true`; when any returns `false` the result is `None` and
-    /// nothing is read.
+    /// with zeros) when it returns `true`.
     pub unsafe fn build_par(
         kernel: &'static Kernel,
         n: usize,
         k: usize,
-        par: impl FnOnce(usize, &(dyn Fn(usize) + Sync)),
         fill: impl Fn(&mut [std::mem::MaybeUninit<f32>], usize) -> bool + Sync,
     ) -> Option<Self> {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let (data, panels, len) = Self::unwritten(kernel, n, k);
         let base = data.ptr.as_ptr() as usize;
-        let done: Vec<AtomicBool> = (0..panels).map(|_| AtomicBool::new(false)).collect();
-        let ok = AtomicBool::new(true);
-        par(panels, &|p| {
-            assert!(p < panels, "panel {p} of {panels}");
-            assert!(
-                !done[p].swap(true, Ordering::Relaxed),
-                "panel {p} handed out twice"
-            );
-            // SAFETY: panel `p` lies inside the block, and is handed out once (checked just
-            // above), so no two slices overlap.
-            let panel = unsafe {
-                let at = (base as *mut std::mem::MaybeUninit<f32>).add(p * len);
-                std::slice::from_raw_parts_mut(at, len)
-            };
-            if !fill(panel, p) {
-                ok.store(false, Ordering::Relaxed);
+        let ok = std::sync::atomic::AtomicBool::new(true);
+        super::ops::pool_run(panels, |range| {
+            for p in range {
+                // SAFETY: panel `p < panels` lies inside the block; the pool's ranges are
+                // disjoint, so no two slices overlap.
+                let panel = unsafe {
+                    let at = (base as *mut std::mem::MaybeUninit<f32>).add(p * len);
+                    std::slice::from_raw_parts_mut(at, len)
+                };
+                if !fill(panel, p) {
+                    ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         });
-        (ok.into_inner() && done.iter().all(|d| d.load(Ordering::Relaxed))).then_some(Self {
-            data,
-            n,
-            k,
-            kernel,
-        })
+        ok.into_inner().then_some(Self { data, n, k, kernel })
     }
 
     /// The not yet written block for `[n, k]` weights, its number of panels and their length.

@@ -1130,17 +1130,11 @@ impl QuantizedLinear {
         let nr = kernel.nr;
         // SAFETY: `fill_panel` writes every float of its panel when it returns true.
         unsafe {
-            PackedB::build_par(
-                kernel,
-                rows.len(),
-                ks.len(),
-                |panels, each| pool_run(panels, |range| range.for_each(each)),
-                |panel, p| {
-                    let r0 = rows.start + p * nr;
-                    let r1 = (r0 + nr).min(rows.end);
-                    self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut Vec::new())
-                },
-            )
+            PackedB::build_par(kernel, rows.len(), ks.len(), |panel, p| {
+                let r0 = rows.start + p * nr;
+                let r1 = (r0 + nr).min(rows.end);
+                self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut Vec::new())
+            })
         }
     }
 
