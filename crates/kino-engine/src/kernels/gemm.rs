@@ -157,52 +157,6 @@ impl PackedB {
         })
     }
 
-    /// Panels filled by `fill(panel, p)` in parallel on the kernels' pool (inline when called
-    /// from a pool task), with no zeroing pass over the block first (`calloc` of a reused block
-    /// is a `memset` on one thread): GGUF layers expand their matrices this way at every
-    /// forward. `None` when a `fill` returned `false`.
-    ///
-    /// # Safety
-    /// `fill` must write every one of its panel's `k · NR` floats (the padding columns too,
-    /// with zeros) when it returns `true`.
-    pub unsafe fn build_par(
-        kernel: &'static Kernel,
-        n: usize,
-        k: usize,
-        fill: impl Fn(&mut [std::mem::MaybeUninit<f32>], usize) -> bool + Sync,
-    ) -> Option<Self> {
-        let (data, panels, len) = Self::unwritten(kernel, n, k);
-        let base = data.ptr.as_ptr() as usize;
-        let ok = std::sync::atomic::AtomicBool::new(true);
-        super::ops::pool_run(panels, |range| {
-            for p in range {
-                // SAFETY: panel `p < panels` lies inside the block; the pool's ranges are
-                // disjoint, so no two slices overlap.
-                let panel = unsafe {
-                    let at = (base as *mut std::mem::MaybeUninit<f32>).add(p * len);
-                    std::slice::from_raw_parts_mut(at, len)
-                };
-                if !fill(panel, p) {
-                    ok.store(false, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        });
-        ok.into_inner().then_some(Self { data, n, k, kernel })
-    }
-
-    /// The not yet written block for `[n, k]` weights, its number of panels and their length.
-    /// Panics if the CPU cannot run `kernel`.
-    fn unwritten(kernel: &'static Kernel, n: usize, k: usize) -> (Lines, usize, usize) {
-        assert!(
-            kernel.supported(),
-            "the {} kernel does not run on this CPU",
-            kernel.name
-        );
-        let len = k * kernel.nr;
-        let panels = n.div_ceil(kernel.nr);
-        (Lines::uninit(panels * len), panels, len)
-    }
-
     /// Panels appended one at a time, each filled by `fill(panel, p)` while it is in cache.
     fn build(
         kernel: &'static Kernel,
@@ -210,18 +164,83 @@ impl PackedB {
         k: usize,
         mut fill: impl FnMut(&mut [f32], usize),
     ) -> Self {
-        let (data, panels, len) = Self::unwritten(kernel, n, k);
-        for p in 0..panels {
-            // SAFETY: panel `p` lies inside the block; it is zeroed (while it is in cache)
-            // before it is read or handed out as a slice.
+        let block = UnwrittenB::new(kernel, n, k);
+        for p in 0..block.panels() {
+            // SAFETY: one slice of panel `p` at a time; it is zeroed (while it is in cache)
+            // before it is read as floats.
             let panel = unsafe {
-                let at = data.ptr.as_ptr().add(p * len);
-                std::ptr::write_bytes(at, 0, len);
-                std::slice::from_raw_parts_mut(at, len)
+                let panel = block.panel(p);
+                std::ptr::write_bytes(panel.as_mut_ptr(), 0, panel.len());
+                &mut *(panel as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
             };
             fill(panel, p);
         }
-        Self { data, n, k, kernel }
+        // SAFETY: every panel was zeroed, then filled.
+        unsafe { block.assume_init() }
+    }
+}
+
+/// A [`PackedB`]'s block before its panels are written: handed out panel by panel (from any
+/// thread; [`PackedB::build`] serially, GGUF layers in parallel on the kernels' pool, `ops.rs`),
+/// then declared written. No zeroing pass over the whole block first (`calloc` of a reused block
+/// is a `memset` on one thread).
+pub struct UnwrittenB {
+    data: Lines,
+    n: usize,
+    k: usize,
+    kernel: &'static Kernel,
+}
+
+impl UnwrittenB {
+    /// The block for `[n, k]` weights. Panics if the CPU cannot run `kernel`.
+    pub fn new(kernel: &'static Kernel, n: usize, k: usize) -> Self {
+        assert!(
+            kernel.supported(),
+            "the {} kernel does not run on this CPU",
+            kernel.name
+        );
+        let len = n.div_ceil(kernel.nr) * kernel.nr * k;
+        Self {
+            data: Lines::uninit(len),
+            n,
+            k,
+            kernel,
+        }
+    }
+
+    /// How many panels (`NR` columns each) the block holds.
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(self.kernel.nr)
+    }
+
+    /// Panel `p` (`k · NR` floats, padding columns included), not yet written.
+    ///
+    /// # Safety
+    /// `p < self.panels()`, and no other slice of panel `p` is alive while this one is.
+    // `&self` on purpose: threads take disjoint panels of one shared block (the caller's
+    // contract above stands in for the borrow checker).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn panel(&self, p: usize) -> &mut [std::mem::MaybeUninit<f32>] {
+        debug_assert!(p < self.panels());
+        let len = self.k * self.kernel.nr;
+        // SAFETY: panel `p` lies inside the block (caller), and is not aliased (caller).
+        unsafe {
+            let at = self.data.ptr.as_ptr().add(p * len) as *mut std::mem::MaybeUninit<f32>;
+            std::slice::from_raw_parts_mut(at, len)
+        }
+    }
+
+    /// The packed weights.
+    ///
+    /// # Safety
+    /// Every float of every panel (the padding columns too, with zeros) has been written.
+    pub unsafe fn assume_init(self) -> PackedB {
+        PackedB {
+            data: self.data,
+            n: self.n,
+            k: self.k,
+            kernel: self.kernel,
+        }
     }
 }
 
@@ -260,7 +279,7 @@ impl Lines {
     }
 
     /// `len` floats not yet written: the caller writes every one before the block is read
-    /// ([`PackedB::build`] zeroes each panel just before filling it, while it is in cache).
+    /// ([`UnwrittenB`]).
     fn uninit(len: usize) -> Self {
         Self::alloc(len, false)
     }

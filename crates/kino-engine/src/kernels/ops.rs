@@ -1128,14 +1128,22 @@ impl QuantizedLinear {
     ) -> Option<PackedB> {
         let raw = self.q.data().ok()?;
         let nr = kernel.nr;
-        // SAFETY: `fill_panel` writes every float of its panel when it returns true.
-        unsafe {
-            PackedB::build_par(kernel, rows.len(), ks.len(), |panel, p| {
+        let block = gemm::UnwrittenB::new(kernel, rows.len(), ks.len());
+        let ok = std::sync::atomic::AtomicBool::new(true);
+        pool_run(block.panels(), |range| {
+            for p in range {
+                // SAFETY: `p < panels`; the pool's ranges are disjoint, so each panel is
+                // handed out once.
+                let panel = unsafe { block.panel(p) };
                 let r0 = rows.start + p * nr;
                 let r1 = (r0 + nr).min(rows.end);
-                self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut Vec::new())
-            })
-        }
+                if !self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut Vec::new()) {
+                    ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        // SAFETY: `fill_panel` wrote every float of its panel where it returned true.
+        ok.into_inner().then(|| unsafe { block.assume_init() })
     }
 
     /// `linear(x)`, then `gelu_tanh` when `gelu`; the result in `x`'s dtype.
