@@ -19,7 +19,7 @@
 //! `portable.rs`, `gemm.rs`, `x86_64.rs` and `aarch64.rs` are pure (slices in, slices out; no
 //! candle, no crates) and compile standalone, which is how the NEON code is tested on x86-64
 //! machines: `scripts/test-neon.sh` cross-compiles `neon_check.rs` for aarch64 and runs it under
-//! qemu-user.
+//! qemu-user; `tests/pure_kernels.rs` compiles the host's set on its own in every `cargo test`.
 //!
 //! Which paths run ([`isa`]): the best the CPU has (AVX-512F, else AVX2+FMA on x86-64; NEON on
 //! aarch64; else portable), capped by the environment variable `KINO_CPU_ISA`

@@ -1,0 +1,50 @@
+//! The pure kernel files (`kernels/gemm.rs`, `portable.rs` and the host's ISA file: no candle, no
+//! crates, see `kernels/mod.rs`) still compile on their own, as `scripts/test-neon.sh` compiles
+//! them for aarch64: checked here for the host with the `rustc` cargo uses, so a dependency that
+//! slips into them (stop 58's `super::ops` in `gemm.rs`) fails `cargo test` and not only the
+//! emulated NEON check that `.ci/run` runs after it.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn pure_kernel_files_compile_standalone() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/kernels");
+    let arch_file = match std::env::consts::ARCH {
+        "x86_64" => Some("x86_64"),
+        "aarch64" => Some("aarch64"),
+        _ => None,
+    };
+    let mut root = String::from("#![allow(dead_code)]\n");
+    for m in ["gemm", "portable"].into_iter().chain(arch_file) {
+        root += &format!(
+            "#[path = {:?}]\nmod {m};\n",
+            dir.join(format!("{m}.rs")).display().to_string()
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("pure.rs");
+    std::fs::write(&src, root).unwrap();
+    // Cargo names its compiler in `RUSTC` for build scripts only; a test finds it on the PATH
+    // (the toolchain `cargo test` runs from) unless told otherwise.
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(&rustc)
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "lib",
+            "--emit",
+            "metadata",
+        ])
+        .arg("--out-dir")
+        .arg(tmp.path())
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("running {rustc}: {e}"));
+    assert!(
+        out.status.success(),
+        "the pure kernel files do not compile on their own:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
