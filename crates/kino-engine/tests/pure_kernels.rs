@@ -25,9 +25,16 @@ fn pure_kernel_files_compile_standalone() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("pure.rs");
     std::fs::write(&src, root).unwrap();
-    // Cargo names its compiler in `RUSTC` for build scripts only; a test finds it on the PATH
-    // (the toolchain `cargo test` runs from) unless told otherwise.
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    // Cargo names its compiler in `RUSTC` for build scripts only; a test takes the `rustc`
+    // beside the `cargo` that runs it (`CARGO`), else the one on the PATH.
+    let rustc = std::env::var_os("RUSTC")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let cargo = std::path::PathBuf::from(std::env::var_os("CARGO")?);
+            let rustc = cargo.with_file_name(format!("rustc{}", std::env::consts::EXE_SUFFIX));
+            rustc.is_file().then_some(rustc)
+        })
+        .unwrap_or_else(|| "rustc".into());
     let out = Command::new(&rustc)
         .args([
             "--edition",
@@ -41,7 +48,7 @@ fn pure_kernel_files_compile_standalone() {
         .arg(tmp.path())
         .arg(&src)
         .output()
-        .unwrap_or_else(|e| panic!("running {rustc}: {e}"));
+        .unwrap_or_else(|e| panic!("running {}: {e}", rustc.display()));
     assert!(
         out.status.success(),
         "the pure kernel files do not compile on their own:\n{}",
