@@ -33,7 +33,7 @@
 //! | blocked attention             | on the GEMM      | on the GEMM      | on the GEMM      | candle, chunked |
 //! | VAE conv                      | 3×3 stride 1: Winograd F(2×2, 3×3) on the 12×32 microkernel; other stride 1: implicit GEMM on it; else `gemm` crate | the same on the 6×16 microkernel | 6×16 direct row | implicit GEMM (`gemm` crate) |
 //! | softmax, bias+GELU, modulated LayerNorm, gated residual, RMS norm (+ RoPE) of q and k, the VAE's RMS norm+SiLU and Winograd transforms | compiled for it | compiled for it | baseline (NEON) | baseline |
-//! | Q8_0 expansion                | portable code, threaded | | | |
+//! | GGUF block expansion (Q8_0, K-quants, F16/BF16) | portable code (F16/BF16 by `half`'s slice conversion: F16C where the CPU has it), panels in parallel | | | |
 //!
 //! The `gemm` crate (candle's matmul, and the VAE's implicit GEMM here) is built without its
 //! `x86-v4` feature, so on x86-64 it runs its AVX2+FMA kernels on every CPU that has them, AVX-512
