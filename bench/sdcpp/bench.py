@@ -20,9 +20,12 @@ stable-diffusion.cpp's f32 row loads the F16 file with `--type f32` (its matrice
 at load; the same arithmetic as an f32 file). It also needs a UMT5 text encoder: a one-block
 encoder of Wan's width (`make_umt5.py`), so its text stage is short and small.
 
-stable-diffusion.cpp runs `-M vid_gen --steps 1 --cfg-scale 1` (one transformer forward, no
-unconditional pass) and decodes the latent; its times are the ones it logs for `sampling` and
-`decode_first_stage`, less the weight loading it logs inside them (it loads the transformer when
+stable-diffusion.cpp runs `-M vid_gen --steps 1 --cfg-scale 1 --diffusion-fa` (one
+transformer forward, no unconditional pass; flash attention in the transformer, as every Wan
+command of its docs/wan.md runs it; `--no-fa` leaves it out, as the README's tables before stop
+59 did) and decodes the latent (in the first format's run only: the decode is the same in
+every run, so later runs are stopped once sampling is done); its times are the ones it logs
+for `sampling` and `decode_first_stage`, less the weight loading it logs inside them (it loads the transformer when
 sampling starts; Kino's rows time a loaded model). Its logs are kept in --work as sdcpp-FORMAT.log. Peak memory is its resident set sampled every 50 ms, the highest while
 each stage runs (it loads each model's weights when first used and keeps them all until it
 exits), less the weights of the models the stage does not use, as it reports them ("total params
@@ -86,8 +89,10 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def run_sdcpp(exe, args, threads):
-    """Runs sd-cli; returns (log lines with their times, [(time, rss)])."""
+def run_sdcpp(exe, args, threads, stop_after=None):
+    """Runs sd-cli; returns (log lines with their times, [(time, rss)]). With `stop_after` (a
+    regular expression) it is stopped once a line matches (the decode that follows sampling
+    is the same in every format's run: timed in the first only)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     p = subprocess.Popen([str(exe)] + args + ["--threads", str(threads), "-v"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -100,11 +105,15 @@ def run_sdcpp(exe, args, threads):
 
     t = threading.Thread(target=poll)
     t.start()
+    stopped = False
     for line in p.stdout:
         lines.append((time.monotonic(), line.rstrip()))
+        if stop_after and not stopped and re.search(stop_after, line):
+            p.terminate()
+            stopped = True
     p.wait()
     t.join()
-    if p.returncode != 0:
+    if p.returncode != 0 and not stopped:
         tail = "\n".join(line for _, line in lines[-30:])
         raise SystemExit(f"sd-cli failed ({p.returncode}):\n{tail}")
     return lines, samples
@@ -138,6 +147,8 @@ def main():
     ap.add_argument("--kino", default=str(HERE.parent.parent / "target" / "release" / "kino"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", default="f32,f16,q8_0,q4_k")
+    ap.add_argument("--no-fa", action="store_true",
+                    help="run sd-cli without --diffusion-fa (the README's tables before stop 59)")
     ap.add_argument("--work", type=pathlib.Path,
                     default=pathlib.Path(tempfile.gettempdir()) / "kino-bench-wan2.1-1.3b-random")
     a = ap.parse_args()
@@ -169,26 +180,30 @@ def main():
                     "--sampling-method", "euler", "--seed", "1", "-o", f"{tmp}/out.webp"]
             if f == "f32":
                 args += ["--type", "f32"]
+            if not a.no_fa:
+                args += ["--diffusion-fa"]
             print(f"stable-diffusion.cpp: {f} …", file=sys.stderr)
-            lines, samples = run_sdcpp(exe, args, a.threads)
+            lines, samples = run_sdcpp(exe, args, a.threads,
+                                       None if vae_row is None else r"sampling completed, taking")
             log = a.work / f"sdcpp-{f}.log"
             log.write_text("".join(line + "\n" for _, line in lines))
             sd_t, sd_load, sd_m = stage(lines, samples, r"get_learned_condition completed",
                                         r"sampling completed, taking")
-            dec_t, dec_load, dec_m = stage(lines, samples, r"sampling completed",
-                                           r"decode_first_stage completed, taking")
             print(f"stable-diffusion.cpp: {f}: forward {sd_t:.2f} s (+ {sd_load:.2f} s loading "
-                  f"its weights), decode {dec_t:.2f} s (+ {dec_load:.2f} s); log {log}",
-                  file=sys.stderr)
+                  f"its weights); log {log}", file=sys.stderr)
             # It keeps every model's weights until it exits: the transformer stage's peak less
             # the text encoder's weights, the decode's less the text encoder's and the
             # transformer's, so each stage counts what Kino's process for it holds.
             mb = params_mb(lines)
             sd_m -= mb.get("text_encoders", 0) * 1e6
-            dec_m -= (mb.get("text_encoders", 0) + mb.get("diffusion_model", 0)) * 1e6
             name = "transformer" if f == "f32" else f"transformer {f}"
             rows.append((name, sd_t, sd_m / 1e9, *kino[name]))
             if vae_row is None:
+                dec_t, dec_load, dec_m = stage(lines, samples, r"sampling completed",
+                                               r"decode_first_stage completed, taking")
+                print(f"stable-diffusion.cpp: decode {dec_t:.2f} s (+ {dec_load:.2f} s)",
+                      file=sys.stderr)
+                dec_m -= (mb.get("text_encoders", 0) + mb.get("diffusion_model", 0)) * 1e6
                 vae_row = ("vae", dec_t, dec_m / 1e9, *kino["vae"])
     rows.append(vae_row)
     print(f"{a.threads} threads; stable-diffusion.cpp {exe}")
