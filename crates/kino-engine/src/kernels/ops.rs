@@ -1131,13 +1131,14 @@ impl QuantizedLinear {
         let block = gemm::UnwrittenB::new(kernel, rows.len(), ks.len());
         let ok = std::sync::atomic::AtomicBool::new(true);
         pool_run(block.panels(), |range| {
+            let mut scratch = Vec::new();
             for p in range {
                 // SAFETY: `p < panels`; the pool's ranges are disjoint, so each panel is
                 // handed out once.
                 let panel = unsafe { block.panel(p) };
                 let r0 = rows.start + p * nr;
                 let r1 = (r0 + nr).min(rows.end);
-                if !self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut Vec::new()) {
+                if !self.fill_panel(&raw, r0..r1, ks.clone(), nr, panel, &mut scratch) {
                     ok.store(false, std::sync::atomic::Ordering::Relaxed);
                 }
             }
