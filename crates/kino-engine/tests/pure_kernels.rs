@@ -1,8 +1,8 @@
 //! The pure kernel files (`kernels/gemm.rs`, `portable.rs` and the host's ISA file: no candle, no
 //! crates, see `kernels/mod.rs`) still compile on their own, as `scripts/test-neon.sh` compiles
-//! them for aarch64: checked here for the host with the `rustc` cargo uses, so a dependency that
-//! slips into them (stop 58's `super::ops` in `gemm.rs`) fails `cargo test` and not only the
-//! emulated NEON check that `.ci/run` runs after it.
+//! them for aarch64: checked here for the host with the `rustc` beside the `cargo` running the
+//! test, so a dependency that slips into them (stop 58's `super::ops` in `gemm.rs`) fails `cargo
+//! test` too, not only the emulated NEON check of `.ci/run`.
 
 use std::path::Path;
 use std::process::Command;
