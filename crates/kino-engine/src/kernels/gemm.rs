@@ -116,13 +116,8 @@ impl PackedB {
     /// Zeroed panels for `[n, k]` weights, to be filled panel by panel ([`PackedB::panels_mut`]
     /// with [`fill_rows_panel`] or [`fill_cols_panel`]). Panics if the CPU cannot run `kernel`.
     pub fn zeroed(kernel: &'static Kernel, n: usize, k: usize) -> Self {
-        assert!(
-            kernel.supported(),
-            "the {} kernel does not run on this CPU",
-            kernel.name
-        );
         Self {
-            data: Lines::zeroed(n.div_ceil(kernel.nr) * kernel.nr * k),
+            data: Lines::for_panels(kernel, n, k, true),
             n,
             k,
             kernel,
@@ -194,14 +189,8 @@ pub struct UnwrittenB {
 impl UnwrittenB {
     /// The block for `[n, k]` weights. Panics if the CPU cannot run `kernel`.
     pub fn new(kernel: &'static Kernel, n: usize, k: usize) -> Self {
-        assert!(
-            kernel.supported(),
-            "the {} kernel does not run on this CPU",
-            kernel.name
-        );
-        let len = n.div_ceil(kernel.nr) * kernel.nr * k;
         Self {
-            data: Lines::uninit(len),
+            data: Lines::for_panels(kernel, n, k, false),
             n,
             k,
             kernel,
@@ -273,15 +262,16 @@ impl Lines {
             .expect("a packed weight's size")
     }
 
-    /// `len` zeros.
-    fn zeroed(len: usize) -> Self {
-        Self::alloc(len, true)
-    }
-
-    /// `len` floats not yet written: the caller writes every one before the block is read
-    /// ([`UnwrittenB`]).
-    fn uninit(len: usize) -> Self {
-        Self::alloc(len, false)
+    /// The block of `[n, k]` weights packed for `kernel` (whole `NR`-column panels): zeros, or
+    /// not yet written ([`UnwrittenB`]: the caller writes every float before the block is
+    /// read). Panics if the CPU cannot run `kernel`.
+    fn for_panels(kernel: &'static Kernel, n: usize, k: usize, zeroed: bool) -> Self {
+        assert!(
+            kernel.supported(),
+            "the {} kernel does not run on this CPU",
+            kernel.name
+        );
+        Self::alloc(n.div_ceil(kernel.nr) * kernel.nr * k, zeroed)
     }
 
     fn alloc(len: usize, zeroed: bool) -> Self {
