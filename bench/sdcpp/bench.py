@@ -3,12 +3,15 @@ transformer forward (256×256 × 17 frames = 1,280 video tokens, 512 text tokens
 format, and one Wan2.1 VAE decode of that latent; time and peak memory for each (issue 19).
 
     python bench/sdcpp/bench.py --sdcpp SRC [--kino target/release/kino] [--threads 2]
-                                [--formats f32,f16,q8_0,q4_k] [--work DIR]
+                                [--formats f32,f16,q8_0,q4_k] [--isa native|avx2] [--work DIR]
 
 SRC is a stable-diffusion.cpp source tree with its `ggml` submodule (e.g. `git clone --recursive
 https://github.com/leejet/stable-diffusion.cpp`); the script builds its `sd-cli` there
 (CMake, Release, native CPU flags as its own build picks them, no GPU backend) unless
-SRC/build/bin/sd-cli exists. (The README's numbers come from a snapshot of its repository
+SRC/build/bin/sd-cli exists. `--isa avx2` runs both sides as on an AVX2-only CPU where the
+machine has AVX-512: sd-cli built in SRC/build-avx2 with ggml's x86 options for a Haswell-class
+CPU (AVX2, FMA, F16C, BMI2; no AVX-512, no AVX-VNNI; `GGML_NATIVE` off), Kino with
+`KINO_CPU_ISA=avx2`. (The README's numbers come from a snapshot of its repository
 that lacked the generated tokenizer headers under src/tokenizers/vocab/: `python
 bench/sdcpp/stub_vocab.py SRC` writes them, UMT5's from the fixture tokenizer's 300 pieces to
 match `make_umt5.py`; a real clone has them all.)
@@ -51,25 +54,38 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def build_sdcpp(src: pathlib.Path, threads: int) -> pathlib.Path:
-    exe = src / "build" / "bin" / "sd-cli"
+# ggml's x86 options for a Haswell-class CPU: AVX2, FMA, F16C, BMI2 and nothing newer (no
+# AVX-512, no AVX-VNNI), instead of what the build machine has (`GGML_NATIVE`).
+AVX2_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON",
+              "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=OFF",
+              "-DGGML_AVX512=OFF"]
+
+
+def build_sdcpp(src: pathlib.Path, threads: int, isa: str) -> pathlib.Path:
+    build = "build" if isa == "native" else f"build-{isa}"
+    exe = src / build / "bin" / "sd-cli"
     if exe.is_file():
         return exe
-    print(f"building stable-diffusion.cpp in {src}/build …", file=sys.stderr)
-    subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DSD_WEBP=OFF",
-                    "-DSD_WEBM=OFF", "-DSD_SERVER_BUILD_FRONTEND=OFF"], cwd=src, check=True)
-    subprocess.run(["cmake", "--build", "build", "-j", str(threads), "--target", "sd-cli"],
+    print(f"building stable-diffusion.cpp in {src}/{build} …", file=sys.stderr)
+    subprocess.run(["cmake", "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DSD_WEBP=OFF",
+                    "-DSD_WEBM=OFF", "-DSD_SERVER_BUILD_FRONTEND=OFF"]
+                   + (AVX2_FLAGS if isa == "avx2" else []), cwd=src, check=True)
+    subprocess.run(["cmake", "--build", build, "-j", str(threads), "--target", "sd-cli"],
                    cwd=src, check=True)
     return exe
 
 
-def kino_table(kino: str, what: str, formats: list[str], threads: int, work: pathlib.Path):
+def kino_table(kino: str, what: str, formats: list[str], threads: int, work: pathlib.Path,
+               isa: str):
     """{row name: (seconds, peak GB)} from `kino bench … --no-reference`."""
     cmd = [kino, "bench", what, "--no-reference", "--threads", str(threads),
            "--model-dir", str(work)]
     if what == "transformer":
         cmd += ["--format", ",".join(formats)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ)
+    if isa != "native":
+        env["KINO_CPU_ISA"] = isa
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     rows = {}
     for line in out.splitlines():
         m = re.match(r"^(\S+(?: \S+)?)\s+-\s+([\d.]+)\s+-\s+-\s+([\d.]+)\s+-$", line.strip())
@@ -149,18 +165,21 @@ def main():
     ap.add_argument("--formats", default="f32,f16,q8_0,q4_k")
     ap.add_argument("--no-fa", action="store_true",
                     help="run sd-cli without --diffusion-fa (the README's tables before stop 59)")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: both sides as on an AVX2-only CPU: sd-cli built without AVX-512 "
+                         "or VNNI (in SRC/build-avx2), Kino with KINO_CPU_ISA=avx2")
     ap.add_argument("--work", type=pathlib.Path,
                     default=pathlib.Path(tempfile.gettempdir()) / "kino-bench-wan2.1-1.3b-random")
     a = ap.parse_args()
     formats = [f.strip().lower() for f in a.formats.split(",") if f.strip()]
-    exe = build_sdcpp(a.sdcpp.resolve(), a.threads)
+    exe = build_sdcpp(a.sdcpp.resolve(), a.threads, a.isa)
 
     print("Kino: transformer and VAE …", file=sys.stderr)
     # Also makes the random folder and the GGUF files the other side reads (the F16 one for
     # stable-diffusion.cpp's f32 row too).
     kino = kino_table(a.kino, "transformer", formats if "f16" in formats else formats + ["f16"],
-                      a.threads, a.work)
-    kino.update(kino_table(a.kino, "vae", [], a.threads, a.work))
+                      a.threads, a.work, a.isa)
+    kino.update(kino_table(a.kino, "vae", [], a.threads, a.work, a.isa))
 
     umt5 = a.work / "umt5-1block.safetensors"
     if not umt5.is_file():
@@ -185,7 +204,7 @@ def main():
             print(f"stable-diffusion.cpp: {f} …", file=sys.stderr)
             lines, samples = run_sdcpp(exe, args, a.threads,
                                        None if vae_row is None else r"sampling completed, taking")
-            log = a.work / f"sdcpp-{f}.log"
+            log = a.work / f"sdcpp-{f}{'' if a.isa == 'native' else '-' + a.isa}.log"
             log.write_text("".join(line + "\n" for _, line in lines))
             sd_t, sd_load, sd_m = stage(lines, samples, r"get_learned_condition completed",
                                         r"sampling completed, taking")
@@ -206,7 +225,7 @@ def main():
                 dec_m -= (mb.get("text_encoders", 0) + mb.get("diffusion_model", 0)) * 1e6
                 vae_row = ("vae", dec_t, dec_m / 1e9, *kino["vae"])
     rows.append(vae_row)
-    print(f"{a.threads} threads; stable-diffusion.cpp {exe}")
+    print(f"{a.threads} threads; CPU kernels {a.isa}; stable-diffusion.cpp {exe}")
     print(f"{'component':<18} {'sd.cpp s':>10} {'Kino s':>10} {'sd/Kino':>8} "
           f"{'sd.cpp GB':>10} {'Kino GB':>10} {'Kino/sd':>8}")
     for name, st, sm, kt, km in rows:
