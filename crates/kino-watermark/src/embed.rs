@@ -152,16 +152,24 @@ impl Embedder {
         } else {
             &self.pattern
         };
-        let g = ss_gain(chips, &amp, RMS_CAP * share);
-        let ss: Vec<f32> = chips.iter().zip(&amp).map(|(&p, &a)| g * a * p).collect();
-        let cap = f64::from(RMS_CAP) * f64::from(RMS_CAP);
         if !use_qim {
             // The chips alone, every channel alike (clipped where it must be): realised through
             // the other channels they would cost more RGB change for no gain (testsrc2 at
             // 256×256, CRF 23: decoded as v4 first made, PSNR 43.4 dB; realised, not, 40.9 dB).
+            // First the ends of every channel are pulled in by `headroom` levels (white 255 →
+            // 254, black 0 → 1: no one sees it, and it is the same everywhere, so it draws no
+            // pattern), so the chips move flat white and black both ways instead of losing their
+            // brighter (darker) half to clipping; the pull's cost comes off the RMS budget.
+            let pull = pull_in(frame, self.params.headroom);
+            let cap = (f64::from(RMS_CAP).powi(2) - pull).max(0.0).sqrt() as f32;
+            let g = ss_gain(chips, &amp, cap);
+            let ss: Vec<f32> = chips.iter().zip(&amp).map(|(&p, &a)| g * a * p).collect();
             apply(frame, &ss, false);
             return;
         }
+        let g = ss_gain(chips, &amp, RMS_CAP * share);
+        let ss: Vec<f32> = chips.iter().zip(&amp).map(|(&p, &a)| g * a * p).collect();
+        let cap = f64::from(RMS_CAP) * f64::from(RMS_CAP);
         let plain = qim::luma_f32(frame.data());
         let amp = qim::shaped(&amp, &self.params);
         // QIM on the picture as the spread-spectrum mark leaves it (as far as its pixels can
@@ -379,6 +387,23 @@ fn apply(frame: &mut Frame, change: &[f32], gamut: bool) {
             }
         }
     }
+}
+
+/// Pulls every channel of `frame` at most `levels` (rounded) from 0 or 255 to that distance, and
+/// returns the mean squared change per channel (levels²).
+fn pull_in(frame: &mut Frame, levels: f32) -> f64 {
+    let k = levels.round().clamp(0.0, 127.0) as u8;
+    if k == 0 {
+        return 0.0;
+    }
+    let mut sum = 0u64;
+    for c in frame.data_mut().iter_mut() {
+        let v = (*c).clamp(k, 255 - k);
+        let d = u64::from(v.abs_diff(*c));
+        sum += d * d;
+        *c = v;
+    }
+    sum as f64 / frame.data().len().max(1) as f64
 }
 
 /// Bilinear interpolation between block centres along one axis: `(block0, block1, weight1)`.

@@ -10,7 +10,11 @@
 //!   In QIM frames the chips keep 0.3 of the strength and serve the sync search alone (scale and
 //!   shift after rescaling and crops): since stop 55 every chip of their tile is a sync chip
 //!   there (256 instead of 46: an off-centre 10% crop at 256×256 is found in 11 of 15 clips
-//!   instead of 0); in frames stuck at black or white they carry the payload at full strength.
+//!   instead of 0); in frames stuck at black or white they carry the payload at full strength,
+//!   after every channel is pulled one level in from 0 and 255 (`QimParams::headroom`, since
+//!   stop 61: white 255 → 254 everywhere, which no one can see), so they move a flat white or
+//!   black background both ways, ±1 as on any flat region, instead of losing half of each chip
+//!   to clipping (kino-shapes' 24 clips upscaled to 256×256, CRF 28: 20 → 24 detected).
 //!
 //! The detector reads both and reports which carrier decoded (`Detection::carrier`); marks
 //! made by earlier Kino versions with layout v3 (chips only) are still detected. A decoded

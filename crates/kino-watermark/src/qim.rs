@@ -103,6 +103,11 @@ pub struct QimParams {
     /// an end ([`clipped_share`]) for the QIM carrier (1, the default: no such condition; stop
     /// 53–54 used 0.9, for test cards, when the detector read luma from decoded RGB).
     pub max_saturated: f32,
+    /// In frames the chips carry alone, every channel is first pulled this many levels in from
+    /// 0 and 255 (0: not at all, as until stop 61), so the chips on flat black or white move
+    /// both ways around a level the eye cannot tell from the original instead of clipping on
+    /// one side (see `embed.rs`).
+    pub headroom: f32,
 }
 
 impl Default for QimParams {
@@ -118,6 +123,7 @@ impl Default for QimParams {
             gamut: true,
             max_saturated: 1.0,
             full_sync: true,
+            headroom: 1.0,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! (attack keys: crf23 crf28 half crop drop fps30 fps15; default all) and `KINO_WM_KINO=0` (skip
 //! the Kino-output groups). `KINO_WM_PHOTOS=DIR` adds natural-looking clips: slow pans over the
 //! photographs in DIR (`scripts/wm-photos.sh DIR` fetches the CC0 / public-domain ones that ship
-//! in scikit-image's wheel), at 256×256 and 832×480.
+//! in scikit-image's wheel), at 256×256 and 832×480. `KINO_WM_HEADROOM=L` marks with
+//! `QimParams::headroom` L instead of the default (0: as until stop 61).
 
 mod common;
 
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 use common::*;
 use kino_media::{psnr_video, Frame};
-use kino_watermark::{detect, Embedder, Key};
+use kino_watermark::{detect, Embedder, Key, QimParams};
 
 struct Attack {
     key: &'static str,
@@ -158,6 +159,18 @@ fn attacks() -> Vec<&'static Attack> {
         .collect()
 }
 
+/// The embedder's parameters: the defaults, or `KINO_WM_HEADROOM`'s pull at the channel ends.
+fn params() -> QimParams {
+    let def = QimParams::default();
+    QimParams {
+        headroom: std::env::var("KINO_WM_HEADROOM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(def.headroom),
+        ..def
+    }
+}
+
 fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &mut String) {
     let attacks = attacks();
     let mut tallies = vec![Tally::default(); attacks.len() + 1];
@@ -166,7 +179,7 @@ fn run_group(name: &str, clips: &[Vec<Frame>], key: &Key, dir: &Path, report: &m
         let id = 0x5eed_0000_0000 + ci as u64 * 7919;
         let expected = id;
         let (w, h) = (frames[0].width(), frames[0].height());
-        let e = Embedder::new(key, id, w, h);
+        let e = Embedder::with_params(key, id, w, h, params());
         let mut m = frames.to_vec();
         for (i, f) in m.iter_mut().enumerate() {
             e.mark(f, i);
