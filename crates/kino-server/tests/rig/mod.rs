@@ -26,6 +26,30 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `n` free ports for `weed mini`'s services: none is another's port + 10 000, which weed keeps
+/// for that service's gRPC and refuses when a flag names it ("reserved for gRPC calculation";
+/// random free ports met it about once in a thousand starts), and each one's own + 10 000 is
+/// free too.
+fn weed_ports(n: usize) -> Vec<u16> {
+    const GRPC_OFFSET: u32 = 10_000;
+    let mut out: Vec<u16> = Vec::with_capacity(n);
+    while out.len() < n {
+        let p = free_port();
+        let grpc = u32::from(p) + GRPC_OFFSET;
+        let clash = out.iter().any(|&q| {
+            let q = u32::from(q);
+            q == u32::from(p) || q + GRPC_OFFSET == u32::from(p) || q == grpc
+        });
+        let grpc_free = u16::try_from(grpc)
+            .ok()
+            .is_some_and(|g| TcpListener::bind(("127.0.0.1", g)).is_ok());
+        if !clash && grpc_free {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn skip(what: &str) {
     eprintln!();
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
@@ -239,8 +263,10 @@ impl Weed {
             .prefix("kino-weed-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let s3_port = free_port();
-        let port = |name: &str| format!("-{name}={}", free_port());
+        let ports = weed_ports(6);
+        let s3_port = ports[0];
+        let mut rest = ports[1..].iter();
+        let mut port = |name: &str| format!("-{name}={}", rest.next().expect("six ports"));
         let log = std::fs::File::create(dir.path().join("log")).expect("log");
         let child = Command::new(bin)
             .arg("mini")
