@@ -39,21 +39,22 @@ fn main() {
         let f = lavfi_frames(src, w, h, 1).remove(0);
         let mut m = f.clone();
         Embedder::new(&key, 5, w, h).mark(&mut m, 0);
-        let amp: Vec<u8> = f
-            .data()
-            .iter()
-            .zip(m.data())
-            .map(|(&a, &b)| (128 + 20 * (i32::from(b) - i32::from(a))).clamp(0, 255) as u8)
-            .collect();
         write_image(out.join(format!("{name}-orig.png")), &f).unwrap();
         write_image(out.join(format!("{name}-marked.png")), &m).unwrap();
-        write_image(
-            out.join(format!("{name}-diff-x20.png")),
-            &Frame::new(w, h, amp).unwrap(),
-        )
-        .unwrap();
+        write_image(out.join(format!("{name}-diff-x20.png")), &change_x20(&f, &m)).unwrap();
         println!("{name}: PSNR {:.2} dB", kino_media::psnr(&f, &m).unwrap());
     }
+}
+
+/// The change from `f` to `m`, ×20 around mid-grey.
+fn change_x20(f: &Frame, m: &Frame) -> Frame {
+    let d: Vec<u8> = f
+        .data()
+        .iter()
+        .zip(m.data())
+        .map(|(&a, &b)| (128 + 20 * (i32::from(b) - i32::from(a))).clamp(0, 255) as u8)
+        .collect();
+    Frame::new(f.width(), f.height(), d).unwrap()
 }
 
 /// `a | b | c …` side by side (all of one size).
@@ -69,25 +70,8 @@ fn side_by_side(frames: &[&Frame]) -> Frame {
 }
 
 fn look_at_clips(dir: &std::path::Path, out: &std::path::Path, key: &Key, w: u32, h: u32) {
-    let mut clips: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    clips.sort();
-    for clip in clips {
-        let mut files: Vec<_> = std::fs::read_dir(&clip)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "png"))
-            .collect();
-        files.sort();
-        let Some(mid) = files.get(files.len() / 2) else {
-            continue;
-        };
-        let f = kino_media::resize(&kino_media::read_image(mid).unwrap(), w, h).unwrap();
+    for (path, frames) in png_clips(dir) {
+        let f = kino_media::resize(&frames[frames.len() / 2], w, h).unwrap();
         let marked = |headroom: f32| {
             let p = QimParams {
                 headroom,
@@ -98,16 +82,11 @@ fn look_at_clips(dir: &std::path::Path, out: &std::path::Path, key: &Key, w: u32
             m
         };
         let (old, new) = (marked(0.0), marked(1.0));
-        let diff = |m: &Frame| {
-            let d: Vec<u8> = f
-                .data()
-                .iter()
-                .zip(m.data())
-                .map(|(&a, &b)| (128 + 20 * (i32::from(b) - i32::from(a))).clamp(0, 255) as u8)
-                .collect();
-            Frame::new(w, h, d).unwrap()
-        };
-        let name = clip.file_name().unwrap().to_string_lossy().into_owned();
+        let name = std::path::Path::new(&path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         write_image(
             out.join(format!("{name}-orig-old-new.png")),
             &side_by_side(&[&f, &old, &new]),
@@ -115,7 +94,7 @@ fn look_at_clips(dir: &std::path::Path, out: &std::path::Path, key: &Key, w: u32
         .unwrap();
         write_image(
             out.join(format!("{name}-diff-old-new-x20.png")),
-            &side_by_side(&[&diff(&old), &diff(&new)]),
+            &side_by_side(&[&change_x20(&f, &old), &change_x20(&f, &new)]),
         )
         .unwrap();
         println!(

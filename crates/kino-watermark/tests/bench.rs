@@ -110,34 +110,10 @@ impl Tally {
 }
 
 fn kino_clips() -> Vec<(String, Vec<Frame>)> {
-    let Ok(dir) = std::env::var("KINO_WM_KINO_CLIPS") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut dirs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    for d in dirs {
-        let mut files: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "png"))
-            .collect();
-        files.sort();
-        let frames: Vec<Frame> = files
-            .iter()
-            .map(|f| kino_media::read_image(f).unwrap())
-            .collect();
-        if !frames.is_empty() {
-            out.push((d.display().to_string(), frames));
-        }
+    match std::env::var("KINO_WM_KINO_CLIPS") {
+        Ok(dir) => png_clips(Path::new(&dir)),
+        Err(_) => Vec::new(),
     }
-    out
 }
 
 fn upscale(frames: &[Frame], w: u32, h: u32) -> Vec<Frame> {

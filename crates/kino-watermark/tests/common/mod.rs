@@ -248,3 +248,33 @@ pub fn lcg_chips(n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The clips in `dir`: each sub-folder of PNG frames (as `kino generate -o DIR/x` writes them),
+/// in name order, with its path; folders without PNGs are skipped.
+pub fn png_clips(dir: &Path) -> Vec<(String, Vec<Frame>)> {
+    let mut dirs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for d in dirs {
+        let mut files: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .collect();
+        files.sort();
+        let frames: Vec<Frame> = files
+            .iter()
+            .map(|f| kino_media::read_image(f).unwrap())
+            .collect();
+        if !frames.is_empty() {
+            out.push((d.display().to_string(), frames));
+        }
+    }
+    out
+}
