@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+use crate::calibration::InputMeans;
 use crate::error::{Error, Result};
 
 /// Metadata key prefix of ComfyUI-GGUF for a tensor stored in another shape than its own.
@@ -424,6 +425,8 @@ pub struct QuantizeReport {
     /// Matrices kept in F16 as the community's Wan files keep them below 8 bits (embeddings, the time
     /// projection, the output head: [`WAN_KEPT_16_BIT`]).
     pub kept_f16: usize,
+    /// Quantized matrices whose bias was corrected for their rounding (with [`InputMeans`]).
+    pub bias_corrected: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -434,11 +437,16 @@ pub struct QuantizeReport {
 /// 1-D tensors, tensors of at most 1,024 values and `.modulation` in F32, and a matrix whose rows
 /// are not a multiple of the block size in F32 too (K-quants need 256); the transformer's
 /// embeddings, time projection and output head in F16 below 8 bits ([`WAN_KEPT_16_BIT`]).
+///
+/// With `means` (the layers' mean inputs, [`crate::calibration::record`]), every quantized matrix
+/// with a bias gets the bias `b − (Ŵ − W)·E[x]`, which takes the mean part of its rounding error
+/// out of the forward (see [`crate::calibration`]); the file says so in `kino.bias_correction`.
 pub fn quantize_component(
     component_dir: &Path,
     part: crate::single_file::Part,
     kind: QuantKind,
     out: &Path,
+    means: Option<&InputMeans>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<QuantizeReport> {
     use crate::single_file::{transformer_original, umt5_gguf_original, Part};
@@ -460,6 +468,7 @@ pub fn quantize_component(
         quantized: 0,
         kept_f32: 0,
         kept_f16: 0,
+        bias_corrected: 0,
         bytes_in: crate::loading::weight_files(component_dir)?
             .iter()
             .filter_map(|f| std::fs::metadata(f).ok())
@@ -505,16 +514,58 @@ pub fn quantize_component(
         report.bytes_out += (n / dtype.block_size() * dtype.type_size()) as u64;
         plan.push((original, dims, dtype));
     }
+    // Bias correction: for each quantized matrix with a recorded mean input and a bias, the
+    // index of its bias (written first: `….bias` sorts before `….weight`) → the matrix's index.
+    let mut corrected: HashMap<usize, usize> = HashMap::new();
+    if let Some(m) = means {
+        let index: HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        for (j, name) in names.iter().enumerate() {
+            let (Some(mu), Some(prefix)) = (m.for_weight(name), name.strip_suffix(".weight"))
+            else {
+                continue;
+            };
+            let Some(&i) = index.get(format!("{prefix}.bias").as_str()) else {
+                continue;
+            };
+            if !is_quantized(plan[j].2) {
+                continue;
+            }
+            if plan[j].1.get(1) != Some(&mu.len()) {
+                return Err(Error::InvalidRequest(format!(
+                    "the calibration's mean input of `{prefix}` has {} values but the matrix \
+                     takes {:?}: it was recorded on another model",
+                    mu.len(),
+                    plan[j].1
+                )));
+            }
+            corrected.insert(i, j);
+        }
+        report.bias_corrected = corrected.len();
+    }
     let arch = match part {
         Part::Transformer => "wan",
         _ => "t5encoder",
     };
     let by = format!("kino {}", env!("CARGO_PKG_VERSION"));
-    let metadata = [
+    let note = format!(
+        "biases of {} quantized matrices corrected by their rounding error times the mean input \
+         of a calibration run (Nagel et al. 2019, empirical bias correction)",
+        corrected.len()
+    );
+    let mut metadata = vec![
         ("general.architecture", MetaValue::Str(arch)),
         ("general.quantization_version", MetaValue::U32(2)),
         ("general.quantized_by", MetaValue::Str(&by)),
     ];
+    if !corrected.is_empty() {
+        metadata.push(("kino.bias_correction", MetaValue::Str(&note)));
+    }
+    // The matrix quantized for its bias's correction, kept until its own turn comes.
+    let mut pending: Option<(usize, QTensor)> = None;
     let tmp = out.with_extension("gguf.partial");
     let io = |e: std::io::Error| Error::BadFile {
         path: out.to_path_buf(),
@@ -528,6 +579,17 @@ pub fn quantize_component(
             .collect();
         write_streaming(&mut f, &metadata, &entries, |i| {
             progress(i, names.len());
+            if let Some(q) = pending.take_if(|(j, _)| *j == i) {
+                return Ok(q.1);
+            }
+            if let (Some(&j), Some(m)) = (corrected.get(&i), means) {
+                let w = load(&names[j])?;
+                let q = QTensor::quantize(&w, plan[j].2)?;
+                let mu = m.for_weight(&names[j]).unwrap_or_default();
+                let bias = corrected_bias(&load(&names[i])?, &w, &q, mu)?;
+                pending = Some((j, q));
+                return Ok(QTensor::quantize(&bias, plan[i].2)?);
+            }
             Ok(QTensor::quantize(&load(&names[i])?, plan[i].2)?)
         })
         .map_err(|e| match e {
@@ -543,6 +605,39 @@ pub fn quantize_component(
     }
     std::fs::rename(&tmp, out).map_err(io)?;
     Ok(report)
+}
+
+/// `b − (Ŵ − W)·μ`: the bias that takes the rounding error's part along the mean input `μ` out of
+/// a quantized layer's output (f64 sums).
+fn corrected_bias(bias: &Tensor, w: &Tensor, q: &QTensor, mu: &[f64]) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let w = w
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let wq = q
+        .dequantize(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let b = bias.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    if b.len() != rows || mu.len() != cols || wq.len() != w.len() {
+        return Err(Error::InvalidRequest(format!(
+            "bias correction: a {rows}×{cols} matrix with {} biases and {} means",
+            b.len(),
+            mu.len()
+        )));
+    }
+    let out: Vec<f32> = (0..rows)
+        .map(|r| {
+            let o = r * cols;
+            let d: f64 = (0..cols)
+                .map(|c| (wq[o + c] as f64 - w[o + c] as f64) * mu[c])
+                .sum();
+            (b[r] as f64 - d) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(out, rows, &Device::Cpu)?)
 }
 
 /// A metadata value [`write_streaming`] writes.

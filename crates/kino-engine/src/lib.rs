@@ -2,6 +2,7 @@
 //! the text-to-video pipeline, each mirroring its reference class in diffusers/transformers.
 //! Knows nothing of files beyond model folders, HTTP or video containers.
 
+pub mod calibration;
 pub mod clip;
 pub mod device;
 pub mod error;

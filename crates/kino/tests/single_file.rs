@@ -308,11 +308,13 @@ fn single_file_mistakes_get_one_clear_error_each() {
 /// `kino quantize` writes kino-shapes' transformer and text encoder as GGUF files (Q8_0, with the
 /// original / llama.cpp names), and `--model FILE.gguf,…,kino-shapes` runs them, matrices kept
 /// quantized: the video stays close to the f32 folder's (stated), far closer than another prompt.
+/// `--calibrate` (bias correction after short generations) writes a file that says so and runs the
+/// same way; it refuses the text encoder and an empty prompt file.
 #[test]
 fn gguf_files_from_kino_quantize_run() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let quantize = |part: &str, ty: &str, out: &Path| {
+    let quantize = |part: &str, ty: &str, out: &Path, more: &[&str]| {
         let o = run(kino()
             .args([
                 "quantize",
@@ -322,18 +324,83 @@ fn gguf_files_from_kino_quantize_run() {
                 part,
                 "--type",
                 ty,
-                "-o",
             ])
+            .args(more)
+            .arg("-o")
             .arg(out));
         assert!(o.status.success(), "{}", stderr(&o));
         String::from_utf8_lossy(&o.stdout).to_string()
     };
     let t8 = tmp.path().join("transformer-q8_0.gguf");
-    let said = quantize("transformer", "q8_0", &t8);
+    let said = quantize("transformer", "q8_0", &t8, &[]);
     assert!(said.contains("wrote") && said.contains("in q8_0"), "{said}");
     let te8 = tmp.path().join("umt5-q8_0.gguf");
-    quantize("text_encoder", "q8_0", &te8);
-
+    quantize("text_encoder", "q8_0", &te8, &[]);
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "a red circle moving right on a white background\n\na green square moving up on a black background\n",
+    )
+    .unwrap();
+    let t8c = tmp.path().join("transformer-q8_0-calibrated.gguf");
+    let said = quantize(
+        "transformer",
+        "q8_0",
+        &t8c,
+        &[
+            "--calibrate",
+            "--calibration-steps",
+            "4",
+            "--calibration-prompts",
+            prompts.to_str().unwrap(),
+        ],
+    );
+    // Every quantized matrix of kino-shapes' transformer has a bias and was run.
+    let count = |s: &str, after: &str| -> usize {
+        let i = s.find(after).unwrap_or_else(|| panic!("`{after}` in {s}"));
+        s[i + after.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        count(&said, "biases of"),
+        count(&said, "tensors: "),
+        "{said}"
+    );
+    // The same tensors in the same types, the matrices equal; biases moved; the file says why.
+    let says = |f: &Path| {
+        std::fs::read(f).unwrap()[..64 * 1024]
+            .windows(b"kino.bias_correction".len())
+            .any(|w| w == b"kino.bias_correction")
+    };
+    assert!(!says(&t8) && says(&t8c));
+    let plain = kino_engine::gguf::GgufFile::open(&t8).unwrap();
+    let calibrated = kino_engine::gguf::GgufFile::open(&t8c).unwrap();
+    let mut names = plain.names();
+    names.sort();
+    assert_eq!(names.len(), calibrated.names().len());
+    let mut moved = 0;
+    for name in &names {
+        assert_eq!(plain.dtype(name), calibrated.dtype(name), "{name}");
+        let (a, b) = (
+            plain.tensor(name).unwrap().flatten_all().unwrap(),
+            calibrated.tensor(name).unwrap().flatten_all().unwrap(),
+        );
+        let d = (a - b).unwrap().abs().unwrap().max(0).unwrap();
+        let d = d.to_scalar::<f32>().unwrap();
+        if name.ends_with(".bias") {
+            moved += usize::from(d > 0.0);
+        } else {
+            assert_eq!(d, 0.0, "{name} changed");
+        }
+    }
+    assert!(
+        moved >= count(&said, "biases of") / 2,
+        "{moved} biases moved"
+    );
     let shapes = repo().join("models/kino-shapes");
     let base = generate(shapes.to_str().unwrap(), &tmp.path().join("base"), &cache).unwrap();
     let blue = "a blue circle moving left on a white background";
@@ -348,6 +415,10 @@ fn gguf_files_from_kino_quantize_run() {
     for (name, model) in [
         ("Q8_0 transformer", format!("{},kino-shapes", t8.display())),
         (
+            "Q8_0 transformer, biases corrected",
+            format!("{},kino-shapes", t8c.display()),
+        ),
+        (
             "Q8_0 transformer + text encoder",
             format!("{},{},kino-shapes", t8.display(), te8.display()),
         ),
@@ -359,7 +430,27 @@ fn gguf_files_from_kino_quantize_run() {
         assert!(mean < 4.0 && mean * 5.0 < other_mean, "{name}: mean {mean}");
     }
 
-    // Mistakes: an unknown type, the VAE.
+    // Mistakes: an unknown type, the VAE, calibrating the text encoder, an empty prompt file.
+    let o = run(kino()
+        .args(["quantize", "--part", "text_encoder", "--calibrate", "-o"])
+        .arg(tmp.path().join("x.gguf")));
+    assert!(
+        !o.status.success() && stderr(&o).contains("use it with --part transformer"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&prompts, "\n  \n").unwrap();
+    let o = run(kino()
+        .args(["quantize", "--calibrate", "--calibration-prompts"])
+        .arg(&prompts)
+        .arg("-o")
+        .arg(tmp.path().join("x.gguf")));
+    assert!(
+        !o.status.success() && stderr(&o).contains("the file has no prompts"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.path().join("x.gguf").exists());
     let o = run(kino()
         .args(["quantize", "--type", "q3", "-o"])
         .arg(tmp.path().join("x.gguf")));

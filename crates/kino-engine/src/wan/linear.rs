@@ -25,6 +25,9 @@ pub(crate) enum LinBase {
 pub(crate) struct Lin {
     pub(crate) base: LinBase,
     pub(crate) lora: Option<(Tensor, Tensor)>,
+    /// The layer's diffusers prefix (`blocks.0.attn1.to_q`), under which
+    /// [`crate::calibration::record`] reports its mean input.
+    pub(crate) name: Option<std::sync::Arc<str>>,
 }
 
 impl Lin {
@@ -32,6 +35,7 @@ impl Lin {
         Ok(Self {
             base: LinBase::new(linear)?,
             lora: None,
+            name: None,
         })
     }
 
@@ -41,7 +45,7 @@ impl Lin {
 
     /// The layer as the fused feed-forward takes it (packed or quantized, no LoRA on the fly).
     pub(crate) fn ffn_layer(&self) -> Option<kernels::FfnLayer<'_>> {
-        if self.lora.is_some() {
+        if self.lora.is_some() || crate::calibration::recording() {
             return None;
         }
         match &self.base {
@@ -53,6 +57,9 @@ impl Lin {
 
     /// `gelu_tanh(linear(x))` when `gelu`.
     pub(crate) fn forward_act(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+        if let Some(name) = &self.name {
+            crate::calibration::observe(name, x)?;
+        }
         let Some((down, up)) = &self.lora else {
             return self.base.forward_act(x, gelu);
         };
@@ -118,6 +125,7 @@ impl LinBase {
 /// `candle_nn::linear` (weight `[out, in]` + bias) as a [`Lin`], with the layer's LoRA pair
 /// when adapters run on the fly (served by the weights as `lora_down` / `lora_up`).
 pub(crate) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Lin> {
+    let name = Some(std::sync::Arc::from(vb.prefix().as_str()));
     let lora = if vb.contains_tensor(crate::loading::LORA_DOWN) {
         let down = vb.get_unchecked(crate::loading::LORA_DOWN)?;
         let up = vb.get_unchecked(crate::loading::LORA_UP)?;
@@ -143,9 +151,11 @@ pub(crate) fn lin(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core:
                 Some(&bias),
             )?)),
             lora,
+            name,
         });
     }
     let mut l = Lin::new(candle_nn::linear(in_dim, out_dim, vb)?)?;
     l.lora = lora;
+    l.name = name;
     Ok(l)
 }

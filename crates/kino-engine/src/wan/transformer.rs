@@ -761,7 +761,11 @@ impl FeedForward {
             Lin {
                 base: LinBase::Candle(l),
                 lora: None,
-            } if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                ..
+            } if x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && !crate::calibration::recording() =>
+            {
                 // Bias and GELU fused into one in-place pass over the [N, ffn_dim] activations.
                 let (b, n, d) = x.dims3()?;
                 let h = x

@@ -406,6 +406,7 @@ fn gguf_folder(a: &Args, f: &str) -> anyhow::Result<PathBuf> {
             Part::Transformer,
             kino_engine::gguf::parse_quant_type(f)?,
             &file,
+            None,
             |_, _| {},
         )?;
     }

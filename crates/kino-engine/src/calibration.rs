@@ -1,0 +1,108 @@
+//! Bias correction for quantized matrices: the empirical form of Nagel et al., "Data-Free
+//! Quantization Through Weight Equalization and Bias Correction" (ICCV 2019, § 4.2).
+//!
+//! Rounding a matrix `W` to `Ŵ` (Q4_K, …) changes a layer's output by `(Ŵ − W)·x`. Its part
+//! along the mean input `E[x]` is the same for every token: a bias error, which a transformer's
+//! residual stream adds up block after block. Where the inputs are far from zero-mean (after a
+//! GELU, after an attention that averages its values over many tokens) that part is much of the
+//! error, and it is removed by storing `b − (Ŵ − W)·E[x]` as the layer's bias. The file keeps
+//! its block types and names; any GGUF reader runs it as it is.
+//!
+//! [`record`] runs a closure (a few generations, or forwards) while every named linear layer of
+//! the Wan transformers adds its input's column sums to a table on this thread; the result,
+//! [`InputMeans`], goes to [`crate::gguf::quantize_component`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+
+use crate::{Error, Result};
+
+/// The mean input of every named linear layer seen while recording (diffusers prefix, e.g.
+/// `blocks.3.ffn.net.2` → its `in_features` means).
+#[derive(Debug, Clone, Default)]
+pub struct InputMeans {
+    pub means: HashMap<String, Vec<f64>>,
+    /// Input rows (tokens) each mean was taken over.
+    pub rows: HashMap<String, u64>,
+}
+
+impl InputMeans {
+    /// The mean input of the layer whose weight is `weight_name` (`….weight`), if recorded.
+    pub fn for_weight(&self, weight_name: &str) -> Option<&[f64]> {
+        let prefix = weight_name.strip_suffix(".weight")?;
+        self.means.get(prefix).map(Vec::as_slice)
+    }
+}
+
+type Sums = HashMap<String, (Vec<f64>, u64)>;
+
+thread_local! {
+    static SUMS: RefCell<Option<Sums>> = const { RefCell::new(None) };
+}
+
+/// Whether this thread is recording (the linear layers then take their unfused paths, so that
+/// every layer's input is seen).
+pub fn recording() -> bool {
+    SUMS.with(|s| s.borrow().is_some())
+}
+
+/// Adds the column sums of `x` (`[…, in]`) to layer `name`'s table, when recording.
+pub(crate) fn observe(name: &str, x: &Tensor) -> candle_core::Result<()> {
+    if !recording() {
+        return Ok(());
+    }
+    let k = x.dims().last().copied().unwrap_or(0);
+    if k == 0 {
+        return Ok(());
+    }
+    let rows = x.elem_count() / k;
+    let sums = x
+        .to_dtype(DType::F32)?
+        .reshape((rows, k))?
+        .to_dtype(DType::F64)?
+        .sum(0)?
+        .to_vec1::<f64>()?;
+    SUMS.with(|s| {
+        if let Some(table) = s.borrow_mut().as_mut() {
+            let e = table
+                .entry(name.to_string())
+                .or_insert_with(|| (vec![0.0; k], 0));
+            if e.0.len() == k {
+                for (a, b) in e.0.iter_mut().zip(&sums) {
+                    *a += b;
+                }
+                e.1 += rows as u64;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Runs `f` with this thread's linear layers recording their inputs, and returns its result with
+/// their means. Nothing is recorded after `f` returns, whether it succeeded or not.
+pub fn record<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, InputMeans)> {
+    if recording() {
+        return Err(Error::InvalidRequest(
+            "a calibration is already being recorded on this thread".into(),
+        ));
+    }
+    SUMS.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+    let out = f();
+    let table = SUMS.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    let out = out?;
+    if table.is_empty() {
+        return Err(Error::InvalidRequest(
+            "the calibration saw no linear layer run (was the model run on another thread?)".into(),
+        ));
+    }
+    let mut m = InputMeans::default();
+    for (name, (sums, rows)) in table {
+        let n = rows.max(1) as f64;
+        m.means
+            .insert(name.clone(), sums.into_iter().map(|s| s / n).collect());
+        m.rows.insert(name, rows);
+    }
+    Ok((out, m))
+}
