@@ -106,3 +106,82 @@ pub fn record<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, InputMeans)> {
     }
     Ok((out, m))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
+
+    /// A recorded mean is the column mean of every input seen, over all calls; nothing is kept
+    /// after `record` returns, and a run that records nothing is an error.
+    #[test]
+    fn records_column_means_on_this_thread_only() {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+        let b = Tensor::new(&[[[5f32, 0.0]]], &dev).unwrap();
+        let ((), m) = record(|| {
+            observe("l", &a)?;
+            observe("l", &b)?;
+            // Another thread's layers are not this recording's.
+            std::thread::spawn(move || {
+                observe("other", &Tensor::ones((1, 2), DType::F32, &Device::Cpu)?)
+            })
+            .join()
+            .unwrap()?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(m.means["l"], vec![3.0, 2.0]);
+        assert_eq!(m.rows["l"], 3);
+        assert!(!m.means.contains_key("other"));
+        assert_eq!(m.for_weight("l.weight"), Some(&[3.0, 2.0][..]));
+        assert!(!recording());
+        observe("l", &a).unwrap();
+        assert!(record(|| Ok(())).is_err());
+        assert!(record(|| record(|| Ok(()))).is_err());
+        assert!(!recording());
+    }
+
+    /// The corrected bias makes the quantized layer exact on the mean input: `Ŵ·μ + b' = W·μ + b`,
+    /// where the plain bias leaves the rounding's error there.
+    #[test]
+    fn corrected_bias_cancels_the_error_at_the_mean_input() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (8, 512);
+        let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, rows, &dev).unwrap();
+        let mu: Vec<f64> = (0..cols).map(|i| 0.3 + 0.2 * ((i % 7) as f64)).collect();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let fixed = crate::gguf::corrected_bias(&b, &w, &q, &mu).unwrap();
+        let m = Tensor::from_vec(mu.iter().map(|&v| v as f32).collect(), (cols, 1), &dev)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let out = |w: &Tensor, b: &Tensor| {
+            w.to_dtype(DType::F64)
+                .unwrap()
+                .matmul(&m)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+                .add(&b.to_dtype(DType::F64).unwrap())
+                .unwrap()
+        };
+        let want = out(&w, &b);
+        let wq = q.dequantize(&dev).unwrap();
+        let err = |got: Tensor| {
+            (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let (plain, corrected) = (err(out(&wq, &b)), err(out(&wq, &fixed)));
+        assert!(plain > 1e-2, "the rounding moves the output at μ ({plain})");
+        assert!(corrected < 1e-5, "{corrected}");
+    }
+}

@@ -609,7 +609,7 @@ pub fn quantize_component(
 
 /// `b − (Ŵ − W)·μ`: the bias that takes the rounding error's part along the mean input `μ` out of
 /// a quantized layer's output (f64 sums).
-fn corrected_bias(bias: &Tensor, w: &Tensor, q: &QTensor, mu: &[f64]) -> Result<Tensor> {
+pub(crate) fn corrected_bias(bias: &Tensor, w: &Tensor, q: &QTensor, mu: &[f64]) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let w = w
         .to_dtype(candle_core::DType::F32)?
