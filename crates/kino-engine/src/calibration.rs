@@ -29,6 +29,29 @@ pub struct InputMeans {
 }
 
 impl InputMeans {
+    /// The means of one transformer of the pipeline: `transformer` (also the only one of most
+    /// models) or `transformer_2` (the low-noise expert of Wan2.2 A14B), whose layers have the
+    /// same names; see [`set_component`].
+    pub fn component(&self, folder: &str) -> InputMeans {
+        let pick = |key: &String| -> Option<String> {
+            match key.split_once(':') {
+                Some((c, name)) if c == folder => Some(name.to_string()),
+                Some(_) => None,
+                None if folder == "transformer" => Some(key.clone()),
+                None => None,
+            }
+        };
+        let mut out = InputMeans::default();
+        for (k, v) in &self.means {
+            if let Some(name) = pick(k) {
+                out.means.insert(name.clone(), v.clone());
+                out.rows
+                    .insert(name, self.rows.get(k).copied().unwrap_or(0));
+            }
+        }
+        out
+    }
+
     /// The mean input of the layer whose weight is `weight_name` (`….weight`), if recorded.
     pub fn for_weight(&self, weight_name: &str) -> Option<&[f64]> {
         let prefix = weight_name.strip_suffix(".weight")?;
@@ -40,6 +63,16 @@ type Sums = HashMap<String, (Vec<f64>, u64)>;
 
 thread_local! {
     static SUMS: RefCell<Option<Sums>> = const { RefCell::new(None) };
+    static COMPONENT: RefCell<Option<&'static str>> = const { RefCell::new(None) };
+}
+
+/// Which transformer the layers running next on this thread belong to, when it is not the
+/// pipeline's `transformer`: a two-expert pipeline says `transformer_2` before each low-noise
+/// step, so that the experts' layers (named alike) are recorded apart.
+pub fn set_component(folder: &'static str) {
+    if recording() {
+        COMPONENT.with(|c| *c.borrow_mut() = (folder != "transformer").then_some(folder));
+    }
 }
 
 /// Whether this thread is recording (the linear layers then take their unfused paths, so that
@@ -64,11 +97,13 @@ pub(crate) fn observe(name: &str, x: &Tensor) -> candle_core::Result<()> {
         .to_dtype(DType::F64)?
         .sum(0)?
         .to_vec1::<f64>()?;
+    let key = match COMPONENT.with(|c| *c.borrow()) {
+        Some(c) => format!("{c}:{name}"),
+        None => name.to_string(),
+    };
     SUMS.with(|s| {
         if let Some(table) = s.borrow_mut().as_mut() {
-            let e = table
-                .entry(name.to_string())
-                .or_insert_with(|| (vec![0.0; k], 0));
+            let e = table.entry(key).or_insert_with(|| (vec![0.0; k], 0));
             if e.0.len() == k {
                 for (a, b) in e.0.iter_mut().zip(&sums) {
                     *a += b;
@@ -89,8 +124,10 @@ pub fn record<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, InputMeans)> {
         ));
     }
     SUMS.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+    COMPONENT.with(|c| *c.borrow_mut() = None);
     let out = f();
     let table = SUMS.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    COMPONENT.with(|c| *c.borrow_mut() = None);
     let out = out?;
     if table.is_empty() {
         return Err(Error::InvalidRequest(
@@ -141,6 +178,24 @@ mod tests {
         assert!(record(|| Ok(())).is_err());
         assert!(record(|| record(|| Ok(()))).is_err());
         assert!(!recording());
+
+        // Two experts' layers of the same name are kept apart.
+        let ((), m) = record(|| {
+            set_component("transformer");
+            observe("l", &a)?;
+            set_component("transformer_2");
+            observe("l", &b)?;
+            set_component("transformer");
+            observe("l", &a)?;
+            Ok(())
+        })
+        .unwrap();
+        let (one, two) = (m.component("transformer"), m.component("transformer_2"));
+        assert_eq!(one.means["l"], vec![2.0, 3.0]);
+        assert_eq!(one.rows["l"], 4);
+        assert_eq!(two.means["l"], vec![5.0, 0.0]);
+        assert_eq!(two.rows["l"], 1);
+        assert_eq!(m.component("vae").means.len(), 0);
     }
 
     /// The corrected bias makes the quantized layer exact on the mean input: `Ŵ·μ + b' = W·μ + b`,

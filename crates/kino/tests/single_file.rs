@@ -463,10 +463,136 @@ fn gguf_files_from_kino_quantize_run() {
         .args(["quantize", "--part", "vae", "-o"])
         .arg(tmp.path().join("x.gguf")));
     assert!(
-        stderr(&o).contains("transformer or text_encoder"),
+        stderr(&o).contains("transformer_2 or text_encoder"),
         "{}",
         stderr(&o)
     );
+}
+
+/// A two-expert model (the tiny Wan2.2 A14B text-to-video fixture): `kino quantize --part
+/// transformer` and `--part transformer_2`, each `--calibrate`d from its own steps, write files
+/// named for their expert that `--model HIGH.gguf,LOW.gguf,FOLDER` runs (close to the folder's
+/// video, the names deciding which is which); a file name that does not say its expert, and
+/// `transformer_2` of a one-expert model, are refused before anything is written.
+#[test]
+fn two_expert_gguf_files_from_kino_quantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The fixture with wider random experts (64-wide, so their matrices go into Q8_0 blocks):
+    // its VAE, text encoder, tokenizer and scheduler, two transformers of other seeds.
+    let fixture = repo().join("fixtures/data/pipeline-a14b-t2v/model");
+    let model = tmp.path().join("a14b-wide");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let name = entry.unwrap().file_name();
+        if !name.to_string_lossy().starts_with("transformer") {
+            std::os::unix::fs::symlink(fixture.join(&name), model.join(&name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["attention_head_dim"] = 32.into();
+    cfg["ffn_dim"] = 128.into();
+    for (seed, part) in [(11, "transformer"), (12, "transformer_2")] {
+        let dir = model.join(part);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let c: kino_engine::wan::transformer::Config = serde_json::from_value(cfg.clone()).unwrap();
+        kino_engine::testing::save_random_weights(
+            seed,
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            |vb| kino_engine::wan::transformer::WanTransformer3DModel::new(&c, vb).map(|_| ()),
+        )
+        .unwrap();
+    }
+    let folder = model.display().to_string();
+    let cache = tmp.path().join("cache");
+    let quantize = |part: &str, out: &Path| {
+        run(kino()
+            .args([
+                "quantize", "--model", &folder, "--part", part, "--type", "q8_0",
+            ])
+            .args(["--calibrate", "--calibration-steps", "4", "-o"])
+            .arg(out))
+    };
+    let high = tmp.path().join("wan2.2-t2v-high_noise-tiny-q8_0.gguf");
+    let low = tmp.path().join("wan2.2-t2v-low_noise-tiny-q8_0.gguf");
+    for (part, file) in [("transformer", &high), ("transformer_2", &low)] {
+        let o = quantize(part, file);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let said = String::from_utf8_lossy(&o.stdout).to_string();
+        // Every 64-wide matrix of the blocks (attention, feed-forward, time projection), each
+        // with a bias, is in Q8_0 and corrected from its own expert's steps.
+        let count = |after: &str| -> usize {
+            let i = said
+                .find(after)
+                .unwrap_or_else(|| panic!("`{after}` in {said}"));
+            said[i + after.len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(count("tensors: ") >= 20, "{said}");
+        assert_eq!(count("biases of"), count("tensors: "), "{said}");
+    }
+    // The experts' corrections differ (their own weights, their own steps).
+    let (h, l) = (
+        kino_engine::gguf::GgufFile::open(&high).unwrap(),
+        kino_engine::gguf::GgufFile::open(&low).unwrap(),
+    );
+    let bias = "blocks.0.ffn.2.bias";
+    let (hb, lb) = (h.tensor(bias).unwrap(), l.tensor(bias).unwrap());
+    assert_ne!(
+        hb.to_vec1::<f32>().unwrap(),
+        lb.to_vec1::<f32>().unwrap(),
+        "{bias}"
+    );
+    let base = generate(&folder, &tmp.path().join("base"), &cache).unwrap();
+    let pair = generate(
+        &format!("{},{},{folder}", low.display(), high.display()),
+        &tmp.path().join("pair"),
+        &cache,
+    )
+    .unwrap();
+    let (mean, max) = diff(&base, &pair);
+    println!("two calibrated Q8_0 experts vs the folder: mean {mean:.3} levels, max {max}");
+    assert!(mean < 2.0, "{mean}");
+
+    // Mistakes.
+    let unnamed = tmp.path().join("experts.gguf");
+    let o = quantize("transformer_2", &unnamed);
+    assert!(
+        !o.status.success() && stderr(&o).contains("put `low_noise` in the file name"),
+        "{}",
+        stderr(&o)
+    );
+    let o = quantize("transformer", &tmp.path().join("x-low_noise.gguf"));
+    assert!(
+        !o.status.success() && stderr(&o).contains("put `high_noise` in the file name"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(kino()
+        .args([
+            "quantize",
+            "--model",
+            "kino-shapes",
+            "--part",
+            "transformer_2",
+            "-o",
+        ])
+        .arg(tmp.path().join("y-low_noise.gguf")));
+    assert!(
+        !o.status.success() && stderr(&o).contains("has one transformer"),
+        "{}",
+        stderr(&o)
+    );
+    for f in ["experts.gguf", "x-low_noise.gguf", "y-low_noise.gguf"] {
+        assert!(!tmp.path().join(f).exists(), "{f} was written");
+    }
 }
 
 /// Wan2.2 A14B as ComfyUI ships it: the high- and low-noise experts as two diffusion-model files

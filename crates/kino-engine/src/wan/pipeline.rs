@@ -1801,6 +1801,11 @@ impl WanPipeline {
                 (1, guidance_scale)
             };
             self.load_transformer(which, progress)?;
+            crate::calibration::set_component(if which == 1 {
+                "transformer"
+            } else {
+                "transformer_2"
+            });
             let model = if which == 1 {
                 self.transformer.as_ref()
             } else {

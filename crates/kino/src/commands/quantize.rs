@@ -13,7 +13,8 @@ pub struct Args {
     /// bundled kino-shapes).
     #[arg(long)]
     model: Option<String>,
-    /// Which component: transformer or text_encoder.
+    /// Which component: transformer, transformer_2 (the low-noise expert of a two-expert model,
+    /// Wan2.2 A14B) or text_encoder.
     #[arg(long, default_value = "transformer")]
     part: String,
     /// Block type: q8_0, q6_k, q5_k, q4_k_m (Q4_K with Q6_K for attention values and the
@@ -59,13 +60,6 @@ fn calibrate(
     use anyhow::Context;
     use kino_engine::device::{self, DeviceChoice};
     use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
-    if dir.join("transformer_2").is_dir() {
-        anyhow::bail!(
-            "--calibrate: {} has two transformers (transformer and transformer_2), whose layers \
-             share names; quantize it without --calibrate",
-            dir.display()
-        );
-    }
     if steps == 0 {
         anyhow::bail!("--calibration-steps 0: give at least 1 (10 is the default)");
     }
@@ -109,11 +103,12 @@ fn calibrate(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let part = match a.part.as_str() {
-        "transformer" => Part::Transformer,
-        "text_encoder" | "text-encoder" => Part::TextEncoder,
+    let (part, folder) = match a.part.as_str() {
+        "transformer" => (Part::Transformer, "transformer"),
+        "transformer_2" | "transformer-2" => (Part::Transformer, "transformer_2"),
+        "text_encoder" | "text-encoder" => (Part::TextEncoder, "text_encoder"),
         other => anyhow::bail!(
-            "--part {other}: choose transformer or text_encoder (the VAE stays in f32)"
+            "--part {other}: choose transformer, transformer_2 or text_encoder (the VAE stays in f32)"
         ),
     };
     let dtype = kino_engine::gguf::parse_quant_type(&a.qtype)?;
@@ -125,13 +120,48 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .or_else(|| std::env::var("KINO_MODEL").ok().filter(|m| !m.is_empty()))
         .unwrap_or_else(|| "kino-shapes".into());
     let dir = kino_engine::registry::resolve(&model)?;
-    let component = dir.join(part.folder());
+    let component = dir.join(folder);
+    let two_experts = dir.join("transformer_2").is_dir();
+    if folder == "transformer_2" && !two_experts {
+        anyhow::bail!(
+            "--part transformer_2: {} has one transformer; transformer_2 is the low-noise expert \
+             of a two-expert model (Wan2.2 A14B)",
+            dir.display()
+        );
+    }
+    if two_experts && part == Part::Transformer {
+        // `--model FILE.gguf,…` tells the experts apart by their file names, as ComfyUI's.
+        let name = a
+            .output
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .to_ascii_lowercase()
+                    .replace(['-', '.'], "_")
+            })
+            .unwrap_or_default();
+        let (says, other) = if folder == "transformer" {
+            ("high_noise", "low_noise")
+        } else {
+            ("low_noise", "high_noise")
+        };
+        if !name.contains(says) || name.contains(other) {
+            anyhow::bail!(
+                "-o {}: this model has two experts and --part {folder} is the {} one; put \
+                 `{says}` in the file name (e.g. wan2.2-{says}-{}.gguf) so that --model knows \
+                 which expert the file is",
+                a.output.display(),
+                says.replace('_', "-"),
+                a.qtype.to_lowercase()
+            );
+        }
+    }
     let start = std::time::Instant::now();
     let means = if a.calibrate {
         if part != Part::Transformer {
             anyhow::bail!(
                 "--calibrate corrects biases, and the text encoder's (UMT5's) matrices have none: \
-                 use it with --part transformer"
+                 use it with --part transformer or transformer_2"
             );
         }
         let prompts: Vec<String> = match &a.calibration_prompts {
@@ -154,7 +184,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             None => CALIBRATION_PROMPTS.iter().map(|p| p.to_string()).collect(),
         };
-        Some(calibrate(&dir, &prompts, a.calibration_steps, a.cpu)?)
+        Some(calibrate(&dir, &prompts, a.calibration_steps, a.cpu)?.component(folder))
     } else {
         None
     };
