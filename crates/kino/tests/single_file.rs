@@ -595,6 +595,57 @@ fn two_expert_gguf_files_from_kino_quantize() {
     }
 }
 
+/// An image-to-video model's calibration needs first images (`--calibration-image`), read and
+/// checked before the model opens; a text-only model refuses them.
+#[test]
+fn calibrating_an_image_model_takes_first_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i2v = repo().join("fixtures/data/pipeline-i2v-wan21/model");
+    let t2v = repo().join("fixtures/data/pipeline-wan21/model");
+    let image = tmp.path().join("first.png");
+    let mut rgb = Vec::with_capacity(120 * 90 * 3);
+    for y in 0..90u32 {
+        for x in 0..120u32 {
+            rgb.extend_from_slice(&[(x * 2) as u8, (y * 2) as u8, 90]);
+        }
+    }
+    kino_media::write_image(&image, &kino_media::Frame::new(120, 90, rgb).unwrap()).unwrap();
+    let bad = tmp.path().join("bad.png");
+    std::fs::write(&bad, "not a picture").unwrap();
+    let out = tmp.path().join("x.gguf");
+    let quantize = |model: &Path, images: &[&Path]| {
+        let mut c = kino();
+        c.args(["quantize", "--model"]).arg(model);
+        c.args(["--type", "q8_0", "--calibrate", "--calibration-steps", "2"]);
+        for i in images {
+            c.arg("--calibration-image").arg(i);
+        }
+        run(c.arg("-o").arg(&out))
+    };
+    for (model, images, want) in [
+        (&i2v, vec![], "add --calibration-image FILE"),
+        (&i2v, vec![bad.as_path()], "not a PNG, JPEG or WebP image"),
+        (&t2v, vec![image.as_path()], "does not take a first image"),
+    ] {
+        let o = quantize(model, &images);
+        assert!(
+            !o.status.success() && stderr(&o).contains(want),
+            "{want}: {}",
+            stderr(&o)
+        );
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
+    let o = quantize(&i2v, &[&image]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("calibrate: generation 4 of 4"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.is_file());
+}
+
 /// Wan2.2 A14B as ComfyUI ships it: the high- and low-noise experts as two diffusion-model files
 /// with the original names (`…_high_noise_…`, `…_low_noise_…`), beside the folder of the same
 /// model (here the tiny two-expert I2V fixture), make the folder's video exactly, also from a

@@ -36,6 +36,11 @@ pub struct Args {
     /// Denoising steps of each calibration generation.
     #[arg(long, default_value_t = 10, requires = "calibrate")]
     calibration_steps: usize,
+    /// A first image for the calibration generations (repeatable; the prompts take them in turn):
+    /// needed for an image-to-video model, used by any model that takes a first image. Pictures
+    /// like the ones you will animate.
+    #[arg(long = "calibration-image", requires = "calibrate")]
+    calibration_images: Vec<PathBuf>,
     /// Run the calibration on the CPU even when a GPU is available.
     #[arg(long, requires = "calibrate")]
     cpu: bool,
@@ -54,14 +59,26 @@ const CALIBRATION_PROMPTS: [&str; 4] = [
 fn calibrate(
     dir: &std::path::Path,
     prompts: &[String],
+    images: &[PathBuf],
     steps: usize,
     cpu: bool,
 ) -> anyhow::Result<kino_engine::calibration::InputMeans> {
     use anyhow::Context;
     use kino_engine::device::{self, DeviceChoice};
-    use kino_engine::wan::pipeline::{GenerateRequest, PipelineOptions, WanPipeline};
+    use kino_engine::wan::pipeline::{
+        Conditioning, GenerateRequest, PipelineOptions, RgbImage, WanPipeline,
+    };
     if steps == 0 {
         anyhow::bail!("--calibration-steps 0: give at least 1 (10 is the default)");
+    }
+    // Decode the images before any model is opened.
+    let mut pictures = Vec::with_capacity(images.len());
+    for p in images {
+        let bytes = std::fs::read(p)
+            .map_err(|e| anyhow::anyhow!("--calibration-image {}: {e}", p.display()))?;
+        let frame = kino_media::decode_image(&bytes)
+            .map_err(|e| anyhow::anyhow!("--calibration-image {}: {e}", p.display()))?;
+        pictures.push(frame);
     }
     let dev = device::open(if cpu {
         DeviceChoice::Cpu
@@ -78,6 +95,27 @@ fn calibrate(
     let (width, height) = (fit(d.width, mw), fit(d.height, mh));
     let step = pipeline.frame_step();
     let frames = (d.num_frames.min(9).saturating_sub(1)) / step * step + 1;
+    let caps = pipeline.capabilities();
+    if !caps.text && pictures.is_empty() {
+        anyhow::bail!(
+            "--calibrate: {} is an image-to-video model, so its calibration generations need first \
+             images: add --calibration-image FILE (one or more, pictures like the ones you will \
+             animate)",
+            dir.display()
+        );
+    }
+    if !caps.image && !pictures.is_empty() {
+        anyhow::bail!(
+            "--calibration-image: {} does not take a first image; leave the images out",
+            dir.display()
+        );
+    }
+    let mut firsts = Vec::with_capacity(pictures.len());
+    for f in &pictures {
+        let fitted = kino_media::fit_crop(f, width as u32, height as u32)?;
+        let (w, h) = (fitted.width() as usize, fitted.height() as usize);
+        firsts.push(RgbImage::new(w, h, fitted.into_data())?);
+    }
     let ((), means) = kino_engine::calibration::record(|| {
         for (i, prompt) in prompts.iter().enumerate() {
             eprintln!(
@@ -92,13 +130,20 @@ fn calibrate(
                 num_frames: Some(frames),
                 num_inference_steps: Some(steps),
                 seed: Some(i as u64),
+                conditioning: match firsts.get(i % firsts.len().max(1)) {
+                    Some(first) => Conditioning::Image {
+                        first: first.clone(),
+                        last: None,
+                    },
+                    None => Conditioning::Text,
+                },
                 ..Default::default()
             };
             pipeline.generate(&req, &mut |_| Ok(()))?;
         }
         Ok(())
     })
-    .context("--calibrate: the calibration generations failed (they are text-to-video; a model that needs an image or a video cannot be calibrated: quantize it without --calibrate)")?;
+    .context("--calibrate: the calibration generations failed")?;
     Ok(means)
 }
 
@@ -184,7 +229,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             None => CALIBRATION_PROMPTS.iter().map(|p| p.to_string()).collect(),
         };
-        Some(calibrate(&dir, &prompts, a.calibration_steps, a.cpu)?.component(folder))
+        Some(
+            calibrate(
+                &dir,
+                &prompts,
+                &a.calibration_images,
+                a.calibration_steps,
+                a.cpu,
+            )?
+            .component(folder),
+        )
     } else {
         None
     };
