@@ -182,6 +182,17 @@ fn read_pngs(out: &Path) -> Vec<kino_media::Frame> {
         .collect()
 }
 
+/// A colour ramp as a PNG: a first image for image-to-video runs.
+fn gradient_png(path: &Path, w: u32, h: u32) {
+    let mut rgb = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            rgb.extend_from_slice(&[(x * 5) as u8, (y * 7) as u8, 128]);
+        }
+    }
+    kino_media::write_image(path, &kino_media::Frame::new(w, h, rgb).unwrap()).unwrap();
+}
+
 /// Mean and largest absolute difference in 8-bit levels.
 fn diff(a: &[kino_media::Frame], b: &[kino_media::Frame]) -> (f64, u8) {
     assert_eq!(a.len(), b.len(), "frame counts differ");
@@ -603,13 +614,7 @@ fn calibrating_an_image_model_takes_first_images() {
     let i2v = repo().join("fixtures/data/pipeline-i2v-wan21/model");
     let t2v = repo().join("fixtures/data/pipeline-wan21/model");
     let image = tmp.path().join("first.png");
-    let mut rgb = Vec::with_capacity(120 * 90 * 3);
-    for y in 0..90u32 {
-        for x in 0..120u32 {
-            rgb.extend_from_slice(&[(x * 2) as u8, (y * 2) as u8, 90]);
-        }
-    }
-    kino_media::write_image(&image, &kino_media::Frame::new(120, 90, rgb).unwrap()).unwrap();
+    gradient_png(&image, 120, 90);
     let bad = tmp.path().join("bad.png");
     std::fs::write(&bad, "not a picture").unwrap();
     let out = tmp.path().join("x.gguf");
@@ -676,13 +681,7 @@ fn two_expert_files_make_the_same_video_as_the_folder() {
     std::fs::copy(tmp.path().join("low/wan.safetensors"), &low).unwrap();
 
     let image = tmp.path().join("first.png");
-    let mut rgb = Vec::with_capacity(48 * 32 * 3);
-    for y in 0..32u32 {
-        for x in 0..48u32 {
-            rgb.extend_from_slice(&[(x * 5) as u8, (y * 7) as u8, 128]);
-        }
-    }
-    kino_media::write_image(&image, &kino_media::Frame::new(48, 32, rgb).unwrap()).unwrap();
+    gradient_png(&image, 48, 32);
     let cache = tmp.path().join("cache");
     let gen = |spec: &str, name: &str| -> Result<Vec<kino_media::Frame>, String> {
         let out = tmp.path().join(name);
