@@ -25,8 +25,8 @@ pub struct Args {
     #[arg(short, long)]
     output: PathBuf,
     /// Correct each quantized matrix's bias for its rounding (the transformer only): first runs
-    /// short text-to-video generations (small size, few steps) to record every layer's mean
-    /// input, then stores `b − (Ŵ − W)·E[x]`. Halves a 4-bit forward's error; the file stays a
+    /// short generations (small size, few steps; from --calibration-image for image-to-video
+    /// models) to record every layer's mean input, then stores `b − (Ŵ − W)·E[x]`. Halves a 4-bit forward's error; the file stays a
     /// plain GGUF any reader runs.
     #[arg(long)]
     calibrate: bool,
