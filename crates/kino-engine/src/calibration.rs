@@ -91,12 +91,13 @@ pub(crate) fn observe(name: &str, x: &Tensor) -> candle_core::Result<()> {
         return Ok(());
     }
     let rows = x.elem_count() / k;
+    // Summed where the tensor is, in f32 (Metal has no f64); the table adds up in f64.
     let sums = x
         .to_dtype(DType::F32)?
         .reshape((rows, k))?
-        .to_dtype(DType::F64)?
         .sum(0)?
-        .to_vec1::<f64>()?;
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<f32>()?;
     let key = match COMPONENT.with(|c| *c.borrow()) {
         Some(c) => format!("{c}:{name}"),
         None => name.to_string(),
@@ -105,8 +106,8 @@ pub(crate) fn observe(name: &str, x: &Tensor) -> candle_core::Result<()> {
         if let Some(table) = s.borrow_mut().as_mut() {
             let e = table.entry(key).or_insert_with(|| (vec![0.0; k], 0));
             if e.0.len() == k {
-                for (a, b) in e.0.iter_mut().zip(&sums) {
-                    *a += b;
+                for (a, &b) in e.0.iter_mut().zip(&sums) {
+                    *a += f64::from(b);
                 }
                 e.1 += rows as u64;
             }
