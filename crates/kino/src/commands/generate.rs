@@ -355,7 +355,7 @@ impl InputFile {
 }
 
 /// Reads a file's bytes for hashing, with the usual message when it is missing.
-fn read_input_bytes(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_input_bytes(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     if path.is_dir() {
         bail!("{what} {} is a folder; give a file", path.display());
     }

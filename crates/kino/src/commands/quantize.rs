@@ -74,8 +74,7 @@ fn calibrate(
     // Decode the images before any model is opened.
     let mut pictures = Vec::with_capacity(images.len());
     for p in images {
-        let bytes = std::fs::read(p)
-            .map_err(|e| anyhow::anyhow!("--calibration-image {}: {e}", p.display()))?;
+        let bytes = super::generate::read_input_bytes(p, "--calibration-image")?;
         let frame = kino_media::decode_image(&bytes)
             .map_err(|e| anyhow::anyhow!("--calibration-image {}: {e}", p.display()))?;
         pictures.push(frame);
